@@ -1,0 +1,369 @@
+"""Per-customer facts and the customer's contributions to store-level series.
+
+A customer's facts (activity, closes, orders, revenue, membership, rewards,
+first activity, lifetime order count) determine, for every bucket ``j``, whether
+the customer is active, a purchaser, a member and so on. Each such status is a
+set of buckets (see :mod:`metrics.intervals`); the customer contributes
+``+w`` at each interval start and ``-w`` at each end of a *difference series*,
+and the store aggregate reads "how many customers are X at bucket j" as a
+prefix sum. When an event changes the facts, the customer emits only the
+difference between its contributions after and before: no stage ever scans all
+customers, and time passing needs no per-customer work at all.
+
+Series (``n`` = a window in buckets; value at bucket j is the prefix sum):
+
+==============  ================================================================
+``A``           active at j (CE at K, CS at K - n)
+``both:n``      active at j and at j - n (CS - churned)
+``newact:n``    active at j with the first activity in j-n+1..j
+``F``           histogram: first activity (window sum = new customers)
+``Fch:c``       histogram: first activity of customers whose signup channel is c
+``LM``          active member at j
+``actmem:n``    active member with a reward issued or redeemed in j-n+1..j
+``P:n``         purchaser: an order placed in j-n+1..j
+``ret:n``       purchaser with a lifetime order count >= 2 by j
+``life:n``      purchaser, weighted by lifespan (ms) from first to last order by j
+``crev:n``      previous-period net revenue (micros) of customers without an order in W
+``nrr:n``       net revenue in W of customers who ordered in the previous period
+==============  ================================================================
+
+Per-event histograms (``orders``, ``gross``, ``refunds``, ``spend``, survey
+tallies, rewards) come from :func:`event_deltas`.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right, insort
+
+from metrics import events as ev
+from metrics.formulas import cli_points_sum, csat_satisfied, nps_group
+from metrics.intervals import (
+    MINUS_INFINITY,
+    PLUS_INFINITY,
+    Interval,
+    Intervals,
+    intersect,
+    normalise,
+    shift,
+    spans,
+    subtract,
+)
+from metrics.timegrid import Grid
+
+#: a contribution: (series, bucket) -> delta
+Deltas = dict[tuple[str, int], int]
+
+#: families of series an event can change
+ACTIVITY_FAMILY = 1
+ORDER_FAMILY = 2
+
+_FAMILIES = {
+    ev.CUSTOMER_SIGNED_UP: ACTIVITY_FAMILY,
+    ev.CUSTOMER_CLOSED: ACTIVITY_FAMILY,
+    ev.ORDER_PLACED: ACTIVITY_FAMILY | ORDER_FAMILY,
+    ev.ORDER_REFUNDED: ORDER_FAMILY,
+    ev.LOYALTY_ENROLLED: ACTIVITY_FAMILY,
+    ev.LOYALTY_LEFT: ACTIVITY_FAMILY,
+    ev.REWARD_ISSUED: ACTIVITY_FAMILY,
+    ev.REWARD_REDEEMED: ACTIVITY_FAMILY,
+}
+
+_NPS_SERIES = ("nps_d", "nps_pa", "nps_p")
+
+
+def families_of(event_type: str) -> int:
+    """Which series families an event of this type can change (0: none).
+
+    >>> families_of("order.placed"), families_of("survey.responded")
+    (3, 0)
+    """
+    return _FAMILIES.get(event_type, 0)
+
+
+def event_deltas(event: ev.Event, bucket: int) -> list[tuple[str, int, int]]:
+    """Per-event histogram deltas ``(series, bucket, delta)`` of one accepted event.
+
+    >>> event_deltas(ev.Event("e1", "order.placed", 0, "s", "c", "o1", 5_000_000, "EUR"), 0)
+    [('orders', 0, 1), ('gross', 0, 5000000)]
+    """
+    kind = event.type
+    if kind == ev.ORDER_PLACED:
+        return [("orders", bucket, 1), ("gross", bucket, event.amount_micros or 0)]
+    if kind == ev.ORDER_REFUNDED:
+        return [("refunds", bucket, event.amount_micros or 0)]
+    if kind == ev.SPEND_RECORDED:
+        amount = event.amount_micros or 0
+        out = [("spend", bucket, amount)]
+        if event.channel:
+            out.append(("spend_ch:" + event.channel, bucket, amount))
+            out.append(("spend_chn:" + event.channel, bucket, 1))
+        return out
+    if kind == ev.SURVEY_RESPONDED:
+        survey = event.survey
+        score = event.score or 0
+        if survey == ev.SURVEY_NPS:
+            return [("nps_n", bucket, 1), (_NPS_SERIES[nps_group(score)], bucket, 1)]
+        if survey == ev.SURVEY_CSAT:
+            satisfied = csat_satisfied(score, event.scale or 5)
+            return [("csat_n", bucket, 1), ("csat_sat", bucket, int(satisfied))]
+        if survey == ev.SURVEY_CES:
+            return [("ces_n", bucket, 1), ("ces_sum", bucket, score)]
+        answers = event.answers or (1, 1, 1)
+        return [
+            ("cli_n", bucket, 1),
+            ("cli_pts", bucket, cli_points_sum(answers)),
+            ("cli_ans", bucket, sum(answers)),
+        ]
+    if kind == ev.REWARD_ISSUED:
+        return [("rw_i", bucket, 1)]
+    if kind == ev.REWARD_REDEEMED:
+        return [("rw_r", bucket, 1)]
+    return []
+
+
+class CustomerFacts:
+    """Everything the metrics need to know about one (store, customer).
+
+    Lifetime facts (first activity, first two order times, order count, signup
+    channel, membership before the kept history) are kept for ever; bucketed
+    facts are pruned past ``Grid.fact_retention`` (see :meth:`prune`).
+    """
+
+    __slots__ = (
+        "first_activity_ms",
+        "signup_key",
+        "signup_channel",
+        "activity",
+        "closes",
+        "order_count",
+        "first_orders",
+        "orders",
+        "revenue",
+        "member_before",
+        "member_before_key",
+        "membership",
+        "rewards",
+        "seen",
+    )
+
+    def __init__(self) -> None:
+        self.first_activity_ms: int | None = None
+        #: (occurred_at, event_id) of the earliest signup: its channel is the customer's
+        self.signup_key: tuple[int, str] | None = None
+        self.signup_channel: str | None = None
+        #: bucket -> latest activity time in it
+        self.activity: dict[int, int] = {}
+        #: sorted close times
+        self.closes: list[int] = []
+        self.order_count = 0
+        #: the two earliest order times (lifetime)
+        self.first_orders: list[int] = []
+        #: bucket -> latest order time in it
+        self.orders: dict[int, int] = {}
+        #: bucket -> net revenue (placed - refunded) in micros
+        self.revenue: dict[int, int] = {}
+        #: membership state before the kept membership events, and the key of the last dropped one
+        self.member_before = False
+        self.member_before_key: tuple[int, str] | None = None
+        #: sorted (occurred_at, event_id, enrolled)
+        self.membership: list[tuple[int, str, bool]] = []
+        #: buckets with a reward issued or redeemed -> count
+        self.rewards: dict[int, int] = {}
+        #: event_id -> occurred_at, for deduplication within the TTL
+        self.seen: dict[str, int] = {}
+
+    # -- updates -----------------------------------------------------------
+
+    def is_duplicate(self, event_id: str) -> bool:
+        """Whether this event id was already applied (within the dedupe TTL)."""
+        return event_id in self.seen
+
+    def apply(self, event: ev.Event, grid: Grid, horizon_start: int) -> None:
+        """Fold one accepted, non-duplicate event into the facts.
+
+        ``horizon_start`` is the oldest bucket whose bucketed facts are kept:
+        older events still update lifetime facts only.
+        """
+        self.seen[event.event_id] = event.occurred_at_ms
+        time = event.occurred_at_ms
+        bucket = grid.bucket(time)
+        kept = bucket >= horizon_start
+        kind = event.type
+        if kind == ev.ORDER_PLACED or kind == ev.CUSTOMER_SIGNED_UP:
+            if self.first_activity_ms is None or time < self.first_activity_ms:
+                self.first_activity_ms = time
+            if kept and self.activity.get(bucket, MINUS_INFINITY) < time:
+                self.activity[bucket] = time
+        if kind == ev.CUSTOMER_SIGNED_UP:
+            key = (time, event.event_id)
+            if self.signup_key is None or key < self.signup_key:
+                self.signup_key = key
+                self.signup_channel = event.channel
+        elif kind == ev.ORDER_PLACED:
+            self.order_count += 1
+            insort(self.first_orders, time)
+            del self.first_orders[2:]
+            if kept:
+                if self.orders.get(bucket, MINUS_INFINITY) < time:
+                    self.orders[bucket] = time
+                self.revenue[bucket] = self.revenue.get(bucket, 0) + (event.amount_micros or 0)
+        elif kind == ev.ORDER_REFUNDED:
+            if kept:
+                self.revenue[bucket] = self.revenue.get(bucket, 0) - (event.amount_micros or 0)
+        elif kind == ev.CUSTOMER_CLOSED:
+            if kept:
+                insort(self.closes, time)
+        elif kind == ev.LOYALTY_ENROLLED or kind == ev.LOYALTY_LEFT:
+            entry = (time, event.event_id, kind == ev.LOYALTY_ENROLLED)
+            if kept:
+                insort(self.membership, entry)
+            elif self.member_before_key is None or entry[:2] > self.member_before_key:
+                # an event older than the kept history still decides the state
+                # before it, when it is the latest of those older events
+                self.member_before_key = entry[:2]
+                self.member_before = entry[2]
+        elif kind == ev.REWARD_ISSUED or kind == ev.REWARD_REDEEMED:
+            if kept:
+                self.rewards[bucket] = self.rewards.get(bucket, 0) + 1
+
+    def prune(self, grid: Grid, horizon_start: int, seen_after_ms: int) -> None:
+        """Drop bucketed facts before bucket ``horizon_start`` and ids of events before ``seen_after_ms``.
+
+        ``horizon_start`` is at most ``K - Grid.fact_retention``: dropping older
+        facts changes no contribution at or after ``K - 3 * longest``, so it is
+        done silently; the store keeps the old deltas, whose effect is confined
+        to buckets that no metric reads any more.
+        """
+        for facts in (self.activity, self.orders, self.revenue, self.rewards):
+            if facts and min(facts) < horizon_start:
+                for bucket in [b for b in facts if b < horizon_start]:
+                    del facts[bucket]
+        start_ms = horizon_start * grid.bucket_ms
+        if self.closes and self.closes[0] < start_ms:
+            del self.closes[: bisect_right(self.closes, start_ms - 1)]
+        while self.membership and self.membership[0][0] < start_ms:
+            time, event_id, enrolled = self.membership.pop(0)
+            self.member_before_key = (time, event_id)
+            self.member_before = enrolled
+        if self.seen and min(self.seen.values()) < seen_after_ms:
+            self.seen = {k: t for k, t in self.seen.items() if t >= seen_after_ms}
+
+    # -- derived statuses ----------------------------------------------------
+
+    def active_intervals(self, grid: Grid) -> Intervals:
+        """Buckets at which the customer is active (SPEC 5, "Customers")."""
+        if not self.activity:
+            return []
+        buckets = sorted(self.activity)
+        closes = self.closes
+        result: list[Interval] = []
+        for i, bucket in enumerate(buckets):
+            end = bucket + grid.horizon
+            if i + 1 < len(buckets) and buckets[i + 1] < end:
+                end = buckets[i + 1]
+            if closes:
+                # the first close strictly later than the bucket's last activity ends it
+                index = bisect_right(closes, self.activity[bucket])
+                if index < len(closes):
+                    close_bucket = grid.bucket(closes[index])
+                    if close_bucket < end:
+                        end = close_bucket
+            if end > bucket:
+                result.append((bucket, end))
+        return normalise(result)
+
+    def member_intervals(self, grid: Grid) -> Intervals:
+        """Buckets at whose end the latest enrol/leave event is an enrolment."""
+        state = self.member_before
+        start = MINUS_INFINITY
+        result: list[Interval] = []
+        events = self.membership
+        for i, (time, _, enrolled) in enumerate(events):
+            bucket = grid.bucket(time)
+            if i + 1 < len(events) and grid.bucket(events[i + 1][0]) == bucket:
+                continue  # only the last event of a bucket decides the bucket
+            if enrolled and not state:
+                start = bucket
+            elif state and not enrolled:
+                result.append((start, bucket))
+            state = enrolled
+        if state:
+            result.append((start, PLUS_INFINITY))
+        return result
+
+    def contributions(self, grid: Grid, families: int) -> Deltas:
+        """The customer's current contribution to every series of ``families``."""
+        out: Deltas = {}
+        if families & ACTIVITY_FAMILY:
+            self._activity_contributions(grid, out)
+        if families & ORDER_FAMILY:
+            self._order_contributions(grid, out)
+        return out
+
+    def _activity_contributions(self, grid: Grid, out: Deltas) -> None:
+        active = self.active_intervals(grid)
+        _add_intervals(out, "A", active, 1)
+        first = None if self.first_activity_ms is None else grid.bucket(self.first_activity_ms)
+        if first is not None:
+            out[("F", first)] = out.get(("F", first), 0) + 1
+            if self.signup_channel:
+                key = ("Fch:" + self.signup_channel, first)
+                out[key] = out.get(key, 0) + 1
+        members = intersect(active, self.member_intervals(grid)) if self.membership or self.member_before else []
+        _add_intervals(out, "LM", members, 1)
+        for n in grid.windows:
+            suffix = ":" + str(n)
+            _add_intervals(out, "both" + suffix, intersect(active, shift(active, n)), 1)
+            if first is not None:
+                _add_intervals(out, "newact" + suffix, intersect(active, [(first, first + n)]), 1)
+            if members and self.rewards:
+                _add_intervals(out, "actmem" + suffix, intersect(members, spans(self.rewards, n)), 1)
+
+    def _order_contributions(self, grid: Grid, out: Deltas) -> None:
+        order_buckets = sorted(self.orders)
+        second_order = grid.bucket(self.first_orders[1]) if self.order_count >= 2 else None
+        first_order_ms = self.first_orders[0] if self.first_orders else 0
+        for n in grid.windows:
+            suffix = ":" + str(n)
+            purchaser = spans(order_buckets, n)
+            _add_intervals(out, "P" + suffix, purchaser, 1)
+            if second_order is not None:
+                _add_intervals(out, "ret" + suffix, intersect(purchaser, [(second_order, PLUS_INFINITY)]), 1)
+            # lifespan by j: last order up to j minus the first order; constant between orders
+            for i, bucket in enumerate(order_buckets):
+                end = bucket + n
+                if i + 1 < len(order_buckets) and order_buckets[i + 1] < end:
+                    end = order_buckets[i + 1]
+                lifespan = self.orders[bucket] - first_order_ms
+                if lifespan:
+                    _add_intervals(out, "life" + suffix, [(bucket, end)], lifespan)
+            ordered_before = shift(purchaser, n)
+            for bucket, amount in self.revenue.items():
+                if not amount:
+                    continue
+                # revenue of bucket b is "previous period" for j in [b+n, b+2n)
+                _add_intervals(out, "crev" + suffix, subtract([(bucket + n, bucket + 2 * n)], purchaser), amount)
+                # and "in W" for j in [b, b+n)
+                _add_intervals(out, "nrr" + suffix, intersect([(bucket, bucket + n)], ordered_before), amount)
+
+
+def _add_intervals(out: Deltas, series: str, intervals: Intervals, weight: int) -> None:
+    for start, end in intervals:
+        key = (series, start)
+        out[key] = out.get(key, 0) + weight
+        if end < PLUS_INFINITY:
+            key = (series, end)
+            out[key] = out.get(key, 0) - weight
+
+
+def diff(after: Deltas, before: Deltas) -> Deltas:
+    """``after - before``, without zero entries.
+
+    >>> diff({("A", 1): 1, ("A", 5): -1}, {("A", 1): 1, ("A", 3): -1})
+    {('A', 5): -1, ('A', 3): 1}
+    """
+    out = {key: value - before.get(key, 0) for key, value in after.items()}
+    for key, value in before.items():
+        if key not in after:
+            out[key] = -value
+    return {key: value for key, value in out.items() if value}

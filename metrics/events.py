@@ -1,0 +1,71 @@
+"""Typed storefront events (SPEC section 3).
+
+An :class:`Event` is what validation (``metrics.validation``) returns for a
+valid input element. Times are epoch milliseconds, money is integer
+micro-units (1 unit = 1_000_000 micros), so sums are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ORDER_PLACED = "order.placed"
+ORDER_REFUNDED = "order.refunded"
+CUSTOMER_SIGNED_UP = "customer.signed_up"
+CUSTOMER_CLOSED = "customer.closed"
+SURVEY_RESPONDED = "survey.responded"
+SPEND_RECORDED = "spend.recorded"
+LOYALTY_ENROLLED = "loyalty.enrolled"
+LOYALTY_LEFT = "loyalty.left"
+REWARD_ISSUED = "loyalty.reward_issued"
+REWARD_REDEEMED = "loyalty.reward_redeemed"
+
+#: input topic (before prefix) -> event types that belong to it
+TOPIC_TYPES: dict[str, frozenset[str]] = {
+    "orders": frozenset({ORDER_PLACED, ORDER_REFUNDED}),
+    "signups": frozenset({CUSTOMER_SIGNED_UP, CUSTOMER_CLOSED}),
+    "survey-responses": frozenset({SURVEY_RESPONDED}),
+    "marketing-spend": frozenset({SPEND_RECORDED}),
+    "loyalty-activity": frozenset(
+        {LOYALTY_ENROLLED, LOYALTY_LEFT, REWARD_ISSUED, REWARD_REDEEMED}
+    ),
+}
+INPUT_TOPICS: tuple[str, ...] = tuple(TOPIC_TYPES)
+TYPE_TOPIC: dict[str, str] = {t: topic for topic, ts in TOPIC_TYPES.items() for t in ts}
+
+#: event types that make a customer active
+ACTIVITY_TYPES = frozenset({CUSTOMER_SIGNED_UP, ORDER_PLACED})
+#: event types that carry money
+MONEY_TYPES = frozenset({ORDER_PLACED, ORDER_REFUNDED, SPEND_RECORDED})
+
+SURVEY_NPS = "nps"
+SURVEY_CSAT = "csat"
+SURVEY_CES = "ces"
+SURVEY_CLI = "cli"
+
+MICROS_PER_UNIT = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One valid storefront event.
+
+    Only the fields of its type are set; the others stay ``None``.
+    ``answers`` is ``(recommend, repurchase, try_other)`` for CLI surveys.
+    """
+
+    event_id: str
+    type: str
+    occurred_at_ms: int
+    store_id: str
+    customer_id: str | None = None
+    order_id: str | None = None
+    amount_micros: int | None = None
+    currency: str | None = None
+    channel: str | None = None
+    survey: str | None = None
+    score: int | None = None
+    scale: int | None = None
+    answers: tuple[int, int, int] | None = None
+    reward_id: str | None = None
+    points: int | None = None

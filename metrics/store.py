@@ -1,0 +1,259 @@
+"""Store-level state: prefix-summed series on the bucket grid, and the metrics read off them.
+
+A store aggregate holds, per series, the deltas by bucket that customers and
+events sent (see :mod:`metrics.customer`). The value of a difference series at
+bucket j, or a histogram's running total, is a prefix sum; a window sum is the
+difference of two. Buckets older than what any metric reads are folded into a
+per-series base, so prefix sums stay exact while memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from metrics import formulas as f
+from metrics.catalog import METRIC_NAMES, MONETARY_METRICS
+from metrics.timegrid import Grid
+
+#: how many cached prefix positions a series keeps (K and K - n, K - 2n per window)
+_MAX_CURSORS = 24
+#: beyond this distance a prefix is recomputed from scratch rather than stepped
+_MAX_STEP = 4096
+
+
+class PrefixSeries:
+    """Deltas by bucket with fast prefix sums at a few moving positions.
+
+    >>> series = PrefixSeries()
+    >>> series.add(3, 2); series.add(7, -1); series.add(1, 5)
+    >>> series.prefix(0), series.prefix(3), series.prefix(10)
+    (0, 7, 6)
+    >>> series.fold_before(5); series.prefix(5), series.prefix(7)
+    (7, 6)
+    """
+
+    __slots__ = ("deltas", "base", "floor", "cursors")
+
+    def __init__(self) -> None:
+        self.deltas: dict[int, int] = {}
+        #: sum of the deltas of buckets below ``floor``
+        self.base = 0
+        self.floor: int | None = None
+        #: bucket -> prefix sum up to and including it
+        self.cursors: dict[int, int] = {}
+
+    def add(self, bucket: int, delta: int) -> None:
+        """Add ``delta`` at ``bucket``."""
+        if self.floor is not None and bucket < self.floor:
+            self.base += delta
+        else:
+            value = self.deltas.get(bucket, 0) + delta
+            if value:
+                self.deltas[bucket] = value
+            else:
+                self.deltas.pop(bucket, None)
+        for position in self.cursors:
+            if bucket <= position:
+                self.cursors[position] += delta
+
+    def prefix(self, bucket: int) -> int:
+        """Sum of the deltas at buckets ``<= bucket`` (exact while ``bucket >= floor - 1``)."""
+        cursors = self.cursors
+        if bucket in cursors:
+            return cursors[bucket]
+        below = [p for p in cursors if p < bucket and bucket - p <= _MAX_STEP]
+        deltas = self.deltas
+        if below:
+            start = max(below)
+            value = cursors[start] + sum(deltas.get(b, 0) for b in range(start + 1, bucket + 1))
+        else:
+            value = self.base + sum(v for b, v in deltas.items() if b <= bucket)
+        if len(cursors) >= _MAX_CURSORS:
+            del cursors[min(cursors)]
+        cursors[bucket] = value
+        return value
+
+    def window(self, end: int, length: int) -> int:
+        """Sum of the deltas in buckets ``end - length + 1 .. end``."""
+        return self.prefix(end) - self.prefix(end - length)
+
+    def merge(self, other: PrefixSeries) -> None:
+        """Add every delta of ``other`` (the series of the union of both inputs)."""
+        if other.floor is not None:
+            self.fold_before(other.floor)
+        self.base += other.base
+        for position in self.cursors:
+            self.cursors[position] += other.base
+        for bucket, delta in other.deltas.items():
+            self.add(bucket, delta)
+
+    def fold_before(self, floor: int) -> None:
+        """Fold the deltas of buckets below ``floor`` into the base."""
+        if self.floor is not None and floor <= self.floor:
+            return
+        self.floor = floor
+        old = [b for b in self.deltas if b < floor]
+        for bucket in old:
+            self.base += self.deltas.pop(bucket)
+        for position in [p for p in self.cursors if p < floor - 1]:
+            del self.cursors[position]
+
+
+class StoreAggregate:
+    """All series of one store (or of ``*``): apply deltas, read metrics as of a bucket."""
+
+    __slots__ = ("series",)
+
+    def __init__(self) -> None:
+        self.series: dict[str, PrefixSeries] = {}
+
+    def add(self, series: str, bucket: int, delta: int) -> None:
+        """Add one delta."""
+        target = self.series.get(series)
+        if target is None:
+            target = self.series[series] = PrefixSeries()
+        target.add(bucket, delta)
+
+    def add_all(self, deltas: Iterable[tuple[str, int, int]]) -> None:
+        """Add many ``(series, bucket, delta)``."""
+        for series, bucket, delta in deltas:
+            self.add(series, bucket, delta)
+
+    def merge(self, other: StoreAggregate) -> None:
+        """Fold another aggregate into this one: the aggregate of both event sets.
+
+        Deltas add up, so merging is associative and commutative.
+        """
+        for name, series in other.series.items():
+            target = self.series.get(name)
+            if target is None:
+                target = self.series[name] = PrefixSeries()
+            target.merge(series)
+
+    def fold_before(self, floor: int) -> None:
+        """Forget buckets below ``floor`` except through each series' base."""
+        for series in self.series.values():
+            series.fold_before(floor)
+
+    def _at(self, series: str, bucket: int) -> int:
+        target = self.series.get(series)
+        return 0 if target is None else target.prefix(bucket)
+
+    def _window(self, series: str, end: int, length: int) -> int:
+        target = self.series.get(series)
+        return 0 if target is None else target.window(end, length)
+
+    def metrics(self, grid: Grid, window: int, as_of_bucket: int, monetary: bool = True) -> dict[str, object]:
+        """Every metric of SPEC section 5 for the window of ``window`` buckets as of bucket K.
+
+        ``monetary=False`` publishes the monetary metrics as ``None`` (``*`` across currencies).
+        """
+        k = as_of_bucket
+        n = window
+        suffix = ":" + str(n)
+        window_ms = n * grid.bucket_ms
+        at = self._at
+        win = self._window
+        out: dict[str, object] = {}
+
+        # surveys
+        nps_n = win("nps_n", k, n)
+        promoters = win("nps_p", k, n)
+        detractors = win("nps_d", k, n)
+        out["nps"] = f.nps(promoters, detractors, nps_n)
+        out["nps_responses"] = nps_n
+        out["nps_promoters"] = promoters
+        out["nps_passives"] = win("nps_pa", k, n)
+        out["nps_detractors"] = detractors
+        out["nps_ci_low"], out["nps_ci_high"] = f.nps_interval(promoters, detractors, nps_n)
+        csat_n = win("csat_n", k, n)
+        out["csat"] = f.percent(win("csat_sat", k, n), csat_n)
+        out["csat_responses"] = csat_n
+        ces_n = win("ces_n", k, n)
+        out["ces"] = f.ratio(win("ces_sum", k, n), ces_n)
+        out["ces_responses"] = ces_n
+        cli_n = win("cli_n", k, n)
+        out["cli"] = f.ratio(win("cli_pts", k, n), 3 * cli_n)
+        out["cli_raw"] = f.ratio(win("cli_ans", k, n), 3 * cli_n)
+        out["cli_responses"] = cli_n
+
+        # customers
+        customers_end = at("A", k)
+        customers_start = at("A", k - n)
+        new_customers = win("F", k, n)
+        both = at("both" + suffix, k)
+        churned = customers_start - both
+        out["customers_end"] = customers_end
+        out["customers_start"] = customers_start
+        out["new_customers"] = new_customers
+        out["retention_rate"] = f.retention_rate(customers_end, new_customers, customers_start)
+        out["churned_customers"] = churned
+        out["churn_rate"] = f.percent(churned, customers_start)
+        out["reactivated_customers"] = customers_end - both - at("newact" + suffix, k)
+
+        # orders and value
+        orders = win("orders", k, n)
+        gross = win("gross", k, n)
+        refunds = win("refunds", k, n)
+        purchasers = at("P" + suffix, k)
+        returning = at("ret" + suffix, k)
+        out["orders"] = orders
+        out["gross_revenue"] = f.money(gross)
+        out["refunds"] = f.money(refunds)
+        out["net_revenue"] = f.money(gross - refunds)
+        out["purchasers"] = purchasers
+        out["returning_customers"] = returning
+        out["one_time_customers"] = purchasers - returning
+        out["repeat_purchase_rate"] = f.percent(returning, purchasers)
+        aov = f.ratio(gross, orders)
+        out["aov"] = None if aov is None else aov / 1_000_000
+        out["purchase_frequency"] = f.ratio(orders, purchasers)
+        customer_value = f.ratio(gross, purchasers)
+        customer_value = None if customer_value is None else customer_value / 1_000_000
+        out["customer_value"] = customer_value
+        lifespan_ms = f.ratio(at("life" + suffix, k), purchasers)
+        lifespan = None if lifespan_ms is None else f.years(lifespan_ms)
+        out["avg_lifespan_years"] = lifespan
+        out["clv"] = f.clv(customer_value, window_ms, lifespan)
+        previous = win("gross", k - n, n) - win("refunds", k - n, n)
+        churned_revenue = at("crev" + suffix, k)
+        out["revenue_prev_period"] = f.money(previous)
+        out["churned_revenue"] = f.money(churned_revenue)
+        out["revenue_churn_rate"] = f.percent(churned_revenue, previous)
+        out["net_revenue_retention"] = f.percent(at("nrr" + suffix, k), previous)
+
+        # acquisition
+        spend = win("spend", k, n)
+        out["marketing_spend"] = f.money(spend)
+        cac = f.ratio(spend, new_customers)
+        out["cac"] = None if cac is None else cac / 1_000_000
+        out["cac_by_channel"] = self._cac_by_channel(k, n)
+
+        # loyalty programme
+        members = at("LM", k)
+        active_members = at("actmem" + suffix, k)
+        issued = win("rw_i", k, n)
+        redeemed = win("rw_r", k, n)
+        out["loyalty_members"] = members
+        out["participation_rate"] = f.percent(members, customers_end)
+        out["rewards_issued"] = issued
+        out["rewards_redeemed"] = redeemed
+        out["redemption_rate"] = f.percent(redeemed, issued)
+        out["active_members"] = active_members
+        out["active_participation_rate"] = f.percent(active_members, members)
+
+        if not monetary:
+            for name in MONETARY_METRICS:
+                out[name] = None
+        return {name: out[name] for name in METRIC_NAMES}
+
+    def _cac_by_channel(self, k: int, n: int) -> dict[str, float | None]:
+        channels = {name.split(":", 1)[1] for name in self.series if name.startswith(("spend_ch:", "Fch:"))}
+        result: dict[str, float | None] = {}
+        for channel in sorted(channels):
+            spend = self._window("spend_ch:" + channel, k, n)
+            new = self._window("Fch:" + channel, k, n)
+            if new or self._window("spend_chn:" + channel, k, n):
+                cac = f.ratio(spend, new)
+                result[channel] = None if cac is None else cac / 1_000_000
+        return result

@@ -1,0 +1,95 @@
+"""Durations and the bucket grid of SPEC section 4.
+
+Bucket ``k`` holds event times in ``[k*b, (k+1)*b)`` (epoch milliseconds).
+"""
+
+from __future__ import annotations
+
+import re
+
+_UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
+
+DAY_MS = 86_400_000
+YEAR_MS = 365.25 * DAY_MS
+
+
+def parse_duration(text: str) -> int:
+    """Parse ``"1m"``, ``"24h"``, ``"7d"``, ``"500ms"`` into milliseconds (> 0).
+
+    >>> parse_duration("24h")
+    86400000
+    """
+    match = _DURATION.match(text)
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"not a positive duration: {text!r} (use e.g. 1m, 24h, 7d)")
+    return int(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+def format_duration(ms: int) -> str:
+    """The shortest exact spelling of a duration, the inverse of :func:`parse_duration`.
+
+    >>> format_duration(604_800_000), format_duration(90_000)
+    ('7d', '90s')
+    """
+    for unit in ("d", "h", "m", "s"):
+        if ms % _UNIT_MS[unit] == 0:
+            return f"{ms // _UNIT_MS[unit]}{unit}"
+    return f"{ms}ms"
+
+
+def bucket_of(time_ms: int, bucket_ms: int) -> int:
+    """Index of the bucket holding ``time_ms`` (floor division, so negatives work).
+
+    >>> bucket_of(119_999, 60_000), bucket_of(120_000, 60_000), bucket_of(-1, 60_000)
+    (1, 2, -1)
+    """
+    return time_ms // bucket_ms
+
+
+def buckets_in(duration_ms: int, bucket_ms: int) -> int:
+    """How many buckets a window or horizon spans; it must be a whole multiple.
+
+    >>> buckets_in(86_400_000, 60_000)
+    1440
+    """
+    if duration_ms % bucket_ms:
+        raise ValueError(f"{format_duration(duration_ms)} is not a multiple of the bucket {format_duration(bucket_ms)}")
+    return duration_ms // bucket_ms
+
+
+class Grid:
+    """The time model of one deployment: bucket, activity horizon, windows, dedupe TTL.
+
+    All derived sizes are in buckets: ``horizon`` (h), ``windows`` (n per window),
+    ``longest`` (the longest n). ``fact_retention`` is how far back per-customer
+    bucketed facts are kept: far enough that dropping older ones never changes a
+    number at or after ``K - 2 * longest`` (the oldest bucket any metric reads),
+    with one more ``longest`` of slack for stages whose clocks lag each other.
+
+    >>> grid = Grid(60_000, 90 * DAY_MS, (3_600_000, DAY_MS))
+    >>> grid.horizon, grid.windows, grid.store_retention
+    (129600, (60, 1440), 131040)
+    """
+
+    __slots__ = ("bucket_ms", "horizon_ms", "windows_ms", "dedupe_ttl_ms", "horizon", "windows",
+                 "longest", "store_retention", "fact_retention")
+
+    def __init__(self, bucket_ms: int, horizon_ms: int, windows_ms: tuple[int, ...],
+                 dedupe_ttl_ms: int = 30 * DAY_MS) -> None:
+        if not windows_ms:
+            raise ValueError("at least one window is needed")
+        self.bucket_ms = bucket_ms
+        self.horizon_ms = horizon_ms
+        self.windows_ms = tuple(windows_ms)
+        self.dedupe_ttl_ms = dedupe_ttl_ms
+        self.horizon = buckets_in(horizon_ms, bucket_ms)
+        self.windows = tuple(buckets_in(w, bucket_ms) for w in windows_ms)
+        self.longest = max(self.windows)
+        # SPEC 4: twice the longest window, or the horizon plus the longest window
+        self.store_retention = max(2 * self.longest, self.horizon + self.longest)
+        self.fact_retention = self.horizon + 4 * self.longest
+
+    def bucket(self, time_ms: int) -> int:
+        """The bucket of an event time."""
+        return time_ms // self.bucket_ms

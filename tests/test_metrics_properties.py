@@ -1,0 +1,171 @@
+"""Properties of the incremental engine: it equals the batch reference, whatever the order."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metrics import events as ev
+from metrics.catalog import ALL_STORES
+from metrics.compare import metric_differences
+from metrics.engine import WALL_CLOCK, CurrencyGate, LoyaltyEngine, customer_key
+from metrics.reference import ReferenceConfig, reference_all
+from metrics.store import StoreAggregate
+from metrics.timegrid import Grid
+
+BUCKET_MS = 60_000
+HORIZON_MS = 6 * BUCKET_MS
+WINDOWS_MS = (2 * BUCKET_MS, 5 * BUCKET_MS)
+SPAN_BUCKETS = 40
+GRID = Grid(BUCKET_MS, HORIZON_MS, WINDOWS_MS, dedupe_ttl_ms=10**12)
+#: a tight grid where horizons, windows and closes collide at bucket edges often
+TIGHT_GRID = Grid(BUCKET_MS, 2 * BUCKET_MS, (BUCKET_MS, 3 * BUCKET_MS), dedupe_ttl_ms=10**12)
+GRIDS = st.sampled_from((GRID, TIGHT_GRID))
+PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+
+TYPES = (
+    ev.ORDER_PLACED,
+    ev.ORDER_PLACED,
+    ev.ORDER_PLACED,
+    ev.ORDER_REFUNDED,
+    ev.CUSTOMER_SIGNED_UP,
+    ev.CUSTOMER_SIGNED_UP,
+    ev.CUSTOMER_CLOSED,
+    ev.SURVEY_RESPONDED,
+    ev.SPEND_RECORDED,
+    ev.LOYALTY_ENROLLED,
+    ev.LOYALTY_LEFT,
+    ev.REWARD_ISSUED,
+    ev.REWARD_REDEEMED,
+)
+CHANNELS = (None, "ads", "social")
+
+
+@st.composite
+def event_logs(draw: st.DrawFn) -> list[ev.Event]:
+    """Random events of every type over a few stores, with duplicates, in random arrival order."""
+    store_count = draw(st.integers(1, 3))
+    currencies = {f"s{i}": draw(st.sampled_from(("EUR", "USD"))) for i in range(store_count)}
+    count = draw(st.integers(1, 60))
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    produced: list[ev.Event] = []
+    for index in range(count):
+        store = rng.choice(sorted(currencies))
+        bucket = rng.randrange(SPAN_BUCKETS)
+        # offsets that hit bucket edges and exact ties often
+        offset = rng.choice((0, 1, BUCKET_MS // 2, BUCKET_MS - 1, rng.randrange(BUCKET_MS)))
+        time = bucket * BUCKET_MS + offset
+        kind = rng.choice(TYPES)
+        customer = f"c{rng.randrange(4)}"
+        fields: dict[str, object] = {}
+        if kind in (ev.ORDER_PLACED, ev.ORDER_REFUNDED, ev.SPEND_RECORDED):
+            wrong = rng.random() < 0.05
+            currency = currencies[store]
+            if wrong:
+                currency = "USD" if currency == "EUR" else "EUR"
+            fields = {"amount_micros": rng.choice((0, 1, 10_500_000, rng.randrange(10**9))), "currency": currency}
+            if kind != ev.SPEND_RECORDED:
+                fields["order_id"] = f"o{index}"
+            else:
+                fields["channel"] = rng.choice(CHANNELS)
+        elif kind == ev.CUSTOMER_SIGNED_UP:
+            fields = {"channel": rng.choice(CHANNELS)}
+        elif kind == ev.SURVEY_RESPONDED:
+            survey = rng.choice((ev.SURVEY_NPS, ev.SURVEY_CSAT, ev.SURVEY_CES, ev.SURVEY_CLI))
+            fields = {"survey": survey}
+            if survey == ev.SURVEY_NPS:
+                fields["score"] = rng.randint(0, 10)
+            elif survey == ev.SURVEY_CSAT:
+                scale = rng.choice((5, 7, 10))
+                fields.update(scale=scale, score=rng.randint(1, scale))
+            elif survey == ev.SURVEY_CES:
+                fields["score"] = rng.randint(1, 7)
+            else:
+                fields["answers"] = (rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 6))
+        elif kind in (ev.REWARD_ISSUED, ev.REWARD_REDEEMED):
+            fields = {"reward_id": f"r{index}", "points": rng.randrange(100)}
+        customer_id = None if kind == ev.SPEND_RECORDED else customer
+        produced.append(ev.Event(f"e{index}", kind, time, store, customer_id, **fields))  # type: ignore[arg-type]
+    duplicates = [rng.choice(produced) for _ in range(draw(st.integers(0, 5)))]
+    arrival = produced + duplicates
+    rng.shuffle(arrival)
+    return arrival
+
+
+def _compare(engine: LoyaltyEngine, events: list[ev.Event], as_of_ms: int) -> None:
+    grid = engine.grid
+    config = ReferenceConfig(bucket_ms=grid.bucket_ms, horizon_ms=grid.horizon_ms)
+    expected = reference_all(events, windows_ms=grid.windows_ms, as_of_ms=as_of_ms, config=config)
+    stores = {store for store, _ in expected}
+    assert set(engine.store_ids()) == stores | {ALL_STORES}
+    for (store, window_ms), metrics in expected.items():
+        differences = metric_differences(engine.snapshot(store, window_ms), metrics)
+        assert not differences, f"{store} {window_ms}: {differences}"
+
+
+@PROPERTY_SETTINGS
+@given(events=event_logs(), grid=GRIDS)
+def test_event_clock_equals_reference(events: list[ev.Event], grid: Grid) -> None:
+    """With the event clock, the engine as of the latest event equals the batch reference."""
+    engine = LoyaltyEngine(grid)
+    for event in events:
+        engine.ingest(event)
+    if engine.now_ms is None:
+        return
+    _compare(engine, events, engine.now_ms)
+
+
+@PROPERTY_SETTINGS
+@given(events=event_logs(), data=st.data(), grid=GRIDS)
+def test_wall_clock_as_of_any_time_equals_reference(events: list[ev.Event], data: st.DataObject, grid: Grid) -> None:
+    """With a moving wall clock, the numbers as of each grid-aligned or mid-bucket T equal the reference of what arrived."""
+    span_ms = SPAN_BUCKETS * BUCKET_MS
+    any_time = st.one_of(
+        st.integers(0, SPAN_BUCKETS + 8).map(lambda b: b * BUCKET_MS + data.draw(st.sampled_from((0, BUCKET_MS - 1)))),
+        st.integers(0, span_ms + 8 * BUCKET_MS),
+    )
+    ticks = sorted(data.draw(st.lists(any_time, min_size=1, max_size=5)))
+    positions = sorted(data.draw(st.integers(0, len(events))) for _ in ticks)
+    engine = LoyaltyEngine(grid, clock=WALL_CLOCK)
+    for index in range(len(events) + 1):
+        while positions and positions[0] == index:
+            positions.pop(0)
+            engine.advance(ticks[0])
+            _compare(engine, events[:index], ticks.pop(0))
+        if index < len(events):
+            engine.ingest(events[index])
+
+
+@PROPERTY_SETTINGS
+@given(events=event_logs(), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_merging_partial_states_in_any_grouping_equals_one_state(
+    events: list[ev.Event], groups: int, seed: int
+) -> None:
+    """Customers split over partitions, their store aggregates merged in any order and grouping, give the same result."""
+    gate = CurrencyGate()
+    admitted = [e for e in events if e.type not in ev.MONEY_TYPES or gate.admit(e.store_id, e.currency)]
+    final = max((e.occurred_at_ms for e in admitted), default=0)
+    whole = LoyaltyEngine(GRID, clock=WALL_CLOCK)
+    parts = [LoyaltyEngine(GRID, clock=WALL_CLOCK) for _ in range(groups)]
+    for event in admitted:
+        whole.ingest(event)
+        parts[zlib.crc32("|".join(customer_key(event)).encode()) % groups].ingest(event)
+    whole.advance(final)
+    for part in parts:
+        part.advance(final)
+    rng = random.Random(seed)
+    pool = [part.all_stores for part in parts]
+    while len(pool) > 1:
+        left = pool.pop(rng.randrange(len(pool)))
+        right = pool.pop(rng.randrange(len(pool)))
+        merged = StoreAggregate()
+        merged.merge(left)
+        merged.merge(right)
+        pool.append(merged)
+    monetary = whole.gate.common_currency()[0]
+    for window in GRID.windows:
+        expected = whole.all_stores.metrics(GRID, window, GRID.bucket(final), monetary)
+        assert not metric_differences(pool[0].metrics(GRID, window, GRID.bucket(final), monetary), expected)
