@@ -1,0 +1,1 @@
+"""Local infrastructure: Apache Kafka (KRaft, from Maven Central jars) and redis-server."""
