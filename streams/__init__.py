@@ -1,0 +1,1 @@
+"""Kafka/Faust side of the loyalty metrics stream: settings, app, pipeline, command line."""

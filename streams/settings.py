@@ -1,0 +1,179 @@
+"""The one configuration object of the product (SPEC section 2).
+
+Every value comes from an environment variable (or a ``.env`` file in the current
+directory) and has a default; :func:`load_settings` reads them once and returns a
+frozen :class:`Settings`. Durations are parsed to milliseconds with
+:func:`metrics.timegrid.parse_duration`.
+
+>>> s = Settings(LOYALTY_TOPIC_PREFIX="dev-", LOYALTY_WINDOWS="1h,24h")
+>>> s.topic("orders"), s.window_ms
+('dev-orders', {'1h': 3600000, '24h': 86400000})
+>>> s.bucket_ms, s.broker_urls
+(60000, ['kafka://localhost:9092'])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from metrics.timegrid import format_duration, parse_duration
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _env(name: str) -> Any:
+    """Field alias: the environment variable name (also accepted as a keyword)."""
+    return AliasChoices(name, name.lower())
+
+
+def _duration_ms(value: object) -> object:
+    if isinstance(value, str):
+        return parse_duration(value)
+    return value
+
+
+class Settings(BaseSettings):
+    """Frozen settings; construct with :func:`load_settings` (or keywords named like the variables)."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        frozen=True,
+        extra="ignore",
+        case_sensitive=False,
+        populate_by_name=True,
+    )
+
+    kafka_bootstrap_servers: str = Field("localhost:9092", validation_alias=_env("KAFKA_BOOTSTRAP_SERVERS"))
+    redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))
+    app_id: str = Field("loyalty-metrics", min_length=1, validation_alias=_env("LOYALTY_APP_ID"))
+    topic_prefix: str = Field("", validation_alias=_env("LOYALTY_TOPIC_PREFIX"))
+    windows: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("1h", "24h", "7d", "30d"), validation_alias=_env("LOYALTY_WINDOWS")
+    )
+    bucket_ms: int = Field(60_000, gt=0, validation_alias=_env("LOYALTY_BUCKET"))
+    active_horizon_ms: int = Field(90 * 86_400_000, gt=0, validation_alias=_env("LOYALTY_ACTIVE_HORIZON"))
+    clock: Literal["wall", "event"] = Field("wall", validation_alias=_env("LOYALTY_CLOCK"))
+    emit_interval_ms: int = Field(1_000, gt=0, validation_alias=_env("LOYALTY_EMIT_INTERVAL"))
+    store: Literal["rocksdb", "memory"] = Field("rocksdb", validation_alias=_env("LOYALTY_STORE"))
+    max_future_skew_ms: int = Field(300_000, gt=0, validation_alias=_env("LOYALTY_MAX_FUTURE_SKEW"))
+    dedupe_ttl_ms: int = Field(30 * 86_400_000, gt=0, validation_alias=_env("LOYALTY_DEDUPE_TTL"))
+    state_dir: Path = Field(default_factory=lambda: Path.cwd() / ".loyalty", validation_alias=_env("LOYALTY_STATE_DIR"))
+    partitions: int = Field(8, ge=1, le=10_000, validation_alias=_env("LOYALTY_PARTITIONS"))
+    replication_factor: int = Field(1, ge=1, validation_alias=_env("LOYALTY_REPLICATION_FACTOR"))
+    web_port: int = Field(6066, ge=1, le=65535, validation_alias=_env("LOYALTY_WEB_PORT"))
+    dashboard_port: int = Field(8080, ge=1, le=65535, validation_alias=_env("LOYALTY_DASHBOARD_PORT"))
+    alert_webhook: str | None = Field(None, validation_alias=_env("LOYALTY_ALERT_WEBHOOK"))
+    log_level: str = Field("info", validation_alias=_env("LOYALTY_LOG_LEVEL"))
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    @field_validator(
+        "bucket_ms", "active_horizon_ms", "emit_interval_ms", "max_future_skew_ms", "dedupe_ttl_ms", mode="before"
+    )
+    @classmethod
+    def _parse_duration(cls, value: object) -> object:
+        return _duration_ms(value)
+
+    @field_validator("windows", mode="before")
+    @classmethod
+    def _split_windows(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("windows")
+    @classmethod
+    def _check_windows(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one window is needed (e.g. 1h,24h,7d,30d)")
+        lengths = [parse_duration(w) for w in value]
+        if len(set(lengths)) != len(lengths):
+            raise ValueError(f"windows repeat a length: {','.join(value)}")
+        return tuple(w.strip() for w in value)
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("empty Kafka bootstrap server list")
+        for server in servers:
+            if "://" in server:
+                server = server.split("://", 1)[1]
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"{server!r} is not host:port")
+        return ",".join(servers)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("alert_webhook", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _check_level(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value not in LOG_LEVELS:
+                raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+        return value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute_state_dir(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> Settings:
+        bucket = format_duration(self.bucket_ms)
+        for name, ms in self.window_ms.items():
+            if ms % self.bucket_ms:
+                raise ValueError(f"window {name} is not a multiple of the bucket {bucket} (LOYALTY_BUCKET)")
+        if self.active_horizon_ms % self.bucket_ms:
+            raise ValueError(
+                f"active horizon {format_duration(self.active_horizon_ms)} is not a multiple of the bucket {bucket}"
+            )
+        return self
+
+    # -- derived values --------------------------------------------------------------------
+
+    @property
+    def window_ms(self) -> dict[str, int]:
+        """Window name (as configured, e.g. ``"24h"``) to its length in milliseconds, in order."""
+        return {name: parse_duration(name) for name in self.windows}
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """``host:port`` of every Kafka bootstrap server."""
+        return [s.split("://", 1)[-1] for s in self.kafka_bootstrap_servers.split(",")]
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """The bootstrap servers as Faust broker URLs."""
+        return [f"kafka://{s}" for s in self.bootstrap_servers]
+
+    def topic(self, name: str) -> str:
+        """The Kafka topic name of ``name`` with ``LOYALTY_TOPIC_PREFIX`` applied."""
+        return f"{self.topic_prefix}{name}"
+
+    def is_set(self, field: str) -> bool:
+        """Whether ``field`` was given explicitly (environment, ``.env`` or keyword) rather than defaulted."""
+        return field in self.model_fields_set
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment and ``.env``; keywords override both."""
+    return Settings(**overrides)
