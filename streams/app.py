@@ -1,0 +1,45 @@
+"""The Faust application: one factory, configured from :class:`streams.settings.Settings`.
+
+Agents, tables and timers are not defined here: :func:`create_app` hands the app to
+:func:`streams.pipeline.register_pipeline`, the one place where the pipeline is wired.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from streams.pipeline import register_pipeline
+from streams.settings import Settings, load_settings
+
+STORES = {"rocksdb": "rocksdict://", "memory": "memory://"}
+
+
+def faust_options(settings: Settings) -> dict[str, object]:
+    """Keyword arguments of :class:`faust.App` for ``settings`` (separate so tests can inspect them)."""
+    return {
+        "broker": settings.broker_urls,
+        "store": STORES[settings.store],
+        "datadir": str(settings.state_dir / "worker" / f"{settings.app_id}-{settings.web_port}"),
+        "autodiscover": False,
+        "web_enabled": True,
+        "web_port": settings.web_port,
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": settings.replication_factor,
+        "consumer_auto_offset_reset": "earliest",
+        # Small linger: latency matters, and Faust sends changelog/repartition records one by one.
+        "producer_linger": 0.005,
+        "producer_max_batch_size": 256 * 1024,
+        "producer_max_request_size": 2 * 1024 * 1024,
+        # Input messages are at most 1 MiB (a batch of events); fetch a few per partition.
+        "consumer_max_fetch_size": 4 * 1024 * 1024,
+        "broker_max_poll_records": 2000,
+        "stream_buffer_maxsize": 8192,
+    }
+
+
+def create_app(settings: Settings | None = None) -> faust.App:
+    """A new Faust app for ``settings`` (read from the environment when omitted), pipeline registered."""
+    settings = settings if settings is not None else load_settings()
+    app = faust.App(settings.app_id, **faust_options(settings))  # type: ignore[arg-type]
+    register_pipeline(app, settings)
+    return app
