@@ -81,6 +81,9 @@ MONETARY_METRICS: frozenset[str] = frozenset(
         "clv",
         "revenue_prev_period",
         "churned_revenue",
+        # ratios of sums that would mix currencies
+        "revenue_churn_rate",
+        "net_revenue_retention",
         "marketing_spend",
         "cac",
         "cac_by_channel",

@@ -172,6 +172,54 @@ class CustomerFacts:
         #: event_id -> occurred_at, for deduplication within the TTL
         self.seen: dict[str, int] = {}
 
+    # -- persistence ---------------------------------------------------------
+
+    def to_record(self) -> list[object]:
+        """A compact, JSON-ready list of the facts (the inverse of :meth:`from_record`)."""
+        return [
+            self.first_activity_ms,
+            list(self.signup_key) if self.signup_key else None,
+            self.signup_channel,
+            [[b, t] for b, t in self.activity.items()],
+            self.closes,
+            self.order_count,
+            self.first_orders,
+            [[b, t] for b, t in self.orders.items()],
+            [[b, r] for b, r in self.revenue.items()],
+            self.member_before,
+            list(self.member_before_key) if self.member_before_key else None,
+            [list(m) for m in self.membership],
+            [[b, c] for b, c in self.rewards.items()],
+            self.seen,
+        ]
+
+    @classmethod
+    def from_record(cls, record: list[object]) -> CustomerFacts:
+        """Facts from :meth:`to_record`'s list (after a JSON round trip).
+
+        >>> facts = CustomerFacts(); facts.order_count = 2; facts.activity[5] = 300_001
+        >>> CustomerFacts.from_record(facts.to_record()).to_record() == facts.to_record()
+        True
+        """
+        (first, signup_key, channel, activity, closes, order_count, first_orders, orders, revenue,
+         member_before, member_before_key, membership, rewards, seen) = record
+        facts = cls()
+        facts.first_activity_ms = first  # type: ignore[assignment]
+        facts.signup_key = (signup_key[0], signup_key[1]) if signup_key else None  # type: ignore[index]
+        facts.signup_channel = channel  # type: ignore[assignment]
+        facts.activity = {b: t for b, t in activity}  # type: ignore[attr-defined]
+        facts.closes = list(closes)  # type: ignore[call-overload]
+        facts.order_count = order_count  # type: ignore[assignment]
+        facts.first_orders = list(first_orders)  # type: ignore[call-overload]
+        facts.orders = {b: t for b, t in orders}  # type: ignore[attr-defined]
+        facts.revenue = {b: r for b, r in revenue}  # type: ignore[attr-defined]
+        facts.member_before = bool(member_before)
+        facts.member_before_key = (member_before_key[0], member_before_key[1]) if member_before_key else None  # type: ignore[index]
+        facts.membership = [(m[0], m[1], bool(m[2])) for m in membership]  # type: ignore[attr-defined]
+        facts.rewards = {b: c for b, c in rewards}  # type: ignore[attr-defined]
+        facts.seen = dict(seen)  # type: ignore[call-overload]
+        return facts
+
     # -- updates -----------------------------------------------------------
 
     def is_duplicate(self, event_id: str) -> bool:

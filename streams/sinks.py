@@ -1,0 +1,148 @@
+"""Snapshots out: the ``loyalty.metrics.v1`` JSON and the Redis layout of SPEC section 6.
+
+Money is exact end to end: ``Decimal`` values become JSON numbers with their
+exact decimal text (``orjson.Fragment``) and decimal strings in Redis.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+SNAPSHOT_SCHEMA = "loyalty.metrics.v1"
+HISTORY_MAXLEN = 10_000
+STORES_KEY = "loyalty:stores"
+UPDATES_CHANNEL = "loyalty:updates"
+
+
+def metric_key(store_id: str, window: str) -> str:
+    """Redis hash of a store and window.
+
+    >>> metric_key("s1", "24h")
+    'loyalty:s1:24h'
+    """
+    return f"loyalty:{store_id}:{window}"
+
+
+def rfc3339_ms(epoch_ms: int) -> str:
+    """RFC 3339 UTC with milliseconds.
+
+    >>> rfc3339_ms(1_700_000_000_123)
+    '2023-11-14T22:13:20.123Z'
+    """
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal without exponent or trailing zeros.
+
+    >>> decimal_text(Decimal("1E+3")), decimal_text(Decimal("19.9900"))
+    ('1000', '19.99')
+    """
+    text = format(value.normalize(), "f")
+    return text
+
+
+def _json_default(value: object) -> Any:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(decimal_text(value).encode())
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def snapshot_payload(
+    store_id: str, window: str, as_of_ms: int, currency: str | None, metrics: dict[str, object]
+) -> dict[str, Any]:
+    """The snapshot object of SPEC section 6."""
+    return {
+        "schema": SNAPSHOT_SCHEMA,
+        "store_id": store_id,
+        "window": window,
+        "as_of": rfc3339_ms(as_of_ms),
+        "as_of_ms": as_of_ms,
+        "currency": currency,
+        "metrics": metrics,
+    }
+
+
+def dumps(payload: object) -> bytes:
+    """orjson with exact decimals.
+
+    >>> dumps({"gross_revenue": Decimal("12.50"), "nps": None})
+    b'{"gross_revenue":12.5,"nps":null}'
+    """
+    return orjson.dumps(payload, default=_json_default)
+
+
+def redis_field(value: object) -> str:
+    """A metric as a Redis hash field: decimal string, ``""`` for null, JSON for maps.
+
+    >>> redis_field(None), redis_field(3), redis_field(0.5), redis_field({"ads": 2.0})
+    ('', '3', '0.5', '{"ads":2.0}')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, Decimal):
+        return decimal_text(value)
+    if isinstance(value, dict):
+        return dumps(value).decode()
+    if isinstance(value, bool):
+        return str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def parse_redis_field(name: str, text: str) -> object:
+    """The inverse of :func:`redis_field` for a metric (numbers come back as Decimal).
+
+    >>> parse_redis_field("nps", ""), parse_redis_field("orders", "3")
+    (None, Decimal('3'))
+    """
+    if text == "":
+        return None
+    if name == "cac_by_channel":
+        return orjson.loads(text)
+    return Decimal(text)
+
+
+class RedisSink:
+    """Writes snapshots to Redis, one MULTI/EXEC each, never moving ``as_of_ms`` back."""
+
+    def __init__(self, url: str) -> None:
+        self.client = aioredis.Redis.from_url(url)
+        self._last_as_of: dict[str, int] = {}
+
+    async def write(self, payload: dict[str, Any], encoded: bytes) -> bool:
+        """Write one snapshot; False when an older or equal-time newer one is already there."""
+        key = metric_key(payload["store_id"], payload["window"])
+        as_of_ms = payload["as_of_ms"]
+        last = self._last_as_of.get(key)
+        if last is None:
+            stored = await self.client.hget(key, "as_of_ms")
+            last = int(stored) if stored else -(2**62)
+        if as_of_ms < last:
+            self._last_as_of[key] = last
+            return False
+        fields = {name: redis_field(value) for name, value in payload["metrics"].items()}
+        fields["as_of_ms"] = str(as_of_ms)
+        fields["currency"] = payload["currency"] or ""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.xadd(key + ":history", {"as_of_ms": str(as_of_ms), "json": encoded}, maxlen=HISTORY_MAXLEN, approximate=True)
+            pipe.sadd(STORES_KEY, payload["store_id"])
+            pipe.publish(UPDATES_CHANNEL, encoded)
+            await pipe.execute()
+        self._last_as_of[key] = as_of_ms
+        return True
+
+    async def count(self, field: str, amount: int) -> None:
+        """Add to a worker health counter (``loyalty:health``)."""
+        if amount:
+            await self.client.hincrby("loyalty:health", field, amount)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()

@@ -1,0 +1,395 @@
+"""The four processing stages without Faust: decoded input and state in, messages and state out.
+
+1. :class:`IngestStage` (input topics, any key): validation, dead letters,
+   events routed by store.
+2. :class:`GateStage` (by store): the store's currency gate and, with the wall
+   clock, events from the near future held until "now" reaches them.
+3. :class:`CustomerStage` (by store and customer): deduplication, customer
+   facts, and the difference of the customer's contributions as deltas routed
+   by store, also to ``*``.
+4. :class:`StoreShard` (by store): applies deltas idempotently per bucket
+   record and reads the metrics.
+
+Keeping them free of Faust keeps ``streams/pipeline.py`` thin and lets the
+tests drive every stage directly.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from metrics import events as ev
+from metrics.catalog import ALL_STORES
+from metrics.customer import CustomerFacts, diff, event_deltas, families_of
+from metrics.engine import customer_key
+from metrics.store import StoreAggregate
+from metrics.timegrid import Grid
+from metrics.validation import Rejection, parse_message
+from streams.wire import customer_route_key, event_from_list, event_to_list, route
+
+DEAD_LETTER_SCHEMA = "loyalty.dead_letter.v1"
+#: reasons added by the stages to those of :mod:`metrics.validation`
+RESERVED_STORE_ID = "reserved_store_id"
+CURRENCY_MISMATCH = "currency_mismatch"
+
+
+def dead_letter(
+    reason: str,
+    detail: str,
+    raw: bytes,
+    source: tuple[str, int, int],
+    index: int | None,
+    now_ms: int,
+) -> dict[str, Any]:
+    """The dead-letter record of SPEC section 3 (original bytes in base64)."""
+    topic, partition, offset = source
+    return {
+        "schema": DEAD_LETTER_SCHEMA,
+        "reason": reason,
+        "detail": detail,
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "index": index,
+        "raw_base64": base64.b64encode(raw).decode(),
+        "rejected_at_ms": now_ms,
+    }
+
+
+@dataclass
+class Routed:
+    """What a stage sends on: packed items by destination partition, and dead letters."""
+
+    by_partition: dict[int, list[Any]] = field(default_factory=dict)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    accepted: int = 0
+
+    def add(self, partition: int, item: Any) -> None:
+        """Queue one item for a partition."""
+        bucket = self.by_partition.get(partition)
+        if bucket is None:
+            self.by_partition[partition] = [item]
+        else:
+            bucket.append(item)
+
+
+class IngestStage:
+    """Validate one input message; route its events by store."""
+
+    def __init__(self, partitions: int, max_future_skew_ms: int) -> None:
+        self.partitions = partitions
+        self.max_future_skew_ms = max_future_skew_ms
+
+    def process(self, topic: str, source: tuple[str, int, int], value: bytes | None, now_ms: int, out: Routed) -> None:
+        """Add the message's events to ``out`` (``topic`` is the unprefixed input topic name).
+
+        Each routed item is ``[event, origin]``: ``origin`` is ``[topic,
+        partition, offset, index, raw text]`` for money events, so that the
+        gate can still dead-letter them with their original text, else ``None``.
+        """
+        items = parse_message(value, topic, now_ms=now_ms, max_future_skew_ms=self.max_future_skew_ms)
+        is_batch = len(items) > 1 or (bool(items) and _is_array(value))
+        elements: list[Any] | None = None
+        for index, item in enumerate(items):
+            if isinstance(item, Rejection):
+                out.dead_letters.append(dead_letter(item.reason, item.detail, item.raw, source, item.index, now_ms))
+                continue
+            if item.store_id == ALL_STORES:
+                raw = _element_raw(value, index, is_batch, elements)
+                detail = f"store_id {ALL_STORES!r} is reserved for all stores together"
+                out.dead_letters.append(
+                    dead_letter(RESERVED_STORE_ID, detail, raw, source, index if is_batch else None, now_ms)
+                )
+                continue
+            origin = None
+            if item.type in ev.MONEY_TYPES:
+                if is_batch and elements is None:
+                    elements = orjson.loads(value or b"[]")
+                raw = _element_raw(value, index, is_batch, elements)
+                origin = [source[0], source[1], source[2], index if is_batch else None, raw.decode()]
+            out.add(route(item.store_id, self.partitions), [event_to_list(item), origin])
+            out.accepted += 1
+
+
+def _is_array(value: bytes | None) -> bool:
+    return bool(value) and value.lstrip()[:1] == b"["  # type: ignore[union-attr]
+
+
+def _element_raw(value: bytes | None, index: int, is_batch: bool, elements: list[Any] | None) -> bytes:
+    if not is_batch:
+        return value or b""
+    if elements is None:
+        elements = orjson.loads(value or b"[]")
+    return orjson.dumps(elements[index])
+
+
+class GateStage:
+    """Per store: currency gate, and (wall clock) holding events later than now."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+
+    def process(
+        self,
+        items: Iterable[list[Any]],
+        currencies: MutableMapping[str, str],
+        now_ms: int | None,
+        pending: list[list[Any]],
+        out: Routed,
+    ) -> None:
+        """Admit ``items`` (``[event, origin]``) to ``out``, routed by customer.
+
+        With ``now_ms`` (wall clock) events later than it go to ``pending``.
+        """
+        for item in items:
+            fields, origin = item
+            event_type, store_id, currency = fields[1], fields[3], fields[7]
+            if event_type in ev.MONEY_TYPES:
+                known = currencies.get(store_id)
+                if known is None:
+                    currencies[store_id] = currency
+                elif known != currency:
+                    topic, partition, offset, index, raw = origin
+                    detail = f"store {store_id!r} uses {known}, not {currency}"
+                    out.dead_letters.append(
+                        dead_letter(CURRENCY_MISMATCH, detail, raw.encode(), (topic, partition, offset), index, 0)
+                    )
+                    continue
+            if now_ms is not None and fields[2] > now_ms:
+                pending.append(item)
+                continue
+            customer = "" if event_type == ev.SPEND_RECORDED else fields[4]
+            out.add(route(customer_route_key(store_id, customer), self.partitions), fields)
+            out.accepted += 1
+
+    def release(self, pending: list[list[Any]], now_ms: int, out: Routed) -> list[list[Any]]:
+        """Forward the held events that ``now_ms`` reached; returns those still held."""
+        keep = []
+        for item in pending:
+            fields = item[0]
+            if fields[2] > now_ms:
+                keep.append(item)
+                continue
+            customer = "" if fields[1] == ev.SPEND_RECORDED else fields[4]
+            out.add(route(customer_route_key(fields[3], customer), self.partitions), fields)
+            out.accepted += 1
+        return keep
+
+
+@dataclass
+class CustomerOutput:
+    """Deltas by store from one input message, facts to store, and the message's latest event time."""
+
+    deltas: dict[str, dict[tuple[str, int], int]] = field(default_factory=dict)
+    currencies: dict[str, str] = field(default_factory=dict)
+    facts: dict[str, CustomerFacts] = field(default_factory=dict)
+    max_time_ms: int | None = None
+    applied: int = 0
+    duplicates: int = 0
+
+
+class CustomerStage:
+    """Per (store, customer): dedupe, update facts, emit contribution differences."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def process(
+        self,
+        events: Iterable[list[Any]],
+        load: Callable[[str], CustomerFacts | None],
+        now_ms: int,
+        out: CustomerOutput,
+    ) -> None:
+        """Apply packed events; facts are read with ``load`` (or from ``out.facts``) and left in ``out.facts``."""
+        grid = self.grid
+        horizon_start = grid.bucket(now_ms) - grid.fact_retention
+        seen_after = now_ms - grid.dedupe_ttl_ms
+        for fields in events:
+            event = event_from_list(fields)
+            store_id, customer_id = customer_key(event)
+            key = customer_route_key(store_id, customer_id)
+            facts = out.facts.get(key)
+            if facts is None:
+                facts = load(key) or CustomerFacts()
+                facts.prune(grid, horizon_start, seen_after)
+                out.facts[key] = facts
+            if facts.is_duplicate(event.event_id):
+                out.duplicates += 1
+                continue
+            families = families_of(event.type)
+            before = facts.contributions(grid, families) if families else {}
+            facts.apply(event, grid, horizon_start)
+            store = out.deltas.get(store_id)
+            if store is None:
+                store = out.deltas[store_id] = {}
+            for series, bucket, delta in event_deltas(event, grid.bucket(event.occurred_at_ms)):
+                store[(series, bucket)] = store.get((series, bucket), 0) + delta
+            if families:
+                for key_, delta in diff(facts.contributions(grid, families), before).items():
+                    store[key_] = store.get(key_, 0) + delta
+            if event.currency is not None:
+                out.currencies[store_id] = event.currency
+            if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:
+                out.max_time_ms = event.occurred_at_ms
+            out.applied += 1
+
+
+def delta_messages(output: CustomerOutput, source: tuple[int, int], partitions: int) -> dict[int, dict[str, Any]]:
+    """Deltas of one input message, one message per aggregation partition, ``*`` included.
+
+    Each carries ``src`` = (input partition, offset) so that the aggregation
+    applies it at most once per bucket record, whatever gets replayed.
+    """
+    messages: dict[int, dict[str, Any]] = {}
+    everything: dict[tuple[str, int], int] = {}
+    for store_id, deltas in output.deltas.items():
+        for key, delta in deltas.items():
+            everything[key] = everything.get(key, 0) + delta
+    scopes = list(output.deltas.items())
+    if output.deltas:
+        scopes.append((ALL_STORES, everything))
+    for store_id, deltas in scopes:
+        rows = [[series, bucket, delta] for (series, bucket), delta in deltas.items() if delta]
+        partition = route(store_id, partitions)
+        message = messages.get(partition)
+        if message is None:
+            message = messages[partition] = {"src": list(source), "t": output.max_time_ms, "stores": {}}
+        entry: dict[str, Any] = {"d": rows}
+        if store_id == ALL_STORES:
+            entry["cur"] = dict(output.currencies)
+        elif store_id in output.currencies:
+            entry["cur"] = {store_id: output.currencies[store_id]}
+        message["stores"][store_id] = entry
+    return messages
+
+
+#: record key suffix of a store's folded base
+BASE = "base"
+
+
+class StoreShard:
+    """One store's (or ``*``'s) aggregate, mirrored in table records keyed by bucket.
+
+    A record is ``{"v": {series: value}, "h": {input partition: offset}}``;
+    ``h`` makes applying a delta message idempotent per record, and each record
+    is written whole, so a replay after a crash never counts a delta twice.
+    The ``base`` record holds what was folded from buckets below ``floor``.
+    """
+
+    def __init__(self, store_id: str) -> None:
+        self.store_id = store_id
+        self.aggregate = StoreAggregate()
+        self.records: dict[int, dict[str, Any]] = {}
+        self.base: dict[str, Any] = {"v": {}, "h": {}, "floor": None, "cur": {}, "t": None}
+        self.changed = True
+
+    @property
+    def latest_event_ms(self) -> int | None:
+        """The latest event time this store has seen."""
+        latest = self.base.get("t")
+        return latest if isinstance(latest, int) else None
+
+    @property
+    def currencies(self) -> dict[str, str]:
+        """Currencies by store (one for a store; all stores' for ``*``)."""
+        return self.base["cur"]  # type: ignore[no-any-return]
+
+    def restore(self, records: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Rebuild from table records (``(suffix, record)``, suffix a bucket or ``base``)."""
+        buckets: dict[int, dict[str, Any]] = {}
+        for suffix, record in records:
+            if suffix == BASE:
+                self.base = record
+            else:
+                buckets[int(suffix)] = record
+        floor = self.base.get("floor")
+        for series, value in self.base["v"].items():
+            self.aggregate.add(series, -(2**62), value)
+        if floor is not None:
+            self.aggregate.fold_before(floor)
+        for bucket, record in buckets.items():
+            if floor is not None and bucket < floor:
+                continue  # folded already; the delete was not written before a crash
+            self.records[bucket] = record
+            for series, value in record["v"].items():
+                self.aggregate.add(series, bucket, value)
+        self.changed = True
+
+    def apply(self, message_source: tuple[int, int], entry: dict[str, Any], max_time_ms: int | None) -> set[str]:
+        """Apply one store entry of a delta message; returns the record suffixes it changed."""
+        partition, offset = str(message_source[0]), message_source[1]
+        touched: set[str] = set()
+        floor = self.base.get("floor")
+        for series, bucket, delta in entry["d"]:
+            if floor is not None and bucket < floor:
+                record, suffix = self.base, BASE
+            else:
+                record = self.records.get(bucket)
+                if record is None:
+                    record = self.records[bucket] = {"v": {}, "h": {}}
+                suffix = str(bucket)
+            seen = record["h"].get(partition, -1)
+            if seen >= offset and suffix not in touched:
+                continue
+            record["h"][partition] = offset
+            values = record["v"]
+            values[series] = values.get(series, 0) + delta
+            self.aggregate.add(series, bucket, delta)
+            touched.add(suffix)
+        base_changed = False
+        for store_id, currency in (entry.get("cur") or {}).items():
+            if self.base["cur"].get(store_id) != currency:
+                self.base["cur"][store_id] = currency
+                base_changed = True
+        if max_time_ms is not None and (self.base.get("t") is None or max_time_ms > self.base["t"]):
+            self.base["t"] = max_time_ms
+            base_changed = True
+        if base_changed:
+            touched.add(BASE)
+        if touched:
+            self.changed = True
+        return touched
+
+    def record(self, suffix: str) -> dict[str, Any]:
+        """The current record of a suffix."""
+        return self.base if suffix == BASE else self.records[int(suffix)]
+
+    def fold(self, floor: int) -> tuple[list[str], bool]:
+        """Fold buckets below ``floor`` into the base; returns (suffixes to delete, base changed).
+
+        The base (with its new floor) must be written before the deletes, so
+        that a crash in between leaves records that :meth:`restore` ignores.
+        """
+        current = self.base.get("floor")
+        if current is not None and floor <= current:
+            return [], False
+        old = sorted(b for b in self.records if b < floor)
+        values = self.base["v"]
+        for bucket in old:
+            record = self.records.pop(bucket)
+            for series, value in record["v"].items():
+                values[series] = values.get(series, 0) + value
+            for partition, offset in record["h"].items():
+                if offset > self.base["h"].get(partition, -1):
+                    self.base["h"][partition] = offset
+        self.base["floor"] = floor
+        self.aggregate.fold_before(floor)
+        return [str(b) for b in old], True
+
+    def metrics(self, grid: Grid, window: int, as_of_bucket: int) -> dict[str, object]:
+        """Every metric of the store for a window as of a bucket."""
+        monetary = True
+        if self.store_id == ALL_STORES:
+            monetary = len(set(self.currencies.values())) <= 1
+        return self.aggregate.metrics(grid, window, as_of_bucket, monetary)
+
+    def currency(self) -> str | None:
+        """The store's currency (``*``: the common one), ``None`` when unknown or mixed."""
+        distinct = set(self.currencies.values())
+        return next(iter(distinct)) if len(distinct) == 1 else None

@@ -1,0 +1,384 @@
+"""Faust wiring of the metric pipeline: topics, tables, agents, timers. Thin: the logic is in ``streams.stages``.
+
+::
+
+    input topics --ingest--> by-store --gate--> by-customer --facts--> deltas --aggregate--> loyalty-metrics + Redis
+         \\____________________\\_______________________________________________________--> loyalty-dead-letters
+
+Every internal message is a packed batch (Faust costs per message). Each
+stage reads batches with ``take_events`` and writes each table key once per
+batch. Tables route keys with our own partitioner (``streams.wire.route``),
+the same that routes the stage's input, so they never need Faust's "current
+event" (faust-streaming issue 497) and recover where their input lives.
+
+Idempotency, so that at-least-once delivery counts nothing twice:
+
+* the facts stage remembers applied event ids in the customer's own record;
+  it sends its deltas and waits for Kafka's acknowledgement *before* writing
+  the facts, so facts are never ahead of the deltas they caused;
+* every delta message carries (input partition, offset); each aggregation
+  record keeps, per input partition, the last offset applied to it, and is
+  written whole, so a replayed message is skipped record by record.
+
+The clock (``LOYALTY_CLOCK``): ``wall`` is the wall clock; ``event`` is the
+latest event time seen, which the facts stage broadcasts as a watermark to
+every aggregation partition, so that a store whose partition sees no new
+events still advances to the global "now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import faust
+import orjson
+
+from metrics.customer import CustomerFacts
+from metrics.events import INPUT_TOPICS
+from metrics.timegrid import Grid
+from streams.logging import get_logger
+from streams.settings import Settings
+from streams.sinks import RedisSink, dumps, snapshot_payload
+from streams.stages import (
+    BASE,
+    CustomerOutput,
+    CustomerStage,
+    GateStage,
+    IngestStage,
+    Routed,
+    StoreShard,
+    delta_messages,
+)
+from streams.wire import pack, route, unpack
+
+log = get_logger(__name__)
+
+#: events per processing batch, and how long a batch may wait to fill
+BATCH_MAX = 4000
+BATCH_WITHIN_S = 0.05
+
+
+def wall_ms() -> int:
+    """The wall clock in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def grid_of(settings: Settings) -> Grid:
+    """The time grid of the settings."""
+    return Grid(settings.bucket_ms, settings.active_horizon_ms, tuple(settings.window_ms.values()), settings.dedupe_ttl_ms)
+
+
+def make_table(app: faust.App, name: str, partitions: int) -> Any:
+    """A bytes -> bytes table whose keys are routed by :func:`streams.wire.route`."""
+
+    class RoutedTable(faust.Table):  # type: ignore[misc]
+        def partition_for_key(self, key: Any) -> int:
+            text = key.decode() if isinstance(key, bytes) else str(key)
+            return route(text, partitions)
+
+    table = RoutedTable(
+        app,
+        name=name,
+        default=None,
+        beacon=app.tables.beacon,
+        partitions=partitions,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    return app.tables.add(table)
+
+
+def shard_key(store_id: str, suffix: str) -> bytes:
+    """Table key of a store's record: routed by the store (see ``StoreTable``)."""
+    return orjson.dumps([store_id, suffix])
+
+
+class Pipeline:
+    """State shared by the agents and timers of one worker."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.grid = grid_of(settings)
+        self.partitions = settings.partitions
+        self.event_clock = settings.clock == "event"
+        self.clock_ms: int | None = None
+        self.broadcast_ms: int | None = None
+        self.shards: dict[str, StoreShard] = {}
+        self.needs_restore = True
+        self.last_emitted_bucket: dict[str, int] = {}
+        self.counters: dict[str, int] = {}
+        self.sink: RedisSink | None = None
+        self.window_names = list(settings.window_ms)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add to a health counter (flushed to Redis every second)."""
+        if amount:
+            self.counters[name] = self.counters.get(name, 0) + amount
+
+    def now_ms(self) -> int | None:
+        """The clock: wall time, or the latest event time seen (``None`` before any)."""
+        return wall_ms() if not self.event_clock else self.clock_ms
+
+    def advance(self, time_ms: int | None) -> None:
+        """Move the event clock forward."""
+        if time_ms is not None and (self.clock_ms is None or time_ms > self.clock_ms):
+            self.clock_ms = time_ms
+
+
+def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
+    """Declare the topics, tables, agents and timers of the metric pipeline on ``app``."""
+    pipeline = Pipeline(app, settings)
+    partitions = settings.partitions
+    prefix = settings.topic_prefix
+    internal = f"{settings.app_id}-"
+
+    def topic(name: str, **options: Any) -> Any:
+        return app.topic(
+            settings.topic(name),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=partitions,
+            internal=True,
+            **options,
+        )
+
+    inputs = app.topic(
+        *[settings.topic(name) for name in INPUT_TOPICS],
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+        internal=True,
+    )
+    by_store = topic(internal + "events-by-store")
+    by_customer = topic(internal + "events-by-customer")
+    deltas = topic(internal + "deltas")
+    output = topic("loyalty-metrics", compacting=True)
+    dead_letters = topic("loyalty-dead-letters")
+
+    currencies = make_table(app, "store-currency", partitions)
+    held = make_table(app, "held-events", partitions)
+    facts_table = make_table(app, "customer-facts", partitions)
+    store_table = make_table(app, "store-records", partitions)
+
+    ingest_stage = IngestStage(partitions, settings.max_future_skew_ms)
+    gate_stage = GateStage(partitions)
+    customer_stage = CustomerStage(pipeline.grid)
+
+    async def send_routed(target: Any, routed: Routed) -> None:
+        for partition, items in routed.by_partition.items():
+            await target.send(value=pack(items), partition=partition)
+        for letter in routed.dead_letters:
+            await dead_letters.send(value=orjson.dumps(letter))
+        pipeline.count("dead_letters", len(routed.dead_letters))
+
+    @app.agent(inputs, name=internal + "ingest")
+    async def ingest(stream: Any) -> None:
+        async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            routed = Routed()
+            now = wall_ms()
+            for event in batch:
+                message = event.message
+                source = (message.topic, message.partition, message.offset)
+                name = message.topic[len(prefix):] if message.topic.startswith(prefix) else message.topic
+                ingest_stage.process(name, source, event.value, now, routed)
+            pipeline.count("events_received", routed.accepted + len(routed.dead_letters))
+            await send_routed(by_store, routed)
+
+    class CurrencyView:
+        """The currency table as ``store -> currency`` strings."""
+
+        def get(self, store_id: str) -> str | None:
+            value = currencies.get(store_id.encode())
+            return None if value is None else bytes(value).decode()
+
+        def __setitem__(self, store_id: str, currency: str) -> None:
+            currencies[store_id.encode()] = currency.encode()
+
+    currency_view = CurrencyView()
+
+    @app.agent(by_store, name=internal + "gate")
+    async def gate(stream: Any) -> None:
+        async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            routed = Routed()
+            now = None if pipeline.event_clock else wall_ms()
+            newly_held: dict[str, list[Any]] = {}
+            for event in batch:
+                pending: list[Any] = []
+                gate_stage.process(unpack(event.value), currency_view, now, pending, routed)  # type: ignore[arg-type]
+                for item in pending:
+                    newly_held.setdefault(item[0][3], []).append(item)
+            for store_id, items in newly_held.items():
+                key = store_id.encode()
+                previous = held.get(key)
+                held[key] = pack((unpack(previous) if previous else []) + items)
+            await send_routed(by_customer, routed)
+
+    @app.timer(1.0, name=internal + "release-held")
+    async def release_held() -> None:
+        if pipeline.event_clock:
+            return
+        now = wall_ms()
+        routed = Routed()
+        for key in list(held.keys()):
+            value = held.get(key)
+            if not value:
+                continue
+            keep = gate_stage.release(unpack(value), now, routed)
+            if keep:
+                held[key] = pack(keep)
+            else:
+                del held[key]
+        await send_routed(by_customer, routed)
+
+    def load_facts(key: str) -> CustomerFacts | None:
+        value = facts_table.get(key.encode())
+        return None if value is None else CustomerFacts.from_record(orjson.loads(value))
+
+    @app.agent(by_customer, name=internal + "facts")
+    async def facts(stream: Any) -> None:
+        async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            cache: dict[str, CustomerFacts] = {}
+            acks = []
+            batch_max: int | None = None
+            for event in batch:
+                items = unpack(event.value)
+                if pipeline.event_clock:
+                    pipeline.advance(max((item[2] for item in items), default=None))
+                now = pipeline.now_ms()
+                if now is None:
+                    continue
+                output = CustomerOutput(facts=cache)
+                customer_stage.process(items, load_facts, now, output)
+                pipeline.count("events_applied", output.applied)
+                pipeline.count("duplicates", output.duplicates)
+                source = (event.message.partition, event.message.offset)
+                for partition, message in delta_messages(output, source, partitions).items():
+                    acks.append(await deltas.send(value=pack(message), partition=partition))
+                if output.max_time_ms is not None and (batch_max is None or output.max_time_ms > batch_max):
+                    batch_max = output.max_time_ms
+            # facts only after Kafka has the deltas: a crash may replay, never lose
+            if acks:
+                await asyncio.gather(*acks)
+            for key, customer in cache.items():
+                facts_table[key.encode()] = orjson.dumps(customer.to_record())
+            if pipeline.event_clock and pipeline.clock_ms is not None:
+                if pipeline.broadcast_ms is None or pipeline.clock_ms > pipeline.broadcast_ms:
+                    pipeline.broadcast_ms = pipeline.clock_ms
+                    watermark = pack({"wm": pipeline.clock_ms})
+                    for partition in range(partitions):
+                        await deltas.send(value=watermark, partition=partition)
+
+    def my_partitions() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == deltas.get_topic_name()}
+
+    def restore_shards() -> None:
+        mine = my_partitions()
+        records: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for key in list(store_table.keys()):
+            store_id, suffix = orjson.loads(key)
+            if route(store_id, partitions) not in mine:
+                continue
+            value = store_table.get(key)
+            if value is not None:
+                records.setdefault(store_id, []).append((suffix, orjson.loads(value)))
+        pipeline.shards = {}
+        for store_id, rows in records.items():
+            shard = StoreShard(store_id)
+            shard.restore(rows)
+            pipeline.shards[store_id] = shard
+            if pipeline.event_clock:
+                pipeline.advance(shard.latest_event_ms)
+        pipeline.needs_restore = False
+        log.info("aggregate.restored", stores=len(pipeline.shards), partitions=sorted(mine))
+
+    @app.on_partitions_assigned.connect  # type: ignore[misc]
+    async def on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:
+        pipeline.needs_restore = True
+
+    @app.agent(deltas, name=internal + "aggregate")
+    async def aggregate(stream: Any) -> None:
+        async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            if pipeline.needs_restore:
+                restore_shards()
+            touched: set[tuple[str, str]] = set()
+            for event in batch:
+                message = unpack(event.value)
+                if "wm" in message:
+                    pipeline.advance(message["wm"])
+                    continue
+                source = (message["src"][0], message["src"][1])
+                pipeline.advance(message.get("t"))
+                for store_id, entry in message["stores"].items():
+                    shard = pipeline.shards.get(store_id)
+                    if shard is None:
+                        shard = pipeline.shards[store_id] = StoreShard(store_id)
+                    for suffix in shard.apply(source, entry, message.get("t")):
+                        touched.add((store_id, suffix))
+            for store_id, suffix in touched:
+                store_table[shard_key(store_id, suffix)] = orjson.dumps(pipeline.shards[store_id].record(suffix))
+
+    async def emit(now: int) -> None:
+        grid = pipeline.grid
+        as_of_bucket = grid.bucket(now)
+        if pipeline.sink is None:
+            pipeline.sink = RedisSink(settings.redis_url)
+        for store_id, shard in list(pipeline.shards.items()):
+            if not shard.changed and pipeline.last_emitted_bucket.get(store_id) == as_of_bucket:
+                continue
+            try:
+                for window_name, window in zip(pipeline.window_names, grid.windows, strict=True):
+                    metrics = shard.metrics(grid, window, as_of_bucket)
+                    payload = snapshot_payload(store_id, window_name, now, shard.currency(), metrics)
+                    encoded = dumps(payload)
+                    await output.send(key=f"{store_id}|{window_name}".encode(), value=encoded)
+                    await pipeline.sink.write(payload, encoded)
+            except (TimeoutError, OSError, ConnectionError) as error:  # Redis down: retry next tick
+                log.warning("emit.failed", store=store_id, error=str(error))
+                return
+            except Exception as error:  # a Redis error of any kind pauses publishing
+                if type(error).__module__.startswith("redis"):
+                    log.warning("emit.failed", store=store_id, error=str(error))
+                    return
+                raise
+            shard.changed = False
+            pipeline.last_emitted_bucket[store_id] = as_of_bucket
+            pipeline.count("snapshots", len(grid.windows))
+        floor = as_of_bucket - grid.store_retention + 1
+        step = max(1, grid.store_retention // 16)
+        for store_id, shard in pipeline.shards.items():
+            current = shard.base.get("floor")
+            if current is None or floor - current >= step:
+                deleted, base_changed = shard.fold(floor)
+                if base_changed:
+                    store_table[shard_key(store_id, BASE)] = orjson.dumps(shard.base)
+                for suffix in deleted:
+                    del store_table[shard_key(store_id, suffix)]
+
+    @app.timer(settings.emit_interval_ms / 1000, name=internal + "emit")
+    async def emit_timer() -> None:
+        if pipeline.needs_restore or app.rebalancing:
+            return
+        now = pipeline.now_ms()
+        if now is None:
+            return
+        await emit(now)
+        await flush_counters()
+
+    async def flush_counters() -> None:
+        if pipeline.sink is None or not pipeline.counters:
+            return
+        counters, pipeline.counters = pipeline.counters, {}
+        try:
+            for name, amount in counters.items():
+                await pipeline.sink.count(name, amount)
+        except Exception:  # health counters are best effort; kept for the next flush
+            for name, amount in counters.items():
+                pipeline.count(name, amount)
+
+    app.pipeline = pipeline  # type: ignore[attr-defined]
+    return pipeline
