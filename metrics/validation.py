@@ -534,20 +534,16 @@ def _money(obj: dict[str, object]) -> tuple[int, str]:
             raise _Invalid(MISSING_FIELD, "amount: required") from None
         raise _Invalid(BAD_AMOUNT, f"amount: {exc}") from None
     currency = obj.get("currency")
-    if type(currency) is str and currency in _CURRENCIES:
-        return micros, currency
     if type(currency) is str:
+        if currency in _CURRENCIES:
+            return micros, currency
         if len(currency) == 3 and currency.isascii() and currency.isalpha() and currency.isupper():
             _CURRENCIES.add(currency)
             return micros, currency
-        return _bad_currency(f"expected 3 uppercase letters (ISO 4217), got {currency[:16]!r}")
+        raise _Invalid(BAD_CURRENCY, f"currency: expected 3 uppercase letters (ISO 4217), got {currency[:16]!r}")
     if currency is None:
         raise _Invalid(MISSING_FIELD, "currency: required")
-    return _bad_currency(f"expected a string, got {_kind(currency)}")
-
-
-def _bad_currency(detail: str) -> NoReturn:
-    raise _Invalid(BAD_CURRENCY, f"currency: {detail}")
+    raise _Invalid(BAD_CURRENCY, f"currency: expected a string, got {_kind(currency)}")
 
 
 _ORDER_TYPES = frozenset({ORDER_PLACED, ORDER_REFUNDED})
