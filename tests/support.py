@@ -1,0 +1,104 @@
+"""Helpers for tests that talk to the real Kafka, Redis and worker processes.
+
+Never sleep a fixed time: wait on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Variables a test's child process must not inherit from the developer's shell.
+CONFIG_VARIABLES = ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL")
+
+
+def wait_for(
+    condition: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.1, message: str | Callable[[], str] = ""
+) -> T:
+    """Call ``condition`` until it returns something truthy (returned) or ``timeout`` seconds pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"condition not met within {timeout:.0f}s: {text or condition!r}")
+        time.sleep(interval)
+
+
+async def async_wait_for(
+    condition: Callable[[], Awaitable[T] | T],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    message: str | Callable[[], str] = "",
+) -> T:
+    """:func:`wait_for` for coroutine functions (or plain callables) inside an event loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"condition not met within {timeout:.0f}s: {text or condition!r}")
+        await asyncio.sleep(interval)
+
+
+def loyalty_command() -> list[str]:
+    """How to run the installed ``loyalty`` console script of this environment."""
+    script = Path(sys.executable).with_name("loyalty")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "streams.cli"]
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The current environment without the product's configuration, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES and not k.startswith("LOYALTY_")}
+    env.update(overrides)
+    return env
+
+
+def run_loyalty(
+    *args: str, env: Mapping[str, str], cwd: Path, timeout: float = 300.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``loyalty ARGS`` to completion; stdout and stderr captured as text."""
+    return subprocess.run(
+        [*loyalty_command(), *args],
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
+    """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(timeout)

@@ -1,0 +1,155 @@
+"""`loyalty up` / `down` / `status` as a user runs them: separate ports and state from the session's servers."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from infra import local
+from support import clean_env, run_loyalty
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def our_processes(state_dir: Path, redis_port: int) -> list[str]:
+    """Live (non-zombie) processes that belong to the state folder: its Kafka or its redis-server."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or not local.pid_alive(int(proc.name)):
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ("kafka.Kafka" in cmdline and str(state_dir) in cmdline) or (
+            "redis-server" in cmdline and f":{redis_port}" in cmdline
+        ):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+@dataclass
+class User:
+    """A user shell: clean environment, own state folder and free ports."""
+
+    cwd: Path
+    state_dir: Path
+    env: dict[str, str]
+    ports: dict[str, int]
+
+    @property
+    def up_args(self) -> tuple[str, ...]:
+        return (
+            "up", "--kafka-port", str(self.ports["kafka"]), "--controller-port", str(self.ports["controller"]),
+            "--redis-port", str(self.ports["redis"]),
+        )  # fmt: skip
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return run_loyalty(*args, env={**self.env, **env}, cwd=self.cwd)
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> Iterator[User]:
+    """A :class:`User`; whatever it started is stopped afterwards."""
+    state_dir = tmp_path / "state"
+    ports = {"kafka": local.free_port(), "controller": local.free_port(), "redis": local.free_port()}
+    try:
+        yield User(tmp_path, state_dir, clean_env(LOYALTY_STATE_DIR=str(state_dir)), ports)
+    finally:
+        local.down(state_dir, timeout=10)
+
+
+def pids(state_dir: Path) -> tuple[int | None, int | None]:
+    return local.LocalKafka(state_dir).running_pid(), local.LocalRedis(state_dir).running_pid()
+
+
+def test_up_is_idempotent_and_down_leaves_nothing(user: User) -> None:
+    first = user.run(*user.up_args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert re.search(r"^kafka\s+started", first.stdout, re.M), first.stdout
+    assert re.search(r"^redis\s+started", first.stdout, re.M), first.stdout
+    assert f"127.0.0.1:{user.ports['kafka']}" in first.stdout
+    kafka_pid, redis_pid = pids(user.state_dir)
+    assert kafka_pid and redis_pid
+    assert local.kafka_ready(f"127.0.0.1:{user.ports['kafka']}")
+    assert local.redis_ready(f"redis://127.0.0.1:{user.ports['redis']}/0")
+    assert (user.state_dir / "kafka" / "logs" / "server.log").is_file()  # logs and data under the state folder
+    assert (user.state_dir / "kafka" / "data" / "meta.properties").is_file()
+
+    second = user.run(*user.up_args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.count("already running") == 2, second.stdout
+    assert pids(user.state_dir) == (kafka_pid, redis_pid)
+
+    status = user.run("status")
+    assert status.returncode == 0 and status.stdout.count("running") == 2, status.stdout
+
+    down = user.run("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not local.pid_alive(kafka_pid) and not local.pid_alive(redis_pid)
+    assert our_processes(user.state_dir, user.ports["redis"]) == []
+    assert all(local.port_free(port) for port in user.ports.values())
+    assert pids(user.state_dir) == (None, None)
+
+    again = user.run("down")
+    assert again.returncode == 0 and again.stdout.count("not running") == 2, again.stdout
+
+    # Up again on the same state folder: the formatted data is reused.
+    third = user.run(*user.up_args)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert third.stdout.count("started") == 2, third.stdout
+    assert local.kafka_ready(f"127.0.0.1:{user.ports['kafka']}")
+    assert user.run("down").returncode == 0
+    assert our_processes(user.state_dir, user.ports["redis"]) == []
+
+
+def test_up_without_java_says_so_clearly(user: User) -> None:
+    empty_bin = user.cwd / "bin"
+    empty_bin.mkdir()
+    result = user.run(*user.up_args, PATH=str(empty_bin))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "java was not found on PATH" in result.stderr, output
+    assert "Traceback" not in output
+    assert pids(user.state_dir) == (None, None)
+
+
+def test_up_starts_nothing_for_servers_configured_elsewhere(user: User) -> None:
+    result = user.run(
+        *user.up_args,
+        PATH=str(user.cwd),  # no java, no redis-server: neither is needed
+        KAFKA_BOOTSTRAP_SERVERS="kafka-1.example.invalid:9092,kafka-2.example.invalid:9092",
+        REDIS_URL="rediss://:secret@redis.example.invalid:6380/0",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("external") == 2, result.stdout
+    assert pids(user.state_dir) == (None, None)
+
+
+def test_invalid_configuration_is_reported_without_traceback(user: User) -> None:
+    result = user.run("status", LOYALTY_WINDOWS="1h,90s")
+    assert result.returncode != 0
+    assert "invalid configuration" in result.stderr and "90s" in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_docker_compose_runs_the_pinned_kafka_version() -> None:
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert f"apache/kafka:{local.kafka_version()}" in compose
+    assert re.fullmatch(r"4\.\d+\.\d+", local.kafka_version())
+
+
+def test_docker_compose_config_is_valid() -> None:
+    docker = shutil.which("docker")
+    probe = subprocess.run([docker, "compose", "version"], capture_output=True, check=False) if docker else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("the docker compose plugin is not installed")
+    assert docker is not None
+    result = subprocess.run([docker, "compose", "config", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
