@@ -26,11 +26,14 @@ apt_install() {
 }
 
 # Python environment from the lock.
-if ! command -v uv >/dev/null 2>&1; then
+PYTHON="$(command -v python3 || command -v python)"
+if ! command -v uv >/dev/null 2>&1 && ! "$PYTHON" -m uv --version >/dev/null 2>&1; then
     say "installing uv with pip"
-    python3 -m pip install --quiet uv || python -m pip install --quiet uv
+    "$PYTHON" -m pip install --quiet uv
     hash -r
 fi
+# The uv binary may land outside PATH (pip --user, pyenv without rehash): `python -m uv` finds it.
+uv() { if command -v uv >/dev/null 2>&1; then command uv "$@"; else "$PYTHON" -m uv "$@"; fi; }
 say "uv sync --frozen"
 uv sync --frozen
 

@@ -1,0 +1,40 @@
+# Entry points. The logic lives in scripts/ and in the `loyalty` command; see README.md.
+SHELL := /usr/bin/env bash
+# uv as installed by `make bootstrap` (pip may put its binary outside PATH: `python3 -m uv` then finds it).
+UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+UV_RUN := $(UV) run --frozen
+
+.DEFAULT_GOAL := help
+.PHONY: help bootstrap test lint up down status worker demo clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+bootstrap: ## Install everything (uv, locked Python deps, Java/Maven and Kafka jars, redis-server); idempotent
+	@bash scripts/bootstrap.sh
+
+test: bootstrap ## Run the whole test suite on a real Kafka and Redis (what .ci/run runs)
+	@# Any pytest failure fails the target, and so does exit code 5 (no test collected).
+	$(UV_RUN) pytest
+
+lint: ## ruff and mypy
+	$(UV_RUN) ruff check .
+	$(UV_RUN) mypy
+
+up: ## Start the local Kafka and Redis (idempotent)
+	$(UV_RUN) loyalty up
+
+down: ## Stop them
+	$(UV_RUN) loyalty down
+
+status: ## Are they running?
+	$(UV_RUN) loyalty status
+
+worker: ## Run one Faust worker in the foreground
+	$(UV_RUN) loyalty worker
+
+demo: bootstrap up ## Run the product: Kafka, Redis and a worker (Ctrl-C stops the worker; `make down` the rest)
+	$(UV_RUN) loyalty worker
+
+clean: down ## Stop everything and delete the local state folder (.loyalty)
+	rm -rf .loyalty
