@@ -174,6 +174,14 @@ def _proc_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this process when the process that started it dies (test sessions)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _reap(pid: int) -> None:
     """Collect ``pid`` if it is our own exited child (else a no-op)."""
     with contextlib.suppress(ChildProcessError, OSError):
@@ -330,7 +338,7 @@ class _Service:
         ready = self.probe(self.endpoint())
         return Status(self.name, "running", address, pid, "" if ready else "not answering")
 
-    def _spawn(self, cmd: list[str], out_file: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, cmd: list[str], out_file: Path, die_with_parent: bool) -> subprocess.Popen[bytes]:
         with out_file.open("ab") as out:
             proc = subprocess.Popen(
                 cmd,
@@ -339,6 +347,7 @@ class _Service:
                 stderr=subprocess.STDOUT,
                 cwd=self.dir,
                 start_new_session=True,  # survives `loyalty up` and the terminal's Ctrl-C
+                preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
             )
         self._write_pid(proc.pid)
         return proc
@@ -475,7 +484,9 @@ class LocalKafka(_Service):
             output = (out.stdout + out.stderr)[-3000:]
             raise InfraError(f"kafka storage format failed (exit {out.returncode}):\n{output}")
 
-    def start(self, port: int, controller_port: int, timeout: float = 120.0, echo: Echo = print) -> Status:
+    def start(
+        self, port: int, controller_port: int, timeout: float = 120.0, echo: Echo = print, die_with_parent: bool = False
+    ) -> Status:
         pid = self.running_pid()
         if pid is not None:
             endpoint = self.endpoint()
@@ -493,7 +504,8 @@ class LocalKafka(_Service):
         self._format(java, jars)
         endpoint = {"port": port, "controller_port": controller_port}
         self.endpoint_file.write_text(json.dumps(endpoint) + "\n")
-        proc = self._spawn(self._java_cmd(java, jars, "kafka.Kafka", str(self.props_file)), self.out_file)
+        cmd = self._java_cmd(java, jars, "kafka.Kafka", str(self.props_file))
+        proc = self._spawn(cmd, self.out_file, die_with_parent)
         self._wait_ready(proc, endpoint, timeout, self.logs_dir / "server.log")
         return Status(self.name, "started", self.address_of(endpoint), proc.pid, f"Kafka {kafka_version()}")
 
@@ -515,7 +527,7 @@ class LocalRedis(_Service):
     def probe(self, endpoint: dict[str, int]) -> bool:
         return redis_ready(self.address_of(endpoint))
 
-    def start(self, port: int, timeout: float = 30.0) -> Status:
+    def start(self, port: int, timeout: float = 30.0, die_with_parent: bool = False) -> Status:
         pid = self.running_pid()
         if pid is not None:
             endpoint = self.endpoint()
@@ -539,7 +551,7 @@ class LocalRedis(_Service):
             "--dir", str(self.dir),
             "--logfile", str(self.log_file),
         ]  # fmt: skip
-        proc = self._spawn(cmd, self.out_file)
+        proc = self._spawn(cmd, self.out_file, die_with_parent)
         self._wait_ready(proc, endpoint, timeout, self.log_file)
         return Status(self.name, "started", self.address_of(endpoint), proc.pid, "no persistence")
 
@@ -594,11 +606,13 @@ def up(
     external_redis: str | None = None,
     timeout: float = 120.0,
     echo: Echo = print,
+    die_with_parent: bool = False,
 ) -> list[Status]:
     """Start what is not running yet and wait until it answers.
 
     ``external_kafka``/``external_redis`` name servers that run elsewhere: nothing is started for them.
-    Every missing tool is reported before anything starts.
+    Every missing tool is reported before anything starts. ``die_with_parent`` (for test sessions)
+    makes the servers stop when the calling process dies, even when it is killed.
     """
     problems = []
     if external_kafka is None:
@@ -620,11 +634,21 @@ def up(
         statuses.append(Status("kafka", "external", external_kafka, detail="KAFKA_BOOTSTRAP_SERVERS: not started"))
     else:
         kafka = LocalKafka(state_dir)
-        statuses.append(kafka.start(kafka_port, controller_port or kafka_port + 1, timeout=timeout, echo=echo))
+        statuses.append(
+            kafka.start(
+                kafka_port,
+                controller_port or kafka_port + 1,
+                timeout=timeout,
+                echo=echo,
+                die_with_parent=die_with_parent,
+            )
+        )
     if external_redis is not None:
         statuses.append(Status("redis", "external", external_redis, detail="REDIS_URL: not started"))
     else:
-        statuses.append(LocalRedis(state_dir).start(redis_port, timeout=min(timeout, 60.0)))
+        statuses.append(
+            LocalRedis(state_dir).start(redis_port, timeout=min(timeout, 60.0), die_with_parent=die_with_parent)
+        )
     return statuses
 
 

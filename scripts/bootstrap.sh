@@ -33,7 +33,7 @@ if ! command -v uv >/dev/null 2>&1 && ! "$PYTHON" -m uv --version >/dev/null 2>&
     hash -r
 fi
 # The uv binary may land outside PATH (pip --user, pyenv without rehash): `python -m uv` finds it.
-uv() { if command -v uv >/dev/null 2>&1; then command uv "$@"; else "$PYTHON" -m uv "$@"; fi; }
+uv() { if type -P uv >/dev/null; then command uv "$@"; else "$PYTHON" -m uv "$@"; fi; }
 say "uv sync --frozen"
 uv sync --frozen
 

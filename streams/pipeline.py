@@ -50,7 +50,8 @@ def parse_smoke(raw: bytes | str) -> tuple[str, int] | None:
 
 def register_smoke(app: faust.App, settings: Settings) -> None:
     """The smoke agent: Kafka topic ``loyalty-smoke`` in, ``INCRBY`` in Redis out."""
-    topic = app.topic(settings.topic(SMOKE_TOPIC), key_serializer="raw", value_serializer="raw")
+    # internal=True: the worker creates the topic at start (LOYALTY_PARTITIONS partitions) if missing.
+    topic = app.topic(settings.topic(SMOKE_TOPIC), key_serializer="raw", value_serializer="raw", internal=True)
 
     @app.agent(topic, name="loyalty-smoke")
     async def smoke(stream: faust.StreamT[Any]) -> None:

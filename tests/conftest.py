@@ -46,6 +46,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
             external_kafka=external_kafka,
             external_redis=external_redis,
             timeout=180,
+            die_with_parent=True,  # a killed test run leaves no JVM behind
         )
     except local.InfraError as exc:
         local.down(state_dir)
