@@ -1,7 +1,8 @@
 """Start and stop the local Apache Kafka (KRaft, single node) and redis-server of `loyalty up`.
 
 Kafka runs from the official jars of Maven Central (``infra/pom.xml`` pins the version),
-downloaded once with ``mvn dependency:copy-dependencies`` into ``infra/jars/kafka-<version>``,
+downloaded once with ``mvn dependency:copy-dependencies`` into ``infra/jars/kafka-<version>``
+(or ``LOYALTY_KAFKA_JARS``),
 formatted with ``kafka.tools.StorageTool format`` (static quorum) and started as
 ``java -cp <jars>/* kafka.Kafka server.properties`` in combined broker+controller mode.
 Redis runs as ``redis-server`` on loopback without persistence.
@@ -71,8 +72,12 @@ def kafka_version() -> str:
 
 
 def jar_dir() -> Path:
-    """Folder holding the Kafka class path (cached between runs, keyed by version)."""
-    return JARS_ROOT / f"kafka-{kafka_version()}"
+    """Folder holding the Kafka class path (cached between runs, keyed by version).
+
+    ``LOYALTY_KAFKA_JARS`` moves it (e.g. to a cache shared by several clones).
+    """
+    override = os.environ.get("LOYALTY_KAFKA_JARS")
+    return Path(override).expanduser().absolute() if override else JARS_ROOT / f"kafka-{kafka_version()}"
 
 
 def jars_present() -> bool:

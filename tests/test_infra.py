@@ -120,6 +120,20 @@ def test_up_without_java_says_so_clearly(user: User) -> None:
     assert pids(user.state_dir) == (None, None)
 
 
+def test_up_without_maven_and_jars_says_so_clearly(user: User) -> None:
+    java = shutil.which("java")
+    assert java, "java is needed by this test suite"
+    bin_dir = user.cwd / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "java").symlink_to(java)
+    result = user.run(*user.up_args, PATH=str(bin_dir), LOYALTY_KAFKA_JARS=str(user.cwd / "no-jars-yet"))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "mvn (Apache Maven) was not found on PATH" in result.stderr, output
+    assert "Traceback" not in output
+    assert pids(user.state_dir) == (None, None)
+
+
 def test_up_starts_nothing_for_servers_configured_elsewhere(user: User) -> None:
     result = user.run(
         *user.up_args,
