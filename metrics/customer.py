@@ -169,7 +169,7 @@ class CustomerFacts:
         self.membership: list[tuple[int, str, bool]] = []
         #: buckets with a reward issued or redeemed -> count
         self.rewards: dict[int, int] = {}
-        #: event_id -> occurred_at, for deduplication within the TTL
+        #: event_id -> when it was seen (the caller's clock), for deduplication within the TTL
         self.seen: dict[str, int] = {}
 
     # -- persistence ---------------------------------------------------------
@@ -226,13 +226,20 @@ class CustomerFacts:
         """Whether this event id was already applied (within the dedupe TTL)."""
         return event_id in self.seen
 
+    def remember(self, event_id: str, seen_at_ms: int) -> None:
+        """Remember an event id as applied, stamped with when it was seen.
+
+        The stamp is processing time, not event time: a replay that reads
+        partitions unevenly must still recognise a duplicate of an old event.
+        """
+        self.seen[event_id] = seen_at_ms
+
     def apply(self, event: ev.Event, grid: Grid, horizon_start: int) -> None:
         """Fold one accepted, non-duplicate event into the facts.
 
         ``horizon_start`` is the oldest bucket whose bucketed facts are kept:
         older events still update lifetime facts only.
         """
-        self.seen[event.event_id] = event.occurred_at_ms
         time = event.occurred_at_ms
         bucket = grid.bucket(time)
         kept = bucket >= horizon_start
@@ -275,7 +282,7 @@ class CustomerFacts:
                 self.rewards[bucket] = self.rewards.get(bucket, 0) + 1
 
     def prune(self, grid: Grid, horizon_start: int, seen_after_ms: int) -> None:
-        """Drop bucketed facts before bucket ``horizon_start`` and ids of events before ``seen_after_ms``.
+        """Drop bucketed facts before bucket ``horizon_start`` and ids seen before ``seen_after_ms``.
 
         ``horizon_start`` is at most ``K - Grid.fact_retention``: dropping older
         facts changes no contribution at or after ``K - 3 * longest``, so it is

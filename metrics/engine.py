@@ -113,9 +113,9 @@ class LoyaltyEngine:
             facts = self.customers[key] = CustomerFacts()
         elif facts.is_duplicate(event.event_id):
             return DUPLICATE
-        facts.seen[event.event_id] = event.occurred_at_ms
         if self.clock_mode == EVENT_CLOCK:
             self.advance(event.occurred_at_ms)
+        facts.remember(event.event_id, self.now_ms if self.now_ms is not None else event.occurred_at_ms)
         if self.now_ms is None or event.occurred_at_ms > self.now_ms:
             heapq.heappush(self._pending, (event.occurred_at_ms, self._pending_seq, event))
             self._pending_seq += 1
@@ -143,7 +143,7 @@ class LoyaltyEngine:
         now_bucket = grid.bucket(self.now_ms)
         horizon_start = now_bucket - grid.fact_retention
         facts.prune(grid, horizon_start, self.now_ms - grid.dedupe_ttl_ms)
-        facts.seen[event.event_id] = event.occurred_at_ms
+        facts.remember(event.event_id, self.now_ms)
         families = families_of(event.type)
         before = facts.contributions(grid, families) if families else {}
         facts.apply(event, grid, horizon_start)

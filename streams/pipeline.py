@@ -1,10 +1,8 @@
 """The Faust agents of the product, registered on the app by :func:`register_pipeline`.
 
-STUB, TO BE REPLACED by the metric pipeline (ingest -> by-store gate -> by-customer facts ->
-per-store aggregation -> ``loyalty-metrics`` + Redis; alerts). For now it holds only the smoke
-agent, which proves the plumbing end to end: a real Kafka topic in, a real Redis write out.
-``tests/test_smoke.py`` relies on the smoke agent: keep it registered (here or in a module of
-its own) when the real pipeline lands.
+The metric pipeline (ingest -> by-store gate -> by-customer facts -> per-store aggregation ->
+``loyalty-metrics`` + Redis) lives in :mod:`streams.topology`. The smoke agent here proves the
+plumbing end to end (a real Kafka topic in, a real Redis write out) for ``tests/test_smoke.py``.
 
 Smoke agent: topic ``{LOYALTY_TOPIC_PREFIX}loyalty-smoke``; each message is a JSON object
 ``{"key": str, "n": int}``; it runs ``INCRBY loyalty:smoke:{key} n`` on ``REDIS_URL``.
@@ -29,6 +27,9 @@ log = get_logger(__name__)
 
 def register_pipeline(app: faust.App, settings: Settings) -> None:
     """Register every agent, table and timer of the product on ``app``."""
+    from streams.topology import register_metrics_pipeline
+
+    register_metrics_pipeline(app, settings)
     register_smoke(app, settings)
 
 

@@ -205,11 +205,16 @@ class CustomerStage:
         load: Callable[[str], CustomerFacts | None],
         now_ms: int,
         out: CustomerOutput,
+        seen_at_ms: int,
     ) -> None:
-        """Apply packed events; facts are read with ``load`` (or from ``out.facts``) and left in ``out.facts``."""
+        """Apply packed events; facts are read with ``load`` (or from ``out.facts``) and left in ``out.facts``.
+
+        ``now_ms`` is the metric clock; ``seen_at_ms`` (wall time) stamps event
+        ids for deduplication, which lasts ``LOYALTY_DEDUPE_TTL`` after that.
+        """
         grid = self.grid
         horizon_start = grid.bucket(now_ms) - grid.fact_retention
-        seen_after = now_ms - grid.dedupe_ttl_ms
+        seen_after = seen_at_ms - grid.dedupe_ttl_ms
         for fields in events:
             event = event_from_list(fields)
             store_id, customer_id = customer_key(event)
@@ -224,6 +229,7 @@ class CustomerStage:
                 continue
             families = families_of(event.type)
             before = facts.contributions(grid, families) if families else {}
+            facts.remember(event.event_id, seen_at_ms)
             facts.apply(event, grid, horizon_start)
             store = out.deltas.get(store_id)
             if store is None:
@@ -240,32 +246,58 @@ class CustomerStage:
             out.applied += 1
 
 
-def delta_messages(output: CustomerOutput, source: tuple[int, int], partitions: int) -> dict[int, dict[str, Any]]:
-    """Deltas of one input message, one message per aggregation partition, ``*`` included.
+#: at most this many delta rows in one message part (well under the message size limit)
+MAX_DELTA_ROWS = 20_000
 
-    Each carries ``src`` = (input partition, offset) so that the aggregation
-    applies it at most once per bucket record, whatever gets replayed.
+
+def delta_messages(
+    output: CustomerOutput, source: tuple[int, int], partitions: int
+) -> dict[int, list[dict[str, Any]]]:
+    """Deltas of one input message as message parts per aggregation partition, ``*`` included.
+
+    Each part carries ``src`` = (input partition, offset, part number) so that
+    the aggregation applies it at most once per bucket record, whatever gets
+    replayed; parts of a message go to one partition in order.
     """
-    messages: dict[int, dict[str, Any]] = {}
     everything: dict[tuple[str, int], int] = {}
-    for store_id, deltas in output.deltas.items():
+    for deltas in output.deltas.values():
         for key, delta in deltas.items():
             everything[key] = everything.get(key, 0) + delta
     scopes = list(output.deltas.items())
     if output.deltas:
         scopes.append((ALL_STORES, everything))
+    rows_by_partition: dict[int, list[tuple[str, list[list[Any]], dict[str, str] | None]]] = {}
     for store_id, deltas in scopes:
         rows = [[series, bucket, delta] for (series, bucket), delta in deltas.items() if delta]
-        partition = route(store_id, partitions)
-        message = messages.get(partition)
-        if message is None:
-            message = messages[partition] = {"src": list(source), "t": output.max_time_ms, "stores": {}}
-        entry: dict[str, Any] = {"d": rows}
         if store_id == ALL_STORES:
-            entry["cur"] = dict(output.currencies)
+            currencies: dict[str, str] | None = dict(output.currencies)
         elif store_id in output.currencies:
-            entry["cur"] = {store_id: output.currencies[store_id]}
-        message["stores"][store_id] = entry
+            currencies = {store_id: output.currencies[store_id]}
+        else:
+            currencies = None
+        rows_by_partition.setdefault(route(store_id, partitions), []).append((store_id, rows, currencies))
+    messages: dict[int, list[dict[str, Any]]] = {}
+    for partition, entries in rows_by_partition.items():
+        parts: list[dict[str, Any]] = []
+        current: dict[str, Any] | None = None
+        room = 0
+        for store_id, rows, currencies in entries:
+            start = 0
+            while start < len(rows) or start == 0:
+                if current is None or room == 0:
+                    current = {"src": [source[0], source[1], len(parts)], "t": output.max_time_ms, "stores": {}}
+                    parts.append(current)
+                    room = MAX_DELTA_ROWS
+                taken = rows[start:start + room]
+                entry = current["stores"].setdefault(store_id, {"d": []})
+                entry["d"].extend(taken)
+                if currencies:
+                    entry["cur"] = currencies
+                room -= len(taken)
+                start += len(taken)
+                if start >= len(rows):
+                    break
+        messages[partition] = parts
     return messages
 
 
@@ -321,9 +353,9 @@ class StoreShard:
                 self.aggregate.add(series, bucket, value)
         self.changed = True
 
-    def apply(self, message_source: tuple[int, int], entry: dict[str, Any], max_time_ms: int | None) -> set[str]:
-        """Apply one store entry of a delta message; returns the record suffixes it changed."""
-        partition, offset = str(message_source[0]), message_source[1]
+    def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> set[str]:
+        """Apply one store entry of a delta message part; returns the record suffixes it changed."""
+        partition, offset = str(message_source[0]), [message_source[1], message_source[2]]
         touched: set[str] = set()
         floor = self.base.get("floor")
         for series, bucket, delta in entry["d"]:
@@ -334,8 +366,8 @@ class StoreShard:
                 if record is None:
                     record = self.records[bucket] = {"v": {}, "h": {}}
                 suffix = str(bucket)
-            seen = record["h"].get(partition, -1)
-            if seen >= offset and suffix not in touched:
+            seen = record["h"].get(partition)
+            if seen is not None and seen >= offset and suffix not in touched:
                 continue
             record["h"][partition] = offset
             values = record["v"]
@@ -376,7 +408,8 @@ class StoreShard:
             for series, value in record["v"].items():
                 values[series] = values.get(series, 0) + value
             for partition, offset in record["h"].items():
-                if offset > self.base["h"].get(partition, -1):
+                seen = self.base["h"].get(partition)
+                if seen is None or offset > seen:
                     self.base["h"][partition] = offset
         self.base["floor"] = floor
         self.aggregate.fold_before(floor)

@@ -51,7 +51,7 @@ from streams.stages import (
     StoreShard,
     delta_messages,
 )
-from streams.wire import pack, route, unpack
+from streams.wire import pack, pack_chunks, route, unpack
 
 log = get_logger(__name__)
 
@@ -84,10 +84,7 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
         default=None,
         beacon=app.tables.beacon,
         partitions=partitions,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
+        schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
     return app.tables.add(table)
 
@@ -171,7 +168,8 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
 
     async def send_routed(target: Any, routed: Routed) -> None:
         for partition, items in routed.by_partition.items():
-            await target.send(value=pack(items), partition=partition)
+            for chunk in pack_chunks(items):
+                await target.send(value=chunk, partition=partition)
         for letter in routed.dead_letters:
             await dead_letters.send(value=orjson.dumps(letter))
         pipeline.count("dead_letters", len(routed.dead_letters))
@@ -253,12 +251,13 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 if now is None:
                     continue
                 output = CustomerOutput(facts=cache)
-                customer_stage.process(items, load_facts, now, output)
+                customer_stage.process(items, load_facts, now, output, wall_ms())
                 pipeline.count("events_applied", output.applied)
                 pipeline.count("duplicates", output.duplicates)
                 source = (event.message.partition, event.message.offset)
-                for partition, message in delta_messages(output, source, partitions).items():
-                    acks.append(await deltas.send(value=pack(message), partition=partition))
+                for partition, parts in delta_messages(output, source, partitions).items():
+                    for part in parts:
+                        acks.append(await deltas.send(value=pack(part), partition=partition))
                 if output.max_time_ms is not None and (batch_max is None or output.max_time_ms > batch_max):
                     batch_max = output.max_time_ms
             # facts only after Kafka has the deltas: a crash may replay, never lose
@@ -311,7 +310,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 if "wm" in message:
                     pipeline.advance(message["wm"])
                     continue
-                source = (message["src"][0], message["src"][1])
+                source = (message["src"][0], message["src"][1], message["src"][2])
                 pipeline.advance(message.get("t"))
                 for store_id, entry in message["stores"].items():
                     shard = pipeline.shards.get(store_id)

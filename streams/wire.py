@@ -81,3 +81,21 @@ def pack(payload: object) -> bytes:
 def unpack(value: bytes) -> Any:
     """Decode one internal message."""
     return orjson.loads(value)
+
+
+#: the most bytes one internal message may carry (Kafka's default limit is 1 MiB)
+MAX_MESSAGE_BYTES = 900_000
+
+
+def pack_chunks(items: list[Any], max_bytes: int = MAX_MESSAGE_BYTES) -> list[bytes]:
+    """Pack a list into as few messages as fit ``max_bytes`` each, keeping order.
+
+    >>> chunks = pack_chunks(list(range(1000)), max_bytes=1000)
+    >>> sum(len(unpack(chunk)) for chunk in chunks), max(len(chunk) for chunk in chunks) <= 1000
+    (1000, True)
+    """
+    encoded = orjson.dumps(items)
+    if len(encoded) <= max_bytes or len(items) <= 1:
+        return [encoded]
+    middle = len(items) // 2
+    return pack_chunks(items[:middle], max_bytes) + pack_chunks(items[middle:], max_bytes)

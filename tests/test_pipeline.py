@@ -1,0 +1,275 @@
+"""The whole pipeline on the real Kafka and Redis equals the batch reference, with one or two workers."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from support import async_wait_for, clean_env, loyalty_command, stop_process, tail
+
+from infra.local import free_port
+from metrics.compare import metric_differences
+from metrics.events import Event
+from metrics.reference import ReferenceConfig, accepted_events, reference_all
+from metrics.timegrid import DAY_MS, parse_duration
+from metrics.validation import Rejection, parse_message
+from streams.admin import ensure_topics
+from streams.history import generate_history, wire_body
+from streams.sinks import metric_key, parse_redis_field
+
+PARTITIONS = 4
+WINDOWS = ("1h", "24h", "7d", "30d")
+HORIZON = "90d"
+FUTURE_MS = 4_000_000_000_000  # year 2096: beyond any skew
+
+
+def invalid_messages() -> list[tuple[str, bytes | None, list[str]]]:
+    """(topic, value, expected dead-letter reasons) for every kind of bad input, twice over."""
+    good = {"event_id": "x", "type": "order.placed", "occurred_at": 1_700_100_000_000, "store_id": "store-1",
+            "customer_id": "c", "order_id": "o", "amount": "5.00", "currency": "EUR"}
+
+    def order(**changes: Any) -> bytes:
+        body = {**good, **changes}
+        return orjson.dumps({k: v for k, v in body.items() if v is not None})
+
+    kinds: list[tuple[str, bytes | None, list[str]]] = [
+        ("orders", b"this is not json", ["invalid_json"]),
+        ("orders", b'"a string"', ["not_an_object"]),
+        ("orders", b"[]", ["empty_batch"]),
+        ("orders", b"[1,2,3]", ["not_an_object"] * 3),
+        ("orders", None, ["null_message"]),
+        ("orders", order(event_id=None), ["missing_field"]),
+        ("orders", order(amount="-5"), ["bad_amount"]),
+        ("orders", order(currency="eur"), ["bad_currency"]),
+        ("orders", order(type="customer.signed_up"), ["wrong_topic"]),
+        ("signups", order(type="customer.exploded"), ["unknown_type"]),
+        ("survey-responses", order(type="survey.responded", survey="nps", score=11), ["out_of_range"]),
+        ("survey-responses", order(type="survey.responded", survey="xyz", score=1), ["unknown_survey"]),
+        ("orders", order(occurred_at="yesterday"), ["bad_timestamp"]),
+        ("orders", order(occurred_at=FUTURE_MS), ["future_event"]),
+        ("loyalty-activity", order(type="loyalty.reward_issued", reward_id="r", points="many"), ["wrong_type"]),
+        ("orders", order(padding="x" * 70_000), ["message_too_large"]),
+        ("orders", order(store_id="*"), ["reserved_store_id"]),
+    ]
+    messages = []
+    for copy in range(2):
+        for index, (topic, value, reasons) in enumerate(kinds):
+            if value is not None and value.startswith(b"{"):
+                value = value.replace(b'"event_id":"x"', f'"event_id":"bad-{copy}-{index}"'.encode())
+            messages.append((topic, value, reasons))
+    return messages
+
+
+def mixed_batch(copy: int) -> tuple[bytes, list[str]]:
+    """A batch whose middle element is invalid: the other two still count."""
+    spend = {"type": "spend.recorded", "occurred_at": 1_700_200_000_000, "store_id": "store-1",
+             "amount": "12.34", "currency": "EUR", "channel": "search"}
+    elements = [
+        {**spend, "event_id": f"mixed-{copy}-a"},
+        {**spend, "event_id": f"mixed-{copy}-b", "store_id": None},
+        {**spend, "event_id": f"mixed-{copy}-c"},
+    ]
+    return orjson.dumps(elements), ["missing_field"]
+
+
+def produce_plan() -> tuple[list[tuple[str, bytes | None]], Counter[str], list[Event]]:
+    """Messages in production order, the expected dead-letter reasons, and the valid events in that order."""
+    history = generate_history(customers_per_store=1400, days=120)
+    messages: list[tuple[str, bytes | None]] = []
+    expected_reasons: Counter[str] = Counter()
+    # history: mostly one event per message, some runs packed in batches
+    index = 0
+    while index < len(history):
+        topic = history[index].topic
+        run = 1
+        if index % 7 == 0:
+            while run < 40 and index + run < len(history) and history[index + run].topic == topic:
+                run += 1
+        bodies = [wire_body(event) for event in history[index:index + run]]
+        messages.append((topic, orjson.dumps(bodies if run > 1 else bodies[0])))
+        index += run
+    for topic, value, reasons in invalid_messages():
+        messages.append((topic, value))
+        expected_reasons.update(reasons)
+    for copy in range(2):
+        value, reasons = mixed_batch(copy)
+        messages.append(("marketing-spend", value))
+        expected_reasons.update(reasons)
+    # last: money in another currency than the store's first one
+    for copy in range(3):
+        wrong = {"event_id": f"wrong-currency-{copy}", "type": "order.placed", "occurred_at": 1_700_300_000_000,
+                 "store_id": "store-1", "customer_id": "c", "order_id": "o", "amount": "1", "currency": "JPY"}
+        messages.append(("orders", orjson.dumps(wrong)))
+        expected_reasons["currency_mismatch"] += 1
+    valid: list[Event] = []
+    for topic, value in messages:
+        for item in parse_message(value, topic, now_ms=FUTURE_MS - DAY_MS, max_future_skew_ms=300_000):
+            if isinstance(item, Event) and item.store_id != "*":
+                valid.append(item)
+    return messages, expected_reasons, valid
+
+
+async def read_topic(bootstrap: str, topic: str, until: Any, timeout: float) -> list[Any]:
+    """Every message of a topic from the start, until ``until(messages)`` holds."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"reader-{uuid.uuid4().hex}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    messages: list[Any] = []
+    try:
+        async def enough() -> bool:
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                messages.extend(records)
+            return bool(until(messages))
+
+        await async_wait_for(enough, timeout=timeout, message=lambda: f"{topic}: {len(messages)} messages")
+    finally:
+        await consumer.stop()
+    return messages
+
+
+async def group_is_stable(bootstrap: str, group: str, members: int) -> bool:
+    """Whether the consumer group is Stable with exactly ``members`` members."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+        _, _, state, _, _, group_members, *_ = response.groups[0]
+        return bool(state == "Stable" and len(group_members) == members)
+    except KafkaError:
+        return False  # the group has no coordinator yet
+    finally:
+        await admin.close()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, tmp_path: Path, workers: int) -> None:
+    """20,000+ events over 120 days (late, duplicated, invalid) give exactly the reference numbers everywhere."""
+    messages, expected_reasons, valid = produce_plan()
+    accepted = accepted_events(valid)
+    assert len(valid) >= 20_000
+    as_of_ms = max(event.occurred_at_ms for event in accepted)
+    windows_ms = tuple(parse_duration(w) for w in WINDOWS)
+    reference = reference_all(accepted, windows_ms=windows_ms, as_of_ms=as_of_ms,
+                              config=ReferenceConfig(bucket_ms=60_000, horizon_ms=parse_duration(HORIZON)))
+    window_name = dict(zip(windows_ms, WINDOWS, strict=True))
+
+    bootstrap = services.kafka_bootstrap
+    # Redis keys are fixed by the SPEC: each run gets a database of its own
+    redis_url = services.redis_url.rsplit("/", 1)[0] + f"/{10 + workers}"
+    inputs = ["orders", "signups", "survey-responses", "marketing-spend", "loyalty-activity"]
+    await ensure_topics(bootstrap, [topic_prefix + name for name in inputs], PARTITIONS)
+    env = clean_env(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        REDIS_URL=redis_url,
+        LOYALTY_APP_ID=app_id,
+        LOYALTY_TOPIC_PREFIX=topic_prefix,
+        LOYALTY_STORE="memory",
+        LOYALTY_PARTITIONS=str(PARTITIONS),
+        LOYALTY_CLOCK="event",
+        LOYALTY_WINDOWS=",".join(WINDOWS),
+        LOYALTY_ACTIVE_HORIZON=HORIZON,
+        LOYALTY_EMIT_INTERVAL="200ms",
+        LOYALTY_STATE_DIR=str(tmp_path / "state"),
+        LOYALTY_LOG_LEVEL="warning",
+    )
+    processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+    for number in range(workers):
+        log_path = tmp_path / f"worker-{number}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [*loyalty_command(), "worker"],
+                env={**env, "LOYALTY_WEB_PORT": str(free_port())},
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        processes.append((process, log_path))
+
+    def logs() -> str:
+        return "\n".join(f"--- {path.name}\n{tail(path, 40)}" for _, path in processes)
+
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    await redis.flushdb()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2 * 1024 * 1024,
+                                linger_ms=5)
+    await producer.start()
+    last_problems: list[str] = []
+    # scale-out, not a mid-stream join: the workers share the partitions before the data comes
+    await async_wait_for(lambda: group_is_stable(bootstrap, app_id, workers), timeout=120, interval=0.5,
+                         message=lambda: f"consumer group {app_id} never had {workers} stable members\n{logs()}")
+    started = time.monotonic()
+    try:
+        for topic, value in messages:
+            # a tombstone needs a key; the key is free otherwise
+            await producer.send(topic_prefix + topic, value, key=None if value is not None else b"tombstone")
+        await producer.flush()
+
+        async def redis_matches() -> bool:
+            for process, _ in processes:
+                if process.poll() is not None:
+                    raise AssertionError(f"a worker exited with {process.returncode}:\n{logs()}")
+            problems = []
+            for (store, window_ms), expected in reference.items():
+                key = metric_key(store, window_name[window_ms])
+                stored = await redis.hgetall(key)
+                if stored.get("as_of_ms") != str(as_of_ms):
+                    problems.append(f"{key}: as_of_ms {stored.get('as_of_ms')} != {as_of_ms}")
+                    continue
+                actual = {name: parse_redis_field(name, stored.get(name, "")) for name in expected}
+                problems.extend(f"{key} {p}" for p in metric_differences(actual, expected))
+            last_problems[:] = problems
+            return not problems
+
+        await async_wait_for(redis_matches, timeout=300, interval=0.5,
+                             message=lambda: "\n".join(last_problems[:30]) + "\n" + logs())
+        print(f"{len(valid)} valid events, {len(messages)} messages, {workers} worker(s): "
+              f"Redis equal to the reference {time.monotonic() - started:.1f}s after the first send")
+
+        # the last snapshot per key on the output topic says the same
+        def output_complete(records: list[Any]) -> bool:
+            latest = {record.key.decode(): orjson.loads(record.value) for record in records}
+            problems = []
+            for (store, window_ms), expected in reference.items():
+                snapshot = latest.get(f"{store}|{window_name[window_ms]}")
+                if snapshot is None or snapshot["as_of_ms"] != as_of_ms:
+                    problems.append(f"{store}|{window_ms}: no snapshot as of {as_of_ms}")
+                    continue
+                assert snapshot["schema"] == "loyalty.metrics.v1"
+                problems.extend(f"{store}|{window_ms} {p}" for p in metric_differences(snapshot["metrics"], expected))
+            last_problems[:] = problems
+            return not problems
+
+        await read_topic(bootstrap, topic_prefix + "loyalty-metrics", output_complete, timeout=60)
+
+        # the dead letters are exactly the invalid inputs, with their reasons
+        total = sum(expected_reasons.values())
+        letters = await read_topic(bootstrap, topic_prefix + "loyalty-dead-letters",
+                                   lambda found: len(found) >= total, timeout=60)
+        reasons = Counter(orjson.loads(letter.value)["reason"] for letter in letters)
+        assert reasons == expected_reasons
+        for letter in letters:
+            body = orjson.loads(letter.value)
+            assert body["topic"].startswith(topic_prefix) and body["offset"] >= 0
+    finally:
+        await producer.stop()
+        await redis.aclose()
+        for process, _ in processes:
+            stop_process(process, timeout=60)
