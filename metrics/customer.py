@@ -130,20 +130,20 @@ class CustomerFacts:
     """
 
     __slots__ = (
-        "first_activity_ms",
-        "signup_key",
-        "signup_channel",
         "activity",
         "closes",
-        "order_count",
+        "first_activity_ms",
         "first_orders",
-        "orders",
-        "revenue",
         "member_before",
         "member_before_key",
         "membership",
+        "order_count",
+        "orders",
+        "revenue",
         "rewards",
         "seen",
+        "signup_channel",
+        "signup_key",
     )
 
     def __init__(self) -> None:
@@ -277,9 +277,8 @@ class CustomerFacts:
                 # before it, when it is the latest of those older events
                 self.member_before_key = entry[:2]
                 self.member_before = entry[2]
-        elif kind == ev.REWARD_ISSUED or kind == ev.REWARD_REDEEMED:
-            if kept:
-                self.rewards[bucket] = self.rewards.get(bucket, 0) + 1
+        elif (kind == ev.REWARD_ISSUED or kind == ev.REWARD_REDEEMED) and kept:
+            self.rewards[bucket] = self.rewards.get(bucket, 0) + 1
 
     def prune(self, grid: Grid, horizon_start: int, seen_after_ms: int) -> None:
         """Drop bucketed facts before bucket ``horizon_start`` and ids seen before ``seen_after_ms``.

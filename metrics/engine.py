@@ -153,7 +153,8 @@ class LoyaltyEngine:
         bucket = grid.bucket(event.occurred_at_ms)
         changes = event_deltas(event, bucket)
         if families:
-            changes.extend((series, b, delta) for (series, b), delta in diff(facts.contributions(grid, families), before).items())
+            after = facts.contributions(grid, families)
+            changes.extend((series, b, delta) for (series, b), delta in diff(after, before).items())
         store.add_all(changes)
         self.all_stores.add_all(changes)
 
@@ -172,7 +173,7 @@ class LoyaltyEngine:
 
     def store_ids(self) -> list[str]:
         """Stores with at least one applied event, then ``*``."""
-        return sorted(self.stores) + [ALL_STORES]
+        return [*sorted(self.stores), ALL_STORES]
 
     def currency(self, store_id: str) -> str | None:
         """The store's currency (``*``: the common one), ``None`` when unknown or mixed."""

@@ -32,7 +32,7 @@ class PrefixSeries:
     (7, 6)
     """
 
-    __slots__ = ("deltas", "base", "floor", "cursors")
+    __slots__ = ("base", "cursors", "deltas", "floor")
 
     def __init__(self) -> None:
         self.deltas: dict[int, int] = {}

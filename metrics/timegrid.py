@@ -72,8 +72,17 @@ class Grid:
     (129600, (60, 1440), 131040)
     """
 
-    __slots__ = ("bucket_ms", "horizon_ms", "windows_ms", "dedupe_ttl_ms", "horizon", "windows",
-                 "longest", "store_retention", "fact_retention")
+    __slots__ = (
+        "bucket_ms",
+        "dedupe_ttl_ms",
+        "fact_retention",
+        "horizon",
+        "horizon_ms",
+        "longest",
+        "store_retention",
+        "windows",
+        "windows_ms",
+    )
 
     def __init__(self, bucket_ms: int, horizon_ms: int, windows_ms: tuple[int, ...],
                  dedupe_ttl_ms: int = 30 * DAY_MS) -> None:

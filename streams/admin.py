@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -20,10 +21,8 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, r
         missing = [NewTopic(name, num_partitions=partitions, replication_factor=replication)
                    for name in names if name not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently by a worker: fine
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass  # created concurrently by a worker: fine
     finally:
         await admin.close()
 

@@ -131,7 +131,8 @@ class RedisSink:
         fields["currency"] = payload["currency"] or ""
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=fields)
-            pipe.xadd(key + ":history", {"as_of_ms": str(as_of_ms), "json": encoded}, maxlen=HISTORY_MAXLEN, approximate=True)
+            history: dict[Any, Any] = {"as_of_ms": str(as_of_ms), "json": encoded}
+            pipe.xadd(key + ":history", history, maxlen=HISTORY_MAXLEN, approximate=True)
             pipe.sadd(STORES_KEY, payload["store_id"])
             pipe.publish(UPDATES_CHANNEL, encoded)
             await pipe.execute()

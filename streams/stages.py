@@ -359,13 +359,14 @@ class StoreShard:
         touched: set[str] = set()
         floor = self.base.get("floor")
         for series, bucket, delta in entry["d"]:
+            record: dict[str, Any]
             if floor is not None and bucket < floor:
                 record, suffix = self.base, BASE
             else:
-                record = self.records.get(bucket)
-                if record is None:
-                    record = self.records[bucket] = {"v": {}, "h": {}}
-                suffix = str(bucket)
+                existing = self.records.get(bucket)
+                if existing is None:
+                    existing = self.records[bucket] = {"v": {}, "h": {}}
+                record, suffix = existing, str(bucket)
             seen = record["h"].get(partition)
             if seen is not None and seen >= offset and suffix not in touched:
                 continue

@@ -67,13 +67,14 @@ def wall_ms() -> int:
 
 def grid_of(settings: Settings) -> Grid:
     """The time grid of the settings."""
-    return Grid(settings.bucket_ms, settings.active_horizon_ms, tuple(settings.window_ms.values()), settings.dedupe_ttl_ms)
+    windows = tuple(settings.window_ms.values())
+    return Grid(settings.bucket_ms, settings.active_horizon_ms, windows, settings.dedupe_ttl_ms)
 
 
 def make_table(app: faust.App, name: str, partitions: int) -> Any:
     """A bytes -> bytes table whose keys are routed by :func:`streams.wire.route`."""
 
-    class RoutedTable(faust.Table):  # type: ignore[misc]
+    class RoutedTable(faust.Table):  # type: ignore[type-arg]
         def partition_for_key(self, key: Any) -> int:
             text = key.decode() if isinstance(key, bytes) else str(key)
             return route(text, partitions)
@@ -216,7 +217,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 held[key] = pack((unpack(previous) if previous else []) + items)
             await send_routed(by_customer, routed)
 
-    @app.timer(1.0, name=internal + "release-held")
+    @app.timer(1.0, name=internal + "release-held")  # type: ignore[untyped-decorator]
     async def release_held() -> None:
         if pipeline.event_clock:
             return
@@ -265,8 +266,10 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 await asyncio.gather(*acks)
             for key, customer in cache.items():
                 facts_table[key.encode()] = orjson.dumps(customer.to_record())
-            if pipeline.event_clock and pipeline.clock_ms is not None:
-                if pipeline.broadcast_ms is None or pipeline.clock_ms > pipeline.broadcast_ms:
+            clock = pipeline.clock_ms
+            if pipeline.event_clock and clock is not None and (
+                pipeline.broadcast_ms is None or clock > pipeline.broadcast_ms
+            ):
                     pipeline.broadcast_ms = pipeline.clock_ms
                     watermark = pack({"wm": pipeline.clock_ms})
                     for partition in range(partitions):
@@ -295,7 +298,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
         pipeline.needs_restore = False
         log.info("aggregate.restored", stores=len(pipeline.shards), partitions=sorted(mine))
 
-    @app.on_partitions_assigned.connect  # type: ignore[misc]
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:
         pipeline.needs_restore = True
 
@@ -358,7 +361,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 for suffix in deleted:
                     del store_table[shard_key(store_id, suffix)]
 
-    @app.timer(settings.emit_interval_ms / 1000, name=internal + "emit")
+    @app.timer(settings.emit_interval_ms / 1000, name=internal + "emit")  # type: ignore[untyped-decorator]
     async def emit_timer() -> None:
         if pipeline.needs_restore or app.rebalancing:
             return

@@ -121,7 +121,7 @@ def test_event_clock_equals_reference(events: list[ev.Event], grid: Grid) -> Non
 @PROPERTY_SETTINGS
 @given(events=event_logs(), data=st.data(), grid=GRIDS)
 def test_wall_clock_as_of_any_time_equals_reference(events: list[ev.Event], data: st.DataObject, grid: Grid) -> None:
-    """With a moving wall clock, the numbers as of each grid-aligned or mid-bucket T equal the reference of what arrived."""
+    """With a moving wall clock, the numbers as of each grid-aligned or mid-bucket T equal the reference."""
     span_ms = SPAN_BUCKETS * BUCKET_MS
     any_time = st.one_of(
         st.integers(0, SPAN_BUCKETS + 8).map(lambda b: b * BUCKET_MS + data.draw(st.sampled_from((0, BUCKET_MS - 1)))),
@@ -144,7 +144,7 @@ def test_wall_clock_as_of_any_time_equals_reference(events: list[ev.Event], data
 def test_merging_partial_states_in_any_grouping_equals_one_state(
     events: list[ev.Event], groups: int, seed: int
 ) -> None:
-    """Customers split over partitions, their store aggregates merged in any order and grouping, give the same result."""
+    """Customers split over partitions, their aggregates merged in any order and grouping, give the same result."""
     gate = CurrencyGate()
     admitted = [e for e in events if e.type not in ev.MONEY_TYPES or gate.admit(e.store_id, e.currency)]
     final = max((e.occurred_at_ms for e in admitted), default=0)

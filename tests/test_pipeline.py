@@ -15,17 +15,17 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from support import async_wait_for, clean_env, loyalty_command, stop_process, tail
 
 from infra.local import free_port
 from metrics.compare import metric_differences
 from metrics.events import Event
 from metrics.reference import ReferenceConfig, accepted_events, reference_all
 from metrics.timegrid import DAY_MS, parse_duration
-from metrics.validation import Rejection, parse_message
+from metrics.validation import parse_message
 from streams.admin import ensure_topics
 from streams.history import generate_history, wire_body
 from streams.sinks import metric_key, parse_redis_field
+from support import async_wait_for, clean_env, loyalty_command, stop_process, tail
 
 PARTITIONS = 4
 WINDOWS = ("1h", "24h", "7d", "30d")
