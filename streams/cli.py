@@ -15,6 +15,7 @@ import click
 from pydantic import ValidationError
 
 from infra import local
+from metrics.events import INPUT_TOPICS
 from streams.settings import Settings, load_settings
 
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
@@ -160,6 +161,70 @@ def worker() -> None:
         redirect_stdouts=False,
         quiet=not sys.stdout.isatty(),
     ).execute_from_commandline()
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path))
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True, metavar="N",
+              help="At most N events per message (and at most ~900 KB).")
+@click.option("--topic", type=click.Choice(INPUT_TOPICS), metavar="TOPIC",
+              help=f"Send every event to this input topic ({', '.join(INPUT_TOPICS)}) "
+              "instead of the one of its type.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
+def replay(file: Path, batch: int, topic: str | None, progress: bool) -> None:
+    """Publish the events of a JSON-lines FILE (one event object per line) in batches.
+
+    Invalid lines (not JSON, not an object, unknown type) are reported with their line
+    numbers and not sent; the worker validates and dead-letters everything else.
+    """
+    import logging
+
+    from streams.replay import ReplayError
+    from streams.replay import replay as run_replay
+
+    logging.getLogger("aiokafka").addHandler(logging.NullHandler())  # failures end in one clear message
+    settings = _settings()
+    try:
+        summary = asyncio.run(run_replay(settings, file, batch, progress=progress, topic=topic))
+    except ReplayError as exc:
+        raise _fail(exc) from None
+    click.echo(summary.text())
+
+
+@main.command()
+@click.option("--store", "stores", multiple=True, help="Only this store (repeatable; `*` is all stores).")
+@click.option("--window", "windows", multiple=True, help="Only this window (repeatable; default LOYALTY_WINDOWS).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: {store: {window: {as_of_ms, currency, metrics}}}.")
+def snapshot(stores: tuple[str, ...], windows: tuple[str, ...], as_json: bool) -> None:
+    """Print the current metrics from Redis (exit 1: no metrics there, 2: Redis unreachable)."""
+    from rich.console import Console
+
+    from streams.snapshot import SnapshotUnavailable, read_snapshots, redact, render_table, snapshots_json
+
+    settings = _settings()
+    wanted = list(windows) or list(settings.windows)
+    try:
+        snapshots = read_snapshots(settings.redis_url, list(stores) or None, wanted)
+    except SnapshotUnavailable as exc:
+        click.echo(click.style(f"Error: {exc}", fg="red"), err=True)
+        sys.exit(2)
+    missing = [store for store in stores if store not in snapshots]
+    if not snapshots or missing:
+        which = f"store(s) {', '.join(missing)}" if missing else "any store"
+        click.echo(
+            f"Error: no metrics in Redis ({redact(settings.redis_url)}) for {which} and window(s) "
+            f"{', '.join(wanted)}. Is a worker running (`loyalty worker`) and have events arrived?",
+            err=True,
+        )
+        if not snapshots:
+            sys.exit(1)
+    if as_json:
+        click.echo(snapshots_json(snapshots).decode())
+    else:
+        console = Console()
+        console.print(render_table(snapshots, width=console.width))
+    if missing:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
