@@ -85,6 +85,9 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
         default=None,
         beacon=app.tables.beacon,
         partitions=partitions,
+        # key_type/value_type bytes make Faust use the raw codec for the changelog *and* its recovery
+        key_type=bytes,
+        value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
     return app.tables.add(table)
