@@ -33,8 +33,8 @@ status: ## Are they running?
 worker: ## Run one Faust worker in the foreground
 	$(UV_RUN) loyalty worker
 
-demo: bootstrap up ## Run the product: Kafka, Redis and a worker (Ctrl-C stops the worker; `make down` the rest)
-	$(UV_RUN) loyalty worker
+demo: bootstrap ## Run the product: Kafka, Redis, a worker and simulated traffic, live metrics table (Ctrl-C stops all)
+	$(UV_RUN) loyalty demo
 
 clean: down ## Stop everything and delete the local state folder (.loyalty)
 	rm -rf .loyalty

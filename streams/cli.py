@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import click
@@ -17,6 +19,12 @@ from pydantic import ValidationError
 from infra import local
 from metrics.events import INPUT_TOPICS
 from streams.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from streams.simulate import SimulationOptions
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
@@ -225,6 +233,185 @@ def snapshot(stores: tuple[str, ...], windows: tuple[str, ...], as_json: bool) -
         console.print(render_table(snapshots, width=console.width))
     if missing:
         sys.exit(1)
+
+
+
+def _simulation_options(rate: float, duration: str | None, events: int | None, stores: int, customers: int,
+                        seed: int | None, start: str | None, churn_spike: str | None, spike_store: str | None,
+                        batch: int, **extra: object) -> SimulationOptions:
+    """The options of ``simulate`` and ``demo`` checked and parsed (usage errors name the option)."""
+    import random
+
+    from metrics.timegrid import parse_duration
+    from streams.simulate import SimulationOptions, parse_churn_spike, parse_start
+
+    def parsed(option: str, parse: Callable[[str], T], text: str | None) -> T | None:
+        try:
+            return parse(text) if text is not None else None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=option) from None
+
+    spike = parsed("--churn-spike", parse_churn_spike, churn_spike)
+    store_index = 0
+    if spike_store is not None:
+        if spike is None:
+            raise click.BadParameter("only with --churn-spike", param_hint="--spike-store")
+        number = spike_store.removeprefix("store-")
+        if not number.isdigit() or not 1 <= int(number) <= stores:
+            raise click.BadParameter(f"{spike_store!r} is not one of store-1..store-{stores}",
+                                     param_hint="--spike-store")
+        store_index = int(number) - 1
+    try:
+        return SimulationOptions(
+            rate=rate,
+            duration_ms=parsed("--duration", parse_duration, duration),
+            events=events,
+            stores=stores,
+            customers=customers,
+            seed=seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000),
+            start_ms=parsed("--start", parse_start, start),
+            churn_spike=spike,
+            spike_store=store_index,
+            batch=batch,
+            **extra,  # type: ignore[arg-type]
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _traffic_options(rate: float, stores: int = 3, customers: int = 3000) -> Callable[[F], F]:
+    """The traffic options shared by ``simulate`` and ``demo``."""
+    options = [
+        click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=rate, show_default=True,
+                     help="Events per second (live: the send rate; historical: events per second of event time)."),
+        click.option("--stores", type=click.IntRange(1, 1000), default=stores, show_default=True,
+                     help="Stores store-1..store-N, of decreasing size."),
+        click.option("--customers", type=click.IntRange(1), default=customers, show_default=True,
+                     help="Customers the stores grow to together (arrivals continue at a trickle)."),
+        click.option("--seed", type=int, help="Random seed (default: a random one, printed); same seed, same traffic."),
+        click.option("--churn-spike", metavar="AT:FACTOR",
+                     help="From AT (an offset from the start like 30s or 2d, or RFC 3339 / epoch ms) the spike "
+                     "store closes accounts at FACTOR times its normal rate and its customers stop ordering."),
+        click.option("--spike-store", metavar="STORE", help="Store of --churn-spike (default store-1)."),
+    ]
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _run_until_interrupted(coroutine_of_stop: Callable[[asyncio.Event], Awaitable[T]]) -> T:
+    """Run ``coroutine_of_stop(stop)``; the first Ctrl-C (or SIGTERM) sets ``stop`` so the run ends cleanly."""
+    import signal
+
+    async def run() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            return await coroutine_of_stop(stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(run())
+
+
+@main.command()
+@_traffic_options(rate=200.0)
+@click.option("--duration", metavar="DURATION",
+              help="Live: stop after this long (e.g. 60s, 10m). Historical: the event-time span covered (e.g. 30d).")
+@click.option("--events", type=click.IntRange(1), metavar="N", help="Stop after N events.")
+@click.option("--start", metavar="TIME",
+              help="Historical run: event times from TIME (RFC 3339 or epoch ms), spread over --duration "
+              "(else advancing 1/--rate s per event), sent as fast as Kafka acknowledges.")
+@click.option("--batch", type=click.IntRange(1, 10_000), default=1, show_default=True, metavar="N",
+              help="Events per Kafka message (a JSON array when N > 1).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
+def simulate(rate: float, stores: int, customers: int, seed: int | None, churn_spike: str | None,
+             spike_store: str | None, duration: str | None, events: int | None, start: str | None, batch: int,
+             progress: bool) -> None:
+    """Publish realistic storefront traffic to the five input topics.
+
+    Live by default: event times are the wall clock when sent, at --rate events per second,
+    until --duration, --events or Ctrl-C (what is buffered is still sent). Customers arrive
+    through signup channels, order repeatedly with gaps, get refunds, close accounts, answer
+    NPS/CSAT/CES/CLI surveys; stores spend on marketing by channel; loyalty members earn and
+    redeem rewards. With --start, a backfill of historical traffic.
+    """
+    import logging
+
+    from streams.simulate import SimulationError, progress_bar, run_simulation
+
+    logging.getLogger("aiokafka").addHandler(logging.NullHandler())  # retries are not news; failures end the run
+    options = _simulation_options(rate, duration, events, stores, customers, seed, start, churn_spike, spike_store,
+                                  batch)
+    if options.live and options.events is None and options.duration_ms is None:
+        click.echo("live traffic until Ctrl-C", err=True)
+    settings = _settings()
+    bar, update = progress_bar(None) if progress else (None, None)
+    try:
+        stats = _run_until_interrupted(lambda stop: run_simulation(settings, options, update, stop))
+    except SimulationError as exc:
+        raise _fail(exc) from None
+    finally:
+        if bar is not None:
+            bar.stop()
+    click.echo(stats.text())
+
+
+@main.command()
+@_traffic_options(rate=100.0)
+@click.option("--window", metavar="WINDOW", help="Window shown in the table (default: the first of LOYALTY_WINDOWS).")
+@click.option("--backfill", default="2h", show_default=True, metavar="DURATION",
+              help="First publish a history covering this long before now, so windows have a past ('0': none).")
+@click.option("--backfill-events", type=click.IntRange(0), default=10_000, show_default=True, metavar="N",
+              help="Events of that history.")
+@click.option("--duration", metavar="DURATION", help="Stop by itself after this long (default: at Ctrl-C).")
+def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike: str | None,
+         spike_store: str | None, window: str | None, backfill: str, backfill_events: int,
+         duration: str | None) -> None:
+    """Run everything: `loyalty up`, a worker and live simulated traffic, with a live table of the metrics.
+
+    Shows customers_end, churn_rate, nps, repeat_purchase_rate, gross_revenue and as_of per
+    store, read from Redis every second. Ctrl-C stops what the demo started: the simulator,
+    the worker, and Kafka/Redis when they were not running before.
+    """
+    import logging
+
+    from metrics.timegrid import parse_duration
+    from streams.demo import DemoOptions, run_demo
+
+    logging.getLogger("aiokafka").addHandler(logging.NullHandler())  # the live table is the output
+    settings = _settings()
+    shown = window or settings.windows[0]
+    if shown not in settings.windows:
+        raise click.BadParameter(f"{shown!r} is not one of LOYALTY_WINDOWS ({','.join(settings.windows)})",
+                                 param_hint="--window")
+    try:
+        backfill_ms = 0 if backfill.strip() == "0" else parse_duration(backfill)
+        limit_s = parse_duration(duration) / 1000 if duration else None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    options = _simulation_options(rate, None, None, stores, customers, seed, None, churn_spike, spike_store, 1,
+                                  backfill_ms=backfill_ms or None, backfill_events=backfill_events)
+    before = {status.name: status.state for status in local.status(settings.state_dir)}
+    click.get_current_context().invoke(up)
+    started = [status.name for status in local.status(settings.state_dir)
+               if status.state == "running" and before.get(status.name) != "running"]
+    code = 1
+    try:
+        code = run_demo(settings, DemoOptions(options, shown, limit_s))
+    finally:
+        for service in (local.LocalRedis, local.LocalKafka):
+            if service.name in started:
+                click.echo(f"stopping {service.name} (started by the demo) ...")
+                _echo_status([service(settings.state_dir).stop()])
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

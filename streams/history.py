@@ -48,6 +48,32 @@ def _amount(rng: random.Random, low: float, high: float) -> object:
     return text if rng.random() < 0.5 else float(text)
 
 
+def survey_fields(rng: random.Random) -> dict[str, Any]:
+    """The survey part of a ``survey.responded`` event: one of the four kinds with a plausible score mix.
+
+    NPS leans to promoters with a tail of detractors, CSAT mostly satisfied on its 5/7/10 scale
+    (``scale`` omitted half the time when it is the default 5), CES and CLI answers spread evenly.
+
+    >>> survey_fields(random.Random(1))
+    {'survey': 'csat', 'score': 6, 'scale': 10}
+    """
+    survey = rng.choice(("nps", "csat", "ces", "cli"))
+    body: dict[str, Any] = {"survey": survey}
+    if survey == "nps":
+        body["score"] = rng.choice((10, 10, 9, 9, 9, 8, 8, 7, 6, 5, 3, 0))
+    elif survey == "csat":
+        scale = rng.choice((5, 7, 10))
+        body["score"] = rng.randint(max(1, scale - 4), scale)
+        if scale != 5 or rng.random() < 0.5:
+            body["scale"] = scale
+    elif survey == "ces":
+        body["score"] = rng.randint(1, 7)
+    else:
+        body["answers"] = {"recommend": rng.randint(1, 6), "repurchase": rng.randint(1, 6),
+                           "try_other": rng.randint(1, 6)}
+    return body
+
+
 def generate_history(
     *,
     seed: int = 7,
@@ -121,21 +147,7 @@ def generate_history(
                 at = joined + rng.randrange(30 * DAY_MS)
                 if at >= end_ms:
                     continue
-                survey = rng.choice(("nps", "csat", "ces", "cli"))
-                body: dict[str, Any] = {"survey": survey}
-                if survey == "nps":
-                    body["score"] = rng.choice((10, 10, 9, 9, 9, 8, 8, 7, 6, 5, 3, 0))
-                elif survey == "csat":
-                    scale = rng.choice((5, 7, 10))
-                    body["score"] = rng.randint(max(1, scale - 4), scale)
-                    if scale != 5 or rng.random() < 0.5:
-                        body["scale"] = scale
-                elif survey == "ces":
-                    body["score"] = rng.randint(1, 7)
-                else:
-                    body["answers"] = {"recommend": rng.randint(1, 6), "repurchase": rng.randint(1, 6),
-                                       "try_other": rng.randint(1, 6)}
-                emit("survey-responses", "survey.responded", at, store, customer_id=customer, **body)
+                emit("survey-responses", "survey.responded", at, store, customer_id=customer, **survey_fields(rng))
             if rng.random() < 0.35:
                 enrolled = joined + rng.randrange(10 * DAY_MS)
                 if enrolled < end_ms:

@@ -1,0 +1,293 @@
+"""``loyalty demo``: a worker and simulated live traffic, with a live table of the headline metrics.
+
+The ``demo`` command (``streams.cli``) first runs ``loyalty up``; then :func:`run_demo`
+starts one worker subprocess (``loyalty worker``, its output in
+``<LOYALTY_STATE_DIR>/demo/worker.log``), publishes a short history (the ``backfill``, so
+that windows have a past and ``churn_rate`` is defined at once) and then live traffic
+with :func:`streams.simulate.run_simulation`, and redraws a rich table of
+``customers_end``, ``churn_rate``, ``nps``, ``repeat_purchase_rate``, ``gross_revenue`` and
+``as_of`` per store, read from Redis every second. Ctrl-C (SIGINT) or SIGTERM stops the
+simulator (buffered events are still sent) and the worker; the command then stops the
+Kafka and Redis it started itself (and nothing else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiokafka.errors import KafkaError
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from infra import local
+from streams.admin import ensure_input_topics
+from streams.settings import Settings
+from streams.simulate import SimulationError, SimulationOptions, SimulationStats, run_simulation
+from streams.sinks import metric_key, parse_redis_field, rfc3339_ms
+
+HEADLINE = ("customers_end", "churn_rate", "nps", "repeat_purchase_rate", "gross_revenue")
+COLUMNS = ("customers", "churn %", "NPS", "repeat %", "gross revenue")  # short labels: fits 80 columns
+ALL_STORES = "*"
+REFRESH_S = 1.0
+WORKER_STOP_TIMEOUT_S = 30.0
+HEALTH_KEY = "loyalty:health"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo runs: the simulator's options (live), the window shown, an optional time limit."""
+
+    simulation: SimulationOptions
+    window: str
+    duration_s: float | None = None
+
+
+def worker_command() -> list[str]:
+    """``loyalty worker`` with this Python."""
+    return [sys.executable, "-m", "streams.cli", "worker"]
+
+
+def start_worker(log_path: Path) -> subprocess.Popen[bytes]:
+    """One worker in its own session (the terminal's Ctrl-C reaches the demo only), logging to ``log_path``.
+
+    On Linux it also gets SIGTERM if the demo dies without cleaning up.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            worker_command(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # the same guard `loyalty up` gives test sessions
+            preexec_fn=local._die_with_parent if sys.platform == "linux" else None,
+        )
+
+
+def stop_worker(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT_S) -> int:
+    """SIGTERM (Faust shuts down cleanly), then SIGKILL after ``timeout``; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+async def read_headlines(client: aioredis.Redis, stores: list[str], window: str) -> dict[str, dict[str, Any]]:
+    """The headline metrics, ``as_of_ms`` and ``currency`` of each store that has a snapshot in Redis."""
+    fields = [*HEADLINE, "as_of_ms", "currency"]
+    async with client.pipeline(transaction=False) as pipe:
+        for store in stores:
+            pipe.hmget(metric_key(store, window), fields)
+        replies = await pipe.execute()
+    out: dict[str, dict[str, Any]] = {}
+    for store, values in zip(stores, replies, strict=True):
+        if values[len(HEADLINE)] is None:
+            continue
+        row: dict[str, Any] = {}
+        for name, raw in zip(fields, values, strict=True):
+            text = raw.decode() if isinstance(raw, bytes) else (raw or "")
+            if name == "currency":
+                row[name] = text or None
+            elif name == "as_of_ms":
+                row[name] = int(text)
+            else:
+                row[name] = parse_redis_field(name, text)
+        out[store] = row
+    return out
+
+
+def _number(value: object, digits: int, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    assert isinstance(value, Decimal | int | float)
+    return f"{Decimal(value):,.{digits}f}{suffix}"
+
+
+def render(
+    headlines: dict[str, dict[str, Any]],
+    stores: list[str],
+    window: str,
+    status: str,
+    now_ms: int,
+) -> Group:
+    """The table of the headline metrics per store, and a status line under it.
+
+    >>> import io
+    >>> from rich.console import Console
+    >>> console = Console(width=120, record=True, file=io.StringIO())
+    >>> console.print(render({"store-1": {"customers_end": Decimal(12), "churn_rate": Decimal("2.5"),
+    ...     "nps": None, "repeat_purchase_rate": Decimal(40), "gross_revenue": Decimal("99.5"),
+    ...     "as_of_ms": 1_700_000_000_000, "currency": "EUR"}}, ["store-1", "store-2"], "1h", "ok",
+    ...     1_700_000_002_000))
+    >>> text = console.export_text()
+    >>> "2.50%" in text and "99.50 EUR" in text and "waiting" in text and "22:13:20 2s" in text
+    True
+    """
+    table = Table(
+        title=f"loyalty metrics, window {window}, from Redis every {REFRESH_S:g}s",
+        caption="customers_end, churn_rate, nps, repeat_purchase_rate, gross_revenue; as_of UTC and age",
+        title_justify="left",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("store", no_wrap=True)
+    for label in COLUMNS:
+        table.add_column(label, justify="right", no_wrap=True)
+    table.add_column("as of", no_wrap=True)
+    for store in stores:
+        row = headlines.get(store)
+        if row is None:
+            table.add_row(store, *(["-"] * len(HEADLINE)), Text("waiting", style="dim"))
+            continue
+        age = max(0, now_ms - row["as_of_ms"]) / 1000
+        revenue = _number(row["gross_revenue"], 2)
+        if row["gross_revenue"] is not None and row["currency"]:
+            revenue += f" {row['currency']}"
+        table.add_row(
+            store,
+            _number(row["customers_end"], 0),
+            _number(row["churn_rate"], 2, "%"),
+            _number(row["nps"], 1),
+            _number(row["repeat_purchase_rate"], 1, "%"),
+            revenue,
+            f"{rfc3339_ms(row['as_of_ms'])[11:19]} {age:,.0f}s",
+        )
+    return Group(table, Text(status, style="cyan"))
+
+
+def _status_line(stats: SimulationStats | None, rate: float, worker: subprocess.Popen[bytes],
+                 health: dict[str, int], log_path: Path) -> str:
+    sent = f"{stats.delivered:,} events sent ({stats.phase}), {rate:,.0f} events/s" if stats else "simulator starting"
+    worker_state = f"worker pid {worker.pid} running" if worker.poll() is None else "worker exited"
+    counts = ", ".join(f"{name.replace('_', ' ')} {health.get(name, 0):,}"
+                       for name in ("events_applied", "duplicates", "dead_letters"))
+    return f"simulator: {sent} | {worker_state} ({log_path}) | {counts} | Ctrl-C stops"
+
+
+async def _health(client: aioredis.Redis) -> dict[str, int]:
+    raw = await client.hgetall(HEALTH_KEY)
+    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+async def _show(
+    settings: Settings, options: DemoOptions, worker: subprocess.Popen[bytes], console: Console, log_path: Path
+) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    latest: list[SimulationStats] = []
+    samples: list[tuple[float, int]] = []
+
+    def on_progress(stats: SimulationStats) -> None:
+        latest[:] = [stats]
+
+    simulation = asyncio.create_task(run_simulation(settings, options.simulation, on_progress, stop))
+    stores = [f"store-{index + 1}" for index in range(options.simulation.stores)] + [ALL_STORES]
+    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    baseline: dict[str, int] | None = None
+    failure = ""
+    deadline = time.monotonic() + options.duration_s if options.duration_s else None
+    try:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                now = time.monotonic()
+                stats = latest[0] if latest else None
+                samples.append((now, stats.delivered if stats else 0))
+                del samples[:-6]
+                span = samples[-1][0] - samples[0][0]
+                rate = (samples[-1][1] - samples[0][1]) / span if span > 0 else 0.0
+                try:
+                    headlines = await read_headlines(client, stores, options.window)
+                    health = await _health(client)
+                    if baseline is None:
+                        baseline = health
+                    health = {name: count - baseline.get(name, 0) for name, count in health.items()}
+                    status = _status_line(stats, rate, worker, health, log_path)
+                except (aioredis.RedisError, OSError) as exc:
+                    headlines, status = {}, f"Redis at {settings.redis_url} does not answer: {exc}"
+                live.update(render(headlines, stores, options.window, status, int(time.time() * 1000)),
+                            refresh=True)
+                if stop.is_set():
+                    break
+                if worker.poll() is not None:
+                    failure = f"the worker exited with code {worker.returncode}; the end of {log_path}:\n"
+                    failure += _tail(log_path)
+                    break
+                if simulation.done() and simulation.exception() is not None:
+                    break
+                if deadline is not None and now >= deadline:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=REFRESH_S)
+        if not console.is_terminal:
+            console.line()  # the last frame is printed without a line end
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await client.aclose()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    try:
+        stats = await simulation
+    except SimulationError as exc:
+        console.print(f"simulator: {exc}", style="red", markup=False, highlight=False)
+        return 1
+    console.print(f"simulator stopped: {stats.delivered:,} events sent in {stats.seconds:.0f}s, seed {stats.seed}")
+    if failure:
+        console.print(failure, style="red", markup=False, highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def run_demo(settings: Settings, options: DemoOptions, console: Console | None = None) -> int:
+    """Start the worker, simulate and show the table until Ctrl-C (or ``duration_s``); 0 on a clean stop.
+
+    The worker is always stopped before this returns. Kafka and Redis are the caller's business.
+    """
+    console = console or Console()
+    log_path = settings.state_dir / "demo" / "worker.log"
+    try:  # before the worker starts: it then finds its input topics at its first assignment
+        asyncio.run(ensure_input_topics(settings))
+    except (KafkaError, OSError) as exc:
+        console.print(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc}", style="red", markup=False)
+        return 1
+    worker = start_worker(log_path)
+    console.print(f"worker started (pid {worker.pid}), log: {log_path}")
+    try:
+        return asyncio.run(_show(settings, options, worker, console, log_path))
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan the worker
+        try:
+            console.print("stopping the worker ...")
+            code = stop_worker(worker)
+            console.print(f"worker stopped (exit code {code})")
+        finally:
+            signal.signal(signal.SIGINT, previous)
