@@ -12,19 +12,64 @@ from metrics.events import INPUT_TOPICS
 from streams.settings import Settings
 
 
-async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int, replication: int = 1) -> None:
+async def ensure_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    replication: int = 1,
+    config: dict[str, str] | None = None,
+) -> None:
     """Create the topics that do not exist yet (existing ones are left as they are)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, num_partitions=partitions, replication_factor=replication)
-                   for name in names if name not in existing]
+        missing = [
+            NewTopic(name, num_partitions=partitions, replication_factor=replication, topic_configs=config or {})
+            for name in names
+            if name not in existing
+        ]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # created concurrently by a worker: fine
                 await admin.create_topics(missing)
     finally:
         await admin.close()
+
+
+def internal_topic(settings: Settings, name: str) -> str:
+    """The name of an internal topic of the app (prefixed, and per app id)."""
+    return settings.topic(f"{settings.app_id}-{name}")
+
+
+#: internal topics of the pipeline, in processing order
+INTERNAL_TOPICS = ("events-by-store", "events-by-customer", "deltas")
+OUTPUT_TOPIC = "loyalty-metrics"
+DEAD_LETTER_TOPIC = "loyalty-dead-letters"
+
+
+async def ensure_pipeline_topics(settings: Settings) -> None:
+    """Every topic the pipeline reads or writes, before a worker joins its group.
+
+    Faust creates the topics it declares only after the first partition
+    assignment; topics missing at that moment are left out of the assignment
+    until the next rebalance, and a worker would sit idle. Creating them first
+    avoids that race.
+    """
+    await ensure_input_topics(settings)
+    await ensure_topics(
+        settings.kafka_bootstrap_servers,
+        [internal_topic(settings, name) for name in INTERNAL_TOPICS]
+        + [settings.topic(DEAD_LETTER_TOPIC)],
+        settings.partitions,
+        settings.replication_factor,
+    )
+    await ensure_topics(
+        settings.kafka_bootstrap_servers,
+        [settings.topic(OUTPUT_TOPIC)],
+        settings.partitions,
+        settings.replication_factor,
+        config={"cleanup.policy": "compact"},
+    )
 
 
 async def ensure_input_topics(settings: Settings) -> None:

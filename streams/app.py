@@ -11,7 +11,8 @@ import faust
 from streams.pipeline import register_pipeline
 from streams.settings import Settings, load_settings
 
-STORES = {"rocksdb": "rocksdict://", "memory": "memory://"}
+#: Faust store URLs; faust-streaming's ``rocksdb://`` store runs on rocksdict
+STORES = {"rocksdb": "rocksdb://", "memory": "memory://"}
 
 
 def faust_options(settings: Settings) -> dict[str, object]:

@@ -160,6 +160,13 @@ def worker() -> None:
     from streams.logging import configure_logging, logging_config
 
     configure_logging(settings.log_level)
+    from streams.admin import ensure_pipeline_topics
+
+    try:
+        asyncio.run(ensure_pipeline_topics(settings))
+    except Exception as error:  # Kafka unreachable: say so, no traceback
+        where = settings.kafka_bootstrap_servers
+        raise click.ClickException(f"cannot create the pipeline's topics on {where}: {error}") from None
     app = create_app(settings)
     Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     Worker(

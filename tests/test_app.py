@@ -32,7 +32,7 @@ def test_app_is_configured_from_settings(tmp_path) -> None:  # type: ignore[no-u
     assert str(app.conf.datadir).startswith(str(tmp_path))
 
 
-@pytest.mark.parametrize(("store", "url"), [("rocksdb", "rocksdict://"), ("memory", "memory://")])
+@pytest.mark.parametrize(("store", "url"), [("rocksdb", "rocksdb://"), ("memory", "memory://")])
 def test_store_choice(store: str, url: str) -> None:
     assert faust_options(settings(LOYALTY_STORE=store))["store"] == url
 
