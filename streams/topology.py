@@ -8,8 +8,10 @@
 Every internal message is a packed batch (Faust costs per message). Each
 stage reads batches with ``take_events`` and writes each table key once per
 batch. Tables route keys with our own partitioner (``streams.wire.route``),
-the same that routes the stage's input, so they never need Faust's "current
-event" (faust-streaming issue 497) and recover where their input lives.
+the same that routes the stage's input (the store records by their store, see
+``store_of_key``), so they never need Faust's "current event" (faust-streaming
+issue 497) and recover where their input lives: a worker keeps only the
+changelog partitions of its input partitions after a rebalance.
 
 Idempotency, so that at-least-once delivery counts nothing twice:
 
@@ -18,7 +20,10 @@ Idempotency, so that at-least-once delivery counts nothing twice:
   the facts, so facts are never ahead of the deltas they caused;
 * every delta message carries (input partition, offset); each aggregation
   record keeps, per input partition, the last offset applied to it, and is
-  written whole, so a replayed message is skipped record by record.
+  written whole, so a replayed message is skipped record by record;
+* a stage waits for Kafka to acknowledge its table writes before its batch
+  is acked (``changelog_written``), so no committed offset is ahead of the
+  table state that a worker taking the partition over recovers.
 
 The clock (``LOYALTY_CLOCK``): ``wall`` is the wall clock; ``event`` is the
 latest event time seen, which the facts stage broadcasts as a watermark to
@@ -71,13 +76,40 @@ def grid_of(settings: Settings) -> Grid:
     return Grid(settings.bucket_ms, settings.active_horizon_ms, windows, settings.dedupe_ttl_ms)
 
 
-def make_table(app: faust.App, name: str, partitions: int) -> Any:
-    """A bytes -> bytes table whose keys are routed by :func:`streams.wire.route`."""
+def same_key(text: str) -> str:
+    """The routing key of a table key that is its own routing key."""
+    return text
+
+
+def store_of_key(text: str) -> str:
+    """The routing key of a :func:`shard_key`: its store, so a store's records share its deltas partition.
+
+    >>> store_of_key(shard_key("store-1", "base").decode())
+    'store-1'
+    """
+    return str(orjson.loads(text)[0])
+
+
+def make_table(app: faust.App, name: str, partitions: int, routing_key: Any = same_key) -> Any:
+    """A bytes -> bytes table whose keys are routed by :func:`streams.wire.route` of ``routing_key(key)``.
+
+    The changelog partition of a key must be the partition of the stage input
+    that carries the key: a worker recovers (and keeps, with the memory store)
+    only the changelog partitions of the input partitions assigned to it.
+    """
 
     class RoutedTable(faust.Table):  # type: ignore[type-arg]
+        #: changelog records sent but not yet acknowledged by Kafka (see :func:`changelog_written`)
+        unconfirmed: list[asyncio.Future[Any]]
+
         def partition_for_key(self, key: Any) -> int:
             text = key.decode() if isinstance(key, bytes) else str(key)
-            return route(text, partitions)
+            return route(routing_key(text), partitions)
+
+        def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+            future = super().send_changelog(*args, **kwargs)
+            self.unconfirmed.append(future)
+            return future
 
     table = RoutedTable(
         app,
@@ -90,11 +122,30 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
         value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
+    table.unconfirmed = []
     return app.tables.add(table)
 
 
+async def changelog_written(*tables: Any) -> None:
+    """Wait until Kafka has every changelog record the tables sent so far.
+
+    A table write only queues its changelog record in Faust's producer buffer,
+    and Faust commits the source offsets of acked events after a producer
+    flush that gives up on a buffer that does not drain within 0.1 s. So a
+    stage awaits this before its batch is acked: an offset is never committed
+    ahead of the table state it produced, and a worker that takes the
+    partition over in a rebalance recovers that state from the changelog
+    instead of skipping the events that made it.
+    """
+    for table in tables:
+        while table.unconfirmed:
+            # another agent or timer may await the same records: keep them listed until done
+            await asyncio.gather(*table.unconfirmed)
+            table.unconfirmed = [future for future in table.unconfirmed if not future.done()]
+
+
 def shard_key(store_id: str, suffix: str) -> bytes:
-    """Table key of a store's record: routed by the store (see ``StoreTable``)."""
+    """Table key of a store's record: routed by the store (see :func:`store_of_key`)."""
     return orjson.dumps([store_id, suffix])
 
 
@@ -161,10 +212,24 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     output = topic("loyalty-metrics", compacting=True)
     dead_letters = topic("loyalty-dead-letters")
 
+    # Faust creates only the topics it consumes; a topic the broker auto-creates on the first send
+    # has one partition and no compaction, and a send racing that creation can wait for its
+    # metadata for the whole producer request timeout, stalling the agent and every commit.
+    declared: list[asyncio.Task[None]] = []
+
+    async def declare_outputs() -> None:
+        if not declared:
+            async def declare() -> None:
+                for sink_topic in (output, dead_letters):
+                    await sink_topic.maybe_declare()
+
+            declared.append(asyncio.ensure_future(declare()))
+        await asyncio.shield(declared[0])
+
     currencies = make_table(app, "store-currency", partitions)
     held = make_table(app, "held-events", partitions)
     facts_table = make_table(app, "customer-facts", partitions)
-    store_table = make_table(app, "store-records", partitions)
+    store_table = make_table(app, "store-records", partitions, routing_key=store_of_key)
 
     ingest_stage = IngestStage(partitions, settings.max_future_skew_ms)
     gate_stage = GateStage(partitions)
@@ -180,6 +245,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
 
     @app.agent(inputs, name=internal + "ingest")
     async def ingest(stream: Any) -> None:
+        await declare_outputs()
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             routed = Routed()
             now = wall_ms()
@@ -205,6 +271,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
 
     @app.agent(by_store, name=internal + "gate")
     async def gate(stream: Any) -> None:
+        await declare_outputs()
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             routed = Routed()
             now = None if pipeline.event_clock else wall_ms()
@@ -219,11 +286,13 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 previous = held.get(key)
                 held[key] = pack((unpack(previous) if previous else []) + items)
             await send_routed(by_customer, routed)
+            await changelog_written(currencies, held)
 
     @app.timer(1.0, name=internal + "release-held")  # type: ignore[untyped-decorator]
     async def release_held() -> None:
         if pipeline.event_clock:
             return
+        await declare_outputs()
         now = wall_ms()
         routed = Routed()
         for key in list(held.keys()):
@@ -236,6 +305,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
             else:
                 del held[key]
         await send_routed(by_customer, routed)
+        await changelog_written(held)
 
     def load_facts(key: str) -> CustomerFacts | None:
         value = facts_table.get(key.encode())
@@ -269,6 +339,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 await asyncio.gather(*acks)
             for key, customer in cache.items():
                 facts_table[key.encode()] = orjson.dumps(customer.to_record())
+            await changelog_written(facts_table)
             clock = pipeline.clock_ms
             if pipeline.event_clock and clock is not None and (
                 pipeline.broadcast_ms is None or clock > pipeline.broadcast_ms
@@ -326,10 +397,12 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                         touched.add((store_id, suffix))
             for store_id, suffix in touched:
                 store_table[shard_key(store_id, suffix)] = orjson.dumps(pipeline.shards[store_id].record(suffix))
+            await changelog_written(store_table)
 
     async def emit(now: int) -> None:
         grid = pipeline.grid
         as_of_bucket = grid.bucket(now)
+        await declare_outputs()
         if pipeline.sink is None:
             pipeline.sink = RedisSink(settings.redis_url)
         for store_id, shard in list(pipeline.shards.items()):
