@@ -63,7 +63,8 @@ def main() -> None:
     print(f"validation             {count / validation_s:12,.0f} events/s")
     print(f"incremental update     {count / update_s:12,.0f} events/s")
     print(f"validation + update    {count / (validation_s + update_s):12,.0f} events/s")
-    print(f"all snapshots          {snapshot_s * 1000:12,.1f} ms ({len(engine.store_ids())} scopes x {len(WINDOWS_MS)} windows)")
+    scopes = len(engine.store_ids())
+    print(f"all snapshots          {snapshot_s * 1000:12,.1f} ms ({scopes} scopes x {len(WINDOWS_MS)} windows)")
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
 

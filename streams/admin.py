@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from metrics.events import INPUT_TOPICS
 from streams.settings import Settings
@@ -80,3 +81,28 @@ async def ensure_input_topics(settings: Settings) -> None:
         settings.partitions,
         settings.replication_factor,
     )
+
+
+class KafkaUnreachable(Exception):
+    """Kafka did not answer: a message for the operator, not a traceback."""
+
+
+async def start_input_producer(settings: Settings, *, linger_ms: int) -> AIOKafkaProducer:
+    """A started, idempotent producer for the input topics, which it creates first when missing."""
+    servers = settings.kafka_bootstrap_servers
+    producer = AIOKafkaProducer(
+        bootstrap_servers=servers,
+        acks="all",
+        enable_idempotence=True,
+        max_request_size=2 * 1024 * 1024,
+        linger_ms=linger_ms,
+        request_timeout_ms=30_000,
+    )
+    try:
+        await ensure_input_topics(settings)
+        await producer.start()
+    except (KafkaError, OSError) as exc:
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        raise KafkaUnreachable(f"cannot reach Kafka at {servers}: {exc}") from None
+    return producer

@@ -42,7 +42,7 @@ from rich.text import Text
 
 from metrics.events import INPUT_TOPICS, TYPE_TOPIC
 from metrics.validation import MAX_BATCH_EVENTS
-from streams.admin import ensure_input_topics
+from streams.admin import KafkaUnreachable, start_input_producer
 from streams.settings import Settings
 
 DEFAULT_BATCH = 500
@@ -206,23 +206,10 @@ def _open(path: Path) -> tuple[BinaryIO, int]:
 
 
 async def _start_producer(settings: Settings) -> AIOKafkaProducer:
-    servers = settings.kafka_bootstrap_servers
-    producer = AIOKafkaProducer(
-        bootstrap_servers=servers,
-        acks="all",
-        enable_idempotence=True,
-        max_request_size=2 * 1024 * 1024,
-        linger_ms=20,
-        request_timeout_ms=30_000,
-    )
     try:
-        await ensure_input_topics(settings)
-        await producer.start()
-    except (KafkaError, OSError) as exc:
-        with contextlib.suppress(Exception):
-            await producer.stop()
-        raise ReplayError(f"cannot reach Kafka at {servers}: {exc}") from None
-    return producer
+        return await start_input_producer(settings, linger_ms=20)
+    except KafkaUnreachable as exc:
+        raise ReplayError(str(exc)) from None
 
 
 async def replay(

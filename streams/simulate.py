@@ -63,7 +63,7 @@ from metrics.events import (
 )
 from metrics.timegrid import parse_duration
 from metrics.validation import MAX_BATCH_EVENTS, parse_timestamp
-from streams.admin import ensure_input_topics
+from streams.admin import KafkaUnreachable, start_input_producer
 from streams.history import CHANNELS, CURRENCIES, _time_field, survey_fields
 from streams.settings import Settings
 
@@ -672,23 +672,10 @@ Progress = Callable[[SimulationStats], None]
 
 
 async def _start_producer(settings: Settings) -> AIOKafkaProducer:
-    servers = settings.kafka_bootstrap_servers
-    producer = AIOKafkaProducer(
-        bootstrap_servers=servers,
-        acks="all",
-        enable_idempotence=True,
-        max_request_size=2 * 1024 * 1024,
-        linger_ms=5,
-        request_timeout_ms=30_000,
-    )
     try:
-        await ensure_input_topics(settings)
-        await producer.start()
-    except (KafkaError, OSError) as exc:
-        with contextlib.suppress(Exception):
-            await producer.stop()
-        raise SimulationError(f"cannot reach Kafka at {servers}: {exc}") from None
-    return producer
+        return await start_input_producer(settings, linger_ms=5)
+    except KafkaUnreachable as exc:
+        raise SimulationError(str(exc)) from None
 
 
 async def run_simulation(
