@@ -78,7 +78,7 @@ def start_worker(log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def stop_worker(proc: subprocess.Popen[bytes], timeout: float = WORKER_STOP_TIMEOUT_S) -> int:
+def stop_worker(proc: subprocess.Popen[Any], timeout: float = WORKER_STOP_TIMEOUT_S) -> int:
     """SIGTERM (Faust shuts down cleanly), then SIGKILL after ``timeout``; returns the exit code."""
     if proc.poll() is None:
         proc.terminate()

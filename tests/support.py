@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from streams.demo import stop_worker
+
 T = TypeVar("T")
 
 # Variables a test's child process must not inherit from the developer's shell.
@@ -94,11 +96,5 @@ def tail(path: Path, lines: int = 60) -> str:
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
-    """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait(timeout)
+    """SIGTERM, then SIGKILL after ``timeout``; returns the exit code (the product's own way, ``loyalty demo``'s)."""
+    return stop_worker(proc, timeout)
