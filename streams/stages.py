@@ -95,12 +95,22 @@ class IngestStage:
         items = parse_message(value, topic, now_ms=now_ms, max_future_skew_ms=self.max_future_skew_ms)
         is_batch = len(items) > 1 or (bool(items) and _is_array(value))
         elements: list[Any] | None = None
+
+        def original(index: int) -> bytes:
+            # the message's bytes, or a batch element's JSON text; the batch is parsed once, on demand
+            nonlocal elements
+            if not is_batch:
+                return value or b""
+            if elements is None:
+                elements = orjson.loads(value or b"[]")
+            return orjson.dumps(elements[index])
+
         for index, item in enumerate(items):
             if isinstance(item, Rejection):
                 out.dead_letters.append(dead_letter(item.reason, item.detail, item.raw, source, item.index, now_ms))
                 continue
             if item.store_id == ALL_STORES:
-                raw = _element_raw(value, index, is_batch, elements)
+                raw = original(index)
                 detail = f"store_id {ALL_STORES!r} is reserved for all stores together"
                 out.dead_letters.append(
                     dead_letter(RESERVED_STORE_ID, detail, raw, source, index if is_batch else None, now_ms)
@@ -108,9 +118,7 @@ class IngestStage:
                 continue
             origin = None
             if item.type in ev.MONEY_TYPES:
-                if is_batch and elements is None:
-                    elements = orjson.loads(value or b"[]")
-                raw = _element_raw(value, index, is_batch, elements)
+                raw = original(index)
                 origin = [source[0], source[1], source[2], index if is_batch else None, raw.decode()]
             out.add(route(item.store_id, self.partitions), [event_to_list(item), origin])
             out.accepted += 1
@@ -120,12 +128,6 @@ def _is_array(value: bytes | None) -> bool:
     return bool(value) and value.lstrip()[:1] == b"["  # type: ignore[union-attr]
 
 
-def _element_raw(value: bytes | None, index: int, is_batch: bool, elements: list[Any] | None) -> bytes:
-    if not is_batch:
-        return value or b""
-    if elements is None:
-        elements = orjson.loads(value or b"[]")
-    return orjson.dumps(elements[index])
 
 
 class GateStage:
