@@ -20,6 +20,7 @@ Order of the steps for each arriving event, and why:
 from __future__ import annotations
 
 import heapq
+from collections.abc import MutableMapping
 
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
@@ -60,14 +61,18 @@ class CurrencyGate:
 
     __slots__ = ("currencies",)
 
-    def __init__(self) -> None:
-        self.currencies: dict[str, str] = {}
+    def __init__(self, currencies: MutableMapping[str, str] | None = None) -> None:
+        #: store -> currency; any mapping (the pipeline passes its table)
+        self.currencies: MutableMapping[str, str] = {} if currencies is None else currencies
 
     def admit(self, store_id: str, currency: str | None) -> bool:
         """Whether a money event of this currency is admitted for the store."""
         if currency is None:
             return True
-        known = self.currencies.setdefault(store_id, currency)
+        known = self.currencies.get(store_id)
+        if known is None:
+            self.currencies[store_id] = currency
+            return True
         return known == currency
 
     def common_currency(self) -> tuple[bool, str | None]:

@@ -26,7 +26,7 @@ import orjson
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
 from metrics.customer import CustomerFacts, diff, event_deltas, families_of
-from metrics.engine import customer_key
+from metrics.engine import CurrencyGate, customer_key
 from metrics.store import StoreAggregate
 from metrics.timegrid import Grid
 from metrics.validation import Rejection, parse_message
@@ -148,20 +148,17 @@ class GateStage:
 
         With ``now_ms`` (wall clock) events later than it go to ``pending``.
         """
+        gate = CurrencyGate(currencies)
         for item in items:
             fields, origin = item
             event_type, store_id, currency = fields[1], fields[3], fields[7]
-            if event_type in ev.MONEY_TYPES:
-                known = currencies.get(store_id)
-                if known is None:
-                    currencies[store_id] = currency
-                elif known != currency:
-                    topic, partition, offset, index, raw = origin
-                    detail = f"store {store_id!r} uses {known}, not {currency}"
-                    out.dead_letters.append(
-                        dead_letter(CURRENCY_MISMATCH, detail, raw.encode(), (topic, partition, offset), index, 0)
-                    )
-                    continue
+            if event_type in ev.MONEY_TYPES and not gate.admit(store_id, currency):
+                topic, partition, offset, index, raw = origin
+                detail = f"store {store_id!r} uses {currencies.get(store_id)}, not {currency}"
+                out.dead_letters.append(
+                    dead_letter(CURRENCY_MISMATCH, detail, raw.encode(), (topic, partition, offset), index, 0)
+                )
+                continue
             if now_ms is not None and fields[2] > now_ms:
                 pending.append(item)
                 continue
