@@ -421,5 +421,63 @@ def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike
     sys.exit(code)
 
 
+@main.command()
+@click.option("--events", type=click.IntRange(1), default=1_000_000, show_default=True, metavar="N",
+              help="Events of the throughput runs (historical storefront traffic).")
+@click.option("--batch", type=click.IntRange(2, 10_000), default=500, show_default=True, metavar="N",
+              help="Events per message of the batched run (the other run sends one per message).")
+@click.option("--stores", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--customers", type=click.IntRange(1), default=200_000, show_default=True,
+              help="Customers the simulated stores grow to.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--sample-stores", type=click.IntRange(0), default=2, show_default=True,
+              help="Stores whose final snapshots are checked against the batch reference.")
+@click.option("--rate", type=click.FloatRange(min=1, min_open=False), default=2_000.0, show_default=True,
+              help="Events per second of the latency run.")
+@click.option("--duration", default="60s", show_default=True, metavar="DURATION",
+              help="Length of the latency run (0: skip it).")
+@click.option("--memory-customers", type=click.IntRange(0), default=1_000_000, show_default=True, metavar="N",
+              help="Distinct customers of the memory run (0: skip it).")
+@click.option("--emit-interval", default="250ms", show_default=True, metavar="DURATION",
+              help="LOYALTY_EMIT_INTERVAL of the bench's workers.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+              show_default=True)
+@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds any one part may take.")
+def bench(events: int, batch: int, stores: int, customers: int, seed: int, sample_stores: int, rate: float,
+          duration: str, memory_customers: int, emit_interval: str, output_dir: Path, timeout: float) -> None:
+    """Measure throughput beside the aiokafka and empty-Faust-agent ceilings, latency and memory (SPEC 9).
+
+    Starts local Kafka and Redis like `loyalty up` when they are not running. Prints a
+    table and writes OUTPUT_DIR/<date>.json; the run ends by checking the final snapshots
+    of the sample stores against the batch reference.
+    """
+    import logging
+
+    from rich.console import Console
+
+    from bench.run import BenchError, BenchOptions, render_table, run_bench
+    from metrics.timegrid import parse_duration
+
+    logging.getLogger("aiokafka").addHandler(logging.NullHandler())
+    try:
+        duration_s = 0.0 if duration.strip() == "0" else parse_duration(duration) / 1000
+        emit_ms = parse_duration(emit_interval)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    options = BenchOptions(events=events, batch=batch, stores=stores, customers=customers, seed=seed,
+                           sample_stores=min(sample_stores, stores), rate=rate, duration_s=duration_s,
+                           memory_customers=memory_customers, emit_interval_ms=emit_ms, timeout_s=timeout,
+                           output_dir=output_dir, shapes=(1, batch))
+    click.get_current_context().invoke(up)
+    settings = _settings()
+    console = Console(stderr=True)
+    _use_uvloop()
+    try:
+        results = asyncio.run(run_bench(settings, options, echo=lambda text: console.print(text)))
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from None
+    Console().print(render_table(results))
+    click.echo(f"written: {results['path']}")
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -44,6 +44,7 @@ from metrics.customer import CustomerFacts
 from metrics.events import INPUT_TOPICS
 from metrics.timegrid import Grid
 from streams.logging import get_logger
+from streams.rocks import RoutedRocksDBStore
 from streams.settings import Settings
 from streams.sinks import RedisSink, dumps, snapshot_payload
 from streams.stages import (
@@ -105,6 +106,22 @@ def make_table(app: faust.App, name: str, partitions: int, routing_key: Any = sa
         def partition_for_key(self, key: Any) -> int:
             text = key.decode() if isinstance(key, bytes) else str(key)
             return route(routing_key(text), partitions)
+
+        def _new_store_by_url(self, url: Any) -> Any:
+            if str(url).startswith("rocksdb:"):
+                return RoutedRocksDBStore(
+                    url,
+                    self.app,
+                    self,
+                    table_name=self.name,
+                    key_type=self.key_type,
+                    key_serializer=self.key_serializer,
+                    value_serializer=self.value_serializer,
+                    value_type=self.value_type,
+                    loop=self.loop,
+                    options=self.options,
+                )
+            return super()._new_store_by_url(url)
 
         def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
             future = super().send_changelog(*args, **kwargs)

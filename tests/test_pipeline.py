@@ -171,9 +171,15 @@ async def group_is_stable(bootstrap: str, group: str, members: int) -> bool:
         await admin.close()
 
 
-#: (workers, how they start, Redis database): ``stable`` waits for the group to settle before any data;
-#: ``join`` starts the second worker once the first is processing, so a rebalance moves live partitions
-RUNS = {"1": (1, "stable", 11), "2": (2, "stable", 12), "join": (2, "join", 13)}
+#: (workers, how they start, Redis database, table store): ``stable`` waits for the group to settle
+#: before any data; ``join`` starts the second worker once the first is processing, so a rebalance
+#: moves live partitions. RocksDB is the product's default store.
+RUNS = {
+    "1": (1, "stable", 11, "rocksdb"),
+    "1-memory": (1, "stable", 14, "memory"),
+    "2": (2, "stable", 12, "rocksdb"),
+    "join": (2, "join", 13, "rocksdb"),
+}
 
 
 def health_counter(values: dict[str, str], name: str) -> int:
@@ -194,7 +200,7 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
     Also when a worker joins mid-stream: the rebalance moves partitions (and their table state) while
     events flow, and nothing may be lost or counted twice.
     """
-    workers, start, database = RUNS[run]
+    workers, start, database, store = RUNS[run]
     messages, expected_reasons, valid = produce_plan()
     accepted = accepted_events(valid)
     assert len(valid) >= 20_000
@@ -214,7 +220,7 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
         REDIS_URL=redis_url,
         LOYALTY_APP_ID=app_id,
         LOYALTY_TOPIC_PREFIX=topic_prefix,
-        LOYALTY_STORE="memory",
+        LOYALTY_STORE=store,
         LOYALTY_PARTITIONS=str(PARTITIONS),
         LOYALTY_CLOCK="event",
         LOYALTY_WINDOWS=",".join(WINDOWS),

@@ -1,0 +1,1 @@
+"""Benchmarks: ``loyalty bench`` (``bench.run``) and micro-benchmarks of single steps."""

@@ -1,0 +1,666 @@
+"""``loyalty bench``: throughput beside the two ceilings, latency, memory, and a correctness check (SPEC section 9).
+
+One run, against the Kafka and Redis of the settings (``loyalty up``):
+
+1. prefill: simulated storefront traffic (``streams.simulate.Storefronts``,
+   historical times) written twice, to topics of its own per message shape:
+   one event per message, and batches of ``--batch`` events per message;
+2. ceilings, per shape: a raw aiokafka consumer that fetches in batches and
+   decodes every message with orjson, and an empty Faust agent that only
+   decodes (``bench.faust_ceiling``), each timed from its first message to its last;
+3. throughput, per shape: one ``loyalty worker`` (RocksDB state, every metric
+   and window, event clock) from the pre-filled topics until the snapshots in
+   Redis equal the batch reference (``metrics.reference``) on a sample of stores;
+4. latency: a live worker (wall clock) under a steady ``--rate`` for
+   ``--duration``; an order's latency is from just before it is produced to
+   the first Redis poll (every 10 ms) whose ``orders`` count of its store
+   includes it (counts are compared, so it is exact when a store's orders are
+   applied in send order and otherwise a close estimate);
+5. memory: peak RSS (``VmHWM``) of a worker that takes ``--memory-customers``
+   distinct customers (one signup each, batched messages).
+
+It prints a table and writes ``bench/results/<date>.json`` with the machine's facts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from metrics.compare import metric_differences
+from metrics.events import INPUT_TOPICS, Event
+from metrics.reference import ReferenceConfig, reference_all
+from metrics.timegrid import DAY_MS, parse_duration
+from metrics.validation import parse_message
+from streams.admin import ensure_topics
+from streams.demo import stop_worker
+from streams.settings import Settings
+from streams.simulate import Storefronts, TokenBucket
+from streams.sinks import metric_key, parse_redis_field
+
+#: how often the bench polls Redis while it waits
+POLL_S = 0.05
+LATENCY_POLL_S = 0.01
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to run; the defaults are the SPEC's targets."""
+
+    events: int = 1_000_000
+    batch: int = 500
+    stores: int = 5
+    customers: int = 200_000
+    seed: int = 1
+    sample_stores: int = 2
+    rate: float = 2_000.0
+    duration_s: float = 60.0
+    memory_customers: int = 1_000_000
+    emit_interval_ms: int = 250
+    timeout_s: float = 3_600.0
+    output_dir: Path = Path("bench/results")
+    shapes: tuple[int, ...] = field(default=(1, 500))
+
+
+@dataclass
+class Dataset:
+    """A pre-filled topic set: its prefix, what it holds and the reference's inputs."""
+
+    prefix: str
+    batch: int
+    messages: int
+    events: int
+
+
+@dataclass
+class Workload:
+    """The events of the throughput runs (the same for both shapes)."""
+
+    bodies: list[tuple[str, bytes]]
+    sample_stores: list[str]
+    sample_events: list[Event]
+    as_of_ms: int
+
+
+class BenchError(Exception):
+    """The bench could not finish (a worker died, a wait timed out, a number was wrong)."""
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def make_workload(options: BenchOptions, settings: Settings) -> Workload:
+    """Historical storefront traffic ending a day ago, encoded once; the sample stores' events parsed."""
+    span_ms = 60 * DAY_MS
+    start_ms = (time.time_ns() // 1_000_000) - DAY_MS - span_ms
+    step = span_ms / max(options.events, 1)
+    counter = iter(range(options.events))
+
+    def clock() -> int:
+        return int(start_ms + next(counter) * step)
+
+    generator = Storefronts(seed=options.seed, stores=options.stores, customers=options.customers, clock=clock)
+    # the smallest stores are the sample: the reference is a plain (slow) computation
+    sample = generator.store_ids[-options.sample_stores:] if options.sample_stores else []
+    wanted = set(sample)
+    bodies: list[tuple[str, bytes]] = []
+    sample_events: list[Event] = []
+    now_ms = time.time_ns() // 1_000_000
+    as_of_ms = 0
+    for _ in range(options.events):
+        topic, body = next(generator)
+        encoded = orjson.dumps(body)
+        bodies.append((topic, encoded))
+        as_of_ms = max(as_of_ms, generator.last_ms or 0)
+        if body["store_id"] in wanted:
+            for item in parse_message(encoded, topic, now_ms=now_ms, max_future_skew_ms=settings.max_future_skew_ms):
+                if not isinstance(item, Event):
+                    raise BenchError(f"the simulator made an invalid event: {item}")
+                sample_events.append(item)
+    return Workload(bodies, sample, sample_events, as_of_ms)
+
+
+async def prefill(settings: Settings, prefix: str, bodies: list[tuple[str, bytes]], batch: int) -> Dataset:
+    """Write the bodies to the prefixed input topics, ``batch`` per message (a JSON array when > 1)."""
+    topics = {name: prefix + name for name in INPUT_TOPICS}
+    await ensure_topics(settings.kafka_bootstrap_servers, list(topics.values()), settings.partitions)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        linger_ms=20,
+        max_batch_size=1024 * 1024,
+        max_request_size=4 * 1024 * 1024,
+        acks=1,
+    )
+    await producer.start()
+    messages = 0
+    pending: list[asyncio.Future[Any]] = []
+    buffers: dict[str, list[bytes]] = {name: [] for name in INPUT_TOPICS}
+
+    async def send(name: str, value: bytes) -> None:
+        nonlocal messages, pending
+        pending.append(await producer.send(topics[name], value))
+        messages += 1
+        if len(pending) >= 20_000:
+            await asyncio.gather(*pending)
+            pending = []
+
+    try:
+        for name, body in bodies:
+            if batch == 1:
+                await send(name, body)
+                continue
+            buffer = buffers[name]
+            buffer.append(body)
+            if len(buffer) >= batch:
+                await send(name, b"[" + b",".join(buffer) + b"]")
+                buffer.clear()
+        for name, buffer in buffers.items():
+            if buffer:
+                await send(name, b"[" + b",".join(buffer) + b"]")
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return Dataset(prefix, batch, messages, len(bodies))
+
+
+# -- ceilings ---------------------------------------------------------------------------------
+
+
+async def raw_ceiling(settings: Settings, dataset: Dataset, timeout_s: float) -> dict[str, float]:
+    """aiokafka ``getmany`` in batches plus orjson on every message: first message to last."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(dataset.prefix + name, p) for name in INPUT_TOPICS for p in range(settings.partitions)
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        messages = events = 0
+        first: float | None = None
+        deadline = time.monotonic() + timeout_s
+        while messages < dataset.messages:
+            if time.monotonic() > deadline:
+                raise BenchError(f"raw consumer read {messages} of {dataset.messages} messages")
+            batches = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            for records in batches.values():
+                if first is None:
+                    first = time.perf_counter()
+                for record in records:
+                    decoded = orjson.loads(record.value)
+                    events += len(decoded) if isinstance(decoded, list) else 1
+                messages += len(records)
+        seconds = time.perf_counter() - (first or time.perf_counter())
+    finally:
+        await consumer.stop()
+    return {"messages": messages, "events": events, "seconds": seconds, "events_per_s": events / seconds}
+
+
+async def faust_ceiling(settings: Settings, dataset: Dataset, work_dir: Path, timeout_s: float) -> dict[str, float]:
+    """An empty Faust agent (``bench.faust_ceiling``) in its own process: first message to last."""
+    result = work_dir / f"ceiling-{dataset.prefix}json"
+    env = {
+        **os.environ,
+        "BENCH_TOPICS": ",".join(dataset.prefix + name for name in INPUT_TOPICS),
+        "BENCH_MESSAGES": str(dataset.messages),
+        "BENCH_RESULT": str(result),
+        "BENCH_APP_ID": f"bench-ceiling-{uuid.uuid4().hex[:8]}",
+        "BENCH_BROKER": ";".join(settings.broker_urls),
+        "BENCH_PARTITIONS": str(settings.partitions),
+        "BENCH_DATADIR": str(work_dir / "ceiling-state"),
+    }
+    log_path = work_dir / f"ceiling-{dataset.prefix}log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "bench.faust_ceiling"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not result.exists():
+            if process.poll() is not None:
+                raise BenchError(f"the Faust ceiling worker exited with {process.returncode}: see {log_path}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the Faust ceiling worker did not finish in {timeout_s:.0f}s: see {log_path}")
+            await asyncio.sleep(POLL_S)
+    finally:
+        stop_worker(process)
+    values = orjson.loads(result.read_bytes())
+    values["events_per_s"] = values["events"] / values["seconds"]
+    return values  # type: ignore[no-any-return]
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+
+class Worker:
+    """One ``loyalty worker`` process with its own app id, topics, state and Redis database."""
+
+    def __init__(self, settings: Settings, work_dir: Path, prefix: str, database: int, **env: str) -> None:
+        self.name = prefix.rstrip("-")
+        self.redis_url = settings.redis_url.rsplit("/", 1)[0] + f"/{database}"
+        self.log_path = work_dir / f"worker-{self.name}.log"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("LOYALTY_")},
+            "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+            "REDIS_URL": self.redis_url,
+            "LOYALTY_APP_ID": f"bench-{self.name}",
+            "LOYALTY_TOPIC_PREFIX": prefix,
+            "LOYALTY_PARTITIONS": str(settings.partitions),
+            "LOYALTY_WINDOWS": ",".join(settings.windows),
+            "LOYALTY_STORE": "rocksdb",
+            "LOYALTY_STATE_DIR": str(work_dir / f"state-{self.name}"),
+            "LOYALTY_WEB_PORT": str(_free_port()),
+            "LOYALTY_LOG_LEVEL": "warning",
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+
+    async def start(self) -> aioredis.Redis:
+        """Empty its Redis database, start the process; returns a Redis client on that database."""
+        client = aioredis.from_url(self.redis_url, decode_responses=True)
+        await client.flushdb()
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker"], env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        self.started = time.perf_counter()
+        return client
+
+    def check_alive(self) -> None:
+        """Raise when the worker process has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise BenchError(f"worker {self.name} exited with {self.process.returncode}: see {self.log_path}")
+
+    def peak_rss_bytes(self) -> int | None:
+        """The process's peak resident set size so far (Linux ``VmHWM``), else ``None``."""
+        if self.process is None:
+            return None
+        try:
+            text = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM, then SIGKILL)."""
+        if self.process is not None:
+            stop_worker(self.process)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _health(client: aioredis.Redis) -> dict[str, int]:
+    values = await client.hgetall("loyalty:health")
+    return {name: int(value) for name, value in values.items()}
+
+
+async def throughput(
+    settings: Settings, options: BenchOptions, workload: Workload, dataset: Dataset, work_dir: Path, database: int
+) -> dict[str, Any]:
+    """One worker from the pre-filled topics until Redis equals the reference on the sample stores."""
+    windows_ms = [parse_duration(w) for w in settings.windows]
+    config = ReferenceConfig(bucket_ms=settings.bucket_ms, horizon_ms=settings.active_horizon_ms)
+    reference = reference_all(workload.sample_events, windows_ms=windows_ms, as_of_ms=workload.as_of_ms,
+                              config=config)
+    expected = {key: value for key, value in reference.items() if key[0] in workload.sample_stores}
+    worker = Worker(settings, work_dir, dataset.prefix, database, LOYALTY_CLOCK="event",
+                    LOYALTY_EMIT_INTERVAL=f"{options.emit_interval_ms}ms")
+    client = await worker.start()
+    first_seen: float | None = None
+    problems: list[str] = ["no snapshot yet"]
+    try:
+        deadline = time.monotonic() + options.timeout_s
+        while True:
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{dataset.prefix}: no match with the reference in time: {problems[:5]}")
+            health = await _health(client)
+            if first_seen is None and health.get("events_received"):
+                first_seen = time.perf_counter()
+            if health.get("events_applied", 0) + health.get("duplicates", 0) >= dataset.events:
+                problems = await _compare(client, expected, settings, workload.as_of_ms)
+                if not problems:
+                    break
+            await asyncio.sleep(POLL_S)
+        finished = time.perf_counter()
+        peak = worker.peak_rss_bytes()
+    finally:
+        worker.stop()
+        await client.aclose()
+    consuming_s = finished - (first_seen or worker.started)
+    return {
+        "events": dataset.events,
+        "messages": dataset.messages,
+        "seconds_from_start": finished - worker.started,
+        "seconds": consuming_s,
+        "events_per_s": dataset.events / consuming_s,
+        "peak_rss_bytes": peak,
+        "checked_stores": workload.sample_stores,
+        "checked_snapshots": len(expected),
+    }
+
+
+async def _compare(
+    client: aioredis.Redis, expected: dict[tuple[str, int], dict[str, object]], settings: Settings, as_of_ms: int
+) -> list[str]:
+    names = dict(zip((parse_duration(w) for w in settings.windows), settings.windows, strict=True))
+    problems: list[str] = []
+    for (store, window_ms), metrics in expected.items():
+        key = metric_key(store, names[window_ms])
+        stored = await client.hgetall(key)
+        if stored.get("as_of_ms") != str(as_of_ms):
+            problems.append(f"{key}: as_of_ms {stored.get('as_of_ms')} != {as_of_ms}")
+            continue
+        actual = {name: parse_redis_field(name, stored.get(name, "")) for name in metrics}
+        problems.extend(f"{key} {p}" for p in metric_differences(actual, metrics))
+    return problems
+
+
+# -- latency ------------------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def latency(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:
+    """Produce live traffic at ``options.rate`` for ``options.duration_s``; order latencies to Redis."""
+    prefix = f"bench-{uuid.uuid4().hex[:6]}-live-"
+    await ensure_topics(settings.kafka_bootstrap_servers, [prefix + n for n in INPUT_TOPICS], settings.partitions)
+    worker = Worker(settings, work_dir, prefix, database, LOYALTY_CLOCK="wall",
+                    LOYALTY_EMIT_INTERVAL=f"{options.emit_interval_ms}ms")
+    client = await worker.start()
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=1, acks=1)
+    await producer.start()
+    generator = Storefronts(seed=options.seed + 1, stores=options.stores, customers=options.customers,
+                            clock=lambda: time.time_ns() // 1_000_000)
+    stores = generator.store_ids
+    window = settings.windows[-1]
+    keys = [metric_key(store, window) for store in stores]
+    sent = 0
+
+    async def send_one() -> tuple[str | None, float]:
+        nonlocal sent
+        topic, body = next(generator)
+        stamp = time.perf_counter()
+        await producer.send(prefix + topic, orjson.dumps(body))
+        sent += 1
+        return (body["store_id"] if body["type"] == "order.placed" else None), stamp
+
+    async def orders_now() -> list[int]:
+        async with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(key, "orders")
+            replies = await pipe.execute()
+        return [int(value or 0) for value in replies]
+
+    try:
+        # warm up until the worker publishes what it is sent: the group is formed, the topics read
+        warm_deadline = time.monotonic() + 120
+        while True:
+            worker.check_alive()
+            for _ in range(20):
+                await send_one()
+            await asyncio.sleep(0.2)
+            health = await _health(client)
+            if health.get("events_applied", 0) >= sent and sum(await orders_now()) > 0:
+                break
+            if time.monotonic() > warm_deadline:
+                raise BenchError(f"the live worker did not start publishing: see {worker.log_path}")
+        await asyncio.sleep(3 * options.emit_interval_ms / 1000)
+        baseline = await orders_now()
+        # per store: send times of its orders, in order; and when each count was first seen
+        order_times: dict[int, list[float]] = {i: [] for i in range(len(stores))}
+        index_of = {store: i for i, store in enumerate(stores)}
+        seen_counts: list[list[tuple[float, int]]] = [[] for _ in stores]
+        done = asyncio.Event()
+
+        async def poll() -> None:
+            last = list(baseline)
+            while not done.is_set():
+                counts = await orders_now()
+                stamp = time.perf_counter()
+                for i, count in enumerate(counts):
+                    if count > last[i]:
+                        seen_counts[i].append((stamp, count - baseline[i]))
+                        last[i] = count
+                await asyncio.sleep(LATENCY_POLL_S)
+
+        poller = asyncio.create_task(poll())
+        bucket = TokenBucket(options.rate, burst=max(1.0, options.rate / 100))
+        started = time.monotonic()
+        produced = 0
+        while time.monotonic() - started < options.duration_s:
+            granted, wait = bucket.take(64)
+            if not granted:
+                await asyncio.sleep(wait)
+                continue
+            for _ in range(granted):
+                store, stamp = await send_one()
+                produced += 1
+                if store is not None:
+                    order_times[index_of[store]].append(stamp)
+        await producer.flush()
+        sending_s = time.monotonic() - started
+        # wait until every order sent is counted
+        drain_deadline = time.monotonic() + 60
+        while any((seen_counts[i][-1][1] if seen_counts[i] else 0) < len(order_times[i]) for i in order_times):
+            worker.check_alive()
+            if time.monotonic() > drain_deadline:
+                raise BenchError("the live worker did not publish every order within 60 s of the end")
+            await asyncio.sleep(POLL_S)
+        done.set()
+        await poller
+        peak = worker.peak_rss_bytes()
+    finally:
+        await producer.stop()
+        worker.stop()
+        await client.aclose()
+    latencies: list[float] = []
+    for i, times in order_times.items():
+        seen = seen_counts[i]
+        cursor = 0
+        for k, stamp in enumerate(times, start=1):
+            while seen[cursor][1] < k:
+                cursor += 1
+            latencies.append(seen[cursor][0] - stamp)
+    return {
+        "rate_target": options.rate,
+        "rate_sent": produced / sending_s,
+        "seconds": sending_s,
+        "orders_measured": len(latencies),
+        "p50_s": _percentile(latencies, 0.50),
+        "p99_s": _percentile(latencies, 0.99),
+        "max_s": max(latencies),
+        "mean_s": statistics.fmean(latencies),
+        "peak_rss_bytes": peak,
+    }
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+
+def signup_bodies(customers: int, stores: int) -> Iterator[tuple[str, bytes]]:
+    """One signup per distinct customer, spread over the stores and the last 30 days."""
+    now_ms = time.time_ns() // 1_000_000
+    start_ms = now_ms - 31 * DAY_MS
+    step = 30 * DAY_MS / max(customers, 1)
+    for number in range(customers):
+        body = {
+            "event_id": f"mem-{number}",
+            "type": "customer.signed_up",
+            "occurred_at": int(start_ms + number * step),
+            "store_id": f"store-{number % stores + 1}",
+            "customer_id": f"m{number}",
+            "channel": "organic",
+        }
+        yield "signups", orjson.dumps(body)
+
+
+async def memory(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:
+    """Peak RSS of a worker that takes ``memory_customers`` distinct customers."""
+    prefix = f"bench-{uuid.uuid4().hex[:6]}-mem-"
+    bodies = list(signup_bodies(options.memory_customers, options.stores))
+    dataset = await prefill(settings, prefix, bodies, options.batch)
+    del bodies
+    worker = Worker(settings, work_dir, prefix, database, LOYALTY_CLOCK="event",
+                    LOYALTY_EMIT_INTERVAL=f"{options.emit_interval_ms}ms")
+    client = await worker.start()
+    try:
+        deadline = time.monotonic() + options.timeout_s
+        while True:
+            worker.check_alive()
+            health = await _health(client)
+            if health.get("events_applied", 0) >= dataset.events:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"memory run: {health.get('events_applied', 0)} of {dataset.events} applied")
+            await asyncio.sleep(POLL_S)
+        # the customers_end of all stores together must be every customer (a cheap correctness check)
+        names = settings.windows
+        while True:
+            worker.check_alive()
+            stored = await client.hget(metric_key("*", names[-1]), "customers_end")
+            if stored is not None and int(stored) == options.memory_customers:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"memory run: customers_end {stored} != {options.memory_customers}")
+            await asyncio.sleep(POLL_S)
+        seconds = time.perf_counter() - worker.started
+        peak = worker.peak_rss_bytes()
+    finally:
+        worker.stop()
+        await client.aclose()
+    return {"customers": options.memory_customers, "peak_rss_bytes": peak, "seconds_from_start": seconds}
+
+
+# -- the whole run ------------------------------------------------------------------------------------
+
+
+def machine_facts(settings: Settings) -> dict[str, Any]:
+    """Cores, Python, Kafka and library versions of this run."""
+    import aiokafka
+    import faust
+
+    from infra.local import kafka_version
+
+    return {
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "system": platform.platform(),
+        "python": platform.python_version(),
+        "kafka": kafka_version(),
+        "faust": faust.__version__,
+        "aiokafka": aiokafka.__version__,
+        "partitions": settings.partitions,
+        "windows": list(settings.windows),
+        "bucket_ms": settings.bucket_ms,
+    }
+
+
+async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print) -> dict[str, Any]:
+    """Every part of the bench; returns the results (also written to ``options.output_dir``)."""
+    run_id = uuid.uuid4().hex[:6]
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_facts(settings),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        "shapes": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="loyalty-bench-") as tmp:
+        work_dir = Path(tmp)
+        echo(f"generating {options.events:,} events ...")
+        workload = make_workload(options, settings)
+        database = 1
+        for batch in options.shapes:
+            prefix = f"bench-{run_id}-b{batch}-"
+            echo(f"[{batch} per message] prefill ...")
+            dataset = await prefill(settings, prefix, workload.bodies, batch)
+            echo(f"[{batch} per message] raw aiokafka ceiling ...")
+            raw = await raw_ceiling(settings, dataset, options.timeout_s)
+            echo(f"[{batch} per message] empty Faust agent ceiling ...")
+            empty = await faust_ceiling(settings, dataset, work_dir, options.timeout_s)
+            echo(f"[{batch} per message] worker ...")
+            worker = await throughput(settings, options, workload, dataset, work_dir, database)
+            database += 1
+            worker["ratio_to_raw"] = worker["events_per_s"] / raw["events_per_s"]
+            worker["ratio_to_empty_agent"] = worker["events_per_s"] / empty["events_per_s"]
+            results["shapes"][str(batch)] = {"raw_aiokafka": raw, "empty_faust_agent": empty, "worker": worker}
+        del workload
+        if options.duration_s > 0:
+            echo(f"latency at {options.rate:,.0f} events/s for {options.duration_s:.0f}s ...")
+            results["latency"] = await latency(settings, options, work_dir, database)
+            database += 1
+        if options.memory_customers > 0:
+            echo(f"memory with {options.memory_customers:,} customers ...")
+            results["memory"] = await memory(settings, options, work_dir, database)
+    options.output_dir.mkdir(parents=True, exist_ok=True)
+    path = options.output_dir / f"{dt.date.today().isoformat()}.json"
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    results["path"] = str(path)
+    return results
+
+
+def render_table(results: dict[str, Any]) -> Any:
+    """The results as a rich table."""
+    from rich.table import Table
+
+    table = Table(title="loyalty bench")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("beside", justify="right")
+    for batch, shape in results["shapes"].items():
+        raw, empty, worker = shape["raw_aiokafka"], shape["empty_faust_agent"], shape["worker"]
+        label = f"{batch} event(s)/message"
+        table.add_row(f"{label}: raw aiokafka + orjson", f"{raw['events_per_s']:,.0f} ev/s", "")
+        table.add_row(f"{label}: empty Faust agent", f"{empty['events_per_s']:,.0f} ev/s", "")
+        table.add_row(
+            f"{label}: worker ({worker['events']:,} events)",
+            f"{worker['events_per_s']:,.0f} ev/s",
+            f"{worker['ratio_to_empty_agent']:.1%} of empty agent, {worker['ratio_to_raw']:.2%} of raw",
+        )
+    if "latency" in results:
+        lat = results["latency"]
+        table.add_row(f"latency at {lat['rate_sent']:,.0f} ev/s: p50", f"{lat['p50_s'] * 1000:,.0f} ms",
+                      f"{lat['orders_measured']:,} orders")
+        table.add_row("latency: p99", f"{lat['p99_s'] * 1000:,.0f} ms", f"max {lat['max_s'] * 1000:,.0f} ms")
+    if "memory" in results:
+        mem = results["memory"]
+        peak = mem["peak_rss_bytes"]
+        table.add_row(f"peak RSS, {mem['customers']:,} customers",
+                      "n/a" if peak is None else f"{peak / 2**20:,.0f} MiB", "")
+    return table
