@@ -44,6 +44,8 @@ def internal_topic(settings: Settings, name: str) -> str:
 
 #: internal topics of the pipeline, in processing order
 INTERNAL_TOPICS = ("events-by-store", "events-by-customer", "deltas")
+#: the deltas topic is the aggregation's log, from which a worker rebuilds its store shards
+KEPT_FOREVER = {"deltas": {"retention.ms": "-1"}}
 OUTPUT_TOPIC = "loyalty-metrics"
 DEAD_LETTER_TOPIC = "loyalty-dead-letters"
 
@@ -59,11 +61,19 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
     await ensure_input_topics(settings)
     await ensure_topics(
         settings.kafka_bootstrap_servers,
-        [internal_topic(settings, name) for name in INTERNAL_TOPICS]
+        [internal_topic(settings, name) for name in INTERNAL_TOPICS if name not in KEPT_FOREVER]
         + [settings.topic(DEAD_LETTER_TOPIC)],
         settings.partitions,
         settings.replication_factor,
     )
+    for name, config in KEPT_FOREVER.items():
+        await ensure_topics(
+            settings.kafka_bootstrap_servers,
+            [internal_topic(settings, name)],
+            settings.partitions,
+            settings.replication_factor,
+            config=config,
+        )
     await ensure_topics(
         settings.kafka_bootstrap_servers,
         [settings.topic(OUTPUT_TOPIC)],

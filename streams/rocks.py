@@ -17,11 +17,12 @@ from typing import Any
 from faust.stores.rocksdb import Store
 
 
-class RoutedRocksDBStore(Store):  # type: ignore[misc]
+class RoutedRocksDBStore(Store):
     """RocksDB store of a table with ``partition_for_key`` (one database per changelog partition)."""
 
     def _partition(self, key: bytes) -> int:
-        return int(self.table.partition_for_key(key))
+        partition: Any = self.table.partition_for_key(key)
+        return int(partition)
 
     def _set(self, key: bytes, value: bytes | None) -> None:
         self._db_for_partition(self._partition(key)).put(key, value)

@@ -7,8 +7,8 @@
 3. :class:`CustomerStage` (by store and customer): deduplication, customer
    facts, and the difference of the customer's contributions as deltas routed
    by store, also to ``*``.
-4. :class:`StoreShard` (by store): applies deltas idempotently per bucket
-   record and reads the metrics.
+4. :class:`StoreShard` (by store): folds the deltas, each message part at
+   most once, and reads the metrics.
 
 Keeping them free of Faust keeps ``streams/pipeline.py`` thin and lets the
 tests drive every stage directly.
@@ -300,120 +300,53 @@ def delta_messages(
     return messages
 
 
-#: record key suffix of a store's folded base
-BASE = "base"
-
-
 class StoreShard:
-    """One store's (or ``*``'s) aggregate, mirrored in table records keyed by bucket.
+    """One store's (or ``*``'s) aggregate: a fold of the deltas topic, applied at most once per message part.
 
-    A record is ``{"v": {series: value}, "h": {input partition: offset}}``;
-    ``h`` makes applying a delta message idempotent per record, and each record
-    is written whole, so a replay after a crash never counts a delta twice.
-    The ``base`` record holds what was folded from buckets below ``floor``.
+    The deltas topic is the shard's log: the shard keeps no table and writes
+    nothing; a worker that gets a deltas partition rebuilds its shards by
+    reading the partition from the start (``streams.topology``). ``hwm`` keeps,
+    per source partition of the facts stage, the latest (offset, part) applied,
+    so a part that the facts stage sent again after a crash, or that the agent
+    reads again after the rebuild, is skipped: parts of one source partition
+    arrive in order.
     """
 
     def __init__(self, store_id: str) -> None:
         self.store_id = store_id
         self.aggregate = StoreAggregate()
-        self.records: dict[int, dict[str, Any]] = {}
-        self.base: dict[str, Any] = {"v": {}, "h": {}, "floor": None, "cur": {}, "t": None}
+        #: source partition -> [offset, part] of the latest part applied
+        self.hwm: dict[int, list[int]] = {}
+        #: currencies by store (one for a store; all stores' for ``*``)
+        self.currencies: dict[str, str] = {}
+        #: the latest event time of the applied deltas
+        self.latest_event_ms: int | None = None
+        self.floor: int | None = None
         self.changed = True
 
-    @property
-    def latest_event_ms(self) -> int | None:
-        """The latest event time this store has seen."""
-        latest = self.base.get("t")
-        return latest if isinstance(latest, int) else None
-
-    @property
-    def currencies(self) -> dict[str, str]:
-        """Currencies by store (one for a store; all stores' for ``*``)."""
-        return self.base["cur"]  # type: ignore[no-any-return]
-
-    def restore(self, records: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        """Rebuild from table records (``(suffix, record)``, suffix a bucket or ``base``)."""
-        buckets: dict[int, dict[str, Any]] = {}
-        for suffix, record in records:
-            if suffix == BASE:
-                self.base = record
-            else:
-                buckets[int(suffix)] = record
-        floor = self.base.get("floor")
-        for series, value in self.base["v"].items():
-            self.aggregate.add(series, -(2**62), value)
-        if floor is not None:
-            self.aggregate.fold_before(floor)
-        for bucket, record in buckets.items():
-            if floor is not None and bucket < floor:
-                continue  # folded already; the delete was not written before a crash
-            self.records[bucket] = record
-            for series, value in record["v"].items():
-                self.aggregate.add(series, bucket, value)
-        self.changed = True
-
-    def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> set[str]:
-        """Apply one store entry of a delta message part; returns the record suffixes it changed."""
-        partition, offset = str(message_source[0]), [message_source[1], message_source[2]]
-        touched: set[str] = set()
-        floor = self.base.get("floor")
+    def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> bool:
+        """Apply one store entry of a delta message part, unless applied already; returns whether it was."""
+        partition, position = message_source[0], [message_source[1], message_source[2]]
+        seen = self.hwm.get(partition)
+        if seen is not None and seen >= position:
+            return False
+        self.hwm[partition] = position
+        add = self.aggregate.add
         for series, bucket, delta in entry["d"]:
-            record: dict[str, Any]
-            if floor is not None and bucket < floor:
-                record, suffix = self.base, BASE
-            else:
-                existing = self.records.get(bucket)
-                if existing is None:
-                    existing = self.records[bucket] = {"v": {}, "h": {}}
-                record, suffix = existing, str(bucket)
-            seen = record["h"].get(partition)
-            if seen is not None and seen >= offset and suffix not in touched:
-                continue
-            record["h"][partition] = offset
-            values = record["v"]
-            values[series] = values.get(series, 0) + delta
-            self.aggregate.add(series, bucket, delta)
-            touched.add(suffix)
-        base_changed = False
+            add(series, bucket, delta)
         for store_id, currency in (entry.get("cur") or {}).items():
-            if self.base["cur"].get(store_id) != currency:
-                self.base["cur"][store_id] = currency
-                base_changed = True
-        if max_time_ms is not None and (self.base.get("t") is None or max_time_ms > self.base["t"]):
-            self.base["t"] = max_time_ms
-            base_changed = True
-        if base_changed:
-            touched.add(BASE)
-        if touched:
-            self.changed = True
-        return touched
+            self.currencies[store_id] = currency
+        if max_time_ms is not None and (self.latest_event_ms is None or max_time_ms > self.latest_event_ms):
+            self.latest_event_ms = max_time_ms
+        self.changed = True
+        return True
 
-    def record(self, suffix: str) -> dict[str, Any]:
-        """The current record of a suffix."""
-        return self.base if suffix == BASE else self.records[int(suffix)]
-
-    def fold(self, floor: int) -> tuple[list[str], bool]:
-        """Fold buckets below ``floor`` into the base; returns (suffixes to delete, base changed).
-
-        The base (with its new floor) must be written before the deletes, so
-        that a crash in between leaves records that :meth:`restore` ignores.
-        """
-        current = self.base.get("floor")
-        if current is not None and floor <= current:
-            return [], False
-        old = sorted(b for b in self.records if b < floor)
-        values = self.base["v"]
-        for bucket in old:
-            record = self.records.pop(bucket)
-            for series, value in record["v"].items():
-                values[series] = values.get(series, 0) + value
-            for partition, offset in record["h"].items():
-                seen = self.base["h"].get(partition)
-                if seen is None or offset > seen:
-                    self.base["h"][partition] = offset
-        self.base["floor"] = floor
+    def fold(self, floor: int) -> None:
+        """Fold buckets below ``floor`` into each series' base (memory stays bounded; sums stay exact)."""
+        if self.floor is not None and floor <= self.floor:
+            return
+        self.floor = floor
         self.aggregate.fold_before(floor)
-        return [str(b) for b in old], True
 
     def metrics(self, grid: Grid, window: int, as_of_bucket: int) -> dict[str, object]:
         """Every metric of the store for a window as of a bucket."""

@@ -8,19 +8,22 @@
 Every internal message is a packed batch (Faust costs per message). Each
 stage reads batches with ``take_events`` and writes each table key once per
 batch. Tables route keys with our own partitioner (``streams.wire.route``),
-the same that routes the stage's input (the store records by their store, see
-``store_of_key``), so they never need Faust's "current event" (faust-streaming
-issue 497) and recover where their input lives: a worker keeps only the
-changelog partitions of its input partitions after a rebalance.
+the same that routes the stage's input, so they never need Faust's "current
+event" (faust-streaming issue 497) and recover where their input lives: a
+worker keeps only the changelog partitions of its input partitions after a
+rebalance.
 
 Idempotency, so that at-least-once delivery counts nothing twice:
 
 * the facts stage remembers applied event ids in the customer's own record;
   it sends its deltas and waits for Kafka's acknowledgement *before* writing
   the facts, so facts are never ahead of the deltas they caused;
-* every delta message carries (input partition, offset); each aggregation
-  record keeps, per input partition, the last offset applied to it, and is
-  written whole, so a replayed message is skipped record by record;
+* every delta message part carries (input partition, offset, part); the
+  aggregation has no table: the deltas topic (kept for ever) is its log, and
+  a worker that gets a deltas partition folds it from the start
+  (``rebuild_shards``); each store shard keeps, per input partition, the
+  last part applied, so a part sent or read again is skipped. Writing state
+  per touched bucket instead cost a changelog record per bucket and batch;
 * a stage waits for Kafka to acknowledge its table writes before its batch
   is acked (``changelog_written``), so no committed offset is ahead of the
   table state that a worker taking the partition over recovers.
@@ -39,6 +42,7 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from metrics.customer import CustomerFacts
 from metrics.events import INPUT_TOPICS
@@ -48,7 +52,6 @@ from streams.rocks import RoutedRocksDBStore
 from streams.settings import Settings
 from streams.sinks import RedisSink, dumps, snapshot_payload
 from streams.stages import (
-    BASE,
     CustomerOutput,
     CustomerStage,
     GateStage,
@@ -77,22 +80,19 @@ def grid_of(settings: Settings) -> Grid:
     return Grid(settings.bucket_ms, settings.active_horizon_ms, windows, settings.dedupe_ttl_ms)
 
 
-def same_key(text: str) -> str:
-    """The routing key of a table key that is its own routing key."""
-    return text
+#: RocksDB sizes per database (one per table and partition): Faust's defaults (64 MiB write
+#: buffers, a 2 GiB block cache each) add up to gigabytes over a few tables of 8 partitions
+ROCKSDB_OPTIONS = {
+    "write_buffer_size": 4 * 1024 * 1024,
+    "max_write_buffer_number": 2,
+    "target_file_size_base": 16 * 1024 * 1024,
+    "block_cache_size": 8 * 1024 * 1024,
+    "block_cache_compressed_size": 1024 * 1024,
+}
 
 
-def store_of_key(text: str) -> str:
-    """The routing key of a :func:`shard_key`: its store, so a store's records share its deltas partition.
-
-    >>> store_of_key(shard_key("store-1", "base").decode())
-    'store-1'
-    """
-    return str(orjson.loads(text)[0])
-
-
-def make_table(app: faust.App, name: str, partitions: int, routing_key: Any = same_key) -> Any:
-    """A bytes -> bytes table whose keys are routed by :func:`streams.wire.route` of ``routing_key(key)``.
+def make_table(app: faust.App, name: str, partitions: int) -> Any:
+    """A bytes -> bytes table whose keys are routed by :func:`streams.wire.route`.
 
     The changelog partition of a key must be the partition of the stage input
     that carries the key: a worker recovers (and keeps, with the memory store)
@@ -105,7 +105,7 @@ def make_table(app: faust.App, name: str, partitions: int, routing_key: Any = sa
 
         def partition_for_key(self, key: Any) -> int:
             text = key.decode() if isinstance(key, bytes) else str(key)
-            return route(routing_key(text), partitions)
+            return route(text, partitions)
 
         def _new_store_by_url(self, url: Any) -> Any:
             if str(url).startswith("rocksdb:"):
@@ -138,6 +138,7 @@ def make_table(app: faust.App, name: str, partitions: int, routing_key: Any = sa
         key_type=bytes,
         value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+        options=dict(ROCKSDB_OPTIONS),
     )
     table.unconfirmed = []
     return app.tables.add(table)
@@ -161,11 +162,6 @@ async def changelog_written(*tables: Any) -> None:
             table.unconfirmed = [future for future in table.unconfirmed if not future.done()]
 
 
-def shard_key(store_id: str, suffix: str) -> bytes:
-    """Table key of a store's record: routed by the store (see :func:`store_of_key`)."""
-    return orjson.dumps([store_id, suffix])
-
-
 class Pipeline:
     """State shared by the agents and timers of one worker."""
 
@@ -179,6 +175,8 @@ class Pipeline:
         self.broadcast_ms: int | None = None
         self.shards: dict[str, StoreShard] = {}
         self.needs_restore = True
+        #: incremented on every partition assignment: a rebuild that overlapped one must run again
+        self.assignment_generation = 0
         self.last_emitted_bucket: dict[str, int] = {}
         self.counters: dict[str, int] = {}
         self.sink: RedisSink | None = None
@@ -225,7 +223,8 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     )
     by_store = topic(internal + "events-by-store")
     by_customer = topic(internal + "events-by-customer")
-    deltas = topic(internal + "deltas")
+    # the deltas are the aggregation's log (it rebuilds from them): kept for ever
+    deltas = topic(internal + "deltas", config={"retention.ms": "-1"})
     output = topic("loyalty-metrics", compacting=True)
     dead_letters = topic("loyalty-dead-letters")
 
@@ -246,7 +245,6 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     currencies = make_table(app, "store-currency", partitions)
     held = make_table(app, "held-events", partitions)
     facts_table = make_table(app, "customer-facts", partitions)
-    store_table = make_table(app, "store-records", partitions, routing_key=store_of_key)
 
     ingest_stage = IngestStage(partitions, settings.max_future_skew_ms)
     gate_stage = GateStage(partitions)
@@ -369,52 +367,70 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     def my_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == deltas.get_topic_name()}
 
-    def restore_shards() -> None:
-        mine = my_partitions()
-        records: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        for key in list(store_table.keys()):
-            store_id, suffix = orjson.loads(key)
-            if route(store_id, partitions) not in mine:
-                continue
-            value = store_table.get(key)
-            if value is not None:
-                records.setdefault(store_id, []).append((suffix, orjson.loads(value)))
+    def apply_deltas(message: dict[str, Any]) -> None:
+        if "wm" in message:
+            pipeline.advance(message["wm"])
+            return
+        source = (message["src"][0], message["src"][1], message["src"][2])
+        latest = message.get("t")
+        pipeline.advance(latest)
+        for store_id, entry in message["stores"].items():
+            shard = pipeline.shards.get(store_id)
+            if shard is None:
+                shard = pipeline.shards[store_id] = StoreShard(store_id)
+            shard.apply(source, entry, latest)
+
+    async def rebuild_shards() -> None:
+        """The shards of this worker's deltas partitions, folded from the start of each partition."""
+        generation = pipeline.assignment_generation
+        mine = sorted(my_partitions())
         pipeline.shards = {}
-        for store_id, rows in records.items():
-            shard = StoreShard(store_id)
-            shard.restore(rows)
-            pipeline.shards[store_id] = shard
-            if pipeline.event_clock:
-                pipeline.advance(shard.latest_event_ms)
-        pipeline.needs_restore = False
-        log.info("aggregate.restored", stores=len(pipeline.shards), partitions=sorted(mine))
+        pipeline.last_emitted_bucket = {}
+        started = time.monotonic()
+        applied = 0
+        partitions_read = [TopicPartition(deltas.get_topic_name(), p) for p in mine]
+        if partitions_read:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=settings.kafka_bootstrap_servers,
+                enable_auto_commit=False,
+                max_partition_fetch_bytes=8 * 1024 * 1024,
+                fetch_max_bytes=64 * 1024 * 1024,
+            )
+            await consumer.start()
+            try:
+                consumer.assign(partitions_read)
+                ends = await consumer.end_offsets(partitions_read)
+                starts = await consumer.beginning_offsets(partitions_read)
+                remaining = {tp for tp in partitions_read if ends[tp] > starts[tp]}
+                for tp in remaining:
+                    consumer.seek(tp, starts[tp])
+                while remaining:
+                    batches = await consumer.getmany(*remaining, timeout_ms=1000, max_records=2000)
+                    for tp, records in batches.items():
+                        for record in records:
+                            if record.offset < ends[tp]:
+                                apply_deltas(unpack(record.value))
+                                applied += 1
+                        if records and records[-1].offset + 1 >= ends[tp]:
+                            remaining.discard(tp)
+            finally:
+                await consumer.stop()
+        pipeline.needs_restore = pipeline.assignment_generation != generation
+        log.info("aggregate.rebuilt", stores=len(pipeline.shards), partitions=mine, messages=applied,
+                 seconds=round(time.monotonic() - started, 3))
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:
+        pipeline.assignment_generation += 1
         pipeline.needs_restore = True
 
     @app.agent(deltas, name=internal + "aggregate")
     async def aggregate(stream: Any) -> None:
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            if pipeline.needs_restore:
-                restore_shards()
-            touched: set[tuple[str, str]] = set()
+            while pipeline.needs_restore:
+                await rebuild_shards()
             for event in batch:
-                message = unpack(event.value)
-                if "wm" in message:
-                    pipeline.advance(message["wm"])
-                    continue
-                source = (message["src"][0], message["src"][1], message["src"][2])
-                pipeline.advance(message.get("t"))
-                for store_id, entry in message["stores"].items():
-                    shard = pipeline.shards.get(store_id)
-                    if shard is None:
-                        shard = pipeline.shards[store_id] = StoreShard(store_id)
-                    for suffix in shard.apply(source, entry, message.get("t")):
-                        touched.add((store_id, suffix))
-            for store_id, suffix in touched:
-                store_table[shard_key(store_id, suffix)] = orjson.dumps(pipeline.shards[store_id].record(suffix))
-            await changelog_written(store_table)
+                apply_deltas(unpack(event.value))
 
     async def emit(now: int) -> None:
         grid = pipeline.grid
@@ -445,14 +461,9 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
             pipeline.count("snapshots", len(grid.windows))
         floor = as_of_bucket - grid.store_retention + 1
         step = max(1, grid.store_retention // 16)
-        for store_id, shard in pipeline.shards.items():
-            current = shard.base.get("floor")
-            if current is None or floor - current >= step:
-                deleted, base_changed = shard.fold(floor)
-                if base_changed:
-                    store_table[shard_key(store_id, BASE)] = orjson.dumps(shard.base)
-                for suffix in deleted:
-                    del store_table[shard_key(store_id, suffix)]
+        for shard in pipeline.shards.values():
+            if shard.floor is None or floor - shard.floor >= step:
+                shard.fold(floor)
 
     @app.timer(settings.emit_interval_ms / 1000, name=internal + "emit")  # type: ignore[untyped-decorator]
     async def emit_timer() -> None:

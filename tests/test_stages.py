@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 import pytest
 
-from metrics.catalog import ALL_STORES
 from metrics.compare import metric_differences
 from metrics.customer import CustomerFacts
 from metrics.events import Event
@@ -19,7 +18,6 @@ from metrics.validation import parse_message
 from streams import stages
 from streams.history import generate_history, wire_body
 from streams.stages import (
-    BASE,
     CustomerOutput,
     CustomerStage,
     GateStage,
@@ -28,7 +26,6 @@ from streams.stages import (
     StoreShard,
     delta_messages,
 )
-from streams.wire import unpack
 
 GRID = Grid(60_000, 90 * DAY_MS, (3_600_000, DAY_MS, 7 * DAY_MS, 30 * DAY_MS), dedupe_ttl_ms=10**13)
 PARTITIONS = 3
@@ -105,8 +102,13 @@ def _parsed(history: list[Any]) -> list[Event]:
     return events
 
 
-def _run_chain(events: list[Event], seed: int, replays: float) -> tuple[dict[str, StoreShard], int]:
-    """Gate, facts and aggregation in memory, messages replayed at random as Kafka may after a crash."""
+def _run_chain(
+    events: list[Event], seed: int, replays: float, log: list[dict[str, Any]] | None = None
+) -> tuple[dict[str, StoreShard], int]:
+    """Gate, facts and aggregation in memory, messages replayed at random as Kafka may after a crash.
+
+    ``log`` receives every delta part sent, in order: the deltas topic.
+    """
     rng = random.Random(seed)
     gate_routed = Routed()
     GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
@@ -132,6 +134,8 @@ def _run_chain(events: list[Event], seed: int, replays: float) -> tuple[dict[str
                 stage.process(message, load, clock, output, 0)
                 for parts in delta_messages(output, (partition, offset), PARTITIONS).values():
                     for part in orjson.loads(orjson.dumps(parts)):
+                        if log is not None:
+                            log.append(part)
                         for store_id, entry in part["stores"].items():
                             shard = shards.setdefault(store_id, StoreShard(store_id))
                             shard.apply((part["src"][0], part["src"][1], part["src"][2]), entry, part["t"])
@@ -163,29 +167,39 @@ def test_stage_chain_with_replays_equals_the_reference(replays: float, monkeypat
         assert not metric_differences(actual, expected), (store, window_ms)
 
 
-def test_restore_from_records_after_a_fold_equals_the_live_shard() -> None:
-    """A shard rebuilt from its table records, with stale folded records left behind, reads the same metrics."""
-    history = generate_history(stores=1, customers_per_store=40, days=40, seed=11)
+def _fold_log(log: list[dict[str, Any]]) -> dict[str, StoreShard]:
+    shards: dict[str, StoreShard] = {}
+    for part in log:
+        for store_id, entry in part["stores"].items():
+            shards.setdefault(store_id, StoreShard(store_id)).apply(tuple(part["src"]), entry, part["t"])
+    return shards
+
+
+def test_shards_rebuilt_from_the_deltas_log_and_read_again_equal_the_live_ones() -> None:
+    """Shards folded from the deltas log, then fed its tail again (the agent after a rebuild), read the same."""
+    history = generate_history(stores=2, customers_per_store=40, days=40, seed=11)
     events = accepted_events(_parsed(history))
-    shards, clock = _run_chain(events, seed=1, replays=0.0)
-    live = shards[ALL_STORES]
-    records = {str(bucket): orjson.loads(orjson.dumps(record)) for bucket, record in live.records.items()}
-    deleted, changed = live.fold(GRID.bucket(clock) - 20 * 1440)
-    assert deleted and changed
-    # the crash case: the base was written, the deletes of the folded records were not
-    rows = [(suffix, record) for suffix, record in records.items()] + [(BASE, orjson.loads(orjson.dumps(live.base)))]
-    restored = StoreShard(ALL_STORES)
-    restored.restore(rows)
-    for window in GRID.windows:
-        expected = live.metrics(GRID, window, GRID.bucket(clock))
-        assert not metric_differences(restored.metrics(GRID, window, GRID.bucket(clock)), expected)
+    log: list[dict[str, Any]] = []
+    live, clock = _run_chain(events, seed=1, replays=0.3, log=log)
+    rebuilt = _fold_log(log)
+    for part in log[len(log) * 2 // 3:]:
+        for store_id, entry in part["stores"].items():
+            assert not rebuilt[store_id].apply(tuple(part["src"]), entry, part["t"])
+    assert set(rebuilt) == set(live)
+    for store_id, shard in rebuilt.items():
+        shard.fold(GRID.bucket(clock) - GRID.store_retention + 1)  # folding what no window reads changes nothing
+        for window in GRID.windows:
+            expected = live[store_id].metrics(GRID, window, GRID.bucket(clock))
+            assert not metric_differences(shard.metrics(GRID, window, GRID.bucket(clock)), expected)
 
 
 def test_a_replayed_delta_part_is_applied_once() -> None:
-    """The same (partition, offset, part) applied twice counts once, record by record."""
+    """The same (partition, offset, part) applied twice counts once; an older part of that partition too."""
     shard = StoreShard("s1")
     entry = {"d": [["orders", 10, 1], ["gross", 10, 5_000_000], ["orders", 11, 1]]}
-    assert shard.apply((0, 7, 0), entry, 600_000) == {"10", "11", BASE}
-    assert shard.apply((0, 7, 0), entry, 600_000) == set()
-    assert shard.aggregate.metrics(Grid(60_000, 120_000, (120_000,)), 2, 11)["orders"] == 2
-    assert unpack(orjson.dumps(shard.record("10")))["h"] == {"0": [7, 0]}
+    assert shard.apply((0, 7, 0), entry, 600_000)
+    assert not shard.apply((0, 7, 0), entry, 600_000)
+    assert not shard.apply((0, 6, 3), entry, 600_000)
+    assert shard.apply((1, 2, 0), {"d": [["orders", 11, 1]]}, 660_000)
+    assert shard.aggregate.metrics(Grid(60_000, 120_000, (120_000,)), 2, 11)["orders"] == 3
+    assert shard.latest_event_ms == 660_000
