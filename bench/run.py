@@ -603,10 +603,12 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
     }
     with tempfile.TemporaryDirectory(prefix="loyalty-bench-") as tmp:
         work_dir = Path(tmp)
-        echo(f"generating {options.events:,} events ...")
-        workload = make_workload(options, settings)
         database = 1
-        for batch in options.shapes:
+        shapes = options.shapes if options.events > 0 else ()
+        if shapes:
+            echo(f"generating {options.events:,} events ...")
+            workload = make_workload(options, settings)
+        for batch in shapes:
             prefix = f"bench-{run_id}-b{batch}-"
             echo(f"[{batch} per message] prefill ...")
             dataset = await prefill(settings, prefix, workload.bodies, batch)
@@ -620,7 +622,8 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
             worker["ratio_to_raw"] = worker["events_per_s"] / raw["events_per_s"]
             worker["ratio_to_empty_agent"] = worker["events_per_s"] / empty["events_per_s"]
             results["shapes"][str(batch)] = {"raw_aiokafka": raw, "empty_faust_agent": empty, "worker": worker}
-        del workload
+        if shapes:
+            del workload
         if options.duration_s > 0:
             echo(f"latency at {options.rate:,.0f} events/s for {options.duration_s:.0f}s ...")
             results["latency"] = await latency(settings, options, work_dir, database)

@@ -422,8 +422,8 @@ def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike
 
 
 @main.command()
-@click.option("--events", type=click.IntRange(1), default=1_000_000, show_default=True, metavar="N",
-              help="Events of the throughput runs (historical storefront traffic).")
+@click.option("--events", type=click.IntRange(0), default=1_000_000, show_default=True, metavar="N",
+              help="Events of the throughput runs (historical storefront traffic; 0: skip them).")
 @click.option("--batch", type=click.IntRange(2, 10_000), default=500, show_default=True, metavar="N",
               help="Events per message of the batched run (the other run sends one per message).")
 @click.option("--stores", type=click.IntRange(1, 1000), default=5, show_default=True)

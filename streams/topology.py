@@ -331,6 +331,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             cache: dict[str, CustomerFacts] = {}
             acks = []
+            outgoing: dict[int, list[dict[str, Any]]] = {}
             batch_max: int | None = None
             for event in batch:
                 items = unpack(event.value)
@@ -345,10 +346,14 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 pipeline.count("duplicates", output.duplicates)
                 source = (event.message.partition, event.message.offset)
                 for partition, parts in delta_messages(output, source, partitions).items():
-                    for part in parts:
-                        acks.append(await deltas.send(value=pack(part), partition=partition))
+                    outgoing.setdefault(partition, []).extend(parts)
                 if output.max_time_ms is not None and (batch_max is None or output.max_time_ms > batch_max):
                     batch_max = output.max_time_ms
+            # one message per partition carries the parts of the whole batch (Faust costs per message);
+            # each part keeps its own source, so idempotency does not depend on how batches formed
+            for partition, parts in outgoing.items():
+                for chunk in pack_chunks(parts):
+                    acks.append(await deltas.send(value=chunk, partition=partition))
             # facts only after Kafka has the deltas: a crash may replay, never lose
             if acks:
                 await asyncio.gather(*acks)
@@ -367,10 +372,15 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     def my_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == deltas.get_topic_name()}
 
-    def apply_deltas(message: dict[str, Any]) -> None:
-        if "wm" in message:
+    def apply_deltas(message: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Apply a deltas message: a watermark, or a list of parts (each with its own source)."""
+        if isinstance(message, list):
+            for part in message:
+                apply_part(part)
+        else:
             pipeline.advance(message["wm"])
-            return
+
+    def apply_part(message: dict[str, Any]) -> None:
         source = (message["src"][0], message["src"][1], message["src"][2])
         latest = message.get("t")
         pipeline.advance(latest)

@@ -1,0 +1,58 @@
+"""`loyalty bench` at a small scale on the session's Kafka and Redis: every part runs and its numbers hold together.
+
+The bench itself fails when the final snapshots of its sample stores differ
+from the batch reference, or when the memory run's customers are not all
+counted, so a pass here also means those checks held.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from support import clean_env, run_loyalty
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(900)
+def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) -> None:
+    """Ceilings, both throughput shapes (checked against the reference), latency and memory end in one JSON file."""
+    env = clean_env(
+        KAFKA_BOOTSTRAP_SERVERS=services.kafka_bootstrap,
+        REDIS_URL=services.redis_url,
+        LOYALTY_STATE_DIR=str(services.state_dir),
+        LOYALTY_PARTITIONS="4",
+    )
+    out = tmp_path / "results"
+    result = run_loyalty(
+        "bench", "--events", "3000", "--batch", "100", "--stores", "3", "--customers", "1500",
+        "--sample-stores", "2", "--duration", "5s", "--rate", "200", "--memory-customers", "3000",
+        "--output-dir", str(out), "--timeout", "300",
+        env=env, cwd=ROOT, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (written,) = out.glob("*.json")
+    results = orjson.loads(written.read_bytes())
+    assert results["machine"]["cores"] >= 1 and results["machine"]["kafka"].startswith("4.")
+    assert set(results["shapes"]) == {"1", "100"}
+    for batch, shape in results["shapes"].items():
+        messages = 3000 if batch == "1" else None
+        for ceiling in ("raw_aiokafka", "empty_faust_agent"):
+            assert shape[ceiling]["events"] == 3000
+            if messages is not None:
+                assert shape[ceiling]["messages"] == messages
+            assert shape[ceiling]["events_per_s"] > 0
+        worker = shape["worker"]
+        assert worker["events"] == 3000 and worker["checked_stores"] == ["store-2", "store-3"]
+        assert worker["checked_snapshots"] == 2 * 4  # two stores, four default windows
+        assert worker["ratio_to_empty_agent"] == pytest.approx(
+            worker["events_per_s"] / shape["empty_faust_agent"]["events_per_s"])
+    assert results["shapes"]["100"]["raw_aiokafka"]["messages"] < 3000 / 50  # batches of 100 (per topic)
+    latency = results["latency"]
+    assert latency["orders_measured"] > 100
+    assert 0 < latency["p50_s"] <= latency["p99_s"] <= latency["max_s"]
+    assert results["memory"]["customers"] == 3000 and results["memory"]["peak_rss_bytes"] > 50 * 2**20
+    assert "loyalty bench" in result.stdout
