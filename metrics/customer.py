@@ -42,6 +42,7 @@ from metrics.intervals import (
     PLUS_INFINITY,
     Interval,
     Intervals,
+    clip,
     intersect,
     normalise,
     shift,
@@ -392,13 +393,17 @@ class CustomerFacts:
                 if lifespan:
                     _add_intervals(out, "life" + suffix, [(bucket, end)], lifespan)
             ordered_before = shift(purchaser, n)
+            purchaser_ends = [end for _, end in purchaser]
+            before_ends = [end for _, end in ordered_before]
             for bucket, amount in self.revenue.items():
                 if not amount:
                     continue
                 # revenue of bucket b is "previous period" for j in [b+n, b+2n)
-                _add_intervals(out, "crev" + suffix, subtract([(bucket + n, bucket + 2 * n)], purchaser), amount)
+                period = (bucket + n, bucket + 2 * n)
+                overlap = clip(purchaser, purchaser_ends, period[0], period[1])
+                _add_intervals(out, "crev" + suffix, subtract([period], overlap), amount)
                 # and "in W" for j in [b, b+n)
-                _add_intervals(out, "nrr" + suffix, intersect([(bucket, bucket + n)], ordered_before), amount)
+                _add_intervals(out, "nrr" + suffix, clip(ordered_before, before_ends, bucket, bucket + n), amount)
 
 
 def _add_intervals(out: Deltas, series: str, intervals: Intervals, weight: int) -> None:

@@ -9,7 +9,8 @@ non-empty and never touching (``[1, 3), [3, 5)`` becomes ``[1, 5)``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 
 Interval = tuple[int, int]
 Intervals = list[Interval]
@@ -78,6 +79,28 @@ def subtract(left: Intervals, right: Intervals) -> Intervals:
             k += 1
         if cursor < end:
             result.append((cursor, end))
+    return result
+
+
+def clip(intervals: Intervals, ends: Sequence[int], start: int, end: int) -> Intervals:
+    """``intersect(intervals, [(start, end)])`` in O(log n + k): ``ends`` lists each interval's end.
+
+    It looks only at the intervals that overlap ``[start, end)``, found by bisection,
+    so a customer with many orders does not pay a scan of all of them per order.
+
+    >>> spans_ = [(0, 5), (8, 12), (20, 30)]
+    >>> clip(spans_, [e for _, e in spans_], 3, 21)
+    [(3, 5), (8, 12), (20, 21)]
+    """
+    result: Intervals = []
+    index = bisect_right(ends, start)
+    count = len(intervals)
+    while index < count:
+        low, high = intervals[index]
+        if low >= end:
+            break
+        result.append((low if low > start else start, high if high < end else end))
+        index += 1
     return result
 
 

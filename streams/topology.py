@@ -451,22 +451,30 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
         for store_id, shard in list(pipeline.shards.items()):
             if not shard.changed and pipeline.last_emitted_bucket.get(store_id) == as_of_bucket:
                 continue
+            # every window from one state, computed before any await; deltas that the aggregate
+            # applies while this emit awaits Kafka and Redis mark the shard changed again
+            shard.changed = False
+            currency = shard.currency()
+            snapshots = [
+                (window_name, shard.metrics(grid, window, as_of_bucket))
+                for window_name, window in zip(pipeline.window_names, grid.windows, strict=True)
+            ]
             try:
-                for window_name, window in zip(pipeline.window_names, grid.windows, strict=True):
-                    metrics = shard.metrics(grid, window, as_of_bucket)
-                    payload = snapshot_payload(store_id, window_name, now, shard.currency(), metrics)
+                for window_name, metrics in snapshots:
+                    payload = snapshot_payload(store_id, window_name, now, currency, metrics)
                     encoded = dumps(payload)
                     await output.send(key=f"{store_id}|{window_name}".encode(), value=encoded)
                     await pipeline.sink.write(payload, encoded)
             except (TimeoutError, OSError, ConnectionError) as error:  # Redis down: retry next tick
+                shard.changed = True
                 log.warning("emit.failed", store=store_id, error=str(error))
                 return
             except Exception as error:  # a Redis error of any kind pauses publishing
+                shard.changed = True
                 if type(error).__module__.startswith("redis"):
                     log.warning("emit.failed", store=store_id, error=str(error))
                     return
                 raise
-            shard.changed = False
             pipeline.last_emitted_bucket[store_id] = as_of_bucket
             pipeline.count("snapshots", len(grid.windows))
         floor = as_of_bucket - grid.store_retention + 1
