@@ -281,27 +281,37 @@ class CustomerFacts:
         elif (kind == ev.REWARD_ISSUED or kind == ev.REWARD_REDEEMED) and kept:
             self.rewards[bucket] = self.rewards.get(bucket, 0) + 1
 
-    def prune(self, grid: Grid, horizon_start: int, seen_after_ms: int) -> None:
+    def prune(self, grid: Grid, horizon_start: int, seen_after_ms: int) -> bool:
         """Drop bucketed facts before bucket ``horizon_start`` and ids seen before ``seen_after_ms``.
 
         ``horizon_start`` is at most ``K - Grid.fact_retention``: dropping older
         facts changes no contribution at or after ``K - 3 * longest``, so it is
         done silently; the store keeps the old deltas, whose effect is confined
-        to buckets that no metric reads any more.
+        to buckets that no metric reads any more. Returns whether a bucketed
+        fact was dropped (the contributions may differ then).
+
+        >>> facts = CustomerFacts(); facts.activity = {3: 180_000, 9: 540_000}
+        >>> facts.prune(Grid(60_000, 600_000, (60_000,)), 5, 0), sorted(facts.activity)
+        (True, [9])
         """
+        dropped = False
         for facts in (self.activity, self.orders, self.revenue, self.rewards):
             if facts and min(facts) < horizon_start:
+                dropped = True
                 for bucket in [b for b in facts if b < horizon_start]:
                     del facts[bucket]
         start_ms = horizon_start * grid.bucket_ms
         if self.closes and self.closes[0] < start_ms:
+            dropped = True
             del self.closes[: bisect_right(self.closes, start_ms - 1)]
         while self.membership and self.membership[0][0] < start_ms:
+            dropped = True
             time, event_id, enrolled = self.membership.pop(0)
             self.member_before_key = (time, event_id)
             self.member_before = enrolled
         if self.seen and min(self.seen.values()) < seen_after_ms:
             self.seen = {k: t for k, t in self.seen.items() if t >= seen_after_ms}
+        return dropped
 
     # -- derived statuses ----------------------------------------------------
 

@@ -17,6 +17,7 @@ tests drive every stage directly.
 from __future__ import annotations
 
 import base64
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ import orjson
 
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
-from metrics.customer import CustomerFacts, diff, event_deltas, families_of
+from metrics.customer import CustomerFacts, Deltas, diff, event_deltas, families_of
 from metrics.engine import CurrencyGate, customer_key
 from metrics.store import StoreAggregate
 from metrics.timegrid import Grid
@@ -192,11 +193,53 @@ class CustomerOutput:
     duplicates: int = 0
 
 
-class CustomerStage:
-    """Per (store, customer): dedupe, update facts, emit contribution differences."""
+@dataclass
+class _Recent:
+    """A customer kept in memory between batches: its facts and, when still valid, its contributions."""
 
-    def __init__(self, grid: Grid) -> None:
+    facts: CustomerFacts
+    families: int = 0
+    contributions: Deltas | None = None
+
+
+class CustomerStage:
+    """Per (store, customer): dedupe, update facts, emit contribution differences.
+
+    With ``cache_size`` > 0 it keeps the most recently used customers in memory
+    between batches, with their contributions after their last event: the
+    next event of such a customer skips the table read and the "before" half
+    of its contribution difference. The table stays the truth; call
+    :meth:`forget` whenever it may have changed under us (a rebalance).
+    """
+
+    def __init__(self, grid: Grid, cache_size: int = 0) -> None:
         self.grid = grid
+        self.cache_size = cache_size
+        self._recent: OrderedDict[str, _Recent] = OrderedDict()
+
+    def forget(self) -> None:
+        """Drop every customer kept in memory."""
+        self._recent.clear()
+
+    def _recall(
+        self, key: str, load: Callable[[str], CustomerFacts | None], horizon_start: int, seen_after: int
+    ) -> _Recent:
+        recent = self._recent.get(key)
+        if recent is not None:
+            self._recent.move_to_end(key)
+            # pruned exactly as a reload would be: a batch replayed after a crash must compute the
+            # very same deltas, or the aggregation's skip-by-part would mix two versions
+            if recent.facts.prune(self.grid, horizon_start, seen_after):
+                recent.contributions = None
+            return recent
+        facts = load(key) or CustomerFacts()
+        facts.prune(self.grid, horizon_start, seen_after)
+        recent = _Recent(facts)
+        if self.cache_size > 0:
+            self._recent[key] = recent
+            while len(self._recent) > self.cache_size:
+                self._recent.popitem(last=False)
+        return recent
 
     def process(
         self,
@@ -214,20 +257,24 @@ class CustomerStage:
         grid = self.grid
         horizon_start = grid.bucket(now_ms) - grid.fact_retention
         seen_after = seen_at_ms - grid.dedupe_ttl_ms
+        batch_recent: dict[str, _Recent] = {}
         for fields in events:
             event = event_from_list(fields)
             store_id, customer_id = customer_key(event)
             key = customer_route_key(store_id, customer_id)
-            facts = out.facts.get(key)
-            if facts is None:
-                facts = load(key) or CustomerFacts()
-                facts.prune(grid, horizon_start, seen_after)
-                out.facts[key] = facts
+            recent = batch_recent.get(key)
+            if recent is None:
+                recent = batch_recent[key] = self._recall(key, load, horizon_start, seen_after)
+                out.facts[key] = recent.facts
+            facts = recent.facts
             if facts.is_duplicate(event.event_id):
                 out.duplicates += 1
                 continue
             families = families_of(event.type)
-            before = facts.contributions(grid, families) if families else {}
+            before: Deltas = {}
+            if families:
+                cached = recent.contributions if recent.families == families else None
+                before = cached if cached is not None else facts.contributions(grid, families)
             facts.remember(event.event_id, seen_at_ms)
             facts.apply(event, grid, horizon_start)
             store = out.deltas.get(store_id)
@@ -236,8 +283,10 @@ class CustomerStage:
             for series, bucket, delta in event_deltas(event, grid.bucket(event.occurred_at_ms)):
                 store[(series, bucket)] = store.get((series, bucket), 0) + delta
             if families:
-                for key_, delta in diff(facts.contributions(grid, families), before).items():
+                after = facts.contributions(grid, families)
+                for key_, delta in diff(after, before).items():
                     store[key_] = store.get(key_, 0) + delta
+                recent.families, recent.contributions = families, after
             if event.currency is not None:
                 out.currencies[store_id] = event.currency
             if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:

@@ -64,6 +64,9 @@ from streams.wire import pack, pack_chunks, route, unpack
 
 log = get_logger(__name__)
 
+#: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
+CUSTOMER_CACHE_SIZE = 20_000
+
 #: events per processing batch, and how long a batch may wait to fill
 BATCH_MAX = 4000
 BATCH_WITHIN_S = 0.05
@@ -248,7 +251,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
 
     ingest_stage = IngestStage(partitions, settings.max_future_skew_ms)
     gate_stage = GateStage(partitions)
-    customer_stage = CustomerStage(pipeline.grid)
+    customer_stage = CustomerStage(pipeline.grid, cache_size=CUSTOMER_CACHE_SIZE)
 
     async def send_routed(target: Any, routed: Routed) -> None:
         for partition, items in routed.by_partition.items():
@@ -433,6 +436,8 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     async def on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:
         pipeline.assignment_generation += 1
         pipeline.needs_restore = True
+        # another worker may have changed customers' facts while their partitions were elsewhere
+        customer_stage.forget()
 
     @app.agent(deltas, name=internal + "aggregate")
     async def aggregate(stream: Any) -> None:
