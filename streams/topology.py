@@ -442,10 +442,17 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     @app.agent(deltas, name=internal + "aggregate")
     async def aggregate(stream: Any) -> None:
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            while pipeline.needs_restore:
-                await rebuild_shards()
+            await ensure_rebuilt()
             for event in batch:
                 apply_deltas(unpack(event.value))
+
+    rebuild_lock = asyncio.Lock()
+
+    async def ensure_rebuilt() -> None:
+        """Rebuild the shards after an assignment, once, whoever asks first (the agent or the emit timer)."""
+        async with rebuild_lock:
+            while pipeline.needs_restore and not app.rebalancing:
+                await rebuild_shards()
 
     async def emit(now: int) -> None:
         grid = pipeline.grid
@@ -490,6 +497,9 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
 
     @app.timer(settings.emit_interval_ms / 1000, name=internal + "emit")  # type: ignore[untyped-decorator]
     async def emit_timer() -> None:
+        if pipeline.needs_restore and not app.rebalancing:
+            # a worker that got partitions whose deltas stopped flowing must still rebuild and publish them
+            await ensure_rebuilt()
         if pipeline.needs_restore or app.rebalancing:
             return
         now = pipeline.now_ms()
