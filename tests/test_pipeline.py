@@ -186,8 +186,9 @@ def health_counter(values: dict[str, str], name: str) -> int:
     return int(values.get(name) or 0)
 
 
-#: still loses customer-level counts in about 2 runs of 7 (cause not found yet); kept to reproduce it
-JOIN_STILL_FLAKY = pytest.mark.xfail(reason="a mid-stream join still loses customer-family counts now and then",
+#: failed 1 of 6 runs after the emit-race and rebuild-trigger fixes (only avg_lifespan_years of a store
+#: and `*` off; cause not found yet); kept to reproduce it
+JOIN_STILL_FLAKY = pytest.mark.xfail(reason="a mid-stream join still gets a store's lifespan sum wrong now and then",
                                      strict=False)
 
 
