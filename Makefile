@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 UV_RUN := $(UV) run --frozen
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap test lint up down status worker demo clean
+.PHONY: help bootstrap test lint up down status worker demo bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,6 +35,9 @@ worker: ## Run one Faust worker in the foreground
 
 demo: bootstrap ## Run the product: Kafka, Redis, a worker and simulated traffic, live metrics table (Ctrl-C stops all)
 	$(UV_RUN) loyalty demo
+
+bench: bootstrap ## The benchmark of SPEC section 9 (about half an hour; writes bench/results/<date>.json)
+	$(UV_RUN) loyalty bench
 
 clean: down ## Stop everything and delete the local state folder (.loyalty)
 	rm -rf .loyalty

@@ -322,8 +322,16 @@ def _free_port() -> int:
 
 
 async def _health(client: aioredis.Redis) -> dict[str, int]:
-    values = await client.hgetall("loyalty:health")
+    values = _decoded(await client.hgetall("loyalty:health"))
     return {name: int(value) for name, value in values.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decoded(mapping: dict[Any, Any]) -> dict[str, str]:
+    return {_text(key): _text(value) for key, value in mapping.items()}
 
 
 async def throughput(
@@ -379,7 +387,7 @@ async def _compare(
     problems: list[str] = []
     for (store, window_ms), metrics in expected.items():
         key = metric_key(store, names[window_ms])
-        stored = await client.hgetall(key)
+        stored = _decoded(await client.hgetall(key))
         if stored.get("as_of_ms") != str(as_of_ms):
             problems.append(f"{key}: as_of_ms {stored.get('as_of_ms')} != {as_of_ms}")
             continue
@@ -477,11 +485,12 @@ async def latency(settings: Settings, options: BenchOptions, work_dir: Path, dat
         await producer.flush()
         sending_s = time.monotonic() - started
         # wait until every order sent is counted
-        drain_deadline = time.monotonic() + 60
+        # (a worker slower than the rate has a backlog to clear: its latency grows, and is measured)
+        drain_deadline = time.monotonic() + options.timeout_s
         while any((seen_counts[i][-1][1] if seen_counts[i] else 0) < len(order_times[i]) for i in order_times):
             worker.check_alive()
             if time.monotonic() > drain_deadline:
-                raise BenchError("the live worker did not publish every order within 60 s of the end")
+                raise BenchError(f"the live worker did not publish every order within {options.timeout_s:.0f}s")
             await asyncio.sleep(POLL_S)
         done.set()
         await poller
@@ -554,7 +563,8 @@ async def memory(settings: Settings, options: BenchOptions, work_dir: Path, data
         names = settings.windows
         while True:
             worker.check_alive()
-            stored = await client.hget(metric_key("*", names[-1]), "customers_end")
+            reply = await client.hget(metric_key("*", names[-1]), "customers_end")
+            stored = None if reply is None else _text(reply)
             if stored is not None and int(stored) == options.memory_customers:
                 break
             if time.monotonic() > deadline:
@@ -601,6 +611,13 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "shapes": {},
     }
+    options.output_dir.mkdir(parents=True, exist_ok=True)
+    path = options.output_dir / f"{dt.date.today().isoformat()}.json"
+
+    def save() -> None:
+        # after every part, so a long run that is stopped keeps what it measured
+        path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+
     with tempfile.TemporaryDirectory(prefix="loyalty-bench-") as tmp:
         work_dir = Path(tmp)
         database = 1
@@ -622,18 +639,18 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
             worker["ratio_to_raw"] = worker["events_per_s"] / raw["events_per_s"]
             worker["ratio_to_empty_agent"] = worker["events_per_s"] / empty["events_per_s"]
             results["shapes"][str(batch)] = {"raw_aiokafka": raw, "empty_faust_agent": empty, "worker": worker}
+            save()
         if shapes:
             del workload
         if options.duration_s > 0:
             echo(f"latency at {options.rate:,.0f} events/s for {options.duration_s:.0f}s ...")
             results["latency"] = await latency(settings, options, work_dir, database)
             database += 1
+            save()
         if options.memory_customers > 0:
             echo(f"memory with {options.memory_customers:,} customers ...")
             results["memory"] = await memory(settings, options, work_dir, database)
-    options.output_dir.mkdir(parents=True, exist_ok=True)
-    path = options.output_dir / f"{dt.date.today().isoformat()}.json"
-    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    save()
     results["path"] = str(path)
     return results
 
