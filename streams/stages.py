@@ -234,9 +234,12 @@ class CustomerStage:
             return recent
         facts = load(key) or CustomerFacts()
         facts.prune(self.grid, horizon_start, seen_after)
-        recent = _Recent(facts)
+        return self._keep(key, _Recent(facts))
+
+    def _keep(self, key: str, recent: _Recent) -> _Recent:
         if self.cache_size > 0:
             self._recent[key] = recent
+            self._recent.move_to_end(key)
             while len(self._recent) > self.cache_size:
                 self._recent.popitem(last=False)
         return recent
@@ -251,6 +254,9 @@ class CustomerStage:
     ) -> None:
         """Apply packed events; facts are read with ``load`` (or from ``out.facts``) and left in ``out.facts``.
 
+        Several calls of one batch share ``out.facts``: a customer already in it is taken from
+        there (the table is written once, after the batch), whatever the memory cache dropped.
+
         ``now_ms`` is the metric clock; ``seen_at_ms`` (wall time) stamps event
         ids for deduplication, which lasts ``LOYALTY_DEDUPE_TTL`` after that.
         """
@@ -264,8 +270,18 @@ class CustomerStage:
             key = customer_route_key(store_id, customer_id)
             recent = batch_recent.get(key)
             if recent is None:
-                recent = batch_recent[key] = self._recall(key, load, horizon_start, seen_after)
-                out.facts[key] = recent.facts
+                loaded = out.facts.get(key)
+                if loaded is None:
+                    recent = self._recall(key, load, horizon_start, seen_after)
+                    out.facts[key] = recent.facts
+                else:
+                    # an earlier message of the same batch has it: its object is ahead of the table
+                    kept = self._recent.get(key)
+                    if kept is not None and kept.facts is loaded:
+                        recent = kept
+                    else:
+                        recent = self._keep(key, _Recent(loaded))
+                batch_recent[key] = recent
             facts = recent.facts
             if facts.is_duplicate(event.event_id):
                 out.duplicates += 1

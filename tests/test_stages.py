@@ -206,3 +206,41 @@ def test_a_replayed_delta_part_is_applied_once() -> None:
     assert shard.apply((1, 2, 0), {"d": [["orders", 11, 1]]}, 660_000)
     assert shard.aggregate.metrics(Grid(60_000, 120_000, (120_000,)), 2, 11)["orders"] == 3
     assert shard.latest_event_ms == 660_000
+
+
+@pytest.mark.parametrize("cache_size", [0, 3, 10_000])
+def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: int) -> None:
+    """Several messages per batch, table written after the batch, customers evicted mid-batch: the reference."""
+    history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
+    events = accepted_events(_parsed(history))
+    gate_routed = Routed()
+    GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
+    table: dict[str, bytes] = {}
+    shards: dict[str, StoreShard] = {}
+    stage = CustomerStage(GRID, cache_size=cache_size)
+    clock = 0
+
+    def load(key: str) -> CustomerFacts | None:
+        record = table.get(key)
+        return None if record is None else CustomerFacts.from_record(orjson.loads(record))
+
+    for partition, items in gate_routed.by_partition.items():
+        messages = [items[start:start + 5] for start in range(0, len(items), 5)]
+        for first in range(0, len(messages), 8):  # a batch: 8 messages, one facts dict, one table write
+            batch_facts: dict[str, CustomerFacts] = {}
+            for offset, message in enumerate(messages[first:first + 8], start=first):
+                clock = max([clock, *(fields[2] for fields in message)])
+                output = CustomerOutput(facts=batch_facts)
+                stage.process(message, load, clock, output, 0)
+                for parts in delta_messages(output, (partition, offset), PARTITIONS).values():
+                    for part in parts:
+                        for store_id, entry in part["stores"].items():
+                            shards.setdefault(store_id, StoreShard(store_id)).apply(
+                                tuple(part["src"]), entry, part["t"])
+            for key, customer in batch_facts.items():
+                table[key] = orjson.dumps(customer.to_record())
+    reference = reference_all(events, windows_ms=GRID.windows_ms, as_of_ms=clock,
+                              config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
+    for (store, window_ms), expected in reference.items():
+        window = GRID.windows[GRID.windows_ms.index(window_ms)]
+        assert not metric_differences(shards[store].metrics(GRID, window, GRID.bucket(clock)), expected), store
