@@ -43,16 +43,17 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from infra.local import free_port
 from metrics.compare import metric_differences
 from metrics.events import INPUT_TOPICS, Event
 from metrics.reference import ReferenceConfig, reference_all
 from metrics.timegrid import DAY_MS, parse_duration
 from metrics.validation import parse_message
 from streams.admin import ensure_topics
-from streams.demo import stop_worker
+from streams.demo import stop_worker, worker_command
 from streams.settings import Settings
 from streams.simulate import Storefronts, TokenBucket
-from streams.sinks import metric_key, parse_redis_field
+from streams.sinks import metric_key, parse_redis_field, read_health
 
 #: how often the bench polls Redis while it waits
 POLL_S = 0.05
@@ -270,7 +271,7 @@ class Worker:
             "LOYALTY_WINDOWS": ",".join(settings.windows),
             "LOYALTY_STORE": "rocksdb",
             "LOYALTY_STATE_DIR": str(work_dir / f"state-{self.name}"),
-            "LOYALTY_WEB_PORT": str(_free_port()),
+            "LOYALTY_WEB_PORT": str(free_port()),
             "LOYALTY_LOG_LEVEL": "warning",
             **env,
         }
@@ -283,7 +284,7 @@ class Worker:
         await client.flushdb()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker"], env=self.env, stdout=log,
+                worker_command(), env=self.env, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         self.started = time.perf_counter()
@@ -311,19 +312,6 @@ class Worker:
         """Stop the process (SIGTERM, then SIGKILL)."""
         if self.process is not None:
             stop_worker(self.process)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _health(client: aioredis.Redis) -> dict[str, int]:
-    values = _decoded(await client.hgetall("loyalty:health"))
-    return {name: int(value) for name, value in values.items()}
 
 
 def _text(value: bytes | str) -> str:
@@ -354,7 +342,7 @@ async def throughput(
             worker.check_alive()
             if time.monotonic() > deadline:
                 raise BenchError(f"{dataset.prefix}: no match with the reference in time: {problems[:5]}")
-            health = await _health(client)
+            health = await read_health(client)
             if first_seen is None and health.get("events_received"):
                 first_seen = time.perf_counter()
             if health.get("events_applied", 0) + health.get("duplicates", 0) >= dataset.events:
@@ -444,7 +432,7 @@ async def latency(settings: Settings, options: BenchOptions, work_dir: Path, dat
             for _ in range(20):
                 await send_one()
             await asyncio.sleep(0.2)
-            health = await _health(client)
+            health = await read_health(client)
             if health.get("events_applied", 0) >= sent and sum(await orders_now()) > 0:
                 break
             if time.monotonic() > warm_deadline:
@@ -553,7 +541,7 @@ async def memory(settings: Settings, options: BenchOptions, work_dir: Path, data
         deadline = time.monotonic() + options.timeout_s
         while True:
             worker.check_alive()
-            health = await _health(client)
+            health = await read_health(client)
             if health.get("events_applied", 0) >= dataset.events:
                 break
             if time.monotonic() > deadline:

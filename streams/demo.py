@@ -36,14 +36,13 @@ from infra import local
 from streams.admin import ensure_input_topics
 from streams.settings import Settings
 from streams.simulate import SimulationError, SimulationOptions, SimulationStats, run_simulation
-from streams.sinks import metric_key, parse_redis_field, rfc3339_ms
+from streams.sinks import metric_key, parse_redis_field, read_health, rfc3339_ms
 
 HEADLINE = ("customers_end", "churn_rate", "nps", "repeat_purchase_rate", "gross_revenue")
 COLUMNS = ("customers", "churn %", "NPS", "repeat %", "gross revenue")  # short labels: fits 80 columns
 ALL_STORES = "*"
 REFRESH_S = 1.0
 WORKER_STOP_TIMEOUT_S = 30.0
-HEALTH_KEY = "loyalty:health"
 
 
 @dataclass(frozen=True)
@@ -184,11 +183,6 @@ def _status_line(stats: SimulationStats | None, rate: float, worker: subprocess.
     return f"simulator: {sent} | {worker_state} ({log_path}) | {counts} | Ctrl-C stops"
 
 
-async def _health(client: aioredis.Redis) -> dict[str, int]:
-    raw = await client.hgetall(HEALTH_KEY)
-    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
-
-
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -226,7 +220,7 @@ async def _show(
                 rate = (samples[-1][1] - samples[0][1]) / span if span > 0 else 0.0
                 try:
                     headlines = await read_headlines(client, stores, options.window)
-                    health = await _health(client)
+                    health = await read_health(client)
                     if baseline is None:
                         baseline = health
                     health = {name: count - baseline.get(name, 0) for name, count in health.items()}

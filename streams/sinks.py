@@ -16,6 +16,8 @@ import redis.asyncio as aioredis
 SNAPSHOT_SCHEMA = "loyalty.metrics.v1"
 HISTORY_MAXLEN = 10_000
 STORES_KEY = "loyalty:stores"
+#: the workers' health counters (a hash of counts)
+HEALTH_KEY = "loyalty:health"
 UPDATES_CHANNEL = "loyalty:updates"
 
 
@@ -142,8 +144,14 @@ class RedisSink:
     async def count(self, field: str, amount: int) -> None:
         """Add to a worker health counter (``loyalty:health``)."""
         if amount:
-            await self.client.hincrby("loyalty:health", field, amount)
+            await self.client.hincrby(HEALTH_KEY, field, amount)
 
     async def close(self) -> None:
         """Close the connection pool."""
         await self.client.aclose()
+
+
+async def read_health(client: aioredis.Redis) -> dict[str, int]:
+    """The workers' health counters (``events_received``, ``events_applied``, ...), decoded or not."""
+    raw = await client.hgetall(HEALTH_KEY)
+    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}

@@ -222,16 +222,25 @@ class CustomerStage:
         self._recent.clear()
 
     def _recall(
-        self, key: str, load: Callable[[str], CustomerFacts | None], horizon_start: int, seen_after: int
+        self,
+        key: str,
+        batch_facts: dict[str, CustomerFacts],
+        load: Callable[[str], CustomerFacts | None],
+        horizon_start: int,
+        seen_after: int,
     ) -> _Recent:
-        recent = self._recent.get(key)
-        if recent is not None:
+        kept = self._recent.get(key)
+        loaded = batch_facts.get(key)
+        if loaded is not None:
+            # an earlier message of the same batch has it: its object is ahead of the table
+            return kept if kept is not None and kept.facts is loaded else self._keep(key, _Recent(loaded))
+        if kept is not None:
             self._recent.move_to_end(key)
             # pruned exactly as a reload would be: a batch replayed after a crash must compute the
             # very same deltas, or the aggregation's skip-by-part would mix two versions
-            if recent.facts.prune(self.grid, horizon_start, seen_after):
-                recent.contributions = None
-            return recent
+            if kept.facts.prune(self.grid, horizon_start, seen_after):
+                kept.contributions = None
+            return kept
         facts = load(key) or CustomerFacts()
         facts.prune(self.grid, horizon_start, seen_after)
         return self._keep(key, _Recent(facts))
@@ -270,18 +279,8 @@ class CustomerStage:
             key = customer_route_key(store_id, customer_id)
             recent = batch_recent.get(key)
             if recent is None:
-                loaded = out.facts.get(key)
-                if loaded is None:
-                    recent = self._recall(key, load, horizon_start, seen_after)
-                    out.facts[key] = recent.facts
-                else:
-                    # an earlier message of the same batch has it: its object is ahead of the table
-                    kept = self._recent.get(key)
-                    if kept is not None and kept.facts is loaded:
-                        recent = kept
-                    else:
-                        recent = self._keep(key, _Recent(loaded))
-                batch_recent[key] = recent
+                recent = batch_recent[key] = self._recall(key, out.facts, load, horizon_start, seen_after)
+                out.facts[key] = recent.facts
             facts = recent.facts
             if facts.is_duplicate(event.event_id):
                 out.duplicates += 1

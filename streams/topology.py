@@ -497,9 +497,8 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
 
     @app.timer(settings.emit_interval_ms / 1000, name=internal + "emit")  # type: ignore[untyped-decorator]
     async def emit_timer() -> None:
-        if pipeline.needs_restore and not app.rebalancing:
-            # a worker that got partitions whose deltas stopped flowing must still rebuild and publish them
-            await ensure_rebuilt()
+        # a worker that got partitions whose deltas stopped flowing must still rebuild and publish them
+        await ensure_rebuilt()
         if pipeline.needs_restore or app.rebalancing:
             return
         now = pipeline.now_ms()
