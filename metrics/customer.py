@@ -315,16 +315,25 @@ class CustomerFacts:
 
     # -- derived statuses ----------------------------------------------------
 
-    def active_intervals(self, grid: Grid) -> Intervals:
-        """Buckets at which the customer is active (SPEC 5, "Customers")."""
+    def active_intervals(self, grid: Grid, low: int = MINUS_INFINITY) -> Intervals:
+        """Buckets at which the customer is active (SPEC 5, "Customers"), exact from bucket ``low`` on.
+
+        An activity bucket's interval ends by the next activity bucket, so every
+        interval of the buckets before the last one at or before ``low`` ends by
+        ``low``: they are left out (earlier starts may differ, later buckets do not).
+        """
         if not self.activity:
             return []
         buckets = sorted(self.activity)
+        first_index = max(0, bisect_right(buckets, low) - 1)
         closes = self.closes
+        horizon = grid.horizon
+        count = len(buckets)
         result: list[Interval] = []
-        for i, bucket in enumerate(buckets):
-            end = bucket + grid.horizon
-            if i + 1 < len(buckets) and buckets[i + 1] < end:
+        for i in range(first_index, count):
+            bucket = buckets[i]
+            end = bucket + horizon
+            if i + 1 < count and buckets[i + 1] < end:
                 end = buckets[i + 1]
             if closes:
                 # the first close strictly later than the bucket's last activity ends it
@@ -356,69 +365,100 @@ class CustomerFacts:
             result.append((start, PLUS_INFINITY))
         return result
 
-    def contributions(self, grid: Grid, families: int) -> Deltas:
-        """The customer's current contribution to every series of ``families``."""
+    def contributions(self, grid: Grid, families: int, since: int = MINUS_INFINITY) -> Deltas:
+        """The customer's contribution to every series of ``families``, clipped to buckets ``>= since``.
+
+        Clipped: an interval that starts before ``since`` starts at ``since``, one
+        that ends by then is left out, so the contribution at ``since`` is the
+        prefix sum up to it. Every status at bucket j is a function of the facts
+        at buckets ``<= j`` (each is "as of j"), so an event at bucket b changes
+        nothing below b, and the difference of two contributions clipped at b
+        equals the difference of the whole ones. Clipped, the cost depends on
+        the facts near ``since`` rather than on the whole kept history.
+        Two exceptions: membership may start "for ever" ago, but counts only
+        where the customer is active, and activity is kept from the horizon
+        start on; and the first activity's histogram (``F``, ``Fch:c``) is a
+        single point, never clipped, since a later signup's channel classifies it.
+
+        >>> facts = CustomerFacts(); facts.activity = {10: 600_000, 20: 1_200_000}
+        >>> grid = Grid(60_000, 600_000, (60_000,))
+        >>> sorted(facts.contributions(grid, ACTIVITY_FAMILY, since=15).items())[:2]
+        [(('A', 15), 1), (('A', 30), -1)]
+        """
         out: Deltas = {}
         if families & ACTIVITY_FAMILY:
-            self._activity_contributions(grid, out)
+            self._activity_contributions(grid, out, since)
         if families & ORDER_FAMILY:
-            self._order_contributions(grid, out)
+            self._order_contributions(grid, out, since)
         return out
 
-    def _activity_contributions(self, grid: Grid, out: Deltas) -> None:
-        active = self.active_intervals(grid)
-        _add_intervals(out, "A", active, 1)
+    def _activity_contributions(self, grid: Grid, out: Deltas, since: int) -> None:
+        # both:n reads activity n buckets back
+        active = self.active_intervals(grid, since - grid.longest)
+        _add_intervals(out, "A", active, 1, since)
         first = None if self.first_activity_ms is None else grid.bucket(self.first_activity_ms)
         if first is not None:
-            out[("F", first)] = out.get(("F", first), 0) + 1
+            # never clipped: a signup's channel classifies the first activity, which may be earlier
+            out[("F", first)] = 1
             if self.signup_channel:
-                key = ("Fch:" + self.signup_channel, first)
-                out[key] = out.get(key, 0) + 1
+                out[("Fch:" + self.signup_channel, first)] = 1
         members = intersect(active, self.member_intervals(grid)) if self.membership or self.member_before else []
-        _add_intervals(out, "LM", members, 1)
+        _add_intervals(out, "LM", members, 1, since)
         for n in grid.windows:
             suffix = ":" + str(n)
-            _add_intervals(out, "both" + suffix, intersect(active, shift(active, n)), 1)
-            if first is not None:
-                _add_intervals(out, "newact" + suffix, intersect(active, [(first, first + n)]), 1)
+            _add_intervals(out, "both" + suffix, intersect(active, shift(active, n)), 1, since)
+            if first is not None and first + n > since:
+                _add_intervals(out, "newact" + suffix, intersect(active, [(first, first + n)]), 1, since)
             if members and self.rewards:
-                _add_intervals(out, "actmem" + suffix, intersect(members, spans(self.rewards, n)), 1)
+                recent = [bucket for bucket in self.rewards if bucket + n > since]
+                if recent:
+                    _add_intervals(out, "actmem" + suffix, intersect(members, spans(recent, n)), 1, since)
 
-    def _order_contributions(self, grid: Grid, out: Deltas) -> None:
-        order_buckets = sorted(self.orders)
+    def _order_contributions(self, grid: Grid, out: Deltas, since: int) -> None:
+        all_orders = sorted(self.orders)
         second_order = grid.bucket(self.first_orders[1]) if self.order_count >= 2 else None
         first_order_ms = self.first_orders[0] if self.first_orders else 0
+        order_times = self.orders
         for n in grid.windows:
             suffix = ":" + str(n)
-            purchaser = spans(order_buckets, n)
-            _add_intervals(out, "P" + suffix, purchaser, 1)
+            # nrr reads the purchaser status n buckets back, and an order's span lasts n buckets
+            reach = since - 2 * n
+            purchaser = spans(all_orders[bisect_right(all_orders, reach):], n)
+            _add_intervals(out, "P" + suffix, purchaser, 1, since)
             if second_order is not None:
-                _add_intervals(out, "ret" + suffix, intersect(purchaser, [(second_order, PLUS_INFINITY)]), 1)
+                _add_intervals(out, "ret" + suffix, intersect(purchaser, [(second_order, PLUS_INFINITY)]), 1, since)
             # lifespan by j: last order up to j minus the first order; constant between orders
-            for i, bucket in enumerate(order_buckets):
+            count = len(all_orders)
+            for i in range(bisect_right(all_orders, since - n), count):
+                bucket = all_orders[i]
                 end = bucket + n
-                if i + 1 < len(order_buckets) and order_buckets[i + 1] < end:
-                    end = order_buckets[i + 1]
-                lifespan = self.orders[bucket] - first_order_ms
-                if lifespan:
-                    _add_intervals(out, "life" + suffix, [(bucket, end)], lifespan)
+                if i + 1 < count and all_orders[i + 1] < end:
+                    end = all_orders[i + 1]
+                lifespan = order_times[bucket] - first_order_ms
+                if lifespan and end > since:
+                    _add_intervals(out, "life" + suffix, [(bucket, end)], lifespan, since)
             ordered_before = shift(purchaser, n)
             purchaser_ends = [end for _, end in purchaser]
             before_ends = [end for _, end in ordered_before]
             for bucket, amount in self.revenue.items():
-                if not amount:
+                if not amount or bucket <= reach:
                     continue
                 # revenue of bucket b is "previous period" for j in [b+n, b+2n)
                 period = (bucket + n, bucket + 2 * n)
                 overlap = clip(purchaser, purchaser_ends, period[0], period[1])
-                _add_intervals(out, "crev" + suffix, subtract([period], overlap), amount)
+                _add_intervals(out, "crev" + suffix, subtract([period], overlap), amount, since)
                 # and "in W" for j in [b, b+n)
-                _add_intervals(out, "nrr" + suffix, clip(ordered_before, before_ends, bucket, bucket + n), amount)
+                if bucket + n > since:
+                    _add_intervals(
+                        out, "nrr" + suffix, clip(ordered_before, before_ends, bucket, bucket + n), amount, since
+                    )
 
 
-def _add_intervals(out: Deltas, series: str, intervals: Intervals, weight: int) -> None:
+def _add_intervals(out: Deltas, series: str, intervals: Intervals, weight: int, since: int) -> None:
     for start, end in intervals:
-        key = (series, start)
+        if end <= since:
+            continue
+        key = (series, start if start > since else since)
         out[key] = out.get(key, 0) + weight
         if end < PLUS_INFINITY:
             key = (series, end)

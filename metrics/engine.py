@@ -150,15 +150,16 @@ class LoyaltyEngine:
         facts.prune(grid, horizon_start, self.now_ms - grid.dedupe_ttl_ms)
         facts.remember(event.event_id, self.now_ms)
         families = families_of(event.type)
-        before = facts.contributions(grid, families) if families else {}
+        bucket = grid.bucket(event.occurred_at_ms)
+        # nothing below the event's bucket can change: both sides are clipped there
+        before = facts.contributions(grid, families, since=bucket) if families else {}
         facts.apply(event, grid, horizon_start)
         store = self.stores.get(event.store_id)
         if store is None:
             store = self.stores[event.store_id] = StoreAggregate()
-        bucket = grid.bucket(event.occurred_at_ms)
         changes = event_deltas(event, bucket)
         if families:
-            after = facts.contributions(grid, families)
+            after = facts.contributions(grid, families, since=bucket)
             changes.extend((series, b, delta) for (series, b), delta in diff(after, before).items())
         store.add_all(changes)
         self.all_stores.add_all(changes)

@@ -9,14 +9,16 @@ per-series base, so prefix sums stay exact while memory stays bounded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from metrics import formulas as f
 from metrics.catalog import METRIC_NAMES, MONETARY_METRICS
 from metrics.timegrid import Grid
 
-#: how many cached prefix positions a series keeps (K and K - n, K - 2n per window)
-_MAX_CURSORS = 24
+#: how many cached prefix positions a series keeps: K, and K - n and K - 2n per window, read
+#: at every emit; the least recently read goes first, so positions of a past K do not linger
+_MAX_CURSORS = 12
 #: beyond this distance a prefix is recomputed from scratch rather than stepped
 _MAX_STEP = 4096
 
@@ -39,7 +41,7 @@ class PrefixSeries:
         #: sum of the deltas of buckets below ``floor``
         self.base = 0
         self.floor: int | None = None
-        #: bucket -> prefix sum up to and including it
+        #: bucket -> prefix sum up to and including it, least recently read first
         self.cursors: dict[int, int] = {}
 
     def add(self, bucket: int, delta: int) -> None:
@@ -52,15 +54,18 @@ class PrefixSeries:
                 self.deltas[bucket] = value
             else:
                 self.deltas.pop(bucket, None)
-        for position in self.cursors:
+        cursors = self.cursors
+        for position in cursors:
             if bucket <= position:
-                self.cursors[position] += delta
+                cursors[position] += delta
 
     def prefix(self, bucket: int) -> int:
         """Sum of the deltas at buckets ``<= bucket`` (exact while ``bucket >= floor - 1``)."""
         cursors = self.cursors
-        if bucket in cursors:
-            return cursors[bucket]
+        value = cursors.pop(bucket, None)
+        if value is not None:
+            cursors[bucket] = value  # now the most recently read
+            return value
         below = [p for p in cursors if p < bucket and bucket - p <= _MAX_STEP]
         deltas = self.deltas
         if below:
@@ -69,7 +74,7 @@ class PrefixSeries:
         else:
             value = self.base + sum(v for b, v in deltas.items() if b <= bucket)
         if len(cursors) >= _MAX_CURSORS:
-            del cursors[min(cursors)]
+            del cursors[next(iter(cursors))]
         cursors[bucket] = value
         return value
 
@@ -114,10 +119,28 @@ class StoreAggregate:
             target = self.series[series] = PrefixSeries()
         target.add(bucket, delta)
 
-    def add_all(self, deltas: Iterable[tuple[str, int, int]]) -> None:
-        """Add many ``(series, bucket, delta)``."""
+    def add_all(self, deltas: Iterable[Sequence[Any]]) -> None:
+        """Add many ``(series, bucket, delta)`` (the hot path of the aggregation: kept inline)."""
+        all_series = self.series
         for series, bucket, delta in deltas:
-            self.add(series, bucket, delta)
+            target = all_series.get(series)
+            if target is None:
+                target = all_series[series] = PrefixSeries()
+            floor = target.floor
+            if floor is not None and bucket < floor:
+                target.base += delta
+            else:
+                values = target.deltas
+                value = values.get(bucket, 0) + delta
+                if value:
+                    values[bucket] = value
+                else:
+                    values.pop(bucket, None)
+            cursors = target.cursors
+            if cursors:
+                for position in cursors:
+                    if bucket <= position:
+                        cursors[position] += delta
 
     def merge(self, other: StoreAggregate) -> None:
         """Fold another aggregate into this one: the aggregate of both event sets.

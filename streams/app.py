@@ -31,10 +31,11 @@ def faust_options(settings: Settings) -> dict[str, object]:
         "producer_linger": 0.005,
         "producer_max_batch_size": 256 * 1024,
         "producer_max_request_size": 2 * 1024 * 1024,
-        # Input messages are at most 1 MiB (a batch of events); fetch a few per partition.
+        # Faust reads only the internal topics, whose messages are packed batches (the input topics
+        # have their own reader): a few messages per partition are plenty, and bound the memory.
         "consumer_max_fetch_size": 4 * 1024 * 1024,
-        "broker_max_poll_records": 2000,
-        "stream_buffer_maxsize": 8192,
+        "broker_max_poll_records": 500,
+        "stream_buffer_maxsize": 512,
     }
 
 

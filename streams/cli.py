@@ -7,6 +7,7 @@ one Faust worker of the app from :func:`streams.app.create_app`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -149,11 +150,18 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+#: the worker's garbage-collector thresholds: every event allocates dozens of short-lived lists
+#: and tuples, and with Python's default (700) the collector rescans the cached customers' facts
+#: thousands of times a second; measured on the stages alone, this took a third of the time
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
 @main.command()
 def worker() -> None:
     """Run one Faust worker (start as many as you like with the same LOYALTY_APP_ID)."""
     settings = _settings()
     _use_uvloop()
+    gc.set_threshold(*GC_THRESHOLDS)
     from faust import Worker
 
     from streams.app import create_app

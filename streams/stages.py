@@ -26,7 +26,7 @@ import orjson
 
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
-from metrics.customer import CustomerFacts, Deltas, diff, event_deltas, families_of
+from metrics.customer import CustomerFacts, event_deltas, families_of
 from metrics.engine import CurrencyGate, customer_key
 from metrics.store import StoreAggregate
 from metrics.timegrid import Grid
@@ -193,29 +193,19 @@ class CustomerOutput:
     duplicates: int = 0
 
 
-@dataclass
-class _Recent:
-    """A customer kept in memory between batches: its facts and, when still valid, its contributions."""
-
-    facts: CustomerFacts
-    families: int = 0
-    contributions: Deltas | None = None
-
-
 class CustomerStage:
     """Per (store, customer): dedupe, update facts, emit contribution differences.
 
-    With ``cache_size`` > 0 it keeps the most recently used customers in memory
-    between batches, with their contributions after their last event: the
-    next event of such a customer skips the table read and the "before" half
-    of its contribution difference. The table stays the truth; call
-    :meth:`forget` whenever it may have changed under us (a rebalance).
+    With ``cache_size`` > 0 it keeps the facts of the most recently used
+    customers in memory between batches, so their next event skips the table
+    read and decode. The table stays the truth; call :meth:`forget` whenever it
+    may have changed under us (a rebalance).
     """
 
     def __init__(self, grid: Grid, cache_size: int = 0) -> None:
         self.grid = grid
         self.cache_size = cache_size
-        self._recent: OrderedDict[str, _Recent] = OrderedDict()
+        self._recent: OrderedDict[str, CustomerFacts] = OrderedDict()
 
     def forget(self) -> None:
         """Drop every customer kept in memory."""
@@ -228,30 +218,29 @@ class CustomerStage:
         load: Callable[[str], CustomerFacts | None],
         horizon_start: int,
         seen_after: int,
-    ) -> _Recent:
-        kept = self._recent.get(key)
+    ) -> CustomerFacts:
         loaded = batch_facts.get(key)
         if loaded is not None:
             # an earlier message of the same batch has it: its object is ahead of the table
-            return kept if kept is not None and kept.facts is loaded else self._keep(key, _Recent(loaded))
+            return self._keep(key, loaded)
+        kept = self._recent.get(key)
         if kept is not None:
             self._recent.move_to_end(key)
             # pruned exactly as a reload would be: a batch replayed after a crash must compute the
             # very same deltas, or the aggregation's skip-by-part would mix two versions
-            if kept.facts.prune(self.grid, horizon_start, seen_after):
-                kept.contributions = None
+            kept.prune(self.grid, horizon_start, seen_after)
             return kept
         facts = load(key) or CustomerFacts()
         facts.prune(self.grid, horizon_start, seen_after)
-        return self._keep(key, _Recent(facts))
+        return self._keep(key, facts)
 
-    def _keep(self, key: str, recent: _Recent) -> _Recent:
+    def _keep(self, key: str, facts: CustomerFacts) -> CustomerFacts:
         if self.cache_size > 0:
-            self._recent[key] = recent
+            self._recent[key] = facts
             self._recent.move_to_end(key)
             while len(self._recent) > self.cache_size:
                 self._recent.popitem(last=False)
-        return recent
+        return facts
 
     def process(
         self,
@@ -272,36 +261,35 @@ class CustomerStage:
         grid = self.grid
         horizon_start = grid.bucket(now_ms) - grid.fact_retention
         seen_after = seen_at_ms - grid.dedupe_ttl_ms
-        batch_recent: dict[str, _Recent] = {}
+        batch_facts: dict[str, CustomerFacts] = {}
         for fields in events:
             event = event_from_list(fields)
             store_id, customer_id = customer_key(event)
             key = customer_route_key(store_id, customer_id)
-            recent = batch_recent.get(key)
-            if recent is None:
-                recent = batch_recent[key] = self._recall(key, out.facts, load, horizon_start, seen_after)
-                out.facts[key] = recent.facts
-            facts = recent.facts
+            facts = batch_facts.get(key)
+            if facts is None:
+                facts = batch_facts[key] = self._recall(key, out.facts, load, horizon_start, seen_after)
+                out.facts[key] = facts
             if facts.is_duplicate(event.event_id):
                 out.duplicates += 1
                 continue
             families = families_of(event.type)
-            before: Deltas = {}
-            if families:
-                cached = recent.contributions if recent.families == families else None
-                before = cached if cached is not None else facts.contributions(grid, families)
+            bucket = grid.bucket(event.occurred_at_ms)
+            # nothing below the event's bucket can change: both sides are clipped there
+            before = facts.contributions(grid, families, since=bucket) if families else None
             facts.remember(event.event_id, seen_at_ms)
             facts.apply(event, grid, horizon_start)
             store = out.deltas.get(store_id)
             if store is None:
                 store = out.deltas[store_id] = {}
-            for series, bucket, delta in event_deltas(event, grid.bucket(event.occurred_at_ms)):
-                store[(series, bucket)] = store.get((series, bucket), 0) + delta
-            if families:
-                after = facts.contributions(grid, families)
-                for key_, delta in diff(after, before).items():
-                    store[key_] = store.get(key_, 0) + delta
-                recent.families, recent.contributions = families, after
+            for series, delta_bucket, delta in event_deltas(event, bucket):
+                store[(series, delta_bucket)] = store.get((series, delta_bucket), 0) + delta
+            if before is not None:
+                # after - before, added straight into the message's deltas (zeros are dropped on sending)
+                for key_, value in facts.contributions(grid, families, since=bucket).items():
+                    store[key_] = store.get(key_, 0) + value - before.pop(key_, 0)
+                for key_, value in before.items():
+                    store[key_] = store.get(key_, 0) - value
             if event.currency is not None:
                 out.currencies[store_id] = event.currency
             if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:
@@ -395,9 +383,7 @@ class StoreShard:
         if seen is not None and seen >= position:
             return False
         self.hwm[partition] = position
-        add = self.aggregate.add
-        for series, bucket, delta in entry["d"]:
-            add(series, bucket, delta)
+        self.aggregate.add_all(entry["d"])
         for store_id, currency in (entry.get("cur") or {}).items():
             self.currencies[store_id] = currency
         if max_time_ms is not None and (self.latest_event_ms is None or max_time_ms > self.latest_event_ms):

@@ -38,15 +38,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import faust
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from metrics.customer import CustomerFacts
 from metrics.events import INPUT_TOPICS
 from metrics.timegrid import Grid
+from streams.input_reader import read_inputs
 from streams.logging import get_logger
 from streams.rocks import RoutedRocksDBStore
 from streams.settings import Settings
@@ -67,9 +69,12 @@ log = get_logger(__name__)
 #: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
 CUSTOMER_CACHE_SIZE = 20_000
 
-#: events per processing batch, and how long a batch may wait to fill
+#: messages per processing batch, and how long a batch may wait to fill
 BATCH_MAX = 4000
 BATCH_WITHIN_S = 0.05
+#: the facts stage writes a batch in slices of about this many events (the customers it holds
+#: in memory until the write); internal messages are packed, so a batch of messages can hold many
+FACTS_FLUSH_EVENTS = 20_000
 
 
 def wall_ms() -> int:
@@ -217,13 +222,6 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
             **options,
         )
 
-    inputs = app.topic(
-        *[settings.topic(name) for name in INPUT_TOPICS],
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=partitions,
-        internal=True,
-    )
     by_store = topic(internal + "events-by-store")
     by_customer = topic(internal + "events-by-customer")
     # the deltas are the aggregation's log (it rebuilds from them): kept for ever
@@ -253,27 +251,36 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     gate_stage = GateStage(partitions)
     customer_stage = CustomerStage(pipeline.grid, cache_size=CUSTOMER_CACHE_SIZE)
 
-    async def send_routed(target: Any, routed: Routed) -> None:
+    async def send_routed(target: Any, routed: Routed, wait: bool = False) -> None:
+        """Send packed items and dead letters; with ``wait``, until Kafka has acknowledged them all."""
+        sent = []
         for partition, items in routed.by_partition.items():
             for chunk in pack_chunks(items):
-                await target.send(value=chunk, partition=partition)
+                sent.append(await target.send(value=chunk, partition=partition))
         for letter in routed.dead_letters:
-            await dead_letters.send(value=orjson.dumps(letter))
+            sent.append(await dead_letters.send(value=orjson.dumps(letter)))
         pipeline.count("dead_letters", len(routed.dead_letters))
+        if wait and sent:
+            await asyncio.gather(*sent)
 
-    @app.agent(inputs, name=internal + "ingest")
-    async def ingest(stream: Any) -> None:
+    input_topics = [settings.topic(name) for name in INPUT_TOPICS]
+
+    async def ingest(records: Sequence[ConsumerRecord]) -> None:
+        """Validate one fetch of input records and route its events by store (acknowledged by Kafka)."""
         await declare_outputs()
-        async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            routed = Routed()
-            now = wall_ms()
-            for event in batch:
-                message = event.message
-                source = (message.topic, message.partition, message.offset)
-                name = message.topic[len(prefix):] if message.topic.startswith(prefix) else message.topic
-                ingest_stage.process(name, source, event.value, now, routed)
-            pipeline.count("events_received", routed.accepted + len(routed.dead_letters))
-            await send_routed(by_store, routed)
+        routed = Routed()
+        now = wall_ms()
+        for record in records:
+            topic_name = record.topic
+            name = topic_name[len(prefix):] if topic_name.startswith(prefix) else topic_name
+            ingest_stage.process(name, (topic_name, record.partition, record.offset), record.value, now, routed)
+        pipeline.count("events_received", routed.accepted + len(routed.dead_letters))
+        await send_routed(by_store, routed, wait=True)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def read_input_topics() -> None:
+        # after the worker is ready; Faust cancels it on shutdown
+        await read_inputs(settings.kafka_bootstrap_servers, input_topics, internal + "ingest", ingest)
 
     class CurrencyView:
         """The currency table as ``store -> currency`` strings."""
@@ -333,9 +340,8 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     async def facts(stream: Any) -> None:
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             cache: dict[str, CustomerFacts] = {}
-            acks = []
             outgoing: dict[int, list[dict[str, Any]]] = {}
-            batch_max: int | None = None
+            held_events = 0
             for event in batch:
                 items = unpack(event.value)
                 if pipeline.event_clock:
@@ -350,27 +356,35 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 source = (event.message.partition, event.message.offset)
                 for partition, parts in delta_messages(output, source, partitions).items():
                     outgoing.setdefault(partition, []).extend(parts)
-                if output.max_time_ms is not None and (batch_max is None or output.max_time_ms > batch_max):
-                    batch_max = output.max_time_ms
-            # one message per partition carries the parts of the whole batch (Faust costs per message);
-            # each part keeps its own source, so idempotency does not depend on how batches formed
-            for partition, parts in outgoing.items():
-                for chunk in pack_chunks(parts):
-                    acks.append(await deltas.send(value=chunk, partition=partition))
-            # facts only after Kafka has the deltas: a crash may replay, never lose
-            if acks:
-                await asyncio.gather(*acks)
-            for key, customer in cache.items():
-                facts_table[key.encode()] = orjson.dumps(customer.to_record())
-            await changelog_written(facts_table)
-            clock = pipeline.clock_ms
-            if pipeline.event_clock and clock is not None and (
-                pipeline.broadcast_ms is None or clock > pipeline.broadcast_ms
-            ):
-                    pipeline.broadcast_ms = pipeline.clock_ms
-                    watermark = pack({"wm": pipeline.clock_ms})
-                    for partition in range(partitions):
-                        await deltas.send(value=watermark, partition=partition)
+                held_events += len(items)
+                if held_events >= FACTS_FLUSH_EVENTS:
+                    # a long batch is written in slices: the customers it holds bound the worker's memory
+                    await write_facts(outgoing, cache)
+                    outgoing, cache, held_events = {}, {}, 0
+            await write_facts(outgoing, cache)
+
+    async def write_facts(outgoing: dict[int, list[dict[str, Any]]], cache: dict[str, CustomerFacts]) -> None:
+        """Send the deltas, then write the facts that caused them, then broadcast the event clock."""
+        acks = []
+        # one message per partition carries the parts of the whole batch (Faust costs per message);
+        # each part keeps its own source, so idempotency does not depend on how batches formed
+        for partition, parts in outgoing.items():
+            for chunk in pack_chunks(parts):
+                acks.append(await deltas.send(value=chunk, partition=partition))
+        # facts only after Kafka has the deltas: a crash may replay, never lose
+        if acks:
+            await asyncio.gather(*acks)
+        for key, customer in cache.items():
+            facts_table[key.encode()] = orjson.dumps(customer.to_record())
+        await changelog_written(facts_table)
+        clock = pipeline.clock_ms
+        if pipeline.event_clock and clock is not None and (
+            pipeline.broadcast_ms is None or clock > pipeline.broadcast_ms
+        ):
+            pipeline.broadcast_ms = clock
+            watermark = pack({"wm": clock})
+            for partition in range(partitions):
+                await deltas.send(value=watermark, partition=partition)
 
     def my_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == deltas.get_topic_name()}

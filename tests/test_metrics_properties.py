@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
 from metrics.compare import metric_differences
+from metrics.customer import CustomerFacts, diff, families_of
 from metrics.engine import WALL_CLOCK, CurrencyGate, LoyaltyEngine, customer_key
 from metrics.reference import ReferenceConfig, reference_all
 from metrics.store import StoreAggregate
@@ -169,3 +170,27 @@ def test_merging_partial_states_in_any_grouping_equals_one_state(
     for window in GRID.windows:
         expected = whole.all_stores.metrics(GRID, window, GRID.bucket(final), monetary)
         assert not metric_differences(pool[0].metrics(GRID, window, GRID.bucket(final), monetary), expected)
+
+
+@PROPERTY_SETTINGS
+@given(events=event_logs(), grid=GRIDS)
+def test_contributions_clipped_at_the_events_bucket_change_exactly_as_the_whole_ones(
+    events: list[ev.Event], grid: Grid
+) -> None:
+    """Per event, the difference of contributions clipped at its bucket equals that of the unclipped ones."""
+    customers: dict[tuple[str, str], CustomerFacts] = {}
+    for event in events:
+        families = families_of(event.type)
+        if not families:
+            continue
+        facts = customers.setdefault(customer_key(event), CustomerFacts())
+        if facts.is_duplicate(event.event_id):
+            continue
+        facts.remember(event.event_id, 0)
+        bucket = grid.bucket(event.occurred_at_ms)
+        whole_before = facts.contributions(grid, families)
+        clipped_before = facts.contributions(grid, families, since=bucket)
+        facts.apply(event, grid, horizon_start=0)
+        whole = diff(facts.contributions(grid, families), whole_before)
+        clipped = diff(facts.contributions(grid, families, since=bucket), clipped_before)
+        assert clipped == whole, event
