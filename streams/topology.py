@@ -5,9 +5,12 @@
     input topics --ingest--> by-store --gate--> by-customer --facts--> deltas --aggregate--> loyalty-metrics + Redis
          \\____________________\\_______________________________________________________--> loyalty-dead-letters
 
+Ingest is not a Faust agent: the input topics, the only ones that may carry
+one event per message, are read in bulk by ``streams.input_reader`` (its own
+consumer group; offsets committed once the routed messages are acknowledged).
 Every internal message is a packed batch (Faust costs per message). Each
-stage reads batches with ``take_events`` and writes each table key once per
-batch. Tables route keys with our own partitioner (``streams.wire.route``),
+Faust stage reads batches with ``take_events`` and writes each table key once
+per batch. Tables route keys with our own partitioner (``streams.wire.route``),
 the same that routes the stage's input, so they never need Faust's "current
 event" (faust-streaming issue 497) and recover where their input lives: a
 worker keeps only the changelog partitions of its input partitions after a
