@@ -465,14 +465,26 @@ def _add_intervals(out: Deltas, series: str, intervals: Intervals, weight: int, 
             out[key] = out.get(key, 0) - weight
 
 
+def add_difference(out: Deltas, after: Deltas, before: Deltas) -> None:
+    """Add ``after - before`` into ``out`` (entries that cancel stay, as zeros).
+
+    >>> out = {("A", 3): 2}
+    >>> add_difference(out, {("A", 1): 1, ("A", 5): -1}, {("A", 1): 1, ("A", 3): -1}); out
+    {('A', 3): 3, ('A', 1): 0, ('A', 5): -1}
+    """
+    for key, value in after.items():
+        out[key] = out.get(key, 0) + value - before.get(key, 0)
+    for key, value in before.items():
+        if key not in after:
+            out[key] = out.get(key, 0) - value
+
+
 def diff(after: Deltas, before: Deltas) -> Deltas:
     """``after - before``, without zero entries.
 
     >>> diff({("A", 1): 1, ("A", 5): -1}, {("A", 1): 1, ("A", 3): -1})
     {('A', 5): -1, ('A', 3): 1}
     """
-    out = {key: value - before.get(key, 0) for key, value in after.items()}
-    for key, value in before.items():
-        if key not in after:
-            out[key] = -value
+    out: Deltas = {}
+    add_difference(out, after, before)
     return {key: value for key, value in out.items() if value}

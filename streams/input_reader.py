@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 
 from streams.logging import get_logger
 
@@ -67,7 +67,7 @@ async def read_inputs(bootstrap_servers: str, topics: Sequence[str], group_id: s
 async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
     try:
         await consumer.commit(offsets)
-    except (CommitFailedError, KafkaError) as error:
-        # a rebalance took the partitions meanwhile: their new owner reads the fetch again,
-        # and the facts stage drops the event ids it has applied already
+    except KafkaError as error:
+        # typically a rebalance took the partitions meanwhile (CommitFailedError): their new owner
+        # reads the fetch again, and the facts stage drops the event ids it has applied already
         log.warning("ingest.commit_failed", error=str(error), partitions=len(offsets))

@@ -26,7 +26,7 @@ import orjson
 
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
-from metrics.customer import CustomerFacts, event_deltas, families_of
+from metrics.customer import CustomerFacts, add_difference, event_deltas, families_of
 from metrics.engine import CurrencyGate, customer_key
 from metrics.store import StoreAggregate
 from metrics.timegrid import Grid
@@ -285,11 +285,8 @@ class CustomerStage:
             for series, delta_bucket, delta in event_deltas(event, bucket):
                 store[(series, delta_bucket)] = store.get((series, delta_bucket), 0) + delta
             if before is not None:
-                # after - before, added straight into the message's deltas (zeros are dropped on sending)
-                for key_, value in facts.contributions(grid, families, since=bucket).items():
-                    store[key_] = store.get(key_, 0) + value - before.pop(key_, 0)
-                for key_, value in before.items():
-                    store[key_] = store.get(key_, 0) - value
+                # straight into the message's deltas: zeros are dropped on sending
+                add_difference(store, facts.contributions(grid, families, since=bucket), before)
             if event.currency is not None:
                 out.currencies[store_id] = event.currency
             if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:

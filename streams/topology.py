@@ -51,6 +51,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from metrics.customer import CustomerFacts
 from metrics.events import INPUT_TOPICS
 from metrics.timegrid import Grid
+from streams.admin import KEPT_FOREVER
 from streams.input_reader import read_inputs
 from streams.logging import get_logger
 from streams.rocks import RoutedRocksDBStore
@@ -228,7 +229,7 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
     by_store = topic(internal + "events-by-store")
     by_customer = topic(internal + "events-by-customer")
     # the deltas are the aggregation's log (it rebuilds from them): kept for ever
-    deltas = topic(internal + "deltas", config={"retention.ms": "-1"})
+    deltas = topic(internal + "deltas", config=dict(KEPT_FOREVER["deltas"]))
     output = topic("loyalty-metrics", compacting=True)
     dead_letters = topic("loyalty-dead-letters")
 
