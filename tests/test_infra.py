@@ -159,6 +159,19 @@ def test_docker_compose_runs_the_pinned_kafka_version() -> None:
     assert re.fullmatch(r"4\.\d+\.\d+", local.kafka_version())
 
 
+def test_docker_compose_runs_existing_commands_with_documented_variables() -> None:
+    """Without Docker: the compose file runs only existing `loyalty` commands, with variables from .env.example."""
+    from streams.cli import main
+
+    compose = (ROOT / "docker-compose.yml").read_text()
+    commands = re.findall(r'command:\s*\["loyalty",\s*"([^"]+)"', compose)
+    assert commands, "the compose file runs no loyalty command"
+    assert set(commands) <= set(main.commands), sorted(set(commands) - set(main.commands))
+    ours = set(re.findall(r"\b(LOYALTY_\w+|KAFKA_BOOTSTRAP_SERVERS|REDIS_URL)\b", compose))
+    documented = set(re.findall(r"^#?\s*(\w+)=", (ROOT / ".env.example").read_text(), re.MULTILINE))
+    assert ours <= documented, sorted(ours - documented)
+
+
 def test_docker_compose_config_is_valid() -> None:
     docker = shutil.which("docker")
     probe = subprocess.run([docker, "compose", "version"], capture_output=True, check=False) if docker else None
