@@ -64,6 +64,7 @@ from streams.stages import (
     IngestStage,
     Routed,
     StoreShard,
+    apply_part,
     delta_messages,
 )
 from streams.wire import pack, pack_chunks, route, unpack
@@ -397,19 +398,10 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
         """Apply a deltas message: a watermark, or a list of parts (each with its own source)."""
         if isinstance(message, list):
             for part in message:
-                apply_part(part)
+                pipeline.advance(part.get("t"))
+                apply_part(pipeline.shards, part)
         else:
             pipeline.advance(message["wm"])
-
-    def apply_part(message: dict[str, Any]) -> None:
-        source = (message["src"][0], message["src"][1], message["src"][2])
-        latest = message.get("t")
-        pipeline.advance(latest)
-        for store_id, entry in message["stores"].items():
-            shard = pipeline.shards.get(store_id)
-            if shard is None:
-                shard = pipeline.shards[store_id] = StoreShard(store_id)
-            shard.apply(source, entry, latest)
 
     async def rebuild_shards() -> None:
         """The shards of this worker's deltas partitions, folded from the start of each partition."""

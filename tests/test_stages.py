@@ -24,6 +24,7 @@ from streams.stages import (
     IngestStage,
     Routed,
     StoreShard,
+    apply_part,
     delta_messages,
 )
 
@@ -136,9 +137,7 @@ def _run_chain(
                     for part in orjson.loads(orjson.dumps(parts)):
                         if log is not None:
                             log.append(part)
-                        for store_id, entry in part["stores"].items():
-                            shard = shards.setdefault(store_id, StoreShard(store_id))
-                            shard.apply((part["src"][0], part["src"][1], part["src"][2]), entry, part["t"])
+                        apply_part(shards, part)
                 if replayed and attempt == 0 and rng.random() < 0.5:
                     stage.forget()  # a crash loses the memory too
                     continue  # "crashed" before the facts were written: the replay recomputes the same deltas
@@ -173,8 +172,7 @@ def test_stage_chain_with_replays_equals_the_reference(
 def _fold_log(log: list[dict[str, Any]]) -> dict[str, StoreShard]:
     shards: dict[str, StoreShard] = {}
     for part in log:
-        for store_id, entry in part["stores"].items():
-            shards.setdefault(store_id, StoreShard(store_id)).apply(tuple(part["src"]), entry, part["t"])
+        apply_part(shards, part)
     return shards
 
 
@@ -186,8 +184,7 @@ def test_shards_rebuilt_from_the_deltas_log_and_read_again_equal_the_live_ones()
     live, clock = _run_chain(events, seed=1, replays=0.3, log=log)
     rebuilt = _fold_log(log)
     for part in log[len(log) * 2 // 3:]:
-        for store_id, entry in part["stores"].items():
-            assert not rebuilt[store_id].apply(tuple(part["src"]), entry, part["t"])
+        assert apply_part(rebuilt, part) == 0
     assert set(rebuilt) == set(live)
     for store_id, shard in rebuilt.items():
         shard.fold(GRID.bucket(clock) - GRID.store_retention + 1)  # folding what no window reads changes nothing
