@@ -165,15 +165,14 @@ class LoyaltyEngine:
         self.all_stores.add_all(changes)
 
     def _fold(self, now_bucket: int) -> None:
-        grid = self.grid
-        step = max(1, grid.store_retention // 16)
-        if self._folded_at is not None and now_bucket - self._folded_at < step:
+        # every later snapshot reads as of now_bucket or later: fold what none of them reads
+        if self._folded_at is not None and now_bucket <= self._folded_at:
             return
         self._folded_at = now_bucket
-        floor = now_bucket - grid.store_retention + 1
+        longest = self.grid.longest
         for store in self.stores.values():
-            store.fold_before(floor)
-        self.all_stores.fold_before(floor)
+            store.fold_read(now_bucket, longest)
+        self.all_stores.fold_read(now_bucket, longest)
 
     # -- output --------------------------------------------------------------
 

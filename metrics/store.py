@@ -9,18 +9,44 @@ per-series base, so prefix sums stay exact while memory stays bounded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from metrics import formulas as f
 from metrics.catalog import METRIC_NAMES, MONETARY_METRICS
 from metrics.timegrid import Grid
 
+#: buckets per block of a series: deltas are kept in lists of this many slots (8 bytes each
+#: where a dict entry costs about 100), created when a bucket of the block is first touched
+_BLOCK_BITS = 10
+_BLOCK_SIZE = 1 << _BLOCK_BITS
+_BLOCK_MASK = _BLOCK_SIZE - 1
+_ZEROS = [0] * _BLOCK_SIZE
 #: how many cached prefix positions a series keeps: K, and K - n and K - 2n per window, read
 #: at every emit; the least recently read goes first, so positions of a past K do not linger
 _MAX_CURSORS = 12
-#: beyond this distance a prefix is recomputed from scratch rather than stepped
-_MAX_STEP = 4096
+
+#: series read only at K (statuses "as of K"): every bucket up to K may fold into the base
+_READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:")
+#: series also read for the previous period (K - 2n)
+_READ_TWO_WINDOWS_BACK = ("gross", "refunds")
+
+
+def read_reach(series: str, longest: int) -> int:
+    """How far before K :meth:`StoreAggregate.metrics` reads a series, in buckets.
+
+    Statuses are read at K, ``A`` also at K - n, histograms over windows (K - n),
+    and gross and refunds for the previous period too (K - 2n). Unknown names get
+    ``longest``, the common case.
+
+    >>> read_reach("P:60", 1440), read_reach("A", 1440), read_reach("gross", 1440)
+    (0, 1440, 2880)
+    """
+    if series.startswith(_READ_AT_K_ONLY):
+        return 0
+    if series in _READ_TWO_WINDOWS_BACK:
+        return 2 * longest
+    return longest
 
 
 class PrefixSeries:
@@ -34,10 +60,11 @@ class PrefixSeries:
     (7, 6)
     """
 
-    __slots__ = ("base", "cursors", "deltas", "floor")
+    __slots__ = ("base", "blocks", "cursors", "floor")
 
     def __init__(self) -> None:
-        self.deltas: dict[int, int] = {}
+        #: block index (bucket >> _BLOCK_BITS) -> the deltas of its buckets; zero below ``floor``
+        self.blocks: dict[int, list[int]] = {}
         #: sum of the deltas of buckets below ``floor``
         self.base = 0
         self.floor: int | None = None
@@ -49,38 +76,68 @@ class PrefixSeries:
         if self.floor is not None and bucket < self.floor:
             self.base += delta
         else:
-            value = self.deltas.get(bucket, 0) + delta
-            if value:
-                self.deltas[bucket] = value
-            else:
-                self.deltas.pop(bucket, None)
+            block = self.blocks.get(bucket >> _BLOCK_BITS)
+            if block is None:
+                block = self.blocks[bucket >> _BLOCK_BITS] = [0] * _BLOCK_SIZE
+            block[bucket & _BLOCK_MASK] += delta
         cursors = self.cursors
         for position in cursors:
             if bucket <= position:
                 cursors[position] += delta
 
+    def total(self, low: int, high: int) -> int:
+        """Sum of the kept deltas at buckets ``low .. high`` (the base not included)."""
+        if high < low or not self.blocks:
+            return 0
+        blocks = self.blocks
+        first = low >> _BLOCK_BITS
+        last = high >> _BLOCK_BITS
+        if last - first >= len(blocks):
+            indices: Iterable[int] = sorted(i for i in blocks if first <= i <= last)
+        else:
+            indices = range(first, last + 1)
+        result = 0
+        for index in indices:
+            block = blocks.get(index)
+            if block is None:
+                continue
+            origin = index << _BLOCK_BITS
+            start = low - origin if index == first else 0
+            stop = high - origin + 1 if index == last else _BLOCK_SIZE
+            result += sum(block[start:stop]) if start or stop < _BLOCK_SIZE else sum(block)
+        return result
+
     def prefix(self, bucket: int) -> int:
-        """Sum of the deltas at buckets ``<= bucket`` (exact while ``bucket >= floor - 1``)."""
+        """Sum of the deltas at buckets ``<= bucket`` (exact from ``floor - 1`` on; below, an error)."""
         cursors = self.cursors
         value = cursors.pop(bucket, None)
-        if value is not None:
-            cursors[bucket] = value  # now the most recently read
-            return value
-        below = [p for p in cursors if p < bucket and bucket - p <= _MAX_STEP]
-        deltas = self.deltas
-        if below:
-            start = max(below)
-            value = cursors[start] + sum(deltas.get(b, 0) for b in range(start + 1, bucket + 1))
-        else:
-            value = self.base + sum(v for b, v in deltas.items() if b <= bucket)
-        if len(cursors) >= _MAX_CURSORS:
-            del cursors[next(iter(cursors))]
-        cursors[bucket] = value
+        if value is None:
+            if self.floor is not None and bucket < self.floor - 1:
+                raise ValueError(f"bucket {bucket} is below the series' folded floor {self.floor}")
+            below = [p for p in cursors if p < bucket]
+            if below:
+                start = max(below)
+                value = cursors[start] + self.total(start + 1, bucket)
+            elif self.blocks:
+                value = self.base + self.total(min(self.blocks) << _BLOCK_BITS, bucket)
+            else:
+                value = self.base
+            if len(cursors) >= _MAX_CURSORS:
+                del cursors[next(iter(cursors))]
+        cursors[bucket] = value  # now the most recently read
         return value
 
     def window(self, end: int, length: int) -> int:
         """Sum of the deltas in buckets ``end - length + 1 .. end``."""
         return self.prefix(end) - self.prefix(end - length)
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        """The kept nonzero deltas as (bucket, delta), by bucket."""
+        for index in sorted(self.blocks):
+            origin = index << _BLOCK_BITS
+            for offset, delta in enumerate(self.blocks[index]):
+                if delta:
+                    yield origin + offset, delta
 
     def merge(self, other: PrefixSeries) -> None:
         """Add every delta of ``other`` (the series of the union of both inputs)."""
@@ -89,17 +146,28 @@ class PrefixSeries:
         self.base += other.base
         for position in self.cursors:
             self.cursors[position] += other.base
-        for bucket, delta in other.deltas.items():
+        for bucket, delta in other.items():
             self.add(bucket, delta)
 
     def fold_before(self, floor: int) -> None:
         """Fold the deltas of buckets below ``floor`` into the base."""
-        if self.floor is not None and floor <= self.floor:
+        previous = self.floor
+        if previous is not None and floor <= previous:
             return
         self.floor = floor
-        old = [b for b in self.deltas if b < floor]
-        for bucket in old:
-            self.base += self.deltas.pop(bucket)
+        blocks = self.blocks
+        floor_block = floor >> _BLOCK_BITS
+        if previous is None or previous >> _BLOCK_BITS < floor_block:
+            for index in [i for i in blocks if i < floor_block]:
+                self.base += sum(blocks.pop(index))
+            start = 0
+        else:
+            start = previous & _BLOCK_MASK  # below it the block is folded already
+        stop = floor & _BLOCK_MASK
+        block = blocks.get(floor_block)
+        if block is not None and stop > start:
+            self.base += sum(block[start:stop])
+            block[start:stop] = _ZEROS[: stop - start]
         for position in [p for p in self.cursors if p < floor - 1]:
             del self.cursors[position]
 
@@ -130,12 +198,10 @@ class StoreAggregate:
             if floor is not None and bucket < floor:
                 target.base += delta
             else:
-                values = target.deltas
-                value = values.get(bucket, 0) + delta
-                if value:
-                    values[bucket] = value
-                else:
-                    values.pop(bucket, None)
+                block = target.blocks.get(bucket >> _BLOCK_BITS)
+                if block is None:
+                    block = target.blocks[bucket >> _BLOCK_BITS] = [0] * _BLOCK_SIZE
+                block[bucket & _BLOCK_MASK] += delta
             cursors = target.cursors
             if cursors:
                 for position in cursors:
@@ -157,6 +223,17 @@ class StoreAggregate:
         """Forget buckets below ``floor`` except through each series' base."""
         for series in self.series.values():
             series.fold_before(floor)
+
+    def fold_read(self, as_of_bucket: int, longest: int) -> None:
+        """Fold, per series, every bucket that no later :meth:`metrics` reads.
+
+        Reads are as of ``as_of_bucket`` or later (the clock only moves forward):
+        a series is folded below ``as_of_bucket - read_reach(series)``, so a
+        status read only at K keeps just its future deltas (interval ends), and
+        memory does not grow with the buckets a run has passed.
+        """
+        for name, series in self.series.items():
+            series.fold_before(as_of_bucket - read_reach(name, longest))
 
     def _at(self, series: str, bucket: int) -> int:
         target = self.series.get(series)

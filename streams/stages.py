@@ -388,12 +388,15 @@ class StoreShard:
         self.changed = True
         return True
 
-    def fold(self, floor: int) -> None:
-        """Fold buckets below ``floor`` into each series' base (memory stays bounded; sums stay exact)."""
-        if self.floor is not None and floor <= self.floor:
+    def fold(self, as_of_bucket: int, longest: int) -> None:
+        """Fold what no read as of ``as_of_bucket`` or later needs into each series' base.
+
+        Memory stays bounded, and the sums exact.
+        """
+        if self.floor is not None and as_of_bucket <= self.floor:
             return
-        self.floor = floor
-        self.aggregate.fold_before(floor)
+        self.floor = as_of_bucket
+        self.aggregate.fold_read(as_of_bucket, longest)
 
     def metrics(self, grid: Grid, window: int, as_of_bucket: int) -> dict[str, object]:
         """Every metric of the store for a window as of a bucket."""

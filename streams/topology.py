@@ -185,6 +185,7 @@ class Pipeline:
         self.partitions = settings.partitions
         self.event_clock = settings.clock == "event"
         self.clock_ms: int | None = None
+        self.wall_high_ms = 0
         self.broadcast_ms: int | None = None
         self.shards: dict[str, StoreShard] = {}
         self.needs_restore = True
@@ -201,8 +202,15 @@ class Pipeline:
             self.counters[name] = self.counters.get(name, 0) + amount
 
     def now_ms(self) -> int | None:
-        """The clock: wall time, or the latest event time seen (``None`` before any)."""
-        return wall_ms() if not self.event_clock else self.clock_ms
+        """The clock: wall time, or the latest event time seen (``None`` before any); never back.
+
+        The shards fold what no read as of "now" or later needs, so "now" must
+        not step back, not even when the system clock does.
+        """
+        if self.event_clock:
+            return self.clock_ms
+        self.wall_high_ms = max(self.wall_high_ms, wall_ms())
+        return self.wall_high_ms
 
     def advance(self, time_ms: int | None) -> None:
         """Move the event clock forward."""
@@ -499,11 +507,8 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
                 raise
             pipeline.last_emitted_bucket[store_id] = as_of_bucket
             pipeline.count("snapshots", len(grid.windows))
-        floor = as_of_bucket - grid.store_retention + 1
-        step = max(1, grid.store_retention // 16)
         for shard in pipeline.shards.values():
-            if shard.floor is None or floor - shard.floor >= step:
-                shard.fold(floor)
+            shard.fold(as_of_bucket, grid.longest)
 
     @app.timer(settings.emit_interval_ms / 1000, name=internal + "emit")  # type: ignore[untyped-decorator]
     async def emit_timer() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import zlib
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,7 @@ from metrics.compare import metric_differences
 from metrics.customer import CustomerFacts, diff, families_of
 from metrics.engine import WALL_CLOCK, CurrencyGate, LoyaltyEngine, customer_key
 from metrics.reference import ReferenceConfig, reference_all
-from metrics.store import StoreAggregate
+from metrics.store import PrefixSeries, StoreAggregate
 from metrics.timegrid import Grid
 
 BUCKET_MS = 60_000
@@ -194,3 +195,41 @@ def test_contributions_clipped_at_the_events_bucket_change_exactly_as_the_whole_
         whole = diff(facts.contributions(grid, families), whole_before)
         clipped = diff(facts.contributions(grid, families, since=bucket), clipped_before)
         assert clipped == whole, event
+
+
+#: operations on one series, over buckets that span several storage blocks and their edges
+SERIES_OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(-3000, 5000), st.integers(-10**20, 10**20)),
+        st.tuples(st.just("read"), st.integers(-3000, 5000), st.just(0)),
+        st.tuples(st.just("fold"), st.integers(-3000, 5000), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@PROPERTY_SETTINGS
+@given(SERIES_OPERATIONS)
+def test_prefix_series_equals_plain_sums_through_adds_folds_and_reads(operations: list[tuple[str, int, int]]) -> None:
+    """Any mix of adds (any size, any bucket), folds and reads gives the plain prefix sum at every readable bucket."""
+    series = PrefixSeries()
+    deltas: list[tuple[int, int]] = []
+    floor: int | None = None
+    for operation, bucket, delta in operations:
+        if operation == "add":
+            series.add(bucket, delta)
+            deltas.append((bucket, delta))
+        elif operation == "fold":
+            series.fold_before(bucket)
+            floor = bucket if floor is None else max(floor, bucket)
+        elif floor is None or bucket >= floor - 1:
+            assert series.prefix(bucket) == sum(d for b, d in deltas if b <= bucket)
+        else:
+            with pytest.raises(ValueError, match="folded floor"):
+                series.prefix(bucket)
+    # the aggregation's inline copy of add agrees with add
+    aggregate = StoreAggregate()
+    aggregate.add_all([("s", b, d) for b, d in deltas])
+    folded = aggregate.series.get("s", PrefixSeries())
+    for bucket in (-3001, 0, 1023, 1024, 5000):
+        assert folded.prefix(bucket) == sum(d for b, d in deltas if b <= bucket)
