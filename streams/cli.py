@@ -434,6 +434,8 @@ def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike
               help="Events of the throughput runs (historical storefront traffic; 0: skip them).")
 @click.option("--batch", type=click.IntRange(2, 10_000), default=500, show_default=True, metavar="N",
               help="Events per message of the batched run (the other run sends one per message).")
+@click.option("--batched/--no-batched", default=True, show_default=True,
+              help="Also run the batched shape (the single-event shape always runs).")
 @click.option("--stores", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--customers", type=click.IntRange(1), default=200_000, show_default=True,
               help="Customers the simulated stores grow to.")
@@ -451,8 +453,9 @@ def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds any one part may take.")
-def bench(events: int, batch: int, stores: int, customers: int, seed: int, sample_stores: int, rate: float,
-          duration: str, memory_customers: int, emit_interval: str, output_dir: Path, timeout: float) -> None:
+def bench(events: int, batch: int, batched: bool, stores: int, customers: int, seed: int, sample_stores: int,
+          rate: float, duration: str, memory_customers: int, emit_interval: str, output_dir: Path,
+          timeout: float) -> None:
     """Measure throughput beside the aiokafka and empty-Faust-agent ceilings, latency and memory (SPEC 9).
 
     Starts local Kafka and Redis like `loyalty up` when they are not running. Prints a
@@ -475,7 +478,7 @@ def bench(events: int, batch: int, stores: int, customers: int, seed: int, sampl
     options = BenchOptions(events=events, batch=batch, stores=stores, customers=customers, seed=seed,
                            sample_stores=min(sample_stores, stores), rate=rate, duration_s=duration_s,
                            memory_customers=memory_customers, emit_interval_ms=emit_ms, timeout_s=timeout,
-                           output_dir=output_dir, shapes=(1, batch))
+                           output_dir=output_dir, shapes=(1, batch) if batched else (1,))
     click.get_current_context().invoke(up)
     settings = _settings()
     console = Console(stderr=True)

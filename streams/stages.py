@@ -28,6 +28,7 @@ from metrics import events as ev
 from metrics.catalog import ALL_STORES
 from metrics.customer import CustomerFacts, add_difference, event_deltas, families_of
 from metrics.engine import CurrencyGate, customer_key
+from metrics.intervals import PLUS_INFINITY
 from metrics.store import StoreAggregate
 from metrics.timegrid import Grid
 from metrics.validation import Rejection, parse_message
@@ -261,37 +262,49 @@ class CustomerStage:
         grid = self.grid
         horizon_start = grid.bucket(now_ms) - grid.fact_retention
         seen_after = seen_at_ms - grid.dedupe_ttl_ms
-        batch_facts: dict[str, CustomerFacts] = {}
+        # the events of each customer, in arrival order: a customer's contributions are computed
+        # once before and once after all of them, clipped at their earliest bucket; the
+        # differences of consecutive events telescope, and clipping below an event's bucket
+        # changes no difference (see CustomerFacts.contributions)
+        by_customer: dict[str, list[ev.Event]] = {}
         for fields in events:
             event = event_from_list(fields)
             store_id, customer_id = customer_key(event)
             key = customer_route_key(store_id, customer_id)
-            facts = batch_facts.get(key)
-            if facts is None:
-                facts = batch_facts[key] = self._recall(key, out.facts, load, horizon_start, seen_after)
-                out.facts[key] = facts
-            if facts.is_duplicate(event.event_id):
-                out.duplicates += 1
-                continue
-            families = families_of(event.type)
-            bucket = grid.bucket(event.occurred_at_ms)
-            # nothing below the event's bucket can change: both sides are clipped there
-            before = facts.contributions(grid, families, since=bucket) if families else None
-            facts.remember(event.event_id, seen_at_ms)
-            facts.apply(event, grid, horizon_start)
+            queued = by_customer.get(key)
+            if queued is None:
+                by_customer[key] = [event]
+            else:
+                queued.append(event)
+        for key, customer_events in by_customer.items():
+            facts = self._recall(key, out.facts, load, horizon_start, seen_after)
+            out.facts[key] = facts
+            store_id = customer_events[0].store_id
+            families = 0
+            since = PLUS_INFINITY
+            for event in customer_events:
+                families |= families_of(event.type)
+                since = min(since, grid.bucket(event.occurred_at_ms))
+            before = facts.contributions(grid, families, since=since) if families else None
             store = out.deltas.get(store_id)
             if store is None:
                 store = out.deltas[store_id] = {}
-            for series, delta_bucket, delta in event_deltas(event, bucket):
-                store[(series, delta_bucket)] = store.get((series, delta_bucket), 0) + delta
+            for event in customer_events:
+                if facts.is_duplicate(event.event_id):
+                    out.duplicates += 1
+                    continue
+                facts.remember(event.event_id, seen_at_ms)
+                facts.apply(event, grid, horizon_start)
+                for series, delta_bucket, delta in event_deltas(event, grid.bucket(event.occurred_at_ms)):
+                    store[(series, delta_bucket)] = store.get((series, delta_bucket), 0) + delta
+                if event.currency is not None:
+                    out.currencies[store_id] = event.currency
+                if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:
+                    out.max_time_ms = event.occurred_at_ms
+                out.applied += 1
             if before is not None:
                 # straight into the message's deltas: zeros are dropped on sending
-                add_difference(store, facts.contributions(grid, families, since=bucket), before)
-            if event.currency is not None:
-                out.currencies[store_id] = event.currency
-            if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:
-                out.max_time_ms = event.occurred_at_ms
-            out.applied += 1
+                add_difference(store, facts.contributions(grid, families, since=since), before)
 
 
 #: at most this many delta rows in one message part (well under the message size limit)

@@ -97,5 +97,11 @@ def pack_chunks(items: list[Any], max_bytes: int = MAX_MESSAGE_BYTES) -> list[by
     encoded = orjson.dumps(items)
     if len(encoded) <= max_bytes or len(items) <= 1:
         return [encoded]
-    middle = len(items) // 2
-    return pack_chunks(items[:middle], max_bytes) + pack_chunks(items[middle:], max_bytes)
+    # cut by the average item size, with room for uneven items, rather than halving (each level
+    # of halving encodes everything again); a piece that still does not fit is cut again
+    pieces = min(len(items), -(-len(encoded) * 5 // (max_bytes * 4)))
+    size = -(-len(items) // pieces)
+    chunks: list[bytes] = []
+    for start in range(0, len(items), size):
+        chunks.extend(pack_chunks(items[start:start + size], max_bytes))
+    return chunks

@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metrics.compare import metric_differences
 from metrics.customer import CustomerFacts
@@ -27,6 +29,7 @@ from streams.stages import (
     apply_part,
     delta_messages,
 )
+from streams.wire import pack_chunks, unpack
 
 GRID = Grid(60_000, 90 * DAY_MS, (3_600_000, DAY_MS, 7 * DAY_MS, 30 * DAY_MS), dedupe_ttl_ms=10**13)
 PARTITIONS = 3
@@ -104,7 +107,8 @@ def _parsed(history: list[Any]) -> list[Event]:
 
 
 def _run_chain(
-    events: list[Event], seed: int, replays: float, log: list[dict[str, Any]] | None = None, cache_size: int = 0
+    events: list[Event], seed: int, replays: float, log: list[dict[str, Any]] | None = None, cache_size: int = 0,
+    message_size: int = 25,
 ) -> tuple[dict[str, StoreShard], int]:
     """Gate, facts and aggregation in memory, messages replayed at random as Kafka may after a crash.
 
@@ -119,8 +123,8 @@ def _run_chain(
     clock = 0
     offsets = dict.fromkeys(gate_routed.by_partition, 0)
     for partition, items in gate_routed.by_partition.items():
-        for start in range(0, len(items), 25):
-            message = items[start:start + 25]
+        for start in range(0, len(items), message_size):
+            message = items[start:start + message_size]
             offset = offsets[partition]
             offsets[partition] += 1
             clock = max([clock, *(fields[2] for fields in message)])
@@ -162,6 +166,24 @@ def test_stage_chain_with_replays_equals_the_reference(
     events = accepted_events(_parsed(history))
     shards, clock = _run_chain(events, seed=5, replays=replays, cache_size=cache_size)
     reference = reference_all(events, windows_ms=GRID.windows_ms, as_of_ms=clock,
+                              config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
+    for (store, window_ms), expected in reference.items():
+        window = GRID.windows[GRID.windows_ms.index(window_ms)]
+        actual = shards[store].metrics(GRID, window, GRID.bucket(clock))
+        assert not metric_differences(actual, expected), (store, window_ms)
+
+
+def test_many_events_of_a_customer_in_one_message_in_any_order_equal_the_reference() -> None:
+    """Large messages holding several events per customer, shuffled and with duplicates, equal the batch reference."""
+    history = generate_history(stores=2, customers_per_store=40, days=20, seed=11)
+    events = accepted_events(_parsed(history))
+    rng = random.Random(7)
+    shuffled = [*events, *rng.sample(events, 60)]  # duplicates: the same event ids again
+    rng.shuffle(shuffled)
+    repeated = 400 - len({(e.store_id, e.customer_id) for e in shuffled[:400]})
+    assert repeated > 100  # the first message alone has many events per customer
+    shards, clock = _run_chain(shuffled, seed=5, replays=0.2, message_size=400)
+    reference = reference_all(shuffled, windows_ms=GRID.windows_ms, as_of_ms=clock,
                               config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
     for (store, window_ms), expected in reference.items():
         window = GRID.windows[GRID.windows_ms.index(window_ms)]
@@ -241,3 +263,12 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
     for (store, window_ms), expected in reference.items():
         window = GRID.windows[GRID.windows_ms.index(window_ms)]
         assert not metric_differences(shards[store].metrics(GRID, window, GRID.bucket(clock)), expected), store
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=300), max_size=400), st.integers(min_value=40, max_value=5000))
+def test_pack_chunks_keeps_every_item_in_order_within_the_size_limit(items: list[str], max_bytes: int) -> None:
+    """Packed chunks hold the items in order, each chunk within the limit unless it is one item alone."""
+    chunks = pack_chunks(items, max_bytes)
+    assert [item for chunk in chunks for item in unpack(chunk)] == items
+    assert all(len(chunk) <= max_bytes or len(unpack(chunk)) == 1 for chunk in chunks)
