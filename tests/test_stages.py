@@ -156,6 +156,15 @@ def _fields(event: Event) -> list[Any]:
     return event_to_list(event)
 
 
+def _assert_equal_to_reference(shards: dict[str, StoreShard], events: list[Event], clock: int) -> None:
+    reference = reference_all(events, windows_ms=GRID.windows_ms, as_of_ms=clock,
+                              config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
+    for (store, window_ms), expected in reference.items():
+        window = GRID.windows[GRID.windows_ms.index(window_ms)]
+        actual = shards[store].metrics(GRID, window, GRID.bucket(clock))
+        assert not metric_differences(actual, expected), (store, window_ms)
+
+
 @pytest.mark.parametrize(("replays", "cache_size"), [(0.0, 0), (0.3, 0), (0.3, 7), (0.3, 10_000)])
 def test_stage_chain_with_replays_equals_the_reference(
     replays: float, cache_size: int, monkeypatch: pytest.MonkeyPatch
@@ -165,12 +174,7 @@ def test_stage_chain_with_replays_equals_the_reference(
     history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
     events = accepted_events(_parsed(history))
     shards, clock = _run_chain(events, seed=5, replays=replays, cache_size=cache_size)
-    reference = reference_all(events, windows_ms=GRID.windows_ms, as_of_ms=clock,
-                              config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
-    for (store, window_ms), expected in reference.items():
-        window = GRID.windows[GRID.windows_ms.index(window_ms)]
-        actual = shards[store].metrics(GRID, window, GRID.bucket(clock))
-        assert not metric_differences(actual, expected), (store, window_ms)
+    _assert_equal_to_reference(shards, events, clock)
 
 
 def test_many_events_of_a_customer_in_one_message_in_any_order_equal_the_reference() -> None:
@@ -183,12 +187,7 @@ def test_many_events_of_a_customer_in_one_message_in_any_order_equal_the_referen
     repeated = 400 - len({(e.store_id, e.customer_id) for e in shuffled[:400]})
     assert repeated > 100  # the first message alone has many events per customer
     shards, clock = _run_chain(shuffled, seed=5, replays=0.2, message_size=400)
-    reference = reference_all(shuffled, windows_ms=GRID.windows_ms, as_of_ms=clock,
-                              config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
-    for (store, window_ms), expected in reference.items():
-        window = GRID.windows[GRID.windows_ms.index(window_ms)]
-        actual = shards[store].metrics(GRID, window, GRID.bucket(clock))
-        assert not metric_differences(actual, expected), (store, window_ms)
+    _assert_equal_to_reference(shards, shuffled, clock)
 
 
 def _fold_log(log: list[dict[str, Any]]) -> dict[str, StoreShard]:
