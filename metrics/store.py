@@ -9,8 +9,9 @@ per-series base, so prefix sums stay exact while memory stays bounded.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Union
 
 from metrics import formulas as f
 from metrics.catalog import METRIC_NAMES, MONETARY_METRICS
@@ -21,7 +22,11 @@ from metrics.timegrid import Grid
 _BLOCK_BITS = 10
 _BLOCK_SIZE = 1 << _BLOCK_BITS
 _BLOCK_MASK = _BLOCK_SIZE - 1
-_ZEROS = [0] * _BLOCK_SIZE
+#: a block is an int64 array: arrays are not tracked by the garbage collector, where lists of
+#: 1,024 slots each would be traversed at every full collection; a block that a sum takes out of
+#: int64 (amounts reach 10^18 micro-units) becomes a plain list, exact at any size
+_ZERO_BLOCK = array("q", bytes(8 * _BLOCK_SIZE))
+Block = Union["array[int]", list[int]]
 #: how many cached prefix positions a series keeps: K, and K - n and K - 2n per window, read
 #: at every emit; the least recently read goes first, so positions of a past K do not linger
 _MAX_CURSORS = 12
@@ -49,6 +54,13 @@ def read_reach(series: str, longest: int) -> int:
     return longest
 
 
+def _widen(blocks: dict[int, Block], bucket: int, delta: int) -> None:
+    """Add a delta that takes its bucket out of int64: the block becomes a list."""
+    index = bucket >> _BLOCK_BITS
+    widened = blocks[index] = list(blocks[index])
+    widened[bucket & _BLOCK_MASK] += delta
+
+
 class PrefixSeries:
     """Deltas by bucket with fast prefix sums at a few moving positions.
 
@@ -64,7 +76,7 @@ class PrefixSeries:
 
     def __init__(self) -> None:
         #: block index (bucket >> _BLOCK_BITS) -> the deltas of its buckets; zero below ``floor``
-        self.blocks: dict[int, list[int]] = {}
+        self.blocks: dict[int, Block] = {}
         #: sum of the deltas of buckets below ``floor``
         self.base = 0
         self.floor: int | None = None
@@ -78,8 +90,11 @@ class PrefixSeries:
         else:
             block = self.blocks.get(bucket >> _BLOCK_BITS)
             if block is None:
-                block = self.blocks[bucket >> _BLOCK_BITS] = [0] * _BLOCK_SIZE
-            block[bucket & _BLOCK_MASK] += delta
+                block = self.blocks[bucket >> _BLOCK_BITS] = _ZERO_BLOCK[:]
+            try:
+                block[bucket & _BLOCK_MASK] += delta
+            except OverflowError:
+                _widen(self.blocks, bucket, delta)
         cursors = self.cursors
         for position in cursors:
             if bucket <= position:
@@ -167,7 +182,10 @@ class PrefixSeries:
         block = blocks.get(floor_block)
         if block is not None and stop > start:
             self.base += sum(block[start:stop])
-            block[start:stop] = _ZEROS[: stop - start]
+            if isinstance(block, array):
+                block[start:stop] = _ZERO_BLOCK[: stop - start]
+            else:
+                block[start:stop] = [0] * (stop - start)
         for position in [p for p in self.cursors if p < floor - 1]:
             del self.cursors[position]
 
@@ -200,8 +218,11 @@ class StoreAggregate:
             else:
                 block = target.blocks.get(bucket >> _BLOCK_BITS)
                 if block is None:
-                    block = target.blocks[bucket >> _BLOCK_BITS] = [0] * _BLOCK_SIZE
-                block[bucket & _BLOCK_MASK] += delta
+                    block = target.blocks[bucket >> _BLOCK_BITS] = _ZERO_BLOCK[:]
+                try:
+                    block[bucket & _BLOCK_MASK] += delta
+                except OverflowError:
+                    _widen(target.blocks, bucket, delta)
             cursors = target.cursors
             if cursors:
                 for position in cursors:

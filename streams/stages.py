@@ -320,16 +320,16 @@ def delta_messages(
     the aggregation applies it at most once per bucket record, whatever gets
     replayed; parts of a message go to one partition in order.
     """
-    everything: dict[tuple[str, int], int] = {}
-    for deltas in output.deltas.values():
-        for key, delta in deltas.items():
-            everything[key] = everything.get(key, 0) + delta
-    scopes = list(output.deltas.items())
-    if output.deltas:
-        scopes.append((ALL_STORES, everything))
+    scopes = [
+        (store_id, [[series, bucket, delta] for (series, bucket), delta in deltas.items() if delta])
+        for store_id, deltas in output.deltas.items()
+    ]
+    if scopes:
+        # ``*`` gets every store's rows as they are: its aggregate adds them up, which costs less
+        # than merging them here
+        scopes.append((ALL_STORES, [row for _, rows in scopes for row in rows]))
     rows_by_partition: dict[int, list[tuple[str, list[list[Any]], dict[str, str] | None]]] = {}
-    for store_id, deltas in scopes:
-        rows = [[series, bucket, delta] for (series, bucket), delta in deltas.items() if delta]
+    for store_id, rows in scopes:
         if store_id == ALL_STORES:
             currencies: dict[str, str] | None = dict(output.currencies)
         elif store_id in output.currencies:
