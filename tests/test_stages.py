@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import random
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -221,9 +222,11 @@ def test_a_replayed_delta_part_is_applied_once() -> None:
     assert shard.apply((0, 7, 0), entry, 600_000)
     assert not shard.apply((0, 7, 0), entry, 600_000)
     assert not shard.apply((0, 6, 3), entry, 600_000)
-    assert shard.apply((1, 2, 0), {"d": [["orders", 11, 1]]}, 660_000)
-    assert shard.aggregate.metrics(Grid(60_000, 120_000, (120_000,)), 2, 11)["orders"] == 3
-    assert shard.latest_event_ms == 660_000
+    assert shard.apply((1, 2, 0), {"d": [["orders", 11, 1]]}, 660_000)  # rows of a log before flat rows
+    assert shard.apply((1, 3, 0), {"f": ["orders", 11, 2, "gross", 12, 7_000_000]}, 700_000)
+    metrics = shard.aggregate.metrics(Grid(60_000, 180_000, (180_000,)), 3, 12)
+    assert (metrics["orders"], metrics["gross_revenue"]) == (5, Decimal("12"))
+    assert shard.latest_event_ms == 700_000
 
 
 @pytest.mark.parametrize("cache_size", [0, 3, 10_000])
