@@ -141,6 +141,50 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             self.unconfirmed.append(future)
             return future
 
+        async def write_many(self, items: dict[bytes, bytes]) -> None:
+            """Set many keys; their changelog records go as one record batch per partition.
+
+            ``table[key] = value`` queues one changelog record per key through Faust's
+            producer buffer, callbacks and a RocksDB offset write each: a fifth of a
+            live worker's time when every event touches a customer. Here the store is
+            written directly, each partition's records are appended to one aiokafka
+            record batch, and the changelog offset is persisted once per batch. The
+            records are those Faust would send, so its recovery reads them alike.
+            """
+            # Faust's own aiokafka producer (the app does not use the threaded one)
+            producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
+            topic = self.changelog_topic.get_topic_name()
+            by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+            for key, value in items.items():
+                self.data[key] = value
+                by_partition.setdefault(self.partition_for_key(key), []).append((key, value))
+            for partition, records in by_partition.items():
+                batch = producer.create_batch()
+                for key, value in records:
+                    if batch.append(key=key, value=value, timestamp=None) is not None:
+                        continue
+                    if batch.record_count():  # full: send it and start another
+                        self.unconfirmed.append(await self._send_batch(producer, batch, topic, partition))
+                        batch = producer.create_batch()
+                        if batch.append(key=key, value=value, timestamp=None) is not None:
+                            continue
+                    # larger than a whole batch: Faust's own path sends it
+                    self.send_changelog(partition, key, value)
+                if batch.record_count():
+                    self.unconfirmed.append(await self._send_batch(producer, batch, topic, partition))
+
+        async def _send_batch(self, producer: Any, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
+            sent: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+
+            def persist(future: asyncio.Future[Any]) -> None:
+                # the batch's first offset: a recovery from it reads at most this batch again
+                if not future.cancelled() and future.exception() is None:
+                    metadata = future.result()
+                    self.data.set_persisted_offset(metadata.topic_partition, metadata.offset)
+
+            sent.add_done_callback(persist)
+            return sent
+
     table = RoutedTable(
         app,
         name=name,
@@ -387,8 +431,9 @@ def register_metrics_pipeline(app: faust.App, settings: Settings) -> Pipeline:
         # facts only after Kafka has the deltas: a crash may replay, never lose
         if acks:
             await asyncio.gather(*acks)
-        for key, customer in cache.items():
-            facts_table[key.encode()] = orjson.dumps(customer.to_record())
+        await facts_table.write_many(
+            {key.encode(): orjson.dumps(customer.to_record()) for key, customer in cache.items()}
+        )
         await changelog_written(facts_table)
         clock = pipeline.clock_ms
         if pipeline.event_clock and clock is not None and (
