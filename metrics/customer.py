@@ -34,6 +34,8 @@ tallies, rewards) come from :func:`event_deltas`.
 from __future__ import annotations
 
 from bisect import bisect_right, insort
+from functools import cache
+from typing import NamedTuple
 
 from metrics import events as ev
 from metrics.formulas import cli_points_sum, csat_satisfied, nps_group
@@ -404,15 +406,23 @@ class CustomerFacts:
                 out[("Fch:" + self.signup_channel, first)] = 1
         members = intersect(active, self.member_intervals(grid)) if self.membership or self.member_before else []
         _add_intervals(out, "LM", members, 1, since)
+        # one active interval is the common case: its intersections are single intervals
+        single = active[0] if len(active) == 1 else None
         for n in grid.windows:
-            suffix = ":" + str(n)
-            _add_intervals(out, "both" + suffix, intersect(active, shift(active, n)), 1, since)
+            names = _series_names(n)
+            if single is not None:
+                _add_interval(out, names.both, single[0] + n, single[1], 1, since)
+            else:
+                _add_intervals(out, names.both, intersect(active, shift(active, n)), 1, since)
             if first is not None and first + n > since:
-                _add_intervals(out, "newact" + suffix, intersect(active, [(first, first + n)]), 1, since)
+                if single is not None:
+                    _add_interval(out, names.newact, max(single[0], first), min(single[1], first + n), 1, since)
+                else:
+                    _add_intervals(out, names.newact, intersect(active, [(first, first + n)]), 1, since)
             if members and self.rewards:
                 recent = [bucket for bucket in self.rewards if bucket + n > since]
                 if recent:
-                    _add_intervals(out, "actmem" + suffix, intersect(members, spans(recent, n)), 1, since)
+                    _add_intervals(out, names.actmem, intersect(members, spans(recent, n)), 1, since)
 
     def _order_contributions(self, grid: Grid, out: Deltas, since: int) -> None:
         all_orders = sorted(self.orders)
@@ -420,13 +430,13 @@ class CustomerFacts:
         first_order_ms = self.first_orders[0] if self.first_orders else 0
         order_times = self.orders
         for n in grid.windows:
-            suffix = ":" + str(n)
+            names = _series_names(n)
             # nrr reads the purchaser status n buckets back, and an order's span lasts n buckets
             reach = since - 2 * n
             purchaser = spans(all_orders[bisect_right(all_orders, reach):], n)
-            _add_intervals(out, "P" + suffix, purchaser, 1, since)
+            _add_intervals(out, names.purchasers, purchaser, 1, since)
             if second_order is not None:
-                _add_intervals(out, "ret" + suffix, intersect(purchaser, [(second_order, PLUS_INFINITY)]), 1, since)
+                _add_intervals(out, names.returning, intersect(purchaser, [(second_order, PLUS_INFINITY)]), 1, since)
             # lifespan by j: last order up to j minus the first order; constant between orders
             count = len(all_orders)
             for i in range(bisect_right(all_orders, since - n), count):
@@ -436,7 +446,7 @@ class CustomerFacts:
                     end = all_orders[i + 1]
                 lifespan = order_times[bucket] - first_order_ms
                 if lifespan and end > since:
-                    _add_intervals(out, "life" + suffix, [(bucket, end)], lifespan, since)
+                    _add_interval(out, names.lifespan, bucket, end, lifespan, since)
             ordered_before = shift(purchaser, n)
             purchaser_ends = [end for _, end in purchaser]
             before_ends = [end for _, end in ordered_before]
@@ -446,12 +456,45 @@ class CustomerFacts:
                 # revenue of bucket b is "previous period" for j in [b+n, b+2n)
                 period = (bucket + n, bucket + 2 * n)
                 overlap = clip(purchaser, purchaser_ends, period[0], period[1])
-                _add_intervals(out, "crev" + suffix, subtract([period], overlap), amount, since)
+                if overlap:
+                    _add_intervals(out, names.churned_revenue, subtract([period], overlap), amount, since)
+                else:
+                    _add_interval(out, names.churned_revenue, period[0], period[1], amount, since)
                 # and "in W" for j in [b, b+n)
                 if bucket + n > since:
-                    _add_intervals(
-                        out, "nrr" + suffix, clip(ordered_before, before_ends, bucket, bucket + n), amount, since
-                    )
+                    retained = clip(ordered_before, before_ends, bucket, bucket + n)
+                    _add_intervals(out, names.retained_revenue, retained, amount, since)
+
+
+class _WindowSeries(NamedTuple):
+    """The names of the per-window series of one window length."""
+
+    both: str
+    newact: str
+    actmem: str
+    purchasers: str
+    returning: str
+    lifespan: str
+    churned_revenue: str
+    retained_revenue: str
+
+
+@cache
+def _series_names(window: int) -> _WindowSeries:
+    suffix = ":" + str(window)
+    prefixes = ("both", "newact", "actmem", "P", "ret", "life", "crev", "nrr")
+    return _WindowSeries(*(prefix + suffix for prefix in prefixes))
+
+
+def _add_interval(out: Deltas, series: str, start: int, end: int, weight: int, since: int) -> None:
+    # one interval of _add_intervals (an empty one adds nothing)
+    if end <= since or end <= start:
+        return
+    key = (series, start if start > since else since)
+    out[key] = out.get(key, 0) + weight
+    if end < PLUS_INFINITY:
+        key = (series, end)
+        out[key] = out.get(key, 0) - weight
 
 
 def _add_intervals(out: Deltas, series: str, intervals: Intervals, weight: int, since: int) -> None:
