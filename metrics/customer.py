@@ -487,7 +487,7 @@ def _series_names(window: int) -> _WindowSeries:
 
 
 def _add_interval(out: Deltas, series: str, start: int, end: int, weight: int, since: int) -> None:
-    # one interval of _add_intervals (an empty one adds nothing)
+    # +weight where the interval starts (clipped at since), -weight where it ends; nothing if empty
     if end <= since or end <= start:
         return
     key = (series, start if start > since else since)
@@ -499,13 +499,7 @@ def _add_interval(out: Deltas, series: str, start: int, end: int, weight: int, s
 
 def _add_intervals(out: Deltas, series: str, intervals: Intervals, weight: int, since: int) -> None:
     for start, end in intervals:
-        if end <= since:
-            continue
-        key = (series, start if start > since else since)
-        out[key] = out.get(key, 0) + weight
-        if end < PLUS_INFINITY:
-            key = (series, end)
-            out[key] = out.get(key, 0) - weight
+        _add_interval(out, series, start, end, weight, since)
 
 
 def add_difference(out: Deltas, after: Deltas, before: Deltas) -> None:
