@@ -44,12 +44,10 @@ from metrics.intervals import (
     PLUS_INFINITY,
     Interval,
     Intervals,
-    clip,
     intersect,
     normalise,
     shift,
     spans,
-    subtract,
 )
 from metrics.timegrid import Grid
 
@@ -425,20 +423,48 @@ class CustomerFacts:
                     _add_intervals(out, names.actmem, intersect(members, spans(recent, n)), 1, since)
 
     def _order_contributions(self, grid: Grid, out: Deltas, since: int) -> None:
+        # the hot path of an order event: loops are inlined, and interval lists are built in one
+        # pass over sorted buckets (the intervals the spans and intersect helpers would give)
         all_orders = sorted(self.orders)
+        revenue = self.revenue
+        revenue_buckets = sorted(bucket for bucket, amount in revenue.items() if amount)
         second_order = grid.bucket(self.first_orders[1]) if self.order_count >= 2 else None
         first_order_ms = self.first_orders[0] if self.first_orders else 0
         order_times = self.orders
+        count = len(all_orders)
+        get = out.get
         for n in grid.windows:
             names = _series_names(n)
             # nrr reads the purchaser status n buckets back, and an order's span lasts n buckets
             reach = since - 2 * n
-            purchaser = spans(all_orders[bisect_right(all_orders, reach):], n)
-            _add_intervals(out, names.purchasers, purchaser, 1, since)
-            if second_order is not None:
-                _add_intervals(out, names.returning, intersect(purchaser, [(second_order, PLUS_INFINITY)]), 1, since)
+            # purchaser at j: an order in j-n+1..j, the union of [o, o + n) (spans of sorted orders)
+            starts: list[int] = []
+            ends: list[int] = []
+            for i in range(bisect_right(all_orders, reach), count):
+                bucket = all_orders[i]
+                if ends and bucket <= ends[-1]:
+                    ends[-1] = bucket + n
+                else:
+                    starts.append(bucket)
+                    ends.append(bucket + n)
+            series = names.purchasers
+            returning = names.returning
+            for index, start in enumerate(starts):
+                end = ends[index]
+                if end > since:
+                    key = (series, start if start > since else since)
+                    out[key] = get(key, 0) + 1
+                    key = (series, end)
+                    out[key] = get(key, 0) - 1
+                    # returning: a purchaser from the second lifetime order on
+                    if second_order is not None and end > second_order:
+                        low = start if start > second_order else second_order
+                        key = (returning, low if low > since else since)
+                        out[key] = get(key, 0) + 1
+                        key = (returning, end)
+                        out[key] = get(key, 0) - 1
             # lifespan by j: last order up to j minus the first order; constant between orders
-            count = len(all_orders)
+            series = names.lifespan
             for i in range(bisect_right(all_orders, since - n), count):
                 bucket = all_orders[i]
                 end = bucket + n
@@ -446,24 +472,49 @@ class CustomerFacts:
                     end = all_orders[i + 1]
                 lifespan = order_times[bucket] - first_order_ms
                 if lifespan and end > since:
-                    _add_interval(out, names.lifespan, bucket, end, lifespan, since)
-            ordered_before = shift(purchaser, n)
-            purchaser_ends = [end for _, end in purchaser]
-            before_ends = [end for _, end in ordered_before]
-            for bucket, amount in self.revenue.items():
-                if not amount or bucket <= reach:
-                    continue
-                # revenue of bucket b is "previous period" for j in [b+n, b+2n)
-                period = (bucket + n, bucket + 2 * n)
-                overlap = clip(purchaser, purchaser_ends, period[0], period[1])
-                if overlap:
-                    _add_intervals(out, names.churned_revenue, subtract([period], overlap), amount, since)
-                else:
-                    _add_interval(out, names.churned_revenue, period[0], period[1], amount, since)
-                # and "in W" for j in [b, b+n)
+                    key = (series, bucket if bucket > since else since)
+                    out[key] = get(key, 0) + lifespan
+                    key = (series, end)
+                    out[key] = get(key, 0) - lifespan
+            churned = names.churned_revenue
+            retained = names.retained_revenue
+            spans_count = len(starts)
+            for bucket in revenue_buckets[bisect_right(revenue_buckets, reach):]:
+                amount = revenue[bucket]
+                # revenue of bucket b is "previous period" for j in [b+n, b+2n): churned where
+                # the customer is no purchaser (the period minus the purchaser spans)
+                cursor = bucket + n
+                period_end = cursor + n
+                index = bisect_right(ends, cursor)
+                while index < spans_count and starts[index] < period_end:
+                    if starts[index] > cursor and starts[index] > since:
+                        key = (churned, cursor if cursor > since else since)
+                        out[key] = get(key, 0) + amount
+                        key = (churned, starts[index])
+                        out[key] = get(key, 0) - amount
+                    cursor = ends[index]
+                    index += 1
+                if cursor < period_end and period_end > since:
+                    key = (churned, cursor if cursor > since else since)
+                    out[key] = get(key, 0) + amount
+                    key = (churned, period_end)
+                    out[key] = get(key, 0) - amount
+                # and "in W" for j in [b, b+n): retained where the customer was a purchaser n
+                # buckets before (the purchaser spans shifted by n)
                 if bucket + n > since:
-                    retained = clip(ordered_before, before_ends, bucket, bucket + n)
-                    _add_intervals(out, names.retained_revenue, retained, amount, since)
+                    window_end = bucket + n
+                    index = bisect_right(ends, bucket - n)
+                    while index < spans_count and starts[index] + n < window_end:
+                        low = starts[index] + n
+                        high = ends[index] + n
+                        low = low if low > bucket else bucket
+                        high = high if high < window_end else window_end
+                        if high > since:
+                            key = (retained, low if low > since else since)
+                            out[key] = get(key, 0) + amount
+                            key = (retained, high)
+                            out[key] = get(key, 0) - amount
+                        index += 1
 
 
 class _WindowSeries(NamedTuple):

@@ -9,8 +9,7 @@ non-empty and never touching (``[1, 3), [3, 5)`` becomes ``[1, 5)``).
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 Interval = tuple[int, int]
 Intervals = list[Interval]
@@ -56,51 +55,6 @@ def intersect(left: Intervals, right: Intervals) -> Intervals:
             i += 1
         else:
             j += 1
-    return result
-
-
-def subtract(left: Intervals, right: Intervals) -> Intervals:
-    """Buckets of ``left`` that are not in ``right`` (both normalised).
-
-    >>> subtract([(0, 10)], [(2, 3), (5, 7)])
-    [(0, 2), (3, 5), (7, 10)]
-    """
-    result: Intervals = []
-    j = 0
-    for start, end in left:
-        cursor = start
-        while j < len(right) and right[j][1] <= cursor:
-            j += 1
-        k = j
-        while k < len(right) and right[k][0] < end:
-            if right[k][0] > cursor:
-                result.append((cursor, right[k][0]))
-            cursor = max(cursor, right[k][1])
-            k += 1
-        if cursor < end:
-            result.append((cursor, end))
-    return result
-
-
-def clip(intervals: Intervals, ends: Sequence[int], start: int, end: int) -> Intervals:
-    """``intersect(intervals, [(start, end)])`` in O(log n + k): ``ends`` lists each interval's end.
-
-    It looks only at the intervals that overlap ``[start, end)``, found by bisection,
-    so a customer with many orders does not pay a scan of all of them per order.
-
-    >>> spans_ = [(0, 5), (8, 12), (20, 30)]
-    >>> clip(spans_, [e for _, e in spans_], 3, 21)
-    [(3, 5), (8, 12), (20, 21)]
-    """
-    result: Intervals = []
-    index = bisect_right(ends, start)
-    count = len(intervals)
-    while index < count:
-        low, high = intervals[index]
-        if low >= end:
-            break
-        result.append((low if low > start else start, high if high < end else end))
-        index += 1
     return result
 
 
