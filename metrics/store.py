@@ -27,10 +27,6 @@ _BLOCK_MASK = _BLOCK_SIZE - 1
 #: int64 (amounts reach 10^18 micro-units) becomes a plain list, exact at any size
 _ZERO_BLOCK = array("q", bytes(8 * _BLOCK_SIZE))
 Block = Union["array[int]", list[int]]
-#: how many cached prefix positions a series keeps: K, and K - n and K - 2n per window, read
-#: at every emit; the least recently read goes first, so positions of a past K do not linger
-_MAX_CURSORS = 12
-
 #: series read only at K (statuses "as of K"): every bucket up to K may fold into the base
 _READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:")
 #: series also read for the previous period (K - 2n)
@@ -62,7 +58,11 @@ def _widen(blocks: dict[int, Block], bucket: int, delta: int) -> None:
 
 
 class PrefixSeries:
-    """Deltas by bucket with fast prefix sums at a few moving positions.
+    """Deltas by bucket in blocks, with each block's sum kept, so a prefix sum adds block sums.
+
+    Adding a delta costs two in-place additions (its slot and its block's sum);
+    a prefix sum is the base, the sums of the blocks before the bucket's block
+    and part of that block: no per-read cache has to be kept up to date.
 
     >>> series = PrefixSeries()
     >>> series.add(3, 2); series.add(7, -1); series.add(1, 5)
@@ -72,74 +72,41 @@ class PrefixSeries:
     (7, 6)
     """
 
-    __slots__ = ("base", "blocks", "cursors", "floor")
+    __slots__ = ("base", "blocks", "floor", "sums")
 
     def __init__(self) -> None:
         #: block index (bucket >> _BLOCK_BITS) -> the deltas of its buckets; zero below ``floor``
         self.blocks: dict[int, Block] = {}
+        #: block index -> the sum of its deltas (exact at any size)
+        self.sums: dict[int, int] = {}
         #: sum of the deltas of buckets below ``floor``
         self.base = 0
         self.floor: int | None = None
-        #: bucket -> prefix sum up to and including it, least recently read first
-        self.cursors: dict[int, int] = {}
 
     def add(self, bucket: int, delta: int) -> None:
         """Add ``delta`` at ``bucket``."""
         if self.floor is not None and bucket < self.floor:
             self.base += delta
-        else:
-            block = self.blocks.get(bucket >> _BLOCK_BITS)
-            if block is None:
-                block = self.blocks[bucket >> _BLOCK_BITS] = _ZERO_BLOCK[:]
-            try:
-                block[bucket & _BLOCK_MASK] += delta
-            except OverflowError:
-                _widen(self.blocks, bucket, delta)
-        cursors = self.cursors
-        for position in cursors:
-            if bucket <= position:
-                cursors[position] += delta
-
-    def total(self, low: int, high: int) -> int:
-        """Sum of the kept deltas at buckets ``low .. high`` (the base not included)."""
-        if high < low or not self.blocks:
-            return 0
-        blocks = self.blocks
-        first = low >> _BLOCK_BITS
-        last = high >> _BLOCK_BITS
-        if last - first >= len(blocks):
-            indices: Iterable[int] = sorted(i for i in blocks if first <= i <= last)
-        else:
-            indices = range(first, last + 1)
-        result = 0
-        for index in indices:
-            block = blocks.get(index)
-            if block is None:
-                continue
-            origin = index << _BLOCK_BITS
-            start = low - origin if index == first else 0
-            stop = high - origin + 1 if index == last else _BLOCK_SIZE
-            result += sum(block[start:stop]) if start or stop < _BLOCK_SIZE else sum(block)
-        return result
+            return
+        index = bucket >> _BLOCK_BITS
+        block = self.blocks.get(index)
+        if block is None:
+            block = self.blocks[index] = _ZERO_BLOCK[:]
+        try:
+            block[bucket & _BLOCK_MASK] += delta
+        except OverflowError:
+            _widen(self.blocks, bucket, delta)
+        self.sums[index] = self.sums.get(index, 0) + delta
 
     def prefix(self, bucket: int) -> int:
         """Sum of the deltas at buckets ``<= bucket`` (exact from ``floor - 1`` on; below, an error)."""
-        cursors = self.cursors
-        value = cursors.pop(bucket, None)
-        if value is None:
-            if self.floor is not None and bucket < self.floor - 1:
-                raise ValueError(f"bucket {bucket} is below the series' folded floor {self.floor}")
-            below = [p for p in cursors if p < bucket]
-            if below:
-                start = max(below)
-                value = cursors[start] + self.total(start + 1, bucket)
-            elif self.blocks:
-                value = self.base + self.total(min(self.blocks) << _BLOCK_BITS, bucket)
-            else:
-                value = self.base
-            if len(cursors) >= _MAX_CURSORS:
-                del cursors[next(iter(cursors))]
-        cursors[bucket] = value  # now the most recently read
+        if self.floor is not None and bucket < self.floor - 1:
+            raise ValueError(f"bucket {bucket} is below the series' folded floor {self.floor}")
+        index = bucket >> _BLOCK_BITS
+        value = self.base + sum([total for i, total in self.sums.items() if i < index])
+        block = self.blocks.get(index)
+        if block is not None:
+            value += sum(block[: (bucket & _BLOCK_MASK) + 1])
         return value
 
     def window(self, end: int, length: int) -> int:
@@ -159,8 +126,6 @@ class PrefixSeries:
         if other.floor is not None:
             self.fold_before(other.floor)
         self.base += other.base
-        for position in self.cursors:
-            self.cursors[position] += other.base
         for bucket, delta in other.items():
             self.add(bucket, delta)
 
@@ -171,23 +136,25 @@ class PrefixSeries:
             return
         self.floor = floor
         blocks = self.blocks
+        sums = self.sums
         floor_block = floor >> _BLOCK_BITS
         if previous is None or previous >> _BLOCK_BITS < floor_block:
             for index in [i for i in blocks if i < floor_block]:
-                self.base += sum(blocks.pop(index))
+                del blocks[index]
+                self.base += sums.pop(index)
             start = 0
         else:
             start = previous & _BLOCK_MASK  # below it the block is folded already
         stop = floor & _BLOCK_MASK
         block = blocks.get(floor_block)
         if block is not None and stop > start:
-            self.base += sum(block[start:stop])
+            folded = sum(block[start:stop])
+            self.base += folded
+            sums[floor_block] -= folded
             if isinstance(block, array):
                 block[start:stop] = _ZERO_BLOCK[: stop - start]
             else:
                 block[start:stop] = [0] * (stop - start)
-        for position in [p for p in self.cursors if p < floor - 1]:
-            del self.cursors[position]
 
 
 class StoreAggregate:
@@ -206,7 +173,7 @@ class StoreAggregate:
         target.add(bucket, delta)
 
     def add_all(self, deltas: Iterable[Sequence[Any]]) -> None:
-        """Add many ``(series, bucket, delta)`` (the hot path of the aggregation: kept inline)."""
+        """Add many ``(series, bucket, delta)`` (the hot path of the aggregation: :meth:`PrefixSeries.add` inline)."""
         all_series = self.series
         for series, bucket, delta in deltas:
             target = all_series.get(series)
@@ -215,19 +182,17 @@ class StoreAggregate:
             floor = target.floor
             if floor is not None and bucket < floor:
                 target.base += delta
-            else:
-                block = target.blocks.get(bucket >> _BLOCK_BITS)
-                if block is None:
-                    block = target.blocks[bucket >> _BLOCK_BITS] = _ZERO_BLOCK[:]
-                try:
-                    block[bucket & _BLOCK_MASK] += delta
-                except OverflowError:
-                    _widen(target.blocks, bucket, delta)
-            cursors = target.cursors
-            if cursors:
-                for position in cursors:
-                    if bucket <= position:
-                        cursors[position] += delta
+                continue
+            index = bucket >> _BLOCK_BITS
+            block = target.blocks.get(index)
+            if block is None:
+                block = target.blocks[index] = _ZERO_BLOCK[:]
+            try:
+                block[bucket & _BLOCK_MASK] += delta
+            except OverflowError:
+                _widen(target.blocks, bucket, delta)
+            sums = target.sums
+            sums[index] = sums.get(index, 0) + delta
 
     def merge(self, other: StoreAggregate) -> None:
         """Fold another aggregate into this one: the aggregate of both event sets.
