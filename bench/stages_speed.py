@@ -1,0 +1,144 @@
+"""Micro-benchmark (not a test): the worker's four stages in one process, without Kafka.
+
+    python -m bench.stages_speed [--events N] [--customers C] [--fetch M] [--profile]
+
+The bench's workload (``bench.run.make_workload``: simulated storefront traffic
+over 60 days, one event per message) goes through what a worker does with it:
+ingest (validation, routing by store), the gate, the facts stage (facts read
+from and written to a dict of encoded records, as the table holds them), the
+delta messages, and the store shards, each internal message packed and
+unpacked as on the wire. It prints events per second per stage on this
+process's CPU clock, so that a change to one stage shows in its own line, and
+with ``--profile`` the top functions of the whole chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import pstats
+import time
+from collections import defaultdict
+from typing import Any
+
+import orjson
+
+from bench.run import BenchOptions, make_workload
+from metrics.customer import CustomerFacts
+from streams.settings import load_settings
+from streams.stages import (
+    CustomerOutput,
+    CustomerStage,
+    GateStage,
+    IngestStage,
+    Routed,
+    StoreShard,
+    apply_part,
+    delta_messages,
+)
+from streams.topology import CUSTOMER_CACHE_SIZE, grid_of
+from streams.wire import pack_chunks, unpack
+
+PARTITIONS = 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--customers", type=int, default=200_000)
+    parser.add_argument("--fetch", type=int, default=5000, help="input messages per fetch (one batch)")
+    parser.add_argument("--progress", type=int, default=0, help="print the time per stage every N events")
+    parser.add_argument("--profile", action="store_true", help="print the top functions")
+    parser.add_argument("--profile-from", type=int, default=0, metavar="N",
+                        help="with --profile: profile from the Nth event on (state grows with a run)")
+    args = parser.parse_args()
+
+    settings = load_settings()
+    options = BenchOptions(events=args.events, customers=args.customers, sample_stores=0)
+    workload = make_workload(options, settings)
+    grid = grid_of(settings)
+    ingest = IngestStage(PARTITIONS, settings.max_future_skew_ms)
+    gate = GateStage(PARTITIONS)
+    customers = CustomerStage(grid, cache_size=CUSTOMER_CACHE_SIZE)
+    table: dict[bytes, bytes] = {}
+    currencies: dict[str, str] = {}
+    shards: dict[str, StoreShard] = {}
+    clock_ms = 0
+    rows = 0
+    spent: dict[str, float] = defaultdict(float)
+
+    def load(key: str) -> CustomerFacts | None:
+        value = table.get(key.encode())
+        return None if value is None else CustomerFacts.from_record(orjson.loads(value))
+
+    gc.set_threshold(50_000, 20, 100)  # as the worker does
+    profiler = cProfile.Profile() if args.profile else None
+    now_ms = time.time_ns() // 1_000_000
+    bodies = workload.bodies
+    for start in range(0, len(bodies), args.fetch):
+        if profiler and start >= args.profile_from and start - args.fetch < args.profile_from:
+            profiler.enable()
+        tick = time.process_time()
+        routed = Routed()
+        for offset, (topic, value) in enumerate(bodies[start:start + args.fetch], start):
+            ingest.process(topic, (topic, 0, offset), value, now_ms, routed)
+        by_store = [chunk for items in routed.by_partition.values() for chunk in pack_chunks(items)]
+        spent["ingest"] += time.process_time() - tick
+
+        tick = time.process_time()
+        routed = Routed()
+        for message in by_store:
+            gate.process(unpack(message), currencies, None, [], routed)
+        by_customer = [(p, chunk) for p, items in routed.by_partition.items() for chunk in pack_chunks(items)]
+        spent["gate"] += time.process_time() - tick
+
+        tick = time.process_time()
+        cache: dict[str, CustomerFacts] = {}
+        outgoing: dict[int, list[dict[str, Any]]] = {}
+        for offset, (partition, message) in enumerate(by_customer, start):
+            items = unpack(message)
+            clock_ms = max(clock_ms, max(item[2] for item in items))
+            output = CustomerOutput(facts=cache)
+            customers.process(items, load, clock_ms, output, now_ms)
+            for target, parts in delta_messages(output, (partition, offset), PARTITIONS).items():
+                outgoing.setdefault(target, []).extend(parts)
+        deltas = [chunk for parts in outgoing.values() for chunk in pack_chunks(parts)]
+        for key, facts in cache.items():
+            table[key.encode()] = orjson.dumps(facts.to_record())
+        spent["facts"] += time.process_time() - tick
+
+        tick = time.process_time()
+        for message in deltas:
+            for part in unpack(message):
+                rows += sum(len(entry["f"]) // 3 for entry in part["stores"].values())
+                apply_part(shards, part)
+        for shard in shards.values():
+            shard.fold(grid.bucket(clock_ms), grid.longest)
+        spent["aggregate"] += time.process_time() - tick
+        done = start + args.fetch
+        if args.progress and done % args.progress < args.fetch:
+            rates = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in spent.items())
+            print(f"{done:>10,} events: {rates}", flush=True)
+    tick = time.process_time()
+    for shard in shards.values():
+        for window in grid.windows:
+            shard.metrics(grid, window, grid.bucket(clock_ms))
+    spent["one emit"] += time.process_time() - tick
+    if profiler:
+        profiler.disable()
+
+    count = len(bodies)
+    total = sum(seconds for stage, seconds in spent.items() if stage != "one emit")
+    print(f"events      {count:>12,}")
+    for stage, seconds in spent.items():
+        rate = f"{count / seconds:12,.0f} events/s" if stage != "one emit" else f"{seconds * 1000:12,.1f} ms"
+        print(f"{stage:<11} {rate}  ({seconds:.2f} s)")
+    print(f"all stages  {count / total:12,.0f} events/s")
+    print(f"delta rows  {rows / count:12,.1f} per event (a store's and the same again for *)")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
