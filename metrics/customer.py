@@ -51,8 +51,9 @@ from metrics.intervals import (
 )
 from metrics.timegrid import Grid
 
-#: a contribution: (series, bucket) -> delta
-Deltas = dict[tuple[str, int], int]
+#: a contribution: series -> bucket -> delta (grouped by series: one lookup per series, not per
+#: bucket, and no tuple key per entry, on the hot paths that build, subtract and apply them)
+Deltas = dict[str, dict[int, int]]
 
 #: families of series an event can change
 ACTIVITY_FAMILY = 1
@@ -382,8 +383,8 @@ class CustomerFacts:
 
         >>> facts = CustomerFacts(); facts.activity = {10: 600_000, 20: 1_200_000}
         >>> grid = Grid(60_000, 600_000, (60_000,))
-        >>> sorted(facts.contributions(grid, ACTIVITY_FAMILY, since=15).items())[:2]
-        [(('A', 15), 1), (('A', 30), -1)]
+        >>> facts.contributions(grid, ACTIVITY_FAMILY, since=15)["A"]
+        {15: 1, 30: -1}
         """
         out: Deltas = {}
         if families & ACTIVITY_FAMILY:
@@ -399,9 +400,9 @@ class CustomerFacts:
         first = None if self.first_activity_ms is None else grid.bucket(self.first_activity_ms)
         if first is not None:
             # never clipped: a signup's channel classifies the first activity, which may be earlier
-            out[("F", first)] = 1
+            out["F"] = {first: 1}
             if self.signup_channel:
-                out[("Fch:" + self.signup_channel, first)] = 1
+                out["Fch:" + self.signup_channel] = {first: 1}
         members = intersect(active, self.member_intervals(grid)) if self.membership or self.member_before else []
         _add_intervals(out, "LM", members, 1, since)
         # one active interval is the common case: its intersections are single intervals
@@ -432,7 +433,6 @@ class CustomerFacts:
         first_order_ms = self.first_orders[0] if self.first_orders else 0
         order_times = self.orders
         count = len(all_orders)
-        get = out.get
         for n in grid.windows:
             names = _series_names(n)
             # nrr reads the purchaser status n buckets back, and an order's span lasts n buckets
@@ -447,24 +447,23 @@ class CustomerFacts:
                 else:
                     starts.append(bucket)
                     ends.append(bucket + n)
-            series = names.purchasers
-            returning = names.returning
+            # each series of the window gets its own dict, kept when it is not empty
+            purchasers: dict[int, int] = {}
+            returning: dict[int, int] = {}
             for index, start in enumerate(starts):
                 end = ends[index]
                 if end > since:
-                    key = (series, start if start > since else since)
-                    out[key] = get(key, 0) + 1
-                    key = (series, end)
-                    out[key] = get(key, 0) - 1
+                    low = start if start > since else since
+                    purchasers[low] = purchasers.get(low, 0) + 1
+                    purchasers[end] = purchasers.get(end, 0) - 1
                     # returning: a purchaser from the second lifetime order on
                     if second_order is not None and end > second_order:
                         low = start if start > second_order else second_order
-                        key = (returning, low if low > since else since)
-                        out[key] = get(key, 0) + 1
-                        key = (returning, end)
-                        out[key] = get(key, 0) - 1
+                        low = low if low > since else since
+                        returning[low] = returning.get(low, 0) + 1
+                        returning[end] = returning.get(end, 0) - 1
             # lifespan by j: last order up to j minus the first order; constant between orders
-            series = names.lifespan
+            lifespans: dict[int, int] = {}
             for i in range(bisect_right(all_orders, since - n), count):
                 bucket = all_orders[i]
                 end = bucket + n
@@ -472,12 +471,11 @@ class CustomerFacts:
                     end = all_orders[i + 1]
                 lifespan = order_times[bucket] - first_order_ms
                 if lifespan and end > since:
-                    key = (series, bucket if bucket > since else since)
-                    out[key] = get(key, 0) + lifespan
-                    key = (series, end)
-                    out[key] = get(key, 0) - lifespan
-            churned = names.churned_revenue
-            retained = names.retained_revenue
+                    low = bucket if bucket > since else since
+                    lifespans[low] = lifespans.get(low, 0) + lifespan
+                    lifespans[end] = lifespans.get(end, 0) - lifespan
+            churned: dict[int, int] = {}
+            retained: dict[int, int] = {}
             spans_count = len(starts)
             for bucket in revenue_buckets[bisect_right(revenue_buckets, reach):]:
                 amount = revenue[bucket]
@@ -488,17 +486,15 @@ class CustomerFacts:
                 index = bisect_right(ends, cursor)
                 while index < spans_count and starts[index] < period_end:
                     if starts[index] > cursor and starts[index] > since:
-                        key = (churned, cursor if cursor > since else since)
-                        out[key] = get(key, 0) + amount
-                        key = (churned, starts[index])
-                        out[key] = get(key, 0) - amount
+                        low = cursor if cursor > since else since
+                        churned[low] = churned.get(low, 0) + amount
+                        churned[starts[index]] = churned.get(starts[index], 0) - amount
                     cursor = ends[index]
                     index += 1
                 if cursor < period_end and period_end > since:
-                    key = (churned, cursor if cursor > since else since)
-                    out[key] = get(key, 0) + amount
-                    key = (churned, period_end)
-                    out[key] = get(key, 0) - amount
+                    low = cursor if cursor > since else since
+                    churned[low] = churned.get(low, 0) + amount
+                    churned[period_end] = churned.get(period_end, 0) - amount
                 # and "in W" for j in [b, b+n): retained where the customer was a purchaser n
                 # buckets before (the purchaser spans shifted by n)
                 if bucket + n > since:
@@ -510,11 +506,20 @@ class CustomerFacts:
                         low = low if low > bucket else bucket
                         high = high if high < window_end else window_end
                         if high > since:
-                            key = (retained, low if low > since else since)
-                            out[key] = get(key, 0) + amount
-                            key = (retained, high)
-                            out[key] = get(key, 0) - amount
+                            low = low if low > since else since
+                            retained[low] = retained.get(low, 0) + amount
+                            retained[high] = retained.get(high, 0) - amount
                         index += 1
+            # the order family's series are its own: no other code adds to them
+            for series, buckets in (
+                (names.purchasers, purchasers),
+                (names.returning, returning),
+                (names.lifespan, lifespans),
+                (names.churned_revenue, churned),
+                (names.retained_revenue, retained),
+            ):
+                if buckets:
+                    out[series] = buckets
 
 
 class _WindowSeries(NamedTuple):
@@ -541,11 +546,13 @@ def _add_interval(out: Deltas, series: str, start: int, end: int, weight: int, s
     # +weight where the interval starts (clipped at since), -weight where it ends; nothing if empty
     if end <= since or end <= start:
         return
-    key = (series, start if start > since else since)
-    out[key] = out.get(key, 0) + weight
+    buckets = out.get(series)
+    if buckets is None:
+        buckets = out[series] = {}
+    low = start if start > since else since
+    buckets[low] = buckets.get(low, 0) + weight
     if end < PLUS_INFINITY:
-        key = (series, end)
-        out[key] = out.get(key, 0) - weight
+        buckets[end] = buckets.get(end, 0) - weight
 
 
 def _add_intervals(out: Deltas, series: str, intervals: Intervals, weight: int, since: int) -> None:
@@ -556,23 +563,40 @@ def _add_intervals(out: Deltas, series: str, intervals: Intervals, weight: int, 
 def add_difference(out: Deltas, after: Deltas, before: Deltas) -> None:
     """Add ``after - before`` into ``out`` (entries that cancel stay, as zeros).
 
-    >>> out = {("A", 3): 2}
-    >>> add_difference(out, {("A", 1): 1, ("A", 5): -1}, {("A", 1): 1, ("A", 3): -1}); out
-    {('A', 3): 3, ('A', 1): 0, ('A', 5): -1}
+    >>> out = {"A": {3: 2}}
+    >>> add_difference(out, {"A": {1: 1, 5: -1}}, {"A": {1: 1, 3: -1}, "P:60": {4: 1}}); out
+    {'A': {3: 3, 1: 0, 5: -1}, 'P:60': {4: -1}}
     """
-    for key, value in after.items():
-        out[key] = out.get(key, 0) + value - before.get(key, 0)
-    for key, value in before.items():
-        if key not in after:
-            out[key] = out.get(key, 0) - value
+    for series, after_buckets in after.items():
+        target = out.get(series)
+        if target is None:
+            target = out[series] = {}
+        before_buckets = before.get(series)
+        if before_buckets is None:
+            for bucket, value in after_buckets.items():
+                target[bucket] = target.get(bucket, 0) + value
+            continue
+        for bucket, value in after_buckets.items():
+            target[bucket] = target.get(bucket, 0) + value - before_buckets.get(bucket, 0)
+        for bucket, value in before_buckets.items():
+            if bucket not in after_buckets:
+                target[bucket] = target.get(bucket, 0) - value
+    for series, before_buckets in before.items():
+        if series not in after:
+            target = out.get(series)
+            if target is None:
+                target = out[series] = {}
+            for bucket, value in before_buckets.items():
+                target[bucket] = target.get(bucket, 0) - value
 
 
 def diff(after: Deltas, before: Deltas) -> Deltas:
-    """``after - before``, without zero entries.
+    """``after - before``, without zero entries (nor series left empty).
 
-    >>> diff({("A", 1): 1, ("A", 5): -1}, {("A", 1): 1, ("A", 3): -1})
-    {('A', 5): -1, ('A', 3): 1}
+    >>> diff({"A": {1: 1, 5: -1}}, {"A": {1: 1, 3: -1}})
+    {'A': {5: -1, 3: 1}}
     """
     out: Deltas = {}
     add_difference(out, after, before)
-    return {key: value for key, value in out.items() if value}
+    nonzero = {series: {b: v for b, v in buckets.items() if v} for series, buckets in out.items()}
+    return {series: buckets for series, buckets in nonzero.items() if buckets}

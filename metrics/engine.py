@@ -160,7 +160,9 @@ class LoyaltyEngine:
         changes = event_deltas(event, bucket)
         if families:
             after = facts.contributions(grid, families, since=bucket)
-            changes.extend((series, b, delta) for (series, b), delta in diff(after, before).items())
+            changes.extend(
+                (series, b, delta) for series, buckets in diff(after, before).items() for b, delta in buckets.items()
+            )
         store.add_all(changes)
         self.all_stores.add_all(changes)
 

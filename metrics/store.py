@@ -194,6 +194,46 @@ class StoreAggregate:
             sums = target.sums
             sums[index] = sums.get(index, 0) + delta
 
+    def add_groups(self, groups: Sequence[Any]) -> None:
+        """Add deltas grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``.
+
+        The aggregation's hot path: each series is looked up once, and consecutive
+        deltas of one block reuse it (:meth:`PrefixSeries.add` inline).
+
+        >>> aggregate = StoreAggregate(); aggregate.add_groups(["A", [3, 1, 9, -1], "A", [5, 2]])
+        >>> aggregate.series["A"].prefix(4), aggregate.series["A"].prefix(9)
+        (1, 2)
+        """
+        all_series = self.series
+        for position in range(0, len(groups), 2):
+            name = groups[position]
+            target = all_series.get(name)
+            if target is None:
+                target = all_series[name] = PrefixSeries()
+            floor = target.floor
+            blocks = target.blocks
+            sums = target.sums
+            pairs = iter(groups[position + 1])
+            block_index = None
+            block: Block = _ZERO_BLOCK
+            for bucket, delta in zip(pairs, pairs, strict=True):
+                if floor is not None and bucket < floor:
+                    target.base += delta
+                    continue
+                index = bucket >> _BLOCK_BITS
+                if index != block_index:
+                    block_index = index
+                    found = blocks.get(index)
+                    if found is None:
+                        found = blocks[index] = _ZERO_BLOCK[:]
+                    block = found
+                try:
+                    block[bucket & _BLOCK_MASK] += delta
+                except OverflowError:
+                    _widen(blocks, bucket, delta)
+                    block = blocks[index]
+                sums[index] = sums.get(index, 0) + delta
+
     def merge(self, other: StoreAggregate) -> None:
         """Fold another aggregate into this one: the aggregate of both event sets.
 

@@ -26,7 +26,7 @@ import orjson
 
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
-from metrics.customer import CustomerFacts, add_difference, event_deltas, families_of
+from metrics.customer import CustomerFacts, Deltas, add_difference, event_deltas, families_of
 from metrics.engine import CurrencyGate, customer_key
 from metrics.intervals import PLUS_INFINITY
 from metrics.store import StoreAggregate
@@ -186,7 +186,7 @@ class GateStage:
 class CustomerOutput:
     """Deltas by store from one input message, facts to store, and the message's latest event time."""
 
-    deltas: dict[str, dict[tuple[str, int], int]] = field(default_factory=dict)
+    deltas: dict[str, Deltas] = field(default_factory=dict)
     currencies: dict[str, str] = field(default_factory=dict)
     facts: dict[str, CustomerFacts] = field(default_factory=dict)
     max_time_ms: int | None = None
@@ -296,7 +296,10 @@ class CustomerStage:
                 facts.remember(event.event_id, seen_at_ms)
                 facts.apply(event, grid, horizon_start)
                 for series, delta_bucket, delta in event_deltas(event, grid.bucket(event.occurred_at_ms)):
-                    store[(series, delta_bucket)] = store.get((series, delta_bucket), 0) + delta
+                    buckets = store.get(series)
+                    if buckets is None:
+                        buckets = store[series] = {}
+                    buckets[delta_bucket] = buckets.get(delta_bucket, 0) + delta
                 if event.currency is not None:
                     out.currencies[store_id] = event.currency
                 if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:
@@ -320,48 +323,72 @@ def delta_messages(
     the aggregation applies it at most once per bucket record, whatever gets
     replayed; parts of a message go to one partition in order.
     """
-    # rows are flat, ``[series, bucket, delta, series, bucket, delta, ...]``: one list per store
-    # instead of one per row, fewer objects to build, encode, decode and for the GC to track
-    scopes = [
-        (store_id, [item for key, delta in deltas.items() if delta for item in (*key, delta)])
-        for store_id, deltas in output.deltas.items()
-    ]
+    # rows travel grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``:
+    # one list per series, and the aggregation looks each series up once, not once per row
+    scopes: list[tuple[str, list[Any]]] = []
+    for store_id, deltas in output.deltas.items():
+        groups: list[Any] = []
+        for series, buckets in deltas.items():
+            pairs = [item for bucket, delta in buckets.items() if delta for item in (bucket, delta)]
+            if pairs:
+                groups.append(series)
+                groups.append(pairs)
+        scopes.append((store_id, groups))
     if scopes:
-        # ``*`` gets every store's rows as they are: its aggregate adds them up, which costs less
+        # ``*`` gets every store's groups as they are: its aggregate adds them up, which costs less
         # than merging them here
-        scopes.append((ALL_STORES, [item for _, rows in scopes for item in rows]))
-    rows_by_partition: dict[int, list[tuple[str, list[Any], dict[str, str] | None]]] = {}
-    for store_id, rows in scopes:
+        scopes.append((ALL_STORES, [item for _, groups in scopes for item in groups]))
+    entries_by_partition: dict[int, list[tuple[str, list[Any], dict[str, str] | None]]] = {}
+    for store_id, groups in scopes:
         if store_id == ALL_STORES:
             currencies: dict[str, str] | None = dict(output.currencies)
         elif store_id in output.currencies:
             currencies = {store_id: output.currencies[store_id]}
         else:
             currencies = None
-        rows_by_partition.setdefault(route(store_id, partitions), []).append((store_id, rows, currencies))
+        entries_by_partition.setdefault(route(store_id, partitions), []).append((store_id, groups, currencies))
     messages: dict[int, list[dict[str, Any]]] = {}
-    for partition, entries in rows_by_partition.items():
-        parts: list[dict[str, Any]] = []
-        current: dict[str, Any] | None = None
-        room = 0
-        for store_id, rows, currencies in entries:
-            start = 0
-            while start < len(rows) or start == 0:
-                if current is None or room == 0:
-                    current = {"src": [source[0], source[1], len(parts)], "t": output.max_time_ms, "stores": {}}
-                    parts.append(current)
-                    room = MAX_DELTA_ROWS
-                taken = rows[start:start + 3 * room]
-                entry = current["stores"].setdefault(store_id, {"f": []})
-                entry["f"].extend(taken)
-                if currencies:
-                    entry["cur"] = currencies
-                room -= len(taken) // 3
-                start += len(taken)
-                if start >= len(rows):
-                    break
-        messages[partition] = parts
+    for partition, entries in entries_by_partition.items():
+        parts = _Parts(source, output.max_time_ms)
+        for store_id, groups, currencies in entries:
+            # every store gets an entry, rows or not: it carries the currency and marks the shard
+            grouped = parts.entry(store_id, currencies)
+            for index in range(0, len(groups), 2):
+                series, pairs = groups[index], groups[index + 1]
+                start = 0
+                while start < len(pairs):
+                    if parts.room == 0:
+                        grouped = parts.entry(store_id, currencies)
+                    taken = pairs[start:start + 2 * parts.room]
+                    grouped.append(series)
+                    grouped.append(taken)
+                    parts.room -= len(taken) // 2
+                    start += len(taken)
+        messages[partition] = parts.parts
     return messages
+
+
+class _Parts:
+    """The delta message parts bound for one partition, each of at most ``MAX_DELTA_ROWS`` rows."""
+
+    def __init__(self, source: tuple[int, int], max_time_ms: int | None) -> None:
+        self.source = source
+        self.max_time_ms = max_time_ms
+        self.parts: list[dict[str, Any]] = []
+        #: rows the last part can still take
+        self.room = 0
+
+    def entry(self, store_id: str, currencies: dict[str, str] | None) -> list[Any]:
+        """The grouped rows of the store in the last part (a new part when it is full)."""
+        if self.room == 0:
+            src = [self.source[0], self.source[1], len(self.parts)]
+            self.parts.append({"src": src, "t": self.max_time_ms, "stores": {}})
+            self.room = MAX_DELTA_ROWS
+        entry = self.parts[-1]["stores"].setdefault(store_id, {"g": []})
+        if currencies:
+            entry["cur"] = currencies
+        grouped: list[Any] = entry["g"]
+        return grouped
 
 
 class StoreShard:
@@ -395,11 +422,13 @@ class StoreShard:
         if seen is not None and seen >= position:
             return False
         self.hwm[partition] = position
-        flat = entry.get("f")
-        if flat is not None:
-            rows = iter(flat)
+        groups = entry.get("g")
+        if groups is not None:
+            self.aggregate.add_groups(groups)
+        elif "f" in entry:  # the flat rows of a deltas log written before the groups
+            rows = iter(entry["f"])
             self.aggregate.add_all(zip(rows, rows, rows, strict=True))
-        else:  # the row lists of a deltas log written before the flat rows
+        else:  # and the row lists of one written before the flat rows
             self.aggregate.add_all(entry["d"])
         for store_id, currency in (entry.get("cur") or {}).items():
             self.currencies[store_id] = currency
