@@ -366,8 +366,15 @@ class CustomerFacts:
             result.append((start, PLUS_INFINITY))
         return result
 
-    def contributions(self, grid: Grid, families: int, since: int = MINUS_INFINITY) -> Deltas:
+    def contributions(
+        self, grid: Grid, families: int, since: int = MINUS_INFINITY, out: Deltas | None = None, sign: int = 1
+    ) -> Deltas:
         """The customer's contribution to every series of ``families``, clipped to buckets ``>= since``.
+
+        Added, times ``sign``, into ``out`` when given (and returned): the facts
+        stage adds the contributions before a customer's events with sign -1 and
+        those after with +1 straight into a message's deltas, rather than
+        building two dicts and subtracting them.
 
         Clipped: an interval that starts before ``since`` starts at ``since``, one
         that ends by then is left out, so the contribution at ``since`` is the
@@ -386,44 +393,45 @@ class CustomerFacts:
         >>> facts.contributions(grid, ACTIVITY_FAMILY, since=15)["A"]
         {15: 1, 30: -1}
         """
-        out: Deltas = {}
+        if out is None:
+            out = {}
         if families & ACTIVITY_FAMILY:
-            self._activity_contributions(grid, out, since)
+            self._activity_contributions(grid, out, since, sign)
         if families & ORDER_FAMILY:
-            self._order_contributions(grid, out, since)
+            self._order_contributions(grid, out, since, sign)
         return out
 
-    def _activity_contributions(self, grid: Grid, out: Deltas, since: int) -> None:
+    def _activity_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
         # both:n reads activity n buckets back
         active = self.active_intervals(grid, since - grid.longest)
-        _add_intervals(out, "A", active, 1, since)
+        _add_intervals(out, "A", active, sign, since)
         first = None if self.first_activity_ms is None else grid.bucket(self.first_activity_ms)
         if first is not None:
             # never clipped: a signup's channel classifies the first activity, which may be earlier
-            out["F"] = {first: 1}
+            _add_point(out, "F", first, sign)
             if self.signup_channel:
-                out["Fch:" + self.signup_channel] = {first: 1}
+                _add_point(out, "Fch:" + self.signup_channel, first, sign)
         members = intersect(active, self.member_intervals(grid)) if self.membership or self.member_before else []
-        _add_intervals(out, "LM", members, 1, since)
+        _add_intervals(out, "LM", members, sign, since)
         # one active interval is the common case: its intersections are single intervals
         single = active[0] if len(active) == 1 else None
         for n in grid.windows:
             names = _series_names(n)
             if single is not None:
-                _add_interval(out, names.both, single[0] + n, single[1], 1, since)
+                _add_interval(out, names.both, single[0] + n, single[1], sign, since)
             else:
-                _add_intervals(out, names.both, intersect(active, shift(active, n)), 1, since)
+                _add_intervals(out, names.both, intersect(active, shift(active, n)), sign, since)
             if first is not None and first + n > since:
                 if single is not None:
-                    _add_interval(out, names.newact, max(single[0], first), min(single[1], first + n), 1, since)
+                    _add_interval(out, names.newact, max(single[0], first), min(single[1], first + n), sign, since)
                 else:
-                    _add_intervals(out, names.newact, intersect(active, [(first, first + n)]), 1, since)
+                    _add_intervals(out, names.newact, intersect(active, [(first, first + n)]), sign, since)
             if members and self.rewards:
                 recent = [bucket for bucket in self.rewards if bucket + n > since]
                 if recent:
-                    _add_intervals(out, names.actmem, intersect(members, spans(recent, n)), 1, since)
+                    _add_intervals(out, names.actmem, intersect(members, spans(recent, n)), sign, since)
 
-    def _order_contributions(self, grid: Grid, out: Deltas, since: int) -> None:
+    def _order_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
         # the hot path of an order event: loops are inlined, and interval lists are built in one
         # pass over sorted buckets (the intervals the spans and intersect helpers would give)
         all_orders = sorted(self.orders)
@@ -447,38 +455,37 @@ class CustomerFacts:
                 else:
                     starts.append(bucket)
                     ends.append(bucket + n)
-            # each series of the window gets its own dict, kept when it is not empty
-            purchasers: dict[int, int] = {}
-            returning: dict[int, int] = {}
+            purchasers = _series(out, names.purchasers)
+            returning = _series(out, names.returning)
             for index, start in enumerate(starts):
                 end = ends[index]
                 if end > since:
                     low = start if start > since else since
-                    purchasers[low] = purchasers.get(low, 0) + 1
-                    purchasers[end] = purchasers.get(end, 0) - 1
+                    purchasers[low] = purchasers.get(low, 0) + sign
+                    purchasers[end] = purchasers.get(end, 0) - sign
                     # returning: a purchaser from the second lifetime order on
                     if second_order is not None and end > second_order:
                         low = start if start > second_order else second_order
                         low = low if low > since else since
-                        returning[low] = returning.get(low, 0) + 1
-                        returning[end] = returning.get(end, 0) - 1
+                        returning[low] = returning.get(low, 0) + sign
+                        returning[end] = returning.get(end, 0) - sign
             # lifespan by j: last order up to j minus the first order; constant between orders
-            lifespans: dict[int, int] = {}
+            lifespans = _series(out, names.lifespan)
             for i in range(bisect_right(all_orders, since - n), count):
                 bucket = all_orders[i]
                 end = bucket + n
                 if i + 1 < count and all_orders[i + 1] < end:
                     end = all_orders[i + 1]
-                lifespan = order_times[bucket] - first_order_ms
+                lifespan = (order_times[bucket] - first_order_ms) * sign
                 if lifespan and end > since:
                     low = bucket if bucket > since else since
                     lifespans[low] = lifespans.get(low, 0) + lifespan
                     lifespans[end] = lifespans.get(end, 0) - lifespan
-            churned: dict[int, int] = {}
-            retained: dict[int, int] = {}
+            churned = _series(out, names.churned_revenue)
+            retained = _series(out, names.retained_revenue)
             spans_count = len(starts)
             for bucket in revenue_buckets[bisect_right(revenue_buckets, reach):]:
-                amount = revenue[bucket]
+                amount = revenue[bucket] * sign
                 # revenue of bucket b is "previous period" for j in [b+n, b+2n): churned where
                 # the customer is no purchaser (the period minus the purchaser spans)
                 cursor = bucket + n
@@ -510,16 +517,6 @@ class CustomerFacts:
                             retained[low] = retained.get(low, 0) + amount
                             retained[high] = retained.get(high, 0) - amount
                         index += 1
-            # the order family's series are its own: no other code adds to them
-            for series, buckets in (
-                (names.purchasers, purchasers),
-                (names.returning, returning),
-                (names.lifespan, lifespans),
-                (names.churned_revenue, churned),
-                (names.retained_revenue, retained),
-            ):
-                if buckets:
-                    out[series] = buckets
 
 
 class _WindowSeries(NamedTuple):
@@ -542,13 +539,24 @@ def _series_names(window: int) -> _WindowSeries:
     return _WindowSeries(*(prefix + suffix for prefix in prefixes))
 
 
+def _series(out: Deltas, series: str) -> dict[int, int]:
+    # the deltas of a series in out (a series left empty is harmless: it has no rows)
+    buckets = out.get(series)
+    if buckets is None:
+        buckets = out[series] = {}
+    return buckets
+
+
+def _add_point(out: Deltas, series: str, bucket: int, weight: int) -> None:
+    buckets = _series(out, series)
+    buckets[bucket] = buckets.get(bucket, 0) + weight
+
+
 def _add_interval(out: Deltas, series: str, start: int, end: int, weight: int, since: int) -> None:
     # +weight where the interval starts (clipped at since), -weight where it ends; nothing if empty
     if end <= since or end <= start:
         return
-    buckets = out.get(series)
-    if buckets is None:
-        buckets = out[series] = {}
+    buckets = _series(out, series)
     low = start if start > since else since
     buckets[low] = buckets.get(low, 0) + weight
     if end < PLUS_INFINITY:

@@ -15,6 +15,7 @@ from typing import Any, Union
 
 from metrics import formulas as f
 from metrics.catalog import METRIC_NAMES, MONETARY_METRICS
+from metrics.intervals import MINUS_INFINITY
 from metrics.timegrid import Grid
 
 #: buckets per block of a series: deltas are kept in lists of this many slots (8 bytes each
@@ -77,7 +78,7 @@ class PrefixSeries:
     def __init__(self) -> None:
         #: block index (bucket >> _BLOCK_BITS) -> the deltas of its buckets; zero below ``floor``
         self.blocks: dict[int, Block] = {}
-        #: block index -> the sum of its deltas (exact at any size)
+        #: block index -> the sum of its deltas (exact at any size; a block without an entry sums to 0)
         self.sums: dict[int, int] = {}
         #: sum of the deltas of buckets below ``floor``
         self.base = 0
@@ -141,7 +142,7 @@ class PrefixSeries:
         if previous is None or previous >> _BLOCK_BITS < floor_block:
             for index in [i for i in blocks if i < floor_block]:
                 del blocks[index]
-                self.base += sums.pop(index)
+                self.base += sums.pop(index, 0)
             start = 0
         else:
             start = previous & _BLOCK_MASK  # below it the block is folded already
@@ -150,7 +151,7 @@ class PrefixSeries:
         if block is not None and stop > start:
             folded = sum(block[start:stop])
             self.base += folded
-            sums[floor_block] -= folded
+            sums[floor_block] = sums.get(floor_block, 0) - folded
             if isinstance(block, array):
                 block[start:stop] = _ZERO_BLOCK[: stop - start]
             else:
@@ -210,18 +211,24 @@ class StoreAggregate:
             target = all_series.get(name)
             if target is None:
                 target = all_series[name] = PrefixSeries()
-            floor = target.floor
+            floor = MINUS_INFINITY if target.floor is None else target.floor
             blocks = target.blocks
             sums = target.sums
             pairs = iter(groups[position + 1])
-            block_index = None
+            folded = 0
+            # the block of the current run of deltas, and their sum, added to its block's once
+            block_index: int | None = None
             block: Block = _ZERO_BLOCK
+            run = 0
             for bucket, delta in zip(pairs, pairs, strict=True):
-                if floor is not None and bucket < floor:
-                    target.base += delta
+                if bucket < floor:
+                    folded += delta
                     continue
                 index = bucket >> _BLOCK_BITS
                 if index != block_index:
+                    if run and block_index is not None:
+                        sums[block_index] = sums.get(block_index, 0) + run
+                        run = 0
                     block_index = index
                     found = blocks.get(index)
                     if found is None:
@@ -232,7 +239,11 @@ class StoreAggregate:
                 except OverflowError:
                     _widen(blocks, bucket, delta)
                     block = blocks[index]
-                sums[index] = sums.get(index, 0) + delta
+                run += delta
+            if run and block_index is not None:
+                sums[block_index] = sums.get(block_index, 0) + run
+            if folded:
+                target.base += folded
 
     def merge(self, other: StoreAggregate) -> None:
         """Fold another aggregate into this one: the aggregate of both event sets.

@@ -26,7 +26,7 @@ import orjson
 
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
-from metrics.customer import CustomerFacts, Deltas, add_difference, event_deltas, families_of
+from metrics.customer import CustomerFacts, Deltas, event_deltas, families_of
 from metrics.engine import CurrencyGate, customer_key
 from metrics.intervals import PLUS_INFINITY
 from metrics.store import StoreAggregate
@@ -285,10 +285,13 @@ class CustomerStage:
             for event in customer_events:
                 families |= families_of(event.type)
                 since = min(since, grid.bucket(event.occurred_at_ms))
-            before = facts.contributions(grid, families, since=since) if families else None
             store = out.deltas.get(store_id)
             if store is None:
                 store = out.deltas[store_id] = {}
+            if families:
+                # after minus before, added straight into the message's deltas (zeros are dropped
+                # on sending)
+                facts.contributions(grid, families, since, out=store, sign=-1)
             for event in customer_events:
                 if facts.is_duplicate(event.event_id):
                     out.duplicates += 1
@@ -305,9 +308,8 @@ class CustomerStage:
                 if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:
                     out.max_time_ms = event.occurred_at_ms
                 out.applied += 1
-            if before is not None:
-                # straight into the message's deltas: zeros are dropped on sending
-                add_difference(store, facts.contributions(grid, families, since=since), before)
+            if families:
+                facts.contributions(grid, families, since, out=store, sign=1)
 
 
 #: at most this many delta rows in one message part (well under the message size limit)

@@ -227,9 +227,14 @@ def test_prefix_series_equals_plain_sums_through_adds_folds_and_reads(operations
         else:
             with pytest.raises(ValueError, match="folded floor"):
                 series.prefix(bucket)
-    # the aggregation's inline copy of add agrees with add
+    # the aggregation's inline copies of add agree with add, also after a fold
+    half = len(deltas) // 2
     aggregate = StoreAggregate()
-    aggregate.add_all([("s", b, d) for b, d in deltas])
+    aggregate.add_all([("s", b, d) for b, d in deltas[:half]])
+    aggregate.fold_before(-100)
+    groups = [["s", [item for b, d in part for item in (b, d)]] for part in (deltas[:half], deltas[half:])]
+    aggregate.add_groups([item for group in groups for item in group])
+    applied = deltas[:half] + deltas
     folded = aggregate.series.get("s", PrefixSeries())
-    for bucket in (-3001, 0, 1023, 1024, 5000):
-        assert folded.prefix(bucket) == sum(d for b, d in deltas if b <= bucket)
+    for bucket in (-101, 0, 1023, 1024, 5000):
+        assert folded.prefix(bucket) == sum(d for b, d in applied if b <= bucket)
