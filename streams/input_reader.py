@@ -33,9 +33,9 @@ PARTITION_FETCH_MAX_BYTES = 1024 * 1024 + 64 * 1024
 #: records per fetch
 MAX_RECORDS = 5000
 #: how long a fetch waits for records, and for at least FETCH_MIN_BYTES of them: live traffic
-#: arrives in fetches of 50 ms rather than a few records each, so every stage after this one
+#: arrives in fetches of 25 ms rather than a few records each, so every stage after this one
 #: handles a few packed messages a second per partition, not hundreds
-FETCH_WAIT_MS = 50
+FETCH_WAIT_MS = 25
 FETCH_MIN_BYTES = 512 * 1024
 #: offsets are committed at most this often (and when the reader stops): a commit is a round trip
 #: to the broker, and one per fetch cost as much as routing the fetch; a crash reads at most this

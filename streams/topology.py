@@ -76,7 +76,7 @@ CUSTOMER_CACHE_SIZE = 20_000
 
 #: messages per processing batch, and how long a batch may wait to fill
 BATCH_MAX = 4000
-BATCH_WITHIN_S = 0.02
+BATCH_WITHIN_S = 0.01
 #: the facts stage writes a batch in slices of about this many events (the customers it holds
 #: in memory until the write); internal messages are packed, so a batch of messages can hold many
 FACTS_FLUSH_EVENTS = 20_000
