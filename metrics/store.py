@@ -174,26 +174,9 @@ class StoreAggregate:
         target.add(bucket, delta)
 
     def add_all(self, deltas: Iterable[Sequence[Any]]) -> None:
-        """Add many ``(series, bucket, delta)`` (the hot path of the aggregation: :meth:`PrefixSeries.add` inline)."""
-        all_series = self.series
+        """Add many ``(series, bucket, delta)`` (the engine's form; the pipeline's is :meth:`add_groups`)."""
         for series, bucket, delta in deltas:
-            target = all_series.get(series)
-            if target is None:
-                target = all_series[series] = PrefixSeries()
-            floor = target.floor
-            if floor is not None and bucket < floor:
-                target.base += delta
-                continue
-            index = bucket >> _BLOCK_BITS
-            block = target.blocks.get(index)
-            if block is None:
-                block = target.blocks[index] = _ZERO_BLOCK[:]
-            try:
-                block[bucket & _BLOCK_MASK] += delta
-            except OverflowError:
-                _widen(target.blocks, bucket, delta)
-            sums = target.sums
-            sums[index] = sums.get(index, 0) + delta
+            self.add(series, bucket, delta)
 
     def add_groups(self, groups: Sequence[Any]) -> None:
         """Add deltas grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``.
