@@ -6,9 +6,10 @@ are the only ones that carry one event per message. Ingest is stateless, so
 it needs none of Faust's table machinery: this reader fetches in bulk, hands
 each fetch to a handler that validates and routes it (and waits for Kafka to
 acknowledge the routed messages); the offsets of handled fetches are committed
-at most once a second, and when the reader stops. Delivery stays at least once:
-a fetch read again after a crash or a rebalance is routed again, and the facts
-stage drops the duplicate event ids.
+at most once a second, when the group takes partitions away (a worker joins or
+leaves), and when the reader stops. Delivery stays at least once: a fetch read
+again after a crash is routed again, the facts stage drops the duplicate event
+ids, and the invalid messages in it are dead-lettered again.
 
 The reader has its own consumer group (``<app id>-ingest``): its partitions
 are shared among the workers independently of Faust's assignment.
@@ -16,10 +17,12 @@ are shared among the workers independently of Faust's assignment.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streams.logging import get_logger
@@ -48,7 +51,6 @@ Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
 async def read_inputs(bootstrap_servers: str, topics: Sequence[str], group_id: str, handle: Handler) -> None:
     """Read ``topics`` in group ``group_id`` until cancelled; commit each fetch after ``handle`` returns."""
     consumer = AIOKafkaConsumer(
-        *topics,
         bootstrap_servers=bootstrap_servers,
         group_id=group_id,
         enable_auto_commit=False,
@@ -59,26 +61,67 @@ async def read_inputs(bootstrap_servers: str, topics: Sequence[str], group_id: s
         fetch_max_wait_ms=FETCH_WAIT_MS,
         fetch_min_bytes=FETCH_MIN_BYTES,
     )
+    progress = _Progress(consumer)
     await consumer.start()
+    consumer.subscribe(list(topics), listener=progress)
     log.info("ingest.started", group=group_id, topics=list(topics))
-    uncommitted: dict[TopicPartition, int] = {}
-    committed_at = time.monotonic()
     try:
         while True:
             fetched = await consumer.getmany(timeout_ms=FETCH_WAIT_MS, max_records=MAX_RECORDS)
             if fetched:
-                records = [record for partition_records in fetched.values() for record in partition_records]
-                await handle(records)
-                uncommitted.update({tp: batch[-1].offset + 1 for tp, batch in fetched.items() if batch})
-            if uncommitted and time.monotonic() - committed_at >= COMMIT_INTERVAL_S:
-                await _commit(consumer, uncommitted)
-                uncommitted, committed_at = {}, time.monotonic()
+                # read with no await since the fetch returned: the lock is free unless a revocation
+                # holds it, and then the fetch predates the rebalance and is dropped, since its
+                # partitions are read again from the offsets committed at the revocation (a fetch
+                # that returns after a rebalance was made from the new assignment, and is kept)
+                generation = progress.generation
+                async with progress.handling:
+                    if progress.generation == generation:
+                        records = [record for partition_records in fetched.values() for record in partition_records]
+                        await handle(records)
+                        progress.uncommitted.update(
+                            {tp: batch[-1].offset + 1 for tp, batch in fetched.items() if batch}
+                        )
+            if progress.uncommitted and time.monotonic() - progress.committed_at >= COMMIT_INTERVAL_S:
+                await progress.commit()
     finally:
         try:
-            if uncommitted:
-                await _commit(consumer, uncommitted)
+            await progress.commit()
         finally:
             await consumer.stop()
+
+
+class _Progress(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The offsets of handled fetches not committed yet, committed too when the group moves partitions.
+
+    Without the commit on revocation, every fetch handled since the last periodic
+    commit was read again after a rebalance (a worker joining or leaving), by
+    the partitions' new owner or by this reader: its events were deduplicated
+    downstream, but its dead letters were sent twice.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+        self.uncommitted: dict[TopicPartition, int] = {}
+        self.committed_at = time.monotonic()
+        #: incremented at every revocation: a fetch made before it is not handled
+        self.generation = 0
+        #: held while a fetch is handled, so a revocation waits for it
+        self.handling = asyncio.Lock()
+
+    async def commit(self) -> None:
+        """Commit the offsets of the fetches handled so far."""
+        offsets, self.uncommitted = self.uncommitted, {}
+        self.committed_at = time.monotonic()
+        if offsets:
+            await _commit(self.consumer, offsets)
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        async with self.handling:
+            self.generation += 1
+            await self.commit()
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        return None
 
 
 async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:

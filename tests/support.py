@@ -15,6 +15,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
 from streams.demo import stop_worker
 
 T = TypeVar("T")
@@ -98,3 +101,30 @@ def tail(path: Path, lines: int = 60) -> str:
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
     """SIGTERM, then SIGKILL after ``timeout``; returns the exit code (the product's own way, ``loyalty demo``'s)."""
     return stop_worker(proc, timeout)
+
+
+async def group_members(bootstrap: str, group: str) -> int:
+    """How many members the consumer group has (in any state)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+        return len(response.groups[0][5])
+    except KafkaError:
+        return 0
+    finally:
+        await admin.close()
+
+
+async def group_is_stable(bootstrap: str, group: str, members: int) -> bool:
+    """Whether the consumer group is Stable with exactly ``members`` members."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+        _, _, state, _, _, group_members, *_ = response.groups[0]
+        return bool(state == "Stable" and len(group_members) == members)
+    except KafkaError:
+        return False  # the group has no coordinator yet
+    finally:
+        await admin.close()

@@ -14,8 +14,6 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 
 from infra.local import free_port
 from metrics.compare import metric_differences
@@ -26,7 +24,7 @@ from metrics.validation import parse_message
 from streams.admin import ensure_topics
 from streams.history import generate_history, wire_body
 from streams.sinks import metric_key, parse_redis_field
-from support import async_wait_for, clean_env, loyalty_command, stop_process, tail
+from support import async_wait_for, clean_env, group_is_stable, group_members, loyalty_command, stop_process, tail
 
 PARTITIONS = 4
 WINDOWS = ("1h", "24h", "7d", "30d")
@@ -144,33 +142,6 @@ async def read_topic(bootstrap: str, topic: str, until: Any, timeout: float) -> 
     return messages
 
 
-async def group_members(bootstrap: str, group: str) -> int:
-    """How many members the consumer group has (in any state)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (response,) = await admin.describe_consumer_groups([group])
-        return len(response.groups[0][5])
-    except KafkaError:
-        return 0
-    finally:
-        await admin.close()
-
-
-async def group_is_stable(bootstrap: str, group: str, members: int) -> bool:
-    """Whether the consumer group is Stable with exactly ``members`` members."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (response,) = await admin.describe_consumer_groups([group])
-        _, _, state, _, _, group_members, *_ = response.groups[0]
-        return bool(state == "Stable" and len(group_members) == members)
-    except KafkaError:
-        return False  # the group has no coordinator yet
-    finally:
-        await admin.close()
-
-
 #: (workers, how they start, Redis database, table store): ``stable`` waits for the group to settle
 #: before any data; ``join`` starts the second worker once the first is processing, so a rebalance
 #: moves live partitions. RocksDB is the product's default store.
@@ -186,15 +157,8 @@ def health_counter(values: dict[str, str], name: str) -> int:
     return int(values.get(name) or 0)
 
 
-#: failed 1 of 6 runs after the emit-race and rebuild-trigger fixes (only avg_lifespan_years of a store
-#: and `*` off; cause not found yet); kept to reproduce it
-JOIN_STILL_FLAKY = pytest.mark.xfail(reason="a mid-stream join still gets a store's lifespan sum wrong now and then",
-                                     strict=False)
-
-
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("run", [pytest.param(run, marks=[JOIN_STILL_FLAKY] if run == "join" else [])
-                                 for run in RUNS])
+@pytest.mark.parametrize("run", list(RUNS))
 async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, tmp_path: Path, run: str) -> None:
     """20,000+ events over 120 days (late, duplicated, invalid) give exactly the reference numbers everywhere.
 
