@@ -408,9 +408,9 @@ class CustomerFacts:
         first = None if self.first_activity_ms is None else grid.bucket(self.first_activity_ms)
         if first is not None:
             # never clipped: a signup's channel classifies the first activity, which may be earlier
-            _add_point(out, "F", first, sign)
+            add_delta(out, "F", first, sign)
             if self.signup_channel:
-                _add_point(out, "Fch:" + self.signup_channel, first, sign)
+                add_delta(out, "Fch:" + self.signup_channel, first, sign)
         members = intersect(active, self.member_intervals(grid)) if self.membership or self.member_before else []
         _add_intervals(out, "LM", members, sign, since)
         # one active interval is the common case: its intersections are single intervals
@@ -547,9 +547,14 @@ def _series(out: Deltas, series: str) -> dict[int, int]:
     return buckets
 
 
-def _add_point(out: Deltas, series: str, bucket: int, weight: int) -> None:
+def add_delta(out: Deltas, series: str, bucket: int, delta: int) -> None:
+    """Add one delta to ``out``.
+
+    >>> out: Deltas = {}; add_delta(out, "orders", 7, 1); add_delta(out, "orders", 7, 2); out
+    {'orders': {7: 3}}
+    """
     buckets = _series(out, series)
-    buckets[bucket] = buckets.get(bucket, 0) + weight
+    buckets[bucket] = buckets.get(bucket, 0) + delta
 
 
 def _add_interval(out: Deltas, series: str, start: int, end: int, weight: int, since: int) -> None:

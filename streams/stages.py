@@ -26,7 +26,7 @@ import orjson
 
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
-from metrics.customer import CustomerFacts, Deltas, event_deltas, families_of
+from metrics.customer import CustomerFacts, Deltas, add_delta, event_deltas, families_of
 from metrics.engine import CurrencyGate, customer_key
 from metrics.intervals import PLUS_INFINITY
 from metrics.store import StoreAggregate
@@ -299,10 +299,7 @@ class CustomerStage:
                 facts.remember(event.event_id, seen_at_ms)
                 facts.apply(event, grid, horizon_start)
                 for series, delta_bucket, delta in event_deltas(event, grid.bucket(event.occurred_at_ms)):
-                    buckets = store.get(series)
-                    if buckets is None:
-                        buckets = store[series] = {}
-                    buckets[delta_bucket] = buckets.get(delta_bucket, 0) + delta
+                    add_delta(store, series, delta_bucket, delta)
                 if event.currency is not None:
                     out.currencies[store_id] = event.currency
                 if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:
