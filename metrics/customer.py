@@ -580,27 +580,12 @@ def add_difference(out: Deltas, after: Deltas, before: Deltas) -> None:
     >>> add_difference(out, {"A": {1: 1, 5: -1}}, {"A": {1: 1, 3: -1}, "P:60": {4: 1}}); out
     {'A': {3: 3, 1: 0, 5: -1}, 'P:60': {4: -1}}
     """
-    for series, after_buckets in after.items():
-        target = out.get(series)
-        if target is None:
-            target = out[series] = {}
-        before_buckets = before.get(series)
-        if before_buckets is None:
-            for bucket, value in after_buckets.items():
-                target[bucket] = target.get(bucket, 0) + value
-            continue
-        for bucket, value in after_buckets.items():
-            target[bucket] = target.get(bucket, 0) + value - before_buckets.get(bucket, 0)
-        for bucket, value in before_buckets.items():
-            if bucket not in after_buckets:
-                target[bucket] = target.get(bucket, 0) - value
-    for series, before_buckets in before.items():
-        if series not in after:
-            target = out.get(series)
-            if target is None:
-                target = out[series] = {}
-            for bucket, value in before_buckets.items():
-                target[bucket] = target.get(bucket, 0) - value
+    for series, buckets in after.items():
+        for bucket, value in buckets.items():
+            add_delta(out, series, bucket, value)
+    for series, buckets in before.items():
+        for bucket, value in buckets.items():
+            add_delta(out, series, bucket, -value)
 
 
 def diff(after: Deltas, before: Deltas) -> Deltas:

@@ -227,7 +227,7 @@ def test_prefix_series_equals_plain_sums_through_adds_folds_and_reads(operations
         else:
             with pytest.raises(ValueError, match="folded floor"):
                 series.prefix(bucket)
-    # the aggregation's inline copies of add agree with add, also after a fold
+    # add_all and the aggregation's inline copy of add (add_groups) agree with add, also after a fold
     half = len(deltas) // 2
     aggregate = StoreAggregate()
     aggregate.add_all([("s", b, d) for b, d in deltas[:half]])
