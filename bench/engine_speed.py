@@ -2,7 +2,7 @@
 
     python bench/engine_speed.py [--customers N] [--days D] [--profile]
 
-It generates a storefront history (``streams.history``), then times, on this
+It generates a storefront history (``streams.tools.history``), then times, on this
 process's CPU clock: validating the JSON messages, and folding the events into
 the incremental engine (``metrics.engine``) with every default window on.
 """
@@ -19,7 +19,7 @@ import orjson
 from metrics.engine import LoyaltyEngine
 from metrics.timegrid import DAY_MS, Grid
 from metrics.validation import parse_message
-from streams.history import generate_history, wire_body
+from streams.tools.history import generate_history, wire_body
 
 WINDOWS_MS = (3_600_000, DAY_MS, 7 * DAY_MS, 30 * DAY_MS)
 

@@ -2,7 +2,7 @@
 
 One run, against the Kafka and Redis of the settings (``loyalty up``):
 
-1. prefill: simulated storefront traffic (``streams.simulate.Storefronts``,
+1. prefill: simulated storefront traffic (``streams.tools.simulate.Storefronts``,
    historical times) written twice, to topics of its own per message shape:
    one event per message, and batches of ``--batch`` events per message;
 2. ceilings, per shape: a raw aiokafka consumer that fetches in batches and
@@ -49,11 +49,11 @@ from metrics.events import INPUT_TOPICS, Event
 from metrics.reference import ReferenceConfig, reference_all
 from metrics.timegrid import DAY_MS, parse_duration
 from metrics.validation import parse_message
-from streams.admin import ensure_topics
-from streams.demo import stop_worker, worker_command
 from streams.settings import Settings
-from streams.simulate import Storefronts, TokenBucket
-from streams.sinks import metric_key, parse_redis_field, read_health
+from streams.sinks.redis_sink import metric_key, parse_redis_field, read_health
+from streams.tools.demo import stop_worker, worker_command
+from streams.tools.simulate import Storefronts, TokenBucket
+from streams.worker.topics import ensure_topics
 
 #: how often the bench polls Redis while it waits
 POLL_S = 0.05

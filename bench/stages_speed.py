@@ -27,18 +27,14 @@ import orjson
 from bench.run import BenchOptions, make_workload
 from metrics.customer import CustomerFacts
 from streams.settings import load_settings
-from streams.stages import (
-    CustomerOutput,
-    CustomerStage,
-    GateStage,
-    IngestStage,
-    Routed,
-    StoreShard,
-    apply_part,
-    delta_messages,
-)
-from streams.topology import CUSTOMER_CACHE_SIZE, grid_of
-from streams.wire import pack_chunks, unpack
+from streams.stages.aggregate import StoreShard, apply_part
+from streams.stages.facts import CustomerOutput, CustomerStage, delta_messages
+from streams.stages.gate import GateStage
+from streams.stages.ingest import IngestStage
+from streams.stages.routed import Routed
+from streams.worker.agents.facts import CUSTOMER_CACHE_SIZE
+from streams.worker.topology import grid_of
+from streams.worker.wire import pack_chunks, unpack
 
 PARTITIONS = 8
 

@@ -1,13 +1,14 @@
 """The ``loyalty`` command line (SPEC section 2).
 
-``up``/``down``/``status`` manage the local Kafka and Redis (``infra.local``); ``worker`` runs
-one Faust worker of the app from :func:`streams.app.create_app`.
+Thin: each command parses its options and calls the room that does the work: ``up``/``down``/
+``status`` the local Kafka and Redis (:mod:`infra.local`), ``worker`` :mod:`streams.worker.run`,
+``simulate``/``replay``/``snapshot``/``demo`` :mod:`streams.tools`, ``bench`` :mod:`bench.run`
+(imported only when the command runs).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from metrics.events import INPUT_TOPICS
 from streams.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from streams.simulate import SimulationOptions
+    from streams.tools.simulate import SimulationOptions
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -142,48 +143,16 @@ def status() -> None:
         click.echo(f"REDIS_URL={settings.redis_url}")
 
 
-def _use_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional on some platforms
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-#: the worker's garbage-collector thresholds: every event allocates dozens of short-lived lists
-#: and tuples, and with Python's default (700) the collector rescans the cached customers' facts
-#: thousands of times a second; measured on the stages alone, this took a third of the time
-GC_THRESHOLDS = (50_000, 20, 100)
-
-
 @main.command()
 def worker() -> None:
     """Run one Faust worker (start as many as you like with the same LOYALTY_APP_ID)."""
+    from streams.worker.run import WorkerStartError, run_worker
+
     settings = _settings()
-    _use_uvloop()
-    gc.set_threshold(*GC_THRESHOLDS)
-    from faust import Worker
-
-    from streams.app import create_app
-    from streams.logging import configure_logging, logging_config
-
-    configure_logging(settings.log_level)
-    from streams.admin import ensure_pipeline_topics
-
     try:
-        asyncio.run(ensure_pipeline_topics(settings))
-    except Exception as error:  # Kafka unreachable: say so, no traceback
-        where = settings.kafka_bootstrap_servers
-        raise click.ClickException(f"cannot create the pipeline's topics on {where}: {error}") from None
-    app = create_app(settings)
-    Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    Worker(
-        app,
-        loglevel=settings.log_level,
-        logging_config=logging_config(settings.log_level),
-        redirect_stdouts=False,
-        quiet=not sys.stdout.isatty(),
-    ).execute_from_commandline()
+        run_worker(settings)
+    except WorkerStartError as exc:
+        raise _fail(exc) from None
 
 
 @main.command()
@@ -202,8 +171,8 @@ def replay(file: Path, batch: int, topic: str | None, progress: bool) -> None:
     """
     import logging
 
-    from streams.replay import ReplayError
-    from streams.replay import replay as run_replay
+    from streams.tools.replay import ReplayError
+    from streams.tools.replay import replay as run_replay
 
     logging.getLogger("aiokafka").addHandler(logging.NullHandler())  # failures end in one clear message
     settings = _settings()
@@ -222,7 +191,7 @@ def snapshot(stores: tuple[str, ...], windows: tuple[str, ...], as_json: bool) -
     """Print the current metrics from Redis (exit 1: no metrics there, 2: Redis unreachable)."""
     from rich.console import Console
 
-    from streams.snapshot import SnapshotUnavailable, read_snapshots, redact, render_table, snapshots_json
+    from streams.tools.snapshot import SnapshotUnavailable, read_snapshots, redact, render_table, snapshots_json
 
     settings = _settings()
     wanted = list(windows) or list(settings.windows)
@@ -258,7 +227,7 @@ def _simulation_options(rate: float, duration: str | None, events: int | None, s
     import random
 
     from metrics.timegrid import parse_duration
-    from streams.simulate import SimulationOptions, parse_churn_spike, parse_start
+    from streams.tools.simulate import SimulationOptions, parse_churn_spike, parse_start
 
     def parsed(option: str, parse: Callable[[str], T], text: str | None) -> T | None:
         try:
@@ -360,7 +329,7 @@ def simulate(rate: float, stores: int, customers: int, seed: int | None, churn_s
     """
     import logging
 
-    from streams.simulate import SimulationError, progress_bar, run_simulation
+    from streams.tools.simulate import SimulationError, progress_bar, run_simulation
 
     logging.getLogger("aiokafka").addHandler(logging.NullHandler())  # retries are not news; failures end the run
     options = _simulation_options(rate, duration, events, stores, customers, seed, start, churn_spike, spike_store,
@@ -399,7 +368,7 @@ def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike
     import logging
 
     from metrics.timegrid import parse_duration
-    from streams.demo import DemoOptions, run_demo
+    from streams.tools.demo import DemoOptions, run_demo
 
     logging.getLogger("aiokafka").addHandler(logging.NullHandler())  # the live table is the output
     settings = _settings()
@@ -482,7 +451,9 @@ def bench(events: int, batch: int, batched: bool, stores: int, customers: int, s
     click.get_current_context().invoke(up)
     settings = _settings()
     console = Console(stderr=True)
-    _use_uvloop()
+    from streams.worker.run import use_uvloop
+
+    use_uvloop()
     try:
         results = asyncio.run(run_bench(settings, options, echo=lambda text: console.print(text)))
     except BenchError as exc:

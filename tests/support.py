@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from streams.demo import stop_worker
+from streams.tools.demo import stop_worker
 
 T = TypeVar("T")
 

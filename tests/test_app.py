@@ -1,12 +1,12 @@
-"""streams.app / streams.pipeline: the Faust app factory, without a broker."""
+"""streams.worker.app: the Faust app factory, without a broker."""
 
 from __future__ import annotations
 
 import pytest
 
-from streams.app import create_app, faust_options
-from streams.pipeline import SMOKE_TOPIC
+from smoke_worker import SMOKE_TOPIC, parse_smoke, register_smoke
 from streams.settings import Settings
+from streams.worker.app import create_app, faust_options
 
 
 def settings(**values: str) -> Settings:
@@ -37,7 +37,24 @@ def test_store_choice(store: str, url: str) -> None:
     assert faust_options(settings(LOYALTY_STORE=store))["store"] == url
 
 
+def test_the_product_worker_runs_only_the_pipeline_agents() -> None:
+    """The production app has the four stage agents (gate, facts, aggregate) and no test agent."""
+    app = create_app(settings(LOYALTY_APP_ID="a1", LOYALTY_STORE="memory"))
+    assert sorted(agent.name for agent in app.agents.values()) == ["a1-aggregate", "a1-facts", "a1-gate"]
+
+
 def test_smoke_agent_consumes_the_prefixed_topic() -> None:
-    app = create_app(settings(LOYALTY_TOPIC_PREFIX="p1-", LOYALTY_STORE="memory"))
+    """The tests' smoke agent, registered on a product app, reads the prefixed smoke topic."""
+    s = settings(LOYALTY_TOPIC_PREFIX="p1-", LOYALTY_STORE="memory")
+    app = create_app(s)
+    register_smoke(app, s.topic(SMOKE_TOPIC), s.redis_url)
     topics = {topic for agent in app.agents.values() for topic in agent.channel.topics}
     assert f"p1-{SMOKE_TOPIC}" in topics
+
+
+def test_smoke_messages_parse_or_are_refused() -> None:
+    """A smoke message is ``{"key", "n"}`` with an integer n; anything else is refused."""
+    assert parse_smoke(b'{"key": "a", "n": 3}') == ("a", 3)
+    assert parse_smoke(b"nope") is None
+    assert parse_smoke(b'{"key": "a", "n": "x"}') is None
+    assert parse_smoke(b'{"key": "a", "n": true}') is None

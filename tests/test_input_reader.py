@@ -9,8 +9,8 @@ import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from conftest import Services
-from streams import input_reader
-from streams.admin import ensure_topics
+from streams.worker import input_reader
+from streams.worker.topics import ensure_topics
 from support import async_wait_for, group_is_stable
 
 PARTITIONS = 4

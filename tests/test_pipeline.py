@@ -21,9 +21,9 @@ from metrics.events import Event
 from metrics.reference import ReferenceConfig, accepted_events, reference_all
 from metrics.timegrid import DAY_MS, parse_duration
 from metrics.validation import parse_message
-from streams.admin import ensure_topics
-from streams.history import generate_history, wire_body
-from streams.sinks import metric_key, parse_redis_field
+from streams.sinks.redis_sink import metric_key, parse_redis_field
+from streams.tools.history import generate_history, wire_body
+from streams.worker.topics import ensure_topics
 from support import async_wait_for, clean_env, group_is_stable, group_members, loyalty_command, stop_process, tail
 
 PARTITIONS = 4

@@ -17,10 +17,10 @@ from rich.console import Console
 
 from infra.local import free_port
 from metrics.events import INPUT_TOPICS, TYPE_TOPIC
-from streams.history import generate_history, wire_body
-from streams.replay import MAX_MESSAGE_BYTES, plan_messages
-from streams.sinks import STORES_KEY, metric_key
-from streams.snapshot import read_snapshots, render_table
+from streams.sinks.redis_sink import STORES_KEY, metric_key
+from streams.tools.history import generate_history, wire_body
+from streams.tools.replay import MAX_MESSAGE_BYTES, plan_messages
+from streams.tools.snapshot import read_snapshots, render_table
 from support import async_wait_for, clean_env, run_loyalty
 
 

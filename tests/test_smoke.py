@@ -1,8 +1,9 @@
-"""End to end through the real pieces: Kafka topic -> `loyalty worker` (Faust agent) -> Redis."""
+"""End to end through the real pieces: Kafka topic -> a worker (the product's, plus a test agent) -> Redis."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -11,7 +12,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from infra.local import free_port
-from support import async_wait_for, clean_env, loyalty_command, stop_process, tail
+from support import async_wait_for, clean_env, stop_process, tail
 
 
 async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
@@ -43,7 +44,7 @@ async def test_worker_moves_events_from_kafka_to_redis(services, topic_prefix, a
 
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [*loyalty_command(), "worker"],
+            [sys.executable, str(Path(__file__).with_name("smoke_worker.py"))],
             env=env,
             cwd=tmp_path,
             stdout=log,

@@ -18,19 +18,14 @@ from metrics.events import Event
 from metrics.reference import ReferenceConfig, accepted_events, reference_all
 from metrics.timegrid import DAY_MS, Grid
 from metrics.validation import parse_message
-from streams import stages
-from streams.history import generate_history, wire_body
-from streams.stages import (
-    CustomerOutput,
-    CustomerStage,
-    GateStage,
-    IngestStage,
-    Routed,
-    StoreShard,
-    apply_part,
-    delta_messages,
-)
-from streams.wire import pack_chunks, unpack
+from streams.stages import facts as facts_stage
+from streams.stages.aggregate import StoreShard, apply_part
+from streams.stages.facts import CustomerOutput, CustomerStage, delta_messages
+from streams.stages.gate import GateStage
+from streams.stages.ingest import IngestStage
+from streams.stages.routed import Routed
+from streams.tools.history import generate_history, wire_body
+from streams.worker.wire import pack_chunks, unpack
 
 GRID = Grid(60_000, 90 * DAY_MS, (3_600_000, DAY_MS, 7 * DAY_MS, 30 * DAY_MS), dedupe_ttl_ms=10**13)
 PARTITIONS = 3
@@ -152,7 +147,7 @@ def _run_chain(
 
 
 def _fields(event: Event) -> list[Any]:
-    from streams.wire import event_to_list
+    from streams.worker.wire import event_to_list
 
     return event_to_list(event)
 
@@ -171,7 +166,7 @@ def test_stage_chain_with_replays_equals_the_reference(
     replays: float, cache_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Facts and aggregation stages, with replays, parts and customers kept in memory, equal the batch reference."""
-    monkeypatch.setattr(stages, "MAX_DELTA_ROWS", 50)
+    monkeypatch.setattr(facts_stage, "MAX_DELTA_ROWS", 50)
     history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
     events = accepted_events(_parsed(history))
     shards, clock = _run_chain(events, seed=5, replays=replays, cache_size=cache_size)
@@ -218,12 +213,12 @@ def test_shards_rebuilt_from_the_deltas_log_and_read_again_equal_the_live_ones()
 def test_a_replayed_delta_part_is_applied_once() -> None:
     """The same (partition, offset, part) applied twice counts once; an older part of that partition too."""
     shard = StoreShard("s1")
-    entry = {"d": [["orders", 10, 1], ["gross", 10, 5_000_000], ["orders", 11, 1]]}
+    entry = {"g": ["orders", [10, 1, 11, 1], "gross", [10, 5_000_000]]}
     assert shard.apply((0, 7, 0), entry, 600_000)
     assert not shard.apply((0, 7, 0), entry, 600_000)
     assert not shard.apply((0, 6, 3), entry, 600_000)
-    assert shard.apply((1, 2, 0), {"d": [["orders", 11, 1]]}, 660_000)  # rows of a log before flat rows
-    assert shard.apply((1, 3, 0), {"f": ["orders", 11, 2, "gross", 12, 7_000_000]}, 700_000)
+    assert shard.apply((1, 2, 0), {"g": ["orders", [11, 1]]}, 660_000)
+    assert shard.apply((1, 3, 0), {"g": ["orders", [11, 2], "gross", [12, 7_000_000]]}, 700_000)
     metrics = shard.aggregate.metrics(Grid(60_000, 180_000, (180_000,)), 3, 12)
     assert (metrics["orders"], metrics["gross_revenue"]) == (5, Decimal("12"))
     assert shard.latest_event_ms == 700_000

@@ -1,15 +1,15 @@
 """The Faust application: one factory, configured from :class:`streams.settings.Settings`.
 
 Agents, tables and timers are not defined here: :func:`create_app` hands the app to
-:func:`streams.pipeline.register_pipeline`, the one place where the pipeline is wired.
+:func:`streams.worker.pipeline.register_pipeline`, the one place where the pipeline is wired.
 """
 
 from __future__ import annotations
 
 import faust
 
-from streams.pipeline import register_pipeline
 from streams.settings import Settings, load_settings
+from streams.worker.pipeline import register_pipeline
 
 #: Faust store URLs; faust-streaming's ``rocksdb://`` store runs on rocksdict
 STORES = {"rocksdb": "rocksdb://", "memory": "memory://"}
@@ -28,9 +28,8 @@ def faust_options(settings: Settings) -> dict[str, object]:
         "topic_replication_factor": settings.replication_factor,
         "consumer_auto_offset_reset": "earliest",
         # A short linger: every stage sends a few packed messages per batch (the input reader's
-        # fetches gather 25 ms of live traffic), and each of the four hops waits for it; 20 ms
-        # cost about 100 ms of a live event's latency (p50 403 -> 305 ms with the fetch and
-        # batch waits below halved too, in one bench run).
+        # fetches gather 25 ms of live traffic), and each of the four hops waits for it, so the
+        # linger adds to a live event's latency four times over.
         "producer_linger": 0.005,
         "producer_max_batch_size": 256 * 1024,
         "producer_max_request_size": 2 * 1024 * 1024,

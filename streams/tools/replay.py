@@ -42,8 +42,8 @@ from rich.text import Text
 
 from metrics.events import INPUT_TOPICS, TYPE_TOPIC
 from metrics.validation import MAX_BATCH_EVENTS
-from streams.admin import KafkaUnreachable, start_input_producer
 from streams.settings import Settings
+from streams.worker.topics import KafkaUnreachable, start_input_producer
 
 DEFAULT_BATCH = 500
 #: byte budget of one batch message: under Kafka's default 1 MiB message limit, with room for headers

@@ -24,7 +24,8 @@ from rich.console import RenderableType
 from rich.table import Table
 
 from metrics.catalog import ALL_STORES, COUNT, MAP, METRIC_KINDS, METRIC_NAMES
-from streams.sinks import STORES_KEY, decimal_text, metric_key
+from streams.sinks.redis_sink import STORES_KEY, metric_key
+from streams.sinks.snapshots import decimal_text
 
 #: hash fields that are not metrics
 META_FIELDS = ("as_of_ms", "currency")

@@ -25,7 +25,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streams.logging import get_logger
+from streams.logs import get_logger
 
 log = get_logger(__name__)
 

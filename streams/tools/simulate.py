@@ -17,7 +17,7 @@ makes sense at any rate and in compressed historical time: customers arrive (mos
 through a channel, some order as guests) until each store nears its population, then at a
 trickle; a loyal 30% order often, the others one to three times, each after a random gap;
 about 7% of orders are refunded (fully or partly); customers close their accounts now and
-then; surveys of all four kinds (the score mixes of :func:`streams.history.survey_fields`);
+then; surveys of all four kinds (the score mixes of :func:`streams.tools.history.survey_fields`);
 marketing spend by channel; loyalty enrolments, rewards issued and redeemed, departures.
 
 A churn spike (``--churn-spike AT:FACTOR``) makes one store, from event time ``AT`` on,
@@ -63,9 +63,9 @@ from metrics.events import (
 )
 from metrics.timegrid import parse_duration
 from metrics.validation import MAX_BATCH_EVENTS, parse_timestamp
-from streams.admin import KafkaUnreachable, start_input_producer
-from streams.history import CHANNELS, CURRENCIES, _time_field, survey_fields
 from streams.settings import Settings
+from streams.tools.history import CHANNELS, CURRENCIES, _time_field, survey_fields
+from streams.worker.topics import KafkaUnreachable, start_input_producer
 
 __all__ = [
     "ChurnSpike",
@@ -623,7 +623,7 @@ class SimulationStats:
 
     def text(self) -> str:
         """The summary printed by ``loyalty simulate``."""
-        from streams.sinks import rfc3339_ms
+        from streams.sinks.snapshots import rfc3339_ms
 
         lines = [
             f"sent {self.delivered:,} events in {self.messages:,} messages in {self.seconds:.1f}s "

@@ -4,7 +4,7 @@ The ``demo`` command (``streams.cli``) first runs ``loyalty up``; then :func:`ru
 starts one worker subprocess (``loyalty worker``, its output in
 ``<LOYALTY_STATE_DIR>/demo/worker.log``), publishes a short history (the ``backfill``, so
 that windows have a past and ``churn_rate`` is defined at once) and then live traffic
-with :func:`streams.simulate.run_simulation`, and redraws a rich table of
+with :func:`streams.tools.simulate.run_simulation`, and redraws a rich table of
 ``customers_end``, ``churn_rate``, ``nps``, ``repeat_purchase_rate``, ``gross_revenue`` and
 ``as_of`` per store, read from Redis every second. Ctrl-C (SIGINT) or SIGTERM stops the
 simulator (buffered events are still sent) and the worker; the command then stops the
@@ -33,10 +33,11 @@ from rich.table import Table
 from rich.text import Text
 
 from infra import local
-from streams.admin import ensure_input_topics
 from streams.settings import Settings
-from streams.simulate import SimulationError, SimulationOptions, SimulationStats, run_simulation
-from streams.sinks import metric_key, parse_redis_field, read_health, rfc3339_ms
+from streams.sinks.redis_sink import metric_key, parse_redis_field, read_health
+from streams.sinks.snapshots import rfc3339_ms
+from streams.tools.simulate import SimulationError, SimulationOptions, SimulationStats, run_simulation
+from streams.worker.topics import ensure_input_topics
 
 HEADLINE = ("customers_end", "churn_rate", "nps", "repeat_purchase_rate", "gross_revenue")
 COLUMNS = ("customers", "churn %", "NPS", "repeat %", "gross revenue")  # short labels: fits 80 columns

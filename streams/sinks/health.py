@@ -1,0 +1,34 @@
+"""The workers' health counters (events received, applied, duplicates, dead letters, snapshots) in Redis."""
+
+from __future__ import annotations
+
+from streams.sinks.redis_sink import RedisSink
+
+
+class HealthCounters:
+    """Counts added in memory by the stages and flushed to the ``loyalty:health`` hash by the emit timer."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, int] = {}
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add to a counter (nothing is written until :meth:`flush`).
+
+        >>> health = HealthCounters(); health.count("dead_letters", 2); health.count("duplicates", 0)
+        >>> health.pending
+        {'dead_letters': 2}
+        """
+        if amount:
+            self.pending[name] = self.pending.get(name, 0) + amount
+
+    async def flush(self, sink: RedisSink) -> None:
+        """Add the pending counts to Redis; on a failure they stay pending for the next flush (best effort)."""
+        if not self.pending:
+            return
+        counters, self.pending = self.pending, {}
+        try:
+            for name, amount in counters.items():
+                await sink.count(name, amount)
+        except Exception:  # health counters are best effort; kept for the next flush
+            for name, amount in counters.items():
+                self.count(name, amount)

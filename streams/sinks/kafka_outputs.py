@@ -1,0 +1,55 @@
+"""The worker's Kafka outputs: the compacted ``loyalty-metrics`` topic and ``loyalty-dead-letters``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import faust
+import orjson
+
+from streams.settings import Settings
+from streams.worker.topics import DEAD_LETTER_TOPIC, OUTPUT_TOPIC
+
+
+class KafkaOutputs:
+    """The output and dead-letter topics of a worker, declared once before the first send."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        def topic(name: str, **options: Any) -> Any:
+            return app.topic(
+                settings.topic(name),
+                key_serializer="raw",
+                value_serializer="raw",
+                partitions=settings.partitions,
+                internal=True,
+                **options,
+            )
+
+        self.output = topic(OUTPUT_TOPIC, compacting=True)
+        self.dead_letters = topic(DEAD_LETTER_TOPIC)
+        self._declared: asyncio.Task[None] | None = None
+
+    async def declare(self) -> None:
+        """Create both topics if missing (once per worker; every caller waits for the same creation).
+
+        Faust creates only the topics it consumes; a topic the broker auto-creates on the first send
+        has one partition and no compaction, and a send racing that creation can wait for its
+        metadata for the whole producer request timeout, stalling the agent and every commit.
+        """
+        if self._declared is None:
+
+            async def declare() -> None:
+                for sink_topic in (self.output, self.dead_letters):
+                    await sink_topic.maybe_declare()
+
+            self._declared = asyncio.ensure_future(declare())
+        await asyncio.shield(self._declared)
+
+    async def send_dead_letters(self, letters: list[dict[str, Any]]) -> list[asyncio.Future[Any]]:
+        """Queue dead-letter records; returns the futures of Kafka's acknowledgements."""
+        return [await self.dead_letters.send(value=orjson.dumps(letter)) for letter in letters]
+
+    async def send_snapshot(self, store_id: str, window: str, encoded: bytes) -> None:
+        """Queue one snapshot on the compacted output topic, keyed ``store|window``."""
+        await self.output.send(key=f"{store_id}|{window}".encode(), value=encoded)

@@ -1,0 +1,87 @@
+"""Stage 4, the aggregation (by store and ``*``): store shards folded from the deltas, read as metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metrics.catalog import ALL_STORES
+from metrics.store import StoreAggregate
+from metrics.timegrid import Grid
+
+
+class StoreShard:
+    """One store's (or ``*``'s) aggregate: a fold of the deltas topic, applied at most once per message part.
+
+    The deltas topic is the shard's log: the shard keeps no table and writes
+    nothing; a worker that gets a deltas partition rebuilds its shards by
+    reading the partition from the start (:mod:`streams.worker.agents.aggregate`). ``hwm`` keeps,
+    per source partition of the facts stage, the latest (offset, part) applied,
+    so a part that the facts stage sent again after a crash, or that the agent
+    reads again after the rebuild, is skipped: parts of one source partition
+    arrive in order.
+    """
+
+    def __init__(self, store_id: str) -> None:
+        self.store_id = store_id
+        self.aggregate = StoreAggregate()
+        #: source partition -> [offset, part] of the latest part applied
+        self.hwm: dict[int, list[int]] = {}
+        #: currencies by store (one for a store; all stores' for ``*``)
+        self.currencies: dict[str, str] = {}
+        #: the latest event time of the applied deltas
+        self.latest_event_ms: int | None = None
+        self.floor: int | None = None
+        self.changed = True
+
+    def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> bool:
+        """Apply one store entry of a delta message part, unless applied already; returns whether it was."""
+        partition, position = message_source[0], [message_source[1], message_source[2]]
+        seen = self.hwm.get(partition)
+        if seen is not None and seen >= position:
+            return False
+        self.hwm[partition] = position
+        self.aggregate.add_groups(entry["g"])
+        for store_id, currency in (entry.get("cur") or {}).items():
+            self.currencies[store_id] = currency
+        if max_time_ms is not None and (self.latest_event_ms is None or max_time_ms > self.latest_event_ms):
+            self.latest_event_ms = max_time_ms
+        self.changed = True
+        return True
+
+    def fold(self, as_of_bucket: int, longest: int) -> None:
+        """Fold what no read as of ``as_of_bucket`` or later needs into each series' base.
+
+        Memory stays bounded, and the sums exact.
+        """
+        if self.floor is not None and as_of_bucket <= self.floor:
+            return
+        self.floor = as_of_bucket
+        self.aggregate.fold_read(as_of_bucket, longest)
+
+    def metrics(self, grid: Grid, window: int, as_of_bucket: int) -> dict[str, object]:
+        """Every metric of the store for a window as of a bucket."""
+        monetary = True
+        if self.store_id == ALL_STORES:
+            monetary = len(set(self.currencies.values())) <= 1
+        return self.aggregate.metrics(grid, window, as_of_bucket, monetary)
+
+    def currency(self) -> str | None:
+        """The store's currency (``*``: the common one), ``None`` when unknown or mixed."""
+        distinct = set(self.currencies.values())
+        return next(iter(distinct)) if len(distinct) == 1 else None
+
+
+def apply_part(shards: dict[str, StoreShard], part: dict[str, Any]) -> int:
+    """Apply one delta message part to the shards of its stores (created on first use).
+
+    Returns how many of its store entries were new (0: the part was applied before).
+    """
+    source = (part["src"][0], part["src"][1], part["src"][2])
+    latest = part.get("t")
+    applied = 0
+    for store_id, entry in part["stores"].items():
+        shard = shards.get(store_id)
+        if shard is None:
+            shard = shards[store_id] = StoreShard(store_id)
+        applied += shard.apply(source, entry, latest)
+    return applied

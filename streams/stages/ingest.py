@@ -1,0 +1,67 @@
+"""Stage 1, ingest (input topics, any key): validate a message, dead-letter what fails, route events by store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from metrics import events as ev
+from metrics.catalog import ALL_STORES
+from metrics.validation import Rejection, parse_message
+from streams.sinks.dead_letters import dead_letter
+from streams.stages.routed import Routed
+from streams.worker.wire import event_to_list, route
+
+#: the reason added by this stage to those of :mod:`metrics.validation`
+RESERVED_STORE_ID = "reserved_store_id"
+
+
+class IngestStage:
+    """Validate one input message; route its events by store."""
+
+    def __init__(self, partitions: int, max_future_skew_ms: int) -> None:
+        self.partitions = partitions
+        self.max_future_skew_ms = max_future_skew_ms
+
+    def process(self, topic: str, source: tuple[str, int, int], value: bytes | None, now_ms: int, out: Routed) -> None:
+        """Add the message's events to ``out`` (``topic`` is the unprefixed input topic name).
+
+        Each routed item is ``[event, origin]``: ``origin`` is ``[topic,
+        partition, offset, index, raw text]`` for money events, so that the
+        gate can still dead-letter them with their original text, else ``None``.
+        """
+        items = parse_message(value, topic, now_ms=now_ms, max_future_skew_ms=self.max_future_skew_ms)
+        is_batch = len(items) > 1 or (bool(items) and _is_array(value))
+        elements: list[Any] | None = None
+
+        def original(index: int) -> bytes:
+            # the message's bytes, or a batch element's JSON text; the batch is parsed once, on demand
+            nonlocal elements
+            if not is_batch:
+                return value or b""
+            if elements is None:
+                elements = orjson.loads(value or b"[]")
+            return orjson.dumps(elements[index])
+
+        for index, item in enumerate(items):
+            if isinstance(item, Rejection):
+                out.dead_letters.append(dead_letter(item.reason, item.detail, item.raw, source, item.index, now_ms))
+                continue
+            if item.store_id == ALL_STORES:
+                raw = original(index)
+                detail = f"store_id {ALL_STORES!r} is reserved for all stores together"
+                out.dead_letters.append(
+                    dead_letter(RESERVED_STORE_ID, detail, raw, source, index if is_batch else None, now_ms)
+                )
+                continue
+            origin = None
+            if item.type in ev.MONEY_TYPES:
+                raw = original(index)
+                origin = [source[0], source[1], source[2], index if is_batch else None, raw.decode()]
+            out.add(route(item.store_id, self.partitions), [event_to_list(item), origin])
+            out.accepted += 1
+
+
+def _is_array(value: bytes | None) -> bool:
+    return bool(value) and value.lstrip()[:1] == b"["  # type: ignore[union-attr]

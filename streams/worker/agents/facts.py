@@ -1,0 +1,104 @@
+"""The facts: the by-customer agent (dedupe, customer facts, contribution deltas) and event-clock watermarks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from metrics.customer import CustomerFacts
+from streams.stages.facts import CustomerOutput, CustomerStage, delta_messages
+from streams.worker.tables import changelog_written
+from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
+from streams.worker.wire import pack, pack_chunks, unpack
+
+#: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
+CUSTOMER_CACHE_SIZE = 20_000
+#: the facts stage writes a batch in slices of about this many events (the customers it holds
+#: in memory until the write); internal messages are packed, so a batch of messages can hold many
+FACTS_FLUSH_EVENTS = 20_000
+
+
+class Facts:
+    """Applies events to their customer's facts and sends the differences of contributions as deltas."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.stage = CustomerStage(topology.grid, cache_size=CUSTOMER_CACHE_SIZE)
+
+    def forget(self) -> None:
+        """Drop the customers kept in memory: the table may have changed under us."""
+        self.stage.forget()
+
+    def load(self, key: str) -> CustomerFacts | None:
+        """A customer's facts from the table (``None``: a new customer)."""
+        value = self.topology.facts.get(key.encode())
+        return None if value is None else CustomerFacts.from_record(orjson.loads(value))
+
+    async def run(self, stream: Any) -> None:
+        """The agent: each batch of by-customer messages applied, its deltas sent, then its facts written."""
+        topology = self.topology
+        clock = topology.clock
+        health = topology.health
+        partitions = topology.partitions
+        async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            cache: dict[str, CustomerFacts] = {}
+            outgoing: dict[int, list[dict[str, Any]]] = {}
+            held_events = 0
+            for event in batch:
+                items = unpack(event.value)
+                if clock.event_clock:
+                    clock.advance(max((item[2] for item in items), default=None))
+                now = clock.now_ms()
+                if now is None:
+                    continue
+                output = CustomerOutput(facts=cache)
+                self.stage.process(items, self.load, now, output, wall_ms())
+                health.count("events_applied", output.applied)
+                health.count("duplicates", output.duplicates)
+                source = (event.message.partition, event.message.offset)
+                for partition, parts in delta_messages(output, source, partitions).items():
+                    outgoing.setdefault(partition, []).extend(parts)
+                held_events += len(items)
+                if held_events >= FACTS_FLUSH_EVENTS:
+                    # a long batch is written in slices: the customers it holds bound the worker's memory
+                    await self.write(outgoing, cache)
+                    outgoing, cache, held_events = {}, {}, 0
+            await self.write(outgoing, cache)
+
+    async def write(self, outgoing: dict[int, list[dict[str, Any]]], cache: dict[str, CustomerFacts]) -> None:
+        """Send the deltas, then write the facts that caused them, then broadcast the event clock."""
+        topology = self.topology
+        deltas = topology.deltas
+        acks = []
+        # one message per partition carries the parts of the whole batch (Faust costs per message);
+        # each part keeps its own source, so idempotency does not depend on how batches formed
+        for partition, parts in outgoing.items():
+            for chunk in pack_chunks(parts):
+                acks.append(await deltas.send(value=chunk, partition=partition))
+        # facts only after Kafka has the deltas: a crash may replay, never lose
+        if acks:
+            await asyncio.gather(*acks)
+        await topology.facts.write_many(
+            {key.encode(): orjson.dumps(customer.to_record()) for key, customer in cache.items()}
+        )
+        await changelog_written(topology.facts)
+        clock = topology.clock
+        latest = clock.clock_ms
+        if clock.event_clock and latest is not None and (clock.broadcast_ms is None or latest > clock.broadcast_ms):
+            clock.broadcast_ms = latest
+            watermark = pack({"wm": latest})
+            for partition in range(topology.partitions):
+                await deltas.send(value=watermark, partition=partition)
+
+
+def register(topology: Topology) -> Facts:
+    """The facts agent on the by-customer topic."""
+    facts = Facts(topology)
+
+    @topology.app.agent(topology.by_customer, name=topology.internal + "facts")
+    async def facts_agent(stream: Any) -> None:
+        await facts.run(stream)
+
+    return facts

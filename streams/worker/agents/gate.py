@@ -1,0 +1,92 @@
+"""The gate: the by-store agent (one currency per store) and, with the wall clock, the release of held events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams.stages.gate import GateStage
+from streams.stages.routed import Routed
+from streams.worker.tables import changelog_written
+from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
+from streams.worker.wire import pack, unpack
+
+
+class CurrencyView:
+    """The currency table as ``store -> currency`` strings."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, store_id: str) -> str | None:
+        value = self.table.get(store_id.encode())
+        return None if value is None else bytes(value).decode()
+
+    def __setitem__(self, store_id: str, currency: str) -> None:
+        self.table[store_id.encode()] = currency.encode()
+
+
+class Gate:
+    """Admits events by store to the by-customer topic; holds (wall clock) those later than now."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.stage = GateStage(topology.partitions)
+        self.currencies = CurrencyView(topology.currencies)
+
+    async def run(self, stream: Any) -> None:
+        """The agent: each batch of by-store messages through the gate, held events added to their store's."""
+        topology = self.topology
+        held = topology.held
+        await topology.outputs.declare()
+        async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            routed = Routed()
+            now = None if topology.event_clock else wall_ms()
+            newly_held: dict[str, list[Any]] = {}
+            for event in batch:
+                pending: list[Any] = []
+                self.stage.process(unpack(event.value), self.currencies, now, pending, routed)  # type: ignore[arg-type]
+                for item in pending:
+                    newly_held.setdefault(item[0][3], []).append(item)
+            for store_id, items in newly_held.items():
+                key = store_id.encode()
+                previous = held.get(key)
+                held[key] = pack((unpack(previous) if previous else []) + items)
+            await topology.send_routed(topology.by_customer, routed)
+            await changelog_written(topology.currencies, held)
+
+    async def release_held(self) -> None:
+        """The timer (wall clock only): forward the held events that now has reached."""
+        topology = self.topology
+        if topology.event_clock:
+            return
+        held = topology.held
+        await topology.outputs.declare()
+        now = wall_ms()
+        routed = Routed()
+        for key in list(held.keys()):
+            value = held.get(key)
+            if not value:
+                continue
+            keep = self.stage.release(unpack(value), now, routed)
+            if keep:
+                held[key] = pack(keep)
+            else:
+                del held[key]
+        await topology.send_routed(topology.by_customer, routed)
+        await changelog_written(held)
+
+
+def register(topology: Topology) -> Gate:
+    """The gate agent on the by-store topic and its once-a-second release timer."""
+    gate = Gate(topology)
+    app = topology.app
+
+    @app.agent(topology.by_store, name=topology.internal + "gate")
+    async def gate_agent(stream: Any) -> None:
+        await gate.run(stream)
+
+    @app.timer(1.0, name=topology.internal + "release-held")  # type: ignore[untyped-decorator]
+    async def release_held() -> None:
+        await gate.release_held()
+
+    return gate

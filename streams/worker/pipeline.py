@@ -1,0 +1,30 @@
+"""``register_pipeline(app, settings)``: the one place where the metric pipeline is put on a Faust app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+
+from streams.settings import Settings
+from streams.worker.agents import aggregate, facts, gate, ingest, publish
+from streams.worker.topology import Topology
+
+
+def register_pipeline(app: faust.App, settings: Settings) -> Topology:
+    """Declare the topics, tables, agents and timers of the metric pipeline on ``app``."""
+    topology = Topology(app, settings)
+    ingest.register(topology)
+    gate.register(topology)
+    customers = facts.register(topology)
+    aggregation = aggregate.register(topology)
+    publish.register(topology, aggregation)
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:
+        aggregation.on_assigned()
+        # another worker may have changed customers' facts while their partitions were elsewhere
+        customers.forget()
+
+    app.topology = topology  # type: ignore[attr-defined]
+    return topology

@@ -1,0 +1,63 @@
+"""Run one worker process: the pipeline's topics first, then the Faust app until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import faust
+
+from streams.settings import Settings
+
+#: the worker's garbage-collector thresholds: every event allocates dozens of short-lived lists
+#: and tuples, and with Python's default (700) the collector rescans the cached customers' facts
+#: thousands of times a second
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+class WorkerStartError(Exception):
+    """The worker cannot start (Kafka unreachable): a message for the operator, not a traceback."""
+
+
+def use_uvloop() -> None:
+    """Make uvloop the event loop policy where it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional on some platforms
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_worker(settings: Settings, extend: Callable[[faust.App], None] | None = None) -> None:
+    """Create the pipeline's topics, then run a worker of :func:`streams.worker.app.create_app` until stopped.
+
+    ``extend`` may register more agents on the app before it starts (the tests' smoke agent).
+    """
+    use_uvloop()
+    gc.set_threshold(*GC_THRESHOLDS)
+    from faust import Worker
+
+    from streams.logs import configure_logging, logging_config
+    from streams.worker.app import create_app
+    from streams.worker.topics import ensure_pipeline_topics
+
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(ensure_pipeline_topics(settings))
+    except Exception as error:  # Kafka unreachable: say so, no traceback
+        where = settings.kafka_bootstrap_servers
+        raise WorkerStartError(f"cannot create the pipeline's topics on {where}: {error}") from None
+    app = create_app(settings)
+    if extend is not None:
+        extend(app)
+    Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
+    Worker(
+        app,
+        loglevel=settings.log_level,
+        logging_config=logging_config(settings.log_level),
+        redirect_stdouts=False,
+        quiet=not sys.stdout.isatty(),
+    ).execute_from_commandline()

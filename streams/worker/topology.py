@@ -1,0 +1,150 @@
+"""The metric pipeline on a Faust app: one :class:`Topology` shared by the parts in :mod:`streams.worker.agents`.
+
+::
+
+    input topics --ingest--> by-store --gate--> by-customer --facts--> deltas --aggregate--> loyalty-metrics + Redis
+         \\____________________\\_______________________________________________________--> loyalty-dead-letters
+
+Each part wires one stage of :mod:`streams.stages` (the logic) to its topics, tables and
+timers; what they share (topics, tables, the clock, the store shards, the sinks) is this
+module's :class:`Topology`, built once per app by :func:`streams.worker.pipeline.register_pipeline`.
+
+Ingest is not a Faust agent: the input topics, the only ones that may carry
+one event per message, are read in bulk by :mod:`streams.worker.input_reader`
+(its own consumer group; offsets committed once the routed messages are
+acknowledged). Every internal message is a packed batch (Faust costs per
+message). Each Faust stage reads batches with ``take_events`` and writes each
+table key once per batch. Tables route keys with our own partitioner
+(:func:`streams.worker.wire.route`), the same that routes the stage's input, so
+they never need Faust's "current event" (faust-streaming issue 497) and recover
+where their input lives: a worker keeps only the changelog partitions of its
+input partitions after a rebalance.
+
+Idempotency, so that at-least-once delivery counts nothing twice:
+
+* the facts stage remembers applied event ids in the customer's own record;
+  it sends its deltas and waits for Kafka's acknowledgement *before* writing
+  the facts, so facts are never ahead of the deltas they caused;
+* every delta message part carries (input partition, offset, part); the
+  aggregation has no table: the deltas topic (kept for ever) is its log, and
+  a worker that gets a deltas partition folds it from the start; each store
+  shard keeps, per input partition, the last part applied, so a part sent or
+  read again is skipped;
+* a stage waits for Kafka to acknowledge its table writes before its batch
+  is acked (:func:`streams.worker.tables.changelog_written`), so no committed
+  offset is ahead of the table state that a worker taking the partition over
+  recovers.
+
+The clock (``LOYALTY_CLOCK``): ``wall`` is the wall clock; ``event`` is the
+latest event time seen, which the facts stage broadcasts as a watermark to
+every aggregation partition, so that a store whose partition sees no new
+events still advances to the global "now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import faust
+
+from metrics.timegrid import Grid
+from streams.settings import Settings
+from streams.sinks.health import HealthCounters
+from streams.sinks.kafka_outputs import KafkaOutputs
+from streams.stages.routed import Routed
+from streams.worker.tables import make_table
+from streams.worker.topics import KEPT_FOREVER
+from streams.worker.wire import pack_chunks
+
+#: messages per processing batch, and how long a batch may wait to fill
+BATCH_MAX = 4000
+BATCH_WITHIN_S = 0.01
+
+
+def wall_ms() -> int:
+    """The wall clock in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def grid_of(settings: Settings) -> Grid:
+    """The time grid of the settings."""
+    windows = tuple(settings.window_ms.values())
+    return Grid(settings.bucket_ms, settings.active_horizon_ms, windows, settings.dedupe_ttl_ms)
+
+
+class PipelineClock:
+    """The metric clock of one worker: wall time, or the latest event time seen; never back.
+
+    The store shards fold what no read as of "now" or later needs, so "now" must
+    not step back, not even when the system clock does.
+    """
+
+    def __init__(self, event_clock: bool) -> None:
+        self.event_clock = event_clock
+        #: the latest event time seen (event clock)
+        self.clock_ms: int | None = None
+        self.wall_high_ms = 0
+        #: the latest event time the facts stage broadcast as a watermark
+        self.broadcast_ms: int | None = None
+
+    def now_ms(self) -> int | None:
+        """Now: wall time, or the latest event time seen (``None`` before any)."""
+        if self.event_clock:
+            return self.clock_ms
+        self.wall_high_ms = max(self.wall_high_ms, wall_ms())
+        return self.wall_high_ms
+
+    def advance(self, time_ms: int | None) -> None:
+        """Move the event clock forward (never back)."""
+        if time_ms is not None and (self.clock_ms is None or time_ms > self.clock_ms):
+            self.clock_ms = time_ms
+
+
+class Topology:
+    """What the parts of one worker's pipeline share: app, settings, topics, tables, clock, sinks."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.grid = grid_of(settings)
+        self.partitions = settings.partitions
+        #: prefix of the internal topics and agents of this app id
+        self.internal = f"{settings.app_id}-"
+        self.clock = PipelineClock(settings.clock == "event")
+        self.health = HealthCounters()
+        self.outputs = KafkaOutputs(app, settings)
+        self.by_store = self._internal_topic("events-by-store")
+        self.by_customer = self._internal_topic("events-by-customer")
+        # the deltas are the aggregation's log (it rebuilds from them): kept for ever
+        self.deltas = self._internal_topic("deltas", config=dict(KEPT_FOREVER["deltas"]))
+        self.currencies = make_table(app, "store-currency", self.partitions)
+        self.held = make_table(app, "held-events", self.partitions)
+        self.facts = make_table(app, "customer-facts", self.partitions)
+
+    @property
+    def event_clock(self) -> bool:
+        """Whether "now" is the latest event time (``LOYALTY_CLOCK=event``)."""
+        return self.clock.event_clock
+
+    def _internal_topic(self, name: str, **options: Any) -> Any:
+        return self.app.topic(
+            self.settings.topic(self.internal + name),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=self.partitions,
+            internal=True,
+            **options,
+        )
+
+    async def send_routed(self, target: Any, routed: Routed, wait: bool = False) -> None:
+        """Send packed items and dead letters; with ``wait``, until Kafka has acknowledged them all."""
+        sent = []
+        for partition, items in routed.by_partition.items():
+            for chunk in pack_chunks(items):
+                sent.append(await target.send(value=chunk, partition=partition))
+        sent.extend(await self.outputs.send_dead_letters(routed.dead_letters))
+        self.health.count("dead_letters", len(routed.dead_letters))
+        if wait and sent:
+            await asyncio.gather(*sent)
