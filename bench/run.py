@@ -2,7 +2,7 @@
 
 One run, against the Kafka and Redis of the settings (``loyalty up``):
 
-1. prefill: simulated storefront traffic (``streams.tools.simulate.Storefronts``,
+1. prefill: simulated storefront traffic (``streams.tools.storefront.Storefronts``,
    historical times) written twice, to topics of its own per message shape:
    one event per message, and batches of ``--batch`` events per message;
 2. ceilings, per shape: a raw aiokafka consumer that fetches in batches and
@@ -52,7 +52,8 @@ from metrics.validation import parse_message
 from streams.settings import Settings
 from streams.sinks.redis_sink import metric_key, parse_redis_field, read_health
 from streams.tools.demo import stop_worker, worker_command
-from streams.tools.simulate import Storefronts, TokenBucket
+from streams.tools.simulate import TokenBucket
+from streams.tools.storefront import Storefronts
 from streams.worker.topics import ensure_topics
 
 #: how often the bench polls Redis while it waits

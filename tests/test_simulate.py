@@ -14,7 +14,8 @@ from aiokafka import AIOKafkaConsumer
 
 from metrics.events import INPUT_TOPICS, TYPE_TOPIC
 from metrics.validation import Event, Rejection, parse_message, parse_timestamp
-from streams.tools.simulate import ChurnSpike, Storefronts, TokenBucket
+from streams.tools.simulate import TokenBucket
+from streams.tools.storefront import ChurnSpike, Storefronts
 from support import async_wait_for, clean_env, run_loyalty
 
 START_MS = 1_700_006_400_000

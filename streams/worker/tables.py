@@ -72,8 +72,8 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             """Set many keys; their changelog records go as one record batch per partition.
 
             ``table[key] = value`` queues one changelog record per key through Faust's
-            producer buffer, callbacks and a RocksDB offset write each: a fifth of a
-            live worker's time when every event touches a customer. Here the store is
+            producer buffer, callbacks and a RocksDB offset write each, which dominates a
+            busy worker when every event touches a customer. Here the store is
             written directly, each partition's records are appended to one aiokafka
             record batch, and the changelog offset is persisted once per batch. The
             records are those Faust would send, so its recovery reads them alike.
