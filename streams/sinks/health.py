@@ -22,13 +22,17 @@ class HealthCounters:
             self.pending[name] = self.pending.get(name, 0) + amount
 
     async def flush(self, sink: RedisSink) -> None:
-        """Add the pending counts to Redis; on a failure they stay pending for the next flush (best effort)."""
+        """Add the pending counts to Redis in one transaction; on a failure they stay pending for the next flush.
+
+        The transaction applies all the counts or none, so a failure never re-adds counts that
+        Redis has. (A reply lost after Redis applied them still counts them twice: Redis gives
+        no way to tell.)
+        """
         if not self.pending:
             return
         counters, self.pending = self.pending, {}
         try:
-            for name, amount in counters.items():
-                await sink.count(name, amount)
+            await sink.count(counters)
         except Exception:  # health counters are best effort; kept for the next flush
             for name, amount in counters.items():
                 self.count(name, amount)

@@ -15,6 +15,9 @@ STORES_KEY = "loyalty:stores"
 #: the workers' health counters (a hash of counts)
 HEALTH_KEY = "loyalty:health"
 UPDATES_CHANNEL = "loyalty:updates"
+#: seconds a Redis connection attempt or command may take: a black-holed Redis raises a timeout
+#: instead of hanging the emit step, and publishing retries later
+REDIS_TIMEOUT_S = 5.0
 
 
 def metric_key(store_id: str, window: str) -> str:
@@ -60,8 +63,19 @@ class RedisSink:
     """Writes snapshots to Redis, one MULTI/EXEC each, never moving ``as_of_ms`` back."""
 
     def __init__(self, url: str) -> None:
-        self.client = aioredis.Redis.from_url(url)
+        self.client = aioredis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+        )
         self._last_as_of: dict[str, int] = {}
+
+    async def server_run_id(self) -> str:
+        """The Redis server's run id, which changes whenever the server restarts (its data may be gone)."""
+        info = await self.client.info("server")
+        return str(info.get("run_id", ""))
+
+    def forget_written(self) -> None:
+        """Forget the ``as_of_ms`` of the snapshots written so far (Redis may have lost them)."""
+        self._last_as_of.clear()
 
     async def write(self, payload: dict[str, Any], encoded: bytes) -> bool:
         """Write one snapshot; False when an older or equal-time newer one is already there."""
@@ -87,10 +101,12 @@ class RedisSink:
         self._last_as_of[key] = as_of_ms
         return True
 
-    async def count(self, field: str, amount: int) -> None:
-        """Add to a worker health counter (``loyalty:health``)."""
-        if amount:
-            await self.client.hincrby(HEALTH_KEY, field, amount)
+    async def count(self, counters: dict[str, int]) -> None:
+        """Add to the worker health counters (``loyalty:health``), all or none (one MULTI/EXEC)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            for field, amount in counters.items():
+                pipe.hincrby(HEALTH_KEY, field, amount)
+            await pipe.execute()
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -37,7 +37,21 @@ class Facts:
         return None if value is None else CustomerFacts.from_record(orjson.loads(value))
 
     async def run(self, stream: Any) -> None:
-        """The agent: each batch of by-customer messages applied, its deltas sent, then its facts written."""
+        """The agent: each batch of by-customer messages applied, its deltas sent, then its facts written.
+
+        Faust restarts a crashed agent in the same process: customers kept in memory may then be
+        ahead of the table (changed by a batch that was never written), so they are dropped when
+        the agent starts and when it fails.
+        """
+        self.forget()
+        try:
+            await self.process(stream)
+        except BaseException:
+            self.forget()
+            raise
+
+    async def process(self, stream: Any) -> None:
+        """Apply the stream's batches (see :meth:`run`)."""
         topology = self.topology
         clock = topology.clock
         health = topology.health

@@ -51,7 +51,9 @@ class Gate:
                 key = store_id.encode()
                 previous = held.get(key)
                 held[key] = pack((unpack(previous) if previous else []) + items)
-            await topology.send_routed(topology.by_customer, routed)
+            # Kafka has the forwarded events before the batch is acked: Faust commits the offsets
+            # of acked events, and a crash after a commit must not lose what was only queued
+            await topology.send_routed(topology.by_customer, routed, wait=True)
             await changelog_written(topology.currencies, held)
 
     async def release_held(self) -> None:
@@ -72,7 +74,9 @@ class Gate:
                 held[key] = pack(keep)
             else:
                 del held[key]
-        await topology.send_routed(topology.by_customer, routed)
+        # forwarded before the table forgets them: a crash in between sends them again (deduplicated
+        # by the facts stage), never loses them
+        await topology.send_routed(topology.by_customer, routed, wait=True)
         await changelog_written(held)
 
 

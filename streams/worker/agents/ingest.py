@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 
 from aiokafka import ConsumerRecord
 
 from metrics.events import INPUT_TOPICS
+from streams.logs import get_logger
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
 from streams.worker.input_reader import read_inputs
 from streams.worker.topology import Topology, wall_ms
+
+log = get_logger(__name__)
+
+#: the first and the longest wait before the input reader starts again after a failure
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
 
 
 class Ingest:
@@ -38,11 +47,32 @@ class Ingest:
         await topology.send_routed(topology.by_store, routed, wait=True)
 
     async def run(self) -> None:
-        """Read the input topics until cancelled, in the consumer group ``<app id>-ingest``."""
+        """Read the input topics until cancelled, in the consumer group ``<app id>-ingest``.
+
+        A failure of the reader (Kafka unreachable, a broker restart) does not stop the worker:
+        the reader starts again after a growing delay and reads on from the committed offsets
+        (what it had handled since is read again, and deduplicated downstream).
+        """
         topology = self.topology
-        await read_inputs(
-            topology.settings.kafka_bootstrap_servers, self.input_topics, topology.internal + "ingest", self.handle
-        )
+        delay_s = 0.0
+        while True:
+            started = time.monotonic()
+            try:
+                await read_inputs(
+                    topology.settings.kafka_bootstrap_servers,
+                    self.input_topics,
+                    topology.internal + "ingest",
+                    self.handle,
+                )
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if time.monotonic() - started > RESTART_MAX_S:
+                    delay_s = 0.0  # it had been running well: a new failure starts the delays over
+                delay_s = min(RESTART_MAX_S, max(RESTART_FIRST_S, 2 * delay_s))
+                log.warning("ingest.failed", error=str(error) or type(error).__name__, retry_in_s=delay_s)
+                await asyncio.sleep(delay_s)
 
 
 def register(topology: Topology) -> Ingest:

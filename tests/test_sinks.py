@@ -1,0 +1,97 @@
+"""The sinks on the real Redis: health counters are added once, and a Redis that does not answer times out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from decimal import Decimal
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from infra.local import free_port
+from streams.sinks.health import HealthCounters
+from streams.sinks.redis_sink import HEALTH_KEY, REDIS_TIMEOUT_S, RedisSink, metric_key
+from streams.sinks.snapshots import dumps, snapshot_payload
+
+#: a Redis database of this module's own
+DATABASE = 5
+
+
+def database_url(services) -> str:  # type: ignore[no-untyped-def]
+    return services.redis_url.rsplit("/", 1)[0] + f"/{DATABASE}"
+
+
+async def test_health_counts_survive_a_failed_flush_and_are_added_once(services) -> None:
+    """Counts that Redis refused stay pending; the next flush adds every count exactly once."""
+    url = database_url(services)
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    await client.delete(HEALTH_KEY)
+    health = HealthCounters()
+    health.count("events_applied", 7)
+    health.count("dead_letters", 2)
+    unreachable = RedisSink(f"redis://127.0.0.1:{free_port()}/0")
+    await health.flush(unreachable)
+    assert health.pending == {"events_applied": 7, "dead_letters": 2}
+    health.count("events_applied", 1)
+    sink = RedisSink(url)
+    try:
+        await health.flush(sink)
+        assert health.pending == {}
+        await health.flush(sink)  # nothing pending: nothing added
+        assert await client.hgetall(HEALTH_KEY) == {"events_applied": "8", "dead_letters": "2"}
+    finally:
+        await sink.close()
+        await unreachable.close()
+        await client.aclose()
+
+
+async def test_a_redis_that_never_answers_times_out_instead_of_hanging() -> None:
+    """A black-holed Redis (accepts, never replies) makes a write fail within the timeout, not hang."""
+    connections: list[asyncio.StreamWriter] = []
+
+    async def accept_and_stay_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+
+    server = await asyncio.start_server(accept_and_stay_silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sink = RedisSink(f"redis://127.0.0.1:{port}/0")
+    payload = snapshot_payload("s1", "24h", 1_700_000_000_000, "EUR", {"orders": 3, "gross_revenue": Decimal("1.5")})
+    started = time.monotonic()
+    try:
+        with pytest.raises((RedisTimeoutError, RedisConnectionError, TimeoutError)):
+            await sink.write(payload, dumps(payload))
+        assert time.monotonic() - started < 3 * REDIS_TIMEOUT_S
+        assert connections, "the client never connected to the silent server"
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        await sink.close()
+
+
+async def test_forgotten_writes_are_written_again_after_redis_lost_them(services) -> None:
+    """After a flush of Redis, forget_written lets the same snapshot be written again (the republish path)."""
+    url = database_url(services)
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    sink = RedisSink(url)
+    key = metric_key("republished", "24h")
+    payload = snapshot_payload("republished", "24h", 1_700_000_000_000, None, {"orders": 3})
+    try:
+        await client.delete(key)
+        assert await sink.write(payload, dumps(payload))
+        run_id = await sink.server_run_id()
+        assert run_id and run_id == await sink.server_run_id()
+        await client.delete(key)
+        sink.forget_written()
+        assert await sink.write(payload, dumps(payload))
+        assert (await client.hgetall(key))["orders"] == "3"
+        older = snapshot_payload("republished", "24h", 1_699_000_000_000, None, {"orders": 1})
+        assert not await sink.write(older, dumps(older))  # as_of_ms never moves back
+        assert (await client.hgetall(key))["orders"] == "3"
+    finally:
+        await sink.close()
+        await client.aclose()
