@@ -1,14 +1,16 @@
-"""The input reader on the real Kafka: every fetch handled once, also when the group changes."""
+"""The input reader on the real Kafka: fetches handled once when the group changes, dead letters once after a crash."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from conftest import Services
+from streams.sinks.dead_letters import DeadLetterLedger, dead_letter, dead_letter_key, dead_letter_partition
 from streams.worker import input_reader
 from streams.worker.topics import ensure_topics
 from support import async_wait_for, group_is_stable
@@ -63,3 +65,67 @@ async def test_a_reader_joining_the_group_reads_nothing_the_first_one_handled(
         for reader in readers:
             await _stop(reader)
     assert sorted(handled) == list(range(600))
+
+
+async def test_dead_letters_of_elements_read_again_after_a_crash_are_sent_once(
+    services: Services, topic_prefix: str, app_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader dies before committing, the next reads it all again: still one dead letter per bad element."""
+    bootstrap = services.kafka_bootstrap
+    topic, dead_topic = topic_prefix + "orders", topic_prefix + "loyalty-dead-letters"
+    await ensure_topics(bootstrap, [topic, dead_topic], PARTITIONS)
+    await _send(bootstrap, topic, range(200))
+    bad = {value for value in range(200) if value % 7 == 3}
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    handled: list[int] = []
+
+    def handler(ledger: DeadLetterLedger) -> Any:
+        async def handle(records: list[ConsumerRecord]) -> None:
+            letters = [dead_letter("bad", "test", record.value, (record.topic, record.partition, record.offset),
+                                   None, 0) for record in records if int(record.value) in bad]
+            handled.extend(int(record.value) for record in records)
+            sends = [await producer.send(dead_topic, orjson.dumps(letter), key=dead_letter_key(letter),
+                                         partition=dead_letter_partition(topic, letter["partition"], PARTITIONS))
+                     for letter in letters if not ledger.already_sent(letter)]
+            for metadata in await asyncio.gather(*sends):
+                ledger.record(metadata.partition, metadata.offset)
+
+        return handle
+
+    try:
+        # the first reader never commits after its first assignment: it is as if it were killed
+        async def no_commit(self: Any) -> None:
+            self.uncommitted = {}
+
+        monkeypatch.setattr(input_reader._Progress, "commit", no_commit)
+        first = DeadLetterLedger(bootstrap, dead_topic, PARTITIONS)
+        reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(first), first))
+        await async_wait_for(lambda: len(handled) >= 200, timeout=60, message=lambda: f"{len(handled)} handled")
+        await _stop(reader)
+        monkeypatch.undo()
+        second = DeadLetterLedger(bootstrap, dead_topic, PARTITIONS)
+        reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(second), second))
+        await async_wait_for(lambda: len(handled) >= 400, timeout=60, message=lambda: f"{len(handled)} handled")
+        await _stop(reader)
+    finally:
+        await producer.stop()
+    assert sorted(handled) == sorted(list(range(200)) * 2)  # everything was read again
+    consumer = AIOKafkaConsumer(dead_topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        letters: list[Any] = []
+
+        async def all_read() -> bool:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                letters.extend(records)
+            return len(letters) >= len(bad)
+
+        await async_wait_for(all_read, timeout=30)
+        for records in (await consumer.getmany(timeout_ms=1000)).values():
+            letters.extend(records)  # any duplicate would be here by now
+    finally:
+        await consumer.stop()
+    keys = [letter.key for letter in letters]
+    assert len(keys) == len(set(keys)) == len(bad)

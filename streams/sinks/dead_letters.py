@@ -2,12 +2,15 @@
 
 The stages build these records (:func:`dead_letter`); the worker sends them to the
 ``loyalty-dead-letters`` topic with the rest of what a stage routes
-(:meth:`streams.worker.topology.Topology.send_routed`).
+(:meth:`streams.worker.topology.Topology.send_routed`), keyed by the element's identity
+(:func:`dead_letter_key`), all those of one input partition to one dead-letter partition
+(:func:`dead_letter_partition`), so that :class:`DeadLetterLedger` can send each once.
 """
 
 from __future__ import annotations
 
 import base64
+import zlib
 from typing import Any
 
 DEAD_LETTER_SCHEMA = "loyalty.dead_letter.v1"
@@ -35,3 +38,122 @@ def dead_letter(
         "rejected_at_ms": now_ms,
     }
 
+
+
+def dead_letter_key(letter: dict[str, Any]) -> bytes:
+    """The identity of a dead letter, its message key: ``topic|partition|offset|index`` (index empty when none).
+
+    >>> dead_letter_key({"topic": "orders", "partition": 2, "offset": 41, "index": None})
+    b'orders|2|41|'
+    """
+    index = letter["index"]
+    return f"{letter['topic']}|{letter['partition']}|{letter['offset']}|{'' if index is None else index}".encode()
+
+
+def dead_letter_partition(topic: str, partition: int, partitions: int) -> int:
+    """The dead-letter partition of every dead letter of one input partition (so a reader can find them).
+
+    >>> dead_letter_partition("orders", 2, 8) == dead_letter_partition("orders", 2, 8)
+    True
+    """
+    return zlib.crc32(f"{topic}|{partition}".encode()) % partitions
+
+
+class DeadLetterLedger:
+    """What the dead-letter topic already holds of the input partitions a reader owns: each bad element once.
+
+    After a crash, the input is read again from the committed offsets, and so are its bad
+    elements. With each offset commit the reader stores, as the commit's metadata, a position
+    in the dead-letter partition of that input partition that is at or before every dead letter
+    it sends later (:meth:`commit_metadata`). When a reader is assigned the input partition, it
+    reads the dead-letter partition from that position to its end (:meth:`on_assigned`): those are
+    the dead letters sent after the commit, whose elements it is about to read again, and
+    :meth:`already_sent` keeps them from being sent twice.
+    """
+
+    def __init__(self, bootstrap_servers: str, dead_letter_topic: str, partitions: int) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = dead_letter_topic
+        self.partitions = partitions
+        #: dead-letter partition -> a position at or before every dead letter this reader sends from now on
+        self.positions: dict[int, int] = {}
+        #: input (topic, partition) -> identities (offset, index) of dead letters already in the topic
+        self.sent: dict[tuple[str, int], set[tuple[int, int | None]]] = {}
+
+    def partition_of(self, topic: str, partition: int) -> int:
+        """The dead-letter partition of an input partition."""
+        return dead_letter_partition(topic, partition, self.partitions)
+
+    def commit_metadata(self, topic: str, partition: int) -> str:
+        """The metadata to commit with an offset of the input partition (a dead-letter position)."""
+        return str(self.positions.get(self.partition_of(topic, partition), 0))
+
+    def record(self, partition: int, offset: int) -> None:
+        """A dead letter Kafka acknowledged at ``offset`` of dead-letter ``partition``."""
+        if offset + 1 > self.positions.get(partition, 0):
+            self.positions[partition] = offset + 1
+
+    def already_sent(self, letter: dict[str, Any]) -> bool:
+        """Whether the dead letter of this element is in the topic already (sent before a crash)."""
+        sent = self.sent.get((letter["topic"], letter["partition"]))
+        return sent is not None and (letter["offset"], letter["index"]) in sent
+
+    def on_revoked(self, topic: str, partition: int) -> None:
+        """The input partition is no longer this reader's."""
+        self.sent.pop((topic, partition), None)
+
+    async def on_assigned(self, committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:
+        """Learn the dead letters sent since each assigned input partition's commit (``(offset, metadata)``).
+
+        Input partitions without a commit, or whose commit carries no position, start from the
+        current end of their dead-letter partition.
+        """
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            wanted: dict[int, int] = {}
+            for (topic, partition), (_, metadata) in committed.items():
+                self.sent[(topic, partition)] = set()
+                if metadata and metadata.isdigit():
+                    dead_partition = self.partition_of(topic, partition)
+                    wanted[dead_partition] = min(int(metadata), wanted.get(dead_partition, int(metadata)))
+            every = [TopicPartition(self.topic, p) for p in {self.partition_of(*tp) for tp in committed}]
+            if not every:
+                return
+            ends = await consumer.end_offsets(every)
+            for tp, end in ends.items():
+                self.positions[tp.partition] = max(self.positions.get(tp.partition, 0), end)
+            reading = [tp for tp in ends if tp.partition in wanted and wanted[tp.partition] < ends[tp]]
+            if not reading:
+                return
+            consumer.assign(reading)
+            for tp in reading:
+                consumer.seek(tp, wanted[tp.partition])
+            remaining = set(reading)
+            while remaining:
+                batches = await consumer.getmany(*remaining, timeout_ms=1000)
+                for tp, records in batches.items():
+                    for record in records:
+                        if record.offset < ends[tp]:
+                            self._learn(record.key, committed)
+                    if records and records[-1].offset + 1 >= ends[tp]:
+                        remaining.discard(tp)
+        finally:
+            await consumer.stop()
+
+    def _learn(self, key: bytes | None, committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:
+        if not key:
+            return
+        parts = key.decode(errors="replace").rsplit("|", 3)
+        if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+            return
+        source = (parts[0], int(parts[1]))
+        if source not in committed:
+            return
+        offset = int(parts[2])
+        if offset < committed[source][0]:
+            return  # before the commit: that element is not read again
+        index = int(parts[3]) if parts[3].isdigit() else None
+        self.sent[source].add((offset, index))

@@ -9,6 +9,7 @@ import faust
 import orjson
 
 from streams.settings import Settings
+from streams.sinks.dead_letters import dead_letter_key, dead_letter_partition
 from streams.worker.topics import DEAD_LETTER_TOPIC, OUTPUT_TOPIC
 
 
@@ -26,6 +27,7 @@ class KafkaOutputs:
                 **options,
             )
 
+        self.partitions = settings.partitions
         self.output = topic(OUTPUT_TOPIC, compacting=True)
         self.dead_letters = topic(DEAD_LETTER_TOPIC)
         self._declared: asyncio.Task[None] | None = None
@@ -47,8 +49,19 @@ class KafkaOutputs:
         await asyncio.shield(self._declared)
 
     async def send_dead_letters(self, letters: list[dict[str, Any]]) -> list[asyncio.Future[Any]]:
-        """Queue dead-letter records; returns the futures of Kafka's acknowledgements."""
-        return [await self.dead_letters.send(value=orjson.dumps(letter)) for letter in letters]
+        """Queue dead-letter records, keyed by identity, those of one input partition to one partition.
+
+        Returns the futures of Kafka's acknowledgements (their record metadata).
+        """
+        partitions = self.partitions
+        return [
+            await self.dead_letters.send(
+                key=dead_letter_key(letter),
+                value=orjson.dumps(letter),
+                partition=dead_letter_partition(letter["topic"], letter["partition"], partitions),
+            )
+            for letter in letters
+        ]
 
     async def send_snapshot(self, store_id: str, window: str, encoded: bytes) -> None:
         """Queue one snapshot on the compacted output topic, keyed ``store|window``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -48,8 +48,32 @@ COMMIT_INTERVAL_S = 1.0
 Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
 
 
-async def read_inputs(bootstrap_servers: str, topics: Sequence[str], group_id: str, handle: Handler) -> None:
-    """Read ``topics`` in group ``group_id`` until cancelled; commit each fetch after ``handle`` returns."""
+class CommitHooks(Protocol):
+    """What a handler keeps beside the offsets: metadata committed with them, recovered on assignment."""
+
+    def commit_metadata(self, topic: str, partition: int) -> str:
+        """The metadata to commit with the offset of an input partition."""
+
+    async def on_assigned(self, committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:
+        """Input partitions assigned, each with its committed ``(offset, metadata)``, before any is read."""
+
+    def on_revoked(self, topic: str, partition: int) -> None:
+        """An input partition taken away (its offsets are committed)."""
+
+
+async def read_inputs(
+    bootstrap_servers: str,
+    topics: Sequence[str],
+    group_id: str,
+    handle: Handler,
+    hooks: CommitHooks | None = None,
+) -> None:
+    """Read ``topics`` in group ``group_id`` until cancelled; commit each fetch after ``handle`` returns.
+
+    With ``hooks``, every commit carries their metadata, and an assignment hands them the
+    committed offsets and metadata before any record of the new partitions is handled; a
+    partition without a commit is committed at its beginning first, so that it has metadata.
+    """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers,
         group_id=group_id,
@@ -61,7 +85,7 @@ async def read_inputs(bootstrap_servers: str, topics: Sequence[str], group_id: s
         fetch_max_wait_ms=FETCH_WAIT_MS,
         fetch_min_bytes=FETCH_MIN_BYTES,
     )
-    progress = _Progress(consumer)
+    progress = _Progress(consumer, hooks)
     await consumer.start()
     consumer.subscribe(list(topics), listener=progress)
     log.info("ingest.started", group=group_id, topics=list(topics))
@@ -99,8 +123,9 @@ class _Progress(ConsumerRebalanceListener):  # type: ignore[misc]
     downstream, but its dead letters were sent twice.
     """
 
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, hooks: CommitHooks | None = None) -> None:
         self.consumer = consumer
+        self.hooks = hooks
         self.uncommitted: dict[TopicPartition, int] = {}
         self.committed_at = time.monotonic()
         #: incremented at every revocation: a fetch made before it is not handled
@@ -113,18 +138,49 @@ class _Progress(ConsumerRebalanceListener):  # type: ignore[misc]
         offsets, self.uncommitted = self.uncommitted, {}
         self.committed_at = time.monotonic()
         if offsets:
-            await _commit(self.consumer, offsets)
+            await _commit(self.consumer, self._with_metadata(offsets))
+
+    def _with_metadata(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, Any]:
+        hooks = self.hooks
+        if hooks is None:
+            return offsets
+        return {tp: (offset, hooks.commit_metadata(tp.topic, tp.partition)) for tp, offset in offsets.items()}
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         async with self.handling:
             self.generation += 1
             await self.commit()
+            if self.hooks is not None:
+                for tp in revoked:
+                    self.hooks.on_revoked(tp.topic, tp.partition)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        return None
+        hooks = self.hooks
+        if hooks is None or not assigned:
+            return
+        partitions = list(assigned)
+        # the metadata comes only with the coordinator's answer (``committed()`` returns the offset alone)
+        found = await self.consumer._coordinator.fetch_committed_offsets(partitions)
+        committed: dict[tuple[str, int], tuple[int, str | None]] = {}
+        missing = []
+        for tp in partitions:
+            entry = found.get(tp)
+            if entry is None or entry.offset < 0:
+                missing.append(tp)
+            else:
+                committed[(tp.topic, tp.partition)] = (entry.offset, entry.metadata or None)
+        if missing:
+            beginnings = await self.consumer.beginning_offsets(missing)
+            for tp in missing:
+                committed[(tp.topic, tp.partition)] = (beginnings[tp], None)
+        await hooks.on_assigned(committed)
+        if missing:
+            # a first commit, so that a crash before the first periodic one finds metadata
+            await _commit(self.consumer, self._with_metadata({tp: committed[(tp.topic, tp.partition)][0]
+                                                              for tp in missing}))
 
 
-async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, Any]) -> None:
     try:
         await consumer.commit(offsets)
     except KafkaError as error:

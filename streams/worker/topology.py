@@ -138,13 +138,19 @@ class Topology:
             **options,
         )
 
-    async def send_routed(self, target: Any, routed: Routed, wait: bool = False) -> None:
-        """Send packed items and dead letters; with ``wait``, until Kafka has acknowledged them all."""
+    async def send_routed(self, target: Any, routed: Routed, wait: bool = False) -> list[Any]:
+        """Send packed items and dead letters; with ``wait``, until Kafka has acknowledged them all.
+
+        Returns the record metadata of the dead letters (with ``wait``; else their futures).
+        """
         sent = []
         for partition, items in routed.by_partition.items():
             for chunk in pack_chunks(items):
                 sent.append(await target.send(value=chunk, partition=partition))
-        sent.extend(await self.outputs.send_dead_letters(routed.dead_letters))
+        letters = await self.outputs.send_dead_letters(routed.dead_letters)
         self.health.count("dead_letters", len(routed.dead_letters))
-        if wait and sent:
+        if not wait:
+            return letters
+        if sent:
             await asyncio.gather(*sent)
+        return list(await asyncio.gather(*letters))

@@ -10,9 +10,11 @@ from aiokafka import ConsumerRecord
 
 from metrics.events import INPUT_TOPICS
 from streams.logs import get_logger
+from streams.sinks.dead_letters import DeadLetterLedger
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
 from streams.worker.input_reader import read_inputs
+from streams.worker.topics import DEAD_LETTER_TOPIC
 from streams.worker.topology import Topology, wall_ms
 
 log = get_logger(__name__)
@@ -31,6 +33,9 @@ class Ingest:
         self.stage = IngestStage(topology.partitions, settings.max_future_skew_ms)
         self.prefix = settings.topic_prefix
         self.input_topics = [settings.topic(name) for name in INPUT_TOPICS]
+        self.ledger = DeadLetterLedger(
+            settings.kafka_bootstrap_servers, settings.topic(DEAD_LETTER_TOPIC), topology.partitions
+        )
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         """Validate one fetch of input records and route its events by store (acknowledged by Kafka)."""
@@ -44,7 +49,11 @@ class Ingest:
             name = topic_name[len(prefix):] if topic_name.startswith(prefix) else topic_name
             self.stage.process(name, (topic_name, record.partition, record.offset), record.value, now, routed)
         topology.health.count("events_received", routed.accepted + len(routed.dead_letters))
-        await topology.send_routed(topology.by_store, routed, wait=True)
+        ledger = self.ledger
+        # elements read again after a crash whose dead letters are in the topic already
+        routed.dead_letters = [letter for letter in routed.dead_letters if not ledger.already_sent(letter)]
+        for metadata in await topology.send_routed(topology.by_store, routed, wait=True):
+            ledger.record(metadata.partition, metadata.offset)
 
     async def run(self) -> None:
         """Read the input topics until cancelled, in the consumer group ``<app id>-ingest``.
@@ -63,6 +72,7 @@ class Ingest:
                     self.input_topics,
                     topology.internal + "ingest",
                     self.handle,
+                    self.ledger,
                 )
                 return
             except asyncio.CancelledError:
