@@ -24,6 +24,10 @@ Message level
     ``invalid_json``       not JSON (a BOM, ``NaN`` and unpaired surrogate
                            escapes are invalid too)
     ``not_an_object``      the value, or a batch element, is not a JSON object
+    ``not_an_event``       a batch element is itself an array (however deep)
+    ``too_deep``           JSON nesting deeper than 32 levels: an event (or a
+                           batch element, counted as if sent alone), or a
+                           message too deep to decode at all
     ``empty_batch``        ``[]``
     ``batch_too_large``    more than 10,000 elements
 Event level
@@ -98,6 +102,7 @@ __all__ = [
     "MAX_AMOUNT_UNITS",
     "MAX_BATCH_BYTES",
     "MAX_BATCH_EVENTS",
+    "MAX_DEPTH",
     "MAX_EVENT_BYTES",
     "MAX_POINTS",
     "REASONS",
@@ -115,12 +120,16 @@ MAX_BATCH_EVENTS = 10_000
 MAX_AMOUNT_UNITS = 10**12
 MAX_AMOUNT_MICROS = MAX_AMOUNT_UNITS * MICROS_PER_UNIT
 MAX_POINTS = 2**63 - 1
+#: the deepest JSON nesting accepted in an event (a scalar has depth 0, ``{"a": 1}`` depth 1)
+MAX_DEPTH = 32
 
 NULL_MESSAGE = "null_message"
 MESSAGE_TOO_LARGE = "message_too_large"
 INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"
+NOT_AN_EVENT = "not_an_event"
+TOO_DEEP = "too_deep"
 EMPTY_BATCH = "empty_batch"
 BATCH_TOO_LARGE = "batch_too_large"
 MISSING_FIELD = "missing_field"
@@ -142,6 +151,8 @@ REASONS: frozenset[str] = frozenset(
         INVALID_UTF8,
         INVALID_JSON,
         NOT_AN_OBJECT,
+        NOT_AN_EVENT,
+        TOO_DEEP,
         EMPTY_BATCH,
         BATCH_TOO_LARGE,
         MISSING_FIELD,
@@ -689,6 +700,68 @@ def validate_event(
         return Rejection(exc.reason, exc.detail, raw, index)
 
 
+def deeper_than(value: object, limit: int) -> bool:
+    """Whether a decoded JSON value nests containers more than ``limit`` levels deep.
+
+    A scalar has depth 0, a container one more than its deepest child. Iterative, so any
+    depth that the decoder accepted is measured without recursion.
+
+    >>> deeper_than({"a": [1, {"b": 2}]}, 2), deeper_than({"a": [1, {"b": 2}]}, 3), deeper_than(7, 0)
+    (True, False, False)
+    """
+    if type(value) is not dict and type(value) is not list:
+        return False
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if type(node) is dict else node
+        for child in children:  # type: ignore[attr-defined]
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
+    return False
+
+
+def json_text(value: object) -> bytes:
+    """The JSON text of a decoded value, at any depth the decoder accepts (orjson writes at most 254 levels).
+
+    >>> json_text([[[1, {"a": "x"}]]]), len(json_text(orjson.loads(b"[" * 600 + b"]" * 600)))
+    (b'[[[1,{"a":"x"}]]]', 1200)
+    """
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        pass
+    # bytes never come out of a JSON decoder, so here they stand for text already written
+    parts: list[bytes] = []
+    stack: list[object] = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is bytes:
+            parts.append(item)
+        elif type(item) is list:
+            stack.append(b"]")
+            for position in range(len(item) - 1, -1, -1):
+                stack.append(item[position])
+                if position:
+                    stack.append(b",")
+            stack.append(b"[")
+        elif type(item) is dict:
+            entries = list(item.items())
+            stack.append(b"}")
+            for position in range(len(entries) - 1, -1, -1):
+                key, child = entries[position]
+                stack.append(child)
+                stack.append(orjson.dumps(key) + b":")
+                if position:
+                    stack.append(b",")
+            stack.append(b"{")
+        else:
+            parts.append(orjson.dumps(item))
+    return b"".join(parts)
+
+
 def _whole(reason: str, detail: str, raw: bytes) -> list[Event | Rejection]:
     return [Rejection(reason, detail, raw, None)]
 
@@ -731,6 +804,8 @@ def parse_message(
             raw.decode("utf-8")
         except UnicodeDecodeError as bad:
             return _whole(INVALID_UTF8, f"byte {bad.start}: {bad.reason}", raw)
+        if "depth limit" in str(exc):
+            return _whole(TOO_DEEP, f"nesting deeper than {MAX_DEPTH} levels (too deep to decode)", raw)
         return _whole(INVALID_JSON, str(exc)[:200], raw)
     limit_ms = now_ms + max_future_skew_ms
     if type(decoded) is list:
@@ -748,13 +823,19 @@ def parse_message(
         dumps = orjson.dumps
         for index, element in enumerate(decoded):
             try:
+                if type(element) is list:
+                    raise _Invalid(NOT_AN_EVENT, "an array inside a batch is not an event")
+                if deeper_than(element, MAX_DEPTH):
+                    raise _Invalid(TOO_DEEP, f"nesting deeper than {MAX_DEPTH} levels")
                 if measure and len(text := dumps(element)) > MAX_EVENT_BYTES:
                     raise _Invalid(MESSAGE_TOO_LARGE, f"element of {len(text)} bytes > {MAX_EVENT_BYTES}")
                 append(_check(element, topic, limit_ms))
             except _Invalid as exc:
-                append(Rejection(exc.reason, exc.detail, dumps(element), index))
+                append(Rejection(exc.reason, exc.detail, json_text(element), index))
         return out
     try:
+        if deeper_than(decoded, MAX_DEPTH):
+            raise _Invalid(TOO_DEEP, f"nesting deeper than {MAX_DEPTH} levels")
         return [_check(decoded, topic, limit_ms)]
     except _Invalid as exc:
         return [Rejection(exc.reason, exc.detail, raw, None)]

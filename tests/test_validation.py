@@ -35,6 +35,7 @@ from metrics.validation import (
     MAX_EVENT_BYTES,
     REASONS,
     Rejection,
+    json_text,
     parse_amount,
     parse_message,
     parse_timestamp,
@@ -466,10 +467,78 @@ def test_empty_array_is_one_rejection() -> None:
     assert parse(b"[]", "orders") == [Rejection("empty_batch", "empty array", b"[]", None)]
 
 
-def test_nested_array_element_is_not_an_object() -> None:
-    """A batch element that is itself an array is rejected, not flattened."""
+def test_nested_array_element_is_not_an_event() -> None:
+    """A batch element that is itself an array is rejected (``not_an_event``), not flattened."""
     (result,) = parse(orjson.dumps([[ORDER]]), "orders")
-    assert rejected(result, "not_an_object").index == 0
+    assert rejected(result, "not_an_event").index == 0
+    assert orjson.loads(result.raw) == [ORDER]
+
+
+def nested_array(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def nested_object(depth: int, leaf: object = 1) -> dict[str, Any]:
+    value: Any = leaf
+    for _ in range(depth):
+        value = {"a": value}
+    return value  # type: ignore[no-any-return]
+
+
+def test_a_300_deep_array_is_one_dead_letter_not_an_exception() -> None:
+    """``[[[...]]]`` 300 levels deep is a batch whose one element is an array: one ``not_an_event``, its exact text."""
+    (result,) = parse(nested_array(300), "orders")
+    assert rejected(result, "not_an_event").index == 0
+    assert result.raw == nested_array(299)
+
+
+@pytest.mark.parametrize(("depth", "too_deep"), [(32, False), (33, True), (300, True)])
+def test_an_event_nested_deeper_than_32_levels_is_too_deep(depth: int, too_deep: bool) -> None:
+    """An otherwise valid event with a field nested past 32 levels is ``too_deep``; 32 levels are fine."""
+    head = orjson.dumps(ORDER)[:-1]  # the event object is the first level, "extra" adds the rest
+    value = head + b',"extra":' + b'{"a":' * (depth - 1) + b"1" + b"}" * depth
+    decoded = orjson.loads(value)
+    assert validation.deeper_than(decoded, depth - 1) and not validation.deeper_than(decoded, depth)
+    (result,) = parse(value, "orders")
+    if too_deep:
+        assert rejected(result, "too_deep").index is None
+        assert result.raw == value
+    else:
+        assert isinstance(result, Event)
+
+
+def test_a_deep_element_is_dead_lettered_alone_and_its_neighbours_pass() -> None:
+    """In a batch, a too-deep element is rejected with its own text; the elements around it are events."""
+    deep = {**ORDER, "event_id": "deep", "extra": nested_object(40)}
+    results = parse(orjson.dumps([ORDER, deep, {**ORDER, "event_id": "e-3"}]), "orders")
+    assert [type(r) for r in results] == [Event, Rejection, Event]
+    assert rejected(results[1], "too_deep").index == 1
+    assert orjson.loads(results[1].raw) == deep
+
+
+def test_a_message_too_deep_to_decode_is_too_deep() -> None:
+    """Past the decoder's own limit (1,024 levels) the whole message is one ``too_deep`` with its bytes."""
+    value = nested_array(2000)
+    (result,) = parse(value, "orders")
+    assert rejected(result, "too_deep").index is None
+    assert result.raw == value
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.integers(min_value=0, max_value=400))
+def test_json_text_writes_any_decoded_value_back_exactly(value: object, wrap: int) -> None:
+    """``json_text`` gives text that decodes to the same value, also nested deeper than orjson writes."""
+    for _ in range(wrap):
+        value = [value]
+    assert orjson.loads(json_text(value)) == value
 
 
 def test_oversized_element_in_batch_is_rejected_alone() -> None:
