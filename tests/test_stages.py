@@ -61,6 +61,30 @@ def test_ingest_rejects_the_reserved_store_id() -> None:
     assert routed.accepted == 0
 
 
+def test_ingest_dead_letters_a_message_whose_validation_fails_instead_of_raising(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should validation itself fail (a bug), the message is one ``unprocessable`` dead letter and ingest goes on."""
+    from streams.stages import ingest
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(ingest, "parse_message", broken)
+    routed = Routed()
+    IngestStage(PARTITIONS, 300_000).process("marketing-spend", SOURCE, b"[[[]]]", NOW, routed)
+    (letter,) = routed.dead_letters
+    assert letter["reason"] == "unprocessable" and "RecursionError" in letter["detail"]
+    assert base64.b64decode(letter["raw_base64"]) == b"[[[]]]" and routed.accepted == 0
+
+
+def test_ingest_turns_a_300_deep_array_into_one_dead_letter() -> None:
+    """The 602-byte message that used to stop the worker is one ``not_an_event`` dead letter."""
+    routed = Routed()
+    IngestStage(PARTITIONS, 300_000).process("orders", SOURCE, b"[" * 301 + b"]" * 301, NOW, routed)
+    assert [(letter["reason"], letter["index"]) for letter in routed.dead_letters] == [("not_an_event", 0)]
+
+
 def test_gate_rejects_another_currency_with_the_original_text() -> None:
     """A store keeps its first currency; money in another one is dead-lettered with its original bytes."""
     routed = Routed()

@@ -13,8 +13,10 @@ from streams.sinks.dead_letters import dead_letter
 from streams.stages.routed import Routed
 from streams.worker.wire import event_to_list, route
 
-#: the reason added by this stage to those of :mod:`metrics.validation`
+#: the reasons added by this stage to those of :mod:`metrics.validation`
 RESERVED_STORE_ID = "reserved_store_id"
+#: validation failed in a way it never should (a bug): the message is dead-lettered, the worker goes on
+UNPROCESSABLE = "unprocessable"
 
 
 class IngestStage:
@@ -31,7 +33,12 @@ class IngestStage:
         partition, offset, index, raw text]`` for money events, so that the
         gate can still dead-letter them with their original text, else ``None``.
         """
-        items = parse_message(value, topic, now_ms=now_ms, max_future_skew_ms=self.max_future_skew_ms)
+        try:
+            items = parse_message(value, topic, now_ms=now_ms, max_future_skew_ms=self.max_future_skew_ms)
+        except Exception as error:  # no message may stop the worker, not even one that finds a bug
+            detail = f"validation failed: {type(error).__name__}: {error}"[:200]
+            out.dead_letters.append(dead_letter(UNPROCESSABLE, detail, value or b"", source, None, now_ms))
+            return
         is_batch = len(items) > 1 or (bool(items) and _is_array(value))
         elements: list[Any] | None = None
 
