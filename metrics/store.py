@@ -9,9 +9,12 @@ per-series base, so prefix sums stay exact while memory stays bounded.
 
 from __future__ import annotations
 
+import zlib
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
+
+import orjson
 
 from metrics import formulas as f
 from metrics.catalog import METRIC_NAMES, MONETARY_METRICS
@@ -227,6 +230,59 @@ class StoreAggregate:
                 sums[block_index] = sums.get(block_index, 0) + run
             if folded:
                 target.base += folded
+
+    def to_bytes(self) -> bytes:
+        """The aggregate as bytes (zlib): a JSON head, then the int64 blocks as they lie in memory.
+
+        :meth:`from_bytes` restores it exactly. A block a sum took out of int64 (a list) is
+        written in the head. Serialising is a copy of the blocks at C speed, so a checkpoint
+        of a large store costs milliseconds, not a Python loop over its buckets.
+
+        >>> aggregate = StoreAggregate(); aggregate.add_groups(["A", [3, 1, 2000, 2**62, 2000, 2**62]])
+        >>> aggregate.fold_before(1)
+        >>> restored = StoreAggregate.from_bytes(aggregate.to_bytes()).series["A"]
+        >>> restored.prefix(3), restored.prefix(2000), restored.floor
+        (1, 9223372036854775809, 1)
+        """
+        head: list[object] = []
+        payload: list[bytes] = []
+        for name, series in self.series.items():
+            blocks: list[object] = []
+            for index, block in series.blocks.items():
+                if isinstance(block, array):
+                    blocks.append([index])
+                    payload.append(block.tobytes())
+                else:
+                    blocks.append([index, [str(value) for value in block]])
+            head.append([name, str(series.base), series.floor, blocks])
+        return zlib.compress(orjson.dumps(head) + b"\n" + b"".join(payload), 1)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StoreAggregate:
+        """The aggregate of :meth:`to_bytes`."""
+        raw = zlib.decompress(data)
+        split = raw.index(b"\n")
+        head = orjson.loads(raw[:split])
+        view = memoryview(raw)[split + 1:]
+        position = 0
+        block_bytes = 8 * _BLOCK_SIZE
+        aggregate = cls()
+        for name, base, floor, blocks in head:
+            series = aggregate.series[name] = PrefixSeries()
+            series.base = int(base)
+            series.floor = floor
+            for entry in blocks:
+                index = entry[0]
+                block: Block
+                if len(entry) == 1:
+                    block = array("q")
+                    block.frombytes(view[position:position + block_bytes])
+                    position += block_bytes
+                else:
+                    block = [int(value) for value in entry[1]]
+                series.blocks[index] = block
+                series.sums[index] = sum(block)
+        return aggregate
 
     def merge(self, other: StoreAggregate) -> None:
         """Fold another aggregate into this one: the aggregate of both event sets.

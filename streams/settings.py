@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     active_horizon_ms: int = Field(90 * 86_400_000, gt=0, validation_alias=_env("LOYALTY_ACTIVE_HORIZON"))
     clock: Literal["wall", "event"] = Field("wall", validation_alias=_env("LOYALTY_CLOCK"))
     emit_interval_ms: int = Field(1_000, gt=0, validation_alias=_env("LOYALTY_EMIT_INTERVAL"))
+    checkpoint_interval_ms: int = Field(30_000, gt=0, validation_alias=_env("LOYALTY_CHECKPOINT_INTERVAL"))
     store: Literal["rocksdb", "memory"] = Field("rocksdb", validation_alias=_env("LOYALTY_STORE"))
     max_future_skew_ms: int = Field(300_000, gt=0, validation_alias=_env("LOYALTY_MAX_FUTURE_SKEW"))
     dedupe_ttl_ms: int = Field(30 * 86_400_000, gt=0, validation_alias=_env("LOYALTY_DEDUPE_TTL"))
@@ -73,7 +74,13 @@ class Settings(BaseSettings):
     # -- parsing ---------------------------------------------------------------------------
 
     @field_validator(
-        "bucket_ms", "active_horizon_ms", "emit_interval_ms", "max_future_skew_ms", "dedupe_ttl_ms", mode="before"
+        "bucket_ms",
+        "active_horizon_ms",
+        "emit_interval_ms",
+        "checkpoint_interval_ms",
+        "max_future_skew_ms",
+        "dedupe_ttl_ms",
+        mode="before",
     )
     @classmethod
     def _parse_duration(cls, value: object) -> object:

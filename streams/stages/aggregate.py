@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from metrics.catalog import ALL_STORES
 from metrics.store import StoreAggregate
 from metrics.timegrid import Grid
@@ -12,9 +14,9 @@ from metrics.timegrid import Grid
 class StoreShard:
     """One store's (or ``*``'s) aggregate: a fold of the deltas topic, applied at most once per message part.
 
-    The deltas topic is the shard's log: the shard keeps no table and writes
-    nothing; a worker that gets a deltas partition rebuilds its shards by
-    reading the partition from the start (:mod:`streams.worker.agents.aggregate`). ``hwm`` keeps,
+    The deltas topic is the shard's log: a worker that gets a deltas partition
+    restores its shards from their latest checkpoint (:meth:`to_bytes`) and reads
+    the partition on from there (:mod:`streams.worker.agents.aggregate`). ``hwm`` keeps,
     per source partition of the facts stage, the latest (offset, part) applied,
     so a part that the facts stage sent again after a crash, or that the agent
     reads again after the rebuild, is skipped: parts of one source partition
@@ -31,7 +33,10 @@ class StoreShard:
         #: the latest event time of the applied deltas
         self.latest_event_ms: int | None = None
         self.floor: int | None = None
+        #: set by every apply, cleared by a publication
         self.changed = True
+        #: incremented by every apply: a checkpoint knows whether the shard changed since the last one
+        self.version = 0
 
     def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> bool:
         """Apply one store entry of a delta message part, unless applied already; returns whether it was."""
@@ -46,7 +51,41 @@ class StoreShard:
         if max_time_ms is not None and (self.latest_event_ms is None or max_time_ms > self.latest_event_ms):
             self.latest_event_ms = max_time_ms
         self.changed = True
+        self.version += 1
         return True
+
+    def to_bytes(self) -> bytes:
+        """The shard as bytes: a JSON head (store, hwm, currencies, latest event time), then the aggregate.
+
+        >>> shard = StoreShard("s1"); shard.apply((0, 7, 0), {"g": ["orders", [10, 2]], "cur": {"s1": "EUR"}}, 5)
+        True
+        >>> restored = StoreShard.from_bytes(shard.to_bytes())
+        >>> restored.store_id, restored.hwm, restored.currencies, restored.aggregate.series["orders"].prefix(10)
+        ('s1', {0: [7, 0]}, {'s1': 'EUR'}, 2)
+        >>> restored.apply((0, 7, 0), {"g": ["orders", [10, 2]]}, 5)  # applied before the checkpoint
+        False
+        """
+        head = orjson.dumps(
+            {
+                "store": self.store_id,
+                "hwm": [[partition, position] for partition, position in self.hwm.items()],
+                "cur": self.currencies,
+                "latest": self.latest_event_ms,
+            }
+        )
+        return len(head).to_bytes(4, "big") + head + self.aggregate.to_bytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StoreShard:
+        """The shard of :meth:`to_bytes` (published again at the next emit)."""
+        size = int.from_bytes(data[:4], "big")
+        head = orjson.loads(data[4:4 + size])
+        shard = cls(head["store"])
+        shard.hwm = {int(partition): list(position) for partition, position in head["hwm"]}
+        shard.currencies = dict(head["cur"])
+        shard.latest_event_ms = head["latest"]
+        shard.aggregate = StoreAggregate.from_bytes(data[4 + size:])
+        return shard
 
     def fold(self, as_of_bucket: int, longest: int) -> None:
         """Fold what no read as of ``as_of_bucket`` or later needs into each series' base.

@@ -43,9 +43,20 @@ def internal_topic(settings: Settings, name: str) -> str:
 
 
 #: internal topics of the pipeline, in processing order
-INTERNAL_TOPICS = ("events-by-store", "events-by-customer", "deltas")
-#: the deltas topic is the aggregation's log, from which a worker rebuilds its store shards
-KEPT_FOREVER = {"deltas": {"retention.ms": "-1"}}
+INTERNAL_TOPICS = ("events-by-store", "events-by-customer", "deltas", "checkpoints")
+#: topic configs of the internal topics that need their own: the deltas topic is the aggregation's
+#: log, which the worker itself deletes below each checkpoint (never by time: a worker down for
+#: long would find a hole); the checkpoints topic is compacted, in small segments, so the cleaner
+#: keeps it near the size of one checkpoint of every store
+TOPIC_CONFIGS = {
+    "deltas": {"retention.ms": "-1"},
+    "checkpoints": {
+        "cleanup.policy": "compact",
+        "segment.ms": "600000",
+        "min.cleanable.dirty.ratio": "0.1",
+        "delete.retention.ms": "600000",
+    },
+}
 OUTPUT_TOPIC = "loyalty-metrics"
 DEAD_LETTER_TOPIC = "loyalty-dead-letters"
 
@@ -61,12 +72,12 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
     await ensure_input_topics(settings)
     await ensure_topics(
         settings.kafka_bootstrap_servers,
-        [internal_topic(settings, name) for name in INTERNAL_TOPICS if name not in KEPT_FOREVER]
+        [internal_topic(settings, name) for name in INTERNAL_TOPICS if name not in TOPIC_CONFIGS]
         + [settings.topic(DEAD_LETTER_TOPIC)],
         settings.partitions,
         settings.replication_factor,
     )
-    for name, config in KEPT_FOREVER.items():
+    for name, config in TOPIC_CONFIGS.items():
         await ensure_topics(
             settings.kafka_bootstrap_servers,
             [internal_topic(settings, name)],

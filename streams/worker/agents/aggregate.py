@@ -1,4 +1,12 @@
-"""The aggregation: the deltas agent folding store shards, and their rebuild from the deltas log."""
+"""The aggregation: the deltas agent folding store shards, their checkpoints, and their restore after an assignment.
+
+A worker that gets deltas partitions restores their shards from the latest checkpoints
+(:mod:`streams.worker.checkpoints`) and folds the deltas from the checkpoint's offset on.
+Every ``LOYALTY_CHECKPOINT_INTERVAL`` it checkpoints the shards of its partitions and then
+deletes the deltas below the checkpoint, so a restart reads live state plus a short tail. A
+deltas partition whose log no longer reaches back to the checkpoint (or, without one, to its
+first message) is refused loudly: its stores are not published rather than published wrong.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,19 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from streams.logs import get_logger
 from streams.stages.aggregate import StoreShard, apply_part
+from streams.worker.checkpoints import CheckpointError, Checkpoints
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology
-from streams.worker.wire import unpack
+from streams.worker.wire import route, unpack
 
 log = get_logger(__name__)
+
+
+class TruncatedLog(Exception):
+    """The deltas log no longer holds what a restore needs: refused, never folded into wrong numbers."""
 
 
 class Aggregation:
@@ -25,6 +39,16 @@ class Aggregation:
         self.needs_restore = True
         #: incremented on every partition assignment: a rebuild that overlapped one must run again
         self.assignment_generation = 0
+        #: deltas partition -> the offset after the last message applied
+        self.positions: dict[int, int] = {}
+        #: store -> its shard's version at its last checkpoint
+        self.checkpointed: dict[str, int] = {}
+        self.checkpoints = Checkpoints(
+            topology.app.producer._ensure_producer,  # type: ignore[attr-defined]
+            topology.settings.kafka_bootstrap_servers,
+            topology.checkpoints_topic,
+        )
+        self._admin: AIOKafkaAdminClient | None = None
         self._rebuild_lock = asyncio.Lock()
 
     def on_assigned(self) -> None:
@@ -48,14 +72,34 @@ class Aggregation:
             clock.advance(message["wm"])
 
     async def rebuild(self) -> None:
-        """The shards of this worker's deltas partitions, folded from the start of each partition."""
+        """The shards of this worker's deltas partitions: their checkpoints, then the deltas after them."""
         topology = self.topology
         generation = self.assignment_generation
         mine = sorted(self.my_partitions())
         self.shards = {}
+        self.positions = {}
+        self.checkpointed = {}
         started = time.monotonic()
+        deltas_topic = topology.deltas.get_topic_name()
+        try:
+            restored = await self.checkpoints.read(mine)
+            broken: set[int] = set()
+        except CheckpointError as error:
+            log.error("aggregate.checkpoint_unreadable", error=str(error))
+            restored, broken = {}, set(mine)
+        starts: dict[int, int] = {}
+        for partition in mine:
+            checkpoint = restored.get(partition)
+            if checkpoint is None or partition in broken:
+                starts[partition] = 0  # no usable checkpoint: the whole log, which must still be there
+                continue
+            for store_id, (_, data) in checkpoint.shards.items():
+                shard = self.shards[store_id] = StoreShard.from_bytes(data)
+                self.checkpointed[store_id] = shard.version
+            topology.clock.advance(checkpoint.clock_ms)
+            starts[partition] = checkpoint.upto if checkpoint.upto is not None else 0
         applied = 0
-        partitions_read = [TopicPartition(topology.deltas.get_topic_name(), p) for p in mine]
+        partitions_read = [TopicPartition(deltas_topic, p) for p in mine]
         if partitions_read:
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=topology.settings.kafka_bootstrap_servers,
@@ -67,16 +111,24 @@ class Aggregation:
             try:
                 consumer.assign(partitions_read)
                 ends = await consumer.end_offsets(partitions_read)
-                starts = await consumer.beginning_offsets(partitions_read)
-                remaining = {tp for tp in partitions_read if ends[tp] > starts[tp]}
+                beginnings = await consumer.beginning_offsets(partitions_read)
+                for tp in partitions_read:
+                    if beginnings[tp] > starts[tp.partition]:
+                        raise TruncatedLog(
+                            f"deltas partition {tp.partition} begins at offset {beginnings[tp]}, but restoring its "
+                            f"stores needs it from offset {starts[tp.partition]}"
+                        )
+                    self.positions[tp.partition] = max(starts[tp.partition], beginnings[tp])
+                remaining = {tp for tp in partitions_read if ends[tp] > starts[tp.partition]}
                 for tp in remaining:
-                    consumer.seek(tp, starts[tp])
+                    consumer.seek(tp, starts[tp.partition])
                 while remaining:
                     batches = await consumer.getmany(*remaining, timeout_ms=1000, max_records=2000)
                     for tp, records in batches.items():
                         for record in records:
                             if record.offset < ends[tp]:
                                 self.apply_deltas(unpack(record.value))
+                                self.positions[tp.partition] = record.offset + 1
                                 applied += 1
                         if records and records[-1].offset + 1 >= ends[tp]:
                             remaining.discard(tp)
@@ -84,13 +136,20 @@ class Aggregation:
                 await consumer.stop()
         self.needs_restore = self.assignment_generation != generation
         log.info("aggregate.rebuilt", stores=len(self.shards), partitions=mine, messages=applied,
+                 checkpointed=sum(len(c.shards) for c in restored.values()),
                  seconds=round(time.monotonic() - started, 3))
 
     async def ensure_rebuilt(self) -> None:
         """Rebuild the shards after an assignment, once, whoever asks first (the agent or the emit timer)."""
         async with self._rebuild_lock:
             while self.needs_restore and not self.topology.app.rebalancing:
-                await self.rebuild()
+                try:
+                    await self.rebuild()
+                except TruncatedLog as error:
+                    # loud, and nothing of these partitions is published; tried again at the next call
+                    log.error("aggregate.log_truncated", error=str(error))
+                    self.shards = {}
+                    return
 
     @property
     def ready(self) -> bool:
@@ -101,16 +160,71 @@ class Aggregation:
         """The agent: each batch of deltas messages applied to the shards (after any pending rebuild)."""
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             await self.ensure_rebuilt()
+            if not self.ready:
+                continue  # a refused or pending restore: the log is read again when it succeeds
+            positions = self.positions  # a rebuild replaces it
             for event in batch:
                 self.apply_deltas(unpack(event.value))
+                message = event.message
+                if message.offset + 1 > positions.get(message.partition, 0):
+                    positions[message.partition] = message.offset + 1
+
+    async def checkpoint(self) -> None:
+        """Checkpoint the shards of every deltas partition of this worker, then delete the deltas below."""
+        if not self.ready:
+            return
+        generation = self.assignment_generation
+        partitions = self.topology.partitions
+        for partition in sorted(self.my_partitions()):
+            upto = self.positions.get(partition)
+            if upto is None:
+                continue
+            clock_ms = self.topology.clock.clock_ms
+            stores = sorted(store_id for store_id in self.shards if route(store_id, partitions) == partition)
+            for store_id in stores:
+                if not self.ready or self.assignment_generation != generation:
+                    return  # the partitions moved: the round is dropped, its manifest never written
+                shard = self.shards.get(store_id)
+                if shard is None:
+                    continue
+                # the shard and its offset are read together, with no await in between
+                version, position = shard.version, self.positions[partition]
+                unchanged = (
+                    self.checkpointed.get(store_id) == version and (partition, store_id) in self.checkpoints.records
+                )
+                data = None if unchanged else shard.to_bytes()
+                await self.checkpoints.write_store(partition, store_id, data, position)
+                self.checkpointed[store_id] = version
+            if not self.ready or self.assignment_generation != generation:
+                return
+            await self.checkpoints.write_manifest(partition, upto, clock_ms, stores)
+            await self._delete_below(partition, upto)
+
+    async def _delete_below(self, partition: int, offset: int) -> None:
+        """Delete the deltas of ``partition`` below ``offset``: every shard's checkpoint holds them."""
+        if self._admin is None:
+            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.topology.settings.kafka_bootstrap_servers)
+            await self._admin.start()
+        tp = TopicPartition(self.topology.deltas.get_topic_name(), partition)
+        await self._admin.delete_records({tp: RecordsToDelete(before_offset=offset)})
 
 
 def register(topology: Topology) -> Aggregation:
-    """The aggregate agent on the deltas topic."""
+    """The aggregate agent on the deltas topic and its checkpoint timer."""
     aggregation = Aggregation(topology)
+    app = topology.app
 
-    @topology.app.agent(topology.deltas, name=topology.internal + "aggregate")
+    @app.agent(topology.deltas, name=topology.internal + "aggregate")
     async def aggregate_agent(stream: Any) -> None:
         await aggregation.run(stream)
+
+    interval_s = topology.settings.checkpoint_interval_ms / 1000
+
+    @app.timer(interval_s, name=topology.internal + "checkpoint")  # type: ignore[untyped-decorator]
+    async def checkpoint_timer() -> None:
+        try:
+            await aggregation.checkpoint()
+        except Exception as error:  # Kafka unreachable: the next round tries again, nothing is lost
+            log.warning("aggregate.checkpoint_failed", error=str(error) or type(error).__name__)
 
     return aggregation
