@@ -238,3 +238,12 @@ def test_prefix_series_equals_plain_sums_through_adds_folds_and_reads(operations
     folded = aggregate.series.get("s", PrefixSeries())
     for bucket in (-101, 0, 1023, 1024, 5000):
         assert folded.prefix(bucket) == sum(d for b, d in applied if b <= bucket)
+    # a checkpoint (to_bytes) restores the same sums, and adds on the restored series still agree
+    restored = StoreAggregate.from_bytes(aggregate.to_bytes())
+    again = restored.series.get("s", PrefixSeries())
+    assert (again.base, again.floor) == (folded.base, folded.floor)
+    restored.add_groups(groups[0])
+    aggregate.add_groups(groups[0])
+    for bucket in (-101, 0, 1023, 1024, 5000):
+        assert restored.series.get("s", PrefixSeries()).prefix(bucket) == aggregate.series.get(
+            "s", PrefixSeries()).prefix(bucket)

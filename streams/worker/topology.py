@@ -26,10 +26,11 @@ Idempotency, so that at-least-once delivery counts nothing twice:
   it sends its deltas and waits for Kafka's acknowledgement *before* writing
   the facts, so facts are never ahead of the deltas they caused;
 * every delta message part carries (input partition, offset, part); the
-  aggregation has no table: the deltas topic (kept for ever) is its log, and
-  a worker that gets a deltas partition folds it from the start; each store
-  shard keeps, per input partition, the last part applied, so a part sent or
-  read again is skipped;
+  aggregation has no table: the deltas topic is its log, checkpointed (and
+  deleted below each checkpoint) by :mod:`streams.worker.checkpoints`, and a
+  worker that gets a deltas partition restores its checkpoints and folds the
+  deltas after them; each store shard keeps, per input partition, the last
+  part applied, so a part sent or read again is skipped;
 * a stage waits for Kafka to acknowledge its table writes before its batch
   is acked (:func:`streams.worker.tables.changelog_written`), so no committed
   offset is ahead of the table state that a worker taking the partition over
