@@ -224,7 +224,7 @@ async def test_a_restarted_worker_restores_checkpoints_and_folds_only_the_tail(
     """Checkpoints every second delete the deltas below them; a SIGKILLed worker restarts from them, exactly."""
     history = generate_history(stores=3, customers_per_store=150, days=60, seed=5)
     head, rest = history[: len(history) * 2 // 3], history[len(history) * 2 // 3:]
-    run = Run(services, topic_prefix, app_id, tmp_path, database=6, checkpoint_interval="1s")
+    run = Run(services, topic_prefix, app_id, tmp_path, database=2, checkpoint_interval="1s")
     redis = aioredis.Redis.from_url(run.redis_url, decode_responses=True)
     await redis.flushdb()
     try:
@@ -263,7 +263,7 @@ async def test_a_deltas_log_cut_below_what_a_restore_needs_is_refused(
 ) -> None:
     """Deltas deleted with no checkpoint to stand for them: the restarted worker says so and publishes nothing."""
     history = generate_history(stores=2, customers_per_store=80, days=30, seed=9)
-    run = Run(services, topic_prefix, app_id, tmp_path, database=7, checkpoint_interval="1h")
+    run = Run(services, topic_prefix, app_id, tmp_path, database=3, checkpoint_interval="1h")
     redis = aioredis.Redis.from_url(run.redis_url, decode_responses=True)
     await redis.flushdb()
     try:
