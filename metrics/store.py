@@ -161,7 +161,134 @@ class PrefixSeries:
                 block[start:stop] = [0] * (stop - start)
 
 
-class StoreAggregate:
+class MetricReader:
+    """Every metric of SPEC section 5 read off prefix sums: ``_at(series, bucket)`` and the series' names."""
+
+    series: Any
+
+    def _at(self, series: str, bucket: int) -> int:
+        raise NotImplementedError
+
+    def _window(self, series: str, end: int, length: int) -> int:
+        return self._at(series, end) - self._at(series, end - length)
+
+    def metrics(self, grid: Grid, window: int, as_of_bucket: int, monetary: bool = True) -> dict[str, object]:
+        """Every metric of SPEC section 5 for the window of ``window`` buckets as of bucket K.
+
+        ``monetary=False`` publishes the monetary metrics as ``None`` (``*`` across currencies).
+        """
+        k = as_of_bucket
+        n = window
+        suffix = ":" + str(n)
+        window_ms = n * grid.bucket_ms
+        at = self._at
+        win = self._window
+        out: dict[str, object] = {}
+
+        # surveys
+        nps_n = win("nps_n", k, n)
+        promoters = win("nps_p", k, n)
+        detractors = win("nps_d", k, n)
+        out["nps"] = f.nps(promoters, detractors, nps_n)
+        out["nps_responses"] = nps_n
+        out["nps_promoters"] = promoters
+        out["nps_passives"] = win("nps_pa", k, n)
+        out["nps_detractors"] = detractors
+        out["nps_ci_low"], out["nps_ci_high"] = f.nps_interval(promoters, detractors, nps_n)
+        csat_n = win("csat_n", k, n)
+        out["csat"] = f.percent(win("csat_sat", k, n), csat_n)
+        out["csat_responses"] = csat_n
+        ces_n = win("ces_n", k, n)
+        out["ces"] = f.ratio(win("ces_sum", k, n), ces_n)
+        out["ces_responses"] = ces_n
+        cli_n = win("cli_n", k, n)
+        out["cli"] = f.ratio(win("cli_pts", k, n), 3 * cli_n)
+        out["cli_raw"] = f.ratio(win("cli_ans", k, n), 3 * cli_n)
+        out["cli_responses"] = cli_n
+
+        # customers
+        customers_end = at("A", k)
+        customers_start = at("A", k - n)
+        new_customers = win("F", k, n)
+        both = at("both" + suffix, k)
+        churned = customers_start - both
+        out["customers_end"] = customers_end
+        out["customers_start"] = customers_start
+        out["new_customers"] = new_customers
+        out["retention_rate"] = f.retention_rate(customers_end, new_customers, customers_start)
+        out["churned_customers"] = churned
+        out["churn_rate"] = f.percent(churned, customers_start)
+        out["reactivated_customers"] = customers_end - both - at("newact" + suffix, k)
+
+        # orders and value
+        orders = win("orders", k, n)
+        gross = win("gross", k, n)
+        refunds = win("refunds", k, n)
+        purchasers = at("P" + suffix, k)
+        returning = at("ret" + suffix, k)
+        out["orders"] = orders
+        out["gross_revenue"] = f.money(gross)
+        out["refunds"] = f.money(refunds)
+        out["net_revenue"] = f.money(gross - refunds)
+        out["purchasers"] = purchasers
+        out["returning_customers"] = returning
+        out["one_time_customers"] = purchasers - returning
+        out["repeat_purchase_rate"] = f.percent(returning, purchasers)
+        aov = f.ratio(gross, orders)
+        out["aov"] = None if aov is None else aov / 1_000_000
+        out["purchase_frequency"] = f.ratio(orders, purchasers)
+        customer_value = f.ratio(gross, purchasers)
+        customer_value = None if customer_value is None else customer_value / 1_000_000
+        out["customer_value"] = customer_value
+        lifespan_ms = f.ratio(at("life" + suffix, k), purchasers)
+        lifespan = None if lifespan_ms is None else f.years(lifespan_ms)
+        out["avg_lifespan_years"] = lifespan
+        out["clv"] = f.clv(customer_value, window_ms, lifespan)
+        previous = win("gross", k - n, n) - win("refunds", k - n, n)
+        churned_revenue = at("crev" + suffix, k)
+        out["revenue_prev_period"] = f.money(previous)
+        out["churned_revenue"] = f.money(churned_revenue)
+        out["revenue_churn_rate"] = f.percent(churned_revenue, previous)
+        out["net_revenue_retention"] = f.percent(at("nrr" + suffix, k), previous)
+
+        # acquisition
+        spend = win("spend", k, n)
+        out["marketing_spend"] = f.money(spend)
+        cac = f.ratio(spend, new_customers)
+        out["cac"] = None if cac is None else cac / 1_000_000
+        out["cac_by_channel"] = self._cac_by_channel(k, n)
+
+        # loyalty programme
+        members = at("LM", k)
+        active_members = at("actmem" + suffix, k)
+        issued = win("rw_i", k, n)
+        redeemed = win("rw_r", k, n)
+        out["loyalty_members"] = members
+        out["participation_rate"] = f.percent(members, customers_end)
+        out["rewards_issued"] = issued
+        out["rewards_redeemed"] = redeemed
+        out["redemption_rate"] = f.percent(redeemed, issued)
+        out["active_members"] = active_members
+        out["active_participation_rate"] = f.percent(active_members, members)
+
+        if not monetary:
+            for name in MONETARY_METRICS:
+                out[name] = None
+        return {name: out[name] for name in METRIC_NAMES}
+
+    def _cac_by_channel(self, k: int, n: int) -> dict[str, float | None]:
+        channels = {name.split(":", 1)[1] for name in self.series if name.startswith(("spend_ch:", "Fch:"))}
+        result: dict[str, float | None] = {}
+        for channel in sorted(channels):
+            spend = self._window("spend_ch:" + channel, k, n)
+            new = self._window("Fch:" + channel, k, n)
+            if new or self._window("spend_chn:" + channel, k, n):
+                cac = f.ratio(spend, new)
+                result[channel] = None if cac is None else cac / 1_000_000
+        return result
+
+
+class StoreAggregate(MetricReader):
     """All series of one store (or of ``*``): apply deltas, read metrics as of a bucket."""
 
     __slots__ = ("series",)
@@ -319,117 +446,97 @@ class StoreAggregate:
         target = self.series.get(series)
         return 0 if target is None else target.window(end, length)
 
-    def metrics(self, grid: Grid, window: int, as_of_bucket: int, monetary: bool = True) -> dict[str, object]:
-        """Every metric of SPEC section 5 for the window of ``window`` buckets as of bucket K.
+    def read_points(self, grid: Grid, as_of_bucket: int) -> ReadPoints:
+        """The prefix sums that :meth:`metrics` reads as of bucket K for every window of ``grid``.
 
-        ``monetary=False`` publishes the monetary metrics as ``None`` (``*`` across currencies).
+        Metrics are functions of these values alone, and the values add up over stores, so the
+        read points of several aggregates summed (:meth:`ReadPoints.merge`) give the metrics of
+        the aggregate of all their events: how ``*`` is computed from partial sums.
         """
-        k = as_of_bucket
-        n = window
-        suffix = ":" + str(n)
-        window_ms = n * grid.bucket_ms
-        at = self._at
-        win = self._window
-        out: dict[str, object] = {}
+        recorder = _Recorder(self)
+        for window in grid.windows:
+            recorder.metrics(grid, window, as_of_bucket)
+        return recorder.points
 
-        # surveys
-        nps_n = win("nps_n", k, n)
-        promoters = win("nps_p", k, n)
-        detractors = win("nps_d", k, n)
-        out["nps"] = f.nps(promoters, detractors, nps_n)
-        out["nps_responses"] = nps_n
-        out["nps_promoters"] = promoters
-        out["nps_passives"] = win("nps_pa", k, n)
-        out["nps_detractors"] = detractors
-        out["nps_ci_low"], out["nps_ci_high"] = f.nps_interval(promoters, detractors, nps_n)
-        csat_n = win("csat_n", k, n)
-        out["csat"] = f.percent(win("csat_sat", k, n), csat_n)
-        out["csat_responses"] = csat_n
-        ces_n = win("ces_n", k, n)
-        out["ces"] = f.ratio(win("ces_sum", k, n), ces_n)
-        out["ces_responses"] = ces_n
-        cli_n = win("cli_n", k, n)
-        out["cli"] = f.ratio(win("cli_pts", k, n), 3 * cli_n)
-        out["cli_raw"] = f.ratio(win("cli_ans", k, n), 3 * cli_n)
-        out["cli_responses"] = cli_n
 
-        # customers
-        customers_end = at("A", k)
-        customers_start = at("A", k - n)
-        new_customers = win("F", k, n)
-        both = at("both" + suffix, k)
-        churned = customers_start - both
-        out["customers_end"] = customers_end
-        out["customers_start"] = customers_start
-        out["new_customers"] = new_customers
-        out["retention_rate"] = f.retention_rate(customers_end, new_customers, customers_start)
-        out["churned_customers"] = churned
-        out["churn_rate"] = f.percent(churned, customers_start)
-        out["reactivated_customers"] = customers_end - both - at("newact" + suffix, k)
+#: the largest integer that orjson writes as a number
+_INT64_MAX = 2**63 - 1
 
-        # orders and value
-        orders = win("orders", k, n)
-        gross = win("gross", k, n)
-        refunds = win("refunds", k, n)
-        purchasers = at("P" + suffix, k)
-        returning = at("ret" + suffix, k)
-        out["orders"] = orders
-        out["gross_revenue"] = f.money(gross)
-        out["refunds"] = f.money(refunds)
-        out["net_revenue"] = f.money(gross - refunds)
-        out["purchasers"] = purchasers
-        out["returning_customers"] = returning
-        out["one_time_customers"] = purchasers - returning
-        out["repeat_purchase_rate"] = f.percent(returning, purchasers)
-        aov = f.ratio(gross, orders)
-        out["aov"] = None if aov is None else aov / 1_000_000
-        out["purchase_frequency"] = f.ratio(orders, purchasers)
-        customer_value = f.ratio(gross, purchasers)
-        customer_value = None if customer_value is None else customer_value / 1_000_000
-        out["customer_value"] = customer_value
-        lifespan_ms = f.ratio(at("life" + suffix, k), purchasers)
-        lifespan = None if lifespan_ms is None else f.years(lifespan_ms)
-        out["avg_lifespan_years"] = lifespan
-        out["clv"] = f.clv(customer_value, window_ms, lifespan)
-        previous = win("gross", k - n, n) - win("refunds", k - n, n)
-        churned_revenue = at("crev" + suffix, k)
-        out["revenue_prev_period"] = f.money(previous)
-        out["churned_revenue"] = f.money(churned_revenue)
-        out["revenue_churn_rate"] = f.percent(churned_revenue, previous)
-        out["net_revenue_retention"] = f.percent(at("nrr" + suffix, k), previous)
 
-        # acquisition
-        spend = win("spend", k, n)
-        out["marketing_spend"] = f.money(spend)
-        cac = f.ratio(spend, new_customers)
-        out["cac"] = None if cac is None else cac / 1_000_000
-        out["cac_by_channel"] = self._cac_by_channel(k, n)
+class ReadPoints(MetricReader):
+    """The prefix sums a metric computation reads (series -> bucket -> value), itself readable as metrics.
 
-        # loyalty programme
-        members = at("LM", k)
-        active_members = at("actmem" + suffix, k)
-        issued = win("rw_i", k, n)
-        redeemed = win("rw_r", k, n)
-        out["loyalty_members"] = members
-        out["participation_rate"] = f.percent(members, customers_end)
-        out["rewards_issued"] = issued
-        out["rewards_redeemed"] = redeemed
-        out["redemption_rate"] = f.percent(redeemed, issued)
-        out["active_members"] = active_members
-        out["active_participation_rate"] = f.percent(active_members, members)
+    Unread points count as 0. Read points of disjoint sets of events add up (:meth:`merge`).
 
-        if not monetary:
-            for name in MONETARY_METRICS:
-                out[name] = None
-        return {name: out[name] for name in METRIC_NAMES}
+    >>> left, right = StoreAggregate(), StoreAggregate()
+    >>> left.add_groups(["orders", [10, 2]]); right.add_groups(["orders", [11, 1], "gross", [11, 5_000_000]])
+    >>> grid = Grid(60_000, 180_000, (180_000,))
+    >>> total = left.read_points(grid, 12); total.merge(right.read_points(grid, 12))
+    >>> both = StoreAggregate(); both.add_groups(["orders", [10, 2, 11, 1], "gross", [11, 5_000_000]])
+    >>> total.metrics(grid, 3, 12) == both.metrics(grid, 3, 12)
+    True
+    """
 
-    def _cac_by_channel(self, k: int, n: int) -> dict[str, float | None]:
-        channels = {name.split(":", 1)[1] for name in self.series if name.startswith(("spend_ch:", "Fch:"))}
-        result: dict[str, float | None] = {}
-        for channel in sorted(channels):
-            spend = self._window("spend_ch:" + channel, k, n)
-            new = self._window("Fch:" + channel, k, n)
-            if new or self._window("spend_chn:" + channel, k, n):
-                cac = f.ratio(spend, new)
-                result[channel] = None if cac is None else cac / 1_000_000
-        return result
+    __slots__ = ("values",)
+
+    def __init__(self, values: dict[str, dict[int, int]] | None = None) -> None:
+        self.values: dict[str, dict[int, int]] = values if values is not None else {}
+
+    @property
+    def series(self) -> dict[str, dict[int, int]]:
+        """The names of the series read (for the channels of ``cac_by_channel``)."""
+        return self.values
+
+    def _at(self, series: str, bucket: int) -> int:
+        points = self.values.get(series)
+        return 0 if points is None else points.get(bucket, 0)
+
+    def merge(self, other: ReadPoints) -> None:
+        """Add another set of read points (of other events) to these."""
+        for name, points in other.values.items():
+            target = self.values.get(name)
+            if target is None:
+                self.values[name] = dict(points)
+                continue
+            for bucket, value in points.items():
+                target[bucket] = target.get(bucket, 0) + value
+
+    def to_record(self) -> list[object]:
+        """JSON-ready: ``[series, [bucket, value, ...], ...]`` (values past int64 as strings).
+
+        >>> points = ReadPoints({"gross": {5: 2**70, 6: 1}})
+        >>> ReadPoints.from_record(orjson.loads(orjson.dumps(points.to_record()))).values == points.values
+        True
+        """
+        record: list[object] = []
+        for name, points in self.values.items():
+            pairs: list[object] = []
+            for bucket, value in points.items():
+                pairs.append(bucket)
+                pairs.append(value if -_INT64_MAX <= value <= _INT64_MAX else str(value))
+            record.append(name)
+            record.append(pairs)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Sequence[Any]) -> ReadPoints:
+        """The read points of :meth:`to_record`'s list."""
+        values: dict[str, dict[int, int]] = {}
+        for position in range(0, len(record), 2):
+            pairs = record[position + 1]
+            values[record[position]] = {int(pairs[i]): int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+        return cls(values)
+
+
+class _Recorder(MetricReader):
+    """Reads an aggregate and keeps every prefix sum it read."""
+
+    def __init__(self, aggregate: StoreAggregate) -> None:
+        self.aggregate = aggregate
+        self.series = aggregate.series
+        self.points = ReadPoints()
+
+    def _at(self, series: str, bucket: int) -> int:
+        value = self.aggregate._at(series, bucket)
+        self.points.values.setdefault(series, {})[bucket] = value
+        return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import zlib
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,7 @@ from metrics.compare import metric_differences
 from metrics.customer import CustomerFacts, diff, families_of
 from metrics.engine import WALL_CLOCK, CurrencyGate, LoyaltyEngine, customer_key
 from metrics.reference import ReferenceConfig, reference_all
-from metrics.store import PrefixSeries, StoreAggregate
+from metrics.store import PrefixSeries, ReadPoints, StoreAggregate
 from metrics.timegrid import Grid
 
 BUCKET_MS = 60_000
@@ -171,6 +172,38 @@ def test_merging_partial_states_in_any_grouping_equals_one_state(
     for window in GRID.windows:
         expected = whole.all_stores.metrics(GRID, window, GRID.bucket(final), monetary)
         assert not metric_differences(pool[0].metrics(GRID, window, GRID.bucket(final), monetary), expected)
+
+
+@PROPERTY_SETTINGS
+@given(events=event_logs(), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_summed_read_points_of_partial_states_equal_the_metrics_of_one_state(
+    events: list[ev.Event], groups: int, seed: int
+) -> None:
+    """Partial aggregates' read points, serialised and summed in any order, read as the whole (how ``*`` is made)."""
+    gate = CurrencyGate()
+    admitted = [e for e in events if e.type not in ev.MONEY_TYPES or gate.admit(e.store_id, e.currency)]
+    final = max((e.occurred_at_ms for e in admitted), default=0)
+    whole = LoyaltyEngine(GRID, clock=WALL_CLOCK)
+    parts = [LoyaltyEngine(GRID, clock=WALL_CLOCK) for _ in range(groups)]
+    for event in admitted:
+        whole.ingest(event)
+        parts[zlib.crc32(event.store_id.encode()) % groups].ingest(event)  # by store, as partitions hold them
+    whole.advance(final)
+    k = GRID.bucket(final)
+    points = []
+    for part in parts:
+        part.advance(final)
+        part.all_stores.fold_read(k, GRID.longest)  # partial states are folded as the worker folds them
+        record = orjson.dumps(part.all_stores.read_points(GRID, k).to_record())  # as on the wire
+        points.append(ReadPoints.from_record(orjson.loads(record)))
+    random.Random(seed).shuffle(points)
+    total = ReadPoints()
+    for point in points:
+        total.merge(point)
+    monetary = whole.gate.common_currency()[0]
+    for window in GRID.windows:
+        expected = whole.all_stores.metrics(GRID, window, k, monetary)
+        assert not metric_differences(total.metrics(GRID, window, k, monetary), expected)
 
 
 @PROPERTY_SETTINGS
