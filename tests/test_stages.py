@@ -12,14 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from metrics.catalog import ALL_STORES
 from metrics.compare import metric_differences
 from metrics.customer import CustomerFacts
 from metrics.events import Event
 from metrics.reference import ReferenceConfig, accepted_events, reference_all
+from metrics.store import ReadPoints
 from metrics.timegrid import DAY_MS, Grid
 from metrics.validation import parse_message
-from streams.stages import facts as facts_stage
-from streams.stages.aggregate import StoreShard, apply_part
+from streams.stages import routed as routed_stage
+from streams.stages.aggregate import StoreShard, apply_message
 from streams.stages.facts import CustomerOutput, CustomerStage, delta_messages
 from streams.stages.gate import GateStage
 from streams.stages.ingest import IngestStage
@@ -126,14 +128,50 @@ def _parsed(history: list[Any]) -> list[Event]:
     return events
 
 
+class DeltasLog:
+    """The deltas topic in memory: each message is applied as the aggregation applies it, to its stores and to
+    its partition's partial ``*``."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[int, list[dict[str, Any]]]] = []
+
+    def send(self, shards: dict[str, StoreShard], partition: int, parts: list[dict[str, Any]]) -> None:
+        parts = orjson.loads(orjson.dumps(parts))  # as on the wire
+        self.messages.append((partition, parts))
+        apply_message(shards, _partial(shards, partition), parts)
+
+
+def _partial(shards: dict[str, StoreShard], partition: int) -> StoreShard:
+    """The partial ``*`` of a deltas partition, kept in the shards dict under a key no store can have."""
+    return shards.setdefault(f"*{partition}", StoreShard(ALL_STORES))  # "*3": a test-only key
+
+
+def _star(shards: dict[str, StoreShard], clock: int) -> ReadPoints:
+    """``*`` as its publisher makes it: the partials' read points, as on the wire, summed."""
+    total = ReadPoints()
+    for key, shard in shards.items():
+        if key.startswith("*"):
+            record = orjson.dumps(shard.aggregate.read_points(GRID, GRID.bucket(clock)).to_record())
+            total.merge(ReadPoints.from_record(orjson.loads(record)))
+    return total
+
+
+def _metrics(shards: dict[str, StoreShard], store: str, window: int, clock: int) -> dict[str, object]:
+    if store == ALL_STORES:
+        currencies = {c for key, shard in shards.items() if key.startswith("*") for c in shard.currencies.values()}
+        return _star(shards, clock).metrics(GRID, window, GRID.bucket(clock), len(currencies) <= 1)
+    return shards[store].metrics(GRID, window, GRID.bucket(clock))
+
+
 def _run_chain(
-    events: list[Event], seed: int, replays: float, log: list[dict[str, Any]] | None = None, cache_size: int = 0,
+    events: list[Event], seed: int, replays: float, log: DeltasLog | None = None, cache_size: int = 0,
     message_size: int = 25,
 ) -> tuple[dict[str, StoreShard], int]:
     """Gate, facts and aggregation in memory, messages replayed at random as Kafka may after a crash.
 
-    ``log`` receives every delta part sent, in order: the deltas topic.
+    ``log`` receives every deltas message sent, in order: the deltas topic.
     """
+    log = log if log is not None else DeltasLog()
     rng = random.Random(seed)
     gate_routed = Routed()
     GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
@@ -157,11 +195,8 @@ def _run_chain(
                     return None if record is None else CustomerFacts.from_record(orjson.loads(record))
 
                 stage.process(message, load, clock, output, 0)
-                for parts in delta_messages(output, (partition, offset), PARTITIONS).values():
-                    for part in orjson.loads(orjson.dumps(parts)):
-                        if log is not None:
-                            log.append(part)
-                        apply_part(shards, part)
+                for target, parts in delta_messages(output, (partition, offset), PARTITIONS).items():
+                    log.send(shards, target, parts)
                 if replayed and attempt == 0 and rng.random() < 0.5:
                     stage.forget()  # a crash loses the memory too
                     continue  # "crashed" before the facts were written: the replay recomputes the same deltas
@@ -181,7 +216,7 @@ def _assert_equal_to_reference(shards: dict[str, StoreShard], events: list[Event
                               config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
     for (store, window_ms), expected in reference.items():
         window = GRID.windows[GRID.windows_ms.index(window_ms)]
-        actual = shards[store].metrics(GRID, window, GRID.bucket(clock))
+        actual = _metrics(shards, store, window, clock)
         assert not metric_differences(actual, expected), (store, window_ms)
 
 
@@ -190,7 +225,7 @@ def test_stage_chain_with_replays_equals_the_reference(
     replays: float, cache_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Facts and aggregation stages, with replays, parts and customers kept in memory, equal the batch reference."""
-    monkeypatch.setattr(facts_stage, "MAX_DELTA_ROWS", 50)
+    monkeypatch.setattr(routed_stage, "MAX_DELTA_ROWS", 50)
     history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
     events = accepted_events(_parsed(history))
     shards, clock = _run_chain(events, seed=5, replays=replays, cache_size=cache_size)
@@ -210,10 +245,11 @@ def test_many_events_of_a_customer_in_one_message_in_any_order_equal_the_referen
     _assert_equal_to_reference(shards, shuffled, clock)
 
 
-def _fold_log(log: list[dict[str, Any]]) -> dict[str, StoreShard]:
+def _fold_log(log: DeltasLog, messages: int | None = None) -> dict[str, StoreShard]:
+    """Shards and partials folded from the log's first ``messages`` messages."""
     shards: dict[str, StoreShard] = {}
-    for part in log:
-        apply_part(shards, part)
+    for partition, parts in log.messages[:messages]:
+        apply_message(shards, _partial(shards, partition), parts)
     return shards
 
 
@@ -221,17 +257,49 @@ def test_shards_rebuilt_from_the_deltas_log_and_read_again_equal_the_live_ones()
     """Shards folded from the deltas log, then fed its tail again (the agent after a rebuild), read the same."""
     history = generate_history(stores=2, customers_per_store=40, days=40, seed=11)
     events = accepted_events(_parsed(history))
-    log: list[dict[str, Any]] = []
+    log = DeltasLog()
     live, clock = _run_chain(events, seed=1, replays=0.3, log=log)
     rebuilt = _fold_log(log)
-    for part in log[len(log) * 2 // 3:]:
-        assert apply_part(rebuilt, part) == 0
+    versions = {key: shard.version for key, shard in rebuilt.items()}
+    for partition, parts in log.messages[len(log.messages) * 2 // 3:]:
+        apply_message(rebuilt, _partial(rebuilt, partition), parts)
+    assert {key: shard.version for key, shard in rebuilt.items()} == versions  # nothing applied twice
     assert set(rebuilt) == set(live)
-    for store_id, shard in rebuilt.items():
-        shard.fold(GRID.bucket(clock), GRID.longest)  # folding what no window reads changes nothing
+    for store_id in [*(key for key in rebuilt if not key.startswith("*")), ALL_STORES]:
+        for shard in rebuilt.values():
+            shard.fold(GRID.bucket(clock), GRID.longest)  # folding what no window reads changes nothing
         for window in GRID.windows:
-            expected = live[store_id].metrics(GRID, window, GRID.bucket(clock))
-            assert not metric_differences(shard.metrics(GRID, window, GRID.bucket(clock)), expected)
+            expected = _metrics(live, store_id, window, clock)
+            assert not metric_differences(_metrics(rebuilt, store_id, window, clock), expected)
+
+
+def test_a_shard_restored_from_its_checkpoint_folds_the_tail_to_the_live_numbers() -> None:
+    """Shards and partials checkpointed mid-log (bytes round trip) plus the log from before it equal the live ones."""
+    history = generate_history(stores=2, customers_per_store=40, days=40, seed=13)
+    events = accepted_events(_parsed(history))
+    log = DeltasLog()
+    live, clock = _run_chain(events, seed=2, replays=0.3, log=log)
+    middle = len(log.messages) // 2
+    restored = {key: StoreShard.from_bytes(shard.to_bytes()) for key, shard in _fold_log(log, middle).items()}
+    for partition, parts in log.messages[middle // 2:]:  # from before the checkpoint: skipped as applied
+        apply_message(restored, _partial(restored, partition), parts)
+    for store_id in [*(key for key in live if not key.startswith("*")), ALL_STORES]:
+        for window in GRID.windows:
+            expected = _metrics(live, store_id, window, clock)
+            assert not metric_differences(_metrics(restored, store_id, window, clock), expected)
+
+
+def test_a_partial_star_sums_its_partitions_stores_once() -> None:
+    """A partition's partial ``*`` adds every store of a part once; the part sent again adds nothing."""
+    shards: dict[str, StoreShard] = {}
+    partial = StoreShard(ALL_STORES)
+    part = {"src": [1, 7, 0], "t": 600_000, "stores": {"s1": {"g": ["orders", [10, 1]], "cur": {"s1": "EUR"}},
+                                                        "s2": {"g": ["orders", [10, 2]]}}}
+    apply_message(shards, partial, [part])
+    apply_message(shards, partial, [part])  # the facts stage sent it again after a crash
+    grid = Grid(60_000, 180_000, (180_000,))
+    assert partial.aggregate.metrics(grid, 3, 12)["orders"] == 3 and partial.currency() == "EUR"
+    assert shards["s1"].aggregate.metrics(grid, 3, 12)["orders"] == 1
 
 
 def test_a_replayed_delta_part_is_applied_once() -> None:
@@ -257,6 +325,7 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
     GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
     table: dict[str, bytes] = {}
     shards: dict[str, StoreShard] = {}
+    deltas_log = DeltasLog()
     stage = CustomerStage(GRID, cache_size=cache_size)
     clock = 0
 
@@ -272,18 +341,15 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
                 clock = max([clock, *(fields[2] for fields in message)])
                 output = CustomerOutput(facts=batch_facts)
                 stage.process(message, load, clock, output, 0)
-                for parts in delta_messages(output, (partition, offset), PARTITIONS).values():
-                    for part in parts:
-                        for store_id, entry in part["stores"].items():
-                            shards.setdefault(store_id, StoreShard(store_id)).apply(
-                                tuple(part["src"]), entry, part["t"])
+                for target, parts in delta_messages(output, (partition, offset), PARTITIONS).items():
+                    deltas_log.send(shards, target, parts)
             for key, customer in batch_facts.items():
                 table[key] = orjson.dumps(customer.to_record())
     reference = reference_all(events, windows_ms=GRID.windows_ms, as_of_ms=clock,
                               config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
     for (store, window_ms), expected in reference.items():
         window = GRID.windows[GRID.windows_ms.index(window_ms)]
-        assert not metric_differences(shards[store].metrics(GRID, window, GRID.bucket(clock)), expected), store
+        assert not metric_differences(_metrics(shards, store, window, clock), expected), store
 
 
 @settings(max_examples=200, deadline=None)

@@ -138,7 +138,9 @@ class DeadLetterLedger:
                     for record in records:
                         if record.offset < ends[tp]:
                             self._learn(record.key, committed)
-                    if records and records[-1].offset + 1 >= ends[tp]:
+                # by position, not by the last record: compaction may leave none at end - 1
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp]:
                         remaining.discard(tp)
         finally:
             await consumer.stop()

@@ -40,14 +40,21 @@ class StoreShard:
 
     def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> bool:
         """Apply one store entry of a delta message part, unless applied already; returns whether it was."""
+        return self.apply_entries(message_source, [entry], max_time_ms)
+
+    def apply_entries(
+        self, message_source: tuple[int, int, int], entries: list[dict[str, Any]], max_time_ms: int | None
+    ) -> bool:
+        """Apply store entries of one part (several for a partial ``*``), unless applied already."""
         partition, position = message_source[0], [message_source[1], message_source[2]]
         seen = self.hwm.get(partition)
         if seen is not None and seen >= position:
             return False
         self.hwm[partition] = position
-        self.aggregate.add_groups(entry["g"])
-        for store_id, currency in (entry.get("cur") or {}).items():
-            self.currencies[store_id] = currency
+        for entry in entries:
+            self.aggregate.add_groups(entry["g"])
+            for store_id, currency in (entry.get("cur") or {}).items():
+                self.currencies[store_id] = currency
         if max_time_ms is not None and (self.latest_event_ms is None or max_time_ms > self.latest_event_ms):
             self.latest_event_ms = max_time_ms
         self.changed = True
@@ -124,3 +131,23 @@ def apply_part(shards: dict[str, StoreShard], part: dict[str, Any]) -> int:
             shard = shards[store_id] = StoreShard(store_id)
         applied += shard.apply(source, entry, latest)
     return applied
+
+
+def apply_message(shards: dict[str, StoreShard], partial: StoreShard, message: list[dict[str, Any]]) -> None:
+    """Apply a deltas message's parts to the shards of their stores and to the partition's partial ``*``.
+
+    ``*`` is the sum of every store. Each deltas partition keeps its own partial ``*``, the sum
+    of its stores, and ``*`` is published from the partials' read points summed
+    (:meth:`metrics.store.StoreAggregate.read_points`), so no partition carries every store's
+    rows. The partial skips a part it has applied (its own high-water marks), as stores do.
+    """
+    for part in message:
+        source = (part["src"][0], part["src"][1], part["src"][2])
+        latest = part.get("t")
+        entries = part["stores"]
+        for store_id, entry in entries.items():
+            shard = shards.get(store_id)
+            if shard is None:
+                shard = shards[store_id] = StoreShard(store_id)
+            shard.apply(source, entry, latest)
+        partial.apply_entries(source, list(entries.values()), latest)

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metrics import events as ev
-from metrics.catalog import ALL_STORES
 from metrics.customer import CustomerFacts, Deltas, add_delta, event_deltas, families_of
 from metrics.engine import customer_key
 from metrics.intervals import PLUS_INFINITY
 from metrics.timegrid import Grid
+from streams.stages.routed import DeltaParts
 from streams.worker.wire import customer_route_key, event_from_list, route
 
 
@@ -148,18 +148,19 @@ class CustomerStage:
                 facts.contributions(grid, families, since, out=store, sign=1)
 
 
-#: at most this many delta rows in one message part (well under the message size limit)
-MAX_DELTA_ROWS = 20_000
 
 
 def delta_messages(
     output: CustomerOutput, source: tuple[int, int], partitions: int
 ) -> dict[int, list[dict[str, Any]]]:
-    """Deltas of one input message as message parts per aggregation partition, ``*`` included.
+    """Deltas of one input message as message parts per aggregation partition (of their stores).
 
     Each part carries ``src`` = (input partition, offset, part number) so that
     the aggregation applies it at most once per bucket record, whatever gets
-    replayed; parts of a message go to one partition in order.
+    replayed; parts of a message go to one partition in order. ``*`` gets no
+    part here: the aggregation forwards each deltas message's sum to it
+    (:func:`streams.stages.aggregate.star_parts`), so no partition carries every
+    store's rows.
     """
     # rows travel grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``:
     # one list per series, and the aggregation looks each series up once, not once per row
@@ -172,58 +173,14 @@ def delta_messages(
                 groups.append(series)
                 groups.append(pairs)
         scopes.append((store_id, groups))
-    if scopes:
-        # ``*`` gets every store's groups as they are: its aggregate adds them up, which costs less
-        # than merging them here
-        scopes.append((ALL_STORES, [item for _, groups in scopes for item in groups]))
     entries_by_partition: dict[int, list[tuple[str, list[Any], dict[str, str] | None]]] = {}
     for store_id, groups in scopes:
-        if store_id == ALL_STORES:
-            currencies: dict[str, str] | None = dict(output.currencies)
-        elif store_id in output.currencies:
-            currencies = {store_id: output.currencies[store_id]}
-        else:
-            currencies = None
+        currencies = {store_id: output.currencies[store_id]} if store_id in output.currencies else None
         entries_by_partition.setdefault(route(store_id, partitions), []).append((store_id, groups, currencies))
     messages: dict[int, list[dict[str, Any]]] = {}
     for partition, entries in entries_by_partition.items():
-        parts = _Parts(source, output.max_time_ms)
+        parts = DeltaParts(source, output.max_time_ms)
         for store_id, groups, currencies in entries:
-            # every store gets an entry, rows or not: it carries the currency and marks the shard
-            grouped = parts.entry(store_id, currencies)
-            for index in range(0, len(groups), 2):
-                series, pairs = groups[index], groups[index + 1]
-                start = 0
-                while start < len(pairs):
-                    if parts.room == 0:
-                        grouped = parts.entry(store_id, currencies)
-                    taken = pairs[start:start + 2 * parts.room]
-                    grouped.append(series)
-                    grouped.append(taken)
-                    parts.room -= len(taken) // 2
-                    start += len(taken)
+            parts.add(store_id, groups, currencies)
         messages[partition] = parts.parts
     return messages
-
-
-class _Parts:
-    """The delta message parts bound for one partition, each of at most ``MAX_DELTA_ROWS`` rows."""
-
-    def __init__(self, source: tuple[int, int], max_time_ms: int | None) -> None:
-        self.source = source
-        self.max_time_ms = max_time_ms
-        self.parts: list[dict[str, Any]] = []
-        #: rows the last part can still take
-        self.room = 0
-
-    def entry(self, store_id: str, currencies: dict[str, str] | None) -> list[Any]:
-        """The grouped rows of the store in the last part (a new part when it is full)."""
-        if self.room == 0:
-            src = [self.source[0], self.source[1], len(self.parts)]
-            self.parts.append({"src": src, "t": self.max_time_ms, "stores": {}})
-            self.room = MAX_DELTA_ROWS
-        entry = self.parts[-1]["stores"].setdefault(store_id, {"g": []})
-        if currencies:
-            entry["cur"] = currencies
-        grouped: list[Any] = entry["g"]
-        return grouped

@@ -144,7 +144,9 @@ class Checkpoints:
                                 latest.pop(record.key, None)
                             else:
                                 latest[record.key] = record.value
-                        if records and records[-1].offset + 1 >= ends[tp]:
+                    # by position, not by the last record: compaction may leave none at end - 1
+                    for tp in list(remaining):
+                        if await consumer.position(tp) >= ends[tp]:
                             remaining.discard(tp)
             finally:
                 await consumer.stop()

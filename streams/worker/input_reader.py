@@ -158,7 +158,12 @@ class _Progress(ConsumerRebalanceListener):  # type: ignore[misc]
         hooks = self.hooks
         if hooks is None or not assigned:
             return
-        partitions = list(assigned)
+        # no fetch of the new partitions is handled before the hooks know their commits: the
+        # reader's loop may already hold records of them while this runs
+        async with self.handling:
+            await self._assigned(hooks, list(assigned))
+
+    async def _assigned(self, hooks: CommitHooks, partitions: list[TopicPartition]) -> None:
         # the metadata comes only with the coordinator's answer (``committed()`` returns the offset alone)
         found = await self.consumer._coordinator.fetch_committed_offsets(partitions)
         committed: dict[tuple[str, int], tuple[int, str | None]] = {}

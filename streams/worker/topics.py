@@ -57,6 +57,8 @@ TOPIC_CONFIGS = {
         "delete.retention.ms": "600000",
     },
 }
+#: the partial ``*`` read points of every deltas partition (one partition: one worker sums them)
+STAR_PARTIALS_TOPIC = "star-partials"
 OUTPUT_TOPIC = "loyalty-metrics"
 DEAD_LETTER_TOPIC = "loyalty-dead-letters"
 
@@ -85,6 +87,13 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
             settings.replication_factor,
             config=config,
         )
+    await ensure_topics(
+        settings.kafka_bootstrap_servers,
+        [internal_topic(settings, STAR_PARTIALS_TOPIC)],
+        1,
+        settings.replication_factor,
+        config={"cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"},
+    )
     await ensure_topics(
         settings.kafka_bootstrap_servers,
         [settings.topic(OUTPUT_TOPIC)],

@@ -56,7 +56,7 @@ from streams.sinks.health import HealthCounters
 from streams.sinks.kafka_outputs import KafkaOutputs
 from streams.stages.routed import Routed
 from streams.worker.tables import make_table
-from streams.worker.topics import TOPIC_CONFIGS
+from streams.worker.topics import STAR_PARTIALS_TOPIC, TOPIC_CONFIGS
 from streams.worker.wire import pack_chunks
 
 #: messages per processing batch, and how long a batch may wait to fill
@@ -121,6 +121,7 @@ class Topology:
         # the deltas are the aggregation's log, deleted below each checkpoint by the worker
         self.deltas = self._internal_topic("deltas", config=dict(TOPIC_CONFIGS["deltas"]))
         self.checkpoints_topic = self.settings.topic(self.internal + "checkpoints")
+        self.star_partials_topic = self.settings.topic(self.internal + STAR_PARTIALS_TOPIC)
         self.currencies = make_table(app, "store-currency", self.partitions)
         self.held = make_table(app, "held-events", self.partitions)
         self.facts = make_table(app, "customer-facts", self.partitions)

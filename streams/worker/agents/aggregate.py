@@ -1,5 +1,10 @@
 """The aggregation: the deltas agent folding store shards, their checkpoints, and their restore after an assignment.
 
+``*`` is the sum of every store: each deltas partition keeps a partial ``*`` (the sum of its
+stores, checkpointed with them under the store id ``*``), and the publisher sums the
+partials' read points (:mod:`streams.worker.agents.publish`), so no partition carries the
+rows of every store.
+
 A worker that gets deltas partitions restores their shards from the latest checkpoints
 (:mod:`streams.worker.checkpoints`) and folds the deltas from the checkpoint's offset on.
 Every ``LOYALTY_CHECKPOINT_INTERVAL`` it checkpoints the shards of its partitions and then
@@ -17,8 +22,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
+from metrics.catalog import ALL_STORES
 from streams.logs import get_logger
-from streams.stages.aggregate import StoreShard, apply_part
+from streams.stages.aggregate import StoreShard, apply_message
 from streams.worker.checkpoints import CheckpointError, Checkpoints
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology
 from streams.worker.wire import route, unpack
@@ -48,6 +54,8 @@ class Aggregation:
             topology.settings.kafka_bootstrap_servers,
             topology.checkpoints_topic,
         )
+        #: deltas partition -> its partial ``*``: the sum of the partition's stores
+        self.partials: dict[int, StoreShard] = {}
         self._admin: AIOKafkaAdminClient | None = None
         self._rebuild_lock = asyncio.Lock()
 
@@ -61,15 +69,20 @@ class Aggregation:
         deltas_topic = self.topology.deltas.get_topic_name()
         return {tp.partition for tp in self.topology.app.assignor.assigned_actives() if tp.topic == deltas_topic}
 
-    def apply_deltas(self, message: dict[str, Any] | list[dict[str, Any]]) -> None:
-        """Apply a deltas message: a watermark, or a list of parts (each with its own source)."""
+    def apply_deltas(self, message: dict[str, Any] | list[dict[str, Any]], partition: int, offset: int) -> None:
+        """Apply a deltas message: a watermark, or parts (each with its own source) for stores and the partial."""
         clock = self.topology.clock
         if isinstance(message, list):
             for part in message:
                 clock.advance(part.get("t"))
-                apply_part(self.shards, part)
+            partial = self.partials.get(partition)
+            if partial is None:
+                partial = self.partials[partition] = StoreShard(ALL_STORES)
+            apply_message(self.shards, partial, message)
         else:
             clock.advance(message["wm"])
+        if offset + 1 > self.positions.get(partition, 0):
+            self.positions[partition] = offset + 1
 
     async def rebuild(self) -> None:
         """The shards of this worker's deltas partitions: their checkpoints, then the deltas after them."""
@@ -77,6 +90,7 @@ class Aggregation:
         generation = self.assignment_generation
         mine = sorted(self.my_partitions())
         self.shards = {}
+        self.partials = {partition: StoreShard(ALL_STORES) for partition in mine}
         self.positions = {}
         self.checkpointed = {}
         started = time.monotonic()
@@ -94,8 +108,12 @@ class Aggregation:
                 starts[partition] = 0  # no usable checkpoint: the whole log, which must still be there
                 continue
             for store_id, (_, data) in checkpoint.shards.items():
-                shard = self.shards[store_id] = StoreShard.from_bytes(data)
-                self.checkpointed[store_id] = shard.version
+                shard = StoreShard.from_bytes(data)
+                if store_id == ALL_STORES:
+                    self.partials[partition] = shard
+                else:
+                    self.shards[store_id] = shard
+                self.checkpointed[self._checkpoint_name(partition, store_id)] = shard.version
             topology.clock.advance(checkpoint.clock_ms)
             starts[partition] = checkpoint.upto if checkpoint.upto is not None else 0
         applied = 0
@@ -127,10 +145,11 @@ class Aggregation:
                     for tp, records in batches.items():
                         for record in records:
                             if record.offset < ends[tp]:
-                                self.apply_deltas(unpack(record.value))
-                                self.positions[tp.partition] = record.offset + 1
+                                self.apply_deltas(unpack(record.value), tp.partition, record.offset)
                                 applied += 1
-                        if records and records[-1].offset + 1 >= ends[tp]:
+                    # by position, not by the last record: compaction may leave none at end - 1
+                    for tp in list(remaining):
+                        if await consumer.position(tp) >= ends[tp]:
                             remaining.discard(tp)
             finally:
                 await consumer.stop()
@@ -150,6 +169,10 @@ class Aggregation:
                     log.error("aggregate.log_truncated", error=str(error))
                     self.shards = {}
                     return
+                except Exception as error:  # Kafka unreachable: tried again at the next call
+                    log.warning("aggregate.rebuild_failed", error=str(error) or type(error).__name__)
+                    self.shards = {}
+                    return
 
     @property
     def ready(self) -> bool:
@@ -162,12 +185,9 @@ class Aggregation:
             await self.ensure_rebuilt()
             if not self.ready:
                 continue  # a refused or pending restore: the log is read again when it succeeds
-            positions = self.positions  # a rebuild replaces it
             for event in batch:
-                self.apply_deltas(unpack(event.value))
                 message = event.message
-                if message.offset + 1 > positions.get(message.partition, 0):
-                    positions[message.partition] = message.offset + 1
+                self.apply_deltas(unpack(event.value), message.partition, message.offset)
 
     async def checkpoint(self) -> None:
         """Checkpoint the shards of every deltas partition of this worker, then delete the deltas below."""
@@ -181,24 +201,28 @@ class Aggregation:
                 continue
             clock_ms = self.topology.clock.clock_ms
             stores = sorted(store_id for store_id in self.shards if route(store_id, partitions) == partition)
-            for store_id in stores:
+            for store_id in [*stores, ALL_STORES]:
                 if not self.ready or self.assignment_generation != generation:
                     return  # the partitions moved: the round is dropped, its manifest never written
-                shard = self.shards.get(store_id)
+                shard = self.partials.get(partition) if store_id == ALL_STORES else self.shards.get(store_id)
                 if shard is None:
                     continue
                 # the shard and its offset are read together, with no await in between
                 version, position = shard.version, self.positions[partition]
-                unchanged = (
-                    self.checkpointed.get(store_id) == version and (partition, store_id) in self.checkpoints.records
-                )
+                name = self._checkpoint_name(partition, store_id)
+                unchanged = self.checkpointed.get(name) == version and (partition, store_id) in self.checkpoints.records
                 data = None if unchanged else shard.to_bytes()
                 await self.checkpoints.write_store(partition, store_id, data, position)
-                self.checkpointed[store_id] = version
+                self.checkpointed[name] = version
             if not self.ready or self.assignment_generation != generation:
                 return
             await self.checkpoints.write_manifest(partition, upto, clock_ms, stores)
             await self._delete_below(partition, upto)
+
+    @staticmethod
+    def _checkpoint_name(partition: int, store_id: str) -> str:
+        """Stores are in one partition each; the partial ``*`` is in every one."""
+        return f"{partition}|{store_id}" if store_id == ALL_STORES else store_id
 
     async def _delete_below(self, partition: int, offset: int) -> None:
         """Delete the deltas of ``partition`` below ``offset``: every shard's checkpoint holds them."""
@@ -224,7 +248,7 @@ def register(topology: Topology) -> Aggregation:
     async def checkpoint_timer() -> None:
         try:
             await aggregation.checkpoint()
-        except Exception as error:  # Kafka unreachable: the next round tries again, nothing is lost
+        except Exception as error:  # Kafka unreachable: the next round tries again
             log.warning("aggregate.checkpoint_failed", error=str(error) or type(error).__name__)
 
     return aggregation

@@ -1,5 +1,12 @@
 """Publication: the emit timer sends every changed store's snapshots to the output topic and Redis.
 
+``*`` is published from partial sums: every worker publishes, for each of its deltas
+partitions, the read points of the partition's partial ``*`` (the sum of its stores,
+:meth:`metrics.store.StoreAggregate.read_points`) to the one-partition ``star-partials``
+topic; the worker that owns the ``*`` store's deltas partition reads them all, and once every
+partition's latest partial is as of the same bucket it publishes their sum as ``*``. Read
+points add up over disjoint stores, so the sum is exactly the metrics of all stores together.
+
 Redis may go away at any moment. A failed write pauses publishing (retried with a growing
 delay, never stopping the worker), and once Redis answers again every store is published
 again, changed or not, so a Redis that came back empty holds every key again. A Redis that
@@ -9,12 +16,19 @@ restarted between two emits is noticed by its server run id changing.
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from metrics.catalog import ALL_STORES
+from metrics.store import ReadPoints
 from streams.logs import get_logger
 from streams.sinks.redis_sink import RedisSink
 from streams.sinks.snapshots import dumps, snapshot_payload
 from streams.worker.agents.aggregate import Aggregation
 from streams.worker.topology import Topology
+from streams.worker.wire import route
 
 log = get_logger(__name__)
 
@@ -39,6 +53,9 @@ class Publisher:
         self.republish = False
         self.retry_delay_s = 0.0
         self.retry_at = 0.0
+        #: deltas partition -> the bucket of its last published partial ``*``
+        self.last_partial_bucket: dict[int, int] = {}
+        self.star = StarPartials(topology)
 
     async def tick(self) -> None:
         """One emit interval: rebuild if needed, publish, flush the health counters."""
@@ -55,6 +72,8 @@ class Publisher:
         try:
             await self.check_redis(self.redis)
             await self.emit(now, self.redis)
+            await self.publish_partials(now)
+            await self.publish_star(now, self.redis)
             await self.topology.health.flush(self.redis)
         except Exception as error:  # Redis unreachable, timing out, or failing: retry later
             if not type(error).__module__.startswith("redis") and not isinstance(error, OSError | TimeoutError):
@@ -79,6 +98,7 @@ class Publisher:
             self.last_emitted_bucket.clear()
             for shard in self.aggregation.shards.values():
                 shard.changed = True
+            self.star.published = None
             self.republish = False
 
     async def emit(self, now: int, redis: RedisSink) -> None:
@@ -112,6 +132,100 @@ class Publisher:
             topology.health.count("snapshots", len(grid.windows))
         for shard in shards.values():
             shard.fold(as_of_bucket, grid.longest)
+
+
+    async def publish_partials(self, now: int) -> None:
+        """Send the read points of every partial ``*`` that changed, or whose bucket moved, then fold it."""
+        grid = self.topology.grid
+        as_of_bucket = grid.bucket(now)
+        producer = self.topology.app.producer._ensure_producer()  # type: ignore[attr-defined]
+        for partition, partial in list(self.aggregation.partials.items()):
+            if not partial.changed and self.last_partial_bucket.get(partition) == as_of_bucket:
+                continue
+            partial.changed = False
+            points = partial.aggregate.read_points(grid, as_of_bucket)
+            value = orjson.dumps(
+                {"k": as_of_bucket, "as_of_ms": now, "cur": partial.currencies, "points": points.to_record()}
+            )
+            try:
+                await producer.send(self.topology.star_partials_topic, value=value, key=str(partition).encode(),
+                                    partition=0)
+            except BaseException:
+                partial.changed = True
+                raise
+            self.last_partial_bucket[partition] = as_of_bucket
+            partial.fold(as_of_bucket, grid.longest)
+
+    async def publish_star(self, now: int, redis: RedisSink) -> None:
+        """On the worker that owns the ``*`` store's partition: publish the sum of the partials once they agree."""
+        topology = self.topology
+        if route(ALL_STORES, topology.partitions) not in self.aggregation.my_partitions():
+            await self.star.stop()
+            return
+        if not await self.star.poll():
+            return
+        partials = self.star.latest
+        if len(partials) < topology.partitions:
+            return  # a partition has published no partial yet
+        buckets = {partial["k"] for partial in partials.values()}
+        if len(buckets) != 1:
+            return  # the partitions are not as of the same bucket yet
+        (as_of_bucket,) = buckets
+        total = ReadPoints()
+        currencies: dict[str, str] = {}
+        for partial in partials.values():
+            total.merge(ReadPoints.from_record(partial["points"]))
+            currencies.update(partial["cur"])
+        distinct = set(currencies.values())
+        currency = next(iter(distinct)) if len(distinct) == 1 else None
+        as_of_ms = min(partial["as_of_ms"] for partial in partials.values())
+        grid = topology.grid
+        for window_name, window in zip(self.window_names, grid.windows, strict=True):
+            metrics = total.metrics(grid, window, as_of_bucket, len(distinct) <= 1)
+            payload = snapshot_payload(ALL_STORES, window_name, as_of_ms, currency, metrics)
+            encoded = dumps(payload)
+            await topology.outputs.send_snapshot(ALL_STORES, window_name, encoded)
+            await redis.write(payload, encoded)
+        self.star.published = self.star.received
+        topology.health.count("snapshots", len(grid.windows))
+
+
+class StarPartials:
+    """The latest partial ``*`` of every deltas partition, read from the star-partials topic."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self._consumer: AIOKafkaConsumer | None = None
+        #: deltas partition -> its latest partial: ``{"k", "as_of_ms", "cur", "points"}``
+        self.latest: dict[int, dict[str, Any]] = {}
+        #: partials read so far, and how many of them the last publication of ``*`` had seen
+        self.received = 0
+        self.published: int | None = None
+
+    async def poll(self) -> bool:
+        """Read what arrived (from the start on the first call); whether anything is new since the last ``*``."""
+        tp = TopicPartition(self.topology.star_partials_topic, 0)
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.topology.settings.kafka_bootstrap_servers, enable_auto_commit=False
+            )
+            await consumer.start()
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            self._consumer, self.latest, self.received, self.published = consumer, {}, 0, None
+        batches = await self._consumer.getmany(tp, timeout_ms=0, max_records=10_000)
+        for records in batches.values():
+            for record in records:
+                if record.key is not None and record.value is not None:
+                    self.latest[int(record.key)] = orjson.loads(record.value)
+                    self.received += 1
+        return self.published != self.received
+
+    async def stop(self) -> None:
+        """This worker no longer publishes ``*``."""
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
 
 
 def register(topology: Topology, aggregation: Aggregation) -> Publisher:
