@@ -30,7 +30,11 @@ _BLOCK_MASK = _BLOCK_SIZE - 1
 #: 1,024 slots each would be traversed at every full collection; a block that a sum takes out of
 #: int64 (amounts reach 10^18 micro-units) becomes a plain list, exact at any size
 _ZERO_BLOCK = array("q", bytes(8 * _BLOCK_SIZE))
-Block = Union["array[int]", list[int]]
+#: a block starts sparse, a dict of its nonzero slots, and becomes an array past this many: a store
+#: with a handful of customers touches few slots of each block, and 8 KiB per block would make
+#: its memory follow the calendar instead of its activity
+_SPARSE_MAX = 48
+Block = Union["array[int]", list[int], dict[int, int]]
 #: series read only at K (statuses "as of K"): every bucket up to K may fold into the base
 _READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:")
 #: series also read for the previous period (K - 2n)
@@ -52,6 +56,25 @@ def read_reach(series: str, longest: int) -> int:
     if series in _READ_TWO_WINDOWS_BACK:
         return 2 * longest
     return longest
+
+
+def _densify(sparse: dict[int, int]) -> Block:
+    """A sparse block as an int64 array (a list if a value is past int64)."""
+    dense: Block = _ZERO_BLOCK[:]
+    for slot, value in sparse.items():
+        try:
+            dense[slot] = value
+        except OverflowError:
+            dense = list(dense)
+            dense[slot] = value
+    return dense
+
+
+def _partial_sum(block: Block, last_slot: int) -> int:
+    """The sum of a block's slots ``0 .. last_slot``."""
+    if isinstance(block, dict):
+        return sum([value for slot, value in block.items() if slot <= last_slot])
+    return sum(block[: last_slot + 1])
 
 
 def _widen(blocks: dict[int, Block], bucket: int, delta: int) -> None:
@@ -93,13 +116,19 @@ class PrefixSeries:
             self.base += delta
             return
         index = bucket >> _BLOCK_BITS
+        slot = bucket & _BLOCK_MASK
         block = self.blocks.get(index)
         if block is None:
-            block = self.blocks[index] = _ZERO_BLOCK[:]
-        try:
-            block[bucket & _BLOCK_MASK] += delta
-        except OverflowError:
-            _widen(self.blocks, bucket, delta)
+            self.blocks[index] = {slot: delta}
+        elif isinstance(block, dict):
+            block[slot] = block.get(slot, 0) + delta
+            if len(block) > _SPARSE_MAX:
+                self.blocks[index] = _densify(block)
+        else:
+            try:
+                block[slot] += delta
+            except OverflowError:
+                _widen(self.blocks, bucket, delta)
         self.sums[index] = self.sums.get(index, 0) + delta
 
     def prefix(self, bucket: int) -> int:
@@ -110,7 +139,7 @@ class PrefixSeries:
         value = self.base + sum([total for i, total in self.sums.items() if i < index])
         block = self.blocks.get(index)
         if block is not None:
-            value += sum(block[: (bucket & _BLOCK_MASK) + 1])
+            value += _partial_sum(block, bucket & _BLOCK_MASK)
         return value
 
     def window(self, end: int, length: int) -> int:
@@ -121,7 +150,9 @@ class PrefixSeries:
         """The kept nonzero deltas as (bucket, delta), by bucket."""
         for index in sorted(self.blocks):
             origin = index << _BLOCK_BITS
-            for offset, delta in enumerate(self.blocks[index]):
+            block = self.blocks[index]
+            slots = sorted(block.items()) if isinstance(block, dict) else enumerate(block)
+            for offset, delta in slots:
                 if delta:
                     yield origin + offset, delta
 
@@ -152,13 +183,17 @@ class PrefixSeries:
         stop = floor & _BLOCK_MASK
         block = blocks.get(floor_block)
         if block is not None and stop > start:
-            folded = sum(block[start:stop])
+            if isinstance(block, dict):
+                gone = [slot for slot in block if start <= slot < stop]
+                folded = sum([block.pop(slot) for slot in gone])
+            else:
+                folded = sum(block[start:stop])
+                if isinstance(block, array):
+                    block[start:stop] = _ZERO_BLOCK[: stop - start]
+                else:
+                    block[start:stop] = [0] * (stop - start)
             self.base += folded
             sums[floor_block] = sums.get(floor_block, 0) - folded
-            if isinstance(block, array):
-                block[start:stop] = _ZERO_BLOCK[: stop - start]
-            else:
-                block[start:stop] = [0] * (stop - start)
 
 
 class MetricReader:
@@ -345,13 +380,19 @@ class StoreAggregate(MetricReader):
                     block_index = index
                     found = blocks.get(index)
                     if found is None:
-                        found = blocks[index] = _ZERO_BLOCK[:]
+                        found = blocks[index] = {}
                     block = found
-                try:
-                    block[bucket & _BLOCK_MASK] += delta
-                except OverflowError:
-                    _widen(blocks, bucket, delta)
-                    block = blocks[index]
+                slot = bucket & _BLOCK_MASK
+                if isinstance(block, dict):
+                    block[slot] = block.get(slot, 0) + delta
+                    if len(block) > _SPARSE_MAX:
+                        block = blocks[index] = _densify(block)
+                else:
+                    try:
+                        block[slot] += delta
+                    except OverflowError:
+                        _widen(blocks, bucket, delta)
+                        block = blocks[index]
                 run += delta
             if run and block_index is not None:
                 sums[block_index] = sums.get(block_index, 0) + run
@@ -379,6 +420,8 @@ class StoreAggregate(MetricReader):
                 if isinstance(block, array):
                     blocks.append([index])
                     payload.append(block.tobytes())
+                elif isinstance(block, dict):
+                    blocks.append([index, [str(value) for slot_value in block.items() for value in slot_value], 1])
                 else:
                     blocks.append([index, [str(value) for value in block]])
             head.append([name, str(series.base), series.floor, blocks])
@@ -405,10 +448,13 @@ class StoreAggregate(MetricReader):
                     block = array("q")
                     block.frombytes(view[position:position + block_bytes])
                     position += block_bytes
+                elif len(entry) == 3:  # sparse: slot, value, slot, value, ...
+                    values = entry[1]
+                    block = {int(values[i]): int(values[i + 1]) for i in range(0, len(values), 2)}
                 else:
                     block = [int(value) for value in entry[1]]
                 series.blocks[index] = block
-                series.sums[index] = sum(block)
+                series.sums[index] = sum(block.values()) if isinstance(block, dict) else sum(block)
         return aggregate
 
     def merge(self, other: StoreAggregate) -> None:

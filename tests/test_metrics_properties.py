@@ -231,13 +231,28 @@ def test_contributions_clipped_at_the_events_bucket_change_exactly_as_the_whole_
 
 
 #: operations on one series, over buckets that span several storage blocks and their edges
-SERIES_OPERATIONS = st.lists(
-    st.one_of(
-        st.tuples(st.just("add"), st.integers(-3000, 5000), st.integers(-10**20, 10**20)),
-        st.tuples(st.just("read"), st.integers(-3000, 5000), st.just(0)),
-        st.tuples(st.just("fold"), st.integers(-3000, 5000), st.just(0)),
+SERIES_OPERATIONS = st.one_of(
+    # spread over many blocks: blocks stay sparse (dicts)
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(-3000, 5000), st.integers(-10**20, 10**20)),
+            st.tuples(st.just("read"), st.integers(-3000, 5000), st.just(0)),
+            st.tuples(st.just("fold"), st.integers(-3000, 5000), st.just(0)),
+        ),
+        max_size=60,
     ),
-    max_size=60,
+    # crowded into two blocks: they fill past the sparse limit and become int64 arrays, or lists past int64
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("add"), st.integers(1000, 1100), st.integers(-(10**6), 10**6) | st.integers(-(10**20), 10**20)
+            ),
+            st.tuples(st.just("read"), st.integers(990, 1110), st.just(0)),
+            st.tuples(st.just("fold"), st.integers(990, 1030), st.just(0)),
+        ),
+        min_size=150,
+        max_size=300,
+    ),
 )
 
 
