@@ -413,19 +413,24 @@ class StoreAggregate(MetricReader):
         (1, 9223372036854775809, 1)
         """
         head: list[object] = []
-        payload: list[bytes] = []
+        payload: list[array[int]] = []
         for name, series in self.series.items():
             blocks: list[object] = []
             for index, block in series.blocks.items():
                 if isinstance(block, array):
                     blocks.append([index])
-                    payload.append(block.tobytes())
+                    payload.append(block)
                 elif isinstance(block, dict):
                     blocks.append([index, [str(value) for slot_value in block.items() for value in slot_value], 1])
                 else:
                     blocks.append([index, [str(value) for value in block]])
             head.append([name, str(series.base), series.floor, blocks])
-        return zlib.compress(orjson.dumps(head) + b"\n" + b"".join(payload), 1)
+        # compressed block by block: no copy of all the blocks at once, whatever the store's size
+        compressor = zlib.compressobj(1)
+        out = [compressor.compress(orjson.dumps(head) + b"\n")]
+        out.extend(compressor.compress(block) for block in payload)
+        out.append(compressor.flush())
+        return b"".join(out)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StoreAggregate:
