@@ -17,7 +17,9 @@ One run, against the Kafka and Redis of the settings (``loyalty up``):
    includes it (counts are compared, so it is exact when a store's orders are
    applied in send order and otherwise a close estimate);
 5. memory: peak RSS (``VmHWM``) of a worker that takes ``--memory-customers``
-   distinct customers (one signup each, batched messages).
+   distinct customers (one signup each, batched messages), and of one that takes
+   ``--small-stores`` stores of 5 customers each (a signup, two orders and an NPS answer per
+   customer): memory must follow activity, not the number of stores.
 
 It prints a table and writes ``bench/results/<date>.json`` with the machine's facts.
 """
@@ -74,6 +76,7 @@ class BenchOptions:
     rate: float = 2_000.0
     duration_s: float = 60.0
     memory_customers: int = 1_000_000
+    small_stores: int = 10_000
     emit_interval_ms: int = 250
     timeout_s: float = 3_600.0
     output_dir: Path = Path("bench/results")
@@ -529,10 +532,43 @@ def signup_bodies(customers: int, stores: int) -> Iterator[tuple[str, bytes]]:
         yield "signups", orjson.dumps(body)
 
 
+def small_store_bodies(stores: int) -> Iterator[tuple[str, bytes]]:
+    """Stores of 5 customers each over the last 30 days: a signup, two orders and an NPS answer per customer."""
+    now_ms = time.time_ns() // 1_000_000
+    start_ms = now_ms - 31 * DAY_MS
+    step = 30 * DAY_MS / max(stores * 5, 1)
+    for number in range(stores * 5):
+        at = int(start_ms + number * step)
+        common = {"store_id": f"small-{number // 5 + 1}", "customer_id": f"c{number % 5}"}
+        yield "signups", orjson.dumps({"event_id": f"s{number}", "type": "customer.signed_up", "occurred_at": at,
+                                       "channel": "organic", **common})
+        for order in range(2):
+            yield "orders", orjson.dumps({"event_id": f"o{number}-{order}", "type": "order.placed",
+                                          "occurred_at": at + (order + 1) * DAY_MS // 4, "order_id": f"o{order}",
+                                          "amount": "19.90", "currency": "EUR", **common})
+        yield "survey-responses", orjson.dumps({"event_id": f"n{number}", "type": "survey.responded",
+                                                "occurred_at": at + DAY_MS // 2, "survey": "nps",
+                                                "score": number % 11, **common})
+
+
 async def memory(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:
     """Peak RSS of a worker that takes ``memory_customers`` distinct customers."""
-    prefix = f"bench-{uuid.uuid4().hex[:6]}-mem-"
     bodies = list(signup_bodies(options.memory_customers, options.stores))
+    result = await _peak_rss(settings, options, work_dir, database, bodies, options.memory_customers, "mem")
+    return {"customers": options.memory_customers, **result}
+
+
+async def small_stores(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:
+    """Peak RSS of a worker that takes ``small_stores`` stores of 5 customers each (SPEC: 10,000 fit one worker)."""
+    bodies = list(small_store_bodies(options.small_stores))
+    result = await _peak_rss(settings, options, work_dir, database, bodies, options.small_stores * 5, "small")
+    return {"stores": options.small_stores, "customers": options.small_stores * 5, **result}
+
+
+async def _peak_rss(settings: Settings, options: BenchOptions, work_dir: Path, database: int,
+                    bodies: list[tuple[str, bytes]], customers: int, label: str) -> dict[str, Any]:
+    """Peak RSS of a worker that takes ``bodies``, once ``*`` counts every one of ``customers``."""
+    prefix = f"bench-{uuid.uuid4().hex[:6]}-{label}-"
     dataset = await prefill(settings, prefix, bodies, options.batch)
     del bodies
     worker = Worker(settings, work_dir, prefix, database, LOYALTY_CLOCK="event",
@@ -546,7 +582,7 @@ async def memory(settings: Settings, options: BenchOptions, work_dir: Path, data
             if health.get("events_applied", 0) >= dataset.events:
                 break
             if time.monotonic() > deadline:
-                raise BenchError(f"memory run: {health.get('events_applied', 0)} of {dataset.events} applied")
+                raise BenchError(f"{label} run: {health.get('events_applied', 0)} of {dataset.events} applied")
             await asyncio.sleep(POLL_S)
         # the customers_end of all stores together must be every customer (a cheap correctness check)
         names = settings.windows
@@ -554,17 +590,17 @@ async def memory(settings: Settings, options: BenchOptions, work_dir: Path, data
             worker.check_alive()
             reply = await client.hget(metric_key("*", names[-1]), "customers_end")
             stored = None if reply is None else _text(reply)
-            if stored is not None and int(stored) == options.memory_customers:
+            if stored is not None and int(stored) == customers:
                 break
             if time.monotonic() > deadline:
-                raise BenchError(f"memory run: customers_end {stored} != {options.memory_customers}")
+                raise BenchError(f"{label} run: customers_end {stored} != {customers}")
             await asyncio.sleep(POLL_S)
         seconds = time.perf_counter() - worker.started
         peak = worker.peak_rss_bytes()
     finally:
         worker.stop()
         await client.aclose()
-    return {"customers": options.memory_customers, "peak_rss_bytes": peak, "seconds_from_start": seconds}
+    return {"peak_rss_bytes": peak, "seconds_from_start": seconds}
 
 
 # -- the whole run ------------------------------------------------------------------------------------
@@ -639,6 +675,11 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
         if options.memory_customers > 0:
             echo(f"memory with {options.memory_customers:,} customers ...")
             results["memory"] = await memory(settings, options, work_dir, database)
+            database += 1
+            save()
+        if options.small_stores > 0:
+            echo(f"memory with {options.small_stores:,} stores of 5 customers ...")
+            results["small_stores"] = await small_stores(settings, options, work_dir, database)
     save()
     results["path"] = str(path)
     return results
@@ -672,4 +713,10 @@ def render_table(results: dict[str, Any]) -> Any:
         peak = mem["peak_rss_bytes"]
         table.add_row(f"peak RSS, {mem['customers']:,} customers",
                       "n/a" if peak is None else f"{peak / 2**20:,.0f} MiB", "")
+    if "small_stores" in results:
+        small = results["small_stores"]
+        peak = small["peak_rss_bytes"]
+        table.add_row(f"peak RSS, {small['stores']:,} stores of 5 customers",
+                      "n/a" if peak is None else f"{peak / 2**20:,.0f} MiB",
+                      "" if peak is None else f"{peak / small['stores'] / 1024:,.0f} KiB a store")
     return table

@@ -417,13 +417,15 @@ def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike
               help="Length of the latency run (0: skip it).")
 @click.option("--memory-customers", type=click.IntRange(0), default=1_000_000, show_default=True, metavar="N",
               help="Distinct customers of the memory run (0: skip it).")
+@click.option("--small-stores", type=click.IntRange(0), default=10_000, show_default=True, metavar="N",
+              help="Stores of 5 customers each of the small-stores memory run (0: skip it).")
 @click.option("--emit-interval", default="250ms", show_default=True, metavar="DURATION",
               help="LOYALTY_EMIT_INTERVAL of the bench's workers.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds any one part may take.")
 def bench(events: int, batch: int, batched: bool, stores: int, customers: int, seed: int, sample_stores: int,
-          rate: float, duration: str, memory_customers: int, emit_interval: str, output_dir: Path,
+          rate: float, duration: str, memory_customers: int, small_stores: int, emit_interval: str, output_dir: Path,
           timeout: float) -> None:
     """Measure throughput beside the aiokafka and empty-Faust-agent ceilings, latency and memory (SPEC 9).
 
@@ -446,7 +448,8 @@ def bench(events: int, batch: int, batched: bool, stores: int, customers: int, s
         raise click.UsageError(str(exc)) from None
     options = BenchOptions(events=events, batch=batch, stores=stores, customers=customers, seed=seed,
                            sample_stores=min(sample_stores, stores), rate=rate, duration_s=duration_s,
-                           memory_customers=memory_customers, emit_interval_ms=emit_ms, timeout_s=timeout,
+                           memory_customers=memory_customers, small_stores=small_stores, emit_interval_ms=emit_ms,
+                           timeout_s=timeout,
                            output_dir=output_dir, shapes=(1, batch) if batched else (1,))
     click.get_current_context().invoke(up)
     settings = _settings()

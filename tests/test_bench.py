@@ -30,7 +30,7 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     result = run_loyalty(
         "bench", "--events", "3000", "--batch", "100", "--stores", "3", "--customers", "1500",
         "--sample-stores", "2", "--duration", "5s", "--rate", "200", "--memory-customers", "3000",
-        "--output-dir", str(out), "--timeout", "300",
+        "--small-stores", "200", "--output-dir", str(out), "--timeout", "300",
         env=env, cwd=ROOT, timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -55,4 +55,6 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     assert latency["orders_measured"] > 100
     assert 0 < latency["p50_s"] <= latency["p99_s"] <= latency["max_s"]
     assert results["memory"]["customers"] == 3000 and results["memory"]["peak_rss_bytes"] > 50 * 2**20
+    small = results["small_stores"]  # the part checked * counted all 1,000 customers before measuring
+    assert (small["stores"], small["customers"]) == (200, 1000) and small["peak_rss_bytes"] > 50 * 2**20
     assert "loyalty bench" in result.stdout
