@@ -29,6 +29,7 @@ def test_app_is_configured_from_settings(tmp_path) -> None:  # type: ignore[no-u
     assert app.conf.topic_partitions == 3
     assert app.conf.topic_replication_factor == 1
     assert app.conf.web_port == 7001
+    assert app.conf.broker_session_timeout == 10  # a dead worker's partitions move within seconds
     assert str(app.conf.datadir).startswith(str(tmp_path))
 
 

@@ -37,6 +37,11 @@ def faust_options(settings: Settings) -> dict[str, object]:
         # have their own reader): a few messages per partition are plenty, and bound the memory.
         "consumer_max_fetch_size": 4 * 1024 * 1024,
         "broker_max_poll_records": 500,
+        # A worker that dies (SIGKILL, a lost machine) keeps its partitions until its session
+        # expires: with Faust's 60 s nothing of them moves for a minute. 10 s (heartbeats every
+        # 3 s) hands them over quickly; the worker never blocks its loop that long.
+        "broker_session_timeout": 10.0,
+        "broker_heartbeat_interval": 3.0,
         "stream_buffer_maxsize": 512,
     }
 

@@ -154,6 +154,10 @@ class Topology:
         self.health.count("dead_letters", len(routed.dead_letters))
         if not wait:
             return letters
-        if sent:
-            await asyncio.gather(*sent)
-        return list(await asyncio.gather(*letters))
+        # every send settles (delivered or failed) before a failure is raised: a caller that starts
+        # again must not race its own sends still in flight (the dead-letter ledger reads them back)
+        results = await asyncio.gather(*sent, *letters, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results[len(sent):])

@@ -199,7 +199,6 @@ class Aggregation:
             upto = self.positions.get(partition)
             if upto is None:
                 continue
-            clock_ms = self.topology.clock.clock_ms
             stores = sorted(store_id for store_id in self.shards if route(store_id, partitions) == partition)
             for store_id in [*stores, ALL_STORES]:
                 if not self.ready or self.assignment_generation != generation:
@@ -216,7 +215,9 @@ class Aggregation:
                 self.checkpointed[name] = version
             if not self.ready or self.assignment_generation != generation:
                 return
-            await self.checkpoints.write_manifest(partition, upto, clock_ms, stores)
+            # the clock now, not at the round's start: the shards were folded as of the clock when they
+            # were written, and a restore must not read them as of an earlier "now"
+            await self.checkpoints.write_manifest(partition, upto, self.topology.clock.clock_ms, stores)
             await self._delete_below(partition, upto)
 
     @staticmethod
