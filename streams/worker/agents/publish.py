@@ -178,7 +178,9 @@ class Publisher:
             currencies.update(partial["cur"])
         distinct = set(currencies.values())
         currency = next(iter(distinct)) if len(distinct) == 1 else None
-        as_of_ms = min(partial["as_of_ms"] for partial in partials.values())
+        # the latest: a partial that has not changed since its own as_of is the same now (a quiet
+        # partition republishes only when the bucket moves), so the sum holds as of the latest one
+        as_of_ms = max(partial["as_of_ms"] for partial in partials.values())
         grid = topology.grid
         for window_name, window in zip(self.window_names, grid.windows, strict=True):
             metrics = total.metrics(grid, window, as_of_bucket, len(distinct) <= 1)
