@@ -117,22 +117,6 @@ class StoreShard:
         return next(iter(distinct)) if len(distinct) == 1 else None
 
 
-def apply_part(shards: dict[str, StoreShard], part: dict[str, Any]) -> int:
-    """Apply one delta message part to the shards of its stores (created on first use).
-
-    Returns how many of its store entries were new (0: the part was applied before).
-    """
-    source = (part["src"][0], part["src"][1], part["src"][2])
-    latest = part.get("t")
-    applied = 0
-    for store_id, entry in part["stores"].items():
-        shard = shards.get(store_id)
-        if shard is None:
-            shard = shards[store_id] = StoreShard(store_id)
-        applied += shard.apply(source, entry, latest)
-    return applied
-
-
 def apply_message(shards: dict[str, StoreShard], partial: StoreShard, message: list[dict[str, Any]]) -> None:
     """Apply a deltas message's parts to the shards of their stores and to the partition's partial ``*``.
 
