@@ -110,6 +110,8 @@ class DeadLetterLedger:
         """
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
+        from streams.worker.log_reader import read_to_end
+
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
         await consumer.start()
         try:
@@ -129,19 +131,9 @@ class DeadLetterLedger:
             if not reading:
                 return
             consumer.assign(reading)
-            for tp in reading:
-                consumer.seek(tp, wanted[tp.partition])
-            remaining = set(reading)
-            while remaining:
-                batches = await consumer.getmany(*remaining, timeout_ms=1000)
-                for tp, records in batches.items():
-                    for record in records:
-                        if record.offset < ends[tp]:
-                            self._learn(record.key, committed)
-                # by position, not by the last record: compaction may leave none at end - 1
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
+            starts = {tp: wanted[tp.partition] for tp in reading}
+            async for record in read_to_end(consumer, starts, ends):
+                self._learn(record.key, committed)
         finally:
             await consumer.stop()
 

@@ -36,6 +36,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.logs import get_logger
+from streams.worker.log_reader import read_to_end
 
 log = get_logger(__name__)
 
@@ -131,23 +132,13 @@ class Checkpoints:
                 consumer.assign(tps)
                 ends = await consumer.end_offsets(tps)
                 starts = await consumer.beginning_offsets(tps)
-                remaining = {tp for tp in tps if ends[tp] > starts[tp]}
-                for tp in remaining:
-                    consumer.seek(tp, starts[tp])
-                while remaining:
-                    batches = await consumer.getmany(*remaining, timeout_ms=1000, max_records=1000)
-                    for tp, records in batches.items():
-                        for record in records:
-                            if record.offset >= ends[tp] or record.key is None:
-                                continue
-                            if record.value is None:
-                                latest.pop(record.key, None)
-                            else:
-                                latest[record.key] = record.value
-                    # by position, not by the last record: compaction may leave none at end - 1
-                    for tp in list(remaining):
-                        if await consumer.position(tp) >= ends[tp]:
-                            remaining.discard(tp)
+                async for record in read_to_end(consumer, starts, ends, max_records=1000):
+                    if record.key is None:
+                        continue
+                    if record.value is None:
+                        latest.pop(record.key, None)
+                    else:
+                        latest[record.key] = record.value
             finally:
                 await consumer.stop()
         return await self._assemble(partitions, latest)

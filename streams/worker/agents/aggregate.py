@@ -26,6 +26,7 @@ from metrics.catalog import ALL_STORES
 from streams.logs import get_logger
 from streams.stages.aggregate import StoreShard, apply_message
 from streams.worker.checkpoints import CheckpointError, Checkpoints
+from streams.worker.log_reader import read_to_end
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology
 from streams.worker.wire import route, unpack
 
@@ -137,20 +138,10 @@ class Aggregation:
                             f"stores needs it from offset {starts[tp.partition]}"
                         )
                     self.positions[tp.partition] = max(starts[tp.partition], beginnings[tp])
-                remaining = {tp for tp in partitions_read if ends[tp] > starts[tp.partition]}
-                for tp in remaining:
-                    consumer.seek(tp, starts[tp.partition])
-                while remaining:
-                    batches = await consumer.getmany(*remaining, timeout_ms=1000, max_records=2000)
-                    for tp, records in batches.items():
-                        for record in records:
-                            if record.offset < ends[tp]:
-                                self.apply_deltas(unpack(record.value), tp.partition, record.offset)
-                                applied += 1
-                    # by position, not by the last record: compaction may leave none at end - 1
-                    for tp in list(remaining):
-                        if await consumer.position(tp) >= ends[tp]:
-                            remaining.discard(tp)
+                offsets = {tp: starts[tp.partition] for tp in partitions_read}
+                async for record in read_to_end(consumer, offsets, ends, max_records=2000):
+                    self.apply_deltas(unpack(record.value), record.partition, record.offset)
+                    applied += 1
             finally:
                 await consumer.stop()
         self.needs_restore = self.assignment_generation != generation
