@@ -152,6 +152,8 @@ class Topology:
                 sent.append(await target.send(value=chunk, partition=partition))
         letters = await self.outputs.send_dead_letters(routed.dead_letters)
         self.health.count("dead_letters", len(routed.dead_letters))
+        for letter in routed.dead_letters:
+            self.health.count(f"dead_letters:{letter['reason']}")
         if not wait:
             return letters
         # every send settles (delivered or failed) before a failure is raised: a caller that starts
