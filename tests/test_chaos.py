@@ -490,7 +490,7 @@ async def test_sigkilled_worker_restarted(services, topic_prefix, app_id, tmp_pa
     rng = random.Random(SIGKILL_SEED)
     wipe_at = rng.randrange(KILLS)  # the restart after this kill starts without the local state folder
     say(f"{len(plan.valid)} valid events in {len(plan.messages)} messages; seed {SIGKILL_SEED}, "
-        f"local state deleted after kill {wipe_at + 1}")
+        f"local state deleted after kill {wipe_at + 1}; topics {topic_prefix}*, group {app_id}")
     bootstrap = services.kafka_bootstrap
     redis_url = database_url(services.redis_url, DATABASES["sigkill"])
     await ensure_topics(bootstrap, [topic_prefix + name for name in INPUT_TOPICS], PARTITIONS)

@@ -31,10 +31,12 @@ Idempotency, so that at-least-once delivery counts nothing twice:
   worker that gets a deltas partition restores its checkpoints and folds the
   deltas after them; each store shard keeps, per input partition, the last
   part applied, so a part sent or read again is skipped;
-* a stage waits for Kafka to acknowledge its table writes before its batch
-  is acked (:func:`streams.worker.tables.changelog_written`), so no committed
-  offset is ahead of the table state that a worker taking the partition over
-  recovers.
+* a stage waits for Kafka to acknowledge its table writes and its output
+  before it commits its input offsets (:func:`streams.worker.tables.changelog_written`);
+  the stages commit those offsets themselves, not through Faust, and process
+  every offset once and in order (:mod:`streams.worker.contiguous`), so no
+  committed offset is ahead of the table state that a worker taking the
+  partition over recovers.
 
 The clock (``LOYALTY_CLOCK``): ``wall`` is the wall clock; ``event`` is the
 latest event time seen, which the facts stage broadcasts as a watermark to
@@ -55,6 +57,7 @@ from streams.settings import Settings
 from streams.sinks.health import HealthCounters
 from streams.sinks.kafka_outputs import KafkaOutputs
 from streams.stages.routed import Routed
+from streams.worker.contiguous import Contiguous
 from streams.worker.tables import make_table
 from streams.worker.topics import STAR_PARTIALS_TOPIC, TOPIC_CONFIGS
 from streams.worker.wire import pack_chunks
@@ -116,10 +119,12 @@ class Topology:
         self.clock = PipelineClock(settings.clock == "event")
         self.health = HealthCounters()
         self.outputs = KafkaOutputs(app, settings)
-        self.by_store = self._internal_topic("events-by-store")
-        self.by_customer = self._internal_topic("events-by-customer")
+        # acks=False: Faust neither tracks nor commits these topics' offsets; each stage does
+        # (streams.worker.contiguous explains why)
+        self.by_store = self._internal_topic("events-by-store", acks=False)
+        self.by_customer = self._internal_topic("events-by-customer", acks=False)
         # the deltas are the aggregation's log, deleted below each checkpoint by the worker
-        self.deltas = self._internal_topic("deltas", config=dict(TOPIC_CONFIGS["deltas"]))
+        self.deltas = self._internal_topic("deltas", acks=False, config=dict(TOPIC_CONFIGS["deltas"]))
         self.checkpoints_topic = self.settings.topic(self.internal + "checkpoints")
         self.star_partials_topic = self.settings.topic(self.internal + STAR_PARTIALS_TOPIC)
         self.currencies = make_table(app, "store-currency", self.partitions)
@@ -130,6 +135,11 @@ class Topology:
     def event_clock(self) -> bool:
         """Whether "now" is the latest event time (``LOYALTY_CLOCK=event``)."""
         return self.clock.event_clock
+
+    def contiguous(self, topic: Any, *, committed: bool) -> Contiguous:
+        """The in-order guard of a stage input (``committed``: it starts from the group's commits)."""
+        return Contiguous(self.app, topic, self.settings.kafka_bootstrap_servers, self.partitions,
+                          group_id=self.settings.app_id if committed else None)
 
     def _internal_topic(self, name: str, **options: Any) -> Any:
         return self.app.topic(

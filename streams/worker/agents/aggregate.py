@@ -59,11 +59,14 @@ class Aggregation:
         self.partials: dict[int, StoreShard] = {}
         self._admin: AIOKafkaAdminClient | None = None
         self._rebuild_lock = asyncio.Lock()
+        #: the deltas after the rebuild, each once and in order (Faust's own offsets are not used)
+        self.input = topology.contiguous(topology.deltas, committed=False)
 
     def on_assigned(self) -> None:
         """A new partition assignment: the shards must be rebuilt for it."""
         self.assignment_generation += 1
         self.needs_restore = True
+        self.input.forget()
 
     def my_partitions(self) -> set[int]:
         """The deltas partitions assigned to this worker."""
@@ -145,6 +148,7 @@ class Aggregation:
             finally:
                 await consumer.stop()
         self.needs_restore = self.assignment_generation != generation
+        self.input.seed(self.positions)
         log.info("aggregate.rebuilt", stores=len(self.shards), partitions=mine, messages=applied,
                  checkpointed=sum(len(c.shards) for c in restored.values()),
                  seconds=round(time.monotonic() - started, 3))
@@ -176,9 +180,8 @@ class Aggregation:
             await self.ensure_rebuilt()
             if not self.ready:
                 continue  # a refused or pending restore: the log is read again when it succeeds
-            for event in batch:
-                message = event.message
-                self.apply_deltas(unpack(event.value), message.partition, message.offset)
+            for partition, offset, value in await self.input.in_order(batch):
+                self.apply_deltas(unpack(value), partition, offset)
 
     async def checkpoint(self) -> None:
         """Checkpoint the shards of every deltas partition of this worker, then delete the deltas below."""
@@ -210,6 +213,8 @@ class Aggregation:
             # were written, and a restore must not read them as of an earlier "now"
             await self.checkpoints.write_manifest(partition, upto, self.topology.clock.clock_ms, stores)
             await self._delete_below(partition, upto)
+            # where Faust's stream starts after a restart (the rebuild reads from the checkpoint anyway)
+            await self.input.commit_positions({partition: upto})
 
     @staticmethod
     def _checkpoint_name(partition: int, store_id: str) -> str:

@@ -26,6 +26,7 @@ class Facts:
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self.stage = CustomerStage(topology.grid, cache_size=CUSTOMER_CACHE_SIZE)
+        self.input = topology.contiguous(topology.by_customer, committed=True)
 
     def forget(self) -> None:
         """Drop the customers kept in memory: the table may have changed under us."""
@@ -60,8 +61,8 @@ class Facts:
             cache: dict[str, CustomerFacts] = {}
             outgoing: dict[int, list[dict[str, Any]]] = {}
             held_events = 0
-            for event in batch:
-                items = unpack(event.value)
+            for partition, offset, value in await self.input.in_order(batch):
+                items = unpack(value)
                 if clock.event_clock:
                     clock.advance(max((item[2] for item in items), default=None))
                 now = clock.now_ms()
@@ -71,7 +72,7 @@ class Facts:
                 self.stage.process(items, self.load, now, output, wall_ms())
                 health.count("events_applied", output.applied)
                 health.count("duplicates", output.duplicates)
-                source = (event.message.partition, event.message.offset)
+                source = (partition, offset)
                 for partition, parts in delta_messages(output, source, partitions).items():
                     outgoing.setdefault(partition, []).extend(parts)
                 held_events += len(items)
@@ -80,6 +81,13 @@ class Facts:
                     await self.write(outgoing, cache)
                     outgoing, cache, held_events = {}, {}, 0
             await self.write(outgoing, cache)
+            self.input.mark_done()
+            await self.input.commit()
+
+    async def tick(self) -> None:
+        """The once-a-second timer: commit what is done, seek back a stalled partition."""
+        await self.input.commit(force=True)
+        await self.input.unstall()
 
     async def write(self, outgoing: dict[int, list[dict[str, Any]]], cache: dict[str, CustomerFacts]) -> None:
         """Send the deltas, then write the facts that caused them, then broadcast the event clock."""
@@ -114,5 +122,9 @@ def register(topology: Topology) -> Facts:
     @topology.app.agent(topology.by_customer, name=topology.internal + "facts")
     async def facts_agent(stream: Any) -> None:
         await facts.run(stream)
+
+    @topology.app.timer(1.0, name=topology.internal + "facts-tick")  # type: ignore[untyped-decorator]
+    async def facts_tick() -> None:
+        await facts.tick()
 
     return facts

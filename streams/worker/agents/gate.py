@@ -32,6 +32,7 @@ class Gate:
         self.topology = topology
         self.stage = GateStage(topology.partitions)
         self.currencies = CurrencyView(topology.currencies)
+        self.input = topology.contiguous(topology.by_store, committed=True)
 
     async def run(self, stream: Any) -> None:
         """The agent: each batch of by-store messages through the gate, held events added to their store's."""
@@ -42,19 +43,27 @@ class Gate:
             routed = Routed()
             now = None if topology.event_clock else wall_ms()
             newly_held: dict[str, list[Any]] = {}
-            for event in batch:
+            for _, _, value in await self.input.in_order(batch):
                 pending: list[Any] = []
-                self.stage.process(unpack(event.value), self.currencies, now, pending, routed)  # type: ignore[arg-type]
+                self.stage.process(unpack(value), self.currencies, now, pending, routed)  # type: ignore[arg-type]
                 for item in pending:
                     newly_held.setdefault(item[0][3], []).append(item)
             for store_id, items in newly_held.items():
                 key = store_id.encode()
                 previous = held.get(key)
                 held[key] = pack((unpack(previous) if previous else []) + items)
-            # Kafka has the forwarded events before the batch is acked: Faust commits the offsets
-            # of acked events, and a crash after a commit must not lose what was only queued
+            # Kafka has the forwarded events and the tables before the offsets are committed:
+            # a crash after a commit must not lose what was only queued
             await topology.send_routed(topology.by_customer, routed, wait=True)
             await changelog_written(topology.currencies, held)
+            self.input.mark_done()
+            await self.input.commit()
+
+    async def tick(self) -> None:
+        """The once-a-second timer: release held events, commit what is done, seek back a stalled partition."""
+        await self.release_held()
+        await self.input.commit(force=True)
+        await self.input.unstall()
 
     async def release_held(self) -> None:
         """The timer (wall clock only): forward the held events that now has reached."""
@@ -91,6 +100,6 @@ def register(topology: Topology) -> Gate:
 
     @app.timer(1.0, name=topology.internal + "release-held")  # type: ignore[untyped-decorator]
     async def release_held() -> None:
-        await gate.release_held()
+        await gate.tick()
 
     return gate

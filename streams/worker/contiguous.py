@@ -1,0 +1,198 @@
+"""Every message of a Faust stage's input partition processed once, in order, and committed by the stage.
+
+faust-streaming's consumer loses messages around a worker's start. Its recovery resumes the
+stream partitions, the agents start consuming, and only then does it seek them to their
+committed offsets. A message fetched while the flow is suspended is marked read but never
+delivered; after the seek, a message below the read offset is dropped, and the "gap"
+bookkeeping records the offsets in between as acknowledged, so Faust's next commit can pass
+messages that no stage has processed. The SIGKILL chaos test lost a whole by-customer message
+(1,497 events) this way, and its numbers ended wrong.
+
+So the gate, the facts and the aggregation do not rely on Faust's offsets. Their topics are
+declared with ``acks=False``: Faust neither tracks nor commits them. :class:`Contiguous`
+keeps, per input partition, the next offset its stage must process. A repeat is dropped. A
+hole is read back from Kafka and processed before the message after it. A partition that
+stalls below its high-water mark is sought back, which covers the last messages of a burst.
+The stage commits the next offsets itself (:meth:`Contiguous.commit`), once the batch's
+output is acknowledged by Kafka (:meth:`Contiguous.mark_done`). An offset is committed only when every message below it
+has been processed and its output written.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from faust.types import TP
+
+from streams.logs import get_logger
+from streams.worker.log_reader import read_to_end
+
+log = get_logger(__name__)
+
+#: a partition whose next offset has stayed below its high-water mark this long is sought back
+STALL_S = 2.0
+#: the stage commits its positions at most this often (a crash reads at most this much again)
+COMMIT_INTERVAL_S = 0.5
+
+#: one message of a stage's input: (partition, offset, value)
+Message = tuple[int, int, bytes]
+
+
+class Contiguous:
+    """The next offset to process per partition of one stage input topic (see the module docstring)."""
+
+    def __init__(self, app: Any, topic: Any, bootstrap: str, partitions: int, *, group_id: str | None) -> None:
+        self.app = app
+        self.topic = topic
+        self.bootstrap = bootstrap
+        self.partitions = partitions
+        #: the consumer group whose committed offsets start a partition (``None``: the stage seeds them)
+        self.group_id = group_id
+        #: partition -> the next offset to process
+        self.next: dict[int, int] = {}
+        #: partition -> the next offset whose predecessors' output is all acknowledged (:meth:`mark_done`)
+        self.done: dict[int, int] = {}
+        #: partition -> the offset last committed by this stage
+        self.committed: dict[int, int] = {}
+        #: partition -> when the stage last advanced in it (monotonic seconds)
+        self.advanced_at: dict[int, float] = {}
+        self._last_commit = 0.0
+
+    @property
+    def name(self) -> str:
+        return str(self.topic.get_topic_name())
+
+    def forget(self) -> None:
+        """A new partition assignment: positions are read again (from the group's commits, or seeded)."""
+        self.next.clear()
+        self.done.clear()
+        self.committed.clear()
+        self.advanced_at.clear()
+
+    def seed(self, positions: dict[int, int]) -> None:
+        """Set the next offsets (the aggregation's, after it rebuilt its shards from the log)."""
+        self.next = dict(positions)
+        now = time.monotonic()
+        self.advanced_at = {partition: now for partition in positions}
+
+    async def in_order(self, events: Any) -> list[Message]:
+        """The batch's messages to process, holes filled from Kafka, repeats left out, each partition in order."""
+        out: list[Message] = []
+        for event in events:
+            message = event.message
+            partition, offset = message.partition, message.offset
+            expected = self.next.get(partition)
+            if expected is None:
+                expected = await self._start(partition, offset)
+            if offset < expected:
+                continue  # processed already: delivered again after Faust's seek
+            if offset > expected:
+                log.warning("stage.hole_filled", topic=self.name, partition=partition, start=expected, stop=offset)
+                out.extend(await self._read(partition, expected, offset))
+            out.append((partition, offset, event.value))
+            self.next[partition] = offset + 1
+            self.advanced_at[partition] = time.monotonic()
+        return out
+
+    def mark_done(self) -> None:
+        """Everything handed out by :meth:`in_order` so far is processed and its output acknowledged."""
+        self.done.update(self.next)
+
+    async def commit(self, force: bool = False) -> None:
+        """Commit the done offsets that moved (at most every ``COMMIT_INTERVAL_S`` unless ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._last_commit < COMMIT_INTERVAL_S:
+            return
+        self._last_commit = now
+        await self.commit_positions(self.done)
+
+    async def commit_positions(self, positions: dict[int, int]) -> None:
+        """Commit these next offsets for the app's consumer group (those that moved, of assigned partitions)."""
+        offsets = {
+            TP(self.name, partition): offset
+            for partition, offset in positions.items()
+            if self.committed.get(partition) != offset
+        }
+        if not offsets:
+            return
+        try:
+            accepted = await self.app.consumer._commit(offsets)
+        except Exception as error:  # a rebalance or an outage: the positions are committed next time
+            log.warning("stage.commit_failed", topic=self.name, error=str(error) or type(error).__name__)
+            return
+        if accepted:
+            for tp, offset in offsets.items():
+                self.committed[tp.partition] = offset
+
+    async def unstall(self) -> None:
+        """Seek back every partition stuck below its high-water mark for ``STALL_S`` (Faust dropped its tail)."""
+        consumer = self.app.consumer
+        now = time.monotonic()
+        assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.name}
+        for partition, offset in list(self.next.items()):
+            if partition not in assigned or now - self.advanced_at.get(partition, now) < STALL_S:
+                continue
+            tp = TP(self.name, partition)
+            highwater = consumer.highwater(tp)
+            if highwater is not None and highwater > offset:
+                log.warning("stage.stall_sought", topic=self.name, partition=partition, offset=offset,
+                            highwater=highwater)
+                self.advanced_at[partition] = now
+                await consumer.seek(tp, offset)
+
+    async def _start(self, partition: int, first_offset: int) -> int:
+        """Where a partition starts after an assignment: the group's committed offset, else its beginning.
+
+        One request reads them for every partition of the topic.
+        """
+        if self.group_id is None:
+            self.next[partition] = first_offset
+            return first_offset
+        tps = [TopicPartition(self.name, number) for number in range(self.partitions)]
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(self.group_id, partitions=tps)
+        finally:
+            await admin.close()
+        beginnings = await self._beginnings(tps)
+        for tp in tps:
+            if tp.partition in self.next and tp.partition != partition:
+                continue  # already under way in this assignment
+            found = committed.get(tp)
+            start = found.offset if found is not None and found.offset >= 0 else beginnings[tp]
+            self.next[tp.partition] = self.done[tp.partition] = self.committed[tp.partition] = start
+        return self.next[partition]
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+
+    async def _beginnings(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        consumer = self._consumer()
+        await consumer.start()
+        try:
+            return dict(await consumer.beginning_offsets(tps))
+        finally:
+            await consumer.stop()
+
+    async def _read(self, partition: int, start: int, stop: int) -> list[Message]:
+        """The messages of ``partition`` from ``start`` up to, not including, ``stop``, read from Kafka."""
+        tp = TopicPartition(self.name, partition)
+        consumer = self._consumer()
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            return [
+                (partition, record.offset, record.value)
+                async for record in read_to_end(consumer, {tp: start}, {tp: stop})
+                if record.value is not None
+            ]
+        finally:
+            await consumer.stop()
