@@ -8,7 +8,8 @@ store and window, then writes ``--snapshots`` snapshots through the worker's ``R
 same MULTI/EXEC with PUBLISH on ``loyalty:updates``) at ``--rate`` per second, and measures for
 every snapshot and every client the delay from the write call to the event's arrival. It reports
 the delay percentiles, lost events, the dashboard's CPU (user + system over the publishing phase)
-and its RSS, prints them and writes ``bench/results/dashboard-<date>-<clients>clients-<rate>per-s.json``. Target: p99 < 250 ms.
+and its RSS, prints them and writes ``bench/results/dashboard-<date>-<clients>clients-<rate>per-s.json``.
+Target: p99 < 250 ms.
 
 The clients and the publisher run in this one process, on the same machine as the dashboard, so
 the delays include this process's own scheduling (its CPU is reported too).

@@ -384,3 +384,26 @@ async def test_one_subscription_for_all_clients_and_reconnect_after_redis_restar
         await sink.close()
         await client.aclose()
         redis_server.stop()
+
+
+async def test_a_client_that_falls_behind_is_dropped_and_the_others_still_get_everything() -> None:
+    """A stuck browser's queue fills up: its stream is ended (it reconnects), the others miss nothing."""
+    from streams.dashboard import hub as hub_module
+
+    hub = Hub("redis://127.0.0.1:1/0")
+    stuck, reading = hub.add("s", "1h"), hub.add("s", "1h")
+    other_window = hub.add("s", "24h")
+    for seq in range(hub_module.CLIENT_QUEUE + 5):
+        hub.dispatch(UPDATES_CHANNEL, orjson.dumps({"store_id": "s", "window": "1h", "as_of_ms": seq}))
+        if seq < hub_module.CLIENT_QUEUE + 4:
+            frame = reading.queue.get_nowait()
+            assert frame is not None and f'"as_of_ms":{seq}}}'.encode() in frame
+    assert stuck.dropped and stuck not in hub.clients
+    frames = [stuck.queue.get_nowait() for _ in range(stuck.queue.qsize())]
+    assert frames[-1] is None and len(frames) == hub_module.CLIENT_QUEUE
+    assert reading in hub.clients and reading.queue.qsize() == 1
+    assert other_window.queue.empty()
+    hub.dispatch(ALERTS_KEY, b'{"kind":"nps_drop",\n"state":"firing"}')  # alerts go to everyone, on one line
+    assert reading.queue.qsize() == 2 and other_window.queue.get_nowait() == (
+        b'event: alert\ndata: {"kind":"nps_drop","state":"firing"}\n\n'
+    )
