@@ -50,11 +50,10 @@
 
   // -- formatting ------------------------------------------------------------------------------
 
-  function money(value, currency, { signed = false, compact = false } = {}) {
+  function money(value, currency, { compact = false } = {}) {
     // compact: whole units, and 1.2M style from 100,000 on (big totals); else cents
     const options = compact ? { maximumFractionDigits: 0 } : { maximumFractionDigits: 2, minimumFractionDigits: 2 };
     if (compact && Math.abs(value) >= 100000) Object.assign(options, { notation: 'compact', maximumFractionDigits: 1 });
-    if (signed) options.signDisplay = 'exceptZero';
     if (currency) {
       try {
         return numberFormat({ ...options, style: 'currency', currency }).format(value);
@@ -83,7 +82,7 @@
       case 'score': return sign(fixed(1).format(abs));
       case 'dec2': return sign(fixed(2).format(abs));
       case 'int': return sign(fixed(0).format(abs));
-      case 'money': return money(delta, currency, { signed: true, compact: card.key === 'net_revenue' });
+      case 'money': return sign(money(abs, currency, { compact: card.key === 'net_revenue' }));
       default: return sign(String(abs));
     }
   }
@@ -325,14 +324,16 @@
     }
   }
 
-  function chartOptions(width, height, series, yLabel, extra) {
-    const axis = { stroke: '#c9d4df', font: '15px system-ui, sans-serif', grid: { stroke: '#243140', width: 1 }, ticks: { stroke: '#243140' } };
+  const AXIS = { stroke: '#c9d4df', font: '15px system-ui, sans-serif', grid: { stroke: '#243140', width: 1 }, ticks: { stroke: '#243140' } };
+  const percentTicks = (u, vals) => vals.map((v) => v + '%');
+
+  function chartOptions(width, height, series, yAxes, extra) {
     return {
       width, height, pxAlign: false,
       legend: { show: false }, // the captions name the lines, in large type
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true } },
-      axes: [{ ...axis, size: 46 }, { ...axis, size: 64, values: (u, vals) => vals.map((v) => v + yLabel) }],
+      axes: [{ ...AXIS, size: 46 }, ...yAxes],
       series: [{}, ...series],
       ...extra,
     };
@@ -352,10 +353,14 @@
       retention: {
         box: $('chart-retention'),
         data: [x, col('retention_rate'), col('churn_rate')],
+        // one axis each (left retention, right churn): on one 0-100 scale both lines would look flat
         options: (w, h) => chartOptions(w, h, [
-          { label: 'Retention %', stroke: COLORS.retention, width: 3, points: { show: false } },
-          { label: 'Churn %', stroke: COLORS.churn, width: 3, points: { show: false } },
-        ], '%'),
+          { label: 'Retention %', scale: 'retention', stroke: COLORS.retention, width: 3, points: { show: false } },
+          { label: 'Churn %', scale: 'churn', stroke: COLORS.churn, width: 3, points: { show: false } },
+        ], [
+          { ...AXIS, scale: 'retention', stroke: COLORS.retention, size: 64, values: percentTicks },
+          { ...AXIS, scale: 'churn', side: 1, stroke: COLORS.churn, size: 64, values: percentTicks, grid: { show: false } },
+        ]),
       },
       nps: {
         box: $('chart-nps'),
@@ -364,7 +369,7 @@
           { label: 'NPS', stroke: COLORS.nps, width: 3, points: { show: false } },
           { label: '95% low', stroke: 'rgba(201,160,255,0.45)', width: 1, points: { show: false } },
           { label: '95% high', stroke: 'rgba(201,160,255,0.45)', width: 1, points: { show: false } },
-        ], '', { bands: [{ series: [3, 2], fill: COLORS.band }] }),
+        ], [{ ...AXIS, size: 56 }], { bands: [{ series: [3, 2], fill: COLORS.band }] }),
       },
     };
     for (const [name, spec] of Object.entries(specs)) {
