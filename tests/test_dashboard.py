@@ -159,7 +159,7 @@ async def test_page_shows_redis_values_updates_live_shows_alerts_and_stays_on_it
             nps = page.locator("[data-metric=nps]")
             await expect(nps.locator(".value")).to_have_text("42.5", timeout=10_000)
             # against the snapshot at or before as_of - 24h (the one 25 h earlier, NPS 10)
-            await expect(nps.locator(".change")).to_have_text("▲ +32.5 vs 24h earlier")
+            await expect(nps.locator(".change")).to_have_text("▲ +32.5 vs 24h ago")
             await expect(nps.locator(".sub")).to_have_text("95% CI 35 to 49 · n = 412")
             await expect(page.locator("[data-metric=csat] .value")).to_have_text("81.3%")
             await expect(page.locator("[data-metric=clv] .value")).to_have_text("€412.37")

@@ -22,6 +22,9 @@
     { key: 'participation_rate', label: 'Loyalty participation', fmt: 'pct', better: 'up', sub: (m) => count(m.loyalty_members, 'members') },
     { key: 'redemption_rate', label: 'Reward redemption', fmt: 'pct', better: 'up', sub: (m) => ofCount(m.rewards_redeemed, m.rewards_issued, 'rewards') },
   ];
+  // null for * when the stores use different currencies (SPEC 5): said so on their cards
+  const MONETARY = new Set(['clv', 'cac', 'net_revenue', 'revenue_churn_rate', 'net_revenue_retention']);
+  const DIGITS = { pct: 1, score: 1, dec2: 2, int: 0, money: 2 };
   const HISTORY_CAP = 12000; // points kept in the page (the stream keeps ~10,000)
   const COLORS = { line: '#5cc8ff', retention: '#5cc8ff', churn: '#ff8f5c', nps: '#c9a0ff', band: 'rgba(201,160,255,0.22)' };
 
@@ -43,7 +46,8 @@
   const fmtCache = new Map();
   function numberFormat(options) {
     const key = JSON.stringify(options);
-    if (!fmtCache.has(key)) fmtCache.set(key, new Intl.NumberFormat(undefined, options));
+    // signDisplay 'negative': a value that rounds to zero never shows as "-0.0"
+    if (!fmtCache.has(key)) fmtCache.set(key, new Intl.NumberFormat(undefined, { signDisplay: 'negative', ...options }));
     return fmtCache.get(key);
   }
   const fixed = (digits) => numberFormat({ minimumFractionDigits: digits, maximumFractionDigits: digits });
@@ -291,14 +295,19 @@
       if (!snap) {
         parts.change.textContent = '';
         parts.change.className = 'change none';
-      } else if (isNum(value) && isNum(before)) {
-        const delta = value - before;
+      } else if (!isNum(value)) {
+        parts.change.textContent = MONETARY.has(card.key) && !currency && state.store === ALL
+          ? 'mixed store currencies' : 'no data for it in this window';
+        parts.change.className = 'change none';
+      } else if (isNum(before)) {
+        // the change as shown (rounded), so a tiny drift is "±0.0", not a red "−0.0"
+        const delta = Number((value - before).toFixed(DIGITS[card.fmt]));
         const tone = delta === 0 || !card.better ? 'flat' : (delta > 0) === (card.better === 'up') ? 'good' : 'bad';
         const arrow = delta > 0 ? '▲ ' : delta < 0 ? '▼ ' : '';
-        parts.change.textContent = `${arrow}${formatChange(card, delta, currency)} vs ${state.window} earlier`;
+        parts.change.textContent = `${arrow}${formatChange(card, delta, currency)} vs ${state.window} ago`;
         parts.change.className = 'change ' + tone;
       } else {
-        parts.change.textContent = prevIndex < 0 ? `no data ${state.window} earlier yet` : `no value ${state.window} earlier`;
+        parts.change.textContent = prevIndex < 0 ? `no data ${state.window} ago yet` : `no value ${state.window} ago`;
         parts.change.className = 'change none';
       }
       renderSpark(card, column);
@@ -327,15 +336,29 @@
   const AXIS = { stroke: '#c9d4df', font: '15px system-ui, sans-serif', grid: { stroke: '#243140', width: 1 }, ticks: { stroke: '#243140' } };
   const percentTicks = (u, vals) => vals.map((v) => v + '%');
 
+  // y range from the 2nd to the 98th percentile (padded): the first snapshots of a history, over
+  // tiny populations, can be far off (a retention of -2,000%) and would flatten everything else
+  function robustRange(seriesIndex) {
+    return (u) => {
+      const values = u.data[seriesIndex].filter(isNum).sort((a, b) => a - b);
+      if (!values.length) return [0, 100];
+      const lo = values[Math.floor(values.length * 0.02)];
+      const hi = values[Math.min(values.length - 1, Math.floor(values.length * 0.98))];
+      const pad = Math.max(1, (hi - lo) * 0.1);
+      return [Math.floor(lo - pad), Math.ceil(hi + pad)];
+    };
+  }
+
   function chartOptions(width, height, series, yAxes, extra) {
+    const { scales, ...rest } = extra || {};
     return {
       width, height, pxAlign: false,
       legend: { show: false }, // the captions name the lines, in large type
       cursor: { drag: { x: false, y: false } },
-      scales: { x: { time: true } },
+      scales: { x: { time: true }, ...scales },
       axes: [{ ...AXIS, size: 46 }, ...yAxes],
       series: [{}, ...series],
-      ...extra,
+      ...rest,
     };
   }
 
@@ -360,7 +383,7 @@
         ], [
           { ...AXIS, scale: 'retention', stroke: COLORS.retention, size: 64, values: percentTicks },
           { ...AXIS, scale: 'churn', side: 1, stroke: COLORS.churn, size: 64, values: percentTicks, grid: { show: false } },
-        ]),
+        ], { scales: { retention: { range: robustRange(1) }, churn: { range: robustRange(2) } } }),
       },
       nps: {
         box: $('chart-nps'),
