@@ -5,7 +5,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 UV_RUN := $(UV) run --frozen
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap test lint up down status worker demo bench clean
+.PHONY: help bootstrap test lint up down status worker dashboard demo bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,6 +32,9 @@ status: ## Are they running?
 
 worker: ## Run one Faust worker in the foreground
 	$(UV_RUN) loyalty worker
+
+dashboard: ## Serve the live dashboard (http://127.0.0.1:8080/ by default) from Redis
+	$(UV_RUN) loyalty dashboard
 
 demo: bootstrap ## Run the product: Kafka, Redis, a worker and simulated traffic, live metrics table (Ctrl-C stops all)
 	$(UV_RUN) loyalty demo

@@ -3,6 +3,7 @@
 #   - uv (with pip) when missing, then the locked Python environment: uv sync --frozen
 #   - Java 17+ and Maven (apt-get) when missing, then the Kafka jars (mvn, cached in infra/jars)
 #   - redis-server (apt-get) when missing
+#   - chromium (apt-get) when missing: the dashboard's browser tests drive it with Playwright (no browser download)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -48,5 +49,8 @@ uv run --frozen python -m infra.local jars
 # Redis.
 if ! command -v redis-server >/dev/null 2>&1; then apt_install redis-server; fi
 # Debian's package starts a system redis on 6379; ours run on their own ports, leave it be.
+
+# Chromium for the dashboard's browser tests: Playwright launches this system build (its own download is not used).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then apt_install chromium; fi
 
 say "bootstrap done: $(uv run --frozen python --version), $(java -version 2>&1 | head -n1), $(redis-server --version | cut -d' ' -f1-3)"

@@ -2,7 +2,8 @@
 
 Thin: each command parses its options and calls the room that does the work: ``up``/``down``/
 ``status`` the local Kafka and Redis (:mod:`infra.local`), ``worker`` :mod:`streams.worker.run`,
-``simulate``/``replay``/``snapshot``/``demo`` :mod:`streams.tools`, ``bench`` :mod:`bench.run`
+``simulate``/``replay``/``snapshot``/``demo`` :mod:`streams.tools`, ``dashboard`` :mod:`streams.dashboard`,
+``bench`` :mod:`bench.run`
 (imported only when the command runs).
 """
 
@@ -152,6 +153,27 @@ def worker() -> None:
     try:
         run_worker(settings)
     except WorkerStartError as exc:
+        raise _fail(exc) from None
+
+
+@main.command()
+@click.option("--host", help="Address to bind (default LOYALTY_DASHBOARD_HOST, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default LOYALTY_DASHBOARD_PORT, 8080).")
+def dashboard(host: str | None, port: int | None) -> None:
+    """Serve the live dashboard, its JSON API, /metrics (Prometheus) and /healthz, from Redis.
+
+    The page (?store=S&window=W) updates live through server-sent events fed by one Redis
+    pub/sub subscription, which reconnects by itself when Redis restarts.
+    """
+    from streams.dashboard.server import run_dashboard
+
+    settings = _settings()
+    overrides = {key: value for key, value in (("dashboard_host", host), ("dashboard_port", port)) if value}
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    try:
+        run_dashboard(settings, print_url=click.echo)
+    except OSError as exc:  # the port is taken, the address is not ours
         raise _fail(exc) from None
 
 

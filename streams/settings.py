@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     partitions: int = Field(8, ge=1, le=10_000, validation_alias=_env("LOYALTY_PARTITIONS"))
     replication_factor: int = Field(1, ge=1, validation_alias=_env("LOYALTY_REPLICATION_FACTOR"))
     web_port: int = Field(6066, ge=1, le=65535, validation_alias=_env("LOYALTY_WEB_PORT"))
+    dashboard_host: str = Field("127.0.0.1", min_length=1, validation_alias=_env("LOYALTY_DASHBOARD_HOST"))
     dashboard_port: int = Field(8080, ge=1, le=65535, validation_alias=_env("LOYALTY_DASHBOARD_PORT"))
     alert_webhook: str | None = Field(None, validation_alias=_env("LOYALTY_ALERT_WEBHOOK"))
     log_level: str = Field("info", validation_alias=_env("LOYALTY_LOG_LEVEL"))

@@ -14,7 +14,8 @@ VARIABLES = (
     "LOYALTY_BUCKET", "LOYALTY_ACTIVE_HORIZON", "LOYALTY_CLOCK", "LOYALTY_EMIT_INTERVAL", "LOYALTY_STORE",
     "LOYALTY_CHECKPOINT_INTERVAL",
     "LOYALTY_MAX_FUTURE_SKEW", "LOYALTY_DEDUPE_TTL", "LOYALTY_STATE_DIR", "LOYALTY_PARTITIONS",
-    "LOYALTY_REPLICATION_FACTOR", "LOYALTY_WEB_PORT", "LOYALTY_DASHBOARD_PORT", "LOYALTY_ALERT_WEBHOOK",
+    "LOYALTY_REPLICATION_FACTOR", "LOYALTY_WEB_PORT", "LOYALTY_DASHBOARD_HOST", "LOYALTY_DASHBOARD_PORT",
+    "LOYALTY_ALERT_WEBHOOK",
     "LOYALTY_LOG_LEVEL",
 )  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ def test_defaults_are_the_spec_defaults(tmp_path: Path) -> None:
     assert s.dedupe_ttl_ms == 30 * 86_400_000
     assert s.state_dir == tmp_path / ".loyalty"
     assert (s.partitions, s.replication_factor, s.web_port, s.dashboard_port) == (8, 1, 6066, 8080)
+    assert s.dashboard_host == "127.0.0.1"
     assert s.alert_webhook is None
     assert s.log_level == "info"
     assert s.model_fields_set == set()

@@ -6,7 +6,8 @@ starts one worker subprocess (``loyalty worker``, its output in
 that windows have a past and ``churn_rate`` is defined at once) and then live traffic
 with :func:`streams.tools.simulate.run_simulation`, and redraws a rich table of
 ``customers_end``, ``churn_rate``, ``nps``, ``repeat_purchase_rate``, ``gross_revenue`` and
-``as_of`` per store, read from Redis every second. Ctrl-C (SIGINT) or SIGTERM stops the
+``as_of`` per store, read from Redis every second; it also starts ``loyalty dashboard``
+(``<LOYALTY_STATE_DIR>/demo/dashboard.log``) and prints its URL. Ctrl-C (SIGINT) or SIGTERM stops the
 simulator (buffered events are still sent) and the worker; the command then stops the
 Kafka and Redis it started itself (and nothing else).
 """
@@ -33,6 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from infra import local
+from streams.dashboard.server import dashboard_url
 from streams.settings import Settings
 from streams.sinks.redis_sink import metric_key, parse_redis_field, read_health
 from streams.sinks.snapshots import rfc3339_ms
@@ -65,10 +67,24 @@ def start_worker(log_path: Path) -> subprocess.Popen[bytes]:
 
     On Linux it also gets SIGTERM if the demo dies without cleaning up.
     """
+    return _start(worker_command(), log_path)
+
+
+def dashboard_command() -> list[str]:
+    """``loyalty dashboard`` with this Python."""
+    return [sys.executable, "-m", "streams.cli", "dashboard"]
+
+
+def start_dashboard(log_path: Path) -> subprocess.Popen[bytes]:
+    """``loyalty dashboard`` beside the worker, the same way (own session, log file, dies with the demo)."""
+    return _start(dashboard_command(), log_path)
+
+
+def _start(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            worker_command(),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -76,6 +92,10 @@ def start_worker(log_path: Path) -> subprocess.Popen[bytes]:
             # the same guard `loyalty up` gives test sessions
             preexec_fn=local._die_with_parent if sys.platform == "linux" else None,
         )
+
+
+def _bind_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def stop_worker(proc: subprocess.Popen[Any], timeout: float = WORKER_STOP_TIMEOUT_S) -> int:
@@ -276,11 +296,23 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console | None =
         return 1
     worker = start_worker(log_path)
     console.print(f"worker started (pid {worker.pid}), log: {log_path}")
+    dashboard_log = settings.state_dir / "demo" / "dashboard.log"
+    dashboard: subprocess.Popen[bytes] | None = None
+    if local.port_free(settings.dashboard_port, _bind_host(settings.dashboard_host)):
+        dashboard = start_dashboard(dashboard_log)
+        console.print(f"dashboard started (pid {dashboard.pid}): {dashboard_url(settings)}?window={options.window}"
+                      f"  log: {dashboard_log}", markup=False, highlight=False)
+    else:  # a dashboard (or something else) already serves that port: leave it be
+        console.print(f"dashboard port {settings.dashboard_port} is taken (LOYALTY_DASHBOARD_PORT); not starting one; "
+                      f"an already running dashboard is at {dashboard_url(settings)}", markup=False, highlight=False)
     try:
         return asyncio.run(_show(settings, options, worker, console, log_path))
     finally:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan the worker
         try:
+            if dashboard is not None:
+                console.print("stopping the dashboard ...")
+                stop_worker(dashboard)
             console.print("stopping the worker ...")
             code = stop_worker(worker)
             console.print(f"worker stopped (exit code {code})")
