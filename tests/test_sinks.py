@@ -32,16 +32,21 @@ async def test_health_counts_survive_a_failed_flush_and_are_added_once(services)
     health = HealthCounters()
     health.count("events_applied", 7)
     health.count("dead_letters", 2)
+    health.gauge("consumer_lag:orders:0", 40)
     unreachable = RedisSink(f"redis://127.0.0.1:{free_port()}/0")
     await health.flush(unreachable)
     assert health.pending == {"events_applied": 7, "dead_letters": 2}
+    assert health.gauges == {"consumer_lag:orders:0": 40}
     health.count("events_applied", 1)
+    health.gauge("consumer_lag:orders:0", 3)  # a newer value replaces the one Redis refused
     sink = RedisSink(url)
     try:
         await health.flush(sink)
-        assert health.pending == {}
+        assert health.pending == {} and health.gauges == {}
         await health.flush(sink)  # nothing pending: nothing added
-        assert await client.hgetall(HEALTH_KEY) == {"events_applied": "8", "dead_letters": "2"}
+        assert await client.hgetall(HEALTH_KEY) == {
+            "events_applied": "8", "dead_letters": "2", "consumer_lag:orders:0": "3"
+        }
     finally:
         await sink.close()
         await unreachable.close()

@@ -10,6 +10,8 @@ class HealthCounters:
 
     def __init__(self) -> None:
         self.pending: dict[str, int] = {}
+        #: values set rather than added (``consumer_lag:{topic}:{partition}``), latest first
+        self.gauges: dict[str, int] = {}
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add to a counter (nothing is written until :meth:`flush`).
@@ -21,6 +23,15 @@ class HealthCounters:
         if amount:
             self.pending[name] = self.pending.get(name, 0) + amount
 
+    def gauge(self, name: str, value: int) -> None:
+        """Set a value (nothing is written until :meth:`flush`; a later value replaces it).
+
+        >>> health = HealthCounters(); health.gauge("consumer_lag:o:0", 5); health.gauge("consumer_lag:o:0", 2)
+        >>> health.gauges
+        {'consumer_lag:o:0': 2}
+        """
+        self.gauges[name] = value
+
     async def flush(self, sink: RedisSink) -> None:
         """Add the pending counts to Redis in one transaction; on a failure they stay pending for the next flush.
 
@@ -28,11 +39,14 @@ class HealthCounters:
         Redis has. (A reply lost after Redis applied them still counts them twice: Redis gives
         no way to tell.)
         """
-        if not self.pending:
+        if not self.pending and not self.gauges:
             return
         counters, self.pending = self.pending, {}
+        gauges, self.gauges = self.gauges, {}
         try:
-            await sink.count(counters)
+            await sink.count(counters, gauges)
         except Exception:  # health counters are best effort; kept for the next flush
             for name, amount in counters.items():
                 self.count(name, amount)
+            for name, value in gauges.items():
+                self.gauges.setdefault(name, value)

@@ -101,11 +101,13 @@ class RedisSink:
         self._last_as_of[key] = as_of_ms
         return True
 
-    async def count(self, counters: dict[str, int]) -> None:
-        """Add to the worker health counters (``loyalty:health``), all or none (one MULTI/EXEC)."""
+    async def count(self, counters: dict[str, int], gauges: dict[str, int] | None = None) -> None:
+        """Add to the worker health counters (``loyalty:health``) and set its gauges, all or none (one MULTI/EXEC)."""
         async with self.client.pipeline(transaction=True) as pipe:
             for field, amount in counters.items():
                 pipe.hincrby(HEALTH_KEY, field, amount)
+            if gauges:
+                pipe.hset(HEALTH_KEY, mapping={field: str(value) for field, value in gauges.items()})
             await pipe.execute()
 
     async def close(self) -> None:

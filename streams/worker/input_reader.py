@@ -67,6 +67,7 @@ async def read_inputs(
     group_id: str,
     handle: Handler,
     hooks: CommitHooks | None = None,
+    on_lag: Callable[[dict[tuple[str, int], int]], None] | None = None,
 ) -> None:
     """Read ``topics`` in group ``group_id`` until cancelled; commit each fetch after ``handle`` returns.
 
@@ -105,13 +106,25 @@ async def read_inputs(
                         progress.uncommitted.update(
                             {tp: batch[-1].offset + 1 for tp, batch in fetched.items() if batch}
                         )
-            if progress.uncommitted and time.monotonic() - progress.committed_at >= COMMIT_INTERVAL_S:
+            if time.monotonic() - progress.committed_at >= COMMIT_INTERVAL_S:
                 await progress.commit()
+                if on_lag is not None:  # reported when idle too, so a caught-up lag shows 0
+                    on_lag(await _lags(consumer))
     finally:
         try:
             await progress.commit()
         finally:
             await consumer.stop()
+
+
+async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
+    """Messages between each assigned partition's position and its end (as of the last fetch)."""
+    lags = {}
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is not None:
+            lags[(tp.topic, tp.partition)] = max(0, highwater - await consumer.position(tp))
+    return lags
 
 
 class _Progress(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -55,6 +55,11 @@ class Ingest:
         for metadata in await topology.send_routed(topology.by_store, routed, wait=True):
             ledger.record(metadata.partition, metadata.offset)
 
+    def report_lags(self, lags: dict[tuple[str, int], int]) -> None:
+        """The input partitions' consumer lag, as health gauges ``consumer_lag:{topic}:{partition}``."""
+        for (topic, partition), lag in lags.items():
+            self.topology.health.gauge(f"consumer_lag:{topic}:{partition}", lag)
+
     async def run(self) -> None:
         """Read the input topics until cancelled, in the consumer group ``<app id>-ingest``.
 
@@ -73,6 +78,7 @@ class Ingest:
                     topology.internal + "ingest",
                     self.handle,
                     self.ledger,
+                    self.report_lags,
                 )
                 return
             except asyncio.CancelledError:
