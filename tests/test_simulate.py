@@ -14,8 +14,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from metrics.events import INPUT_TOPICS, TYPE_TOPIC
-from metrics.validation import Event, Rejection, parse_message, parse_timestamp
 from metrics.formulas import nps
+from metrics.validation import Event, Rejection, parse_message, parse_timestamp
 from streams.tools.simulate import TokenBucket, parse_nps_drop
 from streams.tools.storefront import ChurnSpike, NpsDrop, Storefronts
 from support import async_wait_for, clean_env, run_loyalty
@@ -45,7 +45,7 @@ def order_share(events: list[tuple[str, dict[str, Any]]], keep: Any) -> float:
 
 
 def test_demand_peaks_on_weekends_and_evenings_and_is_quiet_at_night() -> None:
-    """Over two weeks, orders are a larger share of the events on weekends than on weekdays, and of evenings than nights."""
+    """Over two weeks, orders are a larger share of events on weekends than weekdays, and of evenings than nights."""
     events = generate(40_000, seed=2, step_ms=30_000)  # 14 days from a Wednesday 00:00 UTC
     weekend = order_share(events, lambda t: t.weekday() >= 5)
     weekday = order_share(events, lambda t: t.weekday() < 5)
