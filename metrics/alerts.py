@@ -19,9 +19,13 @@ new and can never produce a second id for one firing.
 Definitions (x is the sample's value, n the samples already in the baseline, B the boundary):
 
 * baseline: exponentially weighted mean and variance of the baseline's samples, with
-  ``alpha = 1 - 2 ** (-1 / h)``, h = half-life / step in samples (7d / 15m = 672). Update
-  (West 1979, Finch 2009): ``d = x - mean; mean += alpha * d; var = (1 - alpha) * (var + alpha * d * d)``;
-  the first sample sets ``mean = x, var = 0``. sigma = sqrt(var).
+  ``alpha = 1 - 2 ** (-1 / h)``, h = half-life / step in samples (7d / 15m = 672). Update of
+  the n-th sample (West 1979, Finch 2009), with ``a = max(alpha, 1 / n)``:
+  ``d = x - mean; mean += a * d; var = (1 - a) * (var + a * d * d)``. So the first sample sets
+  ``mean = x, var = 0``, the first 1/alpha samples (970 by default) weigh equally (the plain
+  mean and population variance, Welford's update), and later ones decay with the half-life: a
+  store's first, tiny-count samples (a churn rate of 1 in 3) must not stand for weeks of
+  history, as they would if the first sample started an EWMA. sigma = sqrt(var).
 * churn spike on ``churn_rate`` (0-100): threshold = mean + k * sigma; fires when x > threshold.
 * NPS drop on ``nps`` (-100..100): threshold = mean - k * sigma; fires when x < threshold and
   ``nps_ci_high`` < threshold (the whole 95% interval below it).
@@ -334,10 +338,11 @@ def _fed(state: DetectorState, value: float, alpha: float) -> DetectorState:
     """The state with one more sample in its baseline (module docstring: the update)."""
     if state.samples == 0:
         return replace(state, samples=1, mean=value, var=0.0)
+    weight = max(alpha, 1.0 / (state.samples + 1))
     diff = value - state.mean
-    increment = alpha * diff
+    increment = weight * diff
     return replace(state, samples=state.samples + 1, mean=state.mean + increment,
-                   var=(1.0 - alpha) * (state.var + diff * increment))
+                   var=(1.0 - weight) * (state.var + diff * increment))
 
 
 def evaluate(state: DetectorState, boundary_ms: int, metrics: Mapping[str, object],

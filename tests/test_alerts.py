@@ -186,6 +186,18 @@ def test_ewma_baseline_values() -> None:
     assert math.isclose(ewma_alpha(Decimal(672)), 1 - 2 ** (-1 / 672), rel_tol=1e-12)
 
 
+def test_first_samples_weigh_equally_until_one_over_alpha() -> None:
+    """With a half-life of 2 samples (alpha 0.29), the first 3 samples give their plain mean and population variance."""
+    config = AlertConfig(step_ms=STEP, half_life_ms=2 * STEP)
+    assert round(1 / config.alpha, 3) == 3.414  # the weight is 1/n for n <= 3, alpha after
+    state = initial_state(CHURN_SPIKE, "s", config)
+    for index, rate in enumerate((30.0, 2.0, 1.0)):
+        state, _ = evaluate(state, (index + 1) * STEP, churn(rate), config)
+    assert (state.mean, round(state.var, 9)) == (11.0, round(((19**2) + 9**2 + 10**2) / 3, 9))
+    state, _ = evaluate(state, 4 * STEP, churn(3.0), config)
+    assert math.isclose(state.mean, 11.0 + config.alpha * (3.0 - 11.0))
+
+
 @pytest.mark.parametrize(("after", "watermark", "grace", "expected"), [
     (0, 3_600_000, 0, [900_000, 1_800_000, 2_700_000, 3_600_000]),
     (0, 3_600_000, 3_600_000, []),
@@ -256,9 +268,10 @@ def reference_alerts(kind: str, samples: Sequence[Sample], config: AlertConfig) 
             if position == 0:
                 mean, var = x, 0.0
             else:
+                weight = max(config.alpha, 1.0 / (position + 1))
                 diff = x - mean
-                increment = config.alpha * diff
-                mean, var = mean + increment, (1.0 - config.alpha) * (var + diff * increment)
+                increment = weight * diff
+                mean, var = mean + increment, (1.0 - weight) * (var + diff * increment)
         threshold = mean - config.k * math.sqrt(var) if downward else mean + config.k * math.sqrt(var)
         count = metrics[count_name]
         assert isinstance(count, int)
