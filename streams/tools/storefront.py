@@ -109,11 +109,24 @@ ACTIONS = tuple(range(10))
 
 @dataclass(frozen=True)
 class ChurnSpike:
-    """From event time ``at_ms`` on, the store ``store_index`` (0-based) loses customers abruptly."""
+    """From event time ``at_ms`` on (for ``duration_ms``, or for ever), the store ``store_index`` (0-based)
+    loses customers abruptly."""
 
     store_index: int
     at_ms: int
     factor: float
+    duration_ms: int | None = None
+
+    def active(self, store_index: int, time_ms: int) -> bool:
+        """Whether an event of that store at that time is in the spike.
+
+        >>> spike = ChurnSpike(0, 1_000, 5.0, duration_ms=500)
+        >>> [spike.active(0, t) for t in (999, 1_000, 1_499, 1_500)], ChurnSpike(0, 1_000, 5.0).active(0, 10**12)
+        ([False, True, True, False], True)
+        """
+        if store_index != self.store_index or time_ms < self.at_ms:
+            return False
+        return self.duration_ms is None or time_ms < self.at_ms + self.duration_ms
 
 
 @dataclass(frozen=True)
@@ -477,7 +490,7 @@ class Storefronts:
         self._last_ms = time_ms
         store = self._pick.choices(self.stores, cum_weights=self._cum_weights)[0]
         spike = self._spike
-        spiking = spike is not None and store.index == spike.store_index and time_ms >= spike.at_ms
+        spiking = spike is not None and spike.active(store.index, time_ms)
         detracting = self._drop is not None and self._drop.active(store.index, time_ms)
         season = demand(time_ms) if self._seasonal else 1.0
         return store.next_event(time_ms, spiking, spike.factor if spike is not None else 1.0, season, detracting)
