@@ -244,12 +244,12 @@ def snapshot(stores: tuple[str, ...], windows: tuple[str, ...], as_json: bool) -
 
 def _simulation_options(rate: float, duration: str | None, events: int | None, stores: int, customers: int,
                         seed: int | None, start: str | None, churn_spike: str | None, spike_store: str | None,
-                        batch: int, **extra: object) -> SimulationOptions:
+                        batch: int, nps_drop: str | None = None, **extra: object) -> SimulationOptions:
     """The options of ``simulate`` and ``demo`` checked and parsed (usage errors name the option)."""
     import random
 
     from metrics.timegrid import parse_duration
-    from streams.tools.simulate import SimulationOptions, parse_churn_spike, parse_start
+    from streams.tools.simulate import SimulationOptions, parse_churn_spike, parse_nps_drop, parse_start
 
     def parsed(option: str, parse: Callable[[str], T], text: str | None) -> T | None:
         try:
@@ -258,10 +258,11 @@ def _simulation_options(rate: float, duration: str | None, events: int | None, s
             raise click.BadParameter(str(exc), param_hint=option) from None
 
     spike = parsed("--churn-spike", parse_churn_spike, churn_spike)
+    drop = parsed("--nps-drop", parse_nps_drop, nps_drop)
     store_index = 0
     if spike_store is not None:
-        if spike is None:
-            raise click.BadParameter("only with --churn-spike", param_hint="--spike-store")
+        if spike is None and drop is None:
+            raise click.BadParameter("only with --churn-spike or --nps-drop", param_hint="--spike-store")
         number = spike_store.removeprefix("store-")
         if not number.isdigit() or not 1 <= int(number) <= stores:
             raise click.BadParameter(f"{spike_store!r} is not one of store-1..store-{stores}",
@@ -277,6 +278,7 @@ def _simulation_options(rate: float, duration: str | None, events: int | None, s
             seed=seed if seed is not None else random.SystemRandom().randrange(1, 1_000_000),
             start_ms=parsed("--start", parse_start, start),
             churn_spike=spike,
+            nps_drop=drop,
             spike_store=store_index,
             batch=batch,
             **extra,  # type: ignore[arg-type]
@@ -298,7 +300,11 @@ def _traffic_options(rate: float, stores: int = 3, customers: int = 3000) -> Cal
         click.option("--churn-spike", metavar="AT:FACTOR",
                      help="From AT (an offset from the start like 30s or 2d, or RFC 3339 / epoch ms) the spike "
                      "store closes accounts at FACTOR times its normal rate and its customers stop ordering."),
-        click.option("--spike-store", metavar="STORE", help="Store of --churn-spike (default store-1)."),
+        click.option("--nps-drop", metavar="AT:DURATION",
+                     help="From AT (as in --churn-spike) for DURATION (e.g. 1d) the spike store's NPS survey "
+                     "answers are mostly detractors."),
+        click.option("--spike-store", metavar="STORE",
+                     help="Store of --churn-spike and --nps-drop (default store-1)."),
     ]
 
     def decorate(command: F) -> F:
@@ -339,15 +345,16 @@ def _run_until_interrupted(coroutine_of_stop: Callable[[asyncio.Event], Awaitabl
               help="Events per Kafka message (a JSON array when N > 1).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def simulate(rate: float, stores: int, customers: int, seed: int | None, churn_spike: str | None,
-             spike_store: str | None, duration: str | None, events: int | None, start: str | None, batch: int,
-             progress: bool) -> None:
+             nps_drop: str | None, spike_store: str | None, duration: str | None, events: int | None,
+             start: str | None, batch: int, progress: bool) -> None:
     """Publish realistic storefront traffic to the five input topics.
 
     Live by default: event times are the wall clock when sent, at --rate events per second,
     until --duration, --events or Ctrl-C (what is buffered is still sent). Customers arrive
     through signup channels, order repeatedly with gaps, get refunds, close accounts, answer
     NPS/CSAT/CES/CLI surveys; stores spend on marketing by channel; loyalty members earn and
-    redeem rewards. With --start, a backfill of historical traffic.
+    redeem rewards; orders and arrivals peak on weekends and evenings and are quiet at night
+    (UTC). With --start, a backfill of historical traffic.
     """
     import logging
 
@@ -355,7 +362,7 @@ def simulate(rate: float, stores: int, customers: int, seed: int | None, churn_s
 
     logging.getLogger("aiokafka").addHandler(logging.NullHandler())  # retries are not news; failures end the run
     options = _simulation_options(rate, duration, events, stores, customers, seed, start, churn_spike, spike_store,
-                                  batch)
+                                  batch, nps_drop)
     if options.live and options.events is None and options.duration_ms is None:
         click.echo("live traffic until Ctrl-C", err=True)
     settings = _settings()
@@ -379,7 +386,7 @@ def simulate(rate: float, stores: int, customers: int, seed: int | None, churn_s
               help="Events of that history.")
 @click.option("--duration", metavar="DURATION", help="Stop by itself after this long (default: at Ctrl-C).")
 def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike: str | None,
-         spike_store: str | None, window: str | None, backfill: str, backfill_events: int,
+         nps_drop: str | None, spike_store: str | None, window: str | None, backfill: str, backfill_events: int,
          duration: str | None) -> None:
     """Run everything: `loyalty up`, a worker and live simulated traffic, with a live table of the metrics.
 
@@ -404,7 +411,7 @@ def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     options = _simulation_options(rate, None, None, stores, customers, seed, None, churn_spike, spike_store, 1,
-                                  backfill_ms=backfill_ms or None, backfill_events=backfill_events)
+                                  nps_drop, backfill_ms=backfill_ms or None, backfill_events=backfill_events)
     before = {status.name: status.state for status in local.status(settings.state_dir)}
     click.get_current_context().invoke(up)
     started = [status.name for status in local.status(settings.state_dir)

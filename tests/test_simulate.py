@@ -1,4 +1,5 @@
-"""The storefront simulator: valid, complete, deterministic traffic; the churn spike; `loyalty simulate` on Kafka."""
+"""The storefront simulator: valid, complete, deterministic, seasonal traffic; the churn spike and the NPS drop;
+`loyalty simulate` on Kafka."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from metrics.events import INPUT_TOPICS, TYPE_TOPIC
+from metrics.formulas import nps
 from metrics.validation import Event, Rejection, parse_message, parse_timestamp
-from streams.tools.simulate import TokenBucket
-from streams.tools.storefront import ChurnSpike, Storefronts
+from streams.tools.simulate import TokenBucket, parse_nps_drop
+from streams.tools.storefront import ChurnSpike, NpsDrop, Storefronts
 from support import async_wait_for, clean_env, run_loyalty
 
 START_MS = 1_700_006_400_000
@@ -24,11 +26,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def generate(count: int, seed: int = 11, spike: ChurnSpike | None = None, stores: int = 3,
-             customers: int = 3_000) -> list[tuple[str, dict[str, Any]]]:
-    """``count`` events on a virtual clock that moves STEP_MS per event."""
-    clock = itertools.count(START_MS, STEP_MS).__next__
+             customers: int = 3_000, drop: NpsDrop | None = None,
+             step_ms: int = STEP_MS) -> list[tuple[str, dict[str, Any]]]:
+    """``count`` events on a virtual clock that moves ``step_ms`` per event."""
+    clock = itertools.count(START_MS, step_ms).__next__
     return list(itertools.islice(
-        Storefronts(seed=seed, stores=stores, customers=customers, clock=clock, churn_spike=spike), count))
+        Storefronts(seed=seed, stores=stores, customers=customers, clock=clock, churn_spike=spike, nps_drop=drop),
+        count))
+
+
+def order_share(events: list[tuple[str, dict[str, Any]]], keep: Any) -> float:
+    """The share of ``order.placed`` among the events whose UTC datetime passes ``keep``."""
+    from datetime import UTC, datetime
+
+    kept = [body["type"] for _, body in events
+            if keep(datetime.fromtimestamp(parse_timestamp(body["occurred_at"]) / 1000, tz=UTC))]
+    return kept.count("order.placed") / len(kept)
+
+
+def test_demand_peaks_on_weekends_and_evenings_and_is_quiet_at_night() -> None:
+    """Over two weeks, orders are a larger share of events on weekends than weekdays, and of evenings than nights."""
+    events = generate(40_000, seed=2, step_ms=30_000)  # 14 days from a Wednesday 00:00 UTC
+    weekend = order_share(events, lambda t: t.weekday() >= 5)
+    weekday = order_share(events, lambda t: t.weekday() < 5)
+    evening = order_share(events, lambda t: 18 <= t.hour <= 21)
+    night = order_share(events, lambda t: 1 <= t.hour <= 5)
+    assert weekend > 1.1 * weekday, (weekend, weekday)
+    assert evening > 2 * night, (evening, night)
+    assert night < 0.25 < evening, (night, evening)
 
 
 def test_generated_events_are_valid_and_cover_every_type_and_survey() -> None:
@@ -74,6 +99,29 @@ def test_churn_spike_closes_accounts_and_stops_orders_in_its_store_only() -> Non
     assert before == [(t, b) for t, b in spiked if parse_timestamp(b["occurred_at"]) < at_ms]
     for store in ("store-1", "store-3"):
         assert [e for e in plain if e[1]["store_id"] == store] == [e for e in spiked if e[1]["store_id"] == store]
+
+
+def test_nps_drop_makes_its_store_detract_only_during_it() -> None:
+    """In the drop its store's NPS is below -40; every other event (and each score outside it) is unchanged."""
+    count = 60_000
+    at_ms, duration_ms = START_MS + 20_000 * STEP_MS, 20_000 * STEP_MS
+    plain = generate(count, seed=4)
+    dropped = generate(count, seed=4, drop=NpsDrop(store_index=2, at_ms=at_ms, duration_ms=duration_ms))
+
+    def in_drop(body: dict[str, Any]) -> bool:
+        return body["store_id"] == "store-3" and at_ms <= parse_timestamp(body["occurred_at"]) < at_ms + duration_ms
+
+    def score_of(events: list[tuple[str, dict[str, Any]]], inside: bool) -> float | None:
+        scores = [body["score"] for _, body in events if body.get("survey") == "nps" and in_drop(body) == inside
+                  and body["store_id"] == "store-3"]
+        assert len(scores) >= 30, len(scores)
+        return nps(sum(s >= 9 for s in scores), sum(s <= 6 for s in scores), len(scores))
+
+    assert score_of(dropped, inside=True) < -40 < 10 < score_of(plain, inside=True)  # type: ignore[operator]
+    assert score_of(dropped, inside=False) == score_of(plain, inside=False)
+    assert [b for _, b in plain if not in_drop(b)] == [b for _, b in dropped if not in_drop(b)]
+    assert [{**b, "score": 0} for _, b in plain] == [{**b, "score": 0} for _, b in dropped]
+    assert parse_nps_drop("1h:30m").resolve(2, START_MS) == NpsDrop(2, START_MS + 3_600_000, 1_800_000)
 
 
 def test_token_bucket_keeps_the_long_run_rate_with_irregular_loops() -> None:

@@ -63,6 +63,7 @@ def generate_history(
         stores=stores,
         customers=stores * customers_per_store,
         clock=lambda: start_ms + next(steps) * span_ms // total,
+        seasonal=False,  # flat demand: the histories of the tests and benches stay as they were
     )
     made: list[HistoryEvent] = []
     for _ in range(total):

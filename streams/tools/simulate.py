@@ -25,7 +25,7 @@ from metrics.events import INPUT_TOPICS
 from metrics.timegrid import parse_duration
 from metrics.validation import MAX_BATCH_EVENTS, parse_timestamp
 from streams.settings import Settings
-from streams.tools.storefront import DEFAULT_CUSTOMERS, DEFAULT_STORES, ChurnSpike, Storefronts
+from streams.tools.storefront import DEFAULT_CUSTOMERS, DEFAULT_STORES, ChurnSpike, NpsDrop, Storefronts
 from streams.worker.topics import KafkaUnreachable, start_input_producer
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "SimulationStats",
     "TokenBucket",
     "parse_churn_spike",
+    "parse_nps_drop",
     "parse_start",
     "run_simulation",
 ]
@@ -78,6 +79,43 @@ class SpikeSpec:
         return ChurnSpike(store_index, at_ms, self.factor)
 
 
+def _parse_at(at: str) -> tuple[int | None, int | None]:
+    """AT of ``AT:...``: (offset from the start, None) or (None, epoch ms)."""
+    if at[-1:].isalpha() and not at[:1].isalpha() and "T" not in at:
+        return parse_duration(at), None
+    return None, parse_start(at)
+
+
+@dataclass(frozen=True)
+class DropSpec:
+    """``--nps-drop AT:DURATION`` as given: from ``offset_ms`` after the start (or ``at_ms``) for ``duration_ms``."""
+
+    duration_ms: int
+    offset_ms: int | None = None
+    at_ms: int | None = None
+
+    def resolve(self, store_index: int, start_ms: int) -> NpsDrop:
+        """The drop on the event-time axis of a run whose (live or historical) start is ``start_ms``."""
+        at_ms = self.at_ms if self.at_ms is not None else start_ms + (self.offset_ms or 0)
+        return NpsDrop(store_index, at_ms, self.duration_ms)
+
+
+def parse_nps_drop(text: str) -> DropSpec:
+    """``AT:DURATION``; AT as in ``--churn-spike`` (an offset like ``2h``, RFC 3339 or epoch ms), DURATION like ``1d``.
+
+    >>> parse_nps_drop("20d:2d")
+    DropSpec(duration_ms=172800000, offset_ms=1728000000, at_ms=None)
+    >>> parse_nps_drop("2024-03-01T12:00:00Z:6h").at_ms
+    1709294400000
+    """
+    at, sep, duration_text = text.strip().rpartition(":")
+    if not sep or not at:
+        raise ValueError(f"{text!r} is not AT:DURATION (e.g. 10m:1h)")
+    duration_ms = parse_duration(duration_text)
+    offset_ms, at_ms = _parse_at(at)
+    return DropSpec(duration_ms, offset_ms=offset_ms, at_ms=at_ms)
+
+
 def parse_churn_spike(text: str) -> SpikeSpec:
     """``AT:FACTOR``; AT is an offset from the start (``30s``, ``2h``, ``10d``), RFC 3339 or epoch ms.
 
@@ -95,9 +133,8 @@ def parse_churn_spike(text: str) -> SpikeSpec:
         raise ValueError(f"{factor_text!r} is not a number (FACTOR of AT:FACTOR)") from None
     if not math.isfinite(factor) or factor <= 0:
         raise ValueError(f"FACTOR must be a positive number, not {factor_text!r}")
-    if at[-1:].isalpha() and not at[:1].isalpha() and "T" not in at:
-        return SpikeSpec(factor, offset_ms=parse_duration(at))
-    return SpikeSpec(factor, at_ms=parse_start(at))
+    offset_ms, at_ms = _parse_at(at)
+    return SpikeSpec(factor, offset_ms=offset_ms, at_ms=at_ms)
 
 
 @dataclass(frozen=True)
@@ -112,7 +149,8 @@ class SimulationOptions:
     seed: int = 1
     start_ms: int | None = None
     churn_spike: SpikeSpec | None = None
-    spike_store: int = 0  # 0-based index
+    nps_drop: DropSpec | None = None
+    spike_store: int = 0  # 0-based index, of the churn spike and the NPS drop
     batch: int = 1
     #: live runs only: first publish ``backfill_events`` events covering the ``backfill_ms`` before now
     backfill_ms: int | None = None
@@ -208,6 +246,7 @@ class SimulationStats:
     per_type: Counter[str] = field(default_factory=Counter)
     per_store: Counter[str] = field(default_factory=Counter)
     spike: ChurnSpike | None = None
+    drop: NpsDrop | None = None
     store_ids: list[str] = field(default_factory=list)
 
     @property
@@ -238,6 +277,11 @@ class SimulationStats:
             lines.append(
                 f"  churn spike: {self.store_ids[self.spike.store_index]} from {rfc3339_ms(self.spike.at_ms)}, "
                 f"x{self.spike.factor:g} closures, no orders"
+            )
+        if self.drop is not None:
+            lines.append(
+                f"  NPS drop: {self.store_ids[self.drop.store_index]} from {rfc3339_ms(self.drop.at_ms)} "
+                f"to {rfc3339_ms(self.drop.at_ms + self.drop.duration_ms)}, NPS answers mostly detractors"
             )
         return "\n".join(lines)
 
@@ -290,8 +334,8 @@ async def run_simulation(
     ``duration_ms``, after ``events`` events, or when ``stop`` is set (every buffered event is
     still sent). Historical: ``historical_events()`` events with times evenly spread over
     ``historical_span_ms()`` from ``start_ms``, sent as fast as Kafka acknowledges; the span
-    must end before now. ``AT`` of a churn spike counts from the start of the live part (or
-    from ``start_ms``). ``progress(stats)`` is called about every 0.1 s and at the end.
+    must end before now. ``AT`` of a churn spike or an NPS drop counts from the start of the live
+    part (or from ``start_ms``). ``progress(stats)`` is called about every 0.1 s and at the end.
     """
     now = wall_clock_ms()
     clock = _SwitchClock()
@@ -306,9 +350,10 @@ async def run_simulation(
     else:
         spike_origin = now
     spike = options.churn_spike.resolve(options.spike_store, spike_origin) if options.churn_spike else None
+    drop = options.nps_drop.resolve(options.spike_store, spike_origin) if options.nps_drop else None
     generator = Storefronts(seed=options.seed, stores=options.stores, customers=options.customers,
-                            clock=clock, churn_spike=spike)
-    stats = SimulationStats(seed=options.seed, spike=spike, store_ids=generator.store_ids)
+                            clock=clock, churn_spike=spike, nps_drop=drop)
+    stats = SimulationStats(seed=options.seed, spike=spike, drop=drop, store_ids=generator.store_ids)
     stop = stop or asyncio.Event()
     producer = await _start_producer(settings)
     topics = {name: settings.topic(name) for name in INPUT_TOPICS}

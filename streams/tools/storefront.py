@@ -18,9 +18,16 @@ by channel; loyalty enrolments, rewards issued and redeemed, departures. Produce
 and so do the events: times are half RFC 3339, half epoch milliseconds, amounts half
 decimal strings, half JSON numbers.
 
+Demand follows the calendar (:func:`demand`, UTC): orders and arrivals peak on weekend
+days and in the evening and are quiet at night, so a day's or a week's numbers move as a real
+store's do. The caller's clock sets how many events a second are made; seasonality sets what
+they are (at night a larger part of them is surveys, spend and loyalty activity). It is a pure
+function of the event time: same seed and clock, same events.
+
 A churn spike (``--churn-spike AT:FACTOR``) makes one store, from event time ``AT`` on,
 close accounts at ``FACTOR`` times its normal share of its events; its customers stop
-ordering and no new ones arrive beyond the trickle.
+ordering and no new ones arrive beyond the trickle. An NPS drop (``--nps-drop AT:DURATION``)
+makes one store's NPS answers mostly detractors from ``AT`` for ``DURATION``.
 
 >>> from itertools import count, islice
 >>> from metrics.events import INPUT_TOPICS
@@ -53,7 +60,7 @@ from metrics.events import (
     TYPE_TOPIC,
 )
 
-__all__ = ["CHANNELS", "CURRENCIES", "ChurnSpike", "Storefronts", "survey_fields", "time_field"]
+__all__ = ["CHANNELS", "CURRENCIES", "ChurnSpike", "NpsDrop", "Storefronts", "demand", "survey_fields", "time_field"]
 
 DEFAULT_STORES = 3
 DEFAULT_CUSTOMERS = 3_000
@@ -84,17 +91,76 @@ OCCASIONAL_GAP = 1.5
 MAX_SPIKE_SHARE = 0.9
 RECENT_ORDERS = 2_000
 
+# -- seasonality: relative demand by UTC hour and weekday, each averaging 1 -------------------
+
+_HOURLY = (0.25, 0.15, 0.1, 0.1, 0.1, 0.2, 0.4, 0.7, 0.9, 1.1, 1.2, 1.3,
+           1.4, 1.3, 1.2, 1.2, 1.3, 1.4, 1.6, 1.8, 1.9, 1.7, 1.2, 0.6)
+_WEEKDAY = (0.85, 0.85, 0.9, 0.95, 1.05, 1.35, 1.25)  # Monday .. Sunday
+HOURLY_DEMAND = tuple(value * 24 / sum(_HOURLY) for value in _HOURLY)
+WEEKDAY_DEMAND = tuple(value * 7 / sum(_WEEKDAY) for value in _WEEKDAY)
+_HOUR_MS = 3_600_000
+_DAY_MS = 24 * _HOUR_MS
+#: 1970-01-01 was a Thursday (index 3, Monday = 0)
+_EPOCH_WEEKDAY = 3
+
 (ARRIVE, ORDER, REFUND, CLOSE, SURVEY, SPEND, ENROL, ISSUE, REDEEM, LEAVE) = range(10)
 ACTIONS = tuple(range(10))
 
 
 @dataclass(frozen=True)
 class ChurnSpike:
-    """From event time ``at_ms`` on, the store ``store_index`` (0-based) loses customers abruptly."""
+    """From event time ``at_ms`` on (for ``duration_ms``, or for ever), the store ``store_index`` (0-based)
+    loses customers abruptly."""
 
     store_index: int
     at_ms: int
     factor: float
+    duration_ms: int | None = None
+
+    def active(self, store_index: int, time_ms: int) -> bool:
+        """Whether an event of that store at that time is in the spike.
+
+        >>> spike = ChurnSpike(0, 1_000, 5.0, duration_ms=500)
+        >>> [spike.active(0, t) for t in (999, 1_000, 1_499, 1_500)], ChurnSpike(0, 1_000, 5.0).active(0, 10**12)
+        ([False, True, True, False], True)
+        """
+        if store_index != self.store_index or time_ms < self.at_ms:
+            return False
+        return self.duration_ms is None or time_ms < self.at_ms + self.duration_ms
+
+
+@dataclass(frozen=True)
+class NpsDrop:
+    """From event time ``at_ms`` for ``duration_ms``, the store ``store_index``'s NPS answers are mostly detractors."""
+
+    store_index: int
+    at_ms: int
+    duration_ms: int
+
+    def active(self, store_index: int, time_ms: int) -> bool:
+        """Whether an event of that store at that time is in the drop.
+
+        >>> drop = NpsDrop(1, 1_000, 500)
+        >>> [drop.active(1, t) for t in (999, 1_000, 1_499, 1_500)], drop.active(0, 1_200)
+        ([False, True, True, False], False)
+        """
+        return store_index == self.store_index and self.at_ms <= time_ms < self.at_ms + self.duration_ms
+
+
+def demand(time_ms: int) -> float:
+    """Relative demand (orders, arrivals) at an event time: hour-of-day times weekday factor, UTC.
+
+    Each factor averages 1 over its cycle, so the mean over a week is 1: the small hours are
+    down to a tenth, weekday evenings near 1.7, Saturday evenings above 2.5.
+
+    >>> saturday_8pm, tuesday_2am = 1_700_337_600_000, 1_700_532_000_000
+    >>> round(demand(saturday_8pm), 2), round(demand(tuesday_2am), 2)
+    (2.59, 0.09)
+    >>> round(sum(demand(h * _HOUR_MS) for h in range(7 * 24)) / (7 * 24), 9)
+    1.0
+    """
+    day, rest = divmod(time_ms, _DAY_MS)
+    return HOURLY_DEMAND[rest // _HOUR_MS] * WEEKDAY_DEMAND[(day + _EPOCH_WEEKDAY) % 7]
 
 
 def _money(rng: random.Random, cents: int) -> object:
@@ -183,16 +249,17 @@ class _Store:
         self.recent: list[tuple[str, str, int]] = []  # (customer, order, cents) that may be refunded
         self.unredeemed: list[tuple[str, str, int]] = []  # (customer, reward, points)
         self.id_prefix = ""
+        self.detracting = False  # in an NPS drop
 
     # -- choosing what happens --------------------------------------------------------------
 
-    def _weights(self, spiking: bool, factor: float) -> list[float]:
+    def _weights(self, spiking: bool, factor: float, season: float) -> list[float]:
         open_n = len(self.open)
         members = len(self.members)
         growth = ARRIVAL_GROWTH * max(0.0, 1.0 - open_n / self.population)
         weights = [
-            ARRIVAL_FLOOR + growth,
-            W_ORDER,
+            (ARRIVAL_FLOOR + growth) * season,
+            W_ORDER * season,
             W_REFUND if self.recent else 0.0,
             W_CLOSE if open_n else 0.0,
             W_SURVEY if open_n else 0.0,
@@ -204,16 +271,18 @@ class _Store:
         ]
         if spiking:
             normal_share = weights[CLOSE] / sum(weights)
-            weights[ARRIVE] = ARRIVAL_FLOOR
+            weights[ARRIVE] = ARRIVAL_FLOOR * season
             weights[ORDER] = 0.0
             others = sum(weights) - weights[CLOSE]
             share = min(MAX_SPIKE_SHARE, factor * normal_share)
             weights[CLOSE] = share * others / (1.0 - share) if open_n else 0.0
         return weights
 
-    def next_event(self, time_ms: int, spiking: bool, factor: float) -> tuple[str, dict[str, Any]]:
+    def next_event(self, time_ms: int, spiking: bool, factor: float, season: float = 1.0,
+                   detracting: bool = False) -> tuple[str, dict[str, Any]]:
         self.step += 1
-        action = self.rng.choices(ACTIONS, self._weights(spiking, factor))[0]
+        self.detracting = detracting
+        action = self.rng.choices(ACTIONS, self._weights(spiking, factor, season))[0]
         if action == ARRIVE:
             guest = self.rng.random() >= SIGNUP_SHARE
             return self._arrive(time_ms, guest=guest and not spiking)
@@ -315,7 +384,7 @@ class _Store:
         customer = self.open.choice(self.rng)
         if not customer.orders:  # buyers answer more often
             customer = self.open.choice(self.rng)
-        return self._event(SURVEY_RESPONDED, time_ms, customer.id, **survey_fields(self.rng))
+        return self._event(SURVEY_RESPONDED, time_ms, customer.id, **survey_fields(self.rng, self.detracting))
 
     def _spend(self, time_ms: int) -> tuple[str, dict[str, Any]]:
         rng = self.rng
@@ -364,7 +433,8 @@ class Storefronts:
     largest); ``customers`` is the population they grow to together. ``clock()`` gives each
     event's time in epoch ms (never moving back: a smaller reading is raised to the last
     one). Event ids are ``sim<seed>-<first time, base 36>-<store>-<n>``, so a rerun with the
-    same seed at another time is not taken for duplicates.
+    same seed at another time is not taken for duplicates. ``seasonal=False`` makes demand
+    flat (the event mix does not follow the calendar).
     """
 
     def __init__(
@@ -375,11 +445,15 @@ class Storefronts:
         customers: int = DEFAULT_CUSTOMERS,
         clock: Callable[[], int],
         churn_spike: ChurnSpike | None = None,
+        nps_drop: NpsDrop | None = None,
+        seasonal: bool = True,
     ) -> None:
         if stores < 1:
             raise ValueError("at least one store")
         if churn_spike is not None and not 0 <= churn_spike.store_index < stores:
             raise ValueError(f"churn spike store {churn_spike.store_index + 1} is not one of the {stores} stores")
+        if nps_drop is not None and not 0 <= nps_drop.store_index < stores:
+            raise ValueError(f"NPS drop store {nps_drop.store_index + 1} is not one of the {stores} stores")
         sizes = [1.0 / math.sqrt(index + 1) for index in range(stores)]
         total = sum(sizes)
         self.seed = seed
@@ -388,6 +462,8 @@ class Storefronts:
         self._cum_weights = [sum(sizes[: index + 1]) for index in range(stores)]
         self._clock = clock
         self._spike = churn_spike
+        self._drop = nps_drop
+        self._seasonal = seasonal
         self._last_ms: int | None = None
 
     @property
@@ -414,8 +490,14 @@ class Storefronts:
         self._last_ms = time_ms
         store = self._pick.choices(self.stores, cum_weights=self._cum_weights)[0]
         spike = self._spike
-        spiking = spike is not None and store.index == spike.store_index and time_ms >= spike.at_ms
-        return store.next_event(time_ms, spiking, spike.factor if spike is not None else 1.0)
+        spiking = spike is not None and spike.active(store.index, time_ms)
+        detracting = self._drop is not None and self._drop.active(store.index, time_ms)
+        season = demand(time_ms) if self._seasonal else 1.0
+        return store.next_event(time_ms, spiking, spike.factor if spike is not None else 1.0, season, detracting)
+
+
+_NORMAL_NPS = (10, 10, 9, 9, 9, 8, 8, 7, 6, 5, 3, 0)
+_DETRACTING_NPS = (0, 1, 2, 3, 4, 5, 5, 6, 6, 7, 8, 9)
 
 
 def time_field(rng: random.Random, time_ms: int) -> object:
@@ -426,11 +508,13 @@ def time_field(rng: random.Random, time_ms: int) -> object:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{time_ms % 1000:03d}Z"
 
 
-def survey_fields(rng: random.Random) -> dict[str, Any]:
+def survey_fields(rng: random.Random, detracting: bool = False) -> dict[str, Any]:
     """The survey part of a ``survey.responded`` event: one of the four kinds with a plausible score mix.
 
-    NPS leans to promoters with a tail of detractors, CSAT mostly satisfied on its 5/7/10 scale
+    NPS leans to promoters with a tail of detractors (NPS about 33), or in an NPS drop
+    (``detracting``) mostly detractors (NPS about -67); CSAT mostly satisfied on its 5/7/10 scale
     (``scale`` omitted half the time when it is the default 5), CES and CLI answers spread evenly.
+    Both NPS mixes draw once from 12 scores, so a drop leaves the random stream in step.
 
     >>> survey_fields(random.Random(1))
     {'survey': 'csat', 'score': 6, 'scale': 10}
@@ -438,7 +522,7 @@ def survey_fields(rng: random.Random) -> dict[str, Any]:
     survey = rng.choice(("nps", "csat", "ces", "cli"))
     body: dict[str, Any] = {"survey": survey}
     if survey == "nps":
-        body["score"] = rng.choice((10, 10, 9, 9, 9, 8, 8, 7, 6, 5, 3, 0))
+        body["score"] = rng.choice(_DETRACTING_NPS if detracting else _NORMAL_NPS)
     elif survey == "csat":
         scale = rng.choice((5, 7, 10))
         body["score"] = rng.randint(max(1, scale - 4), scale)

@@ -1,0 +1,216 @@
+"""Detection quality of the alert detectors (``metrics/alerts.py``) on simulated stores; in process, no Kafka.
+
+    python bench/alert_quality.py [--days 120] [--events-per-day 8000] [--ks 2,3,4] [--output FILE]
+
+The storefront model (:mod:`streams.tools.storefront`, seasonal demand) makes ``--stores``
+stores' events for ``--days`` of event time, evenly spaced; one store gets a churn spike
+(closures x``--spike-factor`` for ``--spike-duration``) and another an NPS drop (answers
+mostly detractors for ``--drop-duration``). The events go through validation into the
+incremental engine (:mod:`metrics.engine`) in time order; at every step boundary B each
+store's 24h metrics are read as of the complete buckets before B (``sample_bucket``) and
+fed to a churn and an NPS detector per store (and ``*``), once per k.
+
+Reported per k: detection delay (first firing after the onset), resolution time after the
+injection ends, and false alerts: firings of a kind on the stores without that injection,
+per store-month of sampled time (30 days). Deterministic: same arguments, same figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from metrics.alerts import (
+    CHURN_SPIKE,
+    KINDS,
+    NPS_DROP,
+    AlertConfig,
+    DetectorState,
+    evaluate,
+    initial_state,
+    sample_bucket,
+)
+from metrics.catalog import ALL_STORES
+from metrics.engine import LoyaltyEngine
+from metrics.events import Event
+from metrics.store import StoreAggregate
+from metrics.timegrid import DAY_MS, Grid, parse_duration
+from metrics.validation import parse_message
+from streams.tools.storefront import ChurnSpike, NpsDrop, Storefronts
+
+HOUR_MS = 3_600_000
+MONTH_MS = 30 * DAY_MS
+#: Monday 2024-01-01 00:00 UTC: weeks start with the data
+START_MS = 1_704_067_200_000
+
+
+def _events(args: argparse.Namespace, spike: ChurnSpike, drop: NpsDrop) -> tuple[list[Event], list[str]]:
+    """The validated events in time order, and the store ids."""
+    total = args.days * args.events_per_day
+    span = args.days * DAY_MS
+    position = iter(range(total))
+    model = Storefronts(seed=args.seed, stores=args.stores, customers=args.customers,
+                        clock=lambda: START_MS + next(position) * span // total, churn_spike=spike, nps_drop=drop)
+    events: list[Event] = []
+    now = START_MS + span
+    for _ in range(total):
+        topic, body = next(model)
+        for item in parse_message(orjson.dumps(body), topic, now_ms=now, max_future_skew_ms=0):
+            assert isinstance(item, Event), item  # the model makes only valid events
+            events.append(item)
+    return events, model.store_ids
+
+
+def _samples(events: list[Event], store_ids: list[str], config: AlertConfig,
+             horizon_ms: int) -> list[tuple[int, dict[str, dict[str, object]]]]:
+    """(boundary, {store: 24h metrics before it}) for every step boundary of the run."""
+    grid = Grid(config.bucket_ms, horizon_ms, (config.window_ms,))
+    window = grid.windows[0]
+    engine = LoyaltyEngine(grid)
+    step = config.step_ms
+    boundary = (events[0].occurred_at_ms // step + 1) * step
+    samples: list[tuple[int, dict[str, dict[str, object]]]] = []
+
+    def sample(at: int) -> None:
+        k = sample_bucket(at, config.bucket_ms)
+        scopes = {store: engine.stores.get(store) or StoreAggregate() for store in store_ids}
+        scopes[ALL_STORES] = engine.all_stores
+        samples.append((at, {store: aggregate.metrics(grid, window, k) for store, aggregate in scopes.items()}))
+
+    for event in events:
+        while event.occurred_at_ms >= boundary:  # every event before B is in, none at or after it
+            sample(boundary)
+            boundary += step
+        engine.ingest(event)
+    sample(boundary)
+    return samples
+
+
+def _detect(samples: list[tuple[int, dict[str, dict[str, object]]]], config: AlertConfig) -> list[dict[str, object]]:
+    """Every alert event of a run of the detectors over the samples."""
+    states: dict[tuple[str, str], DetectorState] = {}
+    alerts: list[dict[str, object]] = []
+    for boundary, by_store in samples:
+        for store, metrics in by_store.items():
+            for kind in KINDS:
+                state = states.get((store, kind)) or initial_state(kind, store, config)
+                states[(store, kind)], fired = evaluate(state, boundary, metrics, config)
+                alerts.extend(fired)
+    return alerts
+
+
+def _hours(ms: int | None) -> float | None:
+    return None if ms is None else round(ms / HOUR_MS, 2)
+
+
+def _quality(alerts: list[dict[str, object]], kind: str, store: str, onset_ms: int, end_ms: int,
+             stores: list[str], sampled_ms: int) -> dict[str, Any]:
+    """Detection delay and resolution of one injection, and false alerts of its kind elsewhere."""
+    mine = [a for a in alerts if a["kind"] == kind and a["store_id"] == store]
+    firing = next((a for a in mine if a["state"] == "firing" and int(a["as_of_ms"]) >= onset_ms), None)  # type: ignore[call-overload]
+    resolved = None
+    if firing is not None:
+        resolved = next((a for a in mine if a["state"] == "resolved" and a["alert_id"] == firing["alert_id"]), None)
+    early = [a for a in mine if a["state"] == "firing" and int(a["as_of_ms"]) < onset_ms]  # type: ignore[call-overload]
+    quiet = [s for s in stores if s != store]
+    false = [a for a in alerts if a["kind"] == kind and a["state"] == "firing" and a["store_id"] in quiet]
+    return {
+        "store": store,
+        "detected": firing is not None,
+        "delay_h": _hours(int(firing["as_of_ms"]) - onset_ms) if firing else None,  # type: ignore[call-overload]
+        "observed": firing["observed"] if firing else None,
+        "threshold": firing["threshold"] if firing else None,
+        "resolved_after_end_h": _hours(int(resolved["as_of_ms"]) - end_ms) if resolved else None,  # type: ignore[call-overload]
+        "firings_on_this_store": sum(1 for a in mine if a["state"] == "firing"),
+        "firings_before_onset": len(early),
+        "false_alerts_quiet_stores": len(false),
+        "false_alerts_per_store_month": round(len(false) / (len(quiet) * sampled_ms / MONTH_MS), 3),
+        "false_alert_stores": sorted({str(a["store_id"]) for a in false}),
+        "false_alert_days": [round((int(a["as_of_ms"]) - START_MS) / DAY_MS, 2) for a in false],  # type: ignore[call-overload]
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--days", type=int, default=120)
+    parser.add_argument("--stores", type=int, default=5)
+    parser.add_argument("--customers", type=int, default=20_000, help="population of all stores together")
+    parser.add_argument("--events-per-day", type=int, default=8_000, help="all stores together")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--horizon", default="90d", help="LOYALTY_ACTIVE_HORIZON")
+    parser.add_argument("--spike-store", type=int, default=2, help="store number of the churn spike")
+    parser.add_argument("--spike-at", default="70d", help="onset, after the start")
+    parser.add_argument("--spike-factor", type=float, default=5.0)
+    parser.add_argument("--spike-duration", default="24h")
+    parser.add_argument("--drop-store", type=int, default=4, help="store number of the NPS drop")
+    parser.add_argument("--drop-at", default="95d", help="onset, after the start")
+    parser.add_argument("--drop-duration", default="48h")
+    parser.add_argument("--ks", default="2,3,4", help="values of k to compare")
+    parser.add_argument("--output", type=Path, default=Path("bench/results/alert_quality.json"))
+    args = parser.parse_args()
+
+    # onsets off the hour, so a delay is not a multiple of the step by construction
+    spike = ChurnSpike(args.spike_store - 1, START_MS + parse_duration(args.spike_at) + 37 * 60_000,
+                       args.spike_factor, parse_duration(args.spike_duration))
+    drop = NpsDrop(args.drop_store - 1, START_MS + parse_duration(args.drop_at) + 13 * 60_000,
+                   parse_duration(args.drop_duration))
+    started = time.process_time()
+    events, stores = _events(args, spike, drop)
+    generated = time.process_time()
+    base = AlertConfig()
+    samples = _samples(events, stores, base, parse_duration(args.horizon))
+    sampled = time.process_time()
+    sampled_ms = samples[-1][0] - samples[0][0]
+    spike_store, drop_store = stores[spike.store_index], stores[drop.store_index]
+    assert spike.duration_ms is not None
+
+    results: list[dict[str, Any]] = []
+    for k in (float(text) for text in args.ks.split(",")):
+        config = replace(base, k=k)
+        alerts = _detect(samples, config)
+        results.append({
+            "k": k,
+            CHURN_SPIKE: _quality(alerts, CHURN_SPIKE, spike_store, spike.at_ms, spike.at_ms + spike.duration_ms,
+                                  stores, sampled_ms),
+            NPS_DROP: _quality(alerts, NPS_DROP, drop_store, drop.at_ms, drop.at_ms + drop.duration_ms, stores,
+                               sampled_ms),
+            "all_stores_firings": {kind: sum(1 for a in alerts if a["store_id"] == ALL_STORES and a["kind"] == kind
+                                             and a["state"] == "firing") for kind in KINDS},
+        })
+    detected = time.process_time()
+
+    per_store = {store: sum(1 for e in events if e.store_id == store) / args.days for store in stores}
+    report = {
+        "what": "alert detection quality (bench/alert_quality.py): 24h window, 15m step, other settings default",
+        "settings": {**{key: value for key, value in vars(args).items() if key != "output"},
+                     "step_ms": base.step_ms, "warmup_samples": base.warmup_samples,
+                     "half_life_samples": int(base.half_life_samples), "min_churned": base.min_churned,
+                     "min_responses": base.min_responses, "cooldown_ms": base.cooldown_ms},
+        "events": len(events),
+        "events_per_store_day": {store: round(value) for store, value in per_store.items()},
+        "boundaries": len(samples),
+        "sampled_days": round(sampled_ms / DAY_MS, 2),
+        "cpu_seconds": {"generate": round(generated - started, 1), "engine_and_samples": round(sampled - generated, 1),
+                        "detectors": round(detected - sampled, 1)},
+        "results": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    print(f"{len(events):,} events, {len(samples):,} boundaries x {len(stores) + 1} scopes; wrote {args.output}")
+    print(f"{'k':>3} | {'churn: delay h':>14} {'resolved h':>10} {'false/store-mo':>14} | "
+          f"{'NPS: delay h':>12} {'resolved h':>10} {'false/store-mo':>14} | * firings")
+    for row in results:
+        churn, nps = row[CHURN_SPIKE], row[NPS_DROP]
+        print(f"{row['k']:>3g} | {churn['delay_h']!s:>14} {churn['resolved_after_end_h']!s:>10} "
+              f"{churn['false_alerts_per_store_month']:>14} | {nps['delay_h']!s:>12} "
+              f"{nps['resolved_after_end_h']!s:>10} {nps['false_alerts_per_store_month']:>14} | "
+              f"{row['all_stores_firings']}")
+
+
+if __name__ == "__main__":
+    main()
