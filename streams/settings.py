@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from metrics.alerts import AlertConfig
 from metrics.timegrid import format_duration, parse_duration
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -69,7 +70,20 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=1, le=65535, validation_alias=_env("LOYALTY_WEB_PORT"))
     dashboard_host: str = Field("127.0.0.1", min_length=1, validation_alias=_env("LOYALTY_DASHBOARD_HOST"))
     dashboard_port: int = Field(8080, ge=1, le=65535, validation_alias=_env("LOYALTY_DASHBOARD_PORT"))
+    alert_window: str = Field("24h", min_length=1, validation_alias=_env("LOYALTY_ALERT_WINDOW"))
+    alert_step_ms: int = Field(15 * 60_000, gt=0, validation_alias=_env("LOYALTY_ALERT_STEP"))
+    alert_k: float = Field(3.0, ge=0, allow_inf_nan=False, validation_alias=_env("LOYALTY_ALERT_K"))
+    alert_min_churned: int = Field(10, ge=0, validation_alias=_env("LOYALTY_ALERT_MIN_CHURNED"))
+    alert_min_responses: int = Field(30, ge=0, validation_alias=_env("LOYALTY_ALERT_MIN_RESPONSES"))
+    alert_cooldown_ms: int = Field(6 * 3_600_000, ge=0, validation_alias=_env("LOYALTY_ALERT_COOLDOWN"))
+    alert_half_life_ms: int = Field(7 * 86_400_000, gt=0, validation_alias=_env("LOYALTY_ALERT_HALF_LIFE"))
+    alert_warmup_ms: int = Field(3 * 86_400_000, ge=0, validation_alias=_env("LOYALTY_ALERT_WARMUP"))
+    alert_grace_ms: int = Field(3_600_000, ge=0, validation_alias=_env("LOYALTY_ALERT_GRACE"))
+    alert_idle_ms: int = Field(30_000, gt=0, validation_alias=_env("LOYALTY_ALERT_IDLE"))
     alert_webhook: str | None = Field(None, validation_alias=_env("LOYALTY_ALERT_WEBHOOK"))
+    alert_webhook_format: Literal["json", "slack"] = Field(
+        "json", validation_alias=_env("LOYALTY_ALERT_WEBHOOK_FORMAT")
+    )
     log_level: str = Field("info", validation_alias=_env("LOYALTY_LOG_LEVEL"))
 
     # -- parsing ---------------------------------------------------------------------------
@@ -81,6 +95,12 @@ class Settings(BaseSettings):
         "checkpoint_interval_ms",
         "max_future_skew_ms",
         "dedupe_ttl_ms",
+        "alert_step_ms",
+        "alert_cooldown_ms",
+        "alert_half_life_ms",
+        "alert_warmup_ms",
+        "alert_grace_ms",
+        "alert_idle_ms",
         mode="before",
     )
     @classmethod
@@ -130,6 +150,11 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("alert_window", "alert_webhook_format", mode="before")
+    @classmethod
+    def _strip(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _check_level(cls, value: object) -> object:
@@ -154,6 +179,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"active horizon {format_duration(self.active_horizon_ms)} is not a multiple of the bucket {bucket}"
             )
+        # the detectors read the aggregate's metrics of the alert window: it must be one the worker computes.
+        # Given explicitly, a window the worker does not compute is an error; the default (24h) missing from
+        # LOYALTY_WINDOWS turns the alerts off instead, so a worker with other windows still starts.
+        alert_ms = parse_duration(self.alert_window)
+        if alert_ms not in self.window_ms.values() and self.is_set("alert_window"):
+            raise ValueError(
+                f"the alert window {self.alert_window} (LOYALTY_ALERT_WINDOW) is not one of LOYALTY_WINDOWS "
+                f"({','.join(self.windows)})"
+            )
+        if self.alert_step_ms % self.bucket_ms:
+            raise ValueError(
+                f"the alert step {format_duration(self.alert_step_ms)} (LOYALTY_ALERT_STEP) is not a multiple of "
+                f"the bucket {bucket}"
+            )
         return self
 
     # -- derived values --------------------------------------------------------------------
@@ -172,6 +211,31 @@ class Settings(BaseSettings):
     def broker_urls(self) -> list[str]:
         """The bootstrap servers as Faust broker URLs."""
         return [f"kafka://{s}" for s in self.bootstrap_servers]
+
+    @property
+    def alert_window_name(self) -> str | None:
+        """The alert window as spelled in ``LOYALTY_WINDOWS`` (``1d`` there, ``24h`` here); ``None``: alerts off."""
+        alert_ms = parse_duration(self.alert_window)
+        return next((name for name, ms in self.window_ms.items() if ms == alert_ms), None)
+
+    def alert_config(self) -> AlertConfig | None:
+        """The detectors' configuration (SPEC section 7); ``None`` when the default alert window is not computed."""
+        window = self.alert_window_name
+        if window is None:
+            return None
+        return AlertConfig(
+            window=window,
+            step_ms=self.alert_step_ms,
+            k=self.alert_k,
+            min_churned=self.alert_min_churned,
+            min_responses=self.alert_min_responses,
+            cooldown_ms=self.alert_cooldown_ms,
+            half_life_ms=self.alert_half_life_ms,
+            warmup_ms=self.alert_warmup_ms,
+            grace_ms=self.alert_grace_ms,
+            idle_ms=self.alert_idle_ms,
+            bucket_ms=self.bucket_ms,
+        )
 
     def topic(self, name: str) -> str:
         """The Kafka topic name of ``name`` with ``LOYALTY_TOPIC_PREFIX`` applied."""

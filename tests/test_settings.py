@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from metrics.alerts import AlertConfig
 from streams.settings import Settings, load_settings
 
 VARIABLES = (
@@ -15,7 +16,9 @@ VARIABLES = (
     "LOYALTY_CHECKPOINT_INTERVAL",
     "LOYALTY_MAX_FUTURE_SKEW", "LOYALTY_DEDUPE_TTL", "LOYALTY_STATE_DIR", "LOYALTY_PARTITIONS",
     "LOYALTY_REPLICATION_FACTOR", "LOYALTY_WEB_PORT", "LOYALTY_DASHBOARD_HOST", "LOYALTY_DASHBOARD_PORT",
-    "LOYALTY_ALERT_WEBHOOK",
+    "LOYALTY_ALERT_WINDOW", "LOYALTY_ALERT_STEP", "LOYALTY_ALERT_K", "LOYALTY_ALERT_MIN_CHURNED",
+    "LOYALTY_ALERT_MIN_RESPONSES", "LOYALTY_ALERT_COOLDOWN", "LOYALTY_ALERT_HALF_LIFE", "LOYALTY_ALERT_WARMUP",
+    "LOYALTY_ALERT_GRACE", "LOYALTY_ALERT_IDLE", "LOYALTY_ALERT_WEBHOOK", "LOYALTY_ALERT_WEBHOOK_FORMAT",
     "LOYALTY_LOG_LEVEL",
 )  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +51,8 @@ def test_defaults_are_the_spec_defaults(tmp_path: Path) -> None:
     assert (s.partitions, s.replication_factor, s.web_port, s.dashboard_port) == (8, 1, 6066, 8080)
     assert s.dashboard_host == "127.0.0.1"
     assert s.alert_webhook is None
+    assert s.alert_webhook_format == "json"
+    assert s.alert_config() == AlertConfig()
     assert s.log_level == "info"
     assert s.model_fields_set == set()
 
@@ -71,7 +76,18 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         "LOYALTY_PARTITIONS": "4",
         "LOYALTY_WEB_PORT": "7000",
         "LOYALTY_DASHBOARD_PORT": "9000",
+        "LOYALTY_ALERT_WINDOW": "2h",
+        "LOYALTY_ALERT_STEP": "10m",
+        "LOYALTY_ALERT_K": "2.5",
+        "LOYALTY_ALERT_MIN_CHURNED": "4",
+        "LOYALTY_ALERT_MIN_RESPONSES": "20",
+        "LOYALTY_ALERT_COOLDOWN": "1h",
+        "LOYALTY_ALERT_HALF_LIFE": "2d",
+        "LOYALTY_ALERT_WARMUP": "1d",
+        "LOYALTY_ALERT_GRACE": "30m",
+        "LOYALTY_ALERT_IDLE": "5s",
         "LOYALTY_ALERT_WEBHOOK": "http://hook.example/alerts",
+        "LOYALTY_ALERT_WEBHOOK_FORMAT": "slack",
         "LOYALTY_LOG_LEVEL": "DEBUG",
     }
     for name, value in env.items():
@@ -88,6 +104,11 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert s.state_dir == tmp_path / "state"
     assert (s.partitions, s.web_port, s.dashboard_port) == (4, 7000, 9000)
     assert s.alert_webhook == "http://hook.example/alerts"
+    assert s.alert_webhook_format == "slack"
+    assert s.alert_config() == AlertConfig(
+        window="2h", step_ms=600_000, k=2.5, min_churned=4, min_responses=20, cooldown_ms=3_600_000,
+        half_life_ms=2 * 86_400_000, warmup_ms=86_400_000, grace_ms=1_800_000, idle_ms=5_000, bucket_ms=300_000,
+    )
     assert s.log_level == "debug"
     assert s.is_set("kafka_bootstrap_servers") and s.is_set("redis_url")
 
@@ -118,6 +139,10 @@ def test_settings_are_frozen() -> None:
         ("KAFKA_BOOTSTRAP_SERVERS", "no-port", "host:port"),
         ("REDIS_URL", "http://redis", "redis://"),
         ("LOYALTY_LOG_LEVEL", "loud", "debug"),
+        ("LOYALTY_ALERT_WINDOW", "12h", "not one of LOYALTY_WINDOWS"),
+        ("LOYALTY_ALERT_STEP", "90s", "not a multiple of the bucket"),
+        ("LOYALTY_ALERT_K", "-1", "greater than or equal to 0"),
+        ("LOYALTY_ALERT_WEBHOOK_FORMAT", "xml", "json"),
     ],
 )
 def test_invalid_values_are_rejected(monkeypatch: pytest.MonkeyPatch, name: str, value: str, complaint: str) -> None:
@@ -129,6 +154,7 @@ def test_invalid_values_are_rejected(monkeypatch: pytest.MonkeyPatch, name: str,
 def test_keywords_by_field_name() -> None:
     s = Settings(app_id="kw", store="memory", windows="1h")  # type: ignore[call-arg]
     assert (s.app_id, s.store, s.windows) == ("kw", "memory", ("1h",))
+    assert s.alert_config() is None  # the default alert window is not computed: alerts off, no error
 
 
 def test_env_example_and_readme_list_every_variable() -> None:
