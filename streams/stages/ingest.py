@@ -26,8 +26,12 @@ class IngestStage:
         self.partitions = partitions
         self.max_future_skew_ms = max_future_skew_ms
 
-    def process(self, topic: str, source: tuple[str, int, int], value: bytes | None, now_ms: int, out: Routed) -> None:
+    def process(
+        self, topic: str, source: tuple[str, int, int], value: bytes | None, now_ms: int, out: Routed
+    ) -> int | None:
         """Add the message's events to ``out`` (``topic`` is the unprefixed input topic name).
+
+        Returns the largest event time of the events routed (``None``: none), for the watermark marks.
 
         Each routed item is ``[event, origin]``: ``origin`` is ``[topic,
         partition, offset, index, raw text]`` for money events, so that the
@@ -38,9 +42,10 @@ class IngestStage:
         except Exception as error:  # no message may stop the worker, not even one that finds a bug
             detail = f"validation failed: {type(error).__name__}: {error}"[:200]
             out.dead_letters.append(dead_letter(UNPROCESSABLE, detail, value or b"", source, None, now_ms))
-            return
+            return None
         is_batch = len(items) > 1 or (bool(items) and _is_array(value))
         elements: list[Any] | None = None
+        latest: int | None = None
 
         def original(index: int) -> bytes:
             # the message's bytes, or a batch element's JSON text; the batch is parsed once, on demand
@@ -68,6 +73,9 @@ class IngestStage:
                 origin = [source[0], source[1], source[2], index if is_batch else None, raw.decode()]
             out.add(route(item.store_id, self.partitions), [event_to_list(item), origin])
             out.accepted += 1
+            if latest is None or item.occurred_at_ms > latest:
+                latest = item.occurred_at_ms
+        return latest
 
 
 def _is_array(value: bytes | None) -> bool:

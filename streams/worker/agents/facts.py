@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
 
 from metrics.customer import CustomerFacts
 from streams.stages.facts import CustomerOutput, CustomerStage, delta_messages
+from streams.stages.watermarks import MARKS, Mark, MarkMerger, is_marks
 from streams.worker.tables import changelog_written
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
 from streams.worker.wire import pack, pack_chunks, unpack
@@ -18,6 +20,10 @@ CUSTOMER_CACHE_SIZE = 20_000
 #: the facts stage writes a batch in slices of about this many events (the customers it holds
 #: in memory until the write); internal messages are packed, so a batch of messages can hold many
 FACTS_FLUSH_EVENTS = 20_000
+#: merged watermark marks go to the deltas at most this often per partition, when changed, or every
+#: MARKS_REPEAT_S anyway (an aggregation that restarted learns them again while no event comes)
+MARKS_INTERVAL_S = 0.2
+MARKS_REPEAT_S = 5.0
 
 
 class Facts:
@@ -27,6 +33,10 @@ class Facts:
         self.topology = topology
         self.stage = CustomerStage(topology.grid, cache_size=CUSTOMER_CACHE_SIZE)
         self.input = topology.contiguous(topology.by_customer, committed=True)
+        #: the marks of every by-store partition, per by-customer partition (None: alerts off)
+        self.marks = MarkMerger(topology.partitions) if topology.settings.alert_config() is not None else None
+        #: by-customer partition -> (merged marks, monotonic time) last forwarded
+        self._forwarded: dict[int, tuple[dict[str, Mark], float]] = {}
 
     def forget(self) -> None:
         """Drop the customers kept in memory: the table may have changed under us."""
@@ -61,8 +71,14 @@ class Facts:
             cache: dict[str, CustomerFacts] = {}
             outgoing: dict[int, list[dict[str, Any]]] = {}
             held_events = 0
+            #: marks of this batch: merged only once its deltas are sent, so that no forwarded mark
+            #: (the tick forwards too) is ahead of them
+            marks: list[tuple[int, dict[str, Any]]] = []
             for partition, offset, value in await self.input.in_order(batch):
                 items = unpack(value)
+                if is_marks(items):
+                    marks.append((partition, items))
+                    continue
                 if clock.event_clock:
                     clock.advance(max((item[2] for item in items), default=None))
                 now = clock.now_ms()
@@ -81,11 +97,44 @@ class Facts:
                     await self.write(outgoing, cache)
                     outgoing, cache, held_events = {}, {}, 0
             await self.write(outgoing, cache)
+            if self.marks is not None:
+                for partition, message in marks:
+                    self.marks.receive(partition, int(message["from"]), message[MARKS])
+            await self.forward_marks()
             self.input.mark_done()
             await self.input.commit()
 
+    async def forward_marks(self) -> None:
+        """Send each by-customer partition's merged marks to every deltas partition, after its deltas.
+
+        Only the partitions this worker owns: one that moved holds stale marks, which would hold
+        the new owner's back.
+        """
+        marks = self.marks
+        if marks is None:
+            return
+        topology = self.topology
+        mine = {tp.partition for tp in topology.app.assignor.assigned_actives()
+                if tp.topic == topology.by_customer.get_topic_name()}
+        now = time.monotonic()
+        sent = []
+        for partition in sorted(mine & set(marks.received)):
+            merged = marks.merged(partition)
+            last = self._forwarded.get(partition)
+            if last is not None and (
+                now - last[1] < MARKS_INTERVAL_S or (merged == last[0] and now - last[1] < MARKS_REPEAT_S)
+            ):
+                continue
+            message = pack({MARKS: merged, "from": partition})
+            for target in range(topology.partitions):
+                sent.append(await topology.deltas.send(value=message, partition=target))
+            self._forwarded[partition] = (merged, now)
+        if sent:
+            await asyncio.gather(*sent)
+
     async def tick(self) -> None:
-        """The once-a-second timer: commit what is done, seek back a stalled partition."""
+        """The once-a-second timer: forward merged marks, commit what is done, seek back a stalled partition."""
+        await self.forward_marks()
         await self.input.commit(force=True)
         await self.input.unstall()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from streams.stages.gate import GateStage
 from streams.stages.routed import Routed
+from streams.stages.watermarks import MARKS, Mark, is_marks
 from streams.worker.tables import changelog_written
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
 from streams.worker.wire import pack, unpack
@@ -43,9 +45,15 @@ class Gate:
             routed = Routed()
             now = None if topology.event_clock else wall_ms()
             newly_held: dict[str, list[Any]] = {}
-            for _, _, value in await self.input.in_order(batch):
+            #: by-store partition -> the watermark marks that arrived on it, relayed after the batch's events
+            marks: dict[int, dict[str, Mark]] = {}
+            for partition, _, value in await self.input.in_order(batch):
+                message = unpack(value)
+                if is_marks(message):
+                    marks.setdefault(partition, {}).update(message[MARKS])
+                    continue
                 pending: list[Any] = []
-                self.stage.process(unpack(value), self.currencies, now, pending, routed)  # type: ignore[arg-type]
+                self.stage.process(message, self.currencies, now, pending, routed)  # type: ignore[arg-type]
                 for item in pending:
                     newly_held.setdefault(item[0][3], []).append(item)
             for store_id, items in newly_held.items():
@@ -55,9 +63,25 @@ class Gate:
             # Kafka has the forwarded events and the tables before the offsets are committed:
             # a crash after a commit must not lose what was only queued
             await topology.send_routed(topology.by_customer, routed, wait=True)
+            await self.relay_marks(marks)
             await changelog_written(topology.currencies, held)
             self.input.mark_done()
             await self.input.commit()
+
+    async def relay_marks(self, marks: dict[int, dict[str, Mark]]) -> None:
+        """Relay the marks of each by-store partition to every by-customer partition, naming where they came from.
+
+        Sent after the batch's events were acknowledged, so they are behind them. The held events
+        (wall clock) are later than now, so later than any boundary a mark can make due.
+        """
+        topology = self.topology
+        sent = []
+        for source, received in marks.items():
+            message = pack({MARKS: received, "from": source})
+            for partition in range(topology.partitions):
+                sent.append(await topology.by_customer.send(value=message, partition=partition))
+        if sent:
+            await asyncio.gather(*sent)
 
     async def tick(self) -> None:
         """The once-a-second timer: release held events, commit what is done, seek back a stalled partition."""

@@ -13,15 +13,21 @@ from streams.logs import get_logger
 from streams.sinks.dead_letters import DeadLetterLedger
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
+from streams.stages.watermarks import MARKS, InputMarks, Mark
 from streams.worker.input_reader import read_inputs
 from streams.worker.topics import DEAD_LETTER_TOPIC
 from streams.worker.topology import Topology, wall_ms
+from streams.worker.wire import pack
 
 log = get_logger(__name__)
 
 #: the first and the longest wait before the input reader starts again after a failure
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 30.0
+#: watermark marks go out at most this often, and only when changed, or every MARKS_REPEAT_S
+#: anyway (a downstream stage that restarted learns them again while no event comes)
+MARKS_INTERVAL_S = 0.2
+MARKS_REPEAT_S = 5.0
 
 
 class Ingest:
@@ -36,6 +42,11 @@ class Ingest:
         self.ledger = DeadLetterLedger(
             settings.kafka_bootstrap_servers, settings.topic(DEAD_LETTER_TOPIC), topology.partitions
         )
+        config = settings.alert_config()
+        #: the input partitions' progress, for the alerts' low watermark (None: alerts off)
+        self.marks = InputMarks(config.idle_ms) if config is not None else None
+        self._marks_sent: dict[str, Mark] | None = None
+        self._marks_sent_at = 0.0
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         """Validate one fetch of input records and route its events by store (acknowledged by Kafka)."""
@@ -44,21 +55,58 @@ class Ingest:
         routed = Routed()
         now = wall_ms()
         prefix = self.prefix
+        latest: dict[str, int] = {}
         for record in records:
             topic_name = record.topic
             name = topic_name[len(prefix):] if topic_name.startswith(prefix) else topic_name
-            self.stage.process(name, (topic_name, record.partition, record.offset), record.value, now, routed)
+            time_ms = self.stage.process(name, (topic_name, record.partition, record.offset), record.value, now, routed)
+            if time_ms is not None:
+                key = InputMarks.key(topic_name, record.partition)
+                if time_ms > latest.get(key, time_ms - 1):
+                    latest[key] = time_ms
         topology.health.count("events_received", routed.accepted + len(routed.dead_letters))
         ledger = self.ledger
         # elements read again after a crash whose dead letters are in the topic already
         routed.dead_letters = [letter for letter in routed.dead_letters if not ledger.already_sent(letter)]
         for metadata in await topology.send_routed(topology.by_store, routed, wait=True):
             ledger.record(metadata.partition, metadata.offset)
+        if self.marks is not None:
+            # only now that Kafka has the events: a mark sent later is behind them in every partition
+            self.marks.routed(latest, time.monotonic() * 1000)
+
+    async def send_marks(self) -> None:
+        """Send the input partitions' marks to every by-store partition, when changed (or now and then)."""
+        marks = self.marks
+        if marks is None:
+            return
+        topology = self.topology
+        current = marks.marks(time.monotonic() * 1000, None if topology.event_clock else wall_ms())
+        if current is None:
+            return
+        if current == self._marks_sent and time.monotonic() - self._marks_sent_at < MARKS_REPEAT_S:
+            return
+        message = pack({MARKS: current})
+        sent = [await topology.by_store.send(value=message, partition=p) for p in range(topology.partitions)]
+        await asyncio.gather(*sent)
+        self._marks_sent, self._marks_sent_at = current, time.monotonic()
+
+    async def run_marks(self) -> None:
+        """The marks loop (alerts on): a failure is logged and tried again at the next round."""
+        while True:
+            await asyncio.sleep(MARKS_INTERVAL_S)
+            try:
+                await self.send_marks()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # Kafka unreachable: marks are sent again when it answers
+                log.warning("ingest.marks_failed", error=str(error) or type(error).__name__)
 
     def report_lags(self, lags: dict[tuple[str, int], int]) -> None:
         """The input partitions' consumer lag, as health gauges ``consumer_lag:{topic}:{partition}``."""
         for (topic, partition), lag in lags.items():
             self.topology.health.gauge(f"consumer_lag:{topic}:{partition}", lag)
+        if self.marks is not None:
+            self.marks.report_lags({InputMarks.key(topic, partition): lag for (topic, partition), lag in lags.items()})
 
     async def run(self) -> None:
         """Read the input topics until cancelled, in the consumer group ``<app id>-ingest``.
@@ -98,5 +146,11 @@ def register(topology: Topology) -> Ingest:
     @topology.app.task  # type: ignore[untyped-decorator]
     async def read_input_topics() -> None:
         await ingest.run()
+
+    if ingest.marks is not None:
+
+        @topology.app.task  # type: ignore[untyped-decorator]
+        async def send_watermark_marks() -> None:
+            await ingest.run_marks()
 
     return ingest

@@ -1,0 +1,169 @@
+"""In-band watermark marks: the low watermark of the input partitions, carried through every stage (SPEC 7).
+
+A boundary B is sampled once every input partition that has data has passed B + grace (its
+largest event time), or has been idle for ``LOYALTY_ALERT_IDLE`` of processing time. Only the
+ingest sees the input partitions, and every stage reads its input in order, so the ingest sends
+a *mark* after the events it routed, to every by-store partition; each later stage forwards
+what it knows after the outputs of the same batch. A mark that reaches a stage is therefore
+behind every event it speaks for.
+
+A mark message (an internal message, packed like the others) is::
+
+    {"marks": {"<topic>|<partition>": [largest event time ms, idle] | null, ...}, "from": upstream partition}
+
+``null`` means the input partition has data that has not been routed yet (it holds the
+watermark back); an input partition without any data is not listed. ``from`` is the partition
+of the stage that sent it (absent from the ingest's marks: the gate relays them with its own).
+
+A stage merges, per input partition, the marks of every upstream partition: the smallest
+time, idle only when idle on every path, unknown (``null``) until every upstream partition
+has sent one. A stage that restarted knows nothing until marks come again: it holds the
+watermark back rather than guessing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: a mark of one input partition: [largest event time, idle], or None (data not routed yet)
+Mark = list[Any] | None
+MARKS = "marks"
+
+
+def is_marks(message: object) -> bool:
+    """Whether an internal message is a mark message (events and deltas are lists, the clock is ``{"wm"}``).
+
+    >>> is_marks({"marks": {}}), is_marks([]), is_marks({"wm": 1})
+    (True, False, False)
+    """
+    return isinstance(message, dict) and MARKS in message
+
+
+def combine(marks: list[Mark]) -> Mark:
+    """One input partition's marks from several paths: the smallest time, idle only if idle on all.
+
+    >>> combine([[5, False], [3, True]]), combine([[5, True], [3, True]]), combine([[5, False], None])
+    ([3, False], [3, True], None)
+    """
+    if any(mark is None for mark in marks):
+        return None
+    times = [mark[0] for mark in marks if mark is not None]
+    return [min(times), all(mark[1] for mark in marks if mark is not None)]
+
+
+class MarkMerger:
+    """The marks of one stage: per own partition, the latest marks of each upstream partition."""
+
+    def __init__(self, upstream_partitions: int) -> None:
+        self.upstream_partitions = upstream_partitions
+        #: own partition -> upstream partition -> input partition -> mark
+        self.received: dict[int, dict[int, dict[str, Mark]]] = {}
+
+    def receive(self, partition: int, upstream: int, marks: Mapping[str, Mark]) -> None:
+        """Marks from ``upstream`` arrived on ``partition`` (later marks of an input partition replace earlier)."""
+        self.received.setdefault(partition, {}).setdefault(upstream, {}).update(marks)
+
+    def forget(self, partition: int | None = None) -> None:
+        """Forget what arrived (on one partition, or all): after a restart or a reassignment."""
+        if partition is None:
+            self.received.clear()
+        else:
+            self.received.pop(partition, None)
+
+    def merged(self, partition: int) -> dict[str, Mark]:
+        """Per input partition: the marks of every upstream partition combined (``None`` until all sent one).
+
+        >>> merger = MarkMerger(2)
+        >>> merger.receive(0, 0, {"o|0": [10, False]}); merger.merged(0)
+        {'o|0': None}
+        >>> merger.receive(0, 1, {"o|0": [7, False]}); merger.merged(0)
+        {'o|0': [7, False]}
+        """
+        by_upstream = self.received.get(partition, {})
+        keys: set[str] = set()
+        for marks in by_upstream.values():
+            keys.update(marks)
+        merged: dict[str, Mark] = {}
+        for key in sorted(keys):
+            paths = [by_upstream.get(upstream, {}).get(key) for upstream in range(self.upstream_partitions)]
+            merged[key] = combine(paths)
+        return merged
+
+
+def low_watermark(marks: Mapping[str, Mark]) -> int | None:
+    """The low watermark of merged marks: the smallest time of the busy input partitions.
+
+    ``None`` while an input partition's mark is unknown, or when there are none. When every
+    input partition is idle, the largest time: nothing more is known to come.
+
+    >>> low_watermark({"o|0": [10, False], "o|1": [4, False], "r|0": [2, True]})
+    4
+    >>> low_watermark({"o|0": [10, True], "o|1": [4, True]}), low_watermark({"o|0": [1, False], "o|1": None})
+    (10, None)
+    """
+    if not marks or any(mark is None for mark in marks.values()):
+        return None
+    busy = [mark[0] for mark in marks.values() if mark is not None and not mark[1]]
+    if busy:
+        return int(min(busy))
+    return int(max(mark[0] for mark in marks.values() if mark is not None))
+
+
+class InputMarks:
+    """What the ingest knows of its input partitions: largest event time routed, last data, lag."""
+
+    def __init__(self, idle_ms: int) -> None:
+        self.idle_ms = idle_ms
+        #: "topic|partition" -> largest event time routed (acknowledged by Kafka)
+        self.latest: dict[str, int] = {}
+        #: "topic|partition" -> processing time (monotonic ms) of its last routed data
+        self.last_data: dict[str, float] = {}
+        #: "topic|partition" -> its lag at the last report (None before the first report)
+        self.lags: dict[str, int] | None = None
+
+    @staticmethod
+    def key(topic: str, partition: int) -> str:
+        """The name of an input partition in marks (the topic as in Kafka, prefix included)."""
+        return f"{topic}|{partition}"
+
+    def routed(self, times: Mapping[str, int], now: float) -> None:
+        """A fetch's largest event time per input partition, now acknowledged downstream."""
+        for key, time_ms in times.items():
+            if key not in self.latest or time_ms > self.latest[key]:
+                self.latest[key] = time_ms
+            self.last_data[key] = now
+
+    def report_lags(self, lags: Mapping[str, int]) -> None:
+        """The assigned input partitions and their lags (replaces the previous report: partitions move)."""
+        self.lags = dict(lags)
+
+    def marks(self, now: float, wall_now_ms: int | None) -> dict[str, Mark] | None:
+        """The marks to send, ``None`` before the assignment is known (a first fetch may hold one partition only).
+
+        ``now`` is processing time (monotonic ms); with ``wall_now_ms`` (the wall clock) an idle
+        partition's time moves with the wall clock, so samples go on while no event comes.
+
+        >>> marks = InputMarks(idle_ms=1000); marks.report_lags({"o|0": 5, "o|1": 0, "o|2": 0})
+        >>> marks.routed({"o|2": 70}, now=0.0); marks.marks(500.0, None)
+        {'o|0': None, 'o|2': [70, False]}
+        >>> marks.routed({"o|0": 90}, now=600.0); marks.lags = {"o|0": 0, "o|1": 0, "o|2": 0}
+        >>> marks.marks(1200.0, None)
+        {'o|0': [90, False], 'o|2': [70, True]}
+        """
+        if self.lags is None:
+            return None
+        result: dict[str, Mark] = {}
+        # only the partitions assigned now: one that moved to another worker is that worker's to mark
+        for key in sorted(self.lags):
+            lag = self.lags.get(key)
+            latest = self.latest.get(key)
+            if latest is None:
+                if lag:
+                    result[key] = None  # data that has not been routed yet
+                continue  # no data at all: not a partition that holds samples back
+            idle = lag == 0 and now - self.last_data.get(key, now) >= self.idle_ms
+            if idle and wall_now_ms is not None:
+                latest = max(latest, wall_now_ms)
+            result[key] = [latest, idle]
+        return result
