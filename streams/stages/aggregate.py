@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from metrics.alerts import KINDS, AlertConfig, DetectorState, due_boundaries, evaluate, initial_state, sample_bucket
 from metrics.catalog import ALL_STORES
 from metrics.store import StoreAggregate
 from metrics.timegrid import Grid
@@ -37,6 +38,13 @@ class StoreShard:
         self.changed = True
         #: incremented by every apply: a checkpoint knows whether the shard changed since the last one
         self.version = 0
+        #: alerts (SPEC 7): the earliest bucket of any delta applied (where sampling starts)
+        self.first_bucket: int | None = None
+        #: the last step boundary sampled, and the detectors' states after it
+        self.sampled_ms: int | None = None
+        self.detectors: dict[str, DetectorState] = {}
+        #: alert events not yet sent (checkpointed with the shard: a crash sends them again, same ids)
+        self.outbox: list[dict[str, object]] = []
 
     def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> bool:
         """Apply one store entry of a delta message part, unless applied already; returns whether it was."""
@@ -52,7 +60,14 @@ class StoreShard:
             return False
         self.hwm[partition] = position
         for entry in entries:
-            self.aggregate.add_groups(entry["g"])
+            groups = entry["g"]
+            self.aggregate.add_groups(groups)
+            for index in range(1, len(groups), 2):
+                pairs = groups[index]
+                if pairs:
+                    earliest = min(pairs[0::2])
+                    if self.first_bucket is None or earliest < self.first_bucket:
+                        self.first_bucket = earliest
             for store_id, currency in (entry.get("cur") or {}).items():
                 self.currencies[store_id] = currency
         if max_time_ms is not None and (self.latest_event_ms is None or max_time_ms > self.latest_event_ms):
@@ -78,6 +93,12 @@ class StoreShard:
                 "hwm": [[partition, position] for partition, position in self.hwm.items()],
                 "cur": self.currencies,
                 "latest": self.latest_event_ms,
+                "alerts": {
+                    "first": self.first_bucket,
+                    "sampled": self.sampled_ms,
+                    "detectors": [state.to_record() for state in self.detectors.values()],
+                    "outbox": self.outbox,
+                },
             }
         )
         return len(head).to_bytes(4, "big") + head + self.aggregate.to_bytes()
@@ -91,6 +112,14 @@ class StoreShard:
         shard.hwm = {int(partition): list(position) for partition, position in head["hwm"]}
         shard.currencies = dict(head["cur"])
         shard.latest_event_ms = head["latest"]
+        alerts = head.get("alerts")  # absent from checkpoints written before alerts
+        if alerts is not None:
+            shard.first_bucket = alerts["first"]
+            shard.sampled_ms = alerts["sampled"]
+            for record in alerts["detectors"]:
+                state = DetectorState.from_record(record)
+                shard.detectors[state.kind] = state
+            shard.outbox = list(alerts["outbox"])
         shard.aggregate = StoreAggregate.from_bytes(data[4 + size:])
         return shard
 
@@ -103,6 +132,49 @@ class StoreShard:
             return
         self.floor = as_of_bucket
         self.aggregate.fold_read(as_of_bucket, longest)
+
+    def next_sample_bucket(self, config: AlertConfig, low_watermark_ms: int | None = None) -> int | None:
+        """The bucket the next sample reads (``None``: not known yet); no fold may pass it."""
+        after = self._sampled_after(config, low_watermark_ms)
+        if after is None:
+            return None
+        return sample_bucket((after // config.step_ms + 1) * config.step_ms, config.bucket_ms)
+
+    def _sampled_after(self, config: AlertConfig, low_watermark_ms: int | None) -> int | None:
+        if self.sampled_ms is not None:
+            return self.sampled_ms
+        if self.first_bucket is not None:
+            # the first sample is the first boundary at or after the store's earliest data
+            return self.first_bucket * config.bucket_ms - 1
+        if low_watermark_ms is not None:
+            # a shard restored from a checkpoint older than alerts: sampling starts at the watermark
+            return low_watermark_ms - config.grace_ms - config.step_ms
+        return None
+
+    def sample(self, low_watermark_ms: int, config: AlertConfig, grid: Grid, limit: int | None = None) -> int:
+        """Sample every boundary the low watermark made due, in order, as of each; returns how many.
+
+        Each sample reads the alert window as of its boundary (:func:`metrics.alerts.sample_bucket`)
+        and goes through both detectors; their alert events go to :attr:`outbox`. The shard's
+        memory is never folded past the next boundary to sample (see :meth:`next_sample_bucket`).
+        """
+        after = self._sampled_after(config, low_watermark_ms)
+        if after is None:
+            return 0
+        boundaries = due_boundaries(after, low_watermark_ms, config, limit)
+        if not boundaries:
+            return 0
+        window = config.window_ms // config.bucket_ms
+        for boundary in boundaries:
+            metrics = self.metrics(grid, window, sample_bucket(boundary, config.bucket_ms))
+            for kind in KINDS:
+                state = self.detectors.get(kind) or initial_state(kind, self.store_id, config)
+                state, events = evaluate(state, boundary, metrics, config)
+                self.detectors[kind] = state
+                self.outbox.extend(events)
+            self.sampled_ms = boundary
+        self.version += 1
+        return len(boundaries)
 
     def metrics(self, grid: Grid, window: int, as_of_bucket: int) -> dict[str, object]:
         """Every metric of the store for a window as of a bucket."""

@@ -25,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from metrics.catalog import ALL_STORES
 from streams.logs import get_logger
 from streams.stages.aggregate import StoreShard, apply_message
+from streams.stages.watermarks import MARKS, MarkMerger, is_marks, low_watermark
 from streams.worker.checkpoints import CheckpointError, Checkpoints
 from streams.worker.log_reader import read_to_end
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology
@@ -61,6 +62,10 @@ class Aggregation:
         self._rebuild_lock = asyncio.Lock()
         #: the deltas after the rebuild, each once and in order (Faust's own offsets are not used)
         self.input = topology.contiguous(topology.deltas, committed=False)
+        #: alerts (None: off): the marks of every facts partition, and the low watermark of each deltas partition
+        self.alert_config = topology.settings.alert_config()
+        self.marks = MarkMerger(topology.partitions)
+        self.low_watermarks: dict[int, int] = {}
 
     def on_assigned(self) -> None:
         """A new partition assignment: the shards must be rebuilt for it."""
@@ -83,10 +88,39 @@ class Aggregation:
             if partial is None:
                 partial = self.partials[partition] = StoreShard(ALL_STORES)
             apply_message(self.shards, partial, message)
+        elif is_marks(message):
+            self.receive_marks(partition, message)
         else:
             clock.advance(message["wm"])
         if offset + 1 > self.positions.get(partition, 0):
             self.positions[partition] = offset + 1
+
+    def receive_marks(self, partition: int, message: dict[str, Any]) -> None:
+        """Marks of a facts partition: when the partition's low watermark makes boundaries due, sample its stores.
+
+        The marks are in the deltas log, after the deltas they speak for, so a rebuild that reads
+        the log again samples the same boundaries at the same points of it. Marks from before the
+        checkpoint are gone: a rebuilt partition samples nothing until every facts partition has
+        sent marks again (later, never earlier).
+        """
+        config = self.alert_config
+        if config is None:
+            return
+        self.marks.receive(partition, int(message["from"]), message[MARKS])
+        watermark = low_watermark(self.marks.merged(partition))
+        if watermark is None:
+            return
+        previous = self.low_watermarks.get(partition)
+        if previous is not None and (watermark - config.grace_ms) // config.step_ms <= (
+            previous - config.grace_ms
+        ) // config.step_ms:
+            return  # no new boundary is due (or the watermark went back, after an upstream restart)
+        self.low_watermarks[partition] = watermark
+        partitions = self.topology.partitions
+        grid = self.topology.grid
+        for store_id, shard in self.shards.items():
+            if route(store_id, partitions) == partition:
+                shard.sample(watermark, config, grid)
 
     async def rebuild(self) -> None:
         """The shards of this worker's deltas partitions: their checkpoints, then the deltas after them."""
@@ -96,6 +130,8 @@ class Aggregation:
         self.shards = {}
         self.partials = {partition: StoreShard(ALL_STORES) for partition in mine}
         self.positions = {}
+        self.marks.forget()
+        self.low_watermarks = {}
         self.checkpointed = {}
         started = time.monotonic()
         deltas_topic = topology.deltas.get_topic_name()
