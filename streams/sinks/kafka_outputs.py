@@ -1,4 +1,4 @@
-"""The worker's Kafka outputs: the compacted ``loyalty-metrics`` topic and ``loyalty-dead-letters``."""
+"""The worker's Kafka outputs: the compacted ``loyalty-metrics``, ``loyalty-dead-letters`` and ``loyalty-alerts``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import orjson
 
 from streams.settings import Settings
 from streams.sinks.dead_letters import dead_letter_key, dead_letter_partition
-from streams.worker.topics import DEAD_LETTER_TOPIC, OUTPUT_TOPIC
+from streams.worker.topics import ALERTS_TOPIC, DEAD_LETTER_TOPIC, OUTPUT_TOPIC
 
 
 class KafkaOutputs:
@@ -30,10 +30,11 @@ class KafkaOutputs:
         self.partitions = settings.partitions
         self.output = topic(OUTPUT_TOPIC, compacting=True)
         self.dead_letters = topic(DEAD_LETTER_TOPIC)
+        self.alerts = topic(ALERTS_TOPIC)
         self._declared: asyncio.Task[None] | None = None
 
     async def declare(self) -> None:
-        """Create both topics if missing (once per worker; every caller waits for the same creation).
+        """Create the topics if missing (once per worker; every caller waits for the same creation).
 
         Faust creates only the topics it consumes; a topic the broker auto-creates on the first send
         has one partition and no compaction, and a send racing that creation can wait for its
@@ -42,7 +43,7 @@ class KafkaOutputs:
         if self._declared is None:
 
             async def declare() -> None:
-                for sink_topic in (self.output, self.dead_letters):
+                for sink_topic in (self.output, self.dead_letters, self.alerts):
                     await sink_topic.maybe_declare()
 
             self._declared = asyncio.ensure_future(declare())
@@ -66,3 +67,7 @@ class KafkaOutputs:
     async def send_snapshot(self, store_id: str, window: str, encoded: bytes) -> None:
         """Queue one snapshot on the compacted output topic, keyed ``store|window``."""
         await self.output.send(key=f"{store_id}|{window}".encode(), value=encoded)
+
+    async def send_alert(self, alert: dict[str, Any], encoded: bytes) -> Any:
+        """Queue one alert on ``loyalty-alerts``, keyed ``store|kind``; returns the future of Kafka's ack."""
+        return await self.alerts.send(key=f"{alert['store_id']}|{alert['kind']}".encode(), value=encoded)

@@ -15,6 +15,9 @@ STORES_KEY = "loyalty:stores"
 #: the workers' health counters (a hash of counts)
 HEALTH_KEY = "loyalty:health"
 UPDATES_CHANNEL = "loyalty:updates"
+#: the alerts (SPEC 7): a capped stream (field ``json``) and a pub/sub channel of the same name
+ALERTS_KEY = "loyalty:alerts"
+ALERTS_MAXLEN = 10_000
 #: seconds a Redis connection attempt or command may take: a black-holed Redis raises a timeout
 #: instead of hanging the emit step, and publishing retries later
 REDIS_TIMEOUT_S = 5.0
@@ -100,6 +103,14 @@ class RedisSink:
             await pipe.execute()
         self._last_as_of[key] = as_of_ms
         return True
+
+    async def write_alert(self, encoded: bytes) -> None:
+        """Add one alert to the alerts stream and publish it on the alerts channel (one MULTI/EXEC)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            entry: dict[Any, Any] = {"json": encoded}
+            pipe.xadd(ALERTS_KEY, entry, maxlen=ALERTS_MAXLEN, approximate=True)
+            pipe.publish(ALERTS_KEY, encoded)
+            await pipe.execute()
 
     async def count(self, counters: dict[str, int], gauges: dict[str, int] | None = None) -> None:
         """Add to the worker health counters (``loyalty:health``) and set its gauges, all or none (one MULTI/EXEC)."""

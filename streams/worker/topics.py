@@ -61,6 +61,8 @@ TOPIC_CONFIGS = {
 STAR_PARTIALS_TOPIC = "star-partials"
 OUTPUT_TOPIC = "loyalty-metrics"
 DEAD_LETTER_TOPIC = "loyalty-dead-letters"
+#: alerts of SPEC section 7, keyed ``{store_id}|{kind}``
+ALERTS_TOPIC = "loyalty-alerts"
 
 
 async def ensure_pipeline_topics(settings: Settings) -> None:
@@ -75,7 +77,7 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
     await ensure_topics(
         settings.kafka_bootstrap_servers,
         [internal_topic(settings, name) for name in INTERNAL_TOPICS if name not in TOPIC_CONFIGS]
-        + [settings.topic(DEAD_LETTER_TOPIC)],
+        + [settings.topic(DEAD_LETTER_TOPIC), settings.topic(ALERTS_TOPIC)],
         settings.partitions,
         settings.replication_factor,
     )

@@ -15,6 +15,7 @@ restarted between two emits is noticed by its server run id changing.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ from metrics.store import ReadPoints
 from streams.logs import get_logger
 from streams.sinks.redis_sink import RedisSink
 from streams.sinks.snapshots import dumps, snapshot_payload
+from streams.sinks.webhook import Webhook
+from streams.stages.aggregate import StoreShard
 from streams.worker.agents.aggregate import Aggregation
 from streams.worker.topology import Topology
 from streams.worker.wire import route
@@ -56,6 +59,13 @@ class Publisher:
         #: deltas partition -> the bucket of its last published partial ``*``
         self.last_partial_bucket: dict[int, int] = {}
         self.star = StarPartials(topology)
+        settings = topology.settings
+        #: the alert webhook's sender (None: no webhook); its task is started by :func:`register`
+        self.webhook = (
+            Webhook(settings.alert_webhook, settings.alert_webhook_format, topology.health)
+            if settings.alert_webhook and settings.alert_config() is not None
+            else None
+        )
 
     async def tick(self) -> None:
         """One emit interval: rebuild if needed, publish, flush the health counters."""
@@ -72,6 +82,7 @@ class Publisher:
         try:
             await self.check_redis(self.redis)
             await self.emit(now, self.redis)
+            await self.publish_alerts(self.redis)
             await self.publish_partials(now)
             await self.publish_star(now, self.redis)
             await self.topology.health.flush(self.redis)
@@ -131,7 +142,42 @@ class Publisher:
             self.last_emitted_bucket[store_id] = as_of_bucket
             topology.health.count("snapshots", len(grid.windows))
         for shard in shards.values():
-            shard.fold(as_of_bucket, grid.longest)
+            shard.fold(self.fold_bucket(shard, as_of_bucket), grid.longest)
+
+    def fold_bucket(self, shard: StoreShard, as_of_bucket: int) -> int:
+        """How far a shard may fold: to now, but never past the bucket its next alert sample reads."""
+        config = self.aggregation.alert_config
+        if config is None:
+            return as_of_bucket
+        next_sample = shard.next_sample_bucket(config)
+        return as_of_bucket if next_sample is None else min(as_of_bucket, next_sample)
+
+    async def publish_alerts(self, redis: RedisSink) -> None:
+        """Send the alerts waiting in the shards' outboxes: Kafka, Redis (stream and channel), health, webhook.
+
+        An alert leaves its outbox only once Kafka acknowledged it and Redis has it; a failure
+        leaves it there, sent again at the next try with the same id (a checkpoint keeps outboxes).
+        """
+        topology = self.topology
+        for shard in list(self.aggregation.shards.values()):
+            if not shard.outbox:
+                continue
+            alerts = list(shard.outbox)
+            acks = []
+            for alert in alerts:
+                encoded = dumps(alert)
+                acks.append(await topology.outputs.send_alert(alert, encoded))
+                await redis.write_alert(encoded)
+            await asyncio.gather(*acks)
+            # the aggregation may have added alerts meanwhile: only those sent leave
+            del shard.outbox[:len(alerts)]
+            shard.version += 1
+            for alert in alerts:
+                topology.health.count(f"alerts:{alert['kind']}:{alert['state']}")
+                log.info("alert.sent", alert_id=alert["alert_id"], kind=alert["kind"], state=alert["state"],
+                         store=alert["store_id"], as_of_ms=alert["as_of_ms"])
+                if self.webhook is not None:
+                    self.webhook.submit(alert)
 
 
     async def publish_partials(self, now: int) -> None:
@@ -238,5 +284,12 @@ def register(topology: Topology, aggregation: Aggregation) -> Publisher:
     @topology.app.timer(interval_s, name=topology.internal + "emit")  # type: ignore[untyped-decorator]
     async def emit_timer() -> None:
         await publisher.tick()
+
+    webhook = publisher.webhook
+    if webhook is not None:
+
+        @topology.app.task  # type: ignore[untyped-decorator]
+        async def alert_webhook() -> None:
+            await webhook.run()
 
     return publisher
