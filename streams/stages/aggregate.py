@@ -133,12 +133,15 @@ class StoreShard:
         self.floor = as_of_bucket
         self.aggregate.fold_read(as_of_bucket, longest)
 
-    def next_sample_bucket(self, config: AlertConfig, low_watermark_ms: int | None = None) -> int | None:
-        """The bucket the next sample reads (``None``: not known yet); no fold may pass it."""
-        after = self._sampled_after(config, low_watermark_ms)
-        if after is None:
+    def next_sample_bucket(self, config: AlertConfig) -> int | None:
+        """The bucket the next sample reads; no fold may pass it. ``None`` before the first sample: no fold at all.
+
+        Until the first sample, where sampling starts is not settled (an event that arrives late
+        may still move the store's earliest bucket back), so nothing is folded.
+        """
+        if self.sampled_ms is None:
             return None
-        return sample_bucket((after // config.step_ms + 1) * config.step_ms, config.bucket_ms)
+        return sample_bucket((self.sampled_ms // config.step_ms + 1) * config.step_ms, config.bucket_ms)
 
     def _sampled_after(self, config: AlertConfig, low_watermark_ms: int | None) -> int | None:
         if self.sampled_ms is not None:

@@ -142,15 +142,17 @@ class Publisher:
             self.last_emitted_bucket[store_id] = as_of_bucket
             topology.health.count("snapshots", len(grid.windows))
         for shard in shards.values():
-            shard.fold(self.fold_bucket(shard, as_of_bucket), grid.longest)
+            fold_bucket = self.fold_bucket(shard, as_of_bucket)
+            if fold_bucket is not None:
+                shard.fold(fold_bucket, grid.longest)
 
-    def fold_bucket(self, shard: StoreShard, as_of_bucket: int) -> int:
-        """How far a shard may fold: to now, but never past the bucket its next alert sample reads."""
+    def fold_bucket(self, shard: StoreShard, as_of_bucket: int) -> int | None:
+        """How far a shard may fold: to now, but never past the bucket its next alert sample reads (None: not yet)."""
         config = self.aggregation.alert_config
         if config is None:
             return as_of_bucket
         next_sample = shard.next_sample_bucket(config)
-        return as_of_bucket if next_sample is None else min(as_of_bucket, next_sample)
+        return None if next_sample is None else min(as_of_bucket, next_sample)
 
     async def publish_alerts(self, redis: RedisSink) -> None:
         """Send the alerts waiting in the shards' outboxes: Kafka, Redis (stream and channel), health, webhook.
