@@ -1,0 +1,210 @@
+"""Alerts in the worker (SPEC 7) on the real Kafka and Redis: sampling on the low watermark, sinks and the webhook."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from infra.local import free_port
+from metrics.alerts import KINDS, AlertConfig, alert_id, evaluate, initial_state
+from metrics.events import Event
+from metrics.reference import ReferenceConfig, accepted_events, reference_all
+from metrics.timegrid import DAY_MS, parse_duration
+from metrics.validation import parse_message
+from streams.worker.topics import ensure_topics
+from support import async_wait_for, clean_env, loyalty_command, stop_process, tail
+
+PARTITIONS = 2
+#: Redis databases of the session's redis-server used here (taken elsewhere: 2, 3, 5-15)
+DATABASE = 4
+HOUR_MS = 3_600_000
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, on the step grid
+WINDOW = "1h"
+HORIZON = "90d"
+SPIKE_HOUR = 30
+ALERT_SETTINGS = {
+    "LOYALTY_WINDOWS": "1h,24h",
+    "LOYALTY_ALERT_WINDOW": WINDOW,
+    "LOYALTY_ALERT_STEP": "1h",
+    "LOYALTY_ALERT_WARMUP": "12h",
+    "LOYALTY_ALERT_HALF_LIFE": "1d",
+    "LOYALTY_ALERT_COOLDOWN": "2h",
+    "LOYALTY_ALERT_GRACE": "10m",
+    "LOYALTY_ALERT_IDLE": "2s",
+}
+CONFIG = AlertConfig(window=WINDOW, step_ms=HOUR_MS, warmup_ms=12 * HOUR_MS, half_life_ms=DAY_MS,
+                     cooldown_ms=2 * HOUR_MS, grace_ms=600_000, idle_ms=2_000)
+
+
+def history() -> list[tuple[str, dict[str, Any]]]:
+    """(topic, body): two stores of 400 customers who sign up in the first hour; a few close every hour,
+    and in hour ``SPIKE_HOUR`` 40 of store-a's close at once (a churn spike after a calm baseline)."""
+    rng = random.Random(7)
+    messages: list[tuple[str, dict[str, Any]]] = []
+    for store in ("store-a", "store-b"):
+        customers = [f"{store}-c{i}" for i in range(400)]
+        for index, customer in enumerate(customers):
+            messages.append(("signups", {"event_id": f"s-{customer}", "type": "customer.signed_up",
+                                         "occurred_at": T0 + index * 9_000, "store_id": store,
+                                         "customer_id": customer, "channel": "search"}))
+        open_customers = customers[:]
+        rng.shuffle(open_customers)
+        for hour in range(1, 40):
+            closing = 40 if store == "store-a" and hour == SPIKE_HOUR else rng.randint(1, 4)
+            for _ in range(closing):
+                customer = open_customers.pop()
+                at = T0 + hour * HOUR_MS + rng.randrange(HOUR_MS)
+                messages.append(("signups", {"event_id": f"x-{customer}", "type": "customer.closed",
+                                             "occurred_at": at, "store_id": store, "customer_id": customer}))
+            for _ in range(rng.randint(3, 8)):  # orders keep the stores' other metrics alive
+                customer = rng.choice(open_customers)
+                messages.append(("orders", {"event_id": f"o-{hour}-{customer}", "type": "order.placed",
+                                            "occurred_at": T0 + hour * HOUR_MS + rng.randrange(HOUR_MS),
+                                            "store_id": store, "customer_id": customer,
+                                            "order_id": f"{hour}-{customer}", "amount": "10.00",
+                                            "currency": "EUR"}))
+    # arrival is not event-time order: the watermark must make that irrelevant within the grace
+    rng.shuffle(messages)
+    return messages
+
+
+def expected_alerts(messages: list[tuple[str, dict[str, Any]]]) -> list[dict[str, object]]:
+    """A plain replay of the detectors over the batch reference's metrics as of every step boundary."""
+    events = [item for topic, body in messages
+              for item in parse_message(orjson.dumps(body), topic, now_ms=T0 + 90 * DAY_MS, max_future_skew_ms=300_000)]
+    accepted = accepted_events([event for event in events if isinstance(event, Event)])
+    latest = max(event.occurred_at_ms for event in accepted)
+    window_ms = parse_duration(WINDOW)
+    config = ReferenceConfig(bucket_ms=60_000, horizon_ms=parse_duration(HORIZON))
+    states = {(store, kind): initial_state(kind, store, CONFIG) for store in ("store-a", "store-b") for kind in KINDS}
+    alerts: list[dict[str, object]] = []
+    boundary = T0  # the first boundary at or after the first event's bucket
+    while boundary + CONFIG.grace_ms <= latest:  # all idle at the end: the watermark is the latest event time
+        metrics = reference_all(accepted, windows_ms=(window_ms,), as_of_ms=boundary - 1, config=config)
+        for (store, kind), state in states.items():
+            sample = metrics.get((store, window_ms))
+            if sample is None:
+                continue
+            states[(store, kind)], fired = evaluate(state, boundary, sample, CONFIG)
+            alerts.extend(fired)
+        boundary += CONFIG.step_ms
+    return alerts
+
+
+class Receiver:
+    """A local webhook receiver that answers 500 to the first ``failures`` POSTs."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.posts: list[bytes] = []
+        self.delivered: list[dict[str, Any]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.posts.append(body)
+        if len(self.posts) <= self.failures:
+            return web.Response(status=500)
+        self.delivered.append(orjson.loads(body))
+        return web.Response(status=204)
+
+
+async def read_alerts_topic(bootstrap: str, topic: str) -> list[Any]:
+    """What the alerts topic holds now (from the start)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"reader-{uuid.uuid4().hex}",
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        records: list[Any] = []
+        while True:
+            batches = await consumer.getmany(timeout_ms=1000)
+            if not batches:
+                return records
+            for batch in batches.values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.timeout(400)
+async def test_churn_spike_alert_reaches_stream_topic_and_webhook(services, topic_prefix, app_id,
+                                                                  tmp_path: Path) -> None:
+    """A replayed churn spike fires once, with the id of a plain replay, in Redis, Kafka and (third try) the webhook."""
+    messages = history()
+    expected = expected_alerts(messages)
+    assert [(a["store_id"], a["kind"], a["state"]) for a in expected] == [
+        ("store-a", "churn_spike", "firing"), ("store-a", "churn_spike", "resolved")]
+    firing = expected[0]
+    assert firing["alert_id"] == alert_id("store-a", WINDOW, "churn_spike", T0 + (SPIKE_HOUR + 1) * HOUR_MS)
+
+    receiver = Receiver(failures=2)
+    server = web.Application()
+    server.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(server)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    bootstrap = services.kafka_bootstrap
+    redis_url = services.redis_url.rsplit("/", 1)[0] + f"/{DATABASE}"
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    await redis.flushdb()
+    inputs = ["orders", "signups", "survey-responses", "marketing-spend", "loyalty-activity"]
+    await ensure_topics(bootstrap, [topic_prefix + name for name in inputs], PARTITIONS)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        for topic, body in messages:
+            await producer.send(topic_prefix + topic, orjson.dumps(body), key=body["customer_id"].encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    env = clean_env(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap, REDIS_URL=redis_url, LOYALTY_APP_ID=app_id,
+        LOYALTY_TOPIC_PREFIX=topic_prefix, LOYALTY_STORE="memory", LOYALTY_PARTITIONS=str(PARTITIONS),
+        LOYALTY_CLOCK="event", LOYALTY_ACTIVE_HORIZON=HORIZON, LOYALTY_EMIT_INTERVAL="200ms",
+        LOYALTY_STATE_DIR=str(tmp_path / "state"), LOYALTY_LOG_LEVEL="info", LOYALTY_WEB_PORT=str(free_port()),
+        LOYALTY_ALERT_WEBHOOK=f"http://127.0.0.1:{port}/hook", **ALERT_SETTINGS,
+    )
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([*loyalty_command(), "worker"], env=env, cwd=tmp_path, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        async def stream_has_all() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"the worker exited with {process.returncode}:\n{tail(log_path)}")
+            return len(await redis.xrange("loyalty:alerts")) >= len(expected)
+
+        await async_wait_for(stream_has_all, timeout=240, interval=0.5,
+                             message=lambda: f"alerts missing from Redis\n{tail(log_path, 40)}")
+        stored = [orjson.loads(fields["json"]) for _, fields in await redis.xrange("loyalty:alerts")]
+        assert stored == expected
+
+        records = await read_alerts_topic(bootstrap, topic_prefix + "loyalty-alerts")
+        assert [orjson.loads(record.value) for record in records] == expected
+        assert [record.key.decode() for record in records] == ["store-a|churn_spike"] * 2
+
+        await async_wait_for(lambda: len(receiver.delivered) >= len(expected), timeout=60, interval=0.2,
+                             message=lambda: f"webhook got {len(receiver.posts)} posts\n{tail(log_path, 40)}")
+        assert receiver.delivered == expected
+        assert len(receiver.posts) == len(expected) + 2  # the firing alert on its third try
+
+        async def counted() -> bool:
+            health = await redis.hgetall("loyalty:health")
+            return (health.get("alerts:churn_spike:firing"), health.get("webhook_failures")) == ("1", "2")
+
+        await async_wait_for(counted, timeout=30, interval=0.2, message=lambda: "health counters")
+    finally:
+        stop_process(process, timeout=60)
+        await redis.aclose()
+        await runner.cleanup()
