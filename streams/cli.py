@@ -378,6 +378,56 @@ def simulate(rate: float, stores: int, customers: int, seed: int | None, churn_s
 
 
 @main.command()
+@click.option("--follow", "-f", is_flag=True, help="Then print new alerts as they come (Ctrl-C stops).")
+@click.option("--store", metavar="STORE", help="Only this store's alerts.")
+@click.option("--json", "as_json", is_flag=True, help="Print one alert JSON object per line.")
+@click.option("--count", type=click.IntRange(1, 10_000), default=20, show_default=True, metavar="N",
+              help="How many recent alerts.")
+def alerts(follow: bool, store: str | None, as_json: bool, count: int) -> None:
+    """Print the recent alerts from Redis (stream loyalty:alerts); exit 2: Redis unreachable."""
+    from rich.console import Console
+
+    from streams.tools import alerts as tool
+    from streams.tools.snapshot import SnapshotUnavailable
+
+    settings = _settings()
+    console = Console()
+
+    def show(items: list[dict[str, Any]], table: bool) -> None:
+        if as_json:
+            for item in items:
+                click.echo(orjson_text(item))
+        elif table:
+            console.print(tool.render_table(items))
+        else:
+            for item in items:
+                console.print(tool.alert_line(item))
+
+    try:
+        recent = tool.read_recent(settings.redis_url, count, store)
+        if recent or not follow:
+            show([alert for _, alert in recent], table=True)
+        if not recent and not follow and not as_json:
+            click.echo("no alerts in Redis", err=True)
+        if follow:
+            after = recent[-1][0] if recent else "$"
+            for _, alert in tool.follow(settings.redis_url, after, store):
+                show([alert], table=False)
+    except SnapshotUnavailable as exc:
+        click.echo(click.style(f"Error: {exc}", fg="red"), err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+def orjson_text(value: object) -> str:
+    """One JSON line."""
+    import orjson
+
+    return orjson.dumps(value).decode()
+
+
+@main.command()
 @_traffic_options(rate=100.0)
 @click.option("--window", metavar="WINDOW", help="Window shown in the table (default: the first of LOYALTY_WINDOWS).")
 @click.option("--backfill", default="2h", show_default=True, metavar="DURATION",
