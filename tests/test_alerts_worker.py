@@ -16,10 +16,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from infra.local import free_port
 from metrics.alerts import KINDS, AlertConfig, alert_id, evaluate, initial_state
+from metrics.engine import LoyaltyEngine
 from metrics.events import Event
 from metrics.reference import ReferenceConfig, accepted_events, reference_all
-from metrics.timegrid import DAY_MS, parse_duration
+from metrics.timegrid import DAY_MS, Grid, parse_duration
 from metrics.validation import parse_message
+from streams.stages.aggregate import StoreShard
+from streams.stages.watermarks import MarkMerger, low_watermark
 from streams.worker.topics import ensure_topics
 from support import async_wait_for, clean_env, loyalty_command, stop_process, tail
 
@@ -79,9 +82,7 @@ def history() -> list[tuple[str, dict[str, Any]]]:
 
 def expected_alerts(messages: list[tuple[str, dict[str, Any]]]) -> list[dict[str, object]]:
     """A plain replay of the detectors over the batch reference's metrics as of every step boundary."""
-    events = [item for topic, body in messages
-              for item in parse_message(orjson.dumps(body), topic, now_ms=T0 + 90 * DAY_MS, max_future_skew_ms=300_000)]
-    accepted = accepted_events([event for event in events if isinstance(event, Event)])
+    accepted = accepted_events(history_events(messages))
     latest = max(event.occurred_at_ms for event in accepted)
     window_ms = parse_duration(WINDOW)
     config = ReferenceConfig(bucket_ms=60_000, horizon_ms=parse_duration(HORIZON))
@@ -98,6 +99,63 @@ def expected_alerts(messages: list[tuple[str, dict[str, Any]]]) -> list[dict[str
             alerts.extend(fired)
         boundary += CONFIG.step_ms
     return alerts
+
+
+def history_events(messages: list[tuple[str, dict[str, Any]]]) -> list[Event]:
+    """The valid events of the messages, in arrival order."""
+    return [item for topic, body in messages
+            for item in parse_message(orjson.dumps(body), topic, now_ms=T0 + 90 * DAY_MS, max_future_skew_ms=300_000)
+            if isinstance(item, Event)]
+
+
+def test_alert_metrics_are_the_published_ones() -> None:
+    """What a sample reads (the watched metrics only) equals those of the full metrics, at every boundary."""
+    grid = Grid(60_000, parse_duration(HORIZON), (HOUR_MS, DAY_MS), 30 * DAY_MS)
+    engine = LoyaltyEngine(grid)
+    events = sorted(history_events(history()), key=lambda event: event.occurred_at_ms)
+    for hour in range(1, 41):
+        boundary = T0 + hour * HOUR_MS
+        while events and events[0].occurred_at_ms < boundary:  # the engine folds as of its clock
+            engine.ingest(events.pop(0))
+        aggregate = engine.stores["store-a"]
+        bucket = boundary // 60_000 - 1
+        full = aggregate.metrics(grid, 60, bucket)
+        sample = aggregate.alert_metrics(60, bucket)
+        assert sample == {name: full[name] for name in sample}, hour
+    assert set(sample) == {"churn_rate", "churned_customers", "nps", "nps_responses", "nps_ci_high"}
+
+
+def test_marks_hold_the_watermark_until_every_path_reported() -> None:
+    """An input partition's watermark is the smallest over upstream partitions, unknown until each has sent one."""
+    merger = MarkMerger(upstream_partitions=2)
+    merger.receive(0, 0, {"orders|0": [5_000, False], "orders|1": [9_000, False]})
+    assert low_watermark(merger.merged(0)) is None
+    merger.receive(0, 1, {"orders|0": [4_000, False], "orders|1": [9_500, False]})
+    assert low_watermark(merger.merged(0)) == 4_000
+    merger.receive(0, 1, {"orders|0": [7_000, True]})  # idle on one path only: still busy
+    assert low_watermark(merger.merged(0)) == 5_000
+    merger.receive(0, 0, {"orders|2": None})  # data not routed yet holds everything back
+    assert low_watermark(merger.merged(0)) is None
+
+
+def test_shard_head_keeps_detectors_and_loads_older_heads() -> None:
+    """Detector states, the last boundary and unsent alerts survive a checkpoint; a head without them still loads."""
+    shard = StoreShard("s1")
+    shard.apply((0, 1, 0), {"g": ["A", [T0 // 60_000, 3]]}, T0)
+    assert shard.first_bucket == T0 // 60_000 and shard.next_sample_bucket(CONFIG) is None
+    assert shard.sample(T0 + 5 * HOUR_MS, CONFIG) == 5  # T0 .. T0+4h are due (grace 10 min)
+    shard.outbox.append({"alert_id": "x"})
+    restored = StoreShard.from_bytes(shard.to_bytes())
+    assert (restored.sampled_ms, restored.detectors, restored.outbox) == (shard.sampled_ms, shard.detectors,
+                                                                          shard.outbox)
+    assert restored.next_sample_bucket(CONFIG) == (T0 + 5 * HOUR_MS) // 60_000 - 1
+    data = shard.to_bytes()
+    size = int.from_bytes(data[:4], "big")
+    head = orjson.loads(data[4:4 + size])
+    del head["alerts"]
+    old = orjson.dumps(head)
+    legacy = StoreShard.from_bytes(len(old).to_bytes(4, "big") + old + data[4 + size:])
+    assert (legacy.sampled_ms, legacy.detectors, legacy.outbox) == (None, {}, [])
 
 
 class Receiver:

@@ -154,7 +154,7 @@ class StoreShard:
             return low_watermark_ms - config.grace_ms - config.step_ms
         return None
 
-    def sample(self, low_watermark_ms: int, config: AlertConfig, grid: Grid, limit: int | None = None) -> int:
+    def sample(self, low_watermark_ms: int, config: AlertConfig, limit: int | None = None) -> int:
         """Sample every boundary the low watermark made due, in order, as of each; returns how many.
 
         Each sample reads the alert window as of its boundary (:func:`metrics.alerts.sample_bucket`)
@@ -169,7 +169,7 @@ class StoreShard:
             return 0
         window = config.window_ms // config.bucket_ms
         for boundary in boundaries:
-            metrics = self.metrics(grid, window, sample_bucket(boundary, config.bucket_ms))
+            metrics = self.aggregate.alert_metrics(window, sample_bucket(boundary, config.bucket_ms))
             for kind in KINDS:
                 state = self.detectors.get(kind) or initial_state(kind, self.store_id, config)
                 state, events = evaluate(state, boundary, metrics, config)

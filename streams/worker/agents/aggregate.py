@@ -33,6 +33,9 @@ from streams.worker.wire import route, unpack
 
 log = get_logger(__name__)
 
+#: boundaries one store samples before the aggregation lets the event loop run
+SAMPLE_SLICE = 64
+
 
 class TruncatedLog(Exception):
     """The deltas log no longer holds what a restore needs: refused, never folded into wrong numbers."""
@@ -66,6 +69,8 @@ class Aggregation:
         self.alert_config = topology.settings.alert_config()
         self.marks = MarkMerger(topology.partitions)
         self.low_watermarks: dict[int, int] = {}
+        #: deltas partitions whose stores have boundaries due
+        self.due_partitions: set[int] = set()
 
     def on_assigned(self) -> None:
         """A new partition assignment: the shards must be rebuilt for it."""
@@ -116,11 +121,30 @@ class Aggregation:
         ) // config.step_ms:
             return  # no new boundary is due (or the watermark went back, after an upstream restart)
         self.low_watermarks[partition] = watermark
+        self.due_partitions.add(partition)
+
+    async def sample_due(self) -> None:
+        """Sample the stores of the partitions whose watermark made boundaries due, in slices.
+
+        Called after each batch (and rebuild): a replay can make thousands of boundaries due at
+        once, and the worker's other parts (commits, emits, heartbeats) must go on meanwhile.
+        """
+        config = self.alert_config
+        if config is None:
+            return
         partitions = self.topology.partitions
-        grid = self.topology.grid
-        for store_id, shard in self.shards.items():
-            if route(store_id, partitions) == partition:
-                shard.sample(watermark, config, grid)
+        while self.due_partitions:
+            partition = self.due_partitions.pop()
+            watermark = self.low_watermarks.get(partition)
+            if watermark is None:
+                continue
+            shards = [shard for store_id, shard in list(self.shards.items())
+                      if route(store_id, partitions) == partition]
+            for shard in shards:
+                sampled = SAMPLE_SLICE
+                while sampled == SAMPLE_SLICE:
+                    sampled = shard.sample(watermark, config, SAMPLE_SLICE)
+                    await asyncio.sleep(0)
 
     async def rebuild(self) -> None:
         """The shards of this worker's deltas partitions: their checkpoints, then the deltas after them."""
@@ -132,6 +156,7 @@ class Aggregation:
         self.positions = {}
         self.marks.forget()
         self.low_watermarks = {}
+        self.due_partitions = set()
         self.checkpointed = {}
         started = time.monotonic()
         deltas_topic = topology.deltas.get_topic_name()
@@ -185,6 +210,8 @@ class Aggregation:
                 await consumer.stop()
         self.needs_restore = self.assignment_generation != generation
         self.input.seed(self.positions)
+        if not self.needs_restore:
+            await self.sample_due()
         log.info("aggregate.rebuilt", stores=len(self.shards), partitions=mine, messages=applied,
                  checkpointed=sum(len(c.shards) for c in restored.values()),
                  seconds=round(time.monotonic() - started, 3))
@@ -218,6 +245,7 @@ class Aggregation:
                 continue  # a refused or pending restore: the log is read again when it succeeds
             for partition, offset, value in await self.input.in_order(batch):
                 self.apply_deltas(unpack(value), partition, offset)
+            await self.sample_due()
 
     async def checkpoint(self) -> None:
         """Checkpoint the shards of every deltas partition of this worker, then delete the deltas below."""
