@@ -24,7 +24,7 @@ from metrics.validation import parse_message
 from streams.stages.aggregate import StoreShard
 from streams.stages.watermarks import MarkMerger, low_watermark
 from streams.worker.topics import ensure_topics
-from support import async_wait_for, clean_env, loyalty_command, stop_process, tail
+from support import async_wait_for, clean_env, loyalty_command, run_loyalty, stop_process, tail
 
 PARTITIONS = 2
 #: Redis databases of the session's redis-server used here (taken elsewhere: 2, 3, 5-15)
@@ -266,3 +266,125 @@ async def test_churn_spike_alert_reaches_stream_topic_and_webhook(services, topi
         stop_process(process, timeout=60)
         await redis.aclose()
         await runner.cleanup()
+
+
+def ordered_history() -> list[tuple[str, dict[str, Any]]]:
+    """Like :func:`history`, bigger, and arriving in event-time order up to 5 minutes late (within the grace)."""
+    rng = random.Random(11)
+    timed: list[tuple[int, str, dict[str, Any]]] = []
+    for store in ("store-a", "store-b"):
+        customers = [f"{store}-c{i}" for i in range(1500)]
+        for index, customer in enumerate(customers):
+            timed.append((T0 + index * 2_000, "signups", {
+                "event_id": f"s-{customer}", "type": "customer.signed_up", "occurred_at": T0 + index * 2_000,
+                "store_id": store, "customer_id": customer}))
+        open_customers = customers[:]
+        rng.shuffle(open_customers)
+        for hour in range(1, 40):
+            closing = 150 if store == "store-a" and hour == SPIKE_HOUR else rng.randint(5, 15)
+            for _ in range(closing):
+                customer = open_customers.pop()
+                at = T0 + hour * HOUR_MS + rng.randrange(HOUR_MS)
+                timed.append((at, "signups", {"event_id": f"x-{customer}", "type": "customer.closed",
+                                              "occurred_at": at, "store_id": store, "customer_id": customer}))
+            for number in range(rng.randint(20, 40)):
+                customer = rng.choice(open_customers)
+                at = T0 + hour * HOUR_MS + rng.randrange(HOUR_MS)
+                timed.append((at, "orders", {"event_id": f"o-{hour}-{number}", "type": "order.placed",
+                                             "occurred_at": at, "store_id": store, "customer_id": customer,
+                                             "order_id": f"{hour}-{number}", "amount": "10.00", "currency": "EUR"}))
+    arrival = sorted(timed, key=lambda item: item[0] + rng.randrange(300_000))
+    return [(topic, body) for _, topic, body in arrival]
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen([*loyalty_command(), "worker"], env={**env, "LOYALTY_WEB_PORT": str(free_port())},
+                                cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+async def produce(bootstrap: str, prefix: str, messages: list[tuple[str, dict[str, Any]]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        for topic, body in messages:
+            await producer.send(prefix + topic, orjson.dumps(body), key=body["customer_id"].encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.timeout(500)
+async def test_sigkilled_worker_sends_the_same_alert_ids(services, topic_prefix, app_id, tmp_path: Path) -> None:
+    """A worker SIGKILLed right after a firing and restarted sends only the ids of a plain replay (repeats allowed)."""
+    messages = ordered_history()
+    expected = expected_alerts(messages)
+    fired_at, resolved_at = T0 + (SPIKE_HOUR + 1) * HOUR_MS, T0 + (SPIKE_HOUR + 2) * HOUR_MS
+    assert [(a["store_id"], a["state"], a["as_of_ms"]) for a in expected] == [
+        ("store-a", "firing", fired_at), ("store-a", "resolved", resolved_at)]
+    # the first part ends before the resolving sample can be taken: the kill comes between the two
+    split = next(index for index, (_, body) in enumerate(messages)
+                 if body["occurred_at"] >= T0 + (SPIKE_HOUR + 1) * HOUR_MS + 20 * 60_000)
+    bootstrap = services.kafka_bootstrap
+    redis_url = services.redis_url.rsplit("/", 1)[0] + "/1"
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    await redis.flushdb()
+    inputs = ["orders", "signups", "survey-responses", "marketing-spend", "loyalty-activity"]
+    await ensure_topics(bootstrap, [topic_prefix + name for name in inputs], PARTITIONS)
+    await produce(bootstrap, topic_prefix, messages[:split])
+    env = clean_env(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap, REDIS_URL=redis_url, LOYALTY_APP_ID=app_id,
+        LOYALTY_TOPIC_PREFIX=topic_prefix, LOYALTY_STORE="memory", LOYALTY_PARTITIONS=str(PARTITIONS),
+        LOYALTY_CLOCK="event", LOYALTY_ACTIVE_HORIZON=HORIZON, LOYALTY_EMIT_INTERVAL="200ms",
+        LOYALTY_CHECKPOINT_INTERVAL="1s", LOYALTY_STATE_DIR=str(tmp_path / "state"), LOYALTY_LOG_LEVEL="info",
+        **ALERT_SETTINGS,
+    )
+    log_path = tmp_path / "worker.log"
+    process = start_worker(env, log_path)
+
+    async def stored() -> list[dict[str, Any]]:
+        return [orjson.loads(fields["json"]) for _, fields in await redis.xrange("loyalty:alerts")]
+
+    def alive() -> None:
+        if process.poll() is not None and process.returncode != -9:
+            raise AssertionError(f"the worker exited with {process.returncode}:\n{tail(log_path)}")
+
+    try:
+        async def fired() -> bool:
+            alive()
+            return bool(await stored())
+
+        await async_wait_for(fired, timeout=240, interval=0.05,
+                             message=lambda: f"no firing alert\n{tail(log_path, 40)}")
+        process.kill()
+        process.wait(timeout=30)
+        process = start_worker(env, log_path)
+        await produce(bootstrap, topic_prefix, messages[split:])
+
+        async def resolved() -> bool:
+            alive()
+            return any(alert["state"] == "resolved" for alert in await stored())
+
+        await async_wait_for(resolved, timeout=240, interval=0.2,
+                             message=lambda: f"no resolution\n{tail(log_path, 40)}")
+        alerts = await stored()
+        assert all(alert in expected for alert in alerts), alerts
+        distinct = []
+        for alert in alerts:
+            if alert not in distinct:
+                distinct.append(alert)
+        assert distinct == expected
+
+        # `loyalty alerts` reads the same stream
+        cli_env = clean_env(REDIS_URL=redis_url, COLUMNS="200")
+        as_json = run_loyalty("alerts", "--json", "--store", "store-a", "--count", "50", env=cli_env, cwd=tmp_path)
+        assert as_json.returncode == 0, as_json.stderr
+        assert [orjson.loads(line) for line in as_json.stdout.splitlines()] == alerts
+        table = run_loyalty("alerts", "--count", "1", env=cli_env, cwd=tmp_path)
+        assert table.returncode == 0, table.stderr
+        assert "store-a" in table.stdout and "resolved" in table.stdout and expected[0]["alert_id"] in table.stdout
+        none = run_loyalty("alerts", "--store", "elsewhere", env=cli_env, cwd=tmp_path)
+        assert none.returncode == 0 and "no alerts" in none.stderr
+    finally:
+        stop_process(process, timeout=60)
+        await redis.aclose()
