@@ -517,6 +517,12 @@ class StoreAggregate(MetricReader):
         target = self.series.get(series)
         return 0 if target is None else target.window(end, length)
 
+    def alert_points(self, window: int, as_of_bucket: int) -> ReadPoints:
+        """The prefix sums :meth:`alert_metrics` reads: those of several aggregates summed give their sample."""
+        recorder = _Recorder(self)
+        recorder.alert_metrics(window, as_of_bucket)
+        return recorder.points
+
     def read_points(self, grid: Grid, as_of_bucket: int) -> ReadPoints:
         """The prefix sums that :meth:`metrics` reads as of bucket K for every window of ``grid``.
 

@@ -8,7 +8,7 @@ import orjson
 
 from metrics.alerts import KINDS, AlertConfig, DetectorState, due_boundaries, evaluate, initial_state, sample_bucket
 from metrics.catalog import ALL_STORES
-from metrics.store import StoreAggregate
+from metrics.store import ReadPoints, StoreAggregate
 from metrics.timegrid import Grid
 
 
@@ -43,8 +43,13 @@ class StoreShard:
         #: the last step boundary sampled, and the detectors' states after it
         self.sampled_ms: int | None = None
         self.detectors: dict[str, DetectorState] = {}
-        #: alert events not yet sent (checkpointed with the shard: a crash sends them again, same ids)
+        #: alert events not yet sent (checkpointed with the shard: a crash sends them again, same ids);
+        #: for a partial ``*``, its samples' read points not yet sent to the ``*`` owner instead
         self.outbox: list[dict[str, object]] = []
+        #: on the partial ``*`` of the ``*`` store's own partition: the detectors of ``*`` (see StarSampler)
+        self.star_sampled_ms: int | None = None
+        self.star_detectors: dict[str, DetectorState] = {}
+        self.star_outbox: list[dict[str, object]] = []
 
     def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> bool:
         """Apply one store entry of a delta message part, unless applied already; returns whether it was."""
@@ -98,6 +103,11 @@ class StoreShard:
                     "sampled": self.sampled_ms,
                     "detectors": [state.to_record() for state in self.detectors.values()],
                     "outbox": self.outbox,
+                    "star": {
+                        "sampled": self.star_sampled_ms,
+                        "detectors": [state.to_record() for state in self.star_detectors.values()],
+                        "outbox": self.star_outbox,
+                    },
                 },
             }
         )
@@ -120,6 +130,12 @@ class StoreShard:
                 state = DetectorState.from_record(record)
                 shard.detectors[state.kind] = state
             shard.outbox = list(alerts["outbox"])
+            star = alerts.get("star") or {}
+            shard.star_sampled_ms = star.get("sampled")
+            for record in star.get("detectors", []):
+                state = DetectorState.from_record(record)
+                shard.star_detectors[state.kind] = state
+            shard.star_outbox = list(star.get("outbox", []))
         shard.aggregate = StoreAggregate.from_bytes(data[4 + size:])
         return shard
 
@@ -168,6 +184,14 @@ class StoreShard:
         if not boundaries:
             return 0
         window = config.window_ms // config.bucket_ms
+        if self.store_id == ALL_STORES:
+            # a partial ``*``: its read points go to the ``*`` owner, who sums every partition's
+            for boundary in boundaries:
+                points = self.aggregate.alert_points(window, sample_bucket(boundary, config.bucket_ms))
+                self.outbox.append({"b": boundary, "points": points.to_record()})
+                self.sampled_ms = boundary
+            self.version += 1
+            return len(boundaries)
         for boundary in boundaries:
             metrics = self.aggregate.alert_metrics(window, sample_bucket(boundary, config.bucket_ms))
             for kind in KINDS:
@@ -210,3 +234,76 @@ def apply_message(shards: dict[str, StoreShard], partial: StoreShard, message: l
                 shard = shards[store_id] = StoreShard(store_id)
             shard.apply(source, entry, latest)
         partial.apply_entries(source, list(entries.values()), latest)
+
+
+class StarSampler:
+    """The ``*`` detectors, on the worker that owns the ``*`` store's partition: the partitions' samples summed.
+
+    Each deltas partition samples its partial ``*`` at every boundary its watermark makes due
+    (the read points of the watched metrics, :meth:`metrics.store.StoreAggregate.alert_points`)
+    and sends them, with how far it has sampled (``upto``), to the ``star-samples`` topic. A
+    boundary of ``*`` is evaluated once every partition has sampled it: the sum of their points
+    (a partition without a sample at B had no data before B: it adds nothing). The state lives
+    in the partial ``*`` of the ``*`` store's partition (``star_*`` fields), so it is
+    checkpointed with it.
+    """
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        #: deltas partition -> how far it has sampled
+        self.upto: dict[int, int] = {}
+        #: deltas partition -> boundary -> its read points
+        self.samples: dict[int, dict[int, ReadPoints]] = {}
+
+    def receive(self, message: dict[str, Any]) -> None:
+        """A partition's samples (the first one of a boundary is kept: a resend after a crash is the same)."""
+        partition = int(message["p"])
+        samples = self.samples.setdefault(partition, {})
+        for sample in message["samples"]:
+            samples.setdefault(int(sample["b"]), ReadPoints.from_record(sample["points"]))
+        upto = message.get("upto")
+        if upto is not None and upto > self.upto.get(partition, upto - 1):
+            self.upto[partition] = upto
+
+    def due(self, star: StoreShard, config: AlertConfig) -> list[int]:
+        """The boundaries of ``*`` every partition has sampled and ``*`` has not, in order."""
+        if len(self.upto) < self.partitions:
+            return []
+        if star.star_sampled_ms is not None:
+            after = star.star_sampled_ms
+        else:
+            known = [b for samples in self.samples.values() for b in samples]
+            if not known:
+                return []
+            after = min(known) - 1  # from the first boundary any partition sampled
+        step = config.step_ms
+        return list(range((after // step + 1) * step, min(self.upto.values()) + 1, step))
+
+    def evaluate(self, star: StoreShard, config: AlertConfig) -> int:
+        """Evaluate the due boundaries of ``*``; its alert events go to ``star.star_outbox``. Returns how many."""
+        boundaries = self.due(star, config)
+        window = config.window_ms // config.bucket_ms
+        for boundary in boundaries:
+            total = ReadPoints()
+            for samples in self.samples.values():
+                points = samples.get(boundary)
+                if points is not None:
+                    total.merge(points)
+            metrics = total.alert_metrics(window, sample_bucket(boundary, config.bucket_ms))
+            for kind in KINDS:
+                state = star.star_detectors.get(kind) or initial_state(kind, ALL_STORES, config)
+                state, events = evaluate(state, boundary, metrics, config)
+                star.star_detectors[kind] = state
+                star.star_outbox.extend(events)
+            star.star_sampled_ms = boundary
+        if boundaries:
+            star.version += 1
+            self.prune(boundaries[-1])
+        return len(boundaries)
+
+    def prune(self, upto: int) -> None:
+        """Forget the samples of boundaries ``*`` has evaluated."""
+        for samples in self.samples.values():
+            for boundary in [b for b in samples if b <= upto]:
+                del samples[boundary]
+

@@ -59,6 +59,10 @@ TOPIC_CONFIGS = {
 }
 #: the partial ``*`` read points of every deltas partition (one partition: one worker sums them)
 STAR_PARTIALS_TOPIC = "star-partials"
+#: the partitions' alert samples of their partial ``*``, summed by the ``*`` owner (one partition);
+#: kept a week: a ``*`` owner away longer than that finds samples gone (they count as nothing)
+STAR_SAMPLES_TOPIC = "star-samples"
+STAR_SAMPLES_RETENTION_MS = 7 * 86_400_000
 OUTPUT_TOPIC = "loyalty-metrics"
 DEAD_LETTER_TOPIC = "loyalty-dead-letters"
 #: alerts of SPEC section 7, keyed ``{store_id}|{kind}``
@@ -95,6 +99,13 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
         1,
         settings.replication_factor,
         config={"cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"},
+    )
+    await ensure_topics(
+        settings.kafka_bootstrap_servers,
+        [internal_topic(settings, STAR_SAMPLES_TOPIC)],
+        1,
+        settings.replication_factor,
+        config={"retention.ms": str(STAR_SAMPLES_RETENTION_MS)},
     )
     await ensure_topics(
         settings.kafka_bootstrap_servers,

@@ -59,7 +59,7 @@ from streams.sinks.kafka_outputs import KafkaOutputs
 from streams.stages.routed import Routed
 from streams.worker.contiguous import Contiguous
 from streams.worker.tables import make_table
-from streams.worker.topics import STAR_PARTIALS_TOPIC, TOPIC_CONFIGS
+from streams.worker.topics import STAR_PARTIALS_TOPIC, STAR_SAMPLES_TOPIC, TOPIC_CONFIGS
 from streams.worker.wire import pack_chunks
 
 #: messages per processing batch, and how long a batch may wait to fill
@@ -127,6 +127,7 @@ class Topology:
         self.deltas = self._internal_topic("deltas", acks=False, config=dict(TOPIC_CONFIGS["deltas"]))
         self.checkpoints_topic = self.settings.topic(self.internal + "checkpoints")
         self.star_partials_topic = self.settings.topic(self.internal + STAR_PARTIALS_TOPIC)
+        self.star_samples_topic = self.settings.topic(self.internal + STAR_SAMPLES_TOPIC)
         self.currencies = make_table(app, "store-currency", self.partitions)
         self.held = make_table(app, "held-events", self.partitions)
         self.facts = make_table(app, "customer-facts", self.partitions)

@@ -69,7 +69,8 @@ class Aggregation:
         self.alert_config = topology.settings.alert_config()
         self.marks = MarkMerger(topology.partitions)
         self.low_watermarks: dict[int, int] = {}
-        #: deltas partitions whose stores have boundaries due
+        #: deltas partitions that got marks since the last update, and those whose stores have boundaries due
+        self.marked_partitions: set[int] = set()
         self.due_partitions: set[int] = set()
 
     def on_assigned(self) -> None:
@@ -101,27 +102,36 @@ class Aggregation:
             self.positions[partition] = offset + 1
 
     def receive_marks(self, partition: int, message: dict[str, Any]) -> None:
-        """Marks of a facts partition: when the partition's low watermark makes boundaries due, sample its stores.
+        """Marks of a facts partition, merged into the partition's low watermark after the batch (:meth:`sample_due`).
 
-        The marks are in the deltas log, after the deltas they speak for, so a rebuild that reads
-        the log again samples the same boundaries at the same points of it. Marks from before the
+        The marks are in the deltas log, after the deltas they speak for, so a boundary is sampled
+        with every event up to the grace late in it, however batches form, and a rebuild that reads
+        the log again samples the same boundaries to the same values. Marks from before the
         checkpoint are gone: a rebuilt partition samples nothing until every facts partition has
         sent marks again (later, never earlier).
         """
+        if self.alert_config is None:
+            return
+        self.marks.receive(partition, int(message["from"]), message[MARKS])
+        self.marked_partitions.add(partition)
+
+    def update_watermarks(self) -> None:
+        """The low watermark of each partition that got marks (once per batch: merging costs)."""
         config = self.alert_config
         if config is None:
             return
-        self.marks.receive(partition, int(message["from"]), message[MARKS])
-        watermark = low_watermark(self.marks.merged(partition))
-        if watermark is None:
-            return
-        previous = self.low_watermarks.get(partition)
-        if previous is not None and (watermark - config.grace_ms) // config.step_ms <= (
-            previous - config.grace_ms
-        ) // config.step_ms:
-            return  # no new boundary is due (or the watermark went back, after an upstream restart)
-        self.low_watermarks[partition] = watermark
-        self.due_partitions.add(partition)
+        while self.marked_partitions:
+            partition = self.marked_partitions.pop()
+            watermark = low_watermark(self.marks.merged(partition))
+            if watermark is None:
+                continue
+            previous = self.low_watermarks.get(partition)
+            if previous is not None and (watermark - config.grace_ms) // config.step_ms <= (
+                previous - config.grace_ms
+            ) // config.step_ms:
+                continue  # no new boundary is due (or the watermark went back, after an upstream restart)
+            self.low_watermarks[partition] = watermark
+            self.due_partitions.add(partition)
 
     async def sample_due(self) -> None:
         """Sample the stores of the partitions whose watermark made boundaries due, in slices.
@@ -132,6 +142,7 @@ class Aggregation:
         config = self.alert_config
         if config is None:
             return
+        self.update_watermarks()
         partitions = self.topology.partitions
         while self.due_partitions:
             partition = self.due_partitions.pop()
@@ -140,6 +151,9 @@ class Aggregation:
                 continue
             shards = [shard for store_id, shard in list(self.shards.items())
                       if route(store_id, partitions) == partition]
+            partial = self.partials.get(partition)
+            if partial is not None:
+                shards.append(partial)  # its samples go to the ``*`` owner (StarSampler)
             for shard in shards:
                 sampled = SAMPLE_SLICE
                 while sampled == SAMPLE_SLICE:
@@ -156,6 +170,7 @@ class Aggregation:
         self.positions = {}
         self.marks.forget()
         self.low_watermarks = {}
+        self.marked_partitions = set()
         self.due_partitions = set()
         self.checkpointed = {}
         started = time.monotonic()

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from metrics.catalog import ALL_STORES
 from metrics.store import ReadPoints
@@ -28,7 +29,7 @@ from streams.logs import get_logger
 from streams.sinks.redis_sink import RedisSink
 from streams.sinks.snapshots import dumps, snapshot_payload
 from streams.sinks.webhook import Webhook
-from streams.stages.aggregate import StoreShard
+from streams.stages.aggregate import StarSampler, StoreShard
 from streams.worker.agents.aggregate import Aggregation
 from streams.worker.topology import Topology
 from streams.worker.wire import route
@@ -38,6 +39,8 @@ log = get_logger(__name__)
 #: the first and the longest wait before publishing is tried again after a Redis failure
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
+#: partial ``*`` samples per message to the ``*`` owner (about 300 bytes each)
+STAR_SAMPLES_PER_MESSAGE = 500
 
 
 class Publisher:
@@ -59,6 +62,9 @@ class Publisher:
         #: deltas partition -> the bucket of its last published partial ``*``
         self.last_partial_bucket: dict[int, int] = {}
         self.star = StarPartials(topology)
+        #: ``*`` alerts: what each partition has announced (upto), and the owner's reader of the samples
+        self.samples_announced: dict[int, int] = {}
+        self.star_samples = StarSamples(topology)
         settings = topology.settings
         #: the alert webhook's sender (None: no webhook); its task is started by :func:`register`
         self.webhook = (
@@ -82,6 +88,11 @@ class Publisher:
         try:
             await self.check_redis(self.redis)
             await self.emit(now, self.redis)
+            try:
+                await self.publish_star_samples()
+                await self.sample_star()
+            except Exception as error:  # `*` alerts must never stop the worker: tried again at the next emit
+                log.warning("alerts.star_failed", error=str(error) or type(error).__name__)
             await self.publish_alerts(self.redis)
             await self.publish_partials(now)
             await self.publish_star(now, self.redis)
@@ -154,6 +165,42 @@ class Publisher:
         next_sample = shard.next_sample_bucket(config)
         return None if next_sample is None else min(as_of_bucket, next_sample)
 
+    async def publish_star_samples(self) -> None:
+        """Send each partition's partial ``*`` samples (and how far it sampled) to the ``*`` owner."""
+        if self.aggregation.alert_config is None:
+            return
+        producer = self.topology.app.producer._ensure_producer()  # type: ignore[attr-defined]
+        for partition, partial in list(self.aggregation.partials.items()):
+            upto = partial.sampled_ms
+            if upto is None or (not partial.outbox and self.samples_announced.get(partition) == upto):
+                continue
+            samples = list(partial.outbox)
+            # in messages of a bounded size (a replay makes thousands of boundaries due at once); each
+            # says it has sampled up to its last boundary only, so the owner never waits on a gap
+            for start in range(0, max(len(samples), 1), STAR_SAMPLES_PER_MESSAGE):
+                chunk = samples[start:start + STAR_SAMPLES_PER_MESSAGE]
+                last = start + STAR_SAMPLES_PER_MESSAGE >= len(samples)
+                chunk_upto = upto if last else chunk[-1]["b"]
+                value = orjson.dumps({"p": partition, "upto": chunk_upto, "samples": chunk})
+                await (await producer.send(self.topology.star_samples_topic, value=value, partition=0))
+                del partial.outbox[:len(chunk)]
+                partial.version += 1
+            self.samples_announced[partition] = upto
+
+    async def sample_star(self) -> None:
+        """On the worker that owns the ``*`` store's partition: evaluate the boundaries every partition sampled."""
+        aggregation = self.aggregation
+        config = aggregation.alert_config
+        if config is None:
+            return
+        home = route(ALL_STORES, self.topology.partitions)
+        star = aggregation.partials.get(home) if home in aggregation.my_partitions() else None
+        if star is None:
+            await self.star_samples.stop()
+            return
+        sampler = await self.star_samples.poll(aggregation.assignment_generation)
+        sampler.evaluate(star, config)
+
     async def publish_alerts(self, redis: RedisSink) -> None:
         """Send the alerts waiting in the shards' outboxes: Kafka, Redis (stream and channel), health, webhook.
 
@@ -161,18 +208,24 @@ class Publisher:
         leaves it there, sent again at the next try with the same id (a checkpoint keeps outboxes).
         """
         topology = self.topology
-        for shard in list(self.aggregation.shards.values()):
-            if not shard.outbox:
+        outboxes = [(shard, shard.outbox) for shard in list(self.aggregation.shards.values())]
+        outboxes += [(partial, partial.star_outbox) for partial in list(self.aggregation.partials.values())]
+        for shard, outbox in outboxes:
+            if not outbox:
                 continue
-            alerts = list(shard.outbox)
+            alerts = list(outbox)
             acks = []
             for alert in alerts:
                 encoded = dumps(alert)
                 acks.append(await topology.outputs.send_alert(alert, encoded))
                 await redis.write_alert(encoded)
-            await asyncio.gather(*acks)
+            try:
+                await asyncio.gather(*acks)
+            except KafkaError as error:  # a broker away: the alerts stay, sent again (same ids) at the next emit
+                log.warning("alerts.kafka_failed", error=str(error) or type(error).__name__)
+                return
             # the aggregation may have added alerts meanwhile: only those sent leave
-            del shard.outbox[:len(alerts)]
+            del outbox[:len(alerts)]
             shard.version += 1
             for alert in alerts:
                 topology.health.count(f"alerts:{alert['kind']}:{alert['state']}")
@@ -202,7 +255,9 @@ class Publisher:
                 partial.changed = True
                 raise
             self.last_partial_bucket[partition] = as_of_bucket
-            partial.fold(as_of_bucket, grid.longest)
+            fold_bucket = self.fold_bucket(partial, as_of_bucket)
+            if fold_bucket is not None:
+                partial.fold(fold_bucket, grid.longest)
 
     async def publish_star(self, now: int, redis: RedisSink) -> None:
         """On the worker that owns the ``*`` store's partition: publish the sum of the partials once they agree."""
@@ -238,6 +293,49 @@ class Publisher:
             await redis.write(payload, encoded)
         self.star.published = self.star.received
         topology.health.count("snapshots", len(grid.windows))
+
+
+class StarSamples:
+    """The owner's reader of the ``star-samples`` topic (from its start), feeding a :class:`StarSampler`.
+
+    Read again from the start whenever the aggregation was rebuilt: the ``*`` state restored
+    from a checkpoint may need samples the sampler had already let go.
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self._consumer: AIOKafkaConsumer | None = None
+        self._generation: int | None = None
+        self.sampler = StarSampler(topology.partitions)
+
+    async def poll(self, generation: int) -> StarSampler:
+        """Read what arrived; the sampler with every partition's samples so far."""
+        tp = TopicPartition(self.topology.star_samples_topic, 0)
+        if self._consumer is not None and self._generation != generation:
+            await self.stop()
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.topology.settings.kafka_bootstrap_servers, enable_auto_commit=False
+            )
+            await consumer.start()
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            self._consumer, self._generation = consumer, generation
+            self.sampler = StarSampler(self.topology.partitions)
+        while True:
+            batches = await self._consumer.getmany(tp, timeout_ms=0, max_records=10_000)
+            records = [record for batch in batches.values() for record in batch]
+            for record in records:
+                if record.value is not None:
+                    self.sampler.receive(orjson.loads(record.value))
+            if not records:
+                return self.sampler
+
+    async def stop(self) -> None:
+        """This worker no longer evaluates ``*``."""
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
 
 
 class StarPartials:
