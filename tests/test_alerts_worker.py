@@ -13,7 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
+from infra import local
 from infra.local import free_port
 from metrics.alerts import KINDS, AlertConfig, alert_id, evaluate, initial_state
 from metrics.engine import LoyaltyEngine
@@ -397,3 +399,75 @@ async def test_sigkilled_worker_sends_the_same_alert_ids(services, topic_prefix,
     finally:
         stop_process(process, timeout=60)
         await redis.aclose()
+
+
+async def input_consumed(bootstrap: str, group: str, topics: list[str]) -> bool:
+    """Whether the group has committed every input partition up to its end."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        partitions = [tp for tp in committed if tp.topic in topics]
+        if not partitions:
+            return False
+        ends = await consumer.end_offsets(partitions)
+        return all(committed[tp].offset >= ends[tp] for tp in partitions)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+@pytest.mark.timeout(500)
+async def test_alerts_made_while_redis_is_down_arrive_when_it_is_back(services, topic_prefix, app_id,
+                                                                      tmp_path: Path) -> None:
+    """Redis stopped before the spike is read: the worker stays up, and every alert is in Redis once it is back."""
+    messages = ordered_history()
+    expected = expected_alerts(messages)
+    split = next(index for index, (_, body) in enumerate(messages) if body["occurred_at"] >= T0 + 20 * HOUR_MS)
+    service = local.LocalRedis(tmp_path / "own-redis")
+    port = local.free_port()
+    service.start(port, die_with_parent=True)
+    redis_url = f"redis://{local.LOOPBACK}:{port}/0"
+    bootstrap = services.kafka_bootstrap
+    inputs = ["orders", "signups", "survey-responses", "marketing-spend", "loyalty-activity"]
+    await ensure_topics(bootstrap, [topic_prefix + name for name in inputs], PARTITIONS)
+    await produce(bootstrap, topic_prefix, messages[:split])
+    env = clean_env(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap, REDIS_URL=redis_url, LOYALTY_APP_ID=app_id,
+        LOYALTY_TOPIC_PREFIX=topic_prefix, LOYALTY_STORE="memory", LOYALTY_PARTITIONS=str(PARTITIONS),
+        LOYALTY_CLOCK="event", LOYALTY_ACTIVE_HORIZON=HORIZON, LOYALTY_EMIT_INTERVAL="200ms",
+        LOYALTY_STATE_DIR=str(tmp_path / "state"), LOYALTY_LOG_LEVEL="info", **ALERT_SETTINGS,
+    )
+    log_path = tmp_path / "worker.log"
+    process = start_worker(env, log_path)
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async def published() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"the worker exited with {process.returncode}:\n{tail(log_path)}")
+            return bool(await redis.exists("loyalty:store-a:1h"))
+
+        await async_wait_for(published, timeout=240, interval=0.2, message=lambda: tail(log_path, 40))
+        assert await redis.xlen("loyalty:alerts") == 0  # the calm part fires nothing
+        await redis.aclose()
+        service.stop()
+        await produce(bootstrap, topic_prefix, messages[split:])
+        await async_wait_for(lambda: input_consumed(bootstrap, app_id + "-ingest",
+                                                    [topic_prefix + name for name in inputs]),
+                             timeout=120, interval=0.5, message=lambda: f"input not read\n{tail(log_path, 40)}")
+        service.start(port, die_with_parent=True)
+        redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+
+        async def all_alerts() -> bool:
+            assert process.poll() is None, f"the worker exited:\n{tail(log_path)}"
+            return await redis.xlen("loyalty:alerts") >= len(expected)
+
+        await async_wait_for(all_alerts, timeout=120, interval=0.5, message=lambda: tail(log_path, 40))
+        stored = [orjson.loads(fields["json"]) for _, fields in await redis.xrange("loyalty:alerts")]
+        assert sorted(stored, key=alert_order) == expected
+    finally:
+        stop_process(process, timeout=60)
+        await redis.aclose()
+        service.stop()
