@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 import uuid
@@ -23,6 +24,8 @@ from metrics.events import Event
 from metrics.reference import ReferenceConfig, accepted_events, reference_all
 from metrics.timegrid import DAY_MS, Grid, parse_duration
 from metrics.validation import parse_message
+from streams.sinks.health import HealthCounters
+from streams.sinks.webhook import Webhook
 from streams.stages.aggregate import StoreShard
 from streams.stages.watermarks import MarkMerger, low_watermark
 from streams.worker.topics import ensure_topics
@@ -164,6 +167,34 @@ def test_shard_head_keeps_detectors_and_loads_older_heads() -> None:
     old = orjson.dumps(head)
     legacy = StoreShard.from_bytes(len(old).to_bytes(4, "big") + old + data[4 + size:])
     assert (legacy.sampled_ms, legacy.detectors, legacy.outbox) == (None, {}, [])
+
+
+async def test_webhook_queue_drops_the_oldest_and_posts_slack_text() -> None:
+    """A full webhook queue drops (and counts) the oldest alerts; the Slack format posts escaped text."""
+    receiver = Receiver(failures=0)
+    server = web.Application()
+    server.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(server)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    health = HealthCounters()
+    webhook = Webhook(f"http://127.0.0.1:{port}/hook", "slack", health, queue_size=2)
+    alerts = [{"kind": "churn_spike", "state": "firing", "store_id": f"<s{i}>", "message": "m"} for i in range(5)]
+    for alert in alerts:  # nothing posts yet: submitting never waits
+        webhook.submit(alert)
+    task = asyncio.ensure_future(webhook.run())
+    try:
+        await async_wait_for(lambda: len(receiver.delivered) >= 2, timeout=30, interval=0.05,
+                             message=lambda: f"posts: {receiver.posts}")
+        assert receiver.delivered == [{"text": "churn_spike firing for store &lt;s3&gt;: m"},
+                                      {"text": "churn_spike firing for store &lt;s4&gt;: m"}]
+        await async_wait_for(lambda: health.pending.get("webhook_sent") == 2, timeout=10, interval=0.05)
+        assert health.pending["webhook_dropped"] == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
 
 
 class Receiver:
