@@ -150,6 +150,8 @@ class InputMarks:
         >>> marks.routed({"o|0": 90}, now=600.0); marks.lags = {"o|0": 0, "o|1": 0, "o|2": 0}
         >>> marks.marks(1200.0, None)
         {'o|0': [90, False], 'o|2': [70, True]}
+        >>> marks.marks(1200.0, 500)  # the wall clock: idle partitions, and those without data, are at least now
+        {'o|0': [90, False], 'o|1': [500, True], 'o|2': [500, True]}
         """
         if self.lags is None:
             return None
@@ -161,7 +163,9 @@ class InputMarks:
             if latest is None:
                 if lag:
                     result[key] = None  # data that has not been routed yet
-                continue  # no data at all: not a partition that holds samples back
+                elif wall_now_ms is not None:
+                    result[key] = [wall_now_ms, True]  # wall clock: a quiet system still samples as time passes
+                continue  # event clock: no data at all is not a partition that holds samples back
             idle = lag == 0 and now - self.last_data.get(key, now) >= self.idle_ms
             if idle and wall_now_ms is not None:
                 latest = max(latest, wall_now_ms)
