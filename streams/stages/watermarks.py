@@ -135,7 +135,7 @@ class InputMarks:
             self.last_data[key] = now
 
     def report_lags(self, lags: Mapping[str, int]) -> None:
-        """The assigned input partitions and their lags (replaces the previous report: partitions move)."""
+        """The assigned input partitions and their lags, -1 when not known yet (replaces the previous report)."""
         self.lags = dict(lags)
 
     def marks(self, now: float, wall_now_ms: int | None) -> dict[str, Mark] | None:
@@ -152,6 +152,8 @@ class InputMarks:
         {'o|0': [90, False], 'o|2': [70, True]}
         >>> marks.marks(1200.0, 500)  # the wall clock: idle partitions, and those without data, are at least now
         {'o|0': [90, False], 'o|1': [500, True], 'o|2': [500, True]}
+        >>> marks.report_lags({"o|0": 0, "o|1": -1, "o|2": 0}); marks.marks(1200.0, None)  # o|1: end not known
+        {'o|0': [90, False], 'o|1': None, 'o|2': [70, True]}
         """
         if self.lags is None:
             return None
@@ -162,7 +164,7 @@ class InputMarks:
             latest = self.latest.get(key)
             if latest is None:
                 if lag:
-                    result[key] = None  # data that has not been routed yet
+                    result[key] = None  # data that has not been routed yet (or maybe: lag not known)
                 elif wall_now_ms is not None:
                     result[key] = [wall_now_ms, True]  # wall clock: a quiet system still samples as time passes
                 continue  # event clock: no data at all is not a partition that holds samples back

@@ -118,12 +118,15 @@ async def read_inputs(
 
 
 async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
-    """Messages between each assigned partition's position and its end (as of the last fetch)."""
+    """Messages between each assigned partition's position and its end (as of the last fetch).
+
+    -1 for a partition whose end is not known yet (no fetch answered for it): the alerts'
+    watermark must not pass it by, as if it had no data.
+    """
     lags = {}
     for tp in consumer.assignment():
         highwater = consumer.highwater(tp)
-        if highwater is not None:
-            lags[(tp.topic, tp.partition)] = max(0, highwater - await consumer.position(tp))
+        lags[(tp.topic, tp.partition)] = -1 if highwater is None else max(0, highwater - await consumer.position(tp))
     return lags
 
 

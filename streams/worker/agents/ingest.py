@@ -104,7 +104,8 @@ class Ingest:
     def report_lags(self, lags: dict[tuple[str, int], int]) -> None:
         """The input partitions' consumer lag, as health gauges ``consumer_lag:{topic}:{partition}``."""
         for (topic, partition), lag in lags.items():
-            self.topology.health.gauge(f"consumer_lag:{topic}:{partition}", lag)
+            if lag >= 0:  # -1: not known yet
+                self.topology.health.gauge(f"consumer_lag:{topic}:{partition}", lag)
         if self.marks is not None:
             self.marks.report_lags({InputMarks.key(topic, partition): lag for (topic, partition), lag in lags.items()})
 
