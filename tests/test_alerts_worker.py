@@ -34,6 +34,7 @@ from support import async_wait_for, clean_env, loyalty_command, run_loyalty, sto
 PARTITIONS = 2
 #: Redis databases of the session's redis-server used here (taken elsewhere: 2, 3, 5-15)
 DATABASE = 4
+KILL_DATABASE = 1
 HOUR_MS = 3_600_000
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, on the step grid
 WINDOW = "1h"
@@ -367,7 +368,7 @@ async def test_sigkilled_worker_sends_the_same_alert_ids(services, topic_prefix,
     split = next(index for index, (_, body) in enumerate(messages)
                  if body["occurred_at"] >= T0 + (SPIKE_HOUR + 1) * HOUR_MS + 20 * 60_000)
     bootstrap = services.kafka_bootstrap
-    redis_url = services.redis_url.rsplit("/", 1)[0] + "/1"
+    redis_url = services.redis_url.rsplit("/", 1)[0] + f"/{KILL_DATABASE}"
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
     await redis.flushdb()
     inputs = ["orders", "signups", "survey-responses", "marketing-spend", "loyalty-activity"]
