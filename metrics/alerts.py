@@ -37,11 +37,12 @@ Definitions (x is the sample's value, n the samples already in the baseline, B t
   is below the threshold, but whose ``nps_ci_high`` is not, neither fires nor feeds the
   baseline. An NPS drop fills the 24h window gradually, so for hours its samples are below
   the threshold while their interval still overlaps it; fed to the baseline they widened
-  sigma and pushed the threshold away from the drop (in the bench's 48h drop, sigma 13.7 ->
-  20.6 and the threshold -35 -> -60 before the drop could fire: found after 25.8 h instead of
-  18.6 h). Samples under the minimum count or in a cooldown still feed it (SPEC 7). At
-  k = 3 the samples left out are rare (the tail beyond 3 sigma), so the baseline stays
-  unbiased; at small k more of the lower tail is left out and sigma is underestimated.
+  sigma and pushed the threshold away from the drop (in the bench's 48h drop, before this rule:
+  sigma 13.7 -> 20.6 and the threshold -35 -> -60 before the drop could fire, found after
+  25.8 h; on the same samples with the rule, after about 19 h). Samples under the minimum
+  count or in a cooldown still feed it (SPEC 7). At k = 3 the samples left out are rare (the
+  tail beyond 3 sigma), so the baseline stays unbiased; at small k more of the lower tail is
+  left out and sigma is underestimated.
 * A null value is skipped: no baseline change, no alert, no resolution.
 * A firing sample, and every sample while firing, stay out of the baseline. The first sample
   back on the normal side of the threshold it fired against (churn: x <= threshold; NPS:
