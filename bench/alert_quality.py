@@ -1,9 +1,16 @@
 """Detection quality of the alert detectors (``metrics/alerts.py``) on simulated stores; in process, no Kafka.
 
-    python bench/alert_quality.py [--days 120] [--events-per-day 8000] [--ks 2,3,4] [--output FILE]
+    python bench/alert_quality.py [--days 120] [--history 365d] [--lead 28d] [--ks 2,3,4] [--output FILE]
 
 The storefront model (:mod:`streams.tools.storefront`, seasonal demand) makes ``--stores``
-stores' events for ``--days`` of event time, evenly spaced; one store gets a churn spike
+stores' events for ``--history`` and then ``--days`` of event time, evenly spaced. The
+history is there because real stores have one: the model starts with no customers, so its
+first months are a growth phase, and 90 days (the activity horizon) after it the customers
+of that phase expire in a churn wave that lasts months (the churn rate of the quiet stores
+went from 0.6% to 3.3% a day at day 90 when the run started at day 0). After a year the
+customers' ages are in steady state. The engine folds in the whole history; the detectors
+start ``--lead`` before day 0 (a baseline of four half-lives) and only the ``--days``
+measured days count (firings in the lead are reported apart). One store gets a churn spike
 (closures x``--spike-factor`` for ``--spike-duration``) and another an NPS drop (answers
 mostly detractors for ``--drop-duration``). The events go through validation into the
 incremental engine (:mod:`metrics.engine`) in time order; at every step boundary B each
@@ -50,14 +57,16 @@ START_MS = 1_704_067_200_000
 
 
 def _events(args: argparse.Namespace, spike: ChurnSpike, drop: NpsDrop) -> tuple[list[Event], list[str]]:
-    """The validated events in time order, and the store ids."""
-    total = args.days * args.events_per_day
-    span = args.days * DAY_MS
+    """The validated events of the history and the measured days in time order, and the store ids."""
+    history_ms = parse_duration(args.history)
+    span = args.days * DAY_MS + history_ms
+    total = span * args.events_per_day // DAY_MS
+    first_ms = START_MS - history_ms
     position = iter(range(total))
     model = Storefronts(seed=args.seed, stores=args.stores, customers=args.customers,
-                        clock=lambda: START_MS + next(position) * span // total, churn_spike=spike, nps_drop=drop)
+                        clock=lambda: first_ms + next(position) * span // total, churn_spike=spike, nps_drop=drop)
     events: list[Event] = []
-    now = START_MS + span
+    now = first_ms + span
     for _ in range(total):
         topic, body = next(model)
         for item in parse_message(orjson.dumps(body), topic, now_ms=now, max_future_skew_ms=0):
@@ -66,14 +75,14 @@ def _events(args: argparse.Namespace, spike: ChurnSpike, drop: NpsDrop) -> tuple
     return events, model.store_ids
 
 
-def _samples(events: list[Event], store_ids: list[str], config: AlertConfig,
-             horizon_ms: int) -> list[tuple[int, dict[str, dict[str, object]]]]:
-    """(boundary, {store: 24h metrics before it}) for every step boundary of the run."""
+def _samples(events: list[Event], store_ids: list[str], config: AlertConfig, horizon_ms: int,
+             from_ms: int) -> list[tuple[int, dict[str, dict[str, object]]]]:
+    """(boundary, {store: 24h metrics before it}) for every step boundary from ``from_ms`` on."""
     grid = Grid(config.bucket_ms, horizon_ms, (config.window_ms,))
     window = grid.windows[0]
     engine = LoyaltyEngine(grid)
     step = config.step_ms
-    boundary = (events[0].occurred_at_ms // step + 1) * step
+    boundary = max(events[0].occurred_at_ms // step + 1, -(-from_ms // step)) * step
     samples: list[tuple[int, dict[str, dict[str, object]]]] = []
 
     def sample(at: int) -> None:
@@ -84,7 +93,8 @@ def _samples(events: list[Event], store_ids: list[str], config: AlertConfig,
 
     for event in events:
         while event.occurred_at_ms >= boundary:  # every event before B is in, none at or after it
-            sample(boundary)
+            if boundary >= from_ms:
+                sample(boundary)
             boundary += step
         engine.ingest(event)
     sample(boundary)
@@ -104,6 +114,13 @@ def _detect(samples: list[tuple[int, dict[str, dict[str, object]]]], config: Ale
     return alerts
 
 
+def _at_ms(alert: dict[str, object]) -> int:
+    """An alert's ``as_of_ms``."""
+    at = alert["as_of_ms"]
+    assert isinstance(at, int)
+    return at
+
+
 def _hours(ms: int | None) -> float | None:
     return None if ms is None else round(ms / HOUR_MS, 2)
 
@@ -116,9 +133,12 @@ def _quality(alerts: list[dict[str, object]], kind: str, store: str, onset_ms: i
     resolved = None
     if firing is not None:
         resolved = next((a for a in mine if a["state"] == "resolved" and a["alert_id"] == firing["alert_id"]), None)
-    early = [a for a in mine if a["state"] == "firing" and int(a["as_of_ms"]) < onset_ms]  # type: ignore[call-overload]
+    early = [a for a in mine if a["state"] == "firing" and START_MS <= _at_ms(a) < onset_ms]
     quiet = [s for s in stores if s != store]
-    false = [a for a in alerts if a["kind"] == kind and a["state"] == "firing" and a["store_id"] in quiet]
+    elsewhere = [a for a in alerts if a["kind"] == kind and a["state"] == "firing" and a["store_id"] in quiet]
+    false = [a for a in elsewhere if _at_ms(a) >= START_MS]
+    lead = [a for a in alerts if a["kind"] == kind and a["state"] == "firing" and a["store_id"] != ALL_STORES
+            and _at_ms(a) < START_MS]
     return {
         "store": store,
         "detected": firing is not None,
@@ -132,12 +152,15 @@ def _quality(alerts: list[dict[str, object]], kind: str, store: str, onset_ms: i
         "false_alerts_per_store_month": round(len(false) / (len(quiet) * sampled_ms / MONTH_MS), 3),
         "false_alert_stores": sorted({str(a["store_id"]) for a in false}),
         "false_alert_days": [round((int(a["as_of_ms"]) - START_MS) / DAY_MS, 2) for a in false],  # type: ignore[call-overload]
+        "firings_in_lead_all_stores": len(lead),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--days", type=int, default=120)
+    parser.add_argument("--days", type=int, default=120, help="measured days")
+    parser.add_argument("--history", default="365d", help="simulated before day 0, folded in but not measured")
+    parser.add_argument("--lead", default="28d", help="the detectors start this long before day 0")
     parser.add_argument("--stores", type=int, default=5)
     parser.add_argument("--customers", type=int, default=20_000, help="population of all stores together")
     parser.add_argument("--events-per-day", type=int, default=8_000, help="all stores together")
@@ -163,9 +186,9 @@ def main() -> None:
     events, stores = _events(args, spike, drop)
     generated = time.process_time()
     base = AlertConfig()
-    samples = _samples(events, stores, base, parse_duration(args.horizon))
+    samples = _samples(events, stores, base, parse_duration(args.horizon), START_MS - parse_duration(args.lead))
     sampled = time.process_time()
-    sampled_ms = samples[-1][0] - samples[0][0]
+    sampled_ms = samples[-1][0] - START_MS
     spike_store, drop_store = stores[spike.store_index], stores[drop.store_index]
     assert spike.duration_ms is not None
 
@@ -180,20 +203,24 @@ def main() -> None:
             NPS_DROP: _quality(alerts, NPS_DROP, drop_store, drop.at_ms, drop.at_ms + drop.duration_ms, stores,
                                sampled_ms),
             "all_stores_firings": {kind: sum(1 for a in alerts if a["store_id"] == ALL_STORES and a["kind"] == kind
-                                             and a["state"] == "firing") for kind in KINDS},
+                                             and a["state"] == "firing" and _at_ms(a) >= START_MS)
+                                   for kind in KINDS},
         })
     detected = time.process_time()
 
-    per_store = {store: sum(1 for e in events if e.store_id == store) / args.days for store in stores}
+    measured = [e for e in events if e.occurred_at_ms >= START_MS]
+    per_store = {store: sum(1 for e in measured if e.store_id == store) / args.days for store in stores}
     report = {
         "what": "alert detection quality (bench/alert_quality.py): 24h window, 15m step, other settings default",
         "settings": {**{key: value for key, value in vars(args).items() if key != "output"},
                      "step_ms": base.step_ms, "warmup_samples": base.warmup_samples,
                      "half_life_samples": int(base.half_life_samples), "min_churned": base.min_churned,
                      "min_responses": base.min_responses, "cooldown_ms": base.cooldown_ms},
-        "events": len(events),
+        "events": len(measured),
+        "events_with_history": len(events),
         "events_per_store_day": {store: round(value) for store, value in per_store.items()},
-        "boundaries": len(samples),
+        "boundaries": sum(1 for boundary, _ in samples if boundary >= START_MS),
+        "boundaries_with_lead": len(samples),
         "sampled_days": round(sampled_ms / DAY_MS, 2),
         "cpu_seconds": {"generate": round(generated - started, 1), "engine_and_samples": round(sampled - generated, 1),
                         "detectors": round(detected - sampled, 1)},

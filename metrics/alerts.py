@@ -32,7 +32,17 @@ Definitions (x is the sample's value, n the samples already in the baseline, B t
 * A sample can fire only when: n >= the warm-up (warm-up / step samples, 3d / 15m = 288), its
   count (``churned_customers`` >= min_churned, or ``nps_responses`` >= min_responses) is met,
   and B is not in a cooldown (B >= resolution boundary + cooldown). A sample that could not
-  fire (or did not) feeds the baseline.
+  fire (or did not) feeds the baseline, except an inconclusive NPS sample.
+* Inconclusive NPS sample (the product's choice where SPEC 7 is silent): one that may fire and
+  is below the threshold, but whose ``nps_ci_high`` is not, neither fires nor feeds the
+  baseline. An NPS drop fills the 24h window gradually, so for hours its samples are below
+  the threshold while their interval still overlaps it; fed to the baseline they widened
+  sigma and pushed the threshold away from the drop (in the bench's 48h drop, before this rule:
+  sigma 13.7 -> 20.6 and the threshold -35 -> -60 before the drop could fire, found after
+  25.8 h; on the same samples with the rule, after about 19 h). Samples under the minimum
+  count or in a cooldown still feed it (SPEC 7). At k = 3 the samples left out are rare (the
+  tail beyond 3 sigma), so the baseline stays unbiased; at small k more of the lower tail is
+  left out and sigma is underestimated.
 * A null value is skipped: no baseline change, no alert, no resolution.
 * A firing sample, and every sample while firing, stay out of the baseline. The first sample
   back on the normal side of the threshold it fired against (churn: x <= threshold; NPS:
@@ -400,6 +410,11 @@ def evaluate(state: DetectorState, boundary_ms: int, metrics: Mapping[str, objec
             beyond = value < threshold and ci_high is not None and ci_high < threshold
         else:
             beyond = value > threshold
+        if downward and value < threshold and not beyond:
+            # inconclusive: below the threshold but its interval still reaches above it; it neither
+            # fires nor feeds the baseline, so a drop building up in the window cannot widen the
+            # baseline it is measured against before it is allowed to fire
+            return state, []
         if beyond:
             assert count is not None
             alert = alert_id(state.store_id, state.window, state.kind, boundary_ms)

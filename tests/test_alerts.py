@@ -95,6 +95,30 @@ def test_nps_drop_needs_the_whole_interval_below(ci_high: float | None, fires: b
     assert seen == ([(4, "firing")] if fires else [])
 
 
+@pytest.mark.parametrize(("responses", "fed"), [(50, False), (29, True)])
+def test_inconclusive_nps_sample_stays_out_of_the_baseline(responses: int, fed: bool) -> None:
+    """Below the threshold with nps_ci_high above it: no alert and no baseline change (under the minimum: fed)."""
+    state, _ = run(NPS_DROP, [nps(v) for v in (40.0, 42.0, 38.0, 41.0)])
+    mean, sigma = state.baseline()
+    assert 30.0 < mean - 3 * sigma < 36.0
+    after, seen = run(NPS_DROP, [nps(0.0, responses, ci_high=45.0)], state=state, first=5)
+    assert seen == []
+    assert after.samples == (5 if fed else 4)
+    assert (after.mean < 35.0) if fed else (after.mean, after.var) == (state.mean, state.var)
+
+
+def test_inconclusive_nps_samples_do_not_mask_a_building_drop() -> None:
+    """A drop whose first samples are inconclusive still fires against the threshold of the quiet baseline."""
+    quiet = [nps(v) for v in (40.0, 42.0, 38.0, 41.0)]
+    building = [nps(v, ci_high=v + 60.0) for v in (20.0, 10.0, 0.0, -10.0)]
+    state, seen = run(NPS_DROP, [*quiet, *building, nps(-20.0, ci_high=0.0)])
+    assert seen == [(8, "firing")] and state.samples == 4
+    # the same values under the minimum count feed the baseline and pull its threshold under -20
+    fed = [nps(v, 29, ci_high=v + 60.0) for v in (20.0, 10.0, 0.0, -10.0)]
+    state, seen = run(NPS_DROP, [*quiet, *fed, nps(-20.0, ci_high=0.0)])
+    assert seen == [] and state.samples == 9
+
+
 def test_nps_rise_does_not_fire_and_churn_drop_does_not_fire() -> None:
     """The detectors are one-sided: NPS fires downward only, churn upward only."""
     assert run(NPS_DROP, [nps(v) for v in (40.0, 42.0, 38.0, 41.0, 95.0)])[1] == []
@@ -286,6 +310,8 @@ def reference_alerts(kind: str, samples: Sequence[Sample], config: AlertConfig) 
             fired_id = alert_id("store-1", config.window, kind, boundary)
             firing = (fired_id, mean, threshold)
             out.append(("firing", fired_id, boundary, value, mean, threshold))
+        elif allowed and downward and value < threshold:
+            pass  # inconclusive: below the threshold, its interval not: neither fires nor feeds
         else:
             baseline.append(value)
     return out
