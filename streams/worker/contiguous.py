@@ -25,6 +25,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import OffsetAndMetadata
 from faust.types import TP
 
 from streams.logs import get_logger
@@ -59,6 +60,8 @@ class Contiguous:
         self.committed: dict[int, int] = {}
         #: partition -> when the stage last advanced in it (monotonic seconds)
         self.advanced_at: dict[int, float] = {}
+        #: the metadata of the commits each partition started from, since the last :meth:`take_started`
+        self.started: dict[int, str] = {}
         self._last_commit = 0.0
 
     @property
@@ -71,6 +74,7 @@ class Contiguous:
         self.done.clear()
         self.committed.clear()
         self.advanced_at.clear()
+        self.started.clear()
 
     def seed(self, positions: dict[int, int]) -> None:
         """Set the next offsets (the aggregation's, after it rebuilt its shards from the log)."""
@@ -101,31 +105,42 @@ class Contiguous:
         """Everything handed out by :meth:`in_order` so far is processed and its output acknowledged."""
         self.done.update(self.next)
 
-    async def commit(self, force: bool = False) -> None:
-        """Commit the done offsets that moved (at most every ``COMMIT_INTERVAL_S`` unless ``force``)."""
+    def take_started(self) -> dict[int, str]:
+        """The commit metadata of the partitions started since the last call (see :meth:`commit`)."""
+        started, self.started = self.started, {}
+        return started
+
+    async def commit(self, force: bool = False, metadata: str = "") -> None:
+        """Commit the done offsets that moved (at most every ``COMMIT_INTERVAL_S`` unless ``force``).
+
+        ``metadata`` goes with each offset; a partition's next start hands it back (:meth:`take_started`).
+        """
         now = time.monotonic()
         if not force and now - self._last_commit < COMMIT_INTERVAL_S:
             return
         self._last_commit = now
-        await self.commit_positions(self.done)
+        await self.commit_positions(self.done, metadata)
 
-    async def commit_positions(self, positions: dict[int, int]) -> None:
+    async def commit_positions(self, positions: dict[int, int], metadata: str = "") -> None:
         """Commit these next offsets for the app's consumer group (those that moved, of assigned partitions)."""
+        consumer = self.app.consumer
+        assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.name}
         offsets = {
-            TP(self.name, partition): offset
+            TopicPartition(self.name, partition): OffsetAndMetadata(offset, metadata)
             for partition, offset in positions.items()
-            if self.committed.get(partition) != offset
+            if partition in assigned and self.committed.get(partition) != offset
         }
         if not offsets:
             return
+        # through Faust's own group member (a commit from outside the group is refused), in its thread
+        thread = consumer._thread
         try:
-            accepted = await self.app.consumer._commit(offsets)
+            await thread.call_thread(thread._ensure_consumer().commit, offsets)
         except Exception as error:  # a rebalance or an outage: the positions are committed next time
             log.warning("stage.commit_failed", topic=self.name, error=str(error) or type(error).__name__)
             return
-        if accepted:
-            for tp, offset in offsets.items():
-                self.committed[tp.partition] = offset
+        for tp, committed in offsets.items():
+            self.committed[tp.partition] = committed.offset
 
     async def unstall(self) -> None:
         """Seek back every partition stuck below its high-water mark for ``STALL_S`` (Faust dropped its tail)."""
@@ -165,6 +180,7 @@ class Contiguous:
             found = committed.get(tp)
             start = found.offset if found is not None and found.offset >= 0 else beginnings[tp]
             self.next[tp.partition] = self.done[tp.partition] = self.committed[tp.partition] = start
+            self.started[tp.partition] = found.metadata if found is not None and found.offset >= 0 else ""
         return self.next[partition]
 
     def _consumer(self) -> AIOKafkaConsumer:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams.stages.gate import GateStage
+from streams.sinks.dead_letters import StageLedger
+from streams.stages.gate import CURRENCY_MISMATCH, GateStage
 from streams.stages.routed import Routed
 from streams.worker.tables import changelog_written
+from streams.worker.topics import DEAD_LETTER_TOPIC
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
 from streams.worker.wire import pack, unpack
 
@@ -33,6 +35,9 @@ class Gate:
         self.stage = GateStage(topology.partitions)
         self.currencies = CurrencyView(topology.currencies)
         self.input = topology.contiguous(topology.by_store, committed=True)
+        settings = topology.settings
+        self.ledger = StageLedger(settings.kafka_bootstrap_servers, settings.topic(DEAD_LETTER_TOPIC),
+                                  topology.partitions, {CURRENCY_MISMATCH})
 
     async def run(self, stream: Any) -> None:
         """The agent: each batch of by-store messages through the gate, held events added to their store's."""
@@ -43,7 +48,11 @@ class Gate:
             routed = Routed()
             now = None if topology.event_clock else wall_ms()
             newly_held: dict[str, list[Any]] = {}
-            for _, _, value in await self.input.in_order(batch):
+            messages = await self.input.in_order(batch)
+            started = self.input.take_started()
+            if started:  # partitions read again from their commits: learn what they dead-lettered since
+                await self.ledger.learn(list(started.values()))
+            for _, _, value in messages:
                 pending: list[Any] = []
                 self.stage.process(unpack(value), self.currencies, now, pending, routed)  # type: ignore[arg-type]
                 for item in pending:
@@ -54,15 +63,17 @@ class Gate:
                 held[key] = pack((unpack(previous) if previous else []) + items)
             # Kafka has the forwarded events and the tables before the offsets are committed:
             # a crash after a commit must not lose what was only queued
-            await topology.send_routed(topology.by_customer, routed, wait=True)
+            routed.dead_letters = [letter for letter in routed.dead_letters if not self.ledger.already_sent(letter)]
+            for metadata in await topology.send_routed(topology.by_customer, routed, wait=True):
+                self.ledger.record(metadata.partition, metadata.offset)
             await changelog_written(topology.currencies, held)
             self.input.mark_done()
-            await self.input.commit()
+            await self.input.commit(metadata=self.ledger.commit_metadata())
 
     async def tick(self) -> None:
         """The once-a-second timer: release held events, commit what is done, seek back a stalled partition."""
         await self.release_held()
-        await self.input.commit(force=True)
+        await self.input.commit(force=True, metadata=self.ledger.commit_metadata())
         await self.input.unstall()
 
     async def release_held(self) -> None:
