@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.structs import OffsetAndMetadata
 from faust.types import TP
 
@@ -37,6 +37,8 @@ log = get_logger(__name__)
 STALL_S = 2.0
 #: the stage commits its positions at most this often (a crash reads at most this much again)
 COMMIT_INTERVAL_S = 0.5
+#: how often a stage deletes its input below its committed offsets (repartition topics only)
+PURGE_INTERVAL_S = 30.0
 
 #: one message of a stage's input: (partition, offset, value)
 Message = tuple[int, int, bytes]
@@ -63,6 +65,9 @@ class Contiguous:
         #: the metadata of the commits each partition started from, since the last :meth:`take_started`
         self.started: dict[int, str] = {}
         self._last_commit = 0.0
+        self._last_purge = time.monotonic()
+        #: whether this stage deletes its input below its commits (it is the only reader of the topic)
+        self.purges = group_id is not None
 
     @property
     def name(self) -> str:
@@ -141,6 +146,23 @@ class Contiguous:
             return
         for tp, committed in offsets.items():
             self.committed[tp.partition] = committed.offset
+        if self.purges and time.monotonic() - self._last_purge >= PURGE_INTERVAL_S:
+            self._last_purge = time.monotonic()
+            await self._purge({tp: committed.offset for tp, committed in offsets.items()})
+
+    async def _purge(self, below: dict[TopicPartition, int]) -> None:
+        """Delete the input below the committed offsets: processed, and its output acknowledged.
+
+        This keeps a repartition topic's disk near what is in flight, as Kafka Streams does.
+        """
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        try:
+            await admin.start()
+            await admin.delete_records({tp: RecordsToDelete(before_offset=offset) for tp, offset in below.items()})
+        except Exception as error:  # the next purge deletes up to a later commit
+            log.warning("stage.purge_failed", topic=self.name, error=str(error) or type(error).__name__)
+        finally:
+            await admin.close()
 
     async def unstall(self) -> None:
         """Seek back every partition stuck below its high-water mark for ``STALL_S`` (Faust dropped its tail)."""
