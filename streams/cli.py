@@ -141,7 +141,9 @@ def status() -> None:
     if settings.is_set("kafka_bootstrap_servers"):
         click.echo(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}")
     if settings.is_set("redis_url"):
-        click.echo(f"REDIS_URL={settings.redis_url}")
+        from streams.tools.snapshot import redact
+
+        click.echo(f"REDIS_URL={redact(settings.redis_url)}")
 
 
 @main.command()
