@@ -20,11 +20,13 @@ has been processed and its output written.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.errors import CoordinatorLoadInProgressError, GroupCoordinatorNotAvailableError, NotCoordinatorError
 from aiokafka.structs import OffsetAndMetadata
 from faust.types import TP
 
@@ -189,12 +191,7 @@ class Contiguous:
             self.next[partition] = first_offset
             return first_offset
         tps = [TopicPartition(self.name, number) for number in range(self.partitions)]
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            committed = await admin.list_consumer_group_offsets(self.group_id, partitions=tps)
-        finally:
-            await admin.close()
+        committed = await self._committed(tps)
         beginnings = await self._beginnings(tps)
         for tp in tps:
             if tp.partition in self.next and tp.partition != partition:
@@ -204,6 +201,21 @@ class Contiguous:
             self.next[tp.partition] = self.done[tp.partition] = self.committed[tp.partition] = start
             self.started[tp.partition] = found.metadata if found is not None and found.offset >= 0 else ""
         return self.next[partition]
+
+    async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The group's committed offsets; retried while the group's coordinator is not ready yet."""
+        delay = 0.1
+        while True:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            try:
+                await admin.start()
+                return dict(await admin.list_consumer_group_offsets(self.group_id, partitions=tps))
+            except (GroupCoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
+                # a new cluster creates its offsets topic on the first request: a moment later it answers
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+            finally:
+                await admin.close()
 
     def _consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
