@@ -67,6 +67,9 @@ class Contiguous:
         #: the metadata of the commits each partition started from, since the last :meth:`take_started`
         self.started: dict[int, str] = {}
         self._last_commit = 0.0
+        #: between :meth:`in_order` and :meth:`mark_done`: a batch is being processed (maybe blocked
+        #: on Kafka), so a partition that does not advance is busy, not dropped
+        self.busy = False
         self._last_purge = time.monotonic()
         #: whether this stage deletes its input below its commits (it is the only reader of the topic)
         self.purges = group_id is not None
@@ -92,6 +95,7 @@ class Contiguous:
     async def in_order(self, events: Any) -> list[Message]:
         """The batch's messages to process, holes filled from Kafka, repeats left out, each partition in order."""
         out: list[Message] = []
+        self.busy = True
         for event in events:
             message = event.message
             partition, offset = message.partition, message.offset
@@ -111,6 +115,7 @@ class Contiguous:
     def mark_done(self) -> None:
         """Everything handed out by :meth:`in_order` so far is processed and its output acknowledged."""
         self.done.update(self.next)
+        self.busy = False
 
     def take_started(self) -> dict[int, str]:
         """The commit metadata of the partitions started since the last call (see :meth:`commit`)."""
@@ -167,20 +172,33 @@ class Contiguous:
             await admin.close()
 
     async def unstall(self) -> None:
-        """Seek back every partition stuck below its high-water mark for ``STALL_S`` (Faust dropped its tail)."""
-        consumer = self.app.consumer
+        """Seek back a partition whose tail Faust dropped: it counts it read, but the stage never got it.
+
+        Only when no batch is under way, no rebalance either, and the partition has not advanced for
+        ``STALL_S``: a stage blocked on Kafka, or messages still on their way, are left alone.
+        """
+        app = self.app
+        if self.busy or app.rebalancing:
+            return
+        consumer = app.consumer
         now = time.monotonic()
         assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.name}
         for partition, offset in list(self.next.items()):
             if partition not in assigned or now - self.advanced_at.get(partition, now) < STALL_S:
                 continue
             tp = TP(self.name, partition)
+            read = consumer._read_offset.get(tp)  # the last offset Faust's fetcher took in
             highwater = consumer.highwater(tp)
-            if highwater is not None and highwater > offset:
-                log.warning("stage.stall_sought", topic=self.name, partition=partition, offset=offset,
-                            highwater=highwater)
-                self.advanced_at[partition] = now
+            if read is None or read < offset or highwater is None or highwater <= offset:
+                continue
+            log.warning("stage.stall_sought", topic=self.name, partition=partition, offset=offset, read=read,
+                        highwater=highwater)
+            self.advanced_at[partition] = now
+            try:
                 await consumer.seek(tp, offset)
+            except Exception as error:  # the partition moved meanwhile: the new owner starts from the commit
+                log.warning("stage.seek_failed", topic=self.name, partition=partition,
+                            error=str(error) or type(error).__name__)
 
     async def _start(self, partition: int, first_offset: int) -> int:
         """Where a partition starts after an assignment: the group's committed offset, else its beginning.

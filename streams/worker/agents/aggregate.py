@@ -182,6 +182,7 @@ class Aggregation:
                 continue  # a refused or pending restore: the log is read again when it succeeds
             for partition, offset, value in await self.input.in_order(batch):
                 self.apply_deltas(unpack(value), partition, offset)
+            self.input.mark_done()
 
     async def checkpoint(self) -> None:
         """Checkpoint the shards of every deltas partition of this worker, then delete the deltas below."""
@@ -245,6 +246,7 @@ def register(topology: Topology) -> Aggregation:
     async def checkpoint_timer() -> None:
         try:
             await aggregation.checkpoint()
+            await aggregation.input.unstall()
         except Exception as error:  # Kafka unreachable: the next round tries again
             log.warning("aggregate.checkpoint_failed", error=str(error) or type(error).__name__)
 
