@@ -77,6 +77,8 @@ class BenchOptions:
     duration_s: float = 60.0
     memory_customers: int = 1_000_000
     small_stores: int = 10_000
+    restart_events: tuple[int, ...] = (200_000, 2_000_000)
+    scale_events: int = 300_000
     emit_interval_ms: int = 250
     timeout_s: float = 3_600.0
     output_dir: Path = Path("bench/results")
@@ -680,6 +682,24 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
         if options.small_stores > 0:
             echo(f"memory with {options.small_stores:,} stores of 5 customers ...")
             results["small_stores"] = await small_stores(settings, options, work_dir, database)
+            database += 1
+            save()
+        from bench.recovery import restart_time, scale_out
+
+        for events in options.restart_events:
+            echo(f"restart time after {events:,} events ...")
+            results.setdefault("restart", {})[str(events)] = await restart_time(
+                settings, options, work_dir, database, events
+            )
+            database += 1
+            save()
+        if len(options.restart_events) >= 2:
+            runs = results["restart"]
+            short, long = runs[str(min(options.restart_events))], runs[str(max(options.restart_events))]
+            runs["ratio_longest_to_shortest"] = long["restart_seconds"] / short["restart_seconds"]
+        if options.scale_events > 0:
+            echo(f"one worker, then two, on {options.scale_events:,} events ...")
+            results["scale_out"] = await scale_out(settings, options, work_dir, database, options.scale_events)
     save()
     results["path"] = str(path)
     return results
@@ -719,4 +739,23 @@ def render_table(results: dict[str, Any]) -> Any:
         table.add_row(f"peak RSS, {small['stores']:,} stores of 5 customers",
                       "n/a" if peak is None else f"{peak / 2**20:,.0f} MiB",
                       "" if peak is None else f"{peak / small['stores'] / 1024:,.0f} KiB a store")
+    for events, run in results.get("restart", {}).items():
+        if not isinstance(run, dict):
+            continue
+        disk = run["internal_bytes_total"]
+        table.add_row(f"restart after {int(events):,} events ({run['days']} days)", f"{run['restart_seconds']:,.1f} s",
+                      "" if disk is None else f"internal topics {disk / 2**20:,.0f} MiB, "
+                      f"deltas {run['deltas_bytes_per_event']:,.0f} B/event")
+    if "ratio_longest_to_shortest" in results.get("restart", {}):
+        ratio = results["restart"]["ratio_longest_to_shortest"]
+        table.add_row("restart time, longest / shortest history", f"{ratio:.2f}", "")
+    if "scale_out" in results:
+        scale = results["scale_out"]
+        two = scale["2_workers"]
+        shares = ", ".join(
+            f"{label} {part['largest_partition_share']:.0%}" for label, part in two["partition_bytes"].items()
+        )
+        table.add_row("one worker", f"{scale['1_workers']['events_per_s']:,.0f} ev/s", "")
+        table.add_row("two workers", f"{two['events_per_s']:,.0f} ev/s",
+                      f"{scale['ratio']:.2f}x; largest partition: {shares} (P={scale['partitions']})")
     return table

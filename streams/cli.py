@@ -141,7 +141,9 @@ def status() -> None:
     if settings.is_set("kafka_bootstrap_servers"):
         click.echo(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}")
     if settings.is_set("redis_url"):
-        click.echo(f"REDIS_URL={settings.redis_url}")
+        from streams.tools.snapshot import redact
+
+        click.echo(f"REDIS_URL={redact(settings.redis_url)}")
 
 
 @main.command()
@@ -498,14 +500,18 @@ def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike
               help="Distinct customers of the memory run (0: skip it).")
 @click.option("--small-stores", type=click.IntRange(0), default=10_000, show_default=True, metavar="N",
               help="Stores of 5 customers each of the small-stores memory run (0: skip it).")
+@click.option("--restart-events", default="200000,2000000", show_default=True, metavar="N,N",
+              help="History lengths of the restart-time runs, comma-separated (0: skip them).")
+@click.option("--scale-events", type=click.IntRange(0), default=300_000, show_default=True, metavar="N",
+              help="Events of the one-worker against two-workers run (0: skip it).")
 @click.option("--emit-interval", default="250ms", show_default=True, metavar="DURATION",
               help="LOYALTY_EMIT_INTERVAL of the bench's workers.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds any one part may take.")
 def bench(events: int, batch: int, batched: bool, stores: int, customers: int, seed: int, sample_stores: int,
-          rate: float, duration: str, memory_customers: int, small_stores: int, emit_interval: str, output_dir: Path,
-          timeout: float) -> None:
+          rate: float, duration: str, memory_customers: int, small_stores: int, restart_events: str,
+          scale_events: int, emit_interval: str, output_dir: Path, timeout: float) -> None:
     """Measure throughput beside the aiokafka and empty-Faust-agent ceilings, latency and memory (SPEC 9).
 
     Starts local Kafka and Redis like `loyalty up` when they are not running. Prints a
@@ -523,12 +529,13 @@ def bench(events: int, batch: int, batched: bool, stores: int, customers: int, s
     try:
         duration_s = 0.0 if duration.strip() == "0" else parse_duration(duration) / 1000
         emit_ms = parse_duration(emit_interval)
+        restarts = tuple(int(part) for part in restart_events.split(",") if part.strip() and int(part) > 0)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     options = BenchOptions(events=events, batch=batch, stores=stores, customers=customers, seed=seed,
                            sample_stores=min(sample_stores, stores), rate=rate, duration_s=duration_s,
                            memory_customers=memory_customers, small_stores=small_stores, emit_interval_ms=emit_ms,
-                           timeout_s=timeout,
+                           restart_events=restarts, scale_events=scale_events, timeout_s=timeout,
                            output_dir=output_dir, shapes=(1, batch) if batched else (1,))
     click.get_current_context().invoke(up)
     settings = _settings()

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(900)
 def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) -> None:
-    """Ceilings, both throughput shapes (checked against the reference), latency and memory end in one JSON file."""
+    """Ceilings, both shapes (checked against the reference), latency, memory, restart and scale-out in one JSON."""
     env = clean_env(
         KAFKA_BOOTSTRAP_SERVERS=services.kafka_bootstrap,
         REDIS_URL=services.redis_url,
@@ -30,7 +30,8 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     result = run_loyalty(
         "bench", "--events", "3000", "--batch", "100", "--stores", "3", "--customers", "1500",
         "--sample-stores", "2", "--duration", "5s", "--rate", "200", "--memory-customers", "3000",
-        "--small-stores", "200", "--output-dir", str(out), "--timeout", "300",
+        "--small-stores", "200", "--restart-events", "1500,3000", "--scale-events", "3000",
+        "--output-dir", str(out), "--timeout", "300",
         env=env, cwd=ROOT, timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -57,4 +58,17 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     assert results["memory"]["customers"] == 3000 and results["memory"]["peak_rss_bytes"] > 50 * 2**20
     small = results["small_stores"]  # the part checked * counted all 1,000 customers before measuring
     assert (small["stores"], small["customers"]) == (200, 1000) and small["peak_rss_bytes"] > 50 * 2**20
+    restart = results["restart"]
+    for events, days in (("1500", 1), ("3000", 2)):
+        run = restart[events]
+        assert (run["events"], run["days"], run["keys"]) == (int(events), days, (3 + 1) * 4)
+        assert 0 < run["restart_seconds"] < 300
+        assert run["internal_bytes"]["customer-facts-changelog"] > 0 and run["deltas_bytes_per_event"] > 0
+    assert restart["ratio_longest_to_shortest"] == pytest.approx(
+        restart["3000"]["restart_seconds"] / restart["1500"]["restart_seconds"])
+    scale = results["scale_out"]
+    assert scale["events"] == 3000 and scale["partitions"] == 4
+    assert scale["ratio"] == pytest.approx(scale["2_workers"]["events_per_s"] / scale["1_workers"]["events_per_s"])
+    for part in scale["2_workers"]["partition_bytes"].values():
+        assert 0.25 <= part["largest_partition_share"] <= 1.0  # four partitions: at least an even share
     assert "loyalty bench" in result.stdout

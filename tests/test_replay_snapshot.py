@@ -334,6 +334,22 @@ def test_snapshot_compact_layout_when_many_columns(snapshot_redis: str) -> None:
     assert max(len(line) for line in text.splitlines()) <= 100
 
 
+def test_snapshot_table_shows_store_ids_as_text(snapshot_redis: str) -> None:
+    """Store ids that look like rich markup ("[/]", "[bold]x") are printed literally, in both layouts."""
+    client = redis.Redis.from_url(snapshot_redis)
+    odd = ["[/]", "[bold]x"]
+    for store in odd:
+        client.hset(metric_key(store, "1h"), mapping=STORE_FIELDS)
+        client.sadd(STORES_KEY, store)
+    client.close()
+    snapshots = read_snapshots(snapshot_redis, odd, ["1h"])
+    for width in (200, 40):  # wide, then compact
+        console = Console(width=width, record=True)
+        console.print(render_table(snapshots, width=width))
+        text = console.export_text()
+        assert "[/]" in text and "[bold]x" in text
+
+
 def test_snapshot_without_metrics_exits_1(snapshot_redis: str, tmp_path: Path) -> None:
     """An empty Redis, or a store that has no metrics, is a clear message and exit code 1."""
     env = snapshot_env(snapshot_redis, tmp_path)

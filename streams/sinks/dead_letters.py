@@ -13,6 +13,8 @@ import base64
 import zlib
 from typing import Any
 
+import orjson
+
 DEAD_LETTER_SCHEMA = "loyalty.dead_letter.v1"
 
 
@@ -151,3 +153,77 @@ class DeadLetterLedger:
             return  # before the commit: that element is not read again
         index = int(parts[3]) if parts[3].isdigit() else None
         self.sent[source].add((offset, index))
+
+
+class StageLedger:
+    """The dead letters a stage after the ingest sends (the gate's currency mismatches), each once.
+
+    A stage's input is read again from its committed offsets after a crash, and so are its bad
+    elements, whose dead letters may be in the topic already. The stage commits, as its offsets'
+    metadata, a position per dead-letter partition at or before every dead letter it sends later
+    (:meth:`commit_metadata`). On an assignment it reads each dead-letter partition from the
+    earliest such position of the partitions it starts (:meth:`learn`), and :meth:`already_sent`
+    keeps the dead letters found there, of its ``reasons``, from being sent twice.
+    """
+
+    def __init__(self, bootstrap_servers: str, dead_letter_topic: str, partitions: int, reasons: set[str]) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = dead_letter_topic
+        self.partitions = partitions
+        self.reasons = reasons
+        #: dead-letter partition -> a position at or before every dead letter sent from now on
+        self.positions: dict[int, int] = {}
+        #: identities ``topic|partition|offset|index`` of dead letters in the topic since the commits
+        self.sent: set[bytes] = set()
+
+    def commit_metadata(self) -> str:
+        """The metadata to commit with the stage's offsets: ``{dead-letter partition: position}`` as JSON."""
+        return orjson.dumps({str(partition): position for partition, position in self.positions.items()}).decode()
+
+    def record(self, partition: int, offset: int) -> None:
+        """A dead letter Kafka acknowledged at ``offset`` of dead-letter ``partition``."""
+        if offset + 1 > self.positions.get(partition, 0):
+            self.positions[partition] = offset + 1
+
+    def already_sent(self, letter: dict[str, Any]) -> bool:
+        """Whether this element's dead letter is in the topic already (sent before the stage's restart)."""
+        return dead_letter_key(letter) in self.sent
+
+    async def learn(self, metadata: list[str]) -> None:
+        """Read the dead letters sent since the commits whose ``metadata`` the started partitions carry."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from streams.worker.log_reader import read_to_end
+
+        wanted: dict[int, int] = {}
+        for text in metadata:
+            try:
+                found = orjson.loads(text) if text else {}
+            except orjson.JSONDecodeError:
+                continue  # not ours (an older commit): nothing to learn from it
+            if not isinstance(found, dict):
+                continue
+            for partition, position in found.items():
+                if str(partition).isdigit() and isinstance(position, int):
+                    wanted[int(partition)] = min(position, wanted.get(int(partition), position))
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            every = [TopicPartition(self.topic, partition) for partition in range(self.partitions)]
+            ends = await consumer.end_offsets(every)
+            for tp, end in ends.items():
+                self.positions[tp.partition] = max(self.positions.get(tp.partition, 0), end)
+            reading = [tp for tp in every if tp.partition in wanted and wanted[tp.partition] < ends[tp]]
+            if not reading:
+                return
+            consumer.assign(reading)
+            async for record in read_to_end(consumer, {tp: wanted[tp.partition] for tp in reading}, ends):
+                if record.key and record.value:
+                    try:
+                        reason = orjson.loads(record.value).get("reason")
+                    except (orjson.JSONDecodeError, AttributeError):
+                        continue
+                    if reason in self.reasons:
+                        self.sent.add(record.key)
+        finally:
+            await consumer.stop()

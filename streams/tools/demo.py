@@ -177,14 +177,14 @@ def render(
     for store in stores:
         row = headlines.get(store)
         if row is None:
-            table.add_row(store, *(["-"] * len(HEADLINE)), Text("waiting", style="dim"))
+            table.add_row(Text(store), *(["-"] * len(HEADLINE)), Text("waiting", style="dim"))
             continue
         age = max(0, now_ms - row["as_of_ms"]) / 1000
         revenue = _number(row["gross_revenue"], 2)
         if row["gross_revenue"] is not None and row["currency"]:
             revenue += f" {row['currency']}"
         table.add_row(
-            store,
+            Text(store),  # data, not rich markup
             _number(row["customers_end"], 0),
             _number(row["churn_rate"], 2, "%"),
             _number(row["nps"], 1),

@@ -22,6 +22,7 @@ import orjson
 import redis
 from rich.console import RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from metrics.catalog import ALL_STORES, COUNT, MAP, METRIC_KINDS, METRIC_NAMES
 from streams.sinks.redis_sink import STORES_KEY, metric_key
@@ -197,7 +198,8 @@ def _wide_table(snapshots: Snapshots) -> Table:
     table = Table(title="Loyalty metrics", header_style="bold", show_lines=False)
     table.add_column("metric", style="cyan", no_wrap=True, min_width=12)
     for store, window, _ in combos:
-        table.add_column(f"{store_label(store)}\n{window}", justify="right")
+        # store ids are data: Text renders them literally (a store named "[/]" is not rich markup)
+        table.add_column(Text(f"{store_label(store)}\n{window}"), justify="right")
     table.add_row("as of (UTC)", *(_as_of_text(snap["as_of_ms"]) for _, _, snap in combos), style="dim")
     table.add_row("currency", *(snap["currency"] or "-" for _, _, snap in combos), style="dim", end_section=True)
     names = sorted({name for _, _, snap in combos for name in snap["metrics"]}, key=_metric_order)
@@ -230,7 +232,7 @@ def _compact_table(snapshots: Snapshots, width: int) -> Table:
     previous = None
     for store, window, snap in combos:
         table.add_row(
-            store_label(store) if store != previous else "",
+            Text(store_label(store)) if store != previous else "",
             window,
             *(format_value(name, snap["metrics"].get(name)) for name in metrics),
         )

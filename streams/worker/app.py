@@ -24,6 +24,8 @@ def faust_options(settings: Settings) -> dict[str, object]:
         "autodiscover": False,
         "web_enabled": True,
         "web_port": settings.web_port,
+        # Faust's own views (its tables among them) are for this machine's operator only
+        "web_bind": "127.0.0.1",
         "topic_partitions": settings.partitions,
         "topic_replication_factor": settings.replication_factor,
         "consumer_auto_offset_reset": "earliest",

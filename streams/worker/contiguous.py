@@ -20,11 +20,14 @@ has been processed and its output written.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.errors import CoordinatorLoadInProgressError, GroupCoordinatorNotAvailableError, NotCoordinatorError
+from aiokafka.structs import OffsetAndMetadata
 from faust.types import TP
 
 from streams.logs import get_logger
@@ -36,6 +39,8 @@ log = get_logger(__name__)
 STALL_S = 2.0
 #: the stage commits its positions at most this often (a crash reads at most this much again)
 COMMIT_INTERVAL_S = 0.5
+#: how often a stage deletes its input below its committed offsets (repartition topics only)
+PURGE_INTERVAL_S = 30.0
 
 #: one message of a stage's input: (partition, offset, value)
 Message = tuple[int, int, bytes]
@@ -59,7 +64,15 @@ class Contiguous:
         self.committed: dict[int, int] = {}
         #: partition -> when the stage last advanced in it (monotonic seconds)
         self.advanced_at: dict[int, float] = {}
+        #: the metadata of the commits each partition started from, since the last :meth:`take_started`
+        self.started: dict[int, str] = {}
         self._last_commit = 0.0
+        #: between :meth:`in_order` and :meth:`mark_done`: a batch is being processed (maybe blocked
+        #: on Kafka), so a partition that does not advance is busy, not dropped
+        self.busy = False
+        self._last_purge = time.monotonic()
+        #: whether this stage deletes its input below its commits (it is the only reader of the topic)
+        self.purges = group_id is not None
 
     @property
     def name(self) -> str:
@@ -71,6 +84,7 @@ class Contiguous:
         self.done.clear()
         self.committed.clear()
         self.advanced_at.clear()
+        self.started.clear()
 
     def seed(self, positions: dict[int, int]) -> None:
         """Set the next offsets (the aggregation's, after it rebuilt its shards from the log)."""
@@ -81,6 +95,7 @@ class Contiguous:
     async def in_order(self, events: Any) -> list[Message]:
         """The batch's messages to process, holes filled from Kafka, repeats left out, each partition in order."""
         out: list[Message] = []
+        self.busy = True
         for event in events:
             message = event.message
             partition, offset = message.partition, message.offset
@@ -100,48 +115,90 @@ class Contiguous:
     def mark_done(self) -> None:
         """Everything handed out by :meth:`in_order` so far is processed and its output acknowledged."""
         self.done.update(self.next)
+        self.busy = False
 
-    async def commit(self, force: bool = False) -> None:
-        """Commit the done offsets that moved (at most every ``COMMIT_INTERVAL_S`` unless ``force``)."""
+    def take_started(self) -> dict[int, str]:
+        """The commit metadata of the partitions started since the last call (see :meth:`commit`)."""
+        started, self.started = self.started, {}
+        return started
+
+    async def commit(self, force: bool = False, metadata: str = "") -> None:
+        """Commit the done offsets that moved (at most every ``COMMIT_INTERVAL_S`` unless ``force``).
+
+        ``metadata`` goes with each offset; a partition's next start hands it back (:meth:`take_started`).
+        """
         now = time.monotonic()
         if not force and now - self._last_commit < COMMIT_INTERVAL_S:
             return
         self._last_commit = now
-        await self.commit_positions(self.done)
+        await self.commit_positions(self.done, metadata)
 
-    async def commit_positions(self, positions: dict[int, int]) -> None:
+    async def commit_positions(self, positions: dict[int, int], metadata: str = "") -> None:
         """Commit these next offsets for the app's consumer group (those that moved, of assigned partitions)."""
+        consumer = self.app.consumer
+        assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.name}
         offsets = {
-            TP(self.name, partition): offset
+            TopicPartition(self.name, partition): OffsetAndMetadata(offset, metadata)
             for partition, offset in positions.items()
-            if self.committed.get(partition) != offset
+            if partition in assigned and self.committed.get(partition) != offset
         }
         if not offsets:
             return
+        # through Faust's own group member (a commit from outside the group is refused), in its thread
+        thread = consumer._thread
         try:
-            accepted = await self.app.consumer._commit(offsets)
+            await thread.call_thread(thread._ensure_consumer().commit, offsets)
         except Exception as error:  # a rebalance or an outage: the positions are committed next time
             log.warning("stage.commit_failed", topic=self.name, error=str(error) or type(error).__name__)
             return
-        if accepted:
-            for tp, offset in offsets.items():
-                self.committed[tp.partition] = offset
+        for tp, committed in offsets.items():
+            self.committed[tp.partition] = committed.offset
+        if self.purges and time.monotonic() - self._last_purge >= PURGE_INTERVAL_S:
+            self._last_purge = time.monotonic()
+            await self._purge({tp: committed.offset for tp, committed in offsets.items()})
+
+    async def _purge(self, below: dict[TopicPartition, int]) -> None:
+        """Delete the input below the committed offsets: processed, and its output acknowledged.
+
+        This keeps a repartition topic's disk near what is in flight, as Kafka Streams does.
+        """
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        try:
+            await admin.start()
+            await admin.delete_records({tp: RecordsToDelete(before_offset=offset) for tp, offset in below.items()})
+        except Exception as error:  # the next purge deletes up to a later commit
+            log.warning("stage.purge_failed", topic=self.name, error=str(error) or type(error).__name__)
+        finally:
+            await admin.close()
 
     async def unstall(self) -> None:
-        """Seek back every partition stuck below its high-water mark for ``STALL_S`` (Faust dropped its tail)."""
-        consumer = self.app.consumer
+        """Seek back a partition whose tail Faust dropped: it counts it read, but the stage never got it.
+
+        Only when no batch is under way, no rebalance either, and the partition has not advanced for
+        ``STALL_S``: a stage blocked on Kafka, or messages still on their way, are left alone.
+        """
+        app = self.app
+        if self.busy or app.rebalancing:
+            return
+        consumer = app.consumer
         now = time.monotonic()
         assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.name}
         for partition, offset in list(self.next.items()):
             if partition not in assigned or now - self.advanced_at.get(partition, now) < STALL_S:
                 continue
             tp = TP(self.name, partition)
+            read = consumer._read_offset.get(tp)  # the last offset Faust's fetcher took in
             highwater = consumer.highwater(tp)
-            if highwater is not None and highwater > offset:
-                log.warning("stage.stall_sought", topic=self.name, partition=partition, offset=offset,
-                            highwater=highwater)
-                self.advanced_at[partition] = now
+            if read is None or read < offset or highwater is None or highwater <= offset:
+                continue
+            log.warning("stage.stall_sought", topic=self.name, partition=partition, offset=offset, read=read,
+                        highwater=highwater)
+            self.advanced_at[partition] = now
+            try:
                 await consumer.seek(tp, offset)
+            except Exception as error:  # the partition moved meanwhile: the new owner starts from the commit
+                log.warning("stage.seek_failed", topic=self.name, partition=partition,
+                            error=str(error) or type(error).__name__)
 
     async def _start(self, partition: int, first_offset: int) -> int:
         """Where a partition starts after an assignment: the group's committed offset, else its beginning.
@@ -152,12 +209,7 @@ class Contiguous:
             self.next[partition] = first_offset
             return first_offset
         tps = [TopicPartition(self.name, number) for number in range(self.partitions)]
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            committed = await admin.list_consumer_group_offsets(self.group_id, partitions=tps)
-        finally:
-            await admin.close()
+        committed = await self._committed(tps)
         beginnings = await self._beginnings(tps)
         for tp in tps:
             if tp.partition in self.next and tp.partition != partition:
@@ -165,7 +217,23 @@ class Contiguous:
             found = committed.get(tp)
             start = found.offset if found is not None and found.offset >= 0 else beginnings[tp]
             self.next[tp.partition] = self.done[tp.partition] = self.committed[tp.partition] = start
+            self.started[tp.partition] = found.metadata if found is not None and found.offset >= 0 else ""
         return self.next[partition]
+
+    async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The group's committed offsets; retried while the group's coordinator is not ready yet."""
+        delay = 0.1
+        while True:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            try:
+                await admin.start()
+                return dict(await admin.list_consumer_group_offsets(self.group_id, partitions=tps))
+            except (GroupCoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError):
+                # a new cluster creates its offsets topic on the first request: a moment later it answers
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+            finally:
+                await admin.close()
 
     def _consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(

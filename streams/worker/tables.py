@@ -31,6 +31,10 @@ ROCKSDB_OPTIONS = {
 }
 
 
+#: the changelog topics' configs (compacted by Faust): small segments, cleaned at 10 % dirt
+CHANGELOG_CONFIG = {"segment.bytes": str(32 * 1024 * 1024), "min.cleanable.dirty.ratio": "0.1"}
+
+
 def make_table(app: faust.App, name: str, partitions: int) -> Any:
     """A bytes -> bytes table whose keys are routed by :func:`streams.worker.wire.route`.
 
@@ -123,6 +127,9 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
         value_type=bytes,
         schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"),
         options=dict(ROCKSDB_OPTIONS),
+        # compaction runs on closed segments only: with Kafka's 1 GiB default a changelog keeps up
+        # to a gigabyte of superseded records per partition before the cleaner touches them
+        extra_topic_configs=dict(CHANGELOG_CONFIG),
     )
     table.unconfirmed = []
     return app.tables.add(table)

@@ -44,12 +44,18 @@ def internal_topic(settings: Settings, name: str) -> str:
 
 #: internal topics of the pipeline, in processing order
 INTERNAL_TOPICS = ("events-by-store", "events-by-customer", "deltas", "checkpoints")
-#: topic configs of the internal topics that need their own: the deltas topic is the aggregation's
-#: log, which the worker itself deletes below each checkpoint (never by time: a worker down for
-#: long would find a hole); the checkpoints topic is compacted, in small segments, so the cleaner
-#: keeps it near the size of one checkpoint of every store
+#: segments of the internal topics whose records the worker deletes: Kafka frees disk a whole
+#: segment at a time, and its default segment (1 GiB) would keep gigabytes below every deletion
+INTERNAL_SEGMENT_BYTES = str(32 * 1024 * 1024)
+#: topic configs of the internal topics: the two repartition topics are deleted by their readers
+#: below their committed offsets (streams.worker.contiguous), and never by time; the deltas topic
+#: is the aggregation's log, which the worker deletes below each checkpoint (never by time: a
+#: worker down for long would find a hole); the checkpoints topic is compacted, in small segments,
+#: so the cleaner keeps it near the size of one checkpoint of every store
 TOPIC_CONFIGS = {
-    "deltas": {"retention.ms": "-1"},
+    "events-by-store": {"retention.ms": "-1", "segment.bytes": INTERNAL_SEGMENT_BYTES},
+    "events-by-customer": {"retention.ms": "-1", "segment.bytes": INTERNAL_SEGMENT_BYTES},
+    "deltas": {"retention.ms": "-1", "segment.bytes": INTERNAL_SEGMENT_BYTES},
     "checkpoints": {
         "cleanup.policy": "compact",
         "segment.ms": "600000",

@@ -260,6 +260,7 @@ class Aggregation:
                 continue  # a refused or pending restore: the log is read again when it succeeds
             for partition, offset, value in await self.input.in_order(batch):
                 self.apply_deltas(unpack(value), partition, offset)
+            self.input.mark_done()
             await self.sample_due()
 
     async def checkpoint(self) -> None:
@@ -324,6 +325,7 @@ def register(topology: Topology) -> Aggregation:
     async def checkpoint_timer() -> None:
         try:
             await aggregation.checkpoint()
+            await aggregation.input.unstall()
         except Exception as error:  # Kafka unreachable: the next round tries again
             log.warning("aggregate.checkpoint_failed", error=str(error) or type(error).__name__)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from streams.stages.gate import GateStage
+from streams.sinks.dead_letters import StageLedger
+from streams.stages.gate import CURRENCY_MISMATCH, GateStage
 from streams.stages.routed import Routed
 from streams.stages.watermarks import MARKS, Mark, is_marks
 from streams.worker.tables import changelog_written
+from streams.worker.topics import DEAD_LETTER_TOPIC
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
 from streams.worker.wire import pack, unpack
 
@@ -35,6 +37,9 @@ class Gate:
         self.stage = GateStage(topology.partitions)
         self.currencies = CurrencyView(topology.currencies)
         self.input = topology.contiguous(topology.by_store, committed=True)
+        settings = topology.settings
+        self.ledger = StageLedger(settings.kafka_bootstrap_servers, settings.topic(DEAD_LETTER_TOPIC),
+                                  topology.partitions, {CURRENCY_MISMATCH})
 
     async def run(self, stream: Any) -> None:
         """The agent: each batch of by-store messages through the gate, held events added to their store's."""
@@ -47,7 +52,11 @@ class Gate:
             newly_held: dict[str, list[Any]] = {}
             #: by-store partition -> the watermark marks that arrived on it, relayed after the batch's events
             marks: dict[int, dict[str, Mark]] = {}
-            for partition, _, value in await self.input.in_order(batch):
+            messages = await self.input.in_order(batch)
+            started = self.input.take_started()
+            if started:  # partitions read again from their commits: learn what they dead-lettered since
+                await self.ledger.learn(list(started.values()))
+            for partition, _, value in messages:
                 message = unpack(value)
                 if is_marks(message):
                     marks.setdefault(partition, {}).update(message[MARKS])
@@ -62,11 +71,13 @@ class Gate:
                 held[key] = pack((unpack(previous) if previous else []) + items)
             # Kafka has the forwarded events and the tables before the offsets are committed:
             # a crash after a commit must not lose what was only queued
-            await topology.send_routed(topology.by_customer, routed, wait=True)
+            routed.dead_letters = [letter for letter in routed.dead_letters if not self.ledger.already_sent(letter)]
+            for metadata in await topology.send_routed(topology.by_customer, routed, wait=True):
+                self.ledger.record(metadata.partition, metadata.offset)
             await self.relay_marks(marks)
             await changelog_written(topology.currencies, held)
             self.input.mark_done()
-            await self.input.commit()
+            await self.input.commit(metadata=self.ledger.commit_metadata())
 
     async def relay_marks(self, marks: dict[int, dict[str, Mark]]) -> None:
         """Relay the marks of each by-store partition to every by-customer partition, naming where they came from.
@@ -86,7 +97,7 @@ class Gate:
     async def tick(self) -> None:
         """The once-a-second timer: release held events, commit what is done, seek back a stalled partition."""
         await self.release_held()
-        await self.input.commit(force=True)
+        await self.input.commit(force=True, metadata=self.ledger.commit_metadata())
         await self.input.unstall()
 
     async def release_held(self) -> None:

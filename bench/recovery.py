@@ -1,0 +1,245 @@
+"""Bounded recovery and scale-out (SPEC section 9): restart time at two history lengths, disk, two workers.
+
+Parts of ``loyalty bench``:
+
+- restart: a worker takes N events of storefront traffic (same stores and customers, the same
+  events per day: a longer history spans more days), checkpoints, and is SIGKILLed; Redis is
+  emptied and the worker started again; the restart time is until every key (every store and
+  ``*``, every window) is published again as of the last event. Beside it, the bytes the
+  internal topics (repartition topics, deltas, checkpoints, changelogs) hold on disk at the
+  kill, and the deltas topic's bytes per input event. Both should depend on the live state, not
+  on N.
+- scale-out: one worker, then two workers in one group, on the same pre-filled topics; events
+  per second from the first event received to the last applied, and each internal topic's
+  largest partition share of its bytes on disk (no partition should carry more than 2/P).
+
+Disk figures read the local Kafka's data folder (``loyalty up``); with another Kafka they are
+left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from bench.run import POLL_S, BenchError, BenchOptions, Worker, _text, prefill
+from metrics.catalog import ALL_STORES
+from metrics.timegrid import DAY_MS
+from streams.settings import Settings
+from streams.sinks.redis_sink import metric_key, read_health
+from streams.tools.storefront import Storefronts
+
+#: events per simulated day of the restart histories (a longer history spans more days)
+EVENTS_PER_DAY = 1_500
+#: checkpoint interval of the bench's workers in the restart part (the restart reads at most this much log)
+CHECKPOINT_INTERVAL = "5s"
+
+
+def storefront_bodies(events: int, stores: int, customers: int, seed: int) -> Iterator[tuple[str, bytes]]:
+    """``events`` of storefront traffic at ``EVENTS_PER_DAY``, ending a day ago."""
+    span_ms = max(1, events // EVENTS_PER_DAY) * DAY_MS
+    start_ms = time.time_ns() // 1_000_000 - DAY_MS - span_ms
+    step = span_ms / max(events, 1)
+    counter = iter(range(events))
+
+    def clock() -> int:
+        return int(start_ms + next(counter) * step)
+
+    generator = Storefronts(seed=seed, stores=stores, customers=customers, clock=clock)
+    for _ in range(events):
+        topic, body = next(generator)
+        yield topic, orjson.dumps(body)
+
+
+def kafka_data_dir(settings: Settings) -> Path | None:
+    """The local Kafka's data folder (``loyalty up``), if this run uses it."""
+    folder = settings.state_dir / "kafka" / "data"
+    return folder if folder.is_dir() else None
+
+
+def topic_bytes(data_dir: Path | None, names: dict[str, str]) -> dict[str, dict[int, int]]:
+    """Bytes on disk per partition of each topic (``label -> topic name``), from the Kafka data folder."""
+    if data_dir is None:
+        return {}
+    sizes: dict[str, dict[int, int]] = {}
+    for label, topic in names.items():
+        for folder in data_dir.glob(f"{topic}-*"):
+            number = folder.name[len(topic) + 1:]
+            if not number.isdigit():
+                continue
+            # blocks, not sizes: Kafka preallocates its index files sparse (10 MiB each, mostly holes)
+            total = sum(entry.stat().st_blocks * 512 for entry in folder.iterdir() if entry.is_file())
+            sizes.setdefault(label, {})[int(number)] = total
+    return sizes
+
+
+def internal_topics(settings: Settings, prefix: str, app_id: str) -> dict[str, str]:
+    """The internal topics of a bench worker (Faust names its changelogs by app id alone)."""
+    internal = f"{prefix}{app_id}-"
+    return {
+        "events-by-store": internal + "events-by-store",
+        "events-by-customer": internal + "events-by-customer",
+        "deltas": internal + "deltas",
+        "checkpoints": internal + "checkpoints",
+        "customer-facts-changelog": f"{app_id}-customer-facts-changelog",
+        "store-currency-changelog": f"{app_id}-store-currency-changelog",
+    }
+
+
+async def _wait_applied(worker: Worker, client: aioredis.Redis, events: int, timeout_s: float) -> float:
+    """Wait until the worker applied (or found duplicate) ``events``; returns when its first event arrived."""
+    deadline = time.monotonic() + timeout_s
+    first_seen: float | None = None
+    while True:
+        worker.check_alive()
+        health = await read_health(client)
+        if first_seen is None and health.get("events_received"):
+            first_seen = time.perf_counter()
+        if health.get("events_applied", 0) + health.get("duplicates", 0) >= events:
+            return first_seen or worker.started
+        if time.monotonic() > deadline:
+            raise BenchError(f"{worker.name}: {health} after {timeout_s:.0f}s, {events} expected")
+        await asyncio.sleep(POLL_S)
+
+
+async def _published_as_of(client: aioredis.Redis, keys: list[str]) -> set[str]:
+    """The keys whose snapshot is there, with their ``as_of_ms``."""
+    found = set()
+    for key in keys:
+        value = await client.hget(key, "as_of_ms")
+        if value is not None:
+            found.add(f"{key}@{_text(value)}")
+    return found
+
+
+async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path, database: int,
+                       events: int) -> dict[str, Any]:
+    """Restart time and internal-topic disk after ``events`` of history (see the module docstring)."""
+    prefix = f"bench-{uuid.uuid4().hex[:6]}-r{events}-"
+    started = time.perf_counter()
+    dataset = await prefill(settings, prefix, list(storefront_bodies(events, options.stores, options.customers,
+                                                                    options.seed)), options.batch)
+    prefill_s = time.perf_counter() - started
+    env = {"LOYALTY_CLOCK": "event", "LOYALTY_EMIT_INTERVAL": f"{options.emit_interval_ms}ms",
+           "LOYALTY_CHECKPOINT_INTERVAL": CHECKPOINT_INTERVAL}
+    worker = Worker(settings, work_dir, prefix, database, **env)
+    app_id = worker.env["LOYALTY_APP_ID"]
+    client = await worker.start()
+    try:
+        await _wait_applied(worker, client, dataset.events, options.timeout_s)
+        first_pass_s = time.perf_counter() - worker.started
+        stores = Storefronts(seed=options.seed, stores=options.stores, customers=options.customers,
+                             clock=lambda: 0).store_ids
+        keys = [metric_key(store, window) for store in [*stores, ALL_STORES] for window in settings.windows]
+        # every key published, then a checkpoint that holds it all (two intervals), then the kill
+        deadline = time.monotonic() + options.timeout_s
+        while True:
+            final = await _published_as_of(client, keys)
+            if len(final) == len(keys) and len({entry.split("@")[1] for entry in final}) == 1:
+                break
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                times: dict[str, list[str]] = {}
+                for entry in final:
+                    key, as_of = entry.split("@")
+                    times.setdefault(as_of, []).append(key)
+                missing = sorted(set(keys) - {entry.split("@")[0] for entry in final})
+                raise BenchError(f"{prefix}: not every key published as of one time: missing {missing}, "
+                                 f"by as_of {{{', '.join(f'{t}: {len(k)} keys' for t, k in times.items())}}}")
+            await asyncio.sleep(POLL_S)
+        await asyncio.sleep(2 * 5 + 1)  # two checkpoint intervals: the interval is the bench's own setting
+        disk = topic_bytes(kafka_data_dir(settings), internal_topics(settings, prefix, app_id))
+        assert worker.process is not None
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(timeout=30)
+        await client.flushdb()
+        restarted = Worker(settings, work_dir, prefix, database, **env)
+        restarted.env["LOYALTY_WEB_PORT"] = worker.env["LOYALTY_WEB_PORT"]  # the same local state folder
+        await (await restarted.start()).aclose()
+        worker = restarted
+        while (await _published_as_of(client, keys)) != final:
+            worker.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{prefix}: after the restart, keys not published again as before the kill")
+            await asyncio.sleep(POLL_S)
+        restart_s = time.perf_counter() - worker.started
+    finally:
+        worker.stop()
+        await client.aclose()
+    totals = {label: sum(parts.values()) for label, parts in disk.items()}
+    return {
+        "events": dataset.events,
+        "days": max(1, events // EVENTS_PER_DAY),
+        "prefill_seconds": prefill_s,
+        "first_pass_seconds": first_pass_s,
+        "restart_seconds": restart_s,
+        "keys": len(keys),
+        "internal_bytes": totals,
+        "internal_bytes_total": sum(totals.values()) if totals else None,
+        "deltas_bytes_per_event": totals["deltas"] / dataset.events if "deltas" in totals else None,
+    }
+
+
+async def scale_out(settings: Settings, options: BenchOptions, work_dir: Path, database: int,
+                    events: int) -> dict[str, Any]:
+    """One worker, then two in one group, on the same pre-filled topics (see the module docstring)."""
+    prefix = f"bench-{uuid.uuid4().hex[:6]}-x-"
+    dataset = await prefill(settings, prefix, list(storefront_bodies(events, options.stores, options.customers,
+                                                                    options.seed + 7)), options.batch)
+    results: dict[str, Any] = {"events": dataset.events, "messages": dataset.messages}
+    for count in (1, 2):
+        group = f"bench-{uuid.uuid4().hex[:6]}-g{count}"
+        env = {"LOYALTY_CLOCK": "event", "LOYALTY_EMIT_INTERVAL": f"{options.emit_interval_ms}ms",
+               "LOYALTY_CHECKPOINT_INTERVAL": "1h",  # nothing deleted: the bytes per partition are all there
+               "LOYALTY_APP_ID": group}
+        workers = []
+        for instance in range(count):
+            worker = Worker(settings, work_dir, f"{prefix}{count}{instance}-", database, **env)
+            worker.env["LOYALTY_TOPIC_PREFIX"] = prefix  # the same topics, the same group
+            workers.append(worker)
+        clients = [await worker.start() for worker in workers[:1]]
+        for worker in workers[1:]:
+            worker.process = None
+            await _start_keeping_redis(worker)
+        try:
+            first = await _wait_applied(workers[0], clients[0], dataset.events, options.timeout_s)
+            for worker in workers:
+                worker.check_alive()
+            seconds = time.perf_counter() - first
+            shares = {}
+            for label, parts in topic_bytes(kafka_data_dir(settings), internal_topics(settings, prefix, group)).items():
+                total = sum(parts.values())
+                if total and label in ("events-by-store", "events-by-customer", "deltas"):
+                    shares[label] = {"bytes": total, "largest_partition_share": max(parts.values()) / total}
+        finally:
+            for worker in workers:
+                worker.stop()
+            for client in clients:
+                await client.flushdb()
+                await client.aclose()
+        results[f"{count}_workers"] = {"seconds": seconds, "events_per_s": dataset.events / seconds,
+                                       "partition_bytes": shares}
+    results["ratio"] = results["2_workers"]["events_per_s"] / results["1_workers"]["events_per_s"]
+    results["partitions"] = settings.partitions
+    return results
+
+
+async def _start_keeping_redis(worker: Worker) -> None:
+    """Start a worker process without emptying its Redis database (the group's first worker did)."""
+    import subprocess
+
+    from streams.tools.demo import worker_command
+
+    with worker.log_path.open("wb") as log:
+        worker.process = subprocess.Popen(worker_command(), env=worker.env, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    worker.started = time.perf_counter()
