@@ -120,6 +120,17 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
         settings.replication_factor,
         config={"cleanup.policy": "compact"},
     )
+    # the tables' changelogs too (Faust names them by app id alone): created by Faust at start,
+    # one could still be missing from the metadata of the first assignment and be left out of it
+    from streams.worker.tables import CHANGELOG_CONFIG, TABLE_NAMES
+
+    await ensure_topics(
+        settings.kafka_bootstrap_servers,
+        [f"{settings.app_id}-{name}-changelog" for name in TABLE_NAMES],
+        settings.partitions,
+        settings.replication_factor,
+        config={"cleanup.policy": "compact", **CHANGELOG_CONFIG},
+    )
 
 
 async def ensure_input_topics(settings: Settings) -> None:
