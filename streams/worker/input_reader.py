@@ -120,14 +120,28 @@ async def read_inputs(
 async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
     """Messages between each assigned partition's position and its end (as of the last fetch).
 
-    -1 for a partition whose end is not known yet (no fetch answered for it): the alerts'
-    watermark must not pass it by, as if it had no data.
+    -1 for a partition whose end or position is not known yet (no fetch answered for it, or its
+    position is being reset): the alerts' watermark must not pass it by, as if it had no data.
     """
     lags = {}
     for tp in consumer.assignment():
         highwater = consumer.highwater(tp)
-        lags[(tp.topic, tp.partition)] = -1 if highwater is None else max(0, highwater - await consumer.position(tp))
+        position = _position_now(consumer, tp)
+        lags[(tp.topic, tp.partition)] = -1 if highwater is None or position is None else max(0, highwater - position)
     return lags
+
+
+def _position_now(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The partition's fetch position if the consumer has one; never waits.
+
+    ``AIOKafkaConsumer.position()`` waits, up to the request timeout and then again, for a
+    partition whose position is being reset: called from the read loop, it could stall the input.
+    """
+    try:
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+    except (AttributeError, KeyError):
+        return None
+    return int(state.position) if state is not None and state.has_valid_position else None
 
 
 class _Progress(ConsumerRebalanceListener):  # type: ignore[misc]
