@@ -135,6 +135,10 @@ class Contiguous:
 
     async def commit_positions(self, positions: dict[int, int], metadata: str = "") -> None:
         """Commit these next offsets for the app's consumer group (those that moved, of assigned partitions)."""
+        if self.app.rebalancing:
+            # a commit in a rebalance fails with the old generation, and aiokafka then asks the group
+            # to rebalance again: committed once the new assignment is in place
+            return
         consumer = self.app.consumer
         assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.name}
         offsets = {
