@@ -295,6 +295,15 @@ class Publisher:
         topology.health.count("snapshots", len(grid.windows))
 
 
+async def read_from_start(topology: Topology, tp: TopicPartition) -> AIOKafkaConsumer:
+    """A started consumer of one partition (of a one-partition topic of the worker), from its beginning."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=topology.settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    consumer.assign([tp])
+    await consumer.seek_to_beginning(tp)
+    return consumer
+
+
 class StarSamples:
     """The owner's reader of the ``star-samples`` topic (from its start), feeding a :class:`StarSampler`.
 
@@ -314,12 +323,7 @@ class StarSamples:
         if self._consumer is not None and self._generation != generation:
             await self.stop()
         if self._consumer is None:
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.topology.settings.kafka_bootstrap_servers, enable_auto_commit=False
-            )
-            await consumer.start()
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
+            consumer = await read_from_start(self.topology, tp)
             self._consumer, self._generation = consumer, generation
             self.sampler = StarSampler(self.topology.partitions)
         while True:
@@ -354,12 +358,7 @@ class StarPartials:
         """Read what arrived (from the start on the first call); whether anything is new since the last ``*``."""
         tp = TopicPartition(self.topology.star_partials_topic, 0)
         if self._consumer is None:
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.topology.settings.kafka_bootstrap_servers, enable_auto_commit=False
-            )
-            await consumer.start()
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
+            consumer = await read_from_start(self.topology, tp)
             self._consumer, self.latest, self.received, self.published = consumer, {}, 0, None
         batches = await self._consumer.getmany(tp, timeout_ms=0, max_records=10_000)
         for records in batches.values():
