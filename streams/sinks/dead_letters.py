@@ -61,7 +61,46 @@ def dead_letter_partition(topic: str, partition: int, partitions: int) -> int:
     return zlib.crc32(f"{topic}|{partition}".encode()) % partitions
 
 
-class DeadLetterLedger:
+class _Positions:
+    """Per dead-letter partition, a position at or before every dead letter a reader sends from now on."""
+
+    bootstrap_servers: str
+    topic: str
+
+    def __init__(self) -> None:
+        #: dead-letter partition -> a position at or before every dead letter sent from now on
+        self.positions: dict[int, int] = {}
+
+    def record(self, partition: int, offset: int) -> None:
+        """A dead letter Kafka acknowledged at ``offset`` of dead-letter ``partition``."""
+        if offset + 1 > self.positions.get(partition, 0):
+            self.positions[partition] = offset + 1
+
+    async def _read_since(self, partitions: set[int], wanted: dict[int, int]) -> list[Any]:
+        """Move the positions of ``partitions`` to their ends; the records from ``wanted`` positions up to them."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from streams.worker.log_reader import read_to_end
+
+        if not partitions:
+            return []
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets([TopicPartition(self.topic, p) for p in sorted(partitions)])
+            for tp, end in ends.items():
+                self.positions[tp.partition] = max(self.positions.get(tp.partition, 0), end)
+            reading = [tp for tp in ends if tp.partition in wanted and wanted[tp.partition] < ends[tp]]
+            if not reading:
+                return []
+            consumer.assign(reading)
+            starts = {tp: wanted[tp.partition] for tp in reading}
+            return [record async for record in read_to_end(consumer, starts, ends)]
+        finally:
+            await consumer.stop()
+
+
+class DeadLetterLedger(_Positions):
     """What the dead-letter topic already holds of the input partitions a reader owns: each bad element once.
 
     After a crash, the input is read again from the committed offsets, and so are its bad
@@ -74,11 +113,10 @@ class DeadLetterLedger:
     """
 
     def __init__(self, bootstrap_servers: str, dead_letter_topic: str, partitions: int) -> None:
+        super().__init__()
         self.bootstrap_servers = bootstrap_servers
         self.topic = dead_letter_topic
         self.partitions = partitions
-        #: dead-letter partition -> a position at or before every dead letter this reader sends from now on
-        self.positions: dict[int, int] = {}
         #: input (topic, partition) -> identities (offset, index) of dead letters already in the topic
         self.sent: dict[tuple[str, int], set[tuple[int, int | None]]] = {}
 
@@ -89,11 +127,6 @@ class DeadLetterLedger:
     def commit_metadata(self, topic: str, partition: int) -> str:
         """The metadata to commit with an offset of the input partition (a dead-letter position)."""
         return str(self.positions.get(self.partition_of(topic, partition), 0))
-
-    def record(self, partition: int, offset: int) -> None:
-        """A dead letter Kafka acknowledged at ``offset`` of dead-letter ``partition``."""
-        if offset + 1 > self.positions.get(partition, 0):
-            self.positions[partition] = offset + 1
 
     def already_sent(self, letter: dict[str, Any]) -> bool:
         """Whether the dead letter of this element is in the topic already (sent before a crash)."""
@@ -110,34 +143,14 @@ class DeadLetterLedger:
         Input partitions without a commit, or whose commit carries no position, start from the
         current end of their dead-letter partition.
         """
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        from streams.worker.log_reader import read_to_end
-
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            wanted: dict[int, int] = {}
-            for (topic, partition), (_, metadata) in committed.items():
-                self.sent[(topic, partition)] = set()
-                if metadata and metadata.isdigit():
-                    dead_partition = self.partition_of(topic, partition)
-                    wanted[dead_partition] = min(int(metadata), wanted.get(dead_partition, int(metadata)))
-            every = [TopicPartition(self.topic, p) for p in {self.partition_of(*tp) for tp in committed}]
-            if not every:
-                return
-            ends = await consumer.end_offsets(every)
-            for tp, end in ends.items():
-                self.positions[tp.partition] = max(self.positions.get(tp.partition, 0), end)
-            reading = [tp for tp in ends if tp.partition in wanted and wanted[tp.partition] < ends[tp]]
-            if not reading:
-                return
-            consumer.assign(reading)
-            starts = {tp: wanted[tp.partition] for tp in reading}
-            async for record in read_to_end(consumer, starts, ends):
-                self._learn(record.key, committed)
-        finally:
-            await consumer.stop()
+        wanted: dict[int, int] = {}
+        for (topic, partition), (_, metadata) in committed.items():
+            self.sent[(topic, partition)] = set()
+            if metadata and metadata.isdigit():
+                dead_partition = self.partition_of(topic, partition)
+                wanted[dead_partition] = min(int(metadata), wanted.get(dead_partition, int(metadata)))
+        for record in await self._read_since({self.partition_of(*tp) for tp in committed}, wanted):
+            self._learn(record.key, committed)
 
     def _learn(self, key: bytes | None, committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:
         if not key:
@@ -155,7 +168,7 @@ class DeadLetterLedger:
         self.sent[source].add((offset, index))
 
 
-class StageLedger:
+class StageLedger(_Positions):
     """The dead letters a stage after the ingest sends (the gate's currency mismatches), each once.
 
     A stage's input is read again from its committed offsets after a crash, and so are its bad
@@ -167,12 +180,11 @@ class StageLedger:
     """
 
     def __init__(self, bootstrap_servers: str, dead_letter_topic: str, partitions: int, reasons: set[str]) -> None:
+        super().__init__()
         self.bootstrap_servers = bootstrap_servers
         self.topic = dead_letter_topic
         self.partitions = partitions
         self.reasons = reasons
-        #: dead-letter partition -> a position at or before every dead letter sent from now on
-        self.positions: dict[int, int] = {}
         #: identities ``topic|partition|offset|index`` of dead letters in the topic since the commits
         self.sent: set[bytes] = set()
 
@@ -180,21 +192,12 @@ class StageLedger:
         """The metadata to commit with the stage's offsets: ``{dead-letter partition: position}`` as JSON."""
         return orjson.dumps({str(partition): position for partition, position in self.positions.items()}).decode()
 
-    def record(self, partition: int, offset: int) -> None:
-        """A dead letter Kafka acknowledged at ``offset`` of dead-letter ``partition``."""
-        if offset + 1 > self.positions.get(partition, 0):
-            self.positions[partition] = offset + 1
-
     def already_sent(self, letter: dict[str, Any]) -> bool:
         """Whether this element's dead letter is in the topic already (sent before the stage's restart)."""
         return dead_letter_key(letter) in self.sent
 
     async def learn(self, metadata: list[str]) -> None:
         """Read the dead letters sent since the commits whose ``metadata`` the started partitions carry."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        from streams.worker.log_reader import read_to_end
-
         wanted: dict[int, int] = {}
         for text in metadata:
             try:
@@ -206,24 +209,11 @@ class StageLedger:
             for partition, position in found.items():
                 if str(partition).isdigit() and isinstance(position, int):
                     wanted[int(partition)] = min(position, wanted.get(int(partition), position))
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            every = [TopicPartition(self.topic, partition) for partition in range(self.partitions)]
-            ends = await consumer.end_offsets(every)
-            for tp, end in ends.items():
-                self.positions[tp.partition] = max(self.positions.get(tp.partition, 0), end)
-            reading = [tp for tp in every if tp.partition in wanted and wanted[tp.partition] < ends[tp]]
-            if not reading:
-                return
-            consumer.assign(reading)
-            async for record in read_to_end(consumer, {tp: wanted[tp.partition] for tp in reading}, ends):
-                if record.key and record.value:
-                    try:
-                        reason = orjson.loads(record.value).get("reason")
-                    except (orjson.JSONDecodeError, AttributeError):
-                        continue
-                    if reason in self.reasons:
-                        self.sent.add(record.key)
-        finally:
-            await consumer.stop()
+        for record in await self._read_since(set(range(self.partitions)), wanted):
+            if record.key and record.value:
+                try:
+                    reason = orjson.loads(record.value).get("reason")
+                except (orjson.JSONDecodeError, AttributeError):
+                    continue
+                if reason in self.reasons:
+                    self.sent.add(record.key)
