@@ -36,10 +36,19 @@ from metrics.reference import ReferenceConfig, accepted_events, reference_all
 from metrics.timegrid import DAY_MS, parse_duration
 from metrics.validation import Rejection, parse_message
 from streams.sinks.redis_sink import HEALTH_KEY, metric_key, parse_redis_field
-from streams.tools.history import generate_history, wire_body
+from streams.tools.history import generate_history
 from streams.worker.topics import DEAD_LETTER_TOPIC, ensure_topics
 from support import async_wait_for, clean_env, group_is_stable, loyalty_command, stop_process, tail
-from test_pipeline import FUTURE_MS, HORIZON, PARTITIONS, WINDOWS, invalid_messages, mixed_batch, read_topic
+from test_pipeline import (
+    FUTURE_MS,
+    HORIZON,
+    PARTITIONS,
+    WINDOWS,
+    invalid_messages,
+    mixed_batch,
+    packed_history,
+    read_topic,
+)
 
 #: The product promises each invalid input element dead-lettered exactly once: the ingest and the
 #: gate each read back, after a restart, what they sent since their last commit (their ledgers).
@@ -98,17 +107,7 @@ def build_plan(customers_per_store: int, seed: int = 7) -> Plan:
     """A storefront history (late events, duplicates, runs packed in JSON-array batches) with every kind
     of invalid message spread through it, and money in a wrong currency in its second half."""
     history = generate_history(seed=seed, customers_per_store=customers_per_store, days=120)
-    good: list[Message] = []
-    index = 0
-    while index < len(history):
-        topic = history[index].topic
-        run = 1
-        if index % 7 == 0:
-            while run < 40 and index + run < len(history) and history[index + run].topic == topic:
-                run += 1
-        bodies = [wire_body(event) for event in history[index:index + run]]
-        good.append(Message(topic, orjson.dumps(bodies if run > 1 else bodies[0])))
-        index += run
+    good = [Message(topic, value) for topic, value in packed_history(history)]
     for message in good[:: max(1, len(good) // 500)]:  # the history itself is valid (a check of this plan)
         assert ingest_rejections(message.topic, message.value) == ()
 

@@ -81,12 +81,9 @@ def mixed_batch(copy: int) -> tuple[bytes, list[str]]:
     return orjson.dumps(elements), ["missing_field"]
 
 
-def produce_plan() -> tuple[list[tuple[str, bytes | None]], Counter[str], list[Event]]:
-    """Messages in production order, the expected dead-letter reasons, and the valid events in that order."""
-    history = generate_history(customers_per_store=1400, days=120)
-    messages: list[tuple[str, bytes | None]] = []
-    expected_reasons: Counter[str] = Counter()
-    # history: mostly one event per message, some runs packed in batches
+def packed_history(history: list[Any]) -> list[tuple[str, bytes]]:
+    """The history as input messages: mostly one event per message, some runs of a topic packed in batches."""
+    messages: list[tuple[str, bytes]] = []
     index = 0
     while index < len(history):
         topic = history[index].topic
@@ -97,6 +94,14 @@ def produce_plan() -> tuple[list[tuple[str, bytes | None]], Counter[str], list[E
         bodies = [wire_body(event) for event in history[index:index + run]]
         messages.append((topic, orjson.dumps(bodies if run > 1 else bodies[0])))
         index += run
+    return messages
+
+
+def produce_plan() -> tuple[list[tuple[str, bytes | None]], Counter[str], list[Event]]:
+    """Messages in production order, the expected dead-letter reasons, and the valid events in that order."""
+    history = generate_history(customers_per_store=1400, days=120)
+    messages: list[tuple[str, bytes | None]] = list(packed_history(history))
+    expected_reasons: Counter[str] = Counter()
     for topic, value, reasons in invalid_messages():
         messages.append((topic, value))
         expected_reasons.update(reasons)
