@@ -16,9 +16,11 @@ Decisions taken for the product (where the SPEC leaves room):
      currency is rejected (dropped, and its ``event_id`` is not remembered).
      The gate runs before deduplication, so the very first money event of a
      store fixes its currency even if it is then dropped as a duplicate.
-  2. deduplication: an event whose ``event_id`` was already accepted is
-     dropped; the first arrival wins. Ids are remembered for ever (the
-     reference has no ``LOYALTY_DEDUPE_TTL``).
+  2. deduplication: an event whose ``event_id`` was already accepted for
+     the same store and customer (the same store, for ``spend.recorded``)
+     is dropped; the first arrival wins. The same id for another customer
+     or store is another event. Ids are remembered for ever (the reference
+     has no ``LOYALTY_DEDUPE_TTL``).
 
   Of the accepted events, only those with ``occurred_at_ms <= T`` count, for
   every metric ("counted" events below).
@@ -146,7 +148,8 @@ def accepted_events(events: Sequence[Event]) -> list[Event]:
     Walking ``events`` in arrival order: a money event whose currency differs
     from its store's currency (that of the store's first money event) is
     dropped and its id is not remembered; then an event whose ``event_id`` was
-    already accepted is dropped. Everything else is kept.
+    already accepted in its scope (store and customer; store for spend) is
+    dropped. Everything else is kept.
 
     >>> placed = lambda eid, cur: Event(eid, ORDER_PLACED, 0, "s", "c",
     ...                                 amount_micros=1, currency=cur)
@@ -156,16 +159,18 @@ def accepted_events(events: Sequence[Event]) -> list[Event]:
     [('a', 'EUR'), ('b', 'EUR')]
     """
     store_currency: dict[str, str | None] = {}
-    accepted_ids: set[str] = set()
+    accepted_ids: set[tuple[str, str | None, str]] = set()
     accepted: list[Event] = []
     for event in events:
         if event.type in MONEY_TYPES:
             currency = store_currency.setdefault(event.store_id, event.currency)
             if event.currency != currency:
                 continue  # currency gate: rejected, id not remembered
-        if event.event_id in accepted_ids:
+        # spend belongs to its store: its customer_id, if any, plays no part
+        scope = (event.store_id, None if event.type == SPEND_RECORDED else event.customer_id, event.event_id)
+        if scope in accepted_ids:
             continue  # duplicate: the first arrival wins
-        accepted_ids.add(event.event_id)
+        accepted_ids.add(scope)
         accepted.append(event)
     return accepted
 

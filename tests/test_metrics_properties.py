@@ -91,7 +91,9 @@ def event_logs(draw: st.DrawFn) -> list[ev.Event]:
         elif kind in (ev.REWARD_ISSUED, ev.REWARD_REDEEMED):
             fields = {"reward_id": f"r{index}", "points": rng.randrange(100)}
         customer_id = None if kind == ev.SPEND_RECORDED else customer
-        produced.append(ev.Event(f"e{index}", kind, time, store, customer_id, **fields))  # type: ignore[arg-type]
+        # ids repeat across customers and stores (another event, SPEC 3) and within one (a duplicate)
+        event_id = f"e{rng.randrange(index)}" if index and rng.random() < 0.15 else f"e{index}"
+        produced.append(ev.Event(event_id, kind, time, store, customer_id, **fields))  # type: ignore[arg-type]
     duplicates = [rng.choice(produced) for _ in range(draw(st.integers(0, 5)))]
     arrival = produced + duplicates
     rng.shuffle(arrival)

@@ -72,8 +72,8 @@ def refund(t: int, customer: str, amount: str | int, *, store: str = "s",
 
 
 def spend(t: int, amount: str | int, channel: str | None = None, *, store: str = "s",
-          currency: str = "EUR") -> Event:
-    return Event(_id(None), SPEND_RECORDED, t, store, amount_micros=_micros(amount),
+          currency: str = "EUR", event_id: str | None = None) -> Event:
+    return Event(_id(event_id), SPEND_RECORDED, t, store, amount_micros=_micros(amount),
                  currency=currency, channel=channel)
 
 
@@ -366,6 +366,18 @@ def test_duplicate_counted_once() -> None:
     m = metrics(events)
     assert (m["orders"], m["gross_revenue"], m["nps_responses"]) == (1, Decimal(10), 1)
     assert m["returning_customers"] == 0
+
+
+def test_duplicate_scope_is_store_and_customer() -> None:
+    """An id repeats only within one (store, customer), or one store for spend."""
+    events = [order(IN_W, "a", 10, event_id="x"), order(IN_W, "b", 20, event_id="x"),
+              order(IN_W, "a", 30, event_id="x", store="other", currency="EUR"),
+              order(IN_W, "a", 40, event_id="x"),
+              spend(IN_W, 5, event_id="x"), spend(IN_W, 6, event_id="x")]
+    kept = accepted_events(events)
+    assert [e.amount_micros for e in kept] == [10_000_000, 20_000_000, 30_000_000, 5_000_000]
+    m = metrics(events)
+    assert (m["orders"], m["gross_revenue"], m["marketing_spend"]) == (2, Decimal(30), Decimal(5))
 
 
 def test_currency_mismatch_rejected() -> None:
