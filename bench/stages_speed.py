@@ -30,7 +30,7 @@ from metrics.customer import CustomerFacts
 from metrics.store import ReadPoints
 from streams.settings import load_settings
 from streams.stages.aggregate import StoreShard, apply_message
-from streams.stages.facts import CustomerOutput, CustomerStage, delta_messages
+from streams.stages.facts import CustomerOutput, CustomerStage, customer_records, delta_messages, load_customer
 from streams.stages.gate import GateStage
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
@@ -68,8 +68,7 @@ def main() -> None:
     spent: dict[str, float] = defaultdict(float)
 
     def load(key: str) -> CustomerFacts | None:
-        value = table.get(key.encode())
-        return None if value is None else CustomerFacts.from_record(orjson.loads(value))
+        return load_customer(key, table.get)
 
     gc.set_threshold(50_000, 20, 100)  # as the worker does
     profiler = cProfile.Profile() if args.profile else None
@@ -104,7 +103,11 @@ def main() -> None:
                 outgoing.setdefault(target, []).extend(parts)
         deltas = [(target, chunk) for target, parts in outgoing.items() for chunk in pack_chunks(parts)]
         for key, facts in cache.items():
-            table[key.encode()] = orjson.dumps(facts.to_record())
+            for record_key, record in customer_records(key, facts, grid).items():
+                if record is None:
+                    table.pop(record_key, None)
+                else:
+                    table[record_key] = record
         spent["facts"] += time.process_time() - tick
 
         tick = time.process_time()

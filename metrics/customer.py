@@ -33,8 +33,10 @@ tallies, rewards) come from :func:`event_deltas`.
 
 from __future__ import annotations
 
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Callable
 from functools import cache
+from itertools import islice
 from typing import NamedTuple
 
 from metrics import events as ev
@@ -71,6 +73,28 @@ _FAMILIES = {
 }
 
 _NPS_SERIES = ("nps_d", "nps_pa", "nps_p")
+
+#: a paged customer's bucketed facts are stored in pages of this many buckets, and its remembered
+#: event ids in chunks of this many ids (see :meth:`CustomerFacts.paged_records`): each record
+#: then stays far below 256 KiB whatever the customer does (per bucket it keeps one activity time,
+#: one order time, one revenue sum, one reward count, one close time and one membership event)
+PAGE_BUCKETS = 360
+SEEN_CHUNK_IDS = 1000
+#: the fields of a head record (:meth:`CustomerFacts.to_record`)
+RECORD_FIELDS = 15
+
+
+class MissingPageError(LookupError):
+    """A page that a customer's head record lists is not in the table: the state is incomplete."""
+
+
+def page_name(name: str, version: int) -> str:
+    """The stored name of version ``version`` of page ``name`` (``b<n>``: buckets, ``s<n>``: ids).
+
+    >>> page_name("b12", 3)
+    'b12.3'
+    """
+    return f"{name}.{version}"
 
 
 def families_of(event_type: str) -> int:
@@ -128,22 +152,35 @@ class CustomerFacts:
 
     Lifetime facts (first activity, first two order times, order count, signup
     channel, membership before the kept history) are kept for ever; bucketed
-    facts are pruned past ``Grid.fact_retention`` (see :meth:`prune`).
+    facts are pruned past ``Grid.fact_retention`` (see :meth:`prune`). Per
+    bucket at most one close and one membership event are kept (the latest),
+    which decide everything the metrics read of that bucket, so a customer's
+    state grows with the buckets it is active in, never with its event rate;
+    remembered event ids grow with the rate, for ``LOYALTY_DEDUPE_TTL``.
+
+    Stored either whole (one record, :meth:`to_record`) or, once that grows
+    large, *paged*: a head record with the lifetime facts and a versioned list
+    of pages (:meth:`paged_records`).
     """
 
     __slots__ = (
         "activity",
         "closes",
+        "dirty",
         "first_activity_ms",
         "first_orders",
+        "garbage",
+        "generation",
         "member_before",
         "member_before_key",
         "membership",
         "order_count",
         "orders",
+        "pages",
         "revenue",
         "rewards",
         "seen",
+        "seen_first",
         "signup_channel",
         "signup_key",
     )
@@ -155,7 +192,7 @@ class CustomerFacts:
         self.signup_channel: str | None = None
         #: bucket -> latest activity time in it
         self.activity: dict[int, int] = {}
-        #: sorted close times
+        #: sorted close times, the latest of each bucket
         self.closes: list[int] = []
         self.order_count = 0
         #: the two earliest order times (lifetime)
@@ -167,44 +204,68 @@ class CustomerFacts:
         #: membership state before the kept membership events, and the key of the last dropped one
         self.member_before = False
         self.member_before_key: tuple[int, str] | None = None
-        #: sorted (occurred_at, event_id, enrolled)
+        #: sorted (occurred_at, event_id, enrolled), the latest of each bucket
         self.membership: list[tuple[int, str, bool]] = []
         #: buckets with a reward issued or redeemed -> count
         self.rewards: dict[int, int] = {}
-        #: event_id -> when it was seen (the caller's clock), for deduplication within the TTL
+        #: event_id -> when it was seen (the caller's clock), for deduplication within the TTL,
+        #: in the order remembered
         self.seen: dict[str, int] = {}
+        # -- paging (see paged_records): None while stored whole
+        #: page name -> version of the stored page
+        self.pages: dict[str, int] | None = None
+        #: names of pages changed since they were stored
+        self.dirty: set[str] = set()
+        #: how many times the paged record was written (the version of pages written next is +1)
+        self.generation = 0
+        #: the running index of the first id in ``seen`` (chunk c holds indexes c*SEEN_CHUNK_IDS...)
+        self.seen_first = 0
+        #: stored page versions that the head no longer lists, deleted after it is written
+        self.garbage: list[str] = []
 
     # -- persistence ---------------------------------------------------------
 
     def to_record(self) -> list[object]:
-        """A compact, JSON-ready list of the facts (the inverse of :meth:`from_record`)."""
+        """A compact, JSON-ready list of the facts (the inverse of :meth:`from_record`).
+
+        A paged customer's record is its head: lifetime facts and the page list only.
+        """
+        paged = self.pages is not None
         return [
             self.first_activity_ms,
             list(self.signup_key) if self.signup_key else None,
             self.signup_channel,
-            [[b, t] for b, t in self.activity.items()],
-            self.closes,
+            [] if paged else [[b, t] for b, t in self.activity.items()],
+            [] if paged else self.closes,
             self.order_count,
             self.first_orders,
-            [[b, t] for b, t in self.orders.items()],
-            [[b, r] for b, r in self.revenue.items()],
+            [] if paged else [[b, t] for b, t in self.orders.items()],
+            [] if paged else [[b, r] for b, r in self.revenue.items()],
             self.member_before,
             list(self.member_before_key) if self.member_before_key else None,
-            [list(m) for m in self.membership],
-            [[b, c] for b, c in self.rewards.items()],
-            self.seen,
+            [] if paged else [list(m) for m in self.membership],
+            [] if paged else [[b, c] for b, c in self.rewards.items()],
+            {} if paged else self.seen,
+            [self.generation, self.pages, self.seen_first, self.garbage] if paged else None,
         ]
 
     @classmethod
-    def from_record(cls, record: list[object]) -> CustomerFacts:
+    def from_record(
+        cls, record: list[object], page: Callable[[str], list[object] | None] | None = None
+    ) -> CustomerFacts:
         """Facts from :meth:`to_record`'s list (after a JSON round trip).
+
+        A head record's pages are read with ``page`` (by stored name, see
+        :func:`page_name`); a page it lists that is missing raises
+        :class:`MissingPageError` rather than giving facts that lack it.
 
         >>> facts = CustomerFacts(); facts.order_count = 2; facts.activity[5] = 300_001
         >>> CustomerFacts.from_record(facts.to_record()).to_record() == facts.to_record()
         True
         """
         (first, signup_key, channel, activity, closes, order_count, first_orders, orders, revenue,
-         member_before, member_before_key, membership, rewards, seen) = record
+         member_before, member_before_key, membership, rewards, seen) = record[:14]
+        paging: list[object] | None = record[14] if len(record) > 14 else None  # type: ignore[assignment]
         facts = cls()
         facts.first_activity_ms = first  # type: ignore[assignment]
         facts.signup_key = (signup_key[0], signup_key[1]) if signup_key else None  # type: ignore[index]
@@ -220,7 +281,140 @@ class CustomerFacts:
         facts.membership = [(m[0], m[1], bool(m[2])) for m in membership]  # type: ignore[attr-defined]
         facts.rewards = {b: c for b, c in rewards}  # type: ignore[attr-defined]
         facts.seen = dict(seen)  # type: ignore[call-overload]
+        if paging is not None:
+            generation, pages, seen_first, garbage = paging
+            facts.generation = generation  # type: ignore[assignment]
+            facts.pages = dict(pages)  # type: ignore[call-overload]
+            facts.seen_first = seen_first  # type: ignore[assignment]
+            facts.garbage = list(garbage)  # type: ignore[call-overload]
+            facts._read_pages(page)
         return facts
+
+    def _read_pages(self, page: Callable[[str], list[object] | None] | None) -> None:
+        assert self.pages is not None
+        bucket_pages: list[tuple[int, list[object]]] = []
+        seen_chunks: list[tuple[int, list[object]]] = []
+        for name, version in self.pages.items():
+            stored = page_name(name, version)
+            content = None if page is None else page(stored)
+            if content is None:
+                raise MissingPageError(f"page {stored} of a paged customer is missing")
+            number = int(name[1:])
+            (bucket_pages if name[0] == "b" else seen_chunks).append((number, content))
+        for _, content in sorted(bucket_pages, key=lambda item: item[0]):
+            activity, closes, orders, revenue, membership, rewards = content
+            self.activity.update((b, t) for b, t in activity)  # type: ignore[attr-defined]
+            self.closes.extend(closes)  # type: ignore[arg-type]
+            self.orders.update((b, t) for b, t in orders)  # type: ignore[attr-defined]
+            self.revenue.update((b, r) for b, r in revenue)  # type: ignore[attr-defined]
+            self.membership.extend((m[0], m[1], bool(m[2])) for m in membership)  # type: ignore[attr-defined]
+            self.rewards.update((b, c) for b, c in rewards)  # type: ignore[attr-defined]
+        for _, content in sorted(seen_chunks, key=lambda item: item[0]):
+            for pair in content:
+                self.seen[pair[0]] = pair[1]  # type: ignore[index]
+
+    def entry_count(self) -> int:
+        """How many bucketed entries and remembered ids the facts hold (what paging splits)."""
+        return (len(self.activity) + len(self.closes) + len(self.orders) + len(self.revenue)
+                + len(self.membership) + len(self.rewards) + len(self.seen))
+
+    def paged_records(self, grid: Grid) -> tuple[list[object], dict[str, list[object] | None]]:
+        """Page the facts: the head record, and the pages to store now by stored name (``None``: delete).
+
+        Called on facts stored whole, it pages all of them; afterwards only the pages
+        changed since (``dirty``) are written, each under a new version. The head
+        names the versions it was written with, so storing the pages first and the
+        head last is atomic for a reader: a crash in between leaves pages that no
+        head names (their versions are written again by the replay), never a head
+        with a page of another version. Versions the new head no longer names are
+        returned for deletion and kept in the head as ``garbage`` until the next
+        write, which deletes them again (a crash may have stopped the first delete).
+
+        >>> grid = Grid(60_000, 600_000, (60_000,))
+        >>> facts = CustomerFacts(); facts.activity = {3: 180_000, 400: 24_000_000}
+        >>> head, pages = facts.paged_records(grid)
+        >>> sorted(pages), head[3], head[14]
+        (['b0.1', 'b1.1'], [], [1, {'b0': 1, 'b1': 1}, 0, []])
+        >>> facts.apply(ev.Event("e", "customer.signed_up", 24_000_001, "s", "c"), grid, 0)
+        >>> head, pages = facts.paged_records(grid)
+        >>> {stored: content is None for stored, content in pages.items()}, head[14]
+        ({'b1.2': False, 'b1.1': True}, [2, {'b0': 1, 'b1': 2}, 0, ['b1.1']])
+        """
+        if self.pages is None:
+            self.pages = {}
+            self.dirty = self._all_page_names(grid)
+        old_garbage = self.garbage
+        version = self.generation + 1
+        writes: dict[str, list[object] | None] = {}
+        garbage: list[str] = []
+        for name in sorted(self.dirty):
+            content = self._page(name, grid)
+            previous = self.pages.get(name)
+            if previous is not None:
+                garbage.append(page_name(name, previous))
+            if content is None:
+                self.pages.pop(name, None)
+            else:
+                writes[page_name(name, version)] = content
+                self.pages[name] = version
+        self.generation = version
+        self.garbage = garbage
+        self.dirty = set()
+        for stored in old_garbage + garbage:
+            writes.setdefault(stored, None)
+        return self.to_record(), writes
+
+    def unpaged_records(self) -> tuple[list[object], dict[str, list[object] | None]]:
+        """Store the facts whole again: the whole record, and every page (and garbage) to delete."""
+        deletes: dict[str, list[object] | None] = {stored: None for stored in self.garbage}
+        for name, version in (self.pages or {}).items():
+            deletes[page_name(name, version)] = None
+        self.pages = None
+        self.dirty = set()
+        self.garbage = []
+        self.generation = 0
+        self.seen_first = 0
+        return self.to_record(), deletes
+
+    def _all_page_names(self, grid: Grid) -> set[str]:
+        bucket_ms = grid.bucket_ms
+        buckets = set(self.activity) | set(self.orders) | set(self.revenue) | set(self.rewards)
+        buckets.update(time // bucket_ms for time in self.closes)
+        buckets.update(entry[0] // bucket_ms for entry in self.membership)
+        names = {"b" + str(bucket // PAGE_BUCKETS) for bucket in buckets}
+        if self.seen:
+            first = self.seen_first // SEEN_CHUNK_IDS
+            last = (self.seen_first + len(self.seen) - 1) // SEEN_CHUNK_IDS
+            names.update("s" + str(chunk) for chunk in range(first, last + 1))
+        return names
+
+    def _page(self, name: str, grid: Grid) -> list[object] | None:
+        number = int(name[1:])
+        if name[0] == "s":
+            start = max(0, number * SEEN_CHUNK_IDS - self.seen_first)
+            stop = min(len(self.seen), (number + 1) * SEEN_CHUNK_IDS - self.seen_first)
+            if start >= stop:
+                return None
+            return [[i, t] for i, t in islice(self.seen.items(), start, stop)]
+        low = number * PAGE_BUCKETS
+        high = low + PAGE_BUCKETS
+        low_ms, high_ms = low * grid.bucket_ms, high * grid.bucket_ms
+        content: list[object] = []
+        empty = True
+        for facts in (self.activity, self.orders, self.revenue, self.rewards):
+            pairs = [[b, facts[b]] for b in range(low, high) if b in facts]
+            empty = empty and not pairs
+            content.append(pairs)
+        closes = self.closes[bisect_left(self.closes, low_ms):bisect_left(self.closes, high_ms)]
+        membership = [list(m) for m in self.membership if low_ms <= m[0] < high_ms]
+        if empty and not closes and not membership:
+            return None
+        activity, orders, revenue, rewards = content
+        return [activity, closes, orders, revenue, membership, rewards]
+
+    def _touch(self, bucket: int) -> None:
+        if self.pages is not None:
+            self.dirty.add("b" + str(bucket // PAGE_BUCKETS))
 
     # -- updates -----------------------------------------------------------
 
@@ -234,7 +428,19 @@ class CustomerFacts:
         The stamp is processing time, not event time: a replay that reads
         partitions unevenly must still recognise a duplicate of an old event.
         """
+        if self.pages is not None:
+            if event_id in self.seen:
+                self._touch_all_seen()
+            else:
+                index = self.seen_first + len(self.seen)
+                self.dirty.add("s" + str(index // SEEN_CHUNK_IDS))
         self.seen[event_id] = seen_at_ms
+
+    def _touch_all_seen(self) -> None:
+        if self.seen:
+            first = self.seen_first // SEEN_CHUNK_IDS
+            last = (self.seen_first + len(self.seen) - 1) // SEEN_CHUNK_IDS
+            self.dirty.update("s" + str(chunk) for chunk in range(first, last + 1))
 
     def apply(self, event: ev.Event, grid: Grid, horizon_start: int) -> None:
         """Fold one accepted, non-duplicate event into the facts.
@@ -246,6 +452,8 @@ class CustomerFacts:
         bucket = grid.bucket(time)
         kept = bucket >= horizon_start
         kind = event.type
+        if kept and self.pages is not None:
+            self.dirty.add("b" + str(bucket // PAGE_BUCKETS))
         if kind == ev.ORDER_PLACED or kind == ev.CUSTOMER_SIGNED_UP:
             if self.first_activity_ms is None or time < self.first_activity_ms:
                 self.first_activity_ms = time
@@ -269,11 +477,26 @@ class CustomerFacts:
                 self.revenue[bucket] = self.revenue.get(bucket, 0) - (event.amount_micros or 0)
         elif kind == ev.CUSTOMER_CLOSED:
             if kept:
-                insort(self.closes, time)
+                # only the bucket's latest close matters: a close ends activity at its bucket,
+                # and the latest close of a bucket is later than an activity of it if any is
+                closes = self.closes
+                low = bisect_left(closes, bucket * grid.bucket_ms)
+                high = bisect_left(closes, (bucket + 1) * grid.bucket_ms)
+                if low == high:
+                    closes.insert(low, time)
+                elif time > closes[high - 1]:
+                    closes[low:high] = [time]
         elif kind == ev.LOYALTY_ENROLLED or kind == ev.LOYALTY_LEFT:
             entry = (time, event.event_id, kind == ev.LOYALTY_ENROLLED)
             if kept:
-                insort(self.membership, entry)
+                # only the latest event of a bucket decides the bucket (member_intervals)
+                membership = self.membership
+                low = bisect_left(membership, (bucket * grid.bucket_ms,))
+                high = bisect_left(membership, ((bucket + 1) * grid.bucket_ms,))
+                if low == high:
+                    membership.insert(low, entry)
+                elif entry[:2] > membership[high - 1][:2]:
+                    membership[low:high] = [entry]
             elif self.member_before_key is None or entry[:2] > self.member_before_key:
                 # an event older than the kept history still decides the state
                 # before it, when it is the latest of those older events
@@ -301,17 +524,33 @@ class CustomerFacts:
                 dropped = True
                 for bucket in [b for b in facts if b < horizon_start]:
                     del facts[bucket]
+                    self._touch(bucket)
         start_ms = horizon_start * grid.bucket_ms
         if self.closes and self.closes[0] < start_ms:
             dropped = True
-            del self.closes[: bisect_right(self.closes, start_ms - 1)]
+            end = bisect_right(self.closes, start_ms - 1)
+            for time in self.closes[:end]:
+                self._touch(grid.bucket(time))
+            del self.closes[:end]
         while self.membership and self.membership[0][0] < start_ms:
             dropped = True
             time, event_id, enrolled = self.membership.pop(0)
+            self._touch(grid.bucket(time))
             self.member_before_key = (time, event_id)
             self.member_before = enrolled
         if self.seen and min(self.seen.values()) < seen_after_ms:
-            self.seen = {k: t for k, t in self.seen.items() if t >= seen_after_ms}
+            kept = {k: t for k, t in self.seen.items() if t >= seen_after_ms}
+            if self.pages is not None:
+                dirty_before = set(self.dirty)
+                self._touch_all_seen()
+                # ids are remembered in time order, so the expired ones are a prefix: the chunks
+                # after it keep their ids and need no rewrite (otherwise all are rewritten)
+                expired = len(self.seen) - len(kept)
+                if all(t < seen_after_ms for t in islice(self.seen.values(), expired)):
+                    self.seen_first += expired
+                    first_kept = self.seen_first // SEEN_CHUNK_IDS
+                    self.dirty = dirty_before | {n for n in self.dirty if n[0] != "s" or int(n[1:]) <= first_kept}
+            self.seen = kept
         return dropped
 
     # -- derived statuses ----------------------------------------------------

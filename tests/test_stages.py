@@ -22,7 +22,14 @@ from metrics.timegrid import DAY_MS, Grid
 from metrics.validation import parse_message
 from streams.stages import routed as routed_stage
 from streams.stages.aggregate import StoreShard, apply_message
-from streams.stages.facts import CustomerOutput, CustomerStage, delta_messages
+from streams.stages.facts import (
+    INLINE_BYTES,
+    CustomerOutput,
+    CustomerStage,
+    customer_records,
+    delta_messages,
+    load_customer,
+)
 from streams.stages.gate import GateStage
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
@@ -163,19 +170,34 @@ def _metrics(shards: dict[str, StoreShard], store: str, window: int, clock: int)
     return shards[store].metrics(GRID, window, GRID.bucket(clock))
 
 
+def _write_facts(
+    table: dict[bytes, bytes], customers: dict[str, CustomerFacts], inline_bytes: int = INLINE_BYTES,
+    cut: int | None = None,
+) -> None:
+    """Store customers as the facts agent does (pages, heads, deletes, in order); ``cut``: crash after that many."""
+    writes = [item for key, customer in customers.items()
+              for item in customer_records(key, customer, GRID, inline_bytes=inline_bytes).items()]
+    for key, value in writes[:cut]:
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+
+
 def _run_chain(
     events: list[Event], seed: int, replays: float, log: DeltasLog | None = None, cache_size: int = 0,
-    message_size: int = 25,
+    message_size: int = 25, inline_bytes: int = INLINE_BYTES,
 ) -> tuple[dict[str, StoreShard], int]:
     """Gate, facts and aggregation in memory, messages replayed at random as Kafka may after a crash.
 
-    ``log`` receives every deltas message sent, in order: the deltas topic.
+    ``log`` receives every deltas message sent, in order: the deltas topic. A "crash" before the
+    facts are written may also have written part of them (the table write is not atomic).
     """
     log = log if log is not None else DeltasLog()
     rng = random.Random(seed)
     gate_routed = Routed()
     GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
-    facts: dict[str, bytes] = {}  # the table: encoded records, as in the pipeline
+    facts: dict[bytes, bytes] = {}  # the table: encoded records, as in the pipeline
     shards: dict[str, StoreShard] = {}
     stage = CustomerStage(GRID, cache_size=cache_size)
     clock = 0
@@ -189,19 +211,15 @@ def _run_chain(
             replayed = rng.random() < replays
             for attempt in range(2 if replayed else 1):
                 output = CustomerOutput()
-
-                def load(key: str) -> CustomerFacts | None:
-                    record = facts.get(key)
-                    return None if record is None else CustomerFacts.from_record(orjson.loads(record))
-
-                stage.process(message, load, clock, output, 0)
+                stage.process(message, lambda key: load_customer(key, facts.get), clock, output, 0)
                 for target, parts in delta_messages(output, (partition, offset), PARTITIONS).items():
                     log.send(shards, target, parts)
                 if replayed and attempt == 0 and rng.random() < 0.5:
+                    # "crashed" before the facts were all written: the replay recomputes the same deltas
+                    _write_facts(facts, output.facts, inline_bytes, cut=rng.randrange(len(output.facts) * 3 + 1))
                     stage.forget()  # a crash loses the memory too
-                    continue  # "crashed" before the facts were written: the replay recomputes the same deltas
-                for key, customer in output.facts.items():
-                    facts[key] = orjson.dumps(customer.to_record())
+                    continue
+                _write_facts(facts, output.facts, inline_bytes)
     return shards, clock
 
 
@@ -220,15 +238,19 @@ def _assert_equal_to_reference(shards: dict[str, StoreShard], events: list[Event
         assert not metric_differences(actual, expected), (store, window_ms)
 
 
-@pytest.mark.parametrize(("replays", "cache_size"), [(0.0, 0), (0.3, 0), (0.3, 7), (0.3, 10_000)])
+@pytest.mark.parametrize(
+    ("replays", "cache_size", "inline_bytes"),
+    [(0.0, 0, INLINE_BYTES), (0.3, 0, INLINE_BYTES), (0.3, 7, INLINE_BYTES), (0.3, 10_000, INLINE_BYTES),
+     (0.3, 7, 0), (0.3, 0, 1500)],
+)
 def test_stage_chain_with_replays_equals_the_reference(
-    replays: float, cache_size: int, monkeypatch: pytest.MonkeyPatch
+    replays: float, cache_size: int, inline_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Facts and aggregation stages, with replays, parts and customers kept in memory, equal the batch reference."""
+    """Facts and aggregation stages, with replays, parts, cached and paged customers, equal the batch reference."""
     monkeypatch.setattr(routed_stage, "MAX_DELTA_ROWS", 50)
     history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
     events = accepted_events(_parsed(history))
-    shards, clock = _run_chain(events, seed=5, replays=replays, cache_size=cache_size)
+    shards, clock = _run_chain(events, seed=5, replays=replays, cache_size=cache_size, inline_bytes=inline_bytes)
     _assert_equal_to_reference(shards, events, clock)
 
 
@@ -323,15 +345,14 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
     events = accepted_events(_parsed(history))
     gate_routed = Routed()
     GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
-    table: dict[str, bytes] = {}
+    table: dict[bytes, bytes] = {}
     shards: dict[str, StoreShard] = {}
     deltas_log = DeltasLog()
     stage = CustomerStage(GRID, cache_size=cache_size)
     clock = 0
 
     def load(key: str) -> CustomerFacts | None:
-        record = table.get(key)
-        return None if record is None else CustomerFacts.from_record(orjson.loads(record))
+        return load_customer(key, table.get)
 
     for partition, items in gate_routed.by_partition.items():
         messages = [items[start:start + 5] for start in range(0, len(items), 5)]
@@ -343,8 +364,7 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
                 stage.process(message, load, clock, output, 0)
                 for target, parts in delta_messages(output, (partition, offset), PARTITIONS).items():
                     deltas_log.send(shards, target, parts)
-            for key, customer in batch_facts.items():
-                table[key] = orjson.dumps(customer.to_record())
+            _write_facts(table, batch_facts)
     reference = reference_all(events, windows_ms=GRID.windows_ms, as_of_ms=clock,
                               config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
     for (store, window_ms), expected in reference.items():

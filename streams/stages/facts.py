@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from metrics import events as ev
 from metrics.customer import CustomerFacts, Deltas, add_delta, event_deltas, families_of
 from metrics.engine import customer_key
@@ -19,6 +21,76 @@ from metrics.intervals import PLUS_INFINITY
 from metrics.timegrid import Grid
 from streams.stages.routed import DeltaParts
 from streams.worker.wire import customer_route_key, event_from_list, route
+
+#: a customer whose whole record would be larger than this is stored paged (see
+#: CustomerFacts.paged_records): a head record and pages, each far below Kafka's message limit
+INLINE_BYTES = 64 * 1024
+#: a paged customer holding fewer entries than this (after pruning) is stored whole again
+UNPAGE_ENTRIES = 256
+#: separates a customer's key from a page name in the page's table key (a customer key is JSON,
+#: which escapes control characters, so it never contains one)
+PAGE_SEPARATOR = "\x00"
+
+
+def page_key(key: str, stored: str) -> str:
+    """The table key of a customer's stored page (routed like the customer: see ``routing_key``).
+
+    >>> page_key('["s","c"]', "b3.1").split(PAGE_SEPARATOR)
+    ['["s","c"]', 'b3.1']
+    """
+    return key + PAGE_SEPARATOR + stored
+
+
+def routing_key(table_key: str) -> str:
+    """The customer key a table key belongs to: a page lives in its customer's partition.
+
+    >>> routing_key(page_key('["s","c"]', "s0.2")), routing_key('["s","c"]')
+    ('["s","c"]', '["s","c"]')
+    """
+    return table_key.split(PAGE_SEPARATOR, 1)[0]
+
+
+def customer_records(
+    key: str, facts: CustomerFacts, grid: Grid, inline_bytes: int = INLINE_BYTES, unpage_entries: int = UNPAGE_ENTRIES
+) -> dict[bytes, bytes | None]:
+    """The table writes that store a customer's facts, in order (``None``: delete the key).
+
+    Small facts are one record. Larger ones are paged: the changed pages first,
+    under new versions, then the head that names them, then deletes of the
+    versions it replaced, so a crash anywhere leaves a head whose pages all exist.
+    """
+    if facts.pages is None:
+        value = orjson.dumps(facts.to_record())
+        if len(value) <= inline_bytes:
+            return {key.encode(): value}
+        head, pages = facts.paged_records(grid)
+    elif facts.entry_count() < unpage_entries:
+        head, pages = facts.unpaged_records()
+    else:
+        head, pages = facts.paged_records(grid)
+    writes: dict[bytes, bytes | None] = {
+        page_key(key, stored).encode(): orjson.dumps(content)
+        for stored, content in pages.items() if content is not None
+    }
+    writes[key.encode()] = orjson.dumps(head)
+    for stored, content in pages.items():
+        if content is None:
+            writes[page_key(key, stored).encode()] = None
+    return writes
+
+
+def load_customer(key: str, get: Callable[[bytes], bytes | None]) -> CustomerFacts | None:
+    """A customer's facts from the table (``None``: a new customer); raises ``MissingPageError``
+    when a page its head names is missing."""
+    value = get(key.encode())
+    if value is None:
+        return None
+
+    def page(stored: str) -> Any:
+        raw = get(page_key(key, stored).encode())
+        return None if raw is None else orjson.loads(raw)
+
+    return CustomerFacts.from_record(orjson.loads(value), page)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 import faust
 from faust.stores.rocksdb import Store
 
+from streams.stages.facts import routing_key
 from streams.worker.wire import route
 
 #: RocksDB sizes per database (one per table and partition): Faust's defaults (64 MiB write
@@ -51,7 +52,8 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
 
         def partition_for_key(self, key: Any) -> int:
             text = key.decode() if isinstance(key, bytes) else str(key)
-            return route(text, partitions)
+            # a customer's pages live in the customer's partition
+            return route(routing_key(text), partitions)
 
         def _new_store_by_url(self, url: Any) -> Any:
             if str(url).startswith("rocksdb:"):
@@ -74,8 +76,9 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             self.unconfirmed.append(future)
             return future
 
-        async def write_many(self, items: dict[bytes, bytes]) -> None:
-            """Set many keys; their changelog records go as one record batch per partition.
+        async def write_many(self, items: dict[bytes, bytes | None]) -> None:
+            """Set (or, with ``None``, delete) many keys, in order; their changelog records go as
+            one record batch per partition.
 
             ``table[key] = value`` queues one changelog record per key through Faust's
             producer buffer, callbacks and a RocksDB offset write each, which dominates a
@@ -87,9 +90,12 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             # Faust's own aiokafka producer (the app does not use the threaded one)
             producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
             topic = self.changelog_topic.get_topic_name()
-            by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+            by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
             for key, value in items.items():
-                self.data[key] = value
+                if value is None:
+                    self.data.pop(key, None)  # a tombstone in the changelog
+                else:
+                    self.data[key] = value
                 by_partition.setdefault(self.partition_for_key(key), []).append((key, value))
             for partition, records in by_partition.items():
                 batch = producer.create_batch()

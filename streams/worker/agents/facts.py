@@ -6,10 +6,8 @@ import asyncio
 import time
 from typing import Any
 
-import orjson
-
 from metrics.customer import CustomerFacts
-from streams.stages.facts import CustomerOutput, CustomerStage, delta_messages
+from streams.stages.facts import CustomerOutput, CustomerStage, customer_records, delta_messages, load_customer
 from streams.stages.watermarks import MARKS, Mark, MarkMerger, is_marks
 from streams.worker.tables import changelog_written
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
@@ -44,8 +42,7 @@ class Facts:
 
     def load(self, key: str) -> CustomerFacts | None:
         """A customer's facts from the table (``None``: a new customer)."""
-        value = self.topology.facts.get(key.encode())
-        return None if value is None else CustomerFacts.from_record(orjson.loads(value))
+        return load_customer(key, self.topology.facts.get)
 
     async def run(self, stream: Any) -> None:
         """The agent: each batch of by-customer messages applied, its deltas sent, then its facts written.
@@ -151,9 +148,10 @@ class Facts:
         # facts only after Kafka has the deltas: a crash may replay, never lose
         if acks:
             await asyncio.gather(*acks)
-        await topology.facts.write_many(
-            {key.encode(): orjson.dumps(customer.to_record()) for key, customer in cache.items()}
-        )
+        records: dict[bytes, bytes | None] = {}
+        for key, customer in cache.items():
+            records.update(customer_records(key, customer, topology.grid))
+        await topology.facts.write_many(records)
         await changelog_written(topology.facts)
         clock = topology.clock
         latest = clock.clock_ms
