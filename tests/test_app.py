@@ -59,3 +59,10 @@ def test_smoke_messages_parse_or_are_refused() -> None:
     assert parse_smoke(b"nope") is None
     assert parse_smoke(b'{"key": "a", "n": "x"}') is None
     assert parse_smoke(b'{"key": "a", "n": true}') is None
+
+
+def test_the_worker_producer_is_idempotent() -> None:
+    """Every stage sends through one producer with idempotence: a retried send after a broker restart is written once."""
+    producer = create_app(Settings()).producer
+    options = {**producer._settings_default(), **producer._settings_extra()}
+    assert (options["acks"], options["enable_idempotence"]) == ("all", True)

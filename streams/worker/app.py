@@ -6,7 +6,10 @@ Agents, tables and timers are not defined here: :func:`create_app` hands the app
 
 from __future__ import annotations
 
+from typing import Any
+
 import faust
+from faust.transport.drivers.aiokafka import Producer
 
 from streams.settings import Settings, load_settings
 from streams.worker.pipeline import register_pipeline
@@ -48,9 +51,19 @@ def faust_options(settings: Settings) -> dict[str, object]:
     }
 
 
+class IdempotentProducer(Producer):
+    """Faust's producer with ``enable_idempotence``: a send retried after a lost acknowledgement
+    (a broker restarting mid-request) is written once, not twice."""
+
+    def _settings_extra(self) -> dict[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
 def create_app(settings: Settings | None = None) -> faust.App:
     """A new Faust app for ``settings`` (read from the environment when omitted), pipeline registered."""
     settings = settings if settings is not None else load_settings()
     app = faust.App(settings.app_id, **faust_options(settings))  # type: ignore[arg-type]
+    # every stage, table and dead letter goes through this one producer
+    app.transport.Producer = IdempotentProducer  # type: ignore[misc]
     register_pipeline(app, settings)
     return app
