@@ -1,6 +1,11 @@
 """Detection quality of the alert detectors (``metrics/alerts.py``) on simulated stores; in process, no Kafka.
 
     python bench/alert_quality.py [--days 120] [--history 365d] [--lead 28d] [--ks 2,3,4] [--output FILE]
+                                  [--samples-cache FILE]
+
+``--samples-cache`` keeps the samples (the costly part: the engine over the whole history) in a
+file and reads them back on a later run with the same model settings, so detector changes and
+values of k are measured again in seconds.
 
 The storefront model (:mod:`streams.tools.storefront`, seasonal demand) makes ``--stores``
 stores' events for ``--history`` and then ``--days`` of event time, evenly spaced. The
@@ -175,6 +180,8 @@ def main() -> None:
     parser.add_argument("--drop-duration", default="48h")
     parser.add_argument("--ks", default="2,3,4", help="values of k to compare")
     parser.add_argument("--output", type=Path, default=Path("bench/results/alert_quality.json"))
+    parser.add_argument("--samples-cache", type=Path, default=None,
+                        help="read the samples from this file when it holds those of the same settings, else write it")
     args = parser.parse_args()
 
     # onsets off the hour, so a delay is not a multiple of the step by construction
@@ -183,11 +190,29 @@ def main() -> None:
     drop = NpsDrop(args.drop_store - 1, START_MS + parse_duration(args.drop_at) + 13 * 60_000,
                    parse_duration(args.drop_duration))
     started = time.process_time()
-    events, stores = _events(args, spike, drop)
-    generated = time.process_time()
     base = AlertConfig()
-    samples = _samples(events, stores, base, parse_duration(args.horizon), START_MS - parse_duration(args.lead))
-    sampled = time.process_time()
+    model = {key: value for key, value in vars(args).items() if key not in ("ks", "output", "samples_cache")}
+    cache = args.samples_cache
+    cached = orjson.loads(cache.read_bytes()) if cache is not None and cache.exists() else None
+    if cached is not None and cached["model"] == model:
+        stores, counts = cached["stores"], cached["counts"]
+        samples = [(boundary, by_store) for boundary, by_store in cached["samples"]]
+        generated = sampled = time.process_time()
+    else:
+        events, stores = _events(args, spike, drop)
+        generated = time.process_time()
+        samples = _samples(events, stores, base, parse_duration(args.horizon), START_MS - parse_duration(args.lead))
+        sampled = time.process_time()
+        measured = [e for e in events if e.occurred_at_ms >= START_MS]
+        counts = {"events": len(measured), "events_with_history": len(events),
+                  "per_store": {store: sum(1 for e in measured if e.store_id == store) for store in stores}}
+        if args.samples_cache:
+            watched = ("churn_rate", "churned_customers", "nps", "nps_responses", "nps_ci_high")
+            kept = [(boundary, {store: {name: metrics[name] for name in watched}
+                                for store, metrics in by_store.items()})
+                    for boundary, by_store in samples]
+            args.samples_cache.write_bytes(orjson.dumps({"model": model, "stores": stores, "counts": counts,
+                                                         "samples": kept}))
     sampled_ms = samples[-1][0] - START_MS
     spike_store, drop_store = stores[spike.store_index], stores[drop.store_index]
     assert spike.duration_ms is not None
@@ -208,16 +233,15 @@ def main() -> None:
         })
     detected = time.process_time()
 
-    measured = [e for e in events if e.occurred_at_ms >= START_MS]
-    per_store = {store: sum(1 for e in measured if e.store_id == store) / args.days for store in stores}
+    per_store = {store: count / args.days for store, count in counts["per_store"].items()}
     report = {
         "what": "alert detection quality (bench/alert_quality.py): 24h window, 15m step, other settings default",
-        "settings": {**{key: value for key, value in vars(args).items() if key != "output"},
+        "settings": {**{key: value for key, value in vars(args).items() if key not in ("output", "samples_cache")},
                      "step_ms": base.step_ms, "warmup_samples": base.warmup_samples,
                      "half_life_samples": int(base.half_life_samples), "min_churned": base.min_churned,
                      "min_responses": base.min_responses, "cooldown_ms": base.cooldown_ms},
-        "events": len(measured),
-        "events_with_history": len(events),
+        "events": counts["events"],
+        "events_with_history": counts["events_with_history"],
         "events_per_store_day": {store: round(value) for store, value in per_store.items()},
         "boundaries": sum(1 for boundary, _ in samples if boundary >= START_MS),
         "boundaries_with_lead": len(samples),
@@ -228,7 +252,8 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
-    print(f"{len(events):,} events, {len(samples):,} boundaries x {len(stores) + 1} scopes; wrote {args.output}")
+    print(f"{counts['events_with_history']:,} events, {len(samples):,} boundaries x {len(stores) + 1} scopes; "
+          f"wrote {args.output}")
     print(f"{'k':>3} | {'churn: delay h':>14} {'resolved h':>10} {'false/store-mo':>14} | "
           f"{'NPS: delay h':>12} {'resolved h':>10} {'false/store-mo':>14} | * firings")
     for row in results:

@@ -26,17 +26,24 @@ Definitions (x is the sample's value, n the samples already in the baseline, B t
   mean and population variance, Welford's update), and later ones decay with the half-life: a
   store's first, tiny-count samples (a churn rate of 1 in 3) must not stand for weeks of
   history, as they would if the first sample started an EWMA. sigma = sqrt(var).
-* churn spike on ``churn_rate`` (0-100): threshold = mean + k * sigma; fires when x > threshold.
+* churn spike on ``churn_rate`` (0-100): threshold = mean + k * sigma; fires when x > threshold
+  and the lower end of x's 95% interval (Wilson score interval of ``churned_customers`` out of
+  the customers at the window's start, :func:`churn_rate_low`) is above it too, as an NPS drop's
+  whole interval must be below its threshold.
 * NPS drop on ``nps`` (-100..100): threshold = mean - k * sigma; fires when x < threshold and
   ``nps_ci_high`` < threshold (the whole 95% interval below it).
 * A sample can fire only when: n >= the warm-up (warm-up / step samples, 3d / 15m = 288), its
   count (``churned_customers`` >= min_churned, or ``nps_responses`` >= min_responses) is met,
   and B is not in a cooldown (B >= resolution boundary + cooldown). A sample that could not
-  fire (or did not) feeds the baseline, except an inconclusive NPS sample.
-* Inconclusive NPS sample (the product's choice where SPEC 7 is silent): one that may fire and
-  is below the threshold, but whose ``nps_ci_high`` is not, neither fires nor feeds the
-  baseline. An NPS drop fills the 24h window gradually, so for hours its samples are below
-  the threshold while their interval still overlaps it; fed to the baseline they widened
+  fire (or did not) feeds the baseline, except an inconclusive sample.
+* Inconclusive sample (the product's choice where SPEC 7 is silent): one that may fire and is
+  beyond the threshold, but whose 95% interval is not wholly beyond it (NPS: ``nps_ci_high``;
+  churn: :func:`churn_rate_low`), neither fires nor feeds the baseline. For churn this is the
+  counterpart of SPEC 7's NPS rule: a quiet store's 24h churn rate (about 1.2% of a few
+  thousand customers, 45 to 110 a day) has a binomial noise as large as its EWMA sigma, so
+  3 sigma alone fired on noise (``bench/alert_quality.py``). An NPS drop fills the 24h window
+  gradually, so for hours its samples are below the threshold while their interval still
+  overlaps it; fed to the baseline they widened
   sigma and pushed the threshold away from the drop (in the bench's 48h drop, before this rule:
   sigma 13.7 -> 20.6 and the threshold -35 -> -60 before the drop could fire, found after
   25.8 h; on the same samples with the rule, after about 19 h). Samples under the minimum
@@ -76,6 +83,7 @@ __all__ = [
     "AlertConfig",
     "DetectorState",
     "alert_id",
+    "churn_rate_low",
     "due_boundaries",
     "evaluate",
     "ewma_alpha",
@@ -313,6 +321,33 @@ def _number(metrics: Mapping[str, object], name: str) -> float | None:
     raise TypeError(f"{name} is not a number: {value!r}")
 
 
+#: z of a two-sided 95% interval
+_Z95 = 1.959963984540054
+
+
+def churn_rate_low(churned: float, rate: float) -> float:
+    """Lower end of the 95% Wilson score interval of a churn rate (percent), in [0, rate].
+
+    ``rate`` = 100 * c / N for ``churned`` c out of N customers at the window's start, so
+    N = round(100 * c / rate); with p = c / N and z = 1.96:
+    ``100 * (p + z^2/2N - z * sqrt(p(1-p)/N + z^2/4N^2)) / (1 + z^2/N)``. A rate of 0 gives 0.
+
+    >>> round(churn_rate_low(90, 1.8), 4), round(churn_rate_low(400, 8.0), 4), churn_rate_low(0, 0.0)
+    (1.4668, 7.2799, 0.0)
+    """
+    if churned <= 0 or rate <= 0:
+        return 0.0
+    estimate = 100.0 * churned / rate
+    if not math.isfinite(estimate):
+        return 0.0
+    customers = max(1, round(estimate))
+    p = min(1.0, churned / customers)
+    z2 = _Z95 * _Z95
+    centre = p + z2 / (2 * customers)
+    spread = _Z95 * math.sqrt(p * (1.0 - p) / customers + z2 / (4.0 * customers * customers))
+    return max(0.0, 100.0 * (centre - spread) / (1.0 + z2 / customers))
+
+
 def _rfc3339_ms(epoch_ms: int) -> str:
     moment = datetime.fromtimestamp(epoch_ms // 1000, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
@@ -405,18 +440,20 @@ def evaluate(state: DetectorState, boundary_ms: int, metrics: Mapping[str, objec
         and (state.quiet_until_ms is None or boundary_ms >= state.quiet_until_ms)
     )
     if may_fire:
+        assert count is not None
         if downward:
             ci_high = _number(metrics, "nps_ci_high")
-            beyond = value < threshold and ci_high is not None and ci_high < threshold
+            past = value < threshold
+            beyond = past and ci_high is not None and ci_high < threshold
         else:
-            beyond = value > threshold
-        if downward and value < threshold and not beyond:
-            # inconclusive: below the threshold but its interval still reaches above it; it neither
-            # fires nor feeds the baseline, so a drop building up in the window cannot widen the
-            # baseline it is measured against before it is allowed to fire
+            past = value > threshold
+            beyond = past and churn_rate_low(count, value) > threshold
+        if past and not beyond:
+            # inconclusive: beyond the threshold but its interval still reaches back over it; it
+            # neither fires nor feeds the baseline, so a change building up in the window cannot
+            # widen the baseline it is measured against before it is allowed to fire
             return state, []
         if beyond:
-            assert count is not None
             alert = alert_id(state.store_id, state.window, state.kind, boundary_ms)
             event = _event(state, True, boundary_ms, value, mean, threshold, alert, int(count))
             return replace(state, firing_id=alert, firing_ms=boundary_ms, firing_baseline=mean,

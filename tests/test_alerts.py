@@ -18,6 +18,7 @@ from metrics.alerts import (
     AlertConfig,
     DetectorState,
     alert_id,
+    churn_rate_low,
     due_boundaries,
     evaluate,
     ewma_alpha,
@@ -258,7 +259,41 @@ def test_state_survives_json() -> None:
         DetectorState.from_record({**state.to_record(), "kind": "revenue"})
 
 
+@pytest.mark.parametrize(
+    ("rate", "churned", "fires", "fed"),
+    [
+        (1.83, 90, False, False),  # past 3 sigma, but 90 of ~4,900 could be noise: inconclusive
+        (1.30, 65, False, True),  # under the threshold: a normal sample
+        (4.00, 200, True, False),  # past it with its whole 95% interval
+    ],
+)
+def test_a_churn_sample_fires_only_when_its_whole_interval_is_past_the_threshold(
+    rate: float, churned: int, fires: bool, fed: bool
+) -> None:
+    """Churn like NPS: past k sigma is not enough while the count's 95% interval reaches back under the threshold."""
+    config = AlertConfig(step_ms=STEP, warmup_ms=4 * STEP, half_life_ms=100 * STEP)
+    state = initial_state(CHURN_SPIKE, "store-1", config)
+    for index, normal in enumerate((1.0, 1.2, 1.4, 1.2, 1.0, 1.2)):
+        state, _ = evaluate(state, (index + 1) * STEP, {"churn_rate": normal, "churned_customers": 60}, config)
+    mean, sigma = state.baseline()
+    assert mean + 3 * sigma < 1.83 and churn_rate_low(90, 1.83) < mean + 3 * sigma < churn_rate_low(200, 4.0)
+    after, alerts = evaluate(state, 7 * STEP, {"churn_rate": rate, "churned_customers": churned}, config)
+    assert [alert["state"] for alert in alerts] == (["firing"] if fires else [])
+    assert after.samples == state.samples + (1 if fed else 0)
+
+
 # -- properties ---------------------------------------------------------------------------------
+
+
+def _wilson_low_percent(churned: int, rate: float) -> float:
+    """The low end of the 95% Wilson interval of ``churned`` out of the customers the rate implies, in percent."""
+    if churned == 0 or rate == 0.0 or not math.isfinite(100.0 * churned / rate):
+        return 0.0
+    total = max(1, round(100.0 * churned / rate))
+    share = min(1.0, churned / total)
+    z = 1.959963984540054
+    low = (share + z * z / (2 * total) - z * math.sqrt(share * (1.0 - share) / total + z * z / (4.0 * total * total)))
+    return max(0.0, 100.0 * low / (1.0 + z * z / total))
 
 
 def reference_alerts(kind: str, samples: Sequence[Sample], config: AlertConfig) -> list[tuple[object, ...]]:
@@ -303,15 +338,17 @@ def reference_alerts(kind: str, samples: Sequence[Sample], config: AlertConfig) 
             quiet_until is None or boundary >= quiet_until)
         if downward:
             high = metrics["nps_ci_high"]
-            beyond = value < threshold and high is not None and high < threshold  # type: ignore[operator]
+            past = value < threshold
+            beyond = past and high is not None and high < threshold  # type: ignore[operator]
         else:
-            beyond = value > threshold
+            past = value > threshold
+            beyond = past and _wilson_low_percent(count, value) > threshold
         if allowed and beyond:
             fired_id = alert_id("store-1", config.window, kind, boundary)
             firing = (fired_id, mean, threshold)
             out.append(("firing", fired_id, boundary, value, mean, threshold))
-        elif allowed and downward and value < threshold:
-            pass  # inconclusive: below the threshold, its interval not: neither fires nor feeds
+        elif allowed and past:
+            pass  # inconclusive: past the threshold, its interval not wholly: neither fires nor feeds
         else:
             baseline.append(value)
     return out

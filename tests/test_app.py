@@ -62,7 +62,7 @@ def test_smoke_messages_parse_or_are_refused() -> None:
 
 
 def test_the_worker_producer_is_idempotent() -> None:
-    """Every stage sends through one producer with idempotence: a retried send after a broker restart is written once."""
+    """Every stage sends through one idempotent producer: a send retried after a broker restart is written once."""
     producer = create_app(Settings()).producer
     options = {**producer._settings_default(), **producer._settings_extra()}
     assert (options["acks"], options["enable_idempotence"]) == ("all", True)
