@@ -147,6 +147,25 @@ def event_deltas(event: ev.Event, bucket: int) -> list[tuple[str, int, int]]:
     return []
 
 
+class Paging:
+    """How a paged customer is stored (see :meth:`CustomerFacts.paged_records`)."""
+
+    __slots__ = ("dirty", "garbage", "generation", "pages", "seen_first")
+
+    def __init__(self, pages: dict[str, int] | None = None, generation: int = 0, seen_first: int = 0,
+                 garbage: list[str] | None = None) -> None:
+        #: page name -> version of the stored page
+        self.pages: dict[str, int] = pages if pages is not None else {}
+        #: how many times the paged record was written (the version of pages written next is +1)
+        self.generation = generation
+        #: the running index of the first id in ``seen`` (chunk c holds indexes c*SEEN_CHUNK_IDS...)
+        self.seen_first = seen_first
+        #: stored page versions that the head no longer lists, deleted after it is written
+        self.garbage: list[str] = garbage if garbage is not None else []
+        #: names of pages changed since they were stored
+        self.dirty: set[str] = set()
+
+
 class CustomerFacts:
     """Everything the metrics need to know about one (store, customer).
 
@@ -166,21 +185,17 @@ class CustomerFacts:
     __slots__ = (
         "activity",
         "closes",
-        "dirty",
         "first_activity_ms",
         "first_orders",
-        "garbage",
-        "generation",
         "member_before",
         "member_before_key",
         "membership",
         "order_count",
         "orders",
-        "pages",
+        "paging",
         "revenue",
         "rewards",
         "seen",
-        "seen_first",
         "signup_channel",
         "signup_key",
     )
@@ -211,17 +226,8 @@ class CustomerFacts:
         #: event_id -> when it was seen (the caller's clock), for deduplication within the TTL,
         #: in the order remembered
         self.seen: dict[str, int] = {}
-        # -- paging (see paged_records): None while stored whole
-        #: page name -> version of the stored page
-        self.pages: dict[str, int] | None = None
-        #: names of pages changed since they were stored
-        self.dirty: set[str] = set()
-        #: how many times the paged record was written (the version of pages written next is +1)
-        self.generation = 0
-        #: the running index of the first id in ``seen`` (chunk c holds indexes c*SEEN_CHUNK_IDS...)
-        self.seen_first = 0
-        #: stored page versions that the head no longer lists, deleted after it is written
-        self.garbage: list[str] = []
+        #: how the facts are stored paged (see paged_records); None while stored whole
+        self.paging: Paging | None = None
 
     # -- persistence ---------------------------------------------------------
 
@@ -230,7 +236,8 @@ class CustomerFacts:
 
         A paged customer's record is its head: lifetime facts and the page list only.
         """
-        paged = self.pages is not None
+        paging = self.paging
+        paged = paging is not None
         return [
             self.first_activity_ms,
             list(self.signup_key) if self.signup_key else None,
@@ -246,7 +253,7 @@ class CustomerFacts:
             [] if paged else [list(m) for m in self.membership],
             [] if paged else [[b, c] for b, c in self.rewards.items()],
             {} if paged else self.seen,
-            [self.generation, self.pages, self.seen_first, self.garbage] if paged else None,
+            None if paging is None else [paging.generation, paging.pages, paging.seen_first, paging.garbage],
         ]
 
     @classmethod
@@ -283,18 +290,15 @@ class CustomerFacts:
         facts.seen = dict(seen)  # type: ignore[call-overload]
         if paging is not None:
             generation, pages, seen_first, garbage = paging
-            facts.generation = generation  # type: ignore[assignment]
-            facts.pages = dict(pages)  # type: ignore[call-overload]
-            facts.seen_first = seen_first  # type: ignore[assignment]
-            facts.garbage = list(garbage)  # type: ignore[call-overload]
+            facts.paging = Paging(dict(pages), generation, seen_first, list(garbage))  # type: ignore[call-overload, arg-type]
             facts._read_pages(page)
         return facts
 
     def _read_pages(self, page: Callable[[str], list[object] | None] | None) -> None:
-        assert self.pages is not None
+        assert self.paging is not None
         bucket_pages: list[tuple[int, list[object]]] = []
         seen_chunks: list[tuple[int, list[object]]] = []
-        for name, version in self.pages.items():
+        for name, version in self.paging.pages.items():
             stored = page_name(name, version)
             content = None if page is None else page(stored)
             if content is None:
@@ -340,40 +344,38 @@ class CustomerFacts:
         >>> {stored: content is None for stored, content in pages.items()}, head[14]
         ({'b1.2': False, 'b1.1': True}, [2, {'b0': 1, 'b1': 2}, 0, ['b1.1']])
         """
-        if self.pages is None:
-            self.pages = {}
-            self.dirty = self._all_page_names(grid)
-        old_garbage = self.garbage
-        version = self.generation + 1
+        paging = self.paging
+        if paging is None:
+            paging = self.paging = Paging()
+            paging.dirty = self._all_page_names(grid)
+        old_garbage = paging.garbage
+        version = paging.generation + 1
         writes: dict[str, list[object] | None] = {}
         garbage: list[str] = []
-        for name in sorted(self.dirty):
+        for name in sorted(paging.dirty):
             content = self._page(name, grid)
-            previous = self.pages.get(name)
+            previous = paging.pages.get(name)
             if previous is not None:
                 garbage.append(page_name(name, previous))
             if content is None:
-                self.pages.pop(name, None)
+                paging.pages.pop(name, None)
             else:
                 writes[page_name(name, version)] = content
-                self.pages[name] = version
-        self.generation = version
-        self.garbage = garbage
-        self.dirty = set()
+                paging.pages[name] = version
+        paging.generation = version
+        paging.garbage = garbage
+        paging.dirty = set()
         for stored in old_garbage + garbage:
             writes.setdefault(stored, None)
         return self.to_record(), writes
 
     def unpaged_records(self) -> tuple[list[object], dict[str, list[object] | None]]:
         """Store the facts whole again: the whole record, and every page (and garbage) to delete."""
-        deletes: dict[str, list[object] | None] = {stored: None for stored in self.garbage}
-        for name, version in (self.pages or {}).items():
+        paging = self.paging or Paging()
+        deletes: dict[str, list[object] | None] = {stored: None for stored in paging.garbage}
+        for name, version in paging.pages.items():
             deletes[page_name(name, version)] = None
-        self.pages = None
-        self.dirty = set()
-        self.garbage = []
-        self.generation = 0
-        self.seen_first = 0
+        self.paging = None
         return self.to_record(), deletes
 
     def _all_page_names(self, grid: Grid) -> set[str]:
@@ -383,16 +385,18 @@ class CustomerFacts:
         buckets.update(entry[0] // bucket_ms for entry in self.membership)
         names = {"b" + str(bucket // PAGE_BUCKETS) for bucket in buckets}
         if self.seen:
-            first = self.seen_first // SEEN_CHUNK_IDS
-            last = (self.seen_first + len(self.seen) - 1) // SEEN_CHUNK_IDS
+            seen_first = self.paging.seen_first if self.paging is not None else 0
+            first = seen_first // SEEN_CHUNK_IDS
+            last = (seen_first + len(self.seen) - 1) // SEEN_CHUNK_IDS
             names.update("s" + str(chunk) for chunk in range(first, last + 1))
         return names
 
     def _page(self, name: str, grid: Grid) -> list[object] | None:
         number = int(name[1:])
         if name[0] == "s":
-            start = max(0, number * SEEN_CHUNK_IDS - self.seen_first)
-            stop = min(len(self.seen), (number + 1) * SEEN_CHUNK_IDS - self.seen_first)
+            seen_first = self.paging.seen_first if self.paging is not None else 0
+            start = max(0, number * SEEN_CHUNK_IDS - seen_first)
+            stop = min(len(self.seen), (number + 1) * SEEN_CHUNK_IDS - seen_first)
             if start >= stop:
                 return None
             return [[i, t] for i, t in islice(self.seen.items(), start, stop)]
@@ -413,8 +417,8 @@ class CustomerFacts:
         return [activity, closes, orders, revenue, membership, rewards]
 
     def _touch(self, bucket: int) -> None:
-        if self.pages is not None:
-            self.dirty.add("b" + str(bucket // PAGE_BUCKETS))
+        if self.paging is not None:
+            self.paging.dirty.add("b" + str(bucket // PAGE_BUCKETS))
 
     # -- updates -----------------------------------------------------------
 
@@ -428,19 +432,21 @@ class CustomerFacts:
         The stamp is processing time, not event time: a replay that reads
         partitions unevenly must still recognise a duplicate of an old event.
         """
-        if self.pages is not None:
+        paging = self.paging
+        if paging is not None:
             if event_id in self.seen:
                 self._touch_all_seen()
             else:
-                index = self.seen_first + len(self.seen)
-                self.dirty.add("s" + str(index // SEEN_CHUNK_IDS))
+                index = paging.seen_first + len(self.seen)
+                paging.dirty.add("s" + str(index // SEEN_CHUNK_IDS))
         self.seen[event_id] = seen_at_ms
 
     def _touch_all_seen(self) -> None:
-        if self.seen:
-            first = self.seen_first // SEEN_CHUNK_IDS
-            last = (self.seen_first + len(self.seen) - 1) // SEEN_CHUNK_IDS
-            self.dirty.update("s" + str(chunk) for chunk in range(first, last + 1))
+        paging = self.paging
+        if paging is not None and self.seen:
+            first = paging.seen_first // SEEN_CHUNK_IDS
+            last = (paging.seen_first + len(self.seen) - 1) // SEEN_CHUNK_IDS
+            paging.dirty.update("s" + str(chunk) for chunk in range(first, last + 1))
 
     def apply(self, event: ev.Event, grid: Grid, horizon_start: int) -> None:
         """Fold one accepted, non-duplicate event into the facts.
@@ -452,8 +458,8 @@ class CustomerFacts:
         bucket = grid.bucket(time)
         kept = bucket >= horizon_start
         kind = event.type
-        if kept and self.pages is not None:
-            self.dirty.add("b" + str(bucket // PAGE_BUCKETS))
+        if kept and self.paging is not None:
+            self.paging.dirty.add("b" + str(bucket // PAGE_BUCKETS))
         if kind == ev.ORDER_PLACED or kind == ev.CUSTOMER_SIGNED_UP:
             if self.first_activity_ms is None or time < self.first_activity_ms:
                 self.first_activity_ms = time
@@ -540,16 +546,17 @@ class CustomerFacts:
             self.member_before = enrolled
         if self.seen and min(self.seen.values()) < seen_after_ms:
             kept = {k: t for k, t in self.seen.items() if t >= seen_after_ms}
-            if self.pages is not None:
-                dirty_before = set(self.dirty)
+            paging = self.paging
+            if paging is not None:
+                dirty_before = set(paging.dirty)
                 self._touch_all_seen()
                 # ids are remembered in time order, so the expired ones are a prefix: the chunks
                 # after it keep their ids and need no rewrite (otherwise all are rewritten)
                 expired = len(self.seen) - len(kept)
                 if all(t < seen_after_ms for t in islice(self.seen.values(), expired)):
-                    self.seen_first += expired
-                    first_kept = self.seen_first // SEEN_CHUNK_IDS
-                    self.dirty = dirty_before | {n for n in self.dirty if n[0] != "s" or int(n[1:]) <= first_kept}
+                    paging.seen_first += expired
+                    first_kept = paging.seen_first // SEEN_CHUNK_IDS
+                    paging.dirty = dirty_before | {n for n in paging.dirty if n[0] != "s" or int(n[1:]) <= first_kept}
             self.seen = kept
         return dropped
 

@@ -69,7 +69,7 @@ def test_paged_facts_reload_equal_the_facts_in_memory(seed: int, unpage_entries:
         live = loaded  # the next batch starts from the table, as after a restart
     # nothing is left behind but the head and the pages it names
     pages = {key for key in table if b"\x00" in key}
-    named = {f"{name}.{version}" for name, version in (live.pages or {}).items()}
+    named = {f"{name}.{version}" for name, version in (live.paging.pages if live.paging else {}).items()}
     assert {key.split(b"\x00")[1].decode() for key in pages} == named
 
 
@@ -147,7 +147,7 @@ def test_a_guest_ordering_every_minute_for_400_days_keeps_every_record_small_and
             _store(table, writes)
     assert largest < RECORD_LIMIT
     guest = load_customer(customer_route_key("s", "guest"), table.get)
-    assert guest is not None and guest.pages is not None  # paged: a whole record would be megabytes
+    assert guest is not None and guest.paging is not None  # paged: a whole record would be megabytes
     # ids expire 30 days after they were seen (stamped once per message here, a week of events)
     assert 30 * day <= len(guest.seen) <= 30 * day + 2 * week
     _assert_equal_to_reference(shards, accepted_events(events), clock)

@@ -59,7 +59,7 @@ def customer_records(
     under new versions, then the head that names them, then deletes of the
     versions it replaced, so a crash anywhere leaves a head whose pages all exist.
     """
-    if facts.pages is None:
+    if facts.paging is None:
         value = orjson.dumps(facts.to_record())
         if len(value) <= inline_bytes:
             return {key.encode(): value}
