@@ -379,14 +379,28 @@ def _event(state: DetectorState, firing: bool, boundary_ms: int, observed: float
     }
 
 
+def _changed(state: DetectorState, **changes: Any) -> DetectorState:
+    """``dataclasses.replace`` without its per-call field introspection: a copy with ``changes``.
+
+    A replay evaluates every boundary of every store (10,000 stores x 30 days is 58 million
+    evaluations), where ``replace`` took most of the time. No validation is skipped: the
+    fields are plain values.
+    """
+    copy = object.__new__(DetectorState)
+    fields = copy.__dict__
+    fields.update(state.__dict__)
+    fields.update(changes)
+    return copy
+
+
 def _fed(state: DetectorState, value: float, alpha: float) -> DetectorState:
     """The state with one more sample in its baseline (module docstring: the update)."""
     if state.samples == 0:
-        return replace(state, samples=1, mean=value, var=0.0)
+        return _changed(state, samples=1, mean=value, var=0.0)
     weight = max(alpha, 1.0 / (state.samples + 1))
     diff = value - state.mean
     increment = weight * diff
-    return replace(state, samples=state.samples + 1, mean=state.mean + increment,
+    return _changed(state, samples=state.samples + 1, mean=state.mean + increment,
                    var=(1.0 - weight) * (state.var + diff * increment))
 
 
@@ -414,7 +428,7 @@ def evaluate(state: DetectorState, boundary_ms: int, metrics: Mapping[str, objec
         return state, []
     metric, count_name, downward = _WATCHED[state.kind]
     value = _number(metrics, metric)
-    state = replace(state, last_ms=boundary_ms)
+    state = _changed(state, last_ms=boundary_ms)
     if value is None:
         return state, []
 
@@ -425,7 +439,7 @@ def evaluate(state: DetectorState, boundary_ms: int, metrics: Mapping[str, objec
         if not back:
             return state, []  # still firing: kept out of the baseline
         event = _event(state, False, boundary_ms, value, state.firing_baseline, threshold, state.firing_id, None)
-        resolved = replace(state, firing_id=None, firing_ms=None, firing_baseline=None, firing_threshold=None,
+        resolved = _changed(state, firing_id=None, firing_ms=None, firing_baseline=None, firing_threshold=None,
                            quiet_until_ms=boundary_ms + config.cooldown_ms)
         return _fed(resolved, value, config.alpha), [event]
 
@@ -456,6 +470,6 @@ def evaluate(state: DetectorState, boundary_ms: int, metrics: Mapping[str, objec
         if beyond:
             alert = alert_id(state.store_id, state.window, state.kind, boundary_ms)
             event = _event(state, True, boundary_ms, value, mean, threshold, alert, int(count))
-            return replace(state, firing_id=alert, firing_ms=boundary_ms, firing_baseline=mean,
+            return _changed(state, firing_id=alert, firing_ms=boundary_ms, firing_baseline=mean,
                            firing_threshold=threshold), [event]
     return _fed(state, value, config.alpha), []
