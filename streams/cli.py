@@ -220,7 +220,7 @@ def snapshot(stores: tuple[str, ...], windows: tuple[str, ...], as_json: bool) -
     settings = _settings()
     wanted = list(windows) or list(settings.windows)
     try:
-        snapshots = read_snapshots(settings.redis_url, list(stores) or None, wanted)
+        snapshots = read_snapshots(settings, list(stores) or None, wanted)
     except SnapshotUnavailable as exc:
         click.echo(click.style(f"Error: {exc}", fg="red"), err=True)
         sys.exit(2)
@@ -406,14 +406,14 @@ def alerts(follow: bool, store: str | None, as_json: bool, count: int) -> None:
                 console.print(tool.alert_line(item))
 
     try:
-        recent = tool.read_recent(settings.redis_url, count, store)
+        recent = tool.read_recent(settings, count, store)
         if recent or not follow:
             show([alert for _, alert in recent], table=True)
         if not recent and not follow and not as_json:
             click.echo("no alerts in Redis", err=True)
         if follow:
             after = recent[-1][0] if recent else "$"
-            for _, alert in tool.follow(settings.redis_url, after, store):
+            for _, alert in tool.follow(settings, after, store):
                 show([alert], table=False)
     except SnapshotUnavailable as exc:
         click.echo(click.style(f"Error: {exc}", fg="red"), err=True)
