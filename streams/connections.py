@@ -150,6 +150,9 @@ def describe_kafka_error(kafka: KafkaTarget, server: str, exc: BaseException) ->
     if isinstance(exc, ssl.SSLError):
         return f"TLS with Kafka at {server} failed ({exc.reason}): check KAFKA_SECURITY_PROTOCOL and KAFKA_SSL_*"
     detail = str(exc) or type(exc).__name__
+    if isinstance(exc, errors.KafkaConnectionError) and "closed" in detail:
+        # a TLS listener drops a plaintext client: say what to check
+        detail += f" (does the listener expect another KAFKA_SECURITY_PROTOCOL than {options['security_protocol']}?)"
     return f"cannot reach Kafka at {server}: {detail}"
 
 
