@@ -140,10 +140,26 @@ def status() -> None:
     _echo_status(local.status(settings.state_dir))
     if settings.is_set("kafka_bootstrap_servers"):
         click.echo(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}")
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        click.echo(" ".join(f"{name}={value}" for name, value in kafka_security_view(settings)))
     if settings.is_set("redis_url"):
-        from streams.tools.snapshot import redact
+        click.echo(f"REDIS_URL={settings.redis_url_redacted}")
+    if settings.redis_ssl_ca_file is not None:
+        click.echo(f"REDIS_SSL_CA_FILE={settings.redis_ssl_ca_file}")
 
-        click.echo(f"REDIS_URL={redact(settings.redis_url)}")
+
+def kafka_security_view(settings: Settings) -> list[tuple[str, str]]:
+    """The Kafka security settings that are set, the password as ``***``."""
+    values = {
+        "KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
+        "KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
+        "KAFKA_SASL_USERNAME": settings.kafka_sasl_username,
+        "KAFKA_SASL_PASSWORD": "***" if settings.kafka_sasl_password is not None else None,
+        "KAFKA_SSL_CAFILE": settings.kafka_ssl_cafile,
+        "KAFKA_SSL_CERTFILE": settings.kafka_ssl_certfile,
+        "KAFKA_SSL_KEYFILE": settings.kafka_ssl_keyfile,
+    }
+    return [(name, str(value)) for name, value in values.items() if value is not None]
 
 
 @main.command()
