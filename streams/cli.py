@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from infra import local
 from metrics.events import INPUT_TOPICS
-from streams.settings import Settings, load_settings
+from streams.settings import Settings, load_settings, redact_url
 
 if TYPE_CHECKING:
     from streams.tools.simulate import SimulationOptions
@@ -45,7 +45,13 @@ def _fail(exc: Exception) -> click.ClickException:
 
 
 def _local_kafka_port(settings: Settings, flag: int | None) -> tuple[int, str | None]:
-    """Port for the local Kafka, and the external bootstrap string when KAFKA_BOOTSTRAP_SERVERS points elsewhere."""
+    """Port for the local Kafka, and the external bootstrap string when KAFKA_BOOTSTRAP_SERVERS points elsewhere.
+
+    A Kafka with another KAFKA_SECURITY_PROTOCOL than PLAINTEXT is always someone else's (as a Redis with a
+    password or TLS is): `up` starts only plaintext servers.
+    """
+    if settings.kafka_security_protocol != "PLAINTEXT":  # `up` starts a plaintext Kafka only
+        return flag or local.DEFAULT_KAFKA_PORT, settings.kafka_bootstrap_servers
     if not settings.is_set("kafka_bootstrap_servers"):
         return flag or local.DEFAULT_KAFKA_PORT, None
     servers = settings.bootstrap_servers
@@ -103,7 +109,7 @@ def up(kafka_port: int | None, controller_port: int | None, redis_port: int | No
             controller_port=controller_port,
             redis_port=r_port,
             external_kafka=k_external,
-            external_redis=r_external,
+            external_redis=redact_url(r_external) if r_external is not None else None,  # for the status line
             timeout=timeout,
             echo=click.echo,
         )
