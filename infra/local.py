@@ -22,7 +22,7 @@ A secured variant (:func:`up_secured`, for the tests; ``loyalty up`` does not us
 same Kafka with only a SASL_SSL client listener (SCRAM-SHA-512; its KRaft controller listener
 stays PLAINTEXT on loopback) and redis-server with TLS only and a password, with a CA and
 server certificate made by ``openssl`` under ``<state>/tls/`` and the SCRAM users created when
-the storage is formatted (``kafka-storage format --add-scram``).
+the storage is formatted (``kafka-storage format --add-scram``, with salted passwords).
 
 Run ``python -m infra.local jars`` to download the jars (``make bootstrap`` does).
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -462,9 +463,21 @@ class KafkaScram:
 
     MECHANISM = "SCRAM-SHA-512"
 
+    ITERATIONS = 4096
+
     @property
     def broker_user(self) -> str:
         return next(iter(self.users))
+
+    def format_argument(self, user: str) -> str:
+        """``--add-scram`` of the storage tool for ``user``: salted (RFC 5802), so no password is on a command line."""
+        salt = secrets.token_bytes(16)
+        salted = hashlib.pbkdf2_hmac("sha512", self.users[user].encode(), salt, self.ITERATIONS)
+        encoded = {name: base64.b64encode(value).decode() for name, value in (("salt", salt), ("salted", salted))}
+        return (
+            f'{self.MECHANISM}=[name={user},iterations={self.ITERATIONS},salt="{encoded["salt"]}",'
+            f'saltedpassword="{encoded["salted"]}"]'
+        )
 
     def client_options(self, user: str | None = None) -> dict[str, Any]:
         """aiokafka keyword arguments for ``user`` (default: the broker's own user)."""
@@ -602,8 +615,8 @@ class LocalKafka(_Service):
             java, jars, "kafka.tools.StorageTool", "format", "-t", self._cluster_id(), "-c", str(self.props_file), "-g"
         )
         if self.scram is not None:  # the SCRAM users, written into the metadata log at format time (KRaft)
-            for user, password in self.scram.users.items():
-                cmd += ["--add-scram", f"{self.scram.MECHANISM}=[name={user},password={password}]"]
+            for user in self.scram.users:
+                cmd += ["--add-scram", self.scram.format_argument(user)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False, stdin=subprocess.DEVNULL)
         if out.returncode != 0:
             output = (out.stdout + out.stderr)[-3000:]
