@@ -11,13 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
-from infra.local import SecuredServices
+from infra.local import SecuredServices, free_port
 from metrics.events import INPUT_TOPICS, Event
 from metrics.validation import parse_message
 from streams.connections import async_redis
+from streams.dashboard.server import HUB, create_app
 from streams.settings import Settings
 from streams.tools.history import generate_history, wire_body
 from streams.tools.replay import plan_messages
@@ -60,6 +63,26 @@ def secrets_of(secured: SecuredServices) -> list[str]:
     """The passwords that must never be printed or logged."""
     redis_password = secured.redis_url.split("://:", 1)[1].split("@", 1)[0]
     return [secured.kafka_password, redis_password]
+
+
+async def dashboard_answers(settings: Settings, as_of_ms: int) -> None:
+    """The dashboard on the TLS Redis: subscribed, healthy, and serving the snapshot as of ``as_of_ms``."""
+    port = free_port()
+    app = create_app(settings.model_copy(update={"dashboard_port": port}))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await asyncio.wait_for(app[HUB].connected.wait(), timeout=10)
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(f"{base}/healthz") as response:
+                assert response.status == 200
+            async with session.get(f"{base}/api/snapshot", params={"store": "*", "window": "24h"}) as response:
+                assert response.status == 200
+                assert (await response.json())["as_of_ms"] == as_of_ms
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.timeout(420)
@@ -112,10 +135,17 @@ async def test_pipeline_over_sasl_ssl_kafka_and_tls_redis(secured_services, topi
         print(f"{len(valid)} valid events: Redis equal to the reference {time.monotonic() - started:.1f}s "
               "after the replay started")
 
+        # the readers of Redis over TLS: `loyalty snapshot` and the dashboard (its client and its subscription)
+        snapshot = await asyncio.to_thread(run_loyalty, "snapshot", "--json", env=env, cwd=tmp_path, timeout=60)
+        assert snapshot.returncode == 0, snapshot.stdout + snapshot.stderr
+        assert orjson.loads(snapshot.stdout)["*"]["24h"]["as_of_ms"] == as_of_ms
+        await dashboard_answers(settings, as_of_ms)
+
         status = await asyncio.to_thread(run_loyalty, "status", env=env, cwd=tmp_path, timeout=60)
         shown = status.stdout + status.stderr
         assert "KAFKA_SASL_PASSWORD=***" in shown and "REDIS_URL=rediss://:***@" in shown, shown
-        outputs = {"loyalty status": shown, "loyalty replay": result.stdout + result.stderr}
+        outputs = {"loyalty status": shown, "loyalty replay": result.stdout + result.stderr,
+                   "loyalty snapshot": snapshot.stdout + snapshot.stderr}
     finally:
         stop_process(worker, timeout=60)
         await redis.aclose()

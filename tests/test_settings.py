@@ -231,6 +231,24 @@ def test_sasl_ssl_settings_make_client_options_and_hide_secrets(
     assert redis_kwargs["socket_timeout"] and redis_kwargs["socket_connect_timeout"]
 
 
+def test_ssl_settings_make_tls_clients_without_sasl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """SSL alone: a verifying TLS context for aiokafka and Faust's SSLCredentials, no SASL options."""
+    import faust
+
+    from streams.connections import faust_credentials, kafka_client_options
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text(CA_PEM)
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("KAFKA_SSL_CAFILE", str(ca))
+    s = load_settings()
+    options = kafka_client_options(s)
+    assert sorted(options) == ["bootstrap_servers", "security_protocol", "ssl_context"]
+    credentials = faust_credentials(s)
+    assert isinstance(credentials, faust.SSLCredentials)
+    assert credentials.protocol.value == "SSL" and credentials.context is options["ssl_context"]
+
+
 def test_plaintext_settings_make_plain_clients() -> None:
     """The default: PLAINTEXT Kafka without Faust credentials, Redis without a CA."""
     from streams.connections import faust_credentials, kafka_client_options, redis_options
