@@ -202,6 +202,8 @@ class Settings(BaseSettings):
     def _check_mechanism(cls, value: object) -> object:
         if isinstance(value, str):
             value = value.strip().upper()
+            if not value:
+                return None
             if value not in KAFKA_SASL_MECHANISMS:
                 raise ValueError(f"{value!r} is not one of {', '.join(KAFKA_SASL_MECHANISMS)}")
         return value
