@@ -36,6 +36,7 @@ import orjson
 
 from infra import local
 from metrics.catalog import METRIC_NAMES
+from streams.settings import load_settings
 from streams.sinks.redis_sink import RedisSink
 from streams.sinks.snapshots import dumps, snapshot_payload
 from streams.tools.demo import stop_worker
@@ -113,7 +114,7 @@ async def run(clients: int, snapshots: int, rate: float, redis_url: str, log_pat
     with log_path.open("ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "dashboard"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    sink = RedisSink(redis_url)
+    sink = RedisSink(load_settings(redis_url=redis_url))  # with REDIS_SSL_CA_FILE when set
     tasks: list[asyncio.Task[None]] = []
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)

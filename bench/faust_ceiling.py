@@ -19,6 +19,9 @@ from typing import Any
 import faust
 import orjson
 
+from streams.connections import faust_credentials
+from streams.settings import load_settings
+
 
 def build_app() -> faust.App:
     """The ceiling app, configured from the environment."""
@@ -28,6 +31,8 @@ def build_app() -> faust.App:
     app = faust.App(
         os.environ["BENCH_APP_ID"],
         broker=os.environ["BENCH_BROKER"].split(";"),
+        # the product's Kafka security settings (KAFKA_SECURITY_PROTOCOL...), inherited from the bench
+        broker_credentials=faust_credentials(load_settings()),
         store="memory://",
         datadir=os.environ["BENCH_DATADIR"],
         autodiscover=False,

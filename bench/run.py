@@ -51,6 +51,7 @@ from metrics.events import INPUT_TOPICS, Event
 from metrics.reference import ReferenceConfig, reference_all
 from metrics.timegrid import DAY_MS, parse_duration
 from metrics.validation import parse_message
+from streams.connections import async_redis, kafka_client_options
 from streams.settings import Settings
 from streams.sinks.redis_sink import metric_key, parse_redis_field, read_health
 from streams.tools.demo import stop_worker, worker_command
@@ -146,9 +147,9 @@ def make_workload(options: BenchOptions, settings: Settings) -> Workload:
 async def prefill(settings: Settings, prefix: str, bodies: list[tuple[str, bytes]], batch: int) -> Dataset:
     """Write the bodies to the prefixed input topics, ``batch`` per message (a JSON array when > 1)."""
     topics = {name: prefix + name for name in INPUT_TOPICS}
-    await ensure_topics(settings.kafka_bootstrap_servers, list(topics.values()), settings.partitions)
+    await ensure_topics(settings, list(topics.values()), settings.partitions)
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        **kafka_client_options(settings),
         linger_ms=20,
         max_batch_size=1024 * 1024,
         max_request_size=4 * 1024 * 1024,
@@ -192,7 +193,7 @@ async def prefill(settings: Settings, prefix: str, bodies: list[tuple[str, bytes
 async def raw_ceiling(settings: Settings, dataset: Dataset, timeout_s: float) -> dict[str, float]:
     """aiokafka ``getmany`` in batches plus orjson on every message: first message to last."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        **kafka_client_options(settings),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -266,6 +267,7 @@ class Worker:
     def __init__(self, settings: Settings, work_dir: Path, prefix: str, database: int, **env: str) -> None:
         self.name = prefix.rstrip("-")
         self.redis_url = settings.redis_url.rsplit("/", 1)[0] + f"/{database}"
+        self.redis_settings = settings.model_copy(update={"redis_url": self.redis_url})
         self.log_path = work_dir / f"worker-{self.name}.log"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("LOYALTY_")},
@@ -286,7 +288,7 @@ class Worker:
 
     async def start(self) -> aioredis.Redis:
         """Empty its Redis database, start the process; returns a Redis client on that database."""
-        client = aioredis.from_url(self.redis_url, decode_responses=True)
+        client = async_redis(self.redis_settings, decode_responses=True)
         await client.flushdb()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
@@ -402,11 +404,11 @@ def _percentile(values: list[float], fraction: float) -> float:
 async def latency(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:
     """Produce live traffic at ``options.rate`` for ``options.duration_s``; order latencies to Redis."""
     prefix = f"bench-{uuid.uuid4().hex[:6]}-live-"
-    await ensure_topics(settings.kafka_bootstrap_servers, [prefix + n for n in INPUT_TOPICS], settings.partitions)
+    await ensure_topics(settings, [prefix + n for n in INPUT_TOPICS], settings.partitions)
     worker = Worker(settings, work_dir, prefix, database, LOYALTY_CLOCK="wall",
                     LOYALTY_EMIT_INTERVAL=f"{options.emit_interval_ms}ms")
     client = await worker.start()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=1, acks=1)
+    producer = AIOKafkaProducer(**kafka_client_options(settings), linger_ms=1, acks=1)
     await producer.start()
     generator = Storefronts(seed=options.seed + 1, stores=options.stores, customers=options.customers,
                             clock=lambda: time.time_ns() // 1_000_000)

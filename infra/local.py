@@ -18,6 +18,12 @@ stopping sends SIGTERM, then SIGKILL after a timeout, and waits until the proces
 Problems a user can fix (no Java, no Maven, a busy port, a broker that dies at start)
 raise :class:`InfraError` with a message meant to be printed as is.
 
+A secured variant (:func:`up_secured`, for the tests; ``loyalty up`` does not use it) runs the
+same Kafka with only a SASL_SSL client listener (SCRAM-SHA-512; its KRaft controller listener
+stays PLAINTEXT on loopback) and redis-server with TLS only and a password, with a CA and
+server certificate made by ``openssl`` under ``<state>/tls/`` and the SCRAM users created when
+the storage is formatted (``kafka-storage format --add-scram``, with salted passwords).
+
 Run ``python -m infra.local jars`` to download the jars (``make bootstrap`` does).
 """
 
@@ -26,10 +32,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -38,9 +46,10 @@ import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 INFRA_DIR = Path(__file__).resolve().parent
 POM = INFRA_DIR / "pom.xml"
@@ -162,6 +171,59 @@ def ensure_jars(echo: Echo = print) -> Path:
     tmp.rename(target)
     (target / ".complete").write_text(kafka_version() + "\n")
     return target
+
+
+# -- certificates (the secured variant) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA and a server certificate it signed (for 127.0.0.1 and localhost), PEM files."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path  #: the server's private key, unencrypted PKCS#8 (readable by us only)
+    keystore: Path  #: key and certificate in one file (Kafka's PEM key store)
+
+
+def find_openssl() -> str:
+    path = shutil.which("openssl")
+    if path is None:
+        raise InfraError("openssl was not found on PATH: it makes the certificates (apt-get install openssl)")
+    return path
+
+
+def make_certificates(folder: Path, days: int = 825) -> TlsFiles:
+    """A new CA and a server certificate signed by it under ``folder`` (kept when already there)."""
+    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "server-keystore.pem")
+    if all(path.is_file() for path in (files.ca_cert, files.cert, files.key, files.keystore)):
+        return files
+    openssl = find_openssl()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    ca_key, csr, ext = folder / "ca.key", folder / "server.csr", folder / "server.ext"
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        f"subjectAltName=IP:{LOOPBACK},DNS:localhost\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    steps = [
+        [openssl, "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(files.ca_cert), "-days", str(days),
+         "-subj", "/CN=loyalty local test CA"],
+        [openssl, "req", *ec, "-keyout", str(files.key), "-out", str(csr), "-subj", "/CN=localhost"],
+        [openssl, "x509", "-req", "-in", str(csr), "-CA", str(files.ca_cert), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-out", str(files.cert), "-days", str(days), "-extfile", str(ext)],
+    ]  # fmt: skip
+    for cmd in steps:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+        if out.returncode != 0:
+            output = (out.stdout + out.stderr)[-2000:]
+            raise InfraError(f"{' '.join(cmd[:3])} failed (exit {out.returncode}):\n{output}")
+    files.keystore.touch(mode=0o600)
+    files.keystore.write_text(files.key.read_text() + files.cert.read_text())
+    for path in (ca_key, files.key):
+        os.chmod(path, 0o600)
+    return files
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -392,15 +454,55 @@ class _Service:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class KafkaScram:
+    """A SASL_SSL client listener with SCRAM-SHA-512: the broker's certificate and the SCRAM users."""
+
+    tls: TlsFiles
+    users: Mapping[str, str]  #: user -> password, created at format time; the first is the broker's own
+
+    MECHANISM = "SCRAM-SHA-512"
+
+    ITERATIONS = 4096
+
+    @property
+    def broker_user(self) -> str:
+        return next(iter(self.users))
+
+    def format_argument(self, user: str) -> str:
+        """``--add-scram`` of the storage tool for ``user``: salted (RFC 5802), so no password is on a command line."""
+        salt = secrets.token_bytes(16)
+        salted = hashlib.pbkdf2_hmac("sha512", self.users[user].encode(), salt, self.ITERATIONS)
+        encoded = {name: base64.b64encode(value).decode() for name, value in (("salt", salt), ("salted", salted))}
+        return (
+            f'{self.MECHANISM}=[name={user},iterations={self.ITERATIONS},salt="{encoded["salt"]}",'
+            f'saltedpassword="{encoded["salted"]}"]'
+        )
+
+    def client_options(self, user: str | None = None) -> dict[str, Any]:
+        """aiokafka keyword arguments for ``user`` (default: the broker's own user)."""
+        import ssl
+
+        user = user or self.broker_user
+        return {
+            "security_protocol": "SASL_SSL",
+            "ssl_context": ssl.create_default_context(cafile=str(self.tls.ca_cert)),
+            "sasl_mechanism": self.MECHANISM,
+            "sasl_plain_username": user,
+            "sasl_plain_password": self.users[user],
+        }
+
+
 class LocalKafka(_Service):
-    """Single-node KRaft Kafka (combined broker+controller, static quorum)."""
+    """Single-node KRaft Kafka (combined broker+controller, static quorum); SASL_SSL only with ``scram``."""
 
     name = "kafka"
     marker = "kafka.Kafka"
 
-    def __init__(self, state_dir: Path, heap: str = "512m") -> None:
+    def __init__(self, state_dir: Path, heap: str = "512m", scram: KafkaScram | None = None) -> None:
         super().__init__(state_dir)
         self.heap = heap
+        self.scram = scram
         self.props_file = self.dir / "server.properties"
         self.data_dir = self.dir / "data"
         self.logs_dir = self.dir / "logs"
@@ -411,7 +513,8 @@ class LocalKafka(_Service):
         return f"{LOOPBACK}:{endpoint.get('port', DEFAULT_KAFKA_PORT)}"
 
     def probe(self, endpoint: dict[str, int]) -> bool:
-        return kafka_ready(self.address_of(endpoint))
+        options = self.scram.client_options() if self.scram is not None else {}
+        return kafka_ready(self.address_of(endpoint), **options)
 
     def _java_cmd(self, java: str, jars: Path, *args: str) -> list[str]:
         return [
@@ -429,6 +532,36 @@ class LocalKafka(_Service):
             *args,
         ]
 
+    def _listeners(self, port: int, controller_port: int) -> list[str]:
+        if self.scram is None:
+            return [
+                f"listeners=PLAINTEXT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://{LOOPBACK}:{port}",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            ]
+        # clients and the broker itself (inter-broker) authenticate with SCRAM over TLS; the KRaft
+        # controller listener stays PLAINTEXT on loopback
+        mechanism, tls, user = self.scram.MECHANISM, self.scram.tls, self.scram.broker_user
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{user}" password="{self.scram.users[user]}";'
+        )
+        return [
+            f"listeners=SASL_SSL://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller_port}",
+            f"advertised.listeners=SASL_SSL://{LOOPBACK}:{port}",
+            "inter.broker.listener.name=SASL_SSL",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL",
+            f"sasl.enabled.mechanisms={mechanism}",
+            f"sasl.mechanism.inter.broker.protocol={mechanism}",
+            f"listener.name.sasl_ssl.{mechanism.lower()}.sasl.jaas.config={jaas}",
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={tls.keystore}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={tls.ca_cert}",
+            "ssl.client.auth=none",
+        ]
+
     def _properties(self, port: int, controller_port: int) -> str:
         return "\n".join(
             [
@@ -436,11 +569,8 @@ class LocalKafka(_Service):
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.voters=1@{LOOPBACK}:{controller_port}",
-                f"listeners=PLAINTEXT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller_port}",
-                f"advertised.listeners=PLAINTEXT://{LOOPBACK}:{port}",
+                *self._listeners(port, controller_port),
                 "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
                 f"log.dirs={self.data_dir}",
                 "num.partitions=1",
                 "default.replication.factor=1",
@@ -484,6 +614,9 @@ class LocalKafka(_Service):
         cmd = self._java_cmd(
             java, jars, "kafka.tools.StorageTool", "format", "-t", self._cluster_id(), "-c", str(self.props_file), "-g"
         )
+        if self.scram is not None:  # the SCRAM users, written into the metadata log at format time (KRaft)
+            for user in self.scram.users:
+                cmd += ["--add-scram", self.scram.format_argument(user)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False, stdin=subprocess.DEVNULL)
         if out.returncode != 0:
             output = (out.stdout + out.stderr)[-3000:]
@@ -505,6 +638,7 @@ class LocalKafka(_Service):
         self._check_port(controller_port, "--controller-port", "KAFKA_BOOTSTRAP_SERVERS")
         for folder in (self.dir, self.logs_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self.props_file.touch(mode=0o600)  # with SCRAM it holds the broker's password
         self.props_file.write_text(self._properties(port, controller_port))
         self._format(java, jars)
         endpoint = {"port": port, "controller_port": controller_port}
@@ -515,22 +649,59 @@ class LocalKafka(_Service):
         return Status(self.name, "started", self.address_of(endpoint), proc.pid, f"Kafka {kafka_version()}")
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS only (no plain port) and a password."""
+
+    tls: TlsFiles
+    password: str
+
+
 class LocalRedis(_Service):
-    """redis-server on loopback, no persistence."""
+    """redis-server on loopback, no persistence; TLS only and a password with ``secured``."""
 
     name = "redis"
     marker = "redis-server"
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, secured: RedisTls | None = None) -> None:
         super().__init__(state_dir)
+        self.secured = secured
         self.log_file = self.dir / "redis.log"
         self.out_file = self.dir / "redis.out"
+        self.conf_file = self.dir / "redis.conf"
 
     def address_of(self, endpoint: dict[str, int]) -> str:
-        return f"redis://{LOOPBACK}:{endpoint.get('port', DEFAULT_REDIS_PORT)}/0"
+        scheme = "rediss" if self.secured is not None else "redis"
+        return f"{scheme}://{LOOPBACK}:{endpoint.get('port', DEFAULT_REDIS_PORT)}/0"
+
+    def url_with_password(self, endpoint: dict[str, int]) -> str:
+        """The address with the password (``rediss://:PASSWORD@...``): for clients, never for output."""
+        address = self.address_of(endpoint)
+        if self.secured is None:
+            return address
+        scheme, rest = address.split("://", 1)
+        return f"{scheme}://:{self.secured.password}@{rest}"
 
     def probe(self, endpoint: dict[str, int]) -> bool:
-        return redis_ready(self.address_of(endpoint))
+        ca_file = self.secured.tls.ca_cert if self.secured is not None else None
+        return redis_ready(self.url_with_password(endpoint), ca_file=ca_file)
+
+    def _secured_args(self, port: int) -> list[str]:
+        """The TLS settings and the password go in a config file only we can read, not on the command line."""
+        assert self.secured is not None
+        tls = self.secured.tls
+        self.conf_file.touch(mode=0o600)
+        self.conf_file.write_text(
+            "# Written by infra/local.py (secured Redis); rewritten at every start.\n"
+            f"requirepass {self.secured.password}\n"
+            "port 0\n"
+            f"tls-port {port}\n"
+            f"tls-cert-file {tls.cert}\n"
+            f"tls-key-file {tls.key}\n"
+            f"tls-ca-cert-file {tls.ca_cert}\n"
+            "tls-auth-clients no\n"
+        )
+        return [str(self.conf_file)]
 
     def start(self, port: int, timeout: float = 30.0, die_with_parent: bool = False) -> Status:
         pid = self.running_pid()
@@ -545,10 +716,13 @@ class LocalRedis(_Service):
         self.dir.mkdir(parents=True, exist_ok=True)
         endpoint = {"port": port}
         self.endpoint_file.write_text(json.dumps(endpoint) + "\n")
+        config = self._secured_args(port) if self.secured is not None else []
+        port_args = [] if self.secured is not None else ["--port", str(port)]
         cmd = [
             server,
+            *config,
             "--bind", LOOPBACK,
-            "--port", str(port),
+            *port_args,
             "--save", "",
             "--appendonly", "no",
             "--daemonize", "no",
@@ -558,19 +732,25 @@ class LocalRedis(_Service):
         ]  # fmt: skip
         proc = self._spawn(cmd, self.out_file, die_with_parent)
         self._wait_ready(proc, endpoint, timeout, self.log_file)
-        return Status(self.name, "started", self.address_of(endpoint), proc.pid, "no persistence")
+        detail = "no persistence" + (", TLS and a password" if self.secured is not None else "")
+        return Status(self.name, "started", self.address_of(endpoint), proc.pid, detail)
 
 
 # -- readiness ---------------------------------------------------------------------------------
 
 
-def kafka_ready(bootstrap: str, timeout: float = 5.0) -> bool:
-    """Whether the Kafka at ``bootstrap`` answers a metadata request with a broker and a controller."""
+def kafka_ready(bootstrap: str, timeout: float = 5.0, **client_options: Any) -> bool:
+    """Whether the Kafka at ``bootstrap`` answers a metadata request with a broker and a controller.
+
+    ``client_options``: aiokafka's security keyword arguments (``security_protocol``, ``sasl_*``, ``ssl_context``).
+    """
 
     async def probe() -> bool:
         from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000), **client_options
+        )
         try:
             await asyncio.wait_for(admin.start(), timeout)
             cluster = await asyncio.wait_for(admin.describe_cluster(), timeout)
@@ -585,11 +765,12 @@ def kafka_ready(bootstrap: str, timeout: float = 5.0) -> bool:
             return False
 
 
-def redis_ready(url: str, timeout: float = 2.0) -> bool:
-    """Whether the Redis at ``url`` answers PING."""
+def redis_ready(url: str, timeout: float = 2.0, ca_file: Path | None = None) -> bool:
+    """Whether the Redis at ``url`` answers PING (``rediss://``: trusting ``ca_file``)."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    tls = {"ssl_ca_certs": str(ca_file)} if ca_file is not None else {}
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout, **tls)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -655,6 +836,96 @@ def up(
             LocalRedis(state_dir).start(redis_port, timeout=min(timeout, 60.0), die_with_parent=die_with_parent)
         )
     return statuses
+
+
+@dataclass(frozen=True)
+class SecuredServices:
+    """Where the secured Kafka and Redis of :func:`up_secured` listen, and how to log in."""
+
+    kafka_bootstrap: str
+    kafka_user: str
+    kafka_password: str
+    redis_url: str  #: ``rediss://:PASSWORD@127.0.0.1:PORT/0``
+    ca_file: Path
+    statuses: tuple[Status, ...]
+
+    MECHANISM = KafkaScram.MECHANISM
+
+    def client_env(self) -> dict[str, str]:
+        """The product's variables for a client of these servers."""
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": self.MECHANISM,
+            "KAFKA_SASL_USERNAME": self.kafka_user,
+            "KAFKA_SASL_PASSWORD": self.kafka_password,
+            "KAFKA_SSL_CAFILE": str(self.ca_file),
+            "REDIS_URL": self.redis_url,
+            "REDIS_SSL_CA_FILE": str(self.ca_file),
+        }
+
+
+def _secrets(state_dir: Path) -> dict[str, str]:
+    """The passwords of the secured servers: made once, kept in ``<state>/secrets.json`` (readable by us only)."""
+    path = Path(state_dir) / "secrets.json"
+    try:
+        return {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        pass
+    made = {name: secrets.token_urlsafe(18) for name in ("broker", "client", "redis")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(made) + "\n")
+    return made
+
+
+def secured_services(state_dir: Path, client_user: str = "loyalty") -> tuple[LocalKafka, LocalRedis, str]:
+    """The secured Kafka and Redis of ``state_dir`` (certificates, passwords made when missing), and the client user."""
+    state_dir = Path(state_dir).absolute()
+    tls = make_certificates(state_dir / "tls")
+    passwords = _secrets(state_dir)
+    scram = KafkaScram(tls, {"broker": passwords["broker"], client_user: passwords["client"]})
+    return LocalKafka(state_dir, scram=scram), LocalRedis(state_dir, RedisTls(tls, passwords["redis"])), client_user
+
+
+def up_secured(
+    state_dir: Path,
+    *,
+    kafka_port: int,
+    controller_port: int,
+    redis_port: int,
+    timeout: float = 120.0,
+    echo: Echo = print,
+    die_with_parent: bool = False,
+) -> SecuredServices:
+    """Start a Kafka with only a SASL_SSL (SCRAM-SHA-512) client listener and a TLS-only Redis with a password.
+
+    The CA and server certificate (``<state>/tls/``, by openssl) and the passwords (``<state>/secrets.json``)
+    are made on the first start; the SCRAM users (the broker's own and the client's) are written when the
+    storage is formatted. Stop them with :func:`down` on the same ``state_dir``.
+    """
+    problems = []
+    for check in (find_java, find_redis_server, find_openssl, (lambda: None) if jars_present() else find_mvn):
+        try:
+            check()
+        except InfraError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise InfraError("\n".join(problems))
+    kafka, redis, user = secured_services(state_dir)
+    assert kafka.scram is not None and redis.secured is not None
+    statuses = (
+        kafka.start(kafka_port, controller_port, timeout=timeout, echo=echo, die_with_parent=die_with_parent),
+        redis.start(redis_port, timeout=min(timeout, 60.0), die_with_parent=die_with_parent),
+    )
+    return SecuredServices(
+        kafka_bootstrap=statuses[0].address,
+        kafka_user=user,
+        kafka_password=kafka.scram.users[user],
+        redis_url=redis.url_with_password(redis.endpoint()),
+        ca_file=kafka.scram.tls.ca_cert,
+        statuses=statuses,
+    )
 
 
 def down(state_dir: Path, *, timeout: float = 30.0) -> list[Status]:

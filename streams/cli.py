@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from infra import local
 from metrics.events import INPUT_TOPICS
-from streams.settings import Settings, load_settings
+from streams.settings import Settings, load_settings, redact_url
 
 if TYPE_CHECKING:
     from streams.tools.simulate import SimulationOptions
@@ -45,7 +45,13 @@ def _fail(exc: Exception) -> click.ClickException:
 
 
 def _local_kafka_port(settings: Settings, flag: int | None) -> tuple[int, str | None]:
-    """Port for the local Kafka, and the external bootstrap string when KAFKA_BOOTSTRAP_SERVERS points elsewhere."""
+    """Port for the local Kafka, and the external bootstrap string when KAFKA_BOOTSTRAP_SERVERS points elsewhere.
+
+    A Kafka with another KAFKA_SECURITY_PROTOCOL than PLAINTEXT is always someone else's (as a Redis with a
+    password or TLS is): `up` starts only plaintext servers.
+    """
+    if settings.kafka_security_protocol != "PLAINTEXT":  # `up` starts a plaintext Kafka only
+        return flag or local.DEFAULT_KAFKA_PORT, settings.kafka_bootstrap_servers
     if not settings.is_set("kafka_bootstrap_servers"):
         return flag or local.DEFAULT_KAFKA_PORT, None
     servers = settings.bootstrap_servers
@@ -103,7 +109,7 @@ def up(kafka_port: int | None, controller_port: int | None, redis_port: int | No
             controller_port=controller_port,
             redis_port=r_port,
             external_kafka=k_external,
-            external_redis=r_external,
+            external_redis=redact_url(r_external) if r_external is not None else None,  # for the status line
             timeout=timeout,
             echo=click.echo,
         )
@@ -140,10 +146,26 @@ def status() -> None:
     _echo_status(local.status(settings.state_dir))
     if settings.is_set("kafka_bootstrap_servers"):
         click.echo(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}")
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        click.echo(" ".join(f"{name}={value}" for name, value in kafka_security_view(settings)))
     if settings.is_set("redis_url"):
-        from streams.tools.snapshot import redact
+        click.echo(f"REDIS_URL={settings.redis_url_redacted}")
+    if settings.redis_ssl_ca_file is not None:
+        click.echo(f"REDIS_SSL_CA_FILE={settings.redis_ssl_ca_file}")
 
-        click.echo(f"REDIS_URL={redact(settings.redis_url)}")
+
+def kafka_security_view(settings: Settings) -> list[tuple[str, str]]:
+    """The Kafka security settings that are set, the password as ``***``."""
+    values = {
+        "KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
+        "KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
+        "KAFKA_SASL_USERNAME": settings.kafka_sasl_username,
+        "KAFKA_SASL_PASSWORD": "***" if settings.kafka_sasl_password is not None else None,
+        "KAFKA_SSL_CAFILE": settings.kafka_ssl_cafile,
+        "KAFKA_SSL_CERTFILE": settings.kafka_ssl_certfile,
+        "KAFKA_SSL_KEYFILE": settings.kafka_ssl_keyfile,
+    }
+    return [(name, str(value)) for name, value in values.items() if value is not None]
 
 
 @main.command()
@@ -220,7 +242,7 @@ def snapshot(stores: tuple[str, ...], windows: tuple[str, ...], as_json: bool) -
     settings = _settings()
     wanted = list(windows) or list(settings.windows)
     try:
-        snapshots = read_snapshots(settings.redis_url, list(stores) or None, wanted)
+        snapshots = read_snapshots(settings, list(stores) or None, wanted)
     except SnapshotUnavailable as exc:
         click.echo(click.style(f"Error: {exc}", fg="red"), err=True)
         sys.exit(2)
@@ -406,14 +428,14 @@ def alerts(follow: bool, store: str | None, as_json: bool, count: int) -> None:
                 console.print(tool.alert_line(item))
 
     try:
-        recent = tool.read_recent(settings.redis_url, count, store)
+        recent = tool.read_recent(settings, count, store)
         if recent or not follow:
             show([alert for _, alert in recent], table=True)
         if not recent and not follow and not as_json:
             click.echo("no alerts in Redis", err=True)
         if follow:
             after = recent[-1][0] if recent else "$"
-            for _, alert in tool.follow(settings.redis_url, after, store):
+            for _, alert in tool.follow(settings, after, store):
                 show([alert], table=False)
     except SnapshotUnavailable as exc:
         click.echo(click.style(f"Error: {exc}", fg="red"), err=True)

@@ -14,16 +14,21 @@ frozen :class:`Settings`. Durations are parsed to milliseconds with
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from metrics.alerts import AlertConfig
 from metrics.timegrid import format_duration, parse_duration
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 def _env(name: str) -> Any:
@@ -85,6 +90,15 @@ class Settings(BaseSettings):
         "json", validation_alias=_env("LOYALTY_ALERT_WEBHOOK_FORMAT")
     )
     log_level: str = Field("info", validation_alias=_env("LOYALTY_LOG_LEVEL"))
+    # Kafka security (every Kafka client of the product) and Redis TLS
+    kafka_security_protocol: str = Field("PLAINTEXT", validation_alias=_env("KAFKA_SECURITY_PROTOCOL"))
+    kafka_sasl_mechanism: str | None = Field(None, validation_alias=_env("KAFKA_SASL_MECHANISM"))
+    kafka_sasl_username: str | None = Field(None, validation_alias=_env("KAFKA_SASL_USERNAME"))
+    kafka_sasl_password: SecretStr | None = Field(None, validation_alias=_env("KAFKA_SASL_PASSWORD"))
+    kafka_ssl_cafile: Path | None = Field(None, validation_alias=_env("KAFKA_SSL_CAFILE"))
+    kafka_ssl_certfile: Path | None = Field(None, validation_alias=_env("KAFKA_SSL_CERTFILE"))
+    kafka_ssl_keyfile: Path | None = Field(None, validation_alias=_env("KAFKA_SSL_KEYFILE"))
+    redis_ssl_ca_file: Path | None = Field(None, validation_alias=_env("REDIS_SSL_CA_FILE"))
 
     # -- parsing ---------------------------------------------------------------------------
 
@@ -145,7 +159,17 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a redis://, rediss:// or unix:// URL")
         return value
 
-    @field_validator("alert_webhook", mode="before")
+    @field_validator(
+        "alert_webhook",
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "redis_ssl_ca_file",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -164,10 +188,71 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
         return value
 
+    @field_validator("kafka_security_protocol", mode="before")
+    @classmethod
+    def _check_protocol(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            if value not in KAFKA_SECURITY_PROTOCOLS:
+                raise ValueError(f"{value!r} is not one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}")
+        return value
+
+    @field_validator("kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _check_mechanism(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            if not value:
+                return None
+            if value not in KAFKA_SASL_MECHANISMS:
+                raise ValueError(f"{value!r} is not one of {', '.join(KAFKA_SASL_MECHANISMS)}")
+        return value
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "redis_ssl_ca_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser().absolute()
+        if not value.is_file() or not os.access(value, os.R_OK):
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
     @field_validator("state_dir")
     @classmethod
     def _absolute_state_dir(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        protocol = self.kafka_security_protocol
+        sasl = protocol.startswith("SASL_")
+        if sasl:
+            missing = [
+                name
+                for name, value in (
+                    ("KAFKA_SASL_MECHANISM", self.kafka_sasl_mechanism),
+                    ("KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                    ("KAFKA_SASL_PASSWORD", self.kafka_sasl_password),
+                )
+                if value is None
+            ]
+            if missing:
+                raise ValueError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs {', '.join(missing)}")
+        elif self.kafka_sasl_mechanism or self.kafka_sasl_username or self.kafka_sasl_password:
+            raise ValueError(
+                f"KAFKA_SASL_* are set but KAFKA_SECURITY_PROTOCOL is {protocol} (SASL_SSL or SASL_PLAINTEXT uses them)"
+            )
+        ssl_files = (self.kafka_ssl_cafile, self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+        if not protocol.endswith("SSL") and any(ssl_files):
+            raise ValueError(
+                f"KAFKA_SSL_* files are set but KAFKA_SECURITY_PROTOCOL is {protocol} (SSL or SASL_SSL uses them)"
+            )
+        if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
+            raise ValueError("KAFKA_SSL_KEYFILE is set without KAFKA_SSL_CERTFILE")
+        if self.redis_ssl_ca_file and not self.redis_url.startswith("rediss://"):
+            raise ValueError("REDIS_SSL_CA_FILE is set but REDIS_URL is not a rediss:// (TLS) URL")
+        return self
 
     @model_validator(mode="after")
     def _check_grid(self) -> Settings:
@@ -241,9 +326,32 @@ class Settings(BaseSettings):
         """The Kafka topic name of ``name`` with ``LOYALTY_TOPIC_PREFIX`` applied."""
         return f"{self.topic_prefix}{name}"
 
+    @property
+    def redis_url_redacted(self) -> str:
+        """``REDIS_URL`` with its password shown as ``***`` (for messages and logs)."""
+        return redact_url(self.redis_url)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # the password of REDIS_URL never shows in a repr (SecretStr hides the SASL password)
+        for name, value in super().__repr_args__():
+            yield name, (redact_url(value) if name == "redis_url" else value)
+
     def is_set(self, field: str) -> bool:
         """Whether ``field`` was given explicitly (environment, ``.env`` or keyword) rather than defaulted."""
         return field in self.model_fields_set
+
+
+def redact_url(url: str) -> str:
+    """A URL without its password.
+
+    >>> redact_url("rediss://user:secret@cache:6380/0"), redact_url("redis://localhost:6379/0")
+    ('rediss://user:***@cache:6380/0', 'redis://localhost:6379/0')
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -5,11 +5,16 @@ in a temporary state folder, and stopped at the end of the session. When
 ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` are set, those servers are used instead and
 nothing is started for them. A missing ``java`` or ``redis-server`` FAILS the tests that
 need them (it never skips them).
+
+``secured_services`` is a second pair, started only when a test asks for it (tests/test_security.py):
+a Kafka whose one client listener is SASL_SSL with SCRAM-SHA-512 and a TLS-only Redis with a
+password (``infra.local.up_secured``: certificates by openssl, SCRAM users added at format time).
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +63,30 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         pytest.fail(f"REDIS_URL={external_redis} does not answer PING", pytrace=False)
     try:
         yield Services(kafka_bootstrap=kafka.address, redis_url=redis.address, state_dir=state_dir)
+    finally:
+        local.down(state_dir)
+
+
+@pytest.fixture(scope="session")
+def secured_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.SecuredServices]:
+    """A Kafka with only a SASL_SSL (SCRAM-SHA-512) listener and a TLS Redis with a password, for this session."""
+    state_dir = tmp_path_factory.mktemp("secured")
+    started = time.monotonic()
+    try:
+        secured = local.up_secured(
+            state_dir,
+            kafka_port=local.free_port(),
+            controller_port=local.free_port(),
+            redis_port=local.free_port(),
+            timeout=180,
+            die_with_parent=True,
+        )
+    except local.InfraError as exc:
+        local.down(state_dir)
+        pytest.fail(f"cannot start the secured Kafka/Redis for the tests:\n{exc}", pytrace=False)
+    print(f"secured Kafka and Redis up in {time.monotonic() - started:.1f}s")
+    try:
+        yield secured
     finally:
         local.down(state_dir)
 

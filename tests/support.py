@@ -18,12 +18,16 @@ from typing import Any, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from streams.connections import KafkaTarget, kafka_client_options
 from streams.tools.demo import stop_worker
 
 T = TypeVar("T")
 
 # Variables a test's child process must not inherit from the developer's shell.
-CONFIG_VARIABLES = ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL")
+CONFIG_VARIABLES = (
+    "KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "REDIS_SSL_CA_FILE", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD", "KAFKA_SSL_CAFILE", "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE",
+)
 
 
 def wait_for(
@@ -103,9 +107,9 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int:
     return stop_worker(proc, timeout)
 
 
-async def group_members(bootstrap: str, group: str) -> int:
+async def group_members(kafka: KafkaTarget, group: str) -> int:
     """How many members the consumer group has (in any state)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_client_options(kafka))
     await admin.start()
     try:
         (response,) = await admin.describe_consumer_groups([group])
@@ -116,9 +120,9 @@ async def group_members(bootstrap: str, group: str) -> int:
         await admin.close()
 
 
-async def group_is_stable(bootstrap: str, group: str, members: int) -> bool:
-    """Whether the consumer group is Stable with exactly ``members`` members."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def group_is_stable(kafka: KafkaTarget, group: str, members: int) -> bool:
+    """Whether the consumer group is Stable with exactly ``members`` members (``kafka``: a bootstrap or settings)."""
+    admin = AIOKafkaAdminClient(**kafka_client_options(kafka))
     await admin.start()
     try:
         (response,) = await admin.describe_consumer_groups([group])

@@ -144,6 +144,25 @@ def test_up_starts_nothing_for_servers_configured_elsewhere(user: User) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("external") == 2, result.stdout
     assert pids(user.state_dir) == (None, None)
+    assert "secret" not in result.stdout + result.stderr
+
+
+def test_up_starts_no_plaintext_kafka_for_a_secured_one_on_loopback(user: User) -> None:
+    """A loopback Kafka with SASL_SSL settings is someone else's: `up` starts only plaintext servers."""
+    result = user.run(
+        *user.up_args,
+        PATH=str(user.cwd),  # no java: none is needed
+        KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{user.ports['kafka']}",
+        KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+        KAFKA_SASL_MECHANISM="SCRAM-SHA-512",
+        KAFKA_SASL_USERNAME="loyalty",
+        KAFKA_SASL_PASSWORD="kafka-secret",
+        REDIS_URL="rediss://:redis-secret@127.0.0.1:6380/0",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("external") == 2, result.stdout
+    assert pids(user.state_dir) == (None, None)
+    assert "secret" not in result.stdout + result.stderr
 
 
 def test_invalid_configuration_is_reported_without_traceback(user: User) -> None:

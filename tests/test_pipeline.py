@@ -125,6 +125,46 @@ def produce_plan() -> tuple[list[tuple[str, bytes | None]], Counter[str], list[E
     return messages, expected_reasons, valid
 
 
+def reference_of(valid: list[Event]) -> tuple[dict[tuple[str, int], dict[str, Any]], int, dict[int, str]]:
+    """The batch reference of the valid events as of the last accepted one: (numbers, as_of_ms, window names)."""
+    accepted = accepted_events(valid)
+    as_of_ms = max(event.occurred_at_ms for event in accepted)
+    windows_ms = tuple(parse_duration(w) for w in WINDOWS)
+    reference = reference_all(accepted, windows_ms=windows_ms, as_of_ms=as_of_ms,
+                              config=ReferenceConfig(bucket_ms=60_000, horizon_ms=parse_duration(HORIZON)))
+    return reference, as_of_ms, dict(zip(windows_ms, WINDOWS, strict=True))
+
+
+async def redis_problems(redis: aioredis.Redis, reference: dict[tuple[str, int], dict[str, Any]], as_of_ms: int,
+                         window_name: dict[int, str]) -> list[str]:
+    """How the metric hashes in Redis differ from the reference as of ``as_of_ms`` (empty: equal)."""
+    problems = []
+    for (store, window_ms), expected in reference.items():
+        key = metric_key(store, window_name[window_ms])
+        stored = await redis.hgetall(key)
+        if stored.get("as_of_ms") != str(as_of_ms):
+            problems.append(f"{key}: as_of_ms {stored.get('as_of_ms')} != {as_of_ms}")
+            continue
+        actual = {name: parse_redis_field(name, stored.get(name, "")) for name in expected}
+        problems.extend(f"{key} {p}" for p in metric_differences(actual, expected))
+    return problems
+
+
+def start_worker(env: dict[str, str], work_dir: Path, number: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """A ``loyalty worker`` process with its own web port, its output in ``worker-N.log``."""
+    log_path = work_dir / f"worker-{number}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*loyalty_command(), "worker"],
+            env={**env, "LOYALTY_WEB_PORT": str(free_port())},
+            cwd=work_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    return process, log_path
+
+
 async def read_topic(bootstrap: str, topic: str, until: Any, timeout: float) -> list[Any]:
     """Every message of a topic from the start, until ``until(messages)`` holds."""
     consumer = AIOKafkaConsumer(
@@ -174,13 +214,8 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
     """
     workers, start, database, store = RUNS[run]
     messages, expected_reasons, valid = produce_plan()
-    accepted = accepted_events(valid)
     assert len(valid) >= 20_000
-    as_of_ms = max(event.occurred_at_ms for event in accepted)
-    windows_ms = tuple(parse_duration(w) for w in WINDOWS)
-    reference = reference_all(accepted, windows_ms=windows_ms, as_of_ms=as_of_ms,
-                              config=ReferenceConfig(bucket_ms=60_000, horizon_ms=parse_duration(HORIZON)))
-    window_name = dict(zip(windows_ms, WINDOWS, strict=True))
+    reference, as_of_ms, window_name = reference_of(valid)
 
     bootstrap = services.kafka_bootstrap
     # Redis keys are fixed by the SPEC: each run gets a database of its own
@@ -203,22 +238,9 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
     )
     processes: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start_worker(number: int) -> None:
-        log_path = tmp_path / f"worker-{number}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [*loyalty_command(), "worker"],
-                env={**env, "LOYALTY_WEB_PORT": str(free_port())},
-                cwd=tmp_path,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        processes.append((process, log_path))
-
     first = workers if start == "stable" else 1
     for number in range(first):
-        start_worker(number)
+        processes.append(start_worker(env, tmp_path, number))
 
     def logs() -> str:
         return "\n".join(f"--- {path.name}\n{tail(path, 40)}" for _, path in processes)
@@ -258,7 +280,7 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
             await async_wait_for(processing, timeout=120, interval=0.1,
                                  message=lambda: f"the first worker applies no events\n{logs()}")
             for number in range(first, workers):
-                start_worker(number)
+                processes.append(start_worker(env, tmp_path, number))
             joined_at: float | None = None
             position, step = head, 40
             while position < len(messages):
@@ -275,15 +297,7 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
             for process, _ in processes:
                 if process.poll() is not None:
                     raise AssertionError(f"a worker exited with {process.returncode}:\n{logs()}")
-            problems = []
-            for (store, window_ms), expected in reference.items():
-                key = metric_key(store, window_name[window_ms])
-                stored = await redis.hgetall(key)
-                if stored.get("as_of_ms") != str(as_of_ms):
-                    problems.append(f"{key}: as_of_ms {stored.get('as_of_ms')} != {as_of_ms}")
-                    continue
-                actual = {name: parse_redis_field(name, stored.get(name, "")) for name in expected}
-                problems.extend(f"{key} {p}" for p in metric_differences(actual, expected))
+            problems = await redis_problems(redis, reference, as_of_ms, window_name)
             last_problems[:] = problems
             return not problems
 

@@ -19,7 +19,8 @@ VARIABLES = (
     "LOYALTY_ALERT_WINDOW", "LOYALTY_ALERT_STEP", "LOYALTY_ALERT_K", "LOYALTY_ALERT_MIN_CHURNED",
     "LOYALTY_ALERT_MIN_RESPONSES", "LOYALTY_ALERT_COOLDOWN", "LOYALTY_ALERT_HALF_LIFE", "LOYALTY_ALERT_WARMUP",
     "LOYALTY_ALERT_GRACE", "LOYALTY_ALERT_IDLE", "LOYALTY_ALERT_WEBHOOK", "LOYALTY_ALERT_WEBHOOK_FORMAT",
-    "LOYALTY_LOG_LEVEL",
+    "LOYALTY_LOG_LEVEL", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD", "KAFKA_SSL_CAFILE", "KAFKA_SSL_CERTFILE", "KAFKA_SSL_KEYFILE", "REDIS_SSL_CA_FILE",
 )  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,9 @@ def test_defaults_are_the_spec_defaults(tmp_path: Path) -> None:
     assert s.alert_webhook_format == "json"
     assert s.alert_config() == AlertConfig()
     assert s.log_level == "info"
+    assert s.kafka_security_protocol == "PLAINTEXT"
+    assert (s.kafka_sasl_mechanism, s.kafka_sasl_username, s.kafka_sasl_password) == (None, None, None)
+    assert (s.kafka_ssl_cafile, s.kafka_ssl_certfile, s.kafka_ssl_keyfile, s.redis_ssl_ca_file) == (None,) * 4
     assert s.model_fields_set == set()
 
 
@@ -151,6 +155,112 @@ def test_invalid_values_are_rejected(monkeypatch: pytest.MonkeyPatch, name: str,
         load_settings()
 
 
+@pytest.mark.parametrize(
+    ("variables", "complaint"),
+    [
+        ({"KAFKA_SECURITY_PROTOCOL": "TLS"}, "not one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"),
+        ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "GSSAPI", "KAFKA_SASL_USERNAME": "u",
+          "KAFKA_SASL_PASSWORD": "p"}, "not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+        ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"},
+         "SASL_SSL needs KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD"),
+        ({"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_MECHANISM": "PLAIN", "KAFKA_SASL_USERNAME": "u"},
+         "needs KAFKA_SASL_PASSWORD"),
+        ({"KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p"}, "KAFKA_SECURITY_PROTOCOL is PLAINTEXT"),
+        ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "", "KAFKA_SASL_USERNAME": "u",
+          "KAFKA_SASL_PASSWORD": "p"}, "needs KAFKA_SASL_MECHANISM"),
+        ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": "missing-ca.pem"}, "missing-ca.pem is not a readable"),
+        ({"KAFKA_SSL_CAFILE": "ca.pem"}, "KAFKA_SSL_\\* files are set but KAFKA_SECURITY_PROTOCOL is PLAINTEXT"),
+        ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_KEYFILE": "ca.pem"}, "without KAFKA_SSL_CERTFILE"),
+        ({"REDIS_SSL_CA_FILE": "missing-ca.pem"}, "missing-ca.pem is not a readable"),
+        ({"REDIS_SSL_CA_FILE": "ca.pem"}, "REDIS_URL is not a rediss://"),
+    ],
+)
+def test_invalid_security_settings_are_rejected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variables: dict[str, str], complaint: str
+) -> None:
+    """Unknown protocols or mechanisms, SASL without credentials, unreadable or unused files: a clear error."""
+    (tmp_path / "ca.pem").write_text("not checked here\n")
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=complaint):
+        load_settings()
+
+
+def test_sasl_ssl_settings_make_client_options_and_hide_secrets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """SASL_SSL with SCRAM and a CA file: aiokafka options, Faust credentials, and no secret in any repr."""
+    import faust
+
+    from streams.connections import faust_credentials, kafka_client_options, redis_options
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text(CA_PEM)
+    for name, value in {
+        "KAFKA_BOOTSTRAP_SERVERS": "broker-1.example:9093,broker-2.example:9093",
+        "KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+        "KAFKA_SASL_MECHANISM": "scram-sha-512",
+        "KAFKA_SASL_USERNAME": "loyalty",
+        "KAFKA_SASL_PASSWORD": "kafka-s3cret",
+        "KAFKA_SSL_CAFILE": str(ca),
+        "REDIS_URL": "rediss://:redis-s3cret@cache.example:6380/0",
+        "REDIS_SSL_CA_FILE": str(ca),
+    }.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings()
+    assert (s.kafka_security_protocol, s.kafka_sasl_mechanism) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert s.kafka_sasl_password is not None and s.kafka_sasl_password.get_secret_value() == "kafka-s3cret"
+    for text in (repr(s), str(s), s.redis_url_redacted):
+        assert "kafka-s3cret" not in text and "redis-s3cret" not in text
+    assert "rediss://:***@cache.example:6380/0" in repr(s)
+
+    options = kafka_client_options(s)
+    context = options.pop("ssl_context")
+    assert options == {
+        "bootstrap_servers": "broker-1.example:9093,broker-2.example:9093",
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "loyalty",
+        "sasl_plain_password": "kafka-s3cret",
+    }
+    assert context.check_hostname and context.verify_mode.name == "CERT_REQUIRED"
+    credentials = faust_credentials(s)
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert (credentials.protocol.value, credentials.mechanism.value) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert credentials.ssl_context is context and "kafka-s3cret" not in repr(credentials)
+    url, redis_kwargs = redis_options(s)
+    assert url == "rediss://:redis-s3cret@cache.example:6380/0" and redis_kwargs["ssl_ca_certs"] == str(ca)
+    assert redis_kwargs["socket_timeout"] and redis_kwargs["socket_connect_timeout"]
+
+
+def test_ssl_settings_make_tls_clients_without_sasl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """SSL alone: a verifying TLS context for aiokafka and Faust's SSLCredentials, no SASL options."""
+    import faust
+
+    from streams.connections import faust_credentials, kafka_client_options
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text(CA_PEM)
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("KAFKA_SSL_CAFILE", str(ca))
+    s = load_settings()
+    options = kafka_client_options(s)
+    assert sorted(options) == ["bootstrap_servers", "security_protocol", "ssl_context"]
+    credentials = faust_credentials(s)
+    assert isinstance(credentials, faust.SSLCredentials)
+    assert credentials.protocol.value == "SSL" and credentials.context is options["ssl_context"]
+
+
+def test_plaintext_settings_make_plain_clients() -> None:
+    """The default: PLAINTEXT Kafka without Faust credentials, Redis without a CA."""
+    from streams.connections import faust_credentials, kafka_client_options, redis_options
+
+    s = load_settings()
+    assert kafka_client_options(s) == {"bootstrap_servers": "localhost:9092", "security_protocol": "PLAINTEXT"}
+    assert faust_credentials(s) is None
+    assert "ssl_ca_certs" not in redis_options(s)[1]
+
+
 def test_keywords_by_field_name() -> None:
     s = Settings(app_id="kw", store="memory", windows="1h")  # type: ignore[call-arg]
     assert (s.app_id, s.store, s.windows) == ("kw", "memory", ("1h",))
@@ -163,3 +273,18 @@ def test_env_example_and_readme_list_every_variable() -> None:
     for name in VARIABLES:
         assert f"{name}=" in example, name
         assert f"`{name}`" in readme, name
+
+
+#: a self-signed CA certificate (its key was thrown away): the test that loads it only builds a TLS context
+CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBijCCATGgAwIBAgIUYD7X3l19+Tze40aWvPgXeYUXRXEwCgYIKoZIzj0EAwIw
+GjEYMBYGA1UEAwwPbG95YWx0eSB0ZXN0IENBMCAXDTI2MTIwMzEzNDcxNloYDzIx
+MjYxMTA5MTM0NzE2WjAaMRgwFgYDVQQDDA9sb3lhbHR5IHRlc3QgQ0EwWTATBgcq
+hkjOPQIBBggqhkjOPQMBBwNCAAS4ifffybi/fV5Lh2D0cQPrPTIbVquQPvq+HPd4
+h5H2DXdQmiq+AzlsJQ5wHFjuzaRFLLxTPLc15Qu2nYMlt7Pvo1MwUTAdBgNVHQ4E
+FgQUCWTfIIPZhO8uyu4Q5ShZ7m+A0r0wHwYDVR0jBBgwFoAUCWTfIIPZhO8uyu4Q
+5ShZ7m+A0r0wDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNHADBEAiAqdLoI
+PVvE49ZA/szFFFZ4JTb1XCD5PXUdyg9nsjM+3gIgMwMG+nbLGuEGuxoOh/ZJusCv
+U8ZJVql6AAmuSGt3Qfg=
+-----END CERTIFICATE-----
+"""

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from streams.connections import RedisTarget, async_redis
 from streams.dashboard.data import ALERTS_KEY
 from streams.logs import get_logger
 from streams.sinks.redis_sink import UPDATES_CHANNEL
@@ -75,13 +76,13 @@ class Hub:
 
     def __init__(
         self,
-        redis_url: str,
+        redis: RedisTarget,
         *,
         first_backoff: float = 0.25,
         max_backoff: float = 10.0,
         health_check_interval: float = 5.0,
     ) -> None:
-        self.redis_url = redis_url
+        self.redis = redis
         self.first_backoff = first_backoff
         self.max_backoff = max_backoff
         self.health_check_interval = health_check_interval
@@ -147,9 +148,8 @@ class Hub:
         """Subscribe, dispatch, and on any Redis failure reconnect with backoff; until cancelled."""
         delays = backoff_delays(self.first_backoff, self.max_backoff)
         while not self._stopping:
-            client = aioredis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=5, health_check_interval=self.health_check_interval
-            )
+            # no socket timeout: the subscription waits for messages; the health checks find a dead connection
+            client = async_redis(self.redis, timeout=None, health_check_interval=self.health_check_interval)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(*CHANNELS)

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from metrics.catalog import METRIC_NAMES
+from streams.connections import async_redis
 from streams.dashboard import prometheus
 from streams.dashboard.data import (
     NUMERIC_METRICS,
@@ -229,10 +230,8 @@ def create_app(settings: Settings, hub: Hub | None = None) -> web.Application:
     """The dashboard application for ``settings`` (its hub starts with the app)."""
     app = web.Application(middlewares=[_middleware])
     app[SETTINGS] = settings
-    app[REDIS] = aioredis.Redis.from_url(
-        settings.redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-    )
-    app[HUB] = hub or Hub(settings.redis_url)
+    app[REDIS] = async_redis(settings, timeout=REDIS_TIMEOUT_S, connect_timeout=REDIS_TIMEOUT_S)
+    app[HUB] = hub or Hub(settings)
     app.router.add_get("/", index)
     app.router.add_get("/api/meta", meta)
     app.router.add_get("/api/snapshot", snapshot)

@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from streams.connections import KafkaTarget, kafka_client_options
+
 DEAD_LETTER_SCHEMA = "loyalty.dead_letter.v1"
 
 
@@ -64,7 +66,7 @@ def dead_letter_partition(topic: str, partition: int, partitions: int) -> int:
 class _Positions:
     """Per dead-letter partition, a position at or before every dead letter a reader sends from now on."""
 
-    bootstrap_servers: str
+    kafka: KafkaTarget
     topic: str
 
     def __init__(self) -> None:
@@ -84,7 +86,7 @@ class _Positions:
 
         if not partitions:
             return []
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(**kafka_client_options(self.kafka), enable_auto_commit=False)
         await consumer.start()
         try:
             ends = await consumer.end_offsets([TopicPartition(self.topic, p) for p in sorted(partitions)])
@@ -112,9 +114,9 @@ class DeadLetterLedger(_Positions):
     :meth:`already_sent` keeps them from being sent twice.
     """
 
-    def __init__(self, bootstrap_servers: str, dead_letter_topic: str, partitions: int) -> None:
+    def __init__(self, kafka: KafkaTarget, dead_letter_topic: str, partitions: int) -> None:
         super().__init__()
-        self.bootstrap_servers = bootstrap_servers
+        self.kafka = kafka
         self.topic = dead_letter_topic
         self.partitions = partitions
         #: input (topic, partition) -> identities (offset, index) of dead letters already in the topic
@@ -179,9 +181,9 @@ class StageLedger(_Positions):
     keeps the dead letters found there, of its ``reasons``, from being sent twice.
     """
 
-    def __init__(self, bootstrap_servers: str, dead_letter_topic: str, partitions: int, reasons: set[str]) -> None:
+    def __init__(self, kafka: KafkaTarget, dead_letter_topic: str, partitions: int, reasons: set[str]) -> None:
         super().__init__()
-        self.bootstrap_servers = bootstrap_servers
+        self.kafka = kafka
         self.topic = dead_letter_topic
         self.partitions = partitions
         self.reasons = reasons

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from streams.connections import RedisTarget, async_redis
 from streams.sinks.snapshots import decimal_text, dumps
 
 HISTORY_MAXLEN = 10_000
@@ -65,10 +66,8 @@ def parse_redis_field(name: str, text: str) -> object:
 class RedisSink:
     """Writes snapshots to Redis, one MULTI/EXEC each, never moving ``as_of_ms`` back."""
 
-    def __init__(self, url: str) -> None:
-        self.client = aioredis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-        )
+    def __init__(self, target: RedisTarget) -> None:
+        self.client = async_redis(target, timeout=REDIS_TIMEOUT_S, connect_timeout=REDIS_TIMEOUT_S)
         self._last_as_of: dict[str, int] = {}
 
     async def server_run_id(self) -> str:

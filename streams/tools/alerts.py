@@ -10,8 +10,9 @@ import redis
 from rich.table import Table
 from rich.text import Text
 
+from streams.connections import RedisTarget, redis_failure, sync_redis
 from streams.sinks.redis_sink import ALERTS_KEY
-from streams.tools.snapshot import SnapshotUnavailable, redact
+from streams.tools.snapshot import SnapshotUnavailable
 
 #: how long one XREAD of ``--follow`` blocks (ms) before it asks again
 FOLLOW_BLOCK_MS = 5_000
@@ -31,36 +32,35 @@ def _decode(entries: Sequence[Any], store: str | None) -> list[tuple[str, dict[s
     return alerts
 
 
-def _client(redis_url: str) -> redis.Redis:
-    return redis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5,
-                                socket_timeout=(FOLLOW_BLOCK_MS / 1000) + 10)
+def _client(target: RedisTarget) -> redis.Redis:
+    return sync_redis(target, decode_responses=True, connect_timeout=5, timeout=(FOLLOW_BLOCK_MS / 1000) + 10)
 
 
-def read_recent(redis_url: str, count: int, store: str | None) -> list[tuple[str, dict[str, Any]]]:
+def read_recent(target: RedisTarget, count: int, store: str | None) -> list[tuple[str, dict[str, Any]]]:
     """The latest ``count`` alerts (of ``store`` when given), oldest first, with their stream ids.
 
     With a store, up to 20 times ``count`` entries are scanned to find ``count`` of it.
     Raises :class:`SnapshotUnavailable` when Redis cannot be reached.
     """
-    client = _client(redis_url)
+    client = _client(target)
     try:
         entries: list[Any] = client.xrevrange(ALERTS_KEY, count=count if store is None else 20 * count) or []
     except redis.RedisError as exc:
-        raise SnapshotUnavailable(f"cannot read Redis at {redact(redis_url)}: {exc}") from None
+        raise SnapshotUnavailable(redis_failure(target, exc)) from None
     finally:
         client.close()
     return _decode(entries[::-1], store)[-count:]
 
 
-def follow(redis_url: str, after: str, store: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+def follow(target: RedisTarget, after: str, store: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
     """The alerts added after the stream id ``after``, as they come (XREAD BLOCK), until interrupted."""
-    client = _client(redis_url)
+    client = _client(target)
     try:
         while True:
             try:
                 reply: Any = client.xread({ALERTS_KEY: after}, block=FOLLOW_BLOCK_MS, count=100)
             except redis.RedisError as exc:
-                raise SnapshotUnavailable(f"cannot read Redis at {redact(redis_url)}: {exc}") from None
+                raise SnapshotUnavailable(redis_failure(target, exc)) from None
             for _, entries in reply or []:
                 if entries:
                     after = str(entries[-1][0])

@@ -34,6 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from infra import local
+from streams.connections import async_redis, redis_failure
 from streams.dashboard.server import dashboard_url
 from streams.settings import Settings
 from streams.sinks.redis_sink import metric_key, parse_redis_field, read_health
@@ -226,7 +227,7 @@ async def _show(
 
     simulation = asyncio.create_task(run_simulation(settings, options.simulation, on_progress, stop))
     stores = [f"store-{index + 1}" for index in range(options.simulation.stores)] + [ALL_STORES]
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = async_redis(settings, timeout=5)
     baseline: dict[str, int] | None = None
     failure = ""
     deadline = time.monotonic() + options.duration_s if options.duration_s else None
@@ -247,7 +248,7 @@ async def _show(
                     health = {name: count - baseline.get(name, 0) for name, count in health.items()}
                     status = _status_line(stats, rate, worker, health, log_path)
                 except (aioredis.RedisError, OSError) as exc:
-                    headlines, status = {}, f"Redis at {settings.redis_url} does not answer: {exc}"
+                    headlines, status = {}, redis_failure(settings, exc)
                 live.update(render(headlines, stores, options.window, status, int(time.time() * 1000)),
                             refresh=True)
                 if stop.is_set():

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis
@@ -25,6 +24,8 @@ from rich.table import Table
 from rich.text import Text
 
 from metrics.catalog import ALL_STORES, COUNT, MAP, METRIC_KINDS, METRIC_NAMES
+from streams.connections import RedisTarget, redis_failure, sync_redis
+from streams.settings import redact_url
 from streams.sinks.redis_sink import STORES_KEY, metric_key
 from streams.sinks.snapshots import decimal_text
 
@@ -49,16 +50,12 @@ class SnapshotUnavailable(Exception):
 
 
 def redact(url: str) -> str:
-    """A Redis URL without its password.
+    """A Redis URL without its password (:func:`streams.settings.redact_url`).
 
     >>> redact("redis://user:secret@cache:6379/0"), redact("redis://localhost:6379/0")
     ('redis://user:***@cache:6379/0', 'redis://localhost:6379/0')
     """
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return redact_url(url)
 
 
 def natural_key(text: str) -> tuple[Any, ...]:
@@ -109,14 +106,14 @@ def _snapshot(fields: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def read_snapshots(redis_url: str, stores: Sequence[str] | None, windows: Sequence[str]) -> Snapshots:
+def read_snapshots(target: RedisTarget, stores: Sequence[str] | None, windows: Sequence[str]) -> Snapshots:
     """``{store: {window: {"as_of_ms", "currency", "metrics"}}}`` of the hashes that exist.
 
     ``stores`` ``None`` means ``*`` and every store of ``loyalty:stores``. Stores and
     windows without a hash are left out (an empty dict when Redis holds nothing).
     Raises :class:`SnapshotUnavailable` when Redis cannot be reached.
     """
-    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15)
+    client = sync_redis(target, decode_responses=True, connect_timeout=5, timeout=15)
     try:
         if stores is None:
             members = {str(member) for member in client.smembers(STORES_KEY)}
@@ -127,7 +124,7 @@ def read_snapshots(redis_url: str, stores: Sequence[str] | None, windows: Sequen
             pipe.hgetall(metric_key(store, window))
         hashes = pipe.execute()
     except redis.RedisError as exc:
-        raise SnapshotUnavailable(f"cannot read Redis at {redact(redis_url)}: {exc}") from None
+        raise SnapshotUnavailable(redis_failure(target, exc)) from None
     finally:
         client.close()
     out: Snapshots = {}

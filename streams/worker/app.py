@@ -11,6 +11,7 @@ from typing import Any
 import faust
 from faust.transport.drivers.aiokafka import Producer
 
+from streams.connections import faust_credentials
 from streams.settings import Settings, load_settings
 from streams.worker.pipeline import register_pipeline
 
@@ -22,6 +23,8 @@ def faust_options(settings: Settings) -> dict[str, object]:
     """Keyword arguments of :class:`faust.App` for ``settings`` (separate so tests can inspect them)."""
     return {
         "broker": settings.broker_urls,
+        # SASL and TLS of KAFKA_SECURITY_PROTOCOL (None: PLAINTEXT)
+        "broker_credentials": faust_credentials(settings),
         "store": STORES[settings.store],
         "datadir": str(settings.state_dir / "worker" / f"{settings.app_id}-{settings.web_port}"),
         "autodiscover": False,

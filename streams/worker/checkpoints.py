@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from streams.connections import KafkaTarget, kafka_client_options
 from streams.logs import get_logger
 from streams.worker.log_reader import read_to_end
 
@@ -67,10 +68,10 @@ def _key(*parts: object) -> bytes:
 class Checkpoints:
     """Writes and reads the checkpoints of one worker's deltas partitions."""
 
-    def __init__(self, producer: Any, bootstrap_servers: str, topic: str) -> None:
+    def __init__(self, producer: Any, kafka: KafkaTarget, topic: str) -> None:
         #: an aiokafka producer (the worker's own); tombstones need a value of ``None``, which it sends as is
         self._producer = producer
-        self.bootstrap_servers = bootstrap_servers
+        self.kafka = kafka
         self.topic = topic
         #: (partition, store) -> its store record as last written or read
         self.records: dict[tuple[int, str], dict[str, Any]] = {}
@@ -122,7 +123,7 @@ class Checkpoints:
         tps = [TopicPartition(self.topic, partition) for partition in partitions]
         if tps:
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap_servers,
+                **kafka_client_options(self.kafka),
                 enable_auto_commit=False,
                 max_partition_fetch_bytes=8 * 1024 * 1024,
                 fetch_max_bytes=64 * 1024 * 1024,

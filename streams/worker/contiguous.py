@@ -30,6 +30,7 @@ from aiokafka.errors import CoordinatorLoadInProgressError, GroupCoordinatorNotA
 from aiokafka.structs import OffsetAndMetadata
 from faust.types import TP
 
+from streams.connections import KafkaTarget, kafka_client_options
 from streams.logs import get_logger
 from streams.worker.log_reader import read_to_end
 
@@ -49,10 +50,10 @@ Message = tuple[int, int, bytes]
 class Contiguous:
     """The next offset to process per partition of one stage input topic (see the module docstring)."""
 
-    def __init__(self, app: Any, topic: Any, bootstrap: str, partitions: int, *, group_id: str | None) -> None:
+    def __init__(self, app: Any, topic: Any, kafka: KafkaTarget, partitions: int, *, group_id: str | None) -> None:
         self.app = app
         self.topic = topic
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.partitions = partitions
         #: the consumer group whose committed offsets start a partition (``None``: the stage seeds them)
         self.group_id = group_id
@@ -166,7 +167,7 @@ class Contiguous:
 
         This keeps a repartition topic's disk near what is in flight, as Kafka Streams does.
         """
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = AIOKafkaAdminClient(**kafka_client_options(self.kafka))
         try:
             await admin.start()
             await admin.delete_records({tp: RecordsToDelete(before_offset=offset) for tp, offset in below.items()})
@@ -228,7 +229,7 @@ class Contiguous:
         """The group's committed offsets; retried while the group's coordinator is not ready yet."""
         delay = 0.1
         while True:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            admin = AIOKafkaAdminClient(**kafka_client_options(self.kafka))
             try:
                 await admin.start()
                 return dict(await admin.list_consumer_group_offsets(self.group_id, partitions=tps))
@@ -241,7 +242,7 @@ class Contiguous:
 
     def _consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+            **kafka_client_options(self.kafka),
             enable_auto_commit=False,
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )

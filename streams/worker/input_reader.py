@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
+from streams.connections import KafkaTarget, kafka_client_options
 from streams.logs import get_logger
 
 log = get_logger(__name__)
@@ -62,7 +63,7 @@ class CommitHooks(Protocol):
 
 
 async def read_inputs(
-    bootstrap_servers: str,
+    kafka: KafkaTarget,
     topics: Sequence[str],
     group_id: str,
     handle: Handler,
@@ -76,7 +77,7 @@ async def read_inputs(
     partition without a commit is committed at its beginning first, so that it has metadata.
     """
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
+        **kafka_client_options(kafka),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

@@ -31,6 +31,14 @@ def use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+async def check_access(settings: Settings) -> None:
+    """Kafka and Redis accept the configured credentials and certificates (else their access errors)."""
+    from streams.connections import check_kafka, check_redis
+
+    await check_kafka(settings)
+    await check_redis(settings)
+
+
 def run_worker(settings: Settings, extend: Callable[[faust.App], None] | None = None) -> None:
     """Create the pipeline's topics, then run a worker of :func:`streams.worker.app.create_app` until stopped.
 
@@ -40,11 +48,18 @@ def run_worker(settings: Settings, extend: Callable[[faust.App], None] | None = 
     gc.set_threshold(*GC_THRESHOLDS)
     from faust import Worker
 
+    from streams.connections import KafkaAccessError, RedisAccessError
     from streams.logs import configure_logging, logging_config
     from streams.worker.app import create_app
     from streams.worker.topics import ensure_pipeline_topics
 
     configure_logging(settings.log_level)
+    try:
+        # a wrong password or an untrusted certificate is a configuration error: say so and stop (Redis being
+        # down is not: the worker waits for it)
+        asyncio.run(check_access(settings))
+    except (KafkaAccessError, RedisAccessError) as error:
+        raise WorkerStartError(str(error)) from None
     try:
         asyncio.run(ensure_pipeline_topics(settings))
     except Exception as error:  # Kafka unreachable: say so, no traceback

@@ -10,18 +10,19 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from metrics.events import INPUT_TOPICS
+from streams.connections import KafkaAccessError, KafkaTarget, check_kafka, kafka_client_options
 from streams.settings import Settings
 
 
 async def ensure_topics(
-    bootstrap: str,
+    kafka: KafkaTarget,
     names: Iterable[str],
     partitions: int,
     replication: int = 1,
     config: dict[str, str] | None = None,
 ) -> None:
     """Create the topics that do not exist yet (existing ones are left as they are)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_client_options(kafka))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -87,7 +88,7 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
     """
     await ensure_input_topics(settings)
     await ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [internal_topic(settings, name) for name in INTERNAL_TOPICS if name not in TOPIC_CONFIGS]
         + [settings.topic(ALERTS_TOPIC)],
         settings.partitions,
@@ -104,28 +105,28 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
     )
     for name, config in TOPIC_CONFIGS.items():
         await ensure_topics(
-            settings.kafka_bootstrap_servers,
+            settings,
             [internal_topic(settings, name)],
             settings.partitions,
             settings.replication_factor,
             config=config,
         )
     await ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [internal_topic(settings, STAR_PARTIALS_TOPIC)],
         1,
         settings.replication_factor,
         config={"cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"},
     )
     await ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [internal_topic(settings, STAR_SAMPLES_TOPIC)],
         1,
         settings.replication_factor,
         config={"retention.ms": str(STAR_SAMPLES_RETENTION_MS)},
     )
     await ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [settings.topic(OUTPUT_TOPIC)],
         settings.partitions,
         settings.replication_factor,
@@ -136,7 +137,7 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
     from streams.worker.tables import CHANGELOG_CONFIG, TABLE_NAMES
 
     await ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [f"{settings.app_id}-{name}-changelog" for name in TABLE_NAMES],
         settings.partitions,
         settings.replication_factor,
@@ -147,7 +148,7 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
 async def ensure_input_topics(settings: Settings) -> None:
     """The five input topics with ``LOYALTY_PARTITIONS`` partitions, so that producers never auto-create them."""
     await ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [settings.topic(name) for name in INPUT_TOPICS],
         settings.partitions,
         settings.replication_factor,
@@ -161,8 +162,12 @@ class KafkaUnreachable(Exception):
 async def start_input_producer(settings: Settings, *, linger_ms: int) -> AIOKafkaProducer:
     """A started, idempotent producer for the input topics, which it creates first when missing."""
     servers = settings.kafka_bootstrap_servers
+    try:
+        await check_kafka(settings)
+    except KafkaAccessError as exc:
+        raise KafkaUnreachable(str(exc)) from None
     producer = AIOKafkaProducer(
-        bootstrap_servers=servers,
+        **kafka_client_options(settings),
         acks="all",
         enable_idempotence=True,
         max_request_size=2 * 1024 * 1024,

@@ -139,7 +139,7 @@ class Topology:
 
     def contiguous(self, topic: Any, *, committed: bool) -> Contiguous:
         """The in-order guard of a stage input (``committed``: it starts from the group's commits)."""
-        return Contiguous(self.app, topic, self.settings.kafka_bootstrap_servers, self.partitions,
+        return Contiguous(self.app, topic, self.settings, self.partitions,
                           group_id=self.settings.app_id if committed else None)
 
     def _internal_topic(self, name: str, **options: Any) -> Any:

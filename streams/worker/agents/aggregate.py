@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from metrics.catalog import ALL_STORES
+from streams.connections import kafka_client_options
 from streams.logs import get_logger
 from streams.stages.aggregate import StoreShard, apply_message
 from streams.stages.watermarks import MARKS, MarkMerger, is_marks, low_watermark
@@ -56,7 +57,7 @@ class Aggregation:
         self.checkpointed: dict[str, int] = {}
         self.checkpoints = Checkpoints(
             topology.app.producer._ensure_producer,  # type: ignore[attr-defined]
-            topology.settings.kafka_bootstrap_servers,
+            topology.settings,
             topology.checkpoints_topic,
         )
         #: deltas partition -> its partial ``*``: the sum of the partition's stores
@@ -200,7 +201,7 @@ class Aggregation:
         partitions_read = [TopicPartition(deltas_topic, p) for p in mine]
         if partitions_read:
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=topology.settings.kafka_bootstrap_servers,
+                **kafka_client_options(topology.settings),
                 enable_auto_commit=False,
                 max_partition_fetch_bytes=8 * 1024 * 1024,
                 fetch_max_bytes=64 * 1024 * 1024,
@@ -304,7 +305,7 @@ class Aggregation:
     async def _delete_below(self, partition: int, offset: int) -> None:
         """Delete the deltas of ``partition`` below ``offset``: every shard's checkpoint holds them."""
         if self._admin is None:
-            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.topology.settings.kafka_bootstrap_servers)
+            self._admin = AIOKafkaAdminClient(**kafka_client_options(self.topology.settings))
             await self._admin.start()
         tp = TopicPartition(self.topology.deltas.get_topic_name(), partition)
         await self._admin.delete_records({tp: RecordsToDelete(before_offset=offset)})

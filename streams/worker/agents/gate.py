@@ -38,7 +38,7 @@ class Gate:
         self.currencies = CurrencyView(topology.currencies)
         self.input = topology.contiguous(topology.by_store, committed=True)
         settings = topology.settings
-        self.ledger = StageLedger(settings.kafka_bootstrap_servers, settings.topic(DEAD_LETTER_TOPIC),
+        self.ledger = StageLedger(settings, settings.topic(DEAD_LETTER_TOPIC),
                                   topology.partitions, {CURRENCY_MISMATCH})
 
     async def run(self, stream: Any) -> None:

@@ -40,7 +40,7 @@ class Ingest:
         self.prefix = settings.topic_prefix
         self.input_topics = [settings.topic(name) for name in INPUT_TOPICS]
         self.ledger = DeadLetterLedger(
-            settings.kafka_bootstrap_servers, settings.topic(DEAD_LETTER_TOPIC), topology.partitions
+            settings, settings.topic(DEAD_LETTER_TOPIC), topology.partitions
         )
         config = settings.alert_config()
         #: the input partitions' progress, for the alerts' low watermark (None: alerts off)
@@ -122,7 +122,7 @@ class Ingest:
             started = time.monotonic()
             try:
                 await read_inputs(
-                    topology.settings.kafka_bootstrap_servers,
+                    topology.settings,
                     self.input_topics,
                     topology.internal + "ingest",
                     self.handle,

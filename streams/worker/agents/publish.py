@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError
 
 from metrics.catalog import ALL_STORES
 from metrics.store import ReadPoints
+from streams.connections import kafka_client_options
 from streams.logs import get_logger
 from streams.sinks.redis_sink import RedisSink
 from streams.sinks.snapshots import dumps, snapshot_payload
@@ -84,7 +85,7 @@ class Publisher:
         if now is None or time.monotonic() < self.retry_at:
             return
         if self.redis is None:
-            self.redis = RedisSink(self.topology.settings.redis_url)
+            self.redis = RedisSink(self.topology.settings)
         try:
             await self.check_redis(self.redis)
             await self.emit(now, self.redis)
@@ -297,7 +298,7 @@ class Publisher:
 
 async def read_from_start(topology: Topology, tp: TopicPartition) -> AIOKafkaConsumer:
     """A started consumer of one partition (of a one-partition topic of the worker), from its beginning."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=topology.settings.kafka_bootstrap_servers, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka_client_options(topology.settings), enable_auto_commit=False)
     await consumer.start()
     consumer.assign([tp])
     await consumer.seek_to_beginning(tp)
