@@ -97,7 +97,7 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
     # a dead letter carries its message's bytes in base64: a whole input message at Kafka's 1 MiB
     # limit makes a record of about 1.4 MB, which the broker's default limit would refuse
     await ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [settings.topic(DEAD_LETTER_TOPIC)],
         settings.partitions,
         settings.replication_factor,
