@@ -98,7 +98,7 @@ def test_gate_rejects_another_currency_with_the_original_text() -> None:
     items = [item for chunk in routed.by_partition.values() for item in chunk]
     out = Routed()
     currencies: dict[str, str] = {}
-    GateStage(PARTITIONS).process(items, currencies, None, [], out)
+    GateStage(PARTITIONS).process(items, currencies, None, [], out, {})
     assert currencies == {"s1": "EUR"}
     (letter,) = out.dead_letters
     assert letter["reason"] == "currency_mismatch" and letter["offset"] == 42
@@ -113,7 +113,7 @@ def test_gate_holds_events_later_than_the_wall_clock_until_it_reaches_them() -> 
     held: list[Any] = []
     out = Routed()
     gate = GateStage(PARTITIONS)
-    gate.process(items, {}, 1_700_000_000_000 - 1, held, out)
+    gate.process(items, {}, 1_700_000_000_000 - 1, held, out, {})
     assert out.accepted == 0 and len(held) == 1
     still = gate.release(held, 1_700_000_000_000, out)
     assert still == [] and out.accepted == 1
@@ -174,7 +174,7 @@ def _run_chain(
     log = log if log is not None else DeltasLog()
     rng = random.Random(seed)
     gate_routed = Routed()
-    GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
+    GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed, {})
     facts: dict[str, bytes] = {}  # the table: encoded records, as in the pipeline
     shards: dict[str, StoreShard] = {}
     stage = CustomerStage(GRID, cache_size=cache_size)
@@ -322,7 +322,7 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
     history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
     events = accepted_events(_parsed(history))
     gate_routed = Routed()
-    GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
+    GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed, {})
     table: dict[str, bytes] = {}
     shards: dict[str, StoreShard] = {}
     deltas_log = DeltasLog()
