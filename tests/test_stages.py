@@ -87,6 +87,22 @@ def test_ingest_turns_a_300_deep_array_into_one_dead_letter() -> None:
     assert [(letter["reason"], letter["index"]) for letter in routed.dead_letters] == [("not_an_event", 0)]
 
 
+@pytest.mark.parametrize(("value", "reason"), [
+    (b"[" + b"x" * 999_999, "invalid_json"), (b"x" * 1_000_000, "message_too_large"),
+    (b"[" + b"1," * 1_000_000 + b"1]", "message_too_large"),  # 2 MiB: it came compressed
+])
+def test_a_dead_letter_of_a_huge_message_fits_a_kafka_message(value: bytes, reason: str) -> None:
+    """A message of ~1 MiB (2 MiB if it came compressed) is dead-lettered with its first 512 KiB, under 1 MiB."""
+    routed = Routed()
+    size = len(value)
+    IngestStage(PARTITIONS, 300_000).process("orders", SOURCE, value, NOW, routed)
+    (letter,) = routed.dead_letters
+    assert letter["reason"] == reason
+    assert (letter["raw_bytes"], letter["raw_truncated"]) == (size, True)
+    assert base64.b64decode(letter["raw_base64"]) == value[:512 * 1024]
+    assert len(orjson.dumps(letter)) < 1024 * 1024 - 1024
+
+
 def test_gate_rejects_another_currency_with_the_original_text() -> None:
     """A store keeps its first currency; money in another one is dead-lettered with its original bytes."""
     routed = Routed()
