@@ -50,7 +50,8 @@ Decisions taken for the product (where the SPEC leaves room):
   rational ``customer_value * (year / W) * avg_lifespan_years``, each rounded
   to a float once; a year is 365.25 days.
 * **cac_by_channel**: a new customer's channel is the ``channel`` of their
-  earliest ``customer.signed_up`` (ties broken by ``event_id``), or none. The
+  earliest ``customer.signed_up`` (ties broken by ``event_id``; as the channel
+  cap of the acceptance left it), or none. The
   map holds every channel seen on a ``spend.recorded`` in W or on a new
   customer of W, valued ``spend_of_channel / new_customers_of_channel`` (None
   when that count is 0); channel-less spend and customers stay out of the map.
