@@ -203,7 +203,8 @@ class Hostile:
         if roll < 0.575:
             return topic, b"[" + b",".join([b"{}"] * 10_001) + b"]", "too_many"
         if roll < 0.578:  # near or past 1 MiB (it came compressed): its dead letter must still fit a message
-            return topic, rng.choice((b"[", b"{", b"")) + good * rng.choice((9_000, 16_000)), "huge"
+            size = rng.choice((900_000, 1_500_000))
+            return topic, rng.choice((b"[", b"{", b"")) + good * (size // len(good)), "huge"
         if roll < 0.60:
             body = self.event()
             return TYPE_TOPIC[body["type"]], write({**body, "store_id": "*"}), "reserved_store"
