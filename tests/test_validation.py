@@ -1023,7 +1023,7 @@ EDGE_TIMES: list[object] = [
     "2024-03-01T12:00:00", "\uff12\uff10\uff12\uff14-03-01T12:00:00Z", "2024-03-01T12:00:00\x00Z",
     "1970-01-01T00:00:00.000001-23:59",
 ]
-#: unicode at the edges, as decoded strings (NUL, BOM, the last BMP and plane points, a paired surrogate, RTL)
+#: unicode at the edges, as decoded strings (NUL, BOM, the last BMP point, astral points, RTL, a combining mark)
 EDGE_TEXT = [
     "\x00", "\ufeff", "\uffff", "\U0010ffff", "\U00010000", "\u202e", "e\u0301", "\U0001d4b3" * 65, "x" * 129, "",
 ]
