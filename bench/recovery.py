@@ -92,6 +92,7 @@ def internal_topics(settings: Settings, prefix: str, app_id: str) -> dict[str, s
         "checkpoints": internal + "checkpoints",
         "customer-facts-changelog": f"{app_id}-customer-facts-changelog",
         "store-currency-changelog": f"{app_id}-store-currency-changelog",
+        "store-channels-changelog": f"{app_id}-store-channels-changelog",
     }
 
 

@@ -61,6 +61,7 @@ def main() -> None:
     customers = CustomerStage(grid, cache_size=CUSTOMER_CACHE_SIZE)
     table: dict[bytes, bytes] = {}
     currencies: dict[str, str] = {}
+    channels: dict[str, list[str]] = {}
     shards: dict[str, StoreShard] = {}
     clock_ms = 0
     rows = 0
@@ -87,7 +88,7 @@ def main() -> None:
         tick = time.process_time()
         routed = Routed()
         for message in by_store:
-            gate.process(unpack(message), currencies, None, [], routed)
+            gate.process(unpack(message), currencies, None, [], routed, channels)
         by_customer = [(p, chunk) for p, items in routed.by_partition.items() for chunk in pack_chunks(items)]
         spent["gate"] += time.process_time() - tick
 

@@ -9,6 +9,10 @@ Order of the steps for each arriving event, and why:
 
 1. currency gate: a store's currency is that of its first money event to
    arrive; a money event in another currency is rejected (``currency_mismatch``);
+   channel cap: a store keeps the first ``max_channels`` (100, SPEC 3) distinct
+   channels to arrive on the events the currency gate let through, duplicates
+   included (the worker's gate comes before its deduplication); a later new
+   channel is rewritten to ``other``, as is ``other`` itself, which takes no slot;
 2. dedupe: an event id already accepted for the same (store, customer) is a
    duplicate (``duplicate``);
 3. clock: an event later than "now" waits (``pending``) until the clock passes
@@ -19,6 +23,7 @@ Order of the steps for each arriving event, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import MutableMapping
 
@@ -83,6 +88,45 @@ class CurrencyGate:
         return True, next(iter(distinct), None)
 
 
+class ChannelCap:
+    """A store keeps its first ``limit`` distinct channels, by arrival; later new ones count as ``other``.
+
+    ``admit`` returns the channel to count the event under: the channel itself
+    when the store knows it or has a free slot (it then takes it), else
+    :data:`~metrics.events.OTHER_CHANNEL`. ``other`` sent by a producer is the
+    overflow bucket itself and takes no slot; no channel stays no channel.
+
+    >>> cap = ChannelCap(limit=2)
+    >>> [cap.admit("s", c) for c in ("a", "other", "b", "c", "a", None)]
+    ['a', 'other', 'b', 'other', 'a', None]
+    >>> cap.admit("t", "c"), cap.channels
+    ('c', {'s': ['a', 'b'], 't': ['c']})
+    """
+
+    __slots__ = ("channels", "limit")
+
+    def __init__(
+        self, channels: MutableMapping[str, list[str]] | None = None, limit: int = ev.MAX_STORE_CHANNELS
+    ) -> None:
+        #: store -> its named channels in arrival order; any mapping (the pipeline passes a table view)
+        self.channels: MutableMapping[str, list[str]] = {} if channels is None else channels
+        self.limit = limit
+
+    def admit(self, store_id: str, channel: str | None) -> str | None:
+        """The channel an event of the store with ``channel`` counts under (a new one takes a free slot)."""
+        if channel is None or channel == ev.OTHER_CHANNEL:
+            return channel
+        known = self.channels.get(store_id)
+        if known is None:
+            known = []
+        elif channel in known:
+            return channel
+        if len(known) >= self.limit:
+            return ev.OTHER_CHANNEL
+        self.channels[store_id] = [*known, channel]
+        return channel
+
+
 class LoyaltyEngine:
     """Incremental loyalty metrics for many stores, as of a monotone clock.
 
@@ -94,11 +138,12 @@ class LoyaltyEngine:
     1
     """
 
-    def __init__(self, grid: Grid, clock: str = EVENT_CLOCK) -> None:
+    def __init__(self, grid: Grid, clock: str = EVENT_CLOCK, max_channels: int = ev.MAX_STORE_CHANNELS) -> None:
         self.grid = grid
         self.clock_mode = clock
         self.now_ms: int | None = None
         self.gate = CurrencyGate()
+        self.channels = ChannelCap(limit=max_channels)
         self.customers: dict[tuple[str, str], CustomerFacts] = {}
         self.stores: dict[str, StoreAggregate] = {}
         self.all_stores = StoreAggregate()
@@ -112,6 +157,10 @@ class LoyaltyEngine:
         """Take one valid event in arrival order; returns what happened to it."""
         if event.type in ev.MONEY_TYPES and not self.gate.admit(event.store_id, event.currency):
             return CURRENCY_MISMATCH
+        if event.channel is not None:
+            channel = self.channels.admit(event.store_id, event.channel)
+            if channel != event.channel:
+                event = dataclasses.replace(event, channel=channel)
         key = customer_key(event)
         facts = self.customers.get(key)
         if facts is None:

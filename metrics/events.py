@@ -45,6 +45,13 @@ SURVEY_CLI = "cli"
 
 MICROS_PER_UNIT = 1_000_000
 
+#: a store keeps at most this many distinct channels (SPEC 3), the first to arrive;
+#: later ones count under :data:`OTHER_CHANNEL`
+MAX_STORE_CHANNELS = 100
+#: the channel under which a store's channels beyond :data:`MAX_STORE_CHANNELS` count; a
+#: producer's own ``"other"`` is that same bucket and takes none of the named slots
+OTHER_CHANNEL = "other"
+
 
 @dataclass(frozen=True, slots=True)
 class Event:

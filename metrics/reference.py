@@ -16,7 +16,14 @@ Decisions taken for the product (where the SPEC leaves room):
      currency is rejected (dropped, and its ``event_id`` is not remembered).
      The gate runs before deduplication, so the very first money event of a
      store fixes its currency even if it is then dropped as a duplicate.
-  2. deduplication: an event whose ``event_id`` was already accepted for
+  2. channel cap (SPEC 3: a store keeps at most 100 distinct channels, the
+     rest counted under ``other``): the distinct ``channel`` values of a
+     store's events that passed the currency gate are numbered in arrival
+     order, duplicates included (a duplicate is dropped only by step 3);
+     the first ``max_channels`` (100) names are kept, an event with a later
+     one counts under ``other``. A producer's own ``"other"`` is that same
+     bucket and is not numbered.
+  3. deduplication: an event whose ``event_id`` was already accepted for
      the same store and customer (the same store, for ``spend.recorded``)
      is dropped; the first arrival wins. The same id for another customer
      or store is another event. Ids are remembered for ever (the reference
@@ -43,7 +50,8 @@ Decisions taken for the product (where the SPEC leaves room):
   rational ``customer_value * (year / W) * avg_lifespan_years``, each rounded
   to a float once; a year is 365.25 days.
 * **cac_by_channel**: a new customer's channel is the ``channel`` of their
-  earliest ``customer.signed_up`` (ties broken by ``event_id``), or none. The
+  earliest ``customer.signed_up`` (ties broken by ``event_id``; as the channel
+  cap of the acceptance left it), or none. The
   map holds every channel seen on a ``spend.recorded`` in W or on a new
   customer of W, valued ``spend_of_channel / new_customers_of_channel`` (None
   when that count is 0); channel-less spend and customers stay out of the map.
@@ -63,6 +71,7 @@ Decisions taken for the product (where the SPEC leaves room):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
@@ -78,10 +87,12 @@ from metrics.events import (
     CUSTOMER_SIGNED_UP,
     LOYALTY_ENROLLED,
     LOYALTY_LEFT,
+    MAX_STORE_CHANNELS,
     MICROS_PER_UNIT,
     MONEY_TYPES,
     ORDER_PLACED,
     ORDER_REFUNDED,
+    OTHER_CHANNEL,
     REWARD_ISSUED,
     REWARD_REDEEMED,
     SPEND_RECORDED,
@@ -142,14 +153,16 @@ class ReferenceConfig:
 # acceptance and currency
 
 
-def accepted_events(events: Sequence[Event]) -> list[Event]:
-    """The events that count, in arrival order: currency gate, then dedupe.
+def accepted_events(events: Sequence[Event], *, max_channels: int = MAX_STORE_CHANNELS) -> list[Event]:
+    """The events that count, in arrival order: currency gate, channel cap, then dedupe.
 
     Walking ``events`` in arrival order: a money event whose currency differs
     from its store's currency (that of the store's first money event) is
-    dropped and its id is not remembered; then an event whose ``event_id`` was
-    already accepted in its scope (store and customer; store for spend) is
-    dropped. Everything else is kept.
+    dropped and its id is not remembered; an event whose channel is not among
+    the first ``max_channels`` distinct channels of its store (``"other"``
+    aside) is kept with the channel ``"other"``; then an event whose
+    ``event_id`` was already accepted in its scope (store and customer; store
+    for spend) is dropped. Everything else is kept.
 
     >>> placed = lambda eid, cur: Event(eid, ORDER_PLACED, 0, "s", "c",
     ...                                 amount_micros=1, currency=cur)
@@ -157,8 +170,14 @@ def accepted_events(events: Sequence[Event]) -> list[Event]:
     ...                         placed("a", "EUR"), placed("b", "EUR")])
     >>> [(e.event_id, e.currency) for e in kept]
     [('a', 'EUR'), ('b', 'EUR')]
+    >>> signup = lambda eid, channel: Event(eid, CUSTOMER_SIGNED_UP, 0, "s", eid, channel=channel)
+    >>> kept = accepted_events([signup("1", "ads"), signup("2", "other"), signup("3", "tv"),
+    ...                         signup("4", "ads")], max_channels=1)
+    >>> [e.channel for e in kept]
+    ['ads', 'other', 'other', 'ads']
     """
     store_currency: dict[str, str | None] = {}
+    store_channels: dict[str, list[str]] = {}
     accepted_ids: set[tuple[str, str | None, str]] = set()
     accepted: list[Event] = []
     for event in events:
@@ -166,6 +185,13 @@ def accepted_events(events: Sequence[Event]) -> list[Event]:
             currency = store_currency.setdefault(event.store_id, event.currency)
             if event.currency != currency:
                 continue  # currency gate: rejected, id not remembered
+        if event.channel is not None and event.channel != OTHER_CHANNEL:
+            named = store_channels.setdefault(event.store_id, [])
+            if event.channel not in named:
+                if len(named) < max_channels:
+                    named.append(event.channel)  # the store's next channel
+                else:
+                    event = dataclasses.replace(event, channel=OTHER_CHANNEL)  # no slot left
         # spend belongs to its store: its customer_id, if any, plays no part
         scope = (event.store_id, None if event.type == SPEND_RECORDED else event.customer_id, event.event_id)
         if scope in accepted_ids:
@@ -588,11 +614,12 @@ def reference_metrics(
     window_ms: int,
     as_of_ms: int,
     config: ReferenceConfig,
+    max_channels: int = MAX_STORE_CHANNELS,
 ) -> dict[str, object]:
     """Every metric of one store (or ``"*"``) and window as of T = ``as_of_ms``.
 
     ``events`` is the input in arrival order; the metrics use
-    :func:`accepted_events` with ``occurred_at_ms <= T``. For example
+    :func:`accepted_events` (with ``max_channels``) with ``occurred_at_ms <= T``. For example
     ``nps = 100 * (promoters - detractors) / responses``,
     ``retention_rate = 100 * (CE - CA) / CS`` and
     ``clv = (gross / purchasers) * (365.25 days / W) * avg_lifespan_years``;
@@ -611,7 +638,7 @@ def reference_metrics(
     >>> m["orders"], m["gross_revenue"], m["nps"], m["customers_end"], m["new_customers"]
     (1, Decimal('12.500000'), 100.0, 1, 1)
     """
-    counted = [e for e in accepted_events(events) if e.occurred_at_ms <= as_of_ms]
+    counted = [e for e in accepted_events(events, max_channels=max_channels) if e.occurred_at_ms <= as_of_ms]
     if store_id != ALL_STORES:
         counted = [e for e in counted if e.store_id == store_id]
     mask = store_id == ALL_STORES and _mixed_currencies(events)
@@ -626,12 +653,13 @@ def reference_all(
     windows_ms: Sequence[int],
     as_of_ms: int,
     config: ReferenceConfig,
+    max_channels: int = MAX_STORE_CHANNELS,
 ) -> dict[tuple[str, int], dict[str, object]]:
     """Metrics of every scope and window: ``{(store_id or "*", window_ms): metrics}``.
 
     The scopes are every store with an accepted event at or before T, plus
     ``"*"`` (always present); each value equals :func:`reference_metrics` of
-    that store and window.
+    that store and window (``max_channels`` as there).
 
     >>> hour = 3_600_000
     >>> config = ReferenceConfig(bucket_ms=hour, horizon_ms=hour)
@@ -642,7 +670,7 @@ def reference_all(
     >>> sorted(result), result[("*", hour)]["new_customers"]
     ([('*', 3600000), ('a', 3600000), ('b', 3600000)], 2)
     """
-    counted = [e for e in accepted_events(events) if e.occurred_at_ms <= as_of_ms]
+    counted = [e for e in accepted_events(events, max_channels=max_channels) if e.occurred_at_ms <= as_of_ms]
     by_store: dict[str, list[Event]] = {}
     for event in counted:
         by_store.setdefault(event.store_id, []).append(event)

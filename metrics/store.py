@@ -146,6 +146,29 @@ class PrefixSeries:
         """Sum of the deltas in buckets ``end - length + 1 .. end``."""
         return self.prefix(end) - self.prefix(end - length)
 
+    def next_delta(self, after: int) -> int | None:
+        """The first bucket after ``after`` that holds a delta (or held one that summed to 0), else ``None``.
+
+        >>> series = PrefixSeries()
+        >>> series.add(3, 2); series.add(5000, -1); series.add(-70_000, 1)
+        >>> series.next_delta(-10**9), series.next_delta(0), series.next_delta(3), series.next_delta(5000)
+        (-70000, 3, 5000, None)
+        """
+        start = (after + 1) >> _BLOCK_BITS
+        for index in sorted(i for i in self.blocks if i >= start):
+            block = self.blocks[index]
+            base = index << _BLOCK_BITS
+            first = max(after + 1 - base, 0)
+            if isinstance(block, dict):
+                slots = [slot for slot in block if slot >= first]
+                if slots:
+                    return base + min(slots)
+                continue
+            for slot in range(first, _BLOCK_SIZE):
+                if block[slot]:
+                    return base + slot
+        return None
+
     def items(self) -> Iterator[tuple[int, int]]:
         """The kept nonzero deltas as (bucket, delta), by bucket."""
         for index in sorted(self.blocks):
@@ -194,6 +217,10 @@ class PrefixSeries:
                     block[start:stop] = [0] * (stop - start)
             self.base += folded
             sums[floor_block] = sums.get(floor_block, 0) - folded
+
+
+#: :meth:`StoreAggregate.alert_quiet_until` when nothing later can end the quiet
+QUIET_FOR_EVER = 2**62
 
 
 class MetricReader:
@@ -516,6 +543,37 @@ class StoreAggregate(MetricReader):
     def _window(self, series: str, end: int, length: int) -> int:
         target = self.series.get(series)
         return 0 if target is None else target.window(end, length)
+
+    def alert_quiet_until(self, window: int, as_of_bucket: int) -> int | None:
+        """When the alert sample as of K is empty, the first bucket after K whose sample may not be; else ``None``.
+
+        Empty: no customer active at K - n (``churn_rate`` has no denominator) and no NPS response in the
+        window (``nps`` has none), so the detectors skip it (SPEC 7). It stays so for every K' until the
+        active series ``A`` has a delta after K - n that K' - n reaches, or an NPS response lands in the
+        window: the answer is ``min(next A delta after K - n, + n; next response after K - n)``, or
+        :data:`QUIET_FOR_EVER` when neither has one. A sampler skips the boundaries in between: their
+        samples would change nothing (a store with a year-0001 event need not sample every boundary since).
+
+        >>> aggregate = StoreAggregate()
+        >>> aggregate.add_all([("A", 10, 1), ("A", 20, -1), ("nps_n", 500, 1)])
+        >>> aggregate.alert_quiet_until(5, 15), aggregate.alert_quiet_until(5, 100), aggregate.alert_quiet_until(5, 8)
+        (None, 500, 15)
+        >>> StoreAggregate().alert_quiet_until(5, 100) == QUIET_FOR_EVER
+        True
+        """
+        k, n = as_of_bucket, window
+        if self._at("A", k - n) or self._window("nps_n", k, n):
+            return None
+        candidates = [QUIET_FOR_EVER]
+        active = self.series.get("A")
+        change = None if active is None else active.next_delta(k - n)
+        if change is not None:
+            candidates.append(change + n)
+        responses = self.series.get("nps_n")
+        change = None if responses is None else responses.next_delta(k - n)
+        if change is not None:
+            candidates.append(change)
+        return min(candidates)
 
     def alert_points(self, window: int, as_of_bucket: int) -> ReadPoints:
         """The prefix sums :meth:`alert_metrics` reads: those of several aggregates summed give their sample."""

@@ -45,10 +45,12 @@ TYPES = (
     ev.REWARD_REDEEMED,
 )
 CHANNELS = (None, "ads", "social")
+#: more channels than the small caps of the channel property, and the overflow bucket's own name
+MANY_CHANNELS = (None, "ads", "social", "tv", "radio", "mail", ev.OTHER_CHANNEL)
 
 
 @st.composite
-def event_logs(draw: st.DrawFn) -> list[ev.Event]:
+def event_logs(draw: st.DrawFn, channels: tuple[str | None, ...] = CHANNELS) -> list[ev.Event]:
     """Random events of every type over a few stores, with duplicates, in random arrival order."""
     store_count = draw(st.integers(1, 3))
     currencies = {f"s{i}": draw(st.sampled_from(("EUR", "USD"))) for i in range(store_count)}
@@ -73,9 +75,9 @@ def event_logs(draw: st.DrawFn) -> list[ev.Event]:
             if kind != ev.SPEND_RECORDED:
                 fields["order_id"] = f"o{index}"
             else:
-                fields["channel"] = rng.choice(CHANNELS)
+                fields["channel"] = rng.choice(channels)
         elif kind == ev.CUSTOMER_SIGNED_UP:
-            fields = {"channel": rng.choice(CHANNELS)}
+            fields = {"channel": rng.choice(channels)}
         elif kind == ev.SURVEY_RESPONDED:
             survey = rng.choice((ev.SURVEY_NPS, ev.SURVEY_CSAT, ev.SURVEY_CES, ev.SURVEY_CLI))
             fields = {"survey": survey}
@@ -100,10 +102,11 @@ def event_logs(draw: st.DrawFn) -> list[ev.Event]:
     return arrival
 
 
-def _compare(engine: LoyaltyEngine, events: list[ev.Event], as_of_ms: int) -> None:
+def _compare(engine: LoyaltyEngine, events: list[ev.Event], as_of_ms: int, max_channels: int = 100) -> None:
     grid = engine.grid
     config = ReferenceConfig(bucket_ms=grid.bucket_ms, horizon_ms=grid.horizon_ms)
-    expected = reference_all(events, windows_ms=grid.windows_ms, as_of_ms=as_of_ms, config=config)
+    expected = reference_all(events, windows_ms=grid.windows_ms, as_of_ms=as_of_ms, config=config,
+                             max_channels=max_channels)
     stores = {store for store, _ in expected}
     assert set(engine.store_ids()) == stores | {ALL_STORES}
     for (store, window_ms), metrics in expected.items():
@@ -121,6 +124,18 @@ def test_event_clock_equals_reference(events: list[ev.Event], grid: Grid) -> Non
     if engine.now_ms is None:
         return
     _compare(engine, events, engine.now_ms)
+
+
+@PROPERTY_SETTINGS
+@given(events=event_logs(channels=MANY_CHANNELS), limit=st.integers(0, 3), grid=GRIDS)
+def test_channel_cap_equals_reference(events: list[ev.Event], limit: int, grid: Grid) -> None:
+    """With a cap of 0 to 3 channels per store, the engine counts the same channels under ``other`` as the reference."""
+    engine = LoyaltyEngine(grid, max_channels=limit)
+    for event in events:
+        engine.ingest(event)
+    if engine.now_ms is None:
+        return
+    _compare(engine, events, engine.now_ms, max_channels=limit)
 
 
 @PROPERTY_SETTINGS

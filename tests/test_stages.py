@@ -94,6 +94,22 @@ def test_ingest_turns_a_300_deep_array_into_one_dead_letter() -> None:
     assert [(letter["reason"], letter["index"]) for letter in routed.dead_letters] == [("not_an_event", 0)]
 
 
+@pytest.mark.parametrize(("value", "reason"), [
+    (b"[" + b"x" * 999_999, "invalid_json"), (b"x" * 1_000_000, "message_too_large"),
+    (b"[" + b"1," * 1_000_000 + b"1]", "message_too_large"),  # 2 MiB: it came compressed
+])
+def test_a_dead_letter_of_a_huge_message_fits_a_kafka_message(value: bytes, reason: str) -> None:
+    """A message of ~1 MiB (2 MiB if it came compressed) is dead-lettered with its first 512 KiB, under 1 MiB."""
+    routed = Routed()
+    size = len(value)
+    IngestStage(PARTITIONS, 300_000).process("orders", SOURCE, value, NOW, routed)
+    (letter,) = routed.dead_letters
+    assert letter["reason"] == reason
+    assert (letter["raw_bytes"], letter["raw_truncated"]) == (size, True)
+    assert base64.b64decode(letter["raw_base64"]) == value[:512 * 1024]
+    assert len(orjson.dumps(letter)) < 1024 * 1024 - 1024
+
+
 def test_gate_rejects_another_currency_with_the_original_text() -> None:
     """A store keeps its first currency; money in another one is dead-lettered with its original bytes."""
     routed = Routed()
@@ -105,7 +121,7 @@ def test_gate_rejects_another_currency_with_the_original_text() -> None:
     items = [item for chunk in routed.by_partition.values() for item in chunk]
     out = Routed()
     currencies: dict[str, str] = {}
-    GateStage(PARTITIONS).process(items, currencies, None, [], out)
+    GateStage(PARTITIONS).process(items, currencies, None, [], out, {})
     assert currencies == {"s1": "EUR"}
     (letter,) = out.dead_letters
     assert letter["reason"] == "currency_mismatch" and letter["offset"] == 42
@@ -120,7 +136,7 @@ def test_gate_holds_events_later_than_the_wall_clock_until_it_reaches_them() -> 
     held: list[Any] = []
     out = Routed()
     gate = GateStage(PARTITIONS)
-    gate.process(items, {}, 1_700_000_000_000 - 1, held, out)
+    gate.process(items, {}, 1_700_000_000_000 - 1, held, out, {})
     assert out.accepted == 0 and len(held) == 1
     still = gate.release(held, 1_700_000_000_000, out)
     assert still == [] and out.accepted == 1
@@ -196,7 +212,7 @@ def _run_chain(
     log = log if log is not None else DeltasLog()
     rng = random.Random(seed)
     gate_routed = Routed()
-    GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
+    GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed, {})
     facts: dict[bytes, bytes] = {}  # the table: encoded records, as in the pipeline
     shards: dict[str, StoreShard] = {}
     stage = CustomerStage(GRID, cache_size=cache_size)
@@ -344,7 +360,7 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
     history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
     events = accepted_events(_parsed(history))
     gate_routed = Routed()
-    GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed)
+    GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed, {})
     table: dict[bytes, bytes] = {}
     shards: dict[str, StoreShard] = {}
     deltas_log = DeltasLog()

@@ -10,7 +10,8 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import event as note
 from hypothesis import strategies as st
 
 from metrics import validation
@@ -992,3 +993,163 @@ def test_every_reason_is_documented_and_exercised() -> None:
         rejected(parse_one(event, topic), reason)
     rejected(parse_one(case(ORDER, occurred_at=NOW_MS + SKEW_MS + 1), "orders"), "future_event")
     assert set(REASONS) == SEEN_REASONS
+
+
+@pytest.mark.parametrize("topic_event", [("signups", SIGNUP), ("marketing-spend", SPEND)], ids=["signup", "spend"])
+@pytest.mark.parametrize(("channel", "reason"), [
+    ("c" * 64, None), ("\U0001f600" * 64, None), ("c" * 65, "out_of_range"), ("", "out_of_range"), (7, "wrong_type"),
+])
+def test_channel_is_at_most_64_characters(topic_event: tuple[str, dict[str, object]], channel: object,
+                                          reason: str | None) -> None:
+    """A free-text channel of 1..64 characters (code points, not bytes) passes; longer, empty or not text fails."""
+    topic, event = topic_event
+    result = parse_one({**event, "channel": channel}, topic)
+    if reason is None:
+        assert isinstance(result, Event) and result.channel == channel
+    else:
+        assert rejected(result, reason).detail.startswith("channel")
+
+
+# --------------------------------------------------------------------------- property: never raises
+
+#: timestamps at and just beyond every edge validation knows (years 0001..9999, offsets, fractions, leap seconds)
+EDGE_TIMES: list[object] = [
+    0, -1, 1, -62_135_596_800_000, -62_135_596_800_001, 253_402_300_799_999, 253_402_300_800_000,
+    2**63 - 1, -(2**63), 2**64, 1.0, 1e300, True, None, "", "0001-01-01T00:00:00Z", "0000-12-31T23:59:59Z",
+    "9999-12-31T23:59:59.999Z", "9999-12-31T23:59:59.999-00:01", "0001-01-01T00:00:00+00:01", "10000-01-01T00:00:00Z",
+    "2024-02-29T12:00:00Z", "2023-02-29T12:00:00Z", "2024-03-01T23:59:60Z", "2024-03-01T24:00:00Z",
+    "2024-03-01t12:00:00z", "2024-03-01 12:00:00+23:59", "2024-03-01T12:00:00+24:00", "2024-03-01T12:00:00-00:00",
+    "2024-03-01T12:00:00." + "9" * 40 + "Z", "2024-03-01T12:00:00.Z", "2024-03-01T12:00Z", "2024-03-01",
+    "2024-03-01T12:00:00", "\uff12\uff10\uff12\uff14-03-01T12:00:00Z", "2024-03-01T12:00:00\x00Z",
+    "1970-01-01T00:00:00.000001-23:59",
+]
+#: unicode at the edges, as decoded strings (NUL, BOM, the last BMP point, astral points, RTL, a combining mark)
+EDGE_TEXT = [
+    "\x00", "\ufeff", "\uffff", "\U0010ffff", "\U00010000", "\u202e", "e\u0301", "\U0001d4b3" * 65, "x" * 129, "",
+]
+#: JSON texts no JSON encoder writes: NaN and infinities, lone surrogate escapes, a BOM, duplicate keys,
+#: numbers beyond a double or an int64, control characters, truncations
+RAW_PIECES = [
+    b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400", b"123456789012345678901234567890", b"-0", b"1E-400",
+    b'"\\ud800"', b'"\\udfff\\ud800"', b'"\\ud83d\\ude00"', b'"\\u0000"', b'"\x00"', b'"\x1f"', b'"\xed\xa0\x80"',
+    b"\xef\xbb\xbf{}", b'{"a":1,"a":2}', b"[", b"{", b'{"a"', b'"\\', b"tru", b"nul", b"", b" ", b"\xff", b"\xc3",
+    b"18446744073709551616", b"-9223372036854775809", b"0.1e-7",
+]
+
+
+def _json_piece(value: object) -> bytes:
+    return orjson.dumps(value)
+
+
+@st.composite
+def hostile_events(draw: st.DrawFn) -> bytes:
+    """A real event of some type, then fields dropped, retyped, replaced by edge values or by raw JSON pieces."""
+    event = dict(draw(st.sampled_from([ORDER, SPEND, SIGNUP, NPS, CSAT, CES, CLI, REWARD, common(CUSTOMER_CLOSED)])))
+    fields = sorted(event)
+    if draw(st.booleans()):
+        event["occurred_at"] = draw(st.sampled_from(EDGE_TIMES))
+    for _ in range(draw(st.integers(0, 3))):
+        field = draw(st.sampled_from([*fields, "points", "scale", "answers", "extra"]))
+        event[field] = draw(st.one_of(
+            st.sampled_from(EDGE_TIMES), st.sampled_from(EDGE_TEXT), json_values,
+            st.integers(-(2**64), 2**64), st.floats(), st.just(DROP),
+        ))
+    # written by hand: orjson writes no NaN, infinity or integer past 64 bits, hostile producers do
+    text = b"{" + b",".join(orjson.dumps(k) + b":" + _literal(v) for k, v in event.items() if v is not DROP) + b"}"
+    if draw(st.booleans()):  # one value swapped for a raw piece, or a duplicate key added
+        piece = draw(st.sampled_from(RAW_PIECES))
+        text = text[:-1] + (b"," if len(text) > 2 else b"") + b'"' + draw(st.sampled_from(fields)).encode() + b'":' \
+            + piece + b"}"
+    return text
+
+
+def _literal(value: object) -> bytes:
+    """JSON-ish text of a value as a careless producer writes it: NaN and infinities bare, any integer in full."""
+    if isinstance(value, float):
+        return repr(value).replace("nan", "NaN").replace("inf", "Infinity").encode()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value).encode()
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return b"null"
+
+
+@st.composite
+def nested(draw: st.DrawFn) -> bytes:
+    """Arrays or objects nested 0..3,000 deep, alone, inside an event or inside a batch."""
+    depth = draw(st.sampled_from([0, 1, 31, 32, 33, 254, 255, 300, 1023, 1024, 1025, 3000]) | st.integers(0, 400))
+    inner = b"[" * depth + b"]" * depth if draw(st.booleans()) else b'{"a":' * depth + b"1" + b"}" * depth
+    shape = draw(st.sampled_from(["alone", "in_event", "in_batch", "element"]))
+    if shape == "alone":
+        return inner
+    event = orjson.dumps(ORDER)[:-1] + b',"extra":' + inner + b"}"
+    if shape == "in_event":
+        return event
+    if shape == "in_batch":
+        return b"[" + orjson.dumps(ORDER) + b"," + event + b"]"
+    return b"[" + inner + b"," + orjson.dumps(ORDER) + b"]"
+
+
+@st.composite
+def wide(draw: st.DrawFn) -> bytes:
+    """Batches at and past the element count, and messages at and past the byte limits."""
+    count = draw(st.sampled_from([1, 2, MAX_BATCH_EVENTS - 1, MAX_BATCH_EVENTS, MAX_BATCH_EVENTS + 1]))
+    element = draw(st.sampled_from([b"{}", b"1", b"[]", b"null", orjson.dumps(ORDER)]))
+    body = b"[" + b",".join([element] * count) + b"]"
+    pad = draw(st.sampled_from([0, 1, MAX_EVENT_BYTES, MAX_BATCH_BYTES]))
+    if pad and len(body) + pad > MAX_BATCH_BYTES + 2:
+        pad = MAX_BATCH_BYTES - len(body) + draw(st.integers(-1, 1))
+    body = body[:-1] + b" " * max(0, pad) + b"]"
+    if draw(st.booleans()):  # one long string instead
+        body = orjson.dumps({**ORDER, "event_id": "x" * draw(st.sampled_from([128, 129, MAX_EVENT_BYTES]))})
+    return body
+
+
+HOSTILE_MESSAGES = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(_json_piece),
+    st.lists(json_values | st.sampled_from([ORDER, SIGNUP, NPS]), max_size=5).map(_json_piece),
+    hostile_events(),
+    st.lists(hostile_events(), min_size=1, max_size=4).map(lambda events: b"[" + b",".join(events) + b"]"),
+    st.sampled_from(RAW_PIECES),
+    st.tuples(st.sampled_from(RAW_PIECES), st.binary(max_size=20)).map(lambda pair: pair[0] + pair[1]),
+    st.builds(lambda text, cut: text[:cut], hostile_events(), st.integers(0, 400)),  # truncated
+    nested(),
+    wide(),
+    st.none(),
+)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(HOSTILE_MESSAGES, st.data())
+def test_validation_never_raises_on_hostile_input(value: bytes | None, data: st.DataObject) -> None:
+    """Any bytes, JSON or near-JSON gives events and known dead letters only, one per batch element or one for all."""
+    from streams.stages.ingest import IngestStage
+    from streams.stages.routed import Routed
+
+    try:
+        decoded = orjson.loads(value) if value is not None else None
+    except orjson.JSONDecodeError:
+        decoded = None
+    first = decoded[0] if type(decoded) is list and decoded else decoded
+    home = TYPE_TOPIC.get(first.get("type")) if type(first) is dict and type(first.get("type")) is str else None
+    # mostly the event's own topic, so that validation goes past the type check; sometimes any topic
+    topic = home if home is not None and data.draw(st.integers(0, 4)) else data.draw(st.sampled_from(INPUT_TOPICS))
+    results = parse(value, topic)
+    assert results
+    for result in results:
+        assert type(result) is Event or (type(result) is Rejection and result.reason in REASONS and result.detail)
+        note(result.reason if isinstance(result, Rejection) else "event")  # the statistics show what was reached
+    splits = (type(decoded) is list and 0 < len(decoded) <= MAX_BATCH_EVENTS and len(value or b"") <= MAX_BATCH_BYTES)
+    if splits:
+        assert len(results) == len(decoded)  # type: ignore[arg-type]
+        assert [getattr(r, "index", i) for i, r in enumerate(results)] == list(range(len(results)))
+    else:
+        assert len(results) == 1
+        assert isinstance(results[0], Event) or (results[0].index is None and results[0].raw == (value or b""))
+    # the worker's own stage around it: nothing unprocessable, every element accounted for
+    routed = Routed()
+    IngestStage(3, SKEW_MS).process(topic, (topic, 0, 0), value, NOW_MS, routed)
+    assert "unprocessable" not in {letter["reason"] for letter in routed.dead_letters}
+    assert routed.accepted + len(routed.dead_letters) == len(results)

@@ -18,6 +18,11 @@ import orjson
 from streams.connections import KafkaTarget, kafka_client_options
 
 DEAD_LETTER_SCHEMA = "loyalty.dead_letter.v1"
+#: the most original bytes a dead letter carries. Their base64 (4/3 as long) and the rest of the record stay
+#: under Kafka's default message limit of 1 MiB: a message of up to 1 MiB (or more, when it came compressed)
+#: could not be dead-lettered whole, the send would fail and the input reader would try again for ever.
+#: Longer originals are cut here: ``raw_bytes`` is their whole length, ``raw_truncated`` says they were cut.
+MAX_DEAD_LETTER_RAW = 512 * 1024
 
 
 def dead_letter(
@@ -28,8 +33,14 @@ def dead_letter(
     index: int | None,
     now_ms: int,
 ) -> dict[str, Any]:
-    """The dead-letter record of SPEC section 3 (original bytes in base64)."""
+    """The dead-letter record of SPEC section 3 (original bytes in base64, at most :data:`MAX_DEAD_LETTER_RAW`).
+
+    >>> letter = dead_letter("invalid_json", "x", b"{" * (MAX_DEAD_LETTER_RAW + 1), ("orders", 0, 7), None, 0)
+    >>> letter["raw_bytes"], letter["raw_truncated"], len(base64.b64decode(letter["raw_base64"])) == MAX_DEAD_LETTER_RAW
+    (524289, True, True)
+    """
     topic, partition, offset = source
+    size = len(raw)
     return {
         "schema": DEAD_LETTER_SCHEMA,
         "reason": reason,
@@ -38,7 +49,9 @@ def dead_letter(
         "partition": partition,
         "offset": offset,
         "index": index,
-        "raw_base64": base64.b64encode(raw).decode(),
+        "raw_base64": base64.b64encode(raw[:MAX_DEAD_LETTER_RAW]).decode(),
+        "raw_bytes": size,
+        "raw_truncated": size > MAX_DEAD_LETTER_RAW,
         "rejected_at_ms": now_ms,
     }
 

@@ -176,32 +176,53 @@ class StoreShard:
         Each sample reads the alert window as of its boundary (:func:`metrics.alerts.sample_bucket`)
         and goes through both detectors; their alert events go to :attr:`outbox`. The shard's
         memory is never folded past the next boundary to sample (see :meth:`next_sample_bucket`).
+
+        After an empty sample (no customer active at the window's start, no NPS answer in it) the
+        boundaries whose samples are empty too are skipped
+        (:meth:`metrics.store.StoreAggregate.alert_quiet_until`): the detectors skip an empty sample
+        anyway, so nothing changes but the time, and a store with one event of year 0001 does not
+        sample every boundary since. The count includes them; with ``limit``, at most ``limit``
+        samples are taken, and ``limit`` is returned when more may be due.
         """
         after = self._sampled_after(config, low_watermark_ms)
         if after is None:
             return 0
-        boundaries = due_boundaries(after, low_watermark_ms, config, limit)
-        if not boundaries:
-            return 0
         window = config.window_ms // config.bucket_ms
-        if self.store_id == ALL_STORES:
-            # a partial ``*``: its read points go to the ``*`` owner, who sums every partition's
+        bucket_ms, step = config.bucket_ms, config.step_ms
+        last_due = (low_watermark_ms - config.grace_ms) // step * step
+        done = covered = 0
+        while limit is None or done < limit:
+            boundaries = due_boundaries(after, low_watermark_ms, config, None if limit is None else limit - done)
+            if not boundaries:
+                break
             for boundary in boundaries:
-                points = self.aggregate.alert_points(window, sample_bucket(boundary, config.bucket_ms))
-                self.outbox.append({"b": boundary, "points": points.to_record()})
-                self.sampled_ms = boundary
+                bucket = sample_bucket(boundary, bucket_ms)
+                if self.store_id == ALL_STORES:
+                    # a partial ``*``: its read points go to the ``*`` owner, who sums every partition's
+                    points = self.aggregate.alert_points(window, bucket)
+                    self.outbox.append({"b": boundary, "points": points.to_record()})
+                else:
+                    metrics = self.aggregate.alert_metrics(window, bucket)
+                    for kind in KINDS:
+                        state = self.detectors.get(kind) or initial_state(kind, self.store_id, config)
+                        state, events = evaluate(state, boundary, metrics, config)
+                        self.detectors[kind] = state
+                        self.outbox.extend(events)
+                self.sampled_ms = after = boundary
+                done += 1
+                covered += 1
+                quiet = self.aggregate.alert_quiet_until(window, bucket)
+                if quiet is not None:
+                    # the samples up to the bucket ``quiet`` are empty too: the detectors would skip them,
+                    # and a partial's would add nothing at the owner. Jump to the last of them that is due.
+                    skip_to = min(((quiet + 1) * bucket_ms - 1) // step * step, last_due)
+                    if skip_to > boundary:
+                        covered += (skip_to - boundary) // step
+                        self.sampled_ms = after = skip_to
+                        break
+        if done:
             self.version += 1
-            return len(boundaries)
-        for boundary in boundaries:
-            metrics = self.aggregate.alert_metrics(window, sample_bucket(boundary, config.bucket_ms))
-            for kind in KINDS:
-                state = self.detectors.get(kind) or initial_state(kind, self.store_id, config)
-                state, events = evaluate(state, boundary, metrics, config)
-                self.detectors[kind] = state
-                self.outbox.extend(events)
-            self.sampled_ms = boundary
-        self.version += 1
-        return len(boundaries)
+        return limit if limit is not None and done >= limit else covered
 
     def metrics(self, grid: Grid, window: int, as_of_bucket: int) -> dict[str, object]:
         """Every metric of the store for a window as of a bucket."""
@@ -266,18 +287,19 @@ class StarSampler:
             self.upto[partition] = upto
 
     def due(self, star: StoreShard, config: AlertConfig) -> list[int]:
-        """The boundaries of ``*`` every partition has sampled and ``*`` has not, in order."""
+        """The boundaries of ``*`` every partition has sampled and ``*`` has not, in order, that some partition
+        has a sample of: at the others every partition's points were empty (or it had no data yet), so the
+        sum is empty and the detectors would skip it (a partition skips its empty stretches, see
+        :meth:`StoreShard.sample`)."""
         if len(self.upto) < self.partitions:
             return []
-        if star.star_sampled_ms is not None:
-            after = star.star_sampled_ms
-        else:
-            known = [b for samples in self.samples.values() for b in samples]
-            if not known:
-                return []
-            after = min(known) - 1  # from the first boundary any partition sampled
-        step = config.step_ms
-        return list(range((after // step + 1) * step, min(self.upto.values()) + 1, step))
+        after = star.star_sampled_ms
+        if after is None and not any(self.samples.values()):
+            return []
+        upto = min(self.upto.values())
+        known = {b for samples in self.samples.values() for b in samples
+                 if (after is None or b > after) and b <= upto}
+        return sorted(known)
 
     def evaluate(self, star: StoreShard, config: AlertConfig) -> int:
         """Evaluate the due boundaries of ``*``; its alert events go to ``star.star_outbox``. Returns how many."""
@@ -296,6 +318,10 @@ class StarSampler:
                 star.star_detectors[kind] = state
                 star.star_outbox.extend(events)
             star.star_sampled_ms = boundary
+        upto = min(self.upto.values()) if len(self.upto) == self.partitions else None
+        if upto is not None and star.star_sampled_ms is not None and upto > star.star_sampled_ms:
+            star.star_sampled_ms = upto  # the boundaries since were all empty
+            boundaries.append(upto)
         if boundaries:
             star.version += 1
             self.prune(boundaries[-1])

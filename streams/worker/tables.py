@@ -33,7 +33,7 @@ ROCKSDB_OPTIONS = {
 
 
 #: the worker's tables (their changelogs are ``<app id>-<name>-changelog``)
-TABLE_NAMES = ("store-currency", "held-events", "customer-facts")
+TABLE_NAMES = ("store-currency", "store-channels", "held-events", "customer-facts")
 #: the changelog topics' configs (compacted by Faust): small segments, cleaned at 10 % dirt
 CHANGELOG_CONFIG = {"segment.bytes": str(32 * 1024 * 1024), "min.cleanable.dirty.ratio": "0.1"}
 

@@ -72,8 +72,6 @@ STAR_SAMPLES_TOPIC = "star-samples"
 STAR_SAMPLES_RETENTION_MS = 7 * 86_400_000
 OUTPUT_TOPIC = "loyalty-metrics"
 DEAD_LETTER_TOPIC = "loyalty-dead-letters"
-#: the dead-letter topic's record limit: a dead letter of a whole 1 MiB input message fits
-DEAD_LETTER_MAX_BYTES = 2 * 1024 * 1024
 #: alerts of SPEC section 7, keyed ``{store_id}|{kind}``
 ALERTS_TOPIC = "loyalty-alerts"
 
@@ -90,18 +88,9 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
     await ensure_topics(
         settings,
         [internal_topic(settings, name) for name in INTERNAL_TOPICS if name not in TOPIC_CONFIGS]
-        + [settings.topic(ALERTS_TOPIC)],
+        + [settings.topic(DEAD_LETTER_TOPIC), settings.topic(ALERTS_TOPIC)],
         settings.partitions,
         settings.replication_factor,
-    )
-    # a dead letter carries its message's bytes in base64: a whole input message at Kafka's 1 MiB
-    # limit makes a record of about 1.4 MB, which the broker's default limit would refuse
-    await ensure_topics(
-        settings,
-        [settings.topic(DEAD_LETTER_TOPIC)],
-        settings.partitions,
-        settings.replication_factor,
-        config={"max.message.bytes": str(DEAD_LETTER_MAX_BYTES)},
     )
     for name, config in TOPIC_CONFIGS.items():
         await ensure_topics(

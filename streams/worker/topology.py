@@ -129,6 +129,8 @@ class Topology:
         self.star_partials_topic = self.settings.topic(self.internal + STAR_PARTIALS_TOPIC)
         self.star_samples_topic = self.settings.topic(self.internal + STAR_SAMPLES_TOPIC)
         self.currencies = make_table(app, "store-currency", self.partitions)
+        #: store -> its channels (JSON list, the first 100 to arrive: the gate's channel cap)
+        self.channels = make_table(app, "store-channels", self.partitions)
         self.held = make_table(app, "held-events", self.partitions)
         self.facts = make_table(app, "customer-facts", self.partitions)
 

@@ -1,4 +1,5 @@
-"""The gate: the by-store agent (one currency per store) and, with the wall clock, the release of held events."""
+"""The gate: the by-store agent (one currency and at most 100 channels per store) and, with the wall clock, the
+release of held events."""
 
 from __future__ import annotations
 
@@ -29,6 +30,27 @@ class CurrencyView:
         self.table[store_id.encode()] = currency.encode()
 
 
+class ChannelsView:
+    """The channels table as ``store -> [channel, ...]``, each store's list decoded once per view (one batch)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.decoded: dict[str, list[str]] = {}
+
+    def get(self, store_id: str) -> list[str] | None:
+        channels = self.decoded.get(store_id)
+        if channels is None:
+            value = self.table.get(store_id.encode())
+            if value is None:
+                return None
+            channels = self.decoded[store_id] = unpack(bytes(value))
+        return channels
+
+    def __setitem__(self, store_id: str, channels: list[str]) -> None:
+        self.table[store_id.encode()] = pack(channels)
+        self.decoded[store_id] = channels
+
+
 class Gate:
     """Admits events by store to the by-customer topic; holds (wall clock) those later than now."""
 
@@ -52,6 +74,8 @@ class Gate:
             newly_held: dict[str, list[Any]] = {}
             #: by-store partition -> the watermark marks that arrived on it, relayed after the batch's events
             marks: dict[int, dict[str, Mark]] = {}
+            # the table is read afresh each batch: a rebalance may have recovered it meanwhile
+            channels = ChannelsView(topology.channels)
             messages = await self.input.in_order(batch)
             started = self.input.take_started()
             if started:  # partitions read again from their commits: learn what they dead-lettered since
@@ -62,7 +86,7 @@ class Gate:
                     marks.setdefault(partition, {}).update(message[MARKS])
                     continue
                 pending: list[Any] = []
-                self.stage.process(message, self.currencies, now, pending, routed)  # type: ignore[arg-type]
+                self.stage.process(message, self.currencies, now, pending, routed, channels)  # type: ignore[arg-type]
                 for item in pending:
                     newly_held.setdefault(item[0][3], []).append(item)
             for store_id, items in newly_held.items():
@@ -75,7 +99,7 @@ class Gate:
             for metadata in await topology.send_routed(topology.by_customer, routed, wait=True):
                 self.ledger.record(metadata.partition, metadata.offset)
             await self.relay_marks(marks)
-            await changelog_written(topology.currencies, held)
+            await changelog_written(topology.currencies, topology.channels, held)
             self.input.mark_done()
             await self.input.commit(metadata=self.ledger.commit_metadata())
 

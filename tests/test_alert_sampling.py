@@ -1,0 +1,124 @@
+"""Alert sampling skips a store's empty stretches exactly: a year-0001 event must not make the worker sample every
+15 minutes since (issue 14), and the detectors must end as if every boundary had been sampled."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metrics.alerts import KINDS, AlertConfig, due_boundaries, evaluate, initial_state, sample_bucket
+from metrics.catalog import ALL_STORES
+from metrics.store import ReadPoints
+from streams.stages.aggregate import StarSampler, StoreShard
+
+BUCKET_MS = 60_000
+STEP_MS = 15 * BUCKET_MS
+CONFIG = AlertConfig(window="1h", step_ms=STEP_MS, warmup_ms=4 * STEP_MS, half_life_ms=8 * STEP_MS,
+                     cooldown_ms=4 * STEP_MS, grace_ms=STEP_MS, min_churned=1, min_responses=1)
+WINDOW = CONFIG.window_ms // BUCKET_MS
+HORIZON = 6 * WINDOW  # buckets a customer stays active (the facts stage sends A's +1 and -1 this far apart)
+
+
+def groups_of(deltas: list[tuple[str, int, int]]) -> list[object]:
+    """Deltas as the facts stage groups them: ``[series, [bucket, delta, ...], ...]``."""
+    flat: list[object] = []
+    for series, bucket, delta in deltas:
+        flat.extend([series, [bucket, delta]])
+    return flat
+
+
+def activity(bucket: int, churned_at: int | None = None) -> list[tuple[str, int, int]]:
+    """A customer active from ``bucket`` for the horizon (or until ``churned_at``), and an NPS answer then."""
+    end = bucket + HORIZON if churned_at is None else churned_at
+    return [("A", bucket, 1), ("A", end, -1), (f"both:{WINDOW}", bucket + WINDOW, 1),
+            (f"both:{WINDOW}", max(end, bucket + WINDOW), -1), ("nps_n", bucket, 1), ("nps_d", bucket, 1)]
+
+
+def plain(shard: StoreShard, watermark_ms: int) -> dict[str, object]:
+    """The detectors sampled at every due boundary, as before the skipping: the oracle."""
+    states = {kind: initial_state(kind, shard.store_id, CONFIG) for kind in KINDS}
+    events: list[dict[str, object]] = []
+    assert shard.first_bucket is not None
+    for boundary in due_boundaries(shard.first_bucket * BUCKET_MS - 1, watermark_ms, CONFIG):
+        metrics = shard.aggregate.alert_metrics(WINDOW, sample_bucket(boundary, BUCKET_MS))
+        for kind in KINDS:
+            states[kind], fired = evaluate(states[kind], boundary, metrics, CONFIG)
+            events.extend(fired)
+    return {"states": {k: replace(s, last_ms=None) for k, s in states.items()}, "events": events}
+
+
+def shard_with(deltas: list[tuple[str, int, int]], store: str = "s") -> StoreShard:
+    shard = StoreShard(store)
+    first = min(bucket for _, bucket, _ in deltas)
+    shard.apply((0, 0, 0), {"g": groups_of(deltas)}, None)
+    shard.first_bucket = first
+    return shard
+
+
+STRETCHES = st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 4), st.booleans()), min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(STRETCHES, st.integers(0, 400))
+def test_skipping_empty_samples_gives_the_detectors_of_sampling_every_boundary(
+    stretches: list[tuple[int, int, bool]], tail: int
+) -> None:
+    """Bursts of activity and NPS answers with gaps of any length: the skipping sampler ends as the plain one."""
+    deltas: list[tuple[str, int, int]] = []
+    for start, customers, churn in stretches:
+        for customer in range(customers):
+            deltas.extend(activity(start + customer, start + customer + WINDOW if churn else None))
+    shard = shard_with(deltas)
+    last = max(bucket for _, bucket, _ in deltas)
+    watermark = (last + tail) * BUCKET_MS + CONFIG.grace_ms
+    expected = plain(shard, watermark)
+    while shard.sample(watermark, CONFIG, 64) == 64:
+        pass
+    assert {k: replace(s, last_ms=None) for k, s in shard.detectors.items()} == expected["states"]
+    assert shard.outbox == expected["events"]
+    assert shard.sampled_ms == due_boundaries(0, watermark, CONFIG)[-1]
+
+
+def test_a_year_0001_event_does_not_make_the_store_sample_every_boundary_since() -> None:
+    """A customer active in year 1 and one in 2024: a few hundred samples, not 70 million, in well under a second."""
+    ancient = -62_135_596_800_000 // BUCKET_MS
+    recent = 1_709_294_400_000 // BUCKET_MS
+    shard = shard_with(activity(ancient) + activity(recent))
+    started = time.monotonic()
+    slices = 1  # of at most 64 samples each: the horizon of each customer, then the skip between them
+    while shard.sample(recent * BUCKET_MS + 10 * STEP_MS, CONFIG, 64) == 64:
+        slices += 1
+    assert slices <= 2 * ((HORIZON + WINDOW) * BUCKET_MS // STEP_MS // 64 + 2)
+    assert time.monotonic() - started < 5
+    assert shard.next_sample_bucket(CONFIG) is not None and shard.next_sample_bucket(CONFIG) > recent
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(STRETCHES, min_size=2, max_size=3))
+def test_star_owner_sums_partials_that_skip_their_empty_stretches(
+    partitions: list[list[tuple[int, int, bool]]],
+) -> None:
+    """Partial ``*`` shards that skip, summed by the owner, give the detectors of sampling their sum everywhere."""
+    partials = []
+    merged: list[tuple[str, int, int]] = []
+    for stretches in partitions:
+        deltas = [d for start, customers, churn in stretches for customer in range(customers)
+                  for d in activity(start + customer, start + customer + WINDOW if churn else None)]
+        merged.extend(deltas)
+        partials.append(shard_with(deltas, ALL_STORES))
+    last = max(bucket for _, bucket, _ in merged)
+    watermark = (last + 50) * BUCKET_MS + CONFIG.grace_ms
+    expected = plain(shard_with(merged, ALL_STORES), watermark)
+    sampler = StarSampler(len(partials))
+    star = StoreShard(ALL_STORES)
+    for number, partial in enumerate(partials):
+        while partial.sample(watermark, CONFIG, 64) == 64:
+            pass
+        samples = [{"b": s["b"], "points": ReadPoints.from_record(s["points"]).to_record()} for s in partial.outbox]
+        sampler.receive({"p": number, "samples": samples, "upto": partial.sampled_ms})
+    sampler.evaluate(star, CONFIG)
+    assert {k: replace(s, last_ms=None) for k, s in star.star_detectors.items()} == expected["states"]
+    assert star.star_outbox == expected["events"]
