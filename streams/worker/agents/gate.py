@@ -60,6 +60,8 @@ class Gate:
         self.currencies = CurrencyView(topology.currencies)
         self.input = topology.contiguous(topology.by_store, committed=True)
         settings = topology.settings
+        #: the ledger's commit metadata as of the last batch marked done (what a commit carries)
+        self.done_metadata = ""
         self.ledger = StageLedger(settings, settings.topic(DEAD_LETTER_TOPIC),
                                   topology.partitions, {CURRENCY_MISMATCH})
 
@@ -101,7 +103,12 @@ class Gate:
             await self.relay_marks(marks)
             await changelog_written(topology.currencies, topology.channels, held)
             self.input.mark_done()
-            await self.input.commit(metadata=self.ledger.commit_metadata())
+            # the ledger's positions now, with no await since the batch was marked done: a commit
+            # of the done offsets must not carry a position past a dead letter of a batch after them
+            # (the tick commits while the next batch is under way; that batch's dead letters would
+            # then be neither read again from the commit nor known after a crash, and sent twice)
+            self.done_metadata = self.ledger.commit_metadata()
+            await self.input.commit(metadata=self.done_metadata)
 
     async def relay_marks(self, marks: dict[int, dict[str, Mark]]) -> None:
         """Relay the marks of each by-store partition to every by-customer partition, naming where they came from.
@@ -121,7 +128,7 @@ class Gate:
     async def tick(self) -> None:
         """The once-a-second timer: release held events, commit what is done, seek back a stalled partition."""
         await self.release_held()
-        await self.input.commit(force=True, metadata=self.ledger.commit_metadata())
+        await self.input.commit(force=True, metadata=self.done_metadata)
         await self.input.unstall()
 
     async def release_held(self) -> None:
