@@ -357,7 +357,7 @@ async def produce(bootstrap: str, prefix: str, messages: list[tuple[str, dict[st
 
 @pytest.mark.timeout(500)
 async def test_sigkilled_worker_sends_the_same_alert_ids(services, topic_prefix, app_id, tmp_path: Path) -> None:
-    """A worker SIGKILLed right after a firing and restarted sends only the ids of a plain replay (repeats allowed)."""
+    """A worker SIGKILLed twice (right after a firing, then mid-replay) sends only the ids of a plain replay."""
     messages = ordered_history()
     expected = expected_alerts(messages)
     fired_at, resolved_at = T0 + (SPIKE_HOUR + 1) * HOUR_MS, T0 + (SPIKE_HOUR + 2) * HOUR_MS
@@ -400,8 +400,20 @@ async def test_sigkilled_worker_sends_the_same_alert_ids(services, topic_prefix,
                              message=lambda: f"no firing alert\n{tail(log_path, 40)}")
         process.kill()
         process.wait(timeout=30)
+        applied_at_kill = int((await redis.hget("loyalty:health", "events_applied")) or 0)
         process = start_worker(env, log_path)
         await produce(bootstrap, topic_prefix, messages[split:])
+
+        async def replaying() -> bool:
+            alive()
+            return int((await redis.hget("loyalty:health", "events_applied")) or 0) > applied_at_kill + 200
+
+        # the second kill lands mid-replay of the rest, before the resolving sample is certain
+        await async_wait_for(replaying, timeout=240, interval=0.05,
+                             message=lambda: f"the restarted worker applies nothing\n{tail(log_path, 40)}")
+        process.kill()
+        process.wait(timeout=30)
+        process = start_worker(env, log_path)
 
         async def resolved() -> bool:
             alive()
