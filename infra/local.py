@@ -311,8 +311,8 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 @contextlib.contextmanager
-def _quiet(*loggers: str) -> Iterator[None]:
-    """Silence client libraries while probing a server that is still starting."""
+def quiet(*loggers: str) -> Iterator[None]:
+    """Silence client libraries while probing a server that is still starting (or a check explains a failure)."""
     saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
     for logger, _ in saved:
         logger.setLevel(logging.CRITICAL + 1)
@@ -758,7 +758,7 @@ def kafka_ready(bootstrap: str, timeout: float = 5.0, **client_options: Any) -> 
         finally:
             await admin.close()
 
-    with _quiet("aiokafka"):
+    with quiet("aiokafka"):
         try:
             return asyncio.run(probe())
         except Exception:

@@ -17,13 +17,11 @@ bootstrap string / Redis URL (no SASL, no custom CA: what the tests' plain serve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import logging
 import ssl
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from infra.local import quiet
 from streams.settings import Settings, redact_url
 
 if TYPE_CHECKING:
@@ -118,19 +116,6 @@ def faust_credentials(settings: Settings) -> CredentialsT | None:
     )
 
 
-@contextlib.contextmanager
-def _quiet(*loggers: str) -> Iterator[None]:
-    """Silence client libraries while a check explains the failure itself."""
-    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
-    for logger, _ in saved:
-        logger.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)
-
-
 def describe_kafka_error(kafka: KafkaTarget, server: str, exc: BaseException) -> str:
     """One line saying why a connection to ``server`` failed, naming the settings to check."""
     from aiokafka import errors
@@ -167,7 +152,7 @@ async def check_kafka(kafka: KafkaTarget, wait_s: float = 15.0) -> None:
     options = kafka_client_options(kafka)
     servers = [s.split("://", 1)[-1] for s in str(options.pop("bootstrap_servers")).split(",")]
     reasons = []
-    with _quiet("aiokafka"):
+    with quiet("aiokafka"):
         for server in servers:
             host, _, port = server.rpartition(":")
             try:
