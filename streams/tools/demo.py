@@ -6,16 +6,23 @@ starts one worker subprocess (``loyalty worker``, its output in
 that windows have a past and ``churn_rate`` is defined at once) and then live traffic
 with :func:`streams.tools.simulate.run_simulation`, and redraws a rich table of
 ``customers_end``, ``churn_rate``, ``nps``, ``repeat_purchase_rate``, ``gross_revenue`` and
-``as_of`` per store, read from Redis every second; it also starts ``loyalty dashboard``
+``as_of`` per store, read from Redis every second, with the latest alerts of the Redis stream
+``loyalty:alerts`` under it; it also starts ``loyalty dashboard``
 (``<LOYALTY_STATE_DIR>/demo/dashboard.log``) and prints its URL. Ctrl-C (SIGINT) or SIGTERM stops the
 simulator (buffered events are still sent) and the worker; the command then stops the
 Kafka and Redis it started itself (and nothing else).
+
+The demo's worker runs the alert detectors on a demo's time scale (:data:`DEMO_ALERTS`: the
+1h window sampled every minute, a 20-minute warm-up that the backfill covers), so an injected
+``--churn-spike`` fires within minutes rather than after the defaults' three days of warm-up;
+any ``LOYALTY_ALERT_*`` the user set (environment or ``.env``) wins.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +32,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
 from rich import box
@@ -37,7 +45,7 @@ from infra import local
 from streams.connections import async_redis, redis_failure
 from streams.dashboard.server import dashboard_url
 from streams.settings import Settings
-from streams.sinks.redis_sink import metric_key, parse_redis_field, read_health
+from streams.sinks.redis_sink import ALERTS_KEY, metric_key, parse_redis_field, read_health
 from streams.sinks.snapshots import rfc3339_ms
 from streams.tools.simulate import SimulationError, SimulationOptions, SimulationStats, run_simulation
 from streams.worker.topics import ensure_input_topics
@@ -47,6 +55,18 @@ COLUMNS = ("customers", "churn %", "NPS", "repeat %", "gross revenue")  # short 
 ALL_STORES = "*"
 REFRESH_S = 1.0
 WORKER_STOP_TIMEOUT_S = 30.0
+#: alerts shown under the table, newest first
+ALERTS_SHOWN = 5
+#: the demo worker's alert settings (setting field -> variable, value), unless the user set them
+DEMO_ALERTS = {
+    "alert_window": ("LOYALTY_ALERT_WINDOW", "1h"),
+    "alert_step_ms": ("LOYALTY_ALERT_STEP", "1m"),
+    "alert_warmup_ms": ("LOYALTY_ALERT_WARMUP", "20m"),
+    "alert_half_life_ms": ("LOYALTY_ALERT_HALF_LIFE", "30m"),
+    "alert_cooldown_ms": ("LOYALTY_ALERT_COOLDOWN", "10m"),
+    "alert_grace_ms": ("LOYALTY_ALERT_GRACE", "1m"),
+    "alert_min_churned": ("LOYALTY_ALERT_MIN_CHURNED", "5"),
+}
 
 
 @dataclass(frozen=True)
@@ -63,12 +83,26 @@ def worker_command() -> list[str]:
     return [sys.executable, "-m", "streams.cli", "worker"]
 
 
-def start_worker(log_path: Path) -> subprocess.Popen[bytes]:
+def demo_alert_env(settings: Settings) -> dict[str, str]:
+    """The environment variables of :data:`DEMO_ALERTS` that the user did not set.
+
+    >>> from streams.settings import Settings
+    >>> env = demo_alert_env(Settings(LOYALTY_ALERT_STEP="5m"))
+    >>> env["LOYALTY_ALERT_WINDOW"], "LOYALTY_ALERT_STEP" in env
+    ('1h', False)
+    """
+    if settings.alert_window not in settings.windows and settings.is_set("alert_window"):
+        return {}
+    return {variable: value for field, (variable, value) in DEMO_ALERTS.items() if not settings.is_set(field)}
+
+
+def start_worker(log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """One worker in its own session (the terminal's Ctrl-C reaches the demo only), logging to ``log_path``.
 
-    On Linux it also gets SIGTERM if the demo dies without cleaning up.
+    ``env`` adds to this process's environment. On Linux it also gets SIGTERM if the demo dies
+    without cleaning up.
     """
-    return _start(worker_command(), log_path)
+    return _start(worker_command(), log_path, env)
 
 
 def dashboard_command() -> list[str]:
@@ -81,11 +115,12 @@ def start_dashboard(log_path: Path) -> subprocess.Popen[bytes]:
     return _start(dashboard_command(), log_path)
 
 
-def _start(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _start(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         return subprocess.Popen(
             command,
+            env={**os.environ, **env} if env else None,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -134,6 +169,17 @@ async def read_headlines(client: aioredis.Redis, stores: list[str], window: str)
     return out
 
 
+async def read_alerts(client: aioredis.Redis, count: int = ALERTS_SHOWN) -> list[dict[str, Any]]:
+    """The newest ``count`` alerts of the Redis stream ``loyalty:alerts``, newest first."""
+    entries: Any = await client.xrevrange(ALERTS_KEY, count=count)
+    alerts = []
+    for _, fields in entries:
+        raw = fields.get(b"json", fields.get("json"))
+        with contextlib.suppress(orjson.JSONDecodeError, TypeError):
+            alerts.append(orjson.loads(raw))
+    return alerts
+
+
 def _number(value: object, digits: int, suffix: str = "") -> str:
     if value is None:
         return "-"
@@ -147,8 +193,9 @@ def render(
     window: str,
     status: str,
     now_ms: int,
+    alerts: list[dict[str, Any]] | None = None,
 ) -> Group:
-    """The table of the headline metrics per store, and a status line under it.
+    """The table of the headline metrics per store, the latest alerts and a status line under it.
 
     >>> import io
     >>> from rich.console import Console
@@ -159,6 +206,12 @@ def render(
     ...     1_700_000_002_000))
     >>> text = console.export_text()
     >>> "2.50%" in text and "99.50 EUR" in text and "waiting" in text and "22:13:20 2s" in text
+    True
+    >>> alert = {"state": "firing", "kind": "churn_spike", "store_id": "[b]s1", "as_of_ms": 1_700_000_000_000,
+    ...          "message": "churn_rate 9.00% in 1h is above the threshold 3.10%"}
+    >>> console.print(render({}, ["s1"], "1h", "ok", 1_700_000_002_000, [alert]))
+    >>> text = console.export_text()
+    >>> "FIRING" in text and "churn_spike [b]s1 22:13:20: churn_rate 9.00% in 1h is above" in text
     True
     """
     table = Table(
@@ -193,7 +246,17 @@ def render(
             revenue,
             f"{rfc3339_ms(row['as_of_ms'])[11:19]} {age:,.0f}s",
         )
-    return Group(table, Text(status, style="cyan"))
+    parts: list[Any] = [table]
+    if alerts:
+        lines = Text("latest alerts (loyalty alerts --follow):\n", style="bold")
+        for alert in alerts:
+            firing = alert.get("state") == "firing"
+            lines.append(f"{str(alert.get('state', '')).upper():<9}", style="bold red" if firing else "green")
+            lines.append(f"{alert.get('kind', '')} {alert.get('store_id', '')} "
+                         f"{rfc3339_ms(int(alert.get('as_of_ms', 0)))[11:19]}: {alert.get('message', '')}\n")
+        parts.append(lines)
+    parts.append(Text(status, style="cyan"))
+    return Group(*parts)
 
 
 def _status_line(stats: SimulationStats | None, rate: float, worker: subprocess.Popen[bytes],
@@ -242,14 +305,15 @@ async def _show(
                 rate = (samples[-1][1] - samples[0][1]) / span if span > 0 else 0.0
                 try:
                     headlines = await read_headlines(client, stores, options.window)
+                    alerts = await read_alerts(client)
                     health = await read_health(client)
                     if baseline is None:
                         baseline = health
                     health = {name: count - baseline.get(name, 0) for name, count in health.items()}
                     status = _status_line(stats, rate, worker, health, log_path)
                 except (aioredis.RedisError, OSError) as exc:
-                    headlines, status = {}, redis_failure(settings, exc)
-                live.update(render(headlines, stores, options.window, status, int(time.time() * 1000)),
+                    headlines, alerts, status = {}, [], redis_failure(settings, exc)
+                live.update(render(headlines, stores, options.window, status, int(time.time() * 1000), alerts),
                             refresh=True)
                 if stop.is_set():
                     break
@@ -295,8 +359,12 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console | None =
     except (KafkaError, OSError) as exc:
         console.print(f"cannot reach Kafka at {settings.kafka_bootstrap_servers}: {exc}", style="red", markup=False)
         return 1
-    worker = start_worker(log_path)
+    alert_env = demo_alert_env(settings)
+    worker = start_worker(log_path, alert_env)
     console.print(f"worker started (pid {worker.pid}), log: {log_path}")
+    if alert_env:
+        console.print("alerts on the demo's time scale: " + " ".join(f"{k}={v}" for k, v in alert_env.items()),
+                      markup=False, highlight=False)
     dashboard_log = settings.state_dir / "demo" / "dashboard.log"
     dashboard: subprocess.Popen[bytes] | None = None
     if local.port_free(settings.dashboard_port, _bind_host(settings.dashboard_host)):
