@@ -59,7 +59,10 @@ TOPIC_CONFIGS = {
     "deltas": {"retention.ms": "-1", "segment.bytes": INTERNAL_SEGMENT_BYTES},
     "checkpoints": {
         "cleanup.policy": "compact",
-        "segment.ms": "600000",
+        # only closed segments are compacted: a checkpoint every few seconds of a busy store fills
+        # a 10-minute segment with hundreds of megabytes that a restore then reads through
+        "segment.ms": "60000",
+        "segment.bytes": str(16 * 1024 * 1024),
         "min.cleanable.dirty.ratio": "0.1",
         "delete.retention.ms": "600000",
     },
