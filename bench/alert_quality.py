@@ -196,9 +196,11 @@ def main() -> None:
     cached = orjson.loads(cache.read_bytes()) if cache is not None and cache.exists() else None
     if cached is not None and cached["model"] == model:
         stores, counts = cached["stores"], cached["counts"]
+        from_cache = True
         samples = [(boundary, by_store) for boundary, by_store in cached["samples"]]
         generated = sampled = time.process_time()
     else:
+        from_cache = False
         events, stores = _events(args, spike, drop)
         generated = time.process_time()
         samples = _samples(events, stores, base, parse_duration(args.horizon), START_MS - parse_duration(args.lead))
@@ -246,6 +248,7 @@ def main() -> None:
         "boundaries": sum(1 for boundary, _ in samples if boundary >= START_MS),
         "boundaries_with_lead": len(samples),
         "sampled_days": round(sampled_ms / DAY_MS, 2),
+        "samples_from_cache": from_cache,
         "cpu_seconds": {"generate": round(generated - started, 1), "engine_and_samples": round(sampled - generated, 1),
                         "detectors": round(detected - sampled, 1)},
         "results": results,

@@ -264,13 +264,13 @@ def test_state_survives_json() -> None:
     [
         (1.83, 90, False, False),  # past 3 sigma, but 90 of ~4,900 could be noise: inconclusive
         (1.30, 65, False, True),  # under the threshold: a normal sample
-        (4.00, 200, True, False),  # past it with its whole 95% interval
+        (4.00, 200, True, False),  # past it with its 99% lower bound
     ],
 )
 def test_a_churn_sample_fires_only_when_its_whole_interval_is_past_the_threshold(
     rate: float, churned: int, fires: bool, fed: bool
 ) -> None:
-    """Churn like NPS: past k sigma is not enough while the count's 95% interval reaches back under the threshold."""
+    """Churn like NPS: past k sigma is not enough while the count's 99% lower bound is still under the threshold."""
     config = AlertConfig(step_ms=STEP, warmup_ms=4 * STEP, half_life_ms=100 * STEP)
     state = initial_state(CHURN_SPIKE, "store-1", config)
     for index, normal in enumerate((1.0, 1.2, 1.4, 1.2, 1.0, 1.2)):
@@ -286,12 +286,12 @@ def test_a_churn_sample_fires_only_when_its_whole_interval_is_past_the_threshold
 
 
 def _wilson_low_percent(churned: int, rate: float) -> float:
-    """The low end of the 95% Wilson interval of ``churned`` out of the customers the rate implies, in percent."""
+    """The one-sided 99% Wilson lower bound of ``churned`` out of the customers the rate implies, in percent."""
     if churned == 0 or rate == 0.0 or not math.isfinite(100.0 * churned / rate):
         return 0.0
     total = max(1, round(100.0 * churned / rate))
     share = min(1.0, churned / total)
-    z = 1.959963984540054
+    z = 2.3263478740408408  # a one-sided 99% bound
     low = (share + z * z / (2 * total) - z * math.sqrt(share * (1.0 - share) / total + z * z / (4.0 * total * total)))
     return max(0.0, 100.0 * low / (1.0 + z * z / total))
 
