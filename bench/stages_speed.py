@@ -30,7 +30,14 @@ from metrics.customer import CustomerFacts
 from metrics.store import ReadPoints
 from streams.settings import load_settings
 from streams.stages.aggregate import StoreShard, apply_message
-from streams.stages.facts import CustomerOutput, CustomerStage, customer_records, delta_messages, load_customer
+from streams.stages.facts import (
+    CustomerOutput,
+    CustomerStage,
+    apply_records,
+    customer_records,
+    delta_messages,
+    load_customer,
+)
 from streams.stages.gate import GateStage
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
@@ -104,11 +111,7 @@ def main() -> None:
                 outgoing.setdefault(target, []).extend(parts)
         deltas = [(target, chunk) for target, parts in outgoing.items() for chunk in pack_chunks(parts)]
         for key, facts in cache.items():
-            for record_key, record in customer_records(key, facts, grid).items():
-                if record is None:
-                    table.pop(record_key, None)
-                else:
-                    table[record_key] = record
+            apply_records(table, customer_records(key, facts, grid))
         spent["facts"] += time.process_time() - tick
 
         tick = time.process_time()

@@ -384,12 +384,17 @@ class CustomerFacts:
         buckets.update(time // bucket_ms for time in self.closes)
         buckets.update(entry[0] // bucket_ms for entry in self.membership)
         names = {"b" + str(bucket // PAGE_BUCKETS) for bucket in buckets}
-        if self.seen:
-            seen_first = self.paging.seen_first if self.paging is not None else 0
-            first = seen_first // SEEN_CHUNK_IDS
-            last = (seen_first + len(self.seen) - 1) // SEEN_CHUNK_IDS
-            names.update("s" + str(chunk) for chunk in range(first, last + 1))
+        names.update(self._seen_chunk_names())
         return names
+
+    def _seen_chunk_names(self) -> list[str]:
+        """The names of the chunks that hold ``seen`` (none when empty)."""
+        if not self.seen:
+            return []
+        seen_first = self.paging.seen_first if self.paging is not None else 0
+        first = seen_first // SEEN_CHUNK_IDS
+        last = (seen_first + len(self.seen) - 1) // SEEN_CHUNK_IDS
+        return ["s" + str(chunk) for chunk in range(first, last + 1)]
 
     def _page(self, name: str, grid: Grid) -> list[object] | None:
         number = int(name[1:])
@@ -442,11 +447,8 @@ class CustomerFacts:
         self.seen[event_id] = seen_at_ms
 
     def _touch_all_seen(self) -> None:
-        paging = self.paging
-        if paging is not None and self.seen:
-            first = paging.seen_first // SEEN_CHUNK_IDS
-            last = (paging.seen_first + len(self.seen) - 1) // SEEN_CHUNK_IDS
-            paging.dirty.update("s" + str(chunk) for chunk in range(first, last + 1))
+        if self.paging is not None:
+            self.paging.dirty.update(self._seen_chunk_names())
 
     def apply(self, event: ev.Event, grid: Grid, horizon_start: int) -> None:
         """Fold one accepted, non-duplicate event into the facts.
@@ -458,8 +460,8 @@ class CustomerFacts:
         bucket = grid.bucket(time)
         kept = bucket >= horizon_start
         kind = event.type
-        if kept and self.paging is not None:
-            self.paging.dirty.add("b" + str(bucket // PAGE_BUCKETS))
+        if kept:
+            self._touch(bucket)
         if kind == ev.ORDER_PLACED or kind == ev.CUSTOMER_SIGNED_UP:
             if self.first_activity_ms is None or time < self.first_activity_ms:
                 self.first_activity_ms = time

@@ -14,7 +14,14 @@ from metrics import events as ev
 from metrics.customer import SEEN_CHUNK_IDS, CustomerFacts, MissingPageError
 from metrics.reference import accepted_events
 from metrics.timegrid import DAY_MS, Grid
-from streams.stages.facts import CustomerOutput, CustomerStage, customer_records, delta_messages, load_customer
+from streams.stages.facts import (
+    CustomerOutput,
+    CustomerStage,
+    apply_records,
+    customer_records,
+    delta_messages,
+    load_customer,
+)
 from streams.worker.wire import customer_route_key, event_to_list
 from tests.test_stages import GRID, PARTITIONS, DeltasLog, _assert_equal_to_reference
 
@@ -32,14 +39,6 @@ def _state(facts: CustomerFacts) -> tuple[Any, ...]:
             facts.closes, facts.order_count, facts.first_orders, dict(sorted(facts.orders.items())),
             dict(sorted(facts.revenue.items())), facts.member_before, facts.member_before_key, facts.membership,
             dict(sorted(facts.rewards.items())), list(facts.seen.items()))
-
-
-def _store(table: dict[bytes, bytes], writes: dict[bytes, bytes | None]) -> None:
-    for key, value in writes.items():
-        if value is None:
-            table.pop(key, None)
-        else:
-            table[key] = value
 
 
 @settings(max_examples=200, deadline=None)
@@ -63,7 +62,7 @@ def test_paged_facts_reload_equal_the_facts_in_memory(seed: int, unpage_entries:
             for facts in (live, twin):
                 facts.remember(event.event_id, clock)
                 facts.apply(event, grid, horizon_start)
-        _store(table, customer_records(KEY, live, grid, inline_bytes=0, unpage_entries=unpage_entries))
+        apply_records(table, customer_records(KEY, live, grid, inline_bytes=0, unpage_entries=unpage_entries))
         loaded = load_customer(KEY, table.get)
         assert loaded is not None and _state(loaded) == _state(live) == _state(twin)
         live = loaded  # the next batch starts from the table, as after a restart
@@ -80,7 +79,7 @@ def test_a_head_whose_page_is_missing_is_refused() -> None:
     for minute in range(3):
         facts.apply(ev.Event(f"e{minute}", ev.ORDER_PLACED, minute * MINUTE_MS, "s", "c", amount_micros=1), grid, 0)
     table: dict[bytes, bytes] = {}
-    _store(table, customer_records(KEY, facts, grid, inline_bytes=0))
+    apply_records(table, customer_records(KEY, facts, grid, inline_bytes=0))
     del table[next(key for key in table if b"\x00" in key)]
     with pytest.raises(MissingPageError):
         load_customer(KEY, table.get)
@@ -144,7 +143,7 @@ def test_a_guest_ordering_every_minute_for_400_days_keeps_every_record_small_and
         for key, customer in output.facts.items():
             writes = customer_records(key, customer, stage.grid)
             largest = max(largest, *(len(value) for value in writes.values() if value is not None))
-            _store(table, writes)
+            apply_records(table, writes)
     assert largest < RECORD_LIMIT
     guest = load_customer(customer_route_key("s", "guest"), table.get)
     assert guest is not None and guest.paging is not None  # paged: a whole record would be megabytes

@@ -31,6 +31,7 @@ from metrics.timegrid import parse_duration
 from metrics.validation import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, parse_message
 from streams.sinks.redis_sink import metric_key, read_health
 from streams.tools.history import generate_history, wire_body
+from streams.tools.storefront import base36
 from support import async_wait_for
 
 #: Redis database of this module (test_alerts_worker's too: both empty it first, and the session runs one at a time)
@@ -43,15 +44,6 @@ def tiny(index: int) -> dict[str, Any]:
     name = base36(index)
     return {"event_id": name, "type": "loyalty.left", "occurred_at": T, "store_id": "L", "customer_id": name}
 
-
-def base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    text = ""
-    while True:
-        number, digit = divmod(number, 36)
-        text = digits[digit] + text
-        if not number:
-            return text
 
 
 def batch_of(count: int, size: int | None = None) -> bytes:

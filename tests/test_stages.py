@@ -26,6 +26,7 @@ from streams.stages.facts import (
     INLINE_BYTES,
     CustomerOutput,
     CustomerStage,
+    apply_records,
     customer_records,
     delta_messages,
     load_customer,
@@ -193,11 +194,7 @@ def _write_facts(
     """Store customers as the facts agent does (pages, heads, deletes, in order); ``cut``: crash after that many."""
     writes = [item for key, customer in customers.items()
               for item in customer_records(key, customer, GRID, inline_bytes=inline_bytes).items()]
-    for key, value in writes[:cut]:
-        if value is None:
-            table.pop(key, None)
-        else:
-            table[key] = value
+    apply_records(table, dict(writes[:cut]))
 
 
 def _run_chain(

@@ -8,7 +8,7 @@ applies it at most once.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,19 @@ def customer_records(
         if content is None:
             writes[page_key(key, stored).encode()] = None
     return writes
+
+
+def apply_records(table: MutableMapping[bytes, bytes], writes: dict[bytes, bytes | None]) -> None:
+    """Apply :func:`customer_records`'s writes, in order, to an in-memory table (``None``: delete).
+
+    >>> table = {b"a": b"1"}; apply_records(table, {b"b": b"2", b"a": None}); table
+    {b'b': b'2'}
+    """
+    for key, value in writes.items():
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
 
 
 def load_customer(key: str, get: Callable[[bytes], bytes | None]) -> CustomerFacts | None:

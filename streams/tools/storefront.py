@@ -169,7 +169,12 @@ def _money(rng: random.Random, cents: int) -> object:
     return text if rng.random() < 0.5 else float(text)
 
 
-def _base36(number: int) -> str:
+def base36(number: int) -> str:
+    """``number`` (>= 0) in base 36, lowercase.
+
+    >>> base36(0), base36(35), base36(36)
+    ('0', 'z', '10')
+    """
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
     while True:
@@ -482,7 +487,7 @@ class Storefronts:
     def __next__(self) -> tuple[str, dict[str, Any]]:
         time_ms = int(self._clock())
         if self._last_ms is None:
-            prefix = f"sim{self.seed}-{_base36(max(time_ms, 0))}-"
+            prefix = f"sim{self.seed}-{base36(max(time_ms, 0))}-"
             for store in self.stores:
                 store.id_prefix = prefix
         elif time_ms < self._last_ms:
