@@ -70,19 +70,23 @@ def _events(args: argparse.Namespace, spike: ChurnSpike, drop: NpsDrop) -> tuple
     position = iter(range(total))
     model = Storefronts(seed=args.seed, stores=args.stores, customers=args.customers,
                         clock=lambda: first_ms + next(position) * span // total, churn_spike=spike, nps_drop=drop)
+    return model_events(model, total, first_ms + span), model.store_ids
+
+
+def model_events(model: Storefronts, count: int, now_ms: int) -> list[Event]:
+    """The next ``count`` events of ``model``, validated (as of ``now_ms``) as the worker would."""
     events: list[Event] = []
-    now = first_ms + span
-    for _ in range(total):
+    for _ in range(count):
         topic, body = next(model)
-        for item in parse_message(orjson.dumps(body), topic, now_ms=now, max_future_skew_ms=0):
+        for item in parse_message(orjson.dumps(body), topic, now_ms=now_ms, max_future_skew_ms=0):
             assert isinstance(item, Event), item  # the model makes only valid events
             events.append(item)
-    return events, model.store_ids
+    return events
 
 
-def _samples(events: list[Event], store_ids: list[str], config: AlertConfig, horizon_ms: int,
+def alert_samples(events: list[Event], store_ids: list[str], config: AlertConfig, horizon_ms: int,
              from_ms: int) -> list[tuple[int, dict[str, dict[str, object]]]]:
-    """(boundary, {store: 24h metrics before it}) for every step boundary from ``from_ms`` on."""
+    """(boundary, {store: metrics of the alert window before it}) for every step boundary from ``from_ms`` on."""
     grid = Grid(config.bucket_ms, horizon_ms, (config.window_ms,))
     window = grid.windows[0]
     engine = LoyaltyEngine(grid)
@@ -106,7 +110,10 @@ def _samples(events: list[Event], store_ids: list[str], config: AlertConfig, hor
     return samples
 
 
-def _detect(samples: list[tuple[int, dict[str, dict[str, object]]]], config: AlertConfig) -> list[dict[str, object]]:
+Samples = list[tuple[int, dict[str, dict[str, object]]]]
+
+
+def detect_alerts(samples: Samples, config: AlertConfig) -> list[dict[str, object]]:
     """Every alert event of a run of the detectors over the samples."""
     states: dict[tuple[str, str], DetectorState] = {}
     alerts: list[dict[str, object]] = []
@@ -203,7 +210,8 @@ def main() -> None:
         from_cache = False
         events, stores = _events(args, spike, drop)
         generated = time.process_time()
-        samples = _samples(events, stores, base, parse_duration(args.horizon), START_MS - parse_duration(args.lead))
+        lead_ms = parse_duration(args.lead)
+        samples = alert_samples(events, stores, base, parse_duration(args.horizon), START_MS - lead_ms)
         sampled = time.process_time()
         measured = [e for e in events if e.occurred_at_ms >= START_MS]
         counts = {"events": len(measured), "events_with_history": len(events),
@@ -222,7 +230,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for k in (float(text) for text in args.ks.split(",")):
         config = replace(base, k=k)
-        alerts = _detect(samples, config)
+        alerts = detect_alerts(samples, config)
         results.append({
             "k": k,
             CHURN_SPIKE: _quality(alerts, CHURN_SPIKE, spike_store, spike.at_ms, spike.at_ms + spike.duration_ms,

@@ -26,6 +26,10 @@ from streams.settings import Settings, load_settings, redact_url
 if TYPE_CHECKING:
     from streams.tools.simulate import SimulationOptions
 
+#: the demo's default customers per event/s of --rate: the churn level its alert tuning (the demo's
+#: LOYALTY_ALERT_* values) was measured with; more customers per event/s, lower churn rates
+DEMO_CUSTOMERS_PER_RATE = 200
+
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -311,15 +315,16 @@ def _simulation_options(rate: float, duration: str | None, events: int | None, s
         raise click.UsageError(str(exc)) from None
 
 
-def _traffic_options(rate: float, stores: int = 3, customers: int = 3000) -> Callable[[F], F]:
+def _traffic_options(rate: float, stores: int = 3, customers: int | None = 3000) -> Callable[[F], F]:
     """The traffic options shared by ``simulate`` and ``demo``."""
     options = [
         click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=rate, show_default=True,
                      help="Events per second (live: the send rate; historical: events per second of event time)."),
         click.option("--stores", type=click.IntRange(1, 1000), default=stores, show_default=True,
                      help="Stores store-1..store-N, of decreasing size."),
-        click.option("--customers", type=click.IntRange(1), default=customers, show_default=True,
-                     help="Customers the stores grow to together (arrivals continue at a trickle)."),
+        click.option("--customers", type=click.IntRange(1), default=customers, show_default=customers is not None,
+                     help="Customers the stores grow to together (arrivals continue at a trickle)"
+                     + (f"; default {DEMO_CUSTOMERS_PER_RATE} per event/s of --rate." if customers is None else ".")),
         click.option("--seed", type=int, help="Random seed (default: a random one, printed); same seed, same traffic."),
         click.option("--churn-spike", metavar="AT:FACTOR",
                      help="From AT (an offset from the start like 30s or 2d, or RFC 3339 / epoch ms) the spike "
@@ -452,15 +457,14 @@ def orjson_text(value: object) -> str:
 
 
 @main.command()
-@_traffic_options(rate=100.0)
+@_traffic_options(rate=25.0, customers=None)
 @click.option("--window", metavar="WINDOW", help="Window shown in the table (default: the first of LOYALTY_WINDOWS).")
-@click.option("--backfill", default="2h", show_default=True, metavar="DURATION",
-              help="First publish a history covering this long before now, so windows have a past ('0': none).")
-@click.option("--backfill-events", type=click.IntRange(0), default=10_000, show_default=True, metavar="N",
-              help="Events of that history.")
+@click.option("--backfill", default="3h", show_default=True, metavar="DURATION",
+              help="First publish the traffic of this long before now, at the live rate, so windows have a past "
+              "and the alert baselines are learnt on traffic like the live one ('0': none).")
 @click.option("--duration", metavar="DURATION", help="Stop by itself after this long (default: at Ctrl-C).")
-def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike: str | None,
-         nps_drop: str | None, spike_store: str | None, window: str | None, backfill: str, backfill_events: int,
+def demo(rate: float, stores: int, customers: int | None, seed: int | None, churn_spike: str | None,
+         nps_drop: str | None, spike_store: str | None, window: str | None, backfill: str,
          duration: str | None) -> None:
     """Run everything: `loyalty up`, a worker and live simulated traffic, with a live table of the metrics.
 
@@ -484,8 +488,10 @@ def demo(rate: float, stores: int, customers: int, seed: int | None, churn_spike
         limit_s = parse_duration(duration) / 1000 if duration else None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    customers = customers or max(1, round(DEMO_CUSTOMERS_PER_RATE * rate))
     options = _simulation_options(rate, None, None, stores, customers, seed, None, churn_spike, spike_store, 1,
-                                  nps_drop, backfill_ms=backfill_ms or None, backfill_events=backfill_events)
+                                  nps_drop, backfill_ms=backfill_ms or None,
+                                  backfill_events=round(rate * backfill_ms / 1000))
     before = {status.name: status.state for status in local.status(settings.state_dir)}
     click.get_current_context().invoke(up)
     started = [status.name for status in local.status(settings.state_dir)

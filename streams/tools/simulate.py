@@ -152,14 +152,16 @@ class SimulationOptions:
     nps_drop: DropSpec | None = None
     spike_store: int = 0  # 0-based index, of the churn spike and the NPS drop
     batch: int = 1
-    #: live runs only: first publish ``backfill_events`` events covering the ``backfill_ms`` before now
+    #: live runs only: first publish ``backfill_events`` events covering the ``backfill_ms`` before now,
+    #: ``backfill_batch`` events per message (a backfill is a replay: batched, as the SPEC allows)
     backfill_ms: int | None = None
     backfill_events: int = 0
+    backfill_batch: int = 500
 
     def __post_init__(self) -> None:
         if not self.rate > 0 or not math.isfinite(self.rate):
             raise ValueError("--rate must be a positive number of events per second")
-        if not 1 <= self.batch <= MAX_BATCH_EVENTS:
+        if not 1 <= self.batch <= MAX_BATCH_EVENTS or not 1 <= self.backfill_batch <= MAX_BATCH_EVENTS:
             raise ValueError(f"--batch must be 1..{MAX_BATCH_EVENTS}")
         if self.stores < 1 or self.customers < 1:
             raise ValueError("--stores and --customers must be at least 1")
@@ -362,6 +364,7 @@ async def run_simulation(
     since: dict[str, float] = {}
     pending: deque[tuple[asyncio.Future[Any], int]] = deque()
     last_report = 0.0
+    batch = options.batch  # the backfill's own while it runs
 
     def report(force: bool = False) -> None:
         nonlocal last_report
@@ -398,7 +401,7 @@ async def run_simulation(
         stats.per_type[body["type"]] += 1
         stats.per_store[body["store_id"]] += 1
         value = orjson.dumps(body)
-        if options.batch == 1:
+        if batch == 1:
             key = body.get("customer_id") or body["store_id"]
             await send(topic, value, key.encode(), 1)
             return
@@ -407,7 +410,7 @@ async def run_simulation(
         buffers[topic].append(value)
         sizes[topic] += len(value) + 1
         since.setdefault(topic, time.monotonic())
-        if len(buffers[topic]) >= options.batch:
+        if len(buffers[topic]) >= batch:
             await flush(topic)
 
     async def pause(seconds: float) -> None:
@@ -461,8 +464,10 @@ async def run_simulation(
             await historical(options.start_ms, options.historical_span_ms(), stats.target or 0, "history")
         else:
             if options.backfill_ms and options.backfill_events > 0:
+                batch = options.backfill_batch
                 await historical(now - options.backfill_ms, options.backfill_ms, options.backfill_events,
                                  "backfill")
+                batch = options.batch
             if options.events is not None:
                 stats.target = stats.generated + options.events
             elif options.duration_ms is not None:
