@@ -6,12 +6,15 @@ import asyncio
 import time
 from decimal import Decimal
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.local import free_port
+from streams.settings import Settings
+from streams.sinks.dead_letters import REFORWARD_WINDOW_S, StageLedger
 from streams.sinks.health import HealthCounters
 from streams.sinks.redis_sink import HEALTH_KEY, REDIS_TIMEOUT_S, RedisSink, metric_key
 from streams.sinks.snapshots import dumps, snapshot_payload
@@ -100,3 +103,24 @@ async def test_forgotten_writes_are_written_again_after_redis_lost_them(services
     finally:
         await sink.close()
         await client.aclose()
+
+
+def test_stage_ledger_commits_positions_a_window_old_and_forgets_after_it() -> None:
+    """The gate's commit metadata lags its dead-letter positions by the re-forward window, and so does its memory."""
+    now = [0.0]
+    ledger = StageLedger(Settings(), "dead", 2, {"currency_mismatch"}, clock=lambda: now[0])
+    letter = {"topic": "orders", "partition": 3, "offset": 4613, "index": None}
+    ledger.record(0, 9)
+    ledger.remember([letter])
+    assert orjson.loads(ledger.commit_metadata()) == {"0": 10}
+    now[0] = 30.0
+    ledger.record(0, 19)
+    ledger.record(1, 4)
+    assert orjson.loads(ledger.commit_metadata()) == {"0": 10}  # a copy of the letter at 9 may still come
+    assert ledger.already_sent(dict(letter))
+    now[0] = REFORWARD_WINDOW_S - 1
+    assert orjson.loads(ledger.commit_metadata()) == {"0": 10}
+    assert ledger.already_sent(dict(letter))
+    now[0] = 30.0 + REFORWARD_WINDOW_S
+    assert orjson.loads(ledger.commit_metadata()) == {"0": 20, "1": 5}
+    assert not ledger.already_sent(dict(letter))

@@ -10,7 +10,10 @@ The stages build these records (:func:`dead_letter`); the worker sends them to t
 from __future__ import annotations
 
 import base64
+import time
 import zlib
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -23,6 +26,9 @@ DEAD_LETTER_SCHEMA = "loyalty.dead_letter.v1"
 #: could not be dead-lettered whole, the send would fail and the input reader would try again for ever.
 #: Longer originals are cut here: ``raw_bytes`` is their whole length, ``raw_truncated`` says they were cut.
 MAX_DEAD_LETTER_RAW = 512 * 1024
+#: how long (wall clock) after a stage's dead letter a second copy of its element can still arrive: the
+#: ingest, restarted, forwards again only what it forwarded since its last commit (about every second)
+REFORWARD_WINDOW_S = 60.0
 
 
 def dead_letter(
@@ -186,30 +192,55 @@ class DeadLetterLedger(_Positions):
 class StageLedger(_Positions):
     """The dead letters a stage after the ingest sends (the gate's currency mismatches), each once.
 
-    A stage's input is read again from its committed offsets after a crash, and so are its bad
-    elements, whose dead letters may be in the topic already. The stage commits, as its offsets'
-    metadata, a position per dead-letter partition at or before every dead letter it sends later
+    A stage sees an element twice in two ways. (1) Its own input is read again from its committed
+    offsets after a crash. (2) The ingest, after its own crash, forwards again what it had
+    forwarded since its last commit: the same element arrives at a second, later offset, possibly
+    after the stage committed past the first one. The ingest commits about every second, so
+    such a second copy follows the first within :data:`REFORWARD_WINDOW_S` of wall-clock time.
+
+    So the stage commits, as its offsets' metadata, a position per dead-letter partition at or
+    before every dead letter it sent in the last :data:`REFORWARD_WINDOW_S` or sends later
     (:meth:`commit_metadata`). On an assignment it reads each dead-letter partition from the
-    earliest such position of the partitions it starts (:meth:`learn`), and :meth:`already_sent`
-    keeps the dead letters found there, of its ``reasons``, from being sent twice.
+    earliest such position of the partitions it starts (:meth:`learn`); it also remembers what it
+    sends itself (:meth:`remember`), for the same window. :meth:`already_sent` keeps the dead
+    letters known either way, of its ``reasons``, from being sent twice.
     """
 
-    def __init__(self, kafka: KafkaTarget, dead_letter_topic: str, partitions: int, reasons: set[str]) -> None:
+    def __init__(self, kafka: KafkaTarget, dead_letter_topic: str, partitions: int, reasons: set[str],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.kafka = kafka
         self.topic = dead_letter_topic
         self.partitions = partitions
         self.reasons = reasons
-        #: identities ``topic|partition|offset|index`` of dead letters in the topic since the commits
-        self.sent: set[bytes] = set()
+        self.clock = clock
+        #: identities ``topic|partition|offset|index`` of dead letters in the topic -> when they became known
+        self.sent: dict[bytes, float] = {}
+        #: (clock, positions then), oldest first: the first is the newest at least the window old, if any
+        self.snapshots: deque[tuple[float, dict[int, int]]] = deque()
 
     def commit_metadata(self) -> str:
-        """The metadata to commit with the stage's offsets: ``{dead-letter partition: position}`` as JSON."""
-        return orjson.dumps({str(partition): position for partition, position in self.positions.items()}).decode()
+        """The metadata to commit with the stage's offsets: ``{dead-letter partition: position}`` as JSON.
+
+        The positions as they were :data:`REFORWARD_WINDOW_S` ago (or the oldest known).
+        """
+        now = self.clock()
+        self.snapshots.append((now, dict(self.positions)))
+        while len(self.snapshots) > 1 and self.snapshots[1][0] <= now - REFORWARD_WINDOW_S:
+            self.snapshots.popleft()
+        for key in [key for key, known in self.sent.items() if known < now - REFORWARD_WINDOW_S]:
+            del self.sent[key]  # a second copy of that element can no longer come
+        return orjson.dumps({str(partition): position for partition, position in self.snapshots[0][1].items()}).decode()
 
     def already_sent(self, letter: dict[str, Any]) -> bool:
-        """Whether this element's dead letter is in the topic already (sent before the stage's restart)."""
+        """Whether this element's dead letter is in the topic already (sent before, by this stage or its last run)."""
         return dead_letter_key(letter) in self.sent
+
+    def remember(self, letters: list[dict[str, Any]]) -> None:
+        """Dead letters this stage has just sent: a re-forwarded copy of their elements is not sent again."""
+        now = self.clock()
+        for letter in letters:
+            self.sent[dead_letter_key(letter)] = now
 
     async def learn(self, metadata: list[str]) -> None:
         """Read the dead letters sent since the commits whose ``metadata`` the started partitions carry."""
@@ -224,6 +255,7 @@ class StageLedger(_Positions):
             for partition, position in found.items():
                 if str(partition).isdigit() and isinstance(position, int):
                     wanted[int(partition)] = min(position, wanted.get(int(partition), position))
+        now = self.clock()
         for record in await self._read_since(set(range(self.partitions)), wanted):
             if record.key and record.value:
                 try:
@@ -231,4 +263,11 @@ class StageLedger(_Positions):
                 except (orjson.JSONDecodeError, AttributeError):
                     continue
                 if reason in self.reasons:
-                    self.sent.add(record.key)
+                    self.sent[record.key] = now
+        # until a snapshot is the window old, commits keep the positions this learnt from: the dead
+        # letters read here may still get second copies, from an ingest that restarted with this stage
+        started_from = {**self.positions, **wanted}
+        for _, positions in self.snapshots:  # an earlier assignment's window is not over yet either
+            for partition, position in positions.items():
+                started_from[partition] = min(position, started_from.get(partition, position))
+        self.snapshots = deque([(now - REFORWARD_WINDOW_S, started_from)])

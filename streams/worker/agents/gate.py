@@ -100,6 +100,7 @@ class Gate:
             routed.dead_letters = [letter for letter in routed.dead_letters if not self.ledger.already_sent(letter)]
             for metadata in await topology.send_routed(topology.by_customer, routed, wait=True):
                 self.ledger.record(metadata.partition, metadata.offset)
+            self.ledger.remember(routed.dead_letters)
             await self.relay_marks(marks)
             await changelog_written(topology.currencies, topology.channels, held)
             self.input.mark_done()
