@@ -122,3 +122,46 @@ def test_star_owner_sums_partials_that_skip_their_empty_stretches(
     sampler.evaluate(star, CONFIG)
     assert {k: replace(s, last_ms=None) for k, s in star.star_detectors.items()} == expected["states"]
     assert star.star_outbox == expected["events"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(STRETCHES, min_size=2, max_size=3), st.integers(1, 6), st.data())
+def test_star_owner_restored_reads_the_samples_topic_from_its_checkpointed_offset(
+    partitions: list[list[tuple[int, int, bool]]], per_read: int, data: st.DataObject,
+) -> None:
+    """An owner restored from a checkpoint that reads the samples topic from the offset in it ends as one never stopped."""
+    deltas = [[d for start, customers, churn in stretches for customer in range(customers)
+               for d in activity(start + customer, start + customer + WINDOW if churn else None)]
+              for stretches in partitions]
+    partials = [shard_with(part, ALL_STORES) for part in deltas]
+    last = max(bucket for part in deltas for _, bucket, _ in part) + 50
+    topic: list[dict[str, object]] = []  # the star-samples topic: each partition's slices, interleaved
+    watermark = last * BUCKET_MS + CONFIG.grace_ms
+    progressing = list(enumerate(partials))
+    while progressing:
+        number, partial = progressing.pop(data.draw(st.integers(0, len(progressing) - 1)))
+        more = partial.sample(watermark, CONFIG, 8) == 8
+        topic.append({"p": number, "samples": [{"b": s["b"], "points": s["points"]} for s in partial.outbox],
+                      "upto": partial.sampled_ms})
+        partial.outbox.clear()
+        if more:
+            progressing.append((number, partial))
+
+    def run(star: StoreShard, sampler: StarSampler, start: int, stop: int | None = None) -> StoreShard:
+        for offset in range(start, len(topic) if stop is None else stop):
+            sampler.receive(topic[offset], offset)
+            if (offset + 1) % per_read == 0:
+                sampler.evaluate(star, CONFIG)
+        sampler.evaluate(star, CONFIG)
+        return star
+
+    never_stopped = run(StoreShard(ALL_STORES), StarSampler(len(partials)), 0)
+    checkpoint_at = data.draw(st.integers(0, len(topic)))
+    star = run(StoreShard(ALL_STORES), StarSampler(len(partials)), 0, checkpoint_at)
+    restored = StoreShard.from_bytes(star.to_bytes())
+    start = restored.star_samples_offset or 0
+    assert start <= checkpoint_at
+    run(restored, StarSampler(len(partials), restored.star_upto), start)
+    assert never_stopped.star_detectors
+    assert restored.star_detectors == never_stopped.star_detectors
+    assert restored.star_outbox == never_stopped.star_outbox

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import orjson
@@ -50,6 +51,10 @@ class StoreShard:
         self.star_sampled_ms: int | None = None
         self.star_detectors: dict[str, DetectorState] = {}
         self.star_outbox: list[dict[str, object]] = []
+        #: where the owner reads the star-samples topic from after a restore (every sample of a boundary after
+        #: ``star_sampled_ms`` is at or after it), and how far each partition had sampled then
+        self.star_samples_offset: int | None = None
+        self.star_upto: dict[int, int] = {}
 
     def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> bool:
         """Apply one store entry of a delta message part, unless applied already; returns whether it was."""
@@ -107,6 +112,8 @@ class StoreShard:
                         "sampled": self.star_sampled_ms,
                         "detectors": [state.to_record() for state in self.star_detectors.values()],
                         "outbox": self.star_outbox,
+                        "offset": self.star_samples_offset,
+                        "upto": [[partition, upto] for partition, upto in self.star_upto.items()],
                     },
                 },
             }
@@ -136,6 +143,8 @@ class StoreShard:
                 state = DetectorState.from_record(record)
                 shard.star_detectors[state.kind] = state
             shard.star_outbox = list(star.get("outbox", []))
+            shard.star_samples_offset = star.get("offset")
+            shard.star_upto = {int(partition): upto for partition, upto in star.get("upto", [])}
         shard.aggregate = StoreAggregate.from_bytes(data[4 + size:])
         return shard
 
@@ -266,25 +275,40 @@ class StarSampler:
     boundary of ``*`` is evaluated once every partition has sampled it: the sum of their points
     (a partition without a sample at B had no data before B: it adds nothing). The state lives
     in the partial ``*`` of the ``*`` store's partition (``star_*`` fields), so it is
-    checkpointed with it.
+    checkpointed with it, and so is where to read the topic from after a restore
+    (``star_samples_offset``, with each partition's ``upto`` then): a restart reads the samples
+    not evaluated yet, not the whole topic.
     """
 
-    def __init__(self, partitions: int) -> None:
+    def __init__(self, partitions: int, upto: dict[int, int] | None = None) -> None:
         self.partitions = partitions
         #: deltas partition -> how far it has sampled
-        self.upto: dict[int, int] = {}
+        self.upto: dict[int, int] = dict(upto or {})
         #: deltas partition -> boundary -> its read points
         self.samples: dict[int, dict[int, ReadPoints]] = {}
+        #: (offset, latest boundary) of the messages read with samples, oldest first, until evaluated
+        self.unevaluated: deque[tuple[int, int]] = deque()
+        #: the offset after the last message read
+        self.next_offset: int | None = None
 
-    def receive(self, message: dict[str, Any]) -> None:
-        """A partition's samples (the first one of a boundary is kept: a resend after a crash is the same)."""
+    def receive(self, message: dict[str, Any], offset: int | None = None) -> None:
+        """A partition's samples (the first one of a boundary is kept: a resend after a crash is the same),
+        read at ``offset`` of the topic."""
         partition = int(message["p"])
         samples = self.samples.setdefault(partition, {})
+        latest = None
         for sample in message["samples"]:
-            samples.setdefault(int(sample["b"]), ReadPoints.from_record(sample["points"]))
+            boundary = int(sample["b"])
+            if boundary not in samples:
+                samples[boundary] = ReadPoints.from_record(sample["points"])
+            latest = boundary if latest is None else max(latest, boundary)
         upto = message.get("upto")
         if upto is not None and upto > self.upto.get(partition, upto - 1):
             self.upto[partition] = upto
+        if offset is not None:
+            if latest is not None:
+                self.unevaluated.append((offset, latest))
+            self.next_offset = offset + 1
 
     def due(self, star: StoreShard, config: AlertConfig) -> list[int]:
         """The boundaries of ``*`` every partition has sampled and ``*`` has not, in order, that some partition
@@ -325,6 +349,14 @@ class StarSampler:
         if boundaries:
             star.version += 1
             self.prune(boundaries[-1])
+            while self.unevaluated and self.unevaluated[0][1] <= boundaries[-1]:
+                self.unevaluated.popleft()
+            # no await since the evaluation: the checkpoint reads these with the detectors they go with
+            if self.unevaluated:
+                star.star_samples_offset = self.unevaluated[0][0]
+            elif self.next_offset is not None:
+                star.star_samples_offset = self.next_offset
+            star.star_upto = dict(self.upto)
         return len(boundaries)
 
     def prune(self, upto: int) -> None:

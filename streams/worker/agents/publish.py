@@ -199,7 +199,7 @@ class Publisher:
         if star is None:
             await self.star_samples.stop()
             return
-        sampler = await self.star_samples.poll(aggregation.assignment_generation)
+        sampler = await self.star_samples.poll(aggregation.assignment_generation, star)
         sampler.evaluate(star, config)
 
     async def publish_alerts(self, redis: RedisSink) -> None:
@@ -296,20 +296,27 @@ class Publisher:
         topology.health.count("snapshots", len(grid.windows))
 
 
-async def read_from_start(topology: Topology, tp: TopicPartition) -> AIOKafkaConsumer:
-    """A started consumer of one partition (of a one-partition topic of the worker), from its beginning."""
-    consumer = AIOKafkaConsumer(**kafka_client_options(topology.settings), enable_auto_commit=False)
+async def read_from_start(topology: Topology, tp: TopicPartition, offset: int | None = None) -> AIOKafkaConsumer:
+    """A started consumer of one partition (of a one-partition topic of the worker), from its beginning
+    (or from ``offset``: from the beginning when that offset is no longer, or not yet, in the log)."""
+    consumer = AIOKafkaConsumer(**kafka_client_options(topology.settings), enable_auto_commit=False,
+                                auto_offset_reset="earliest")
     await consumer.start()
     consumer.assign([tp])
-    await consumer.seek_to_beginning(tp)
+    if offset is None:
+        await consumer.seek_to_beginning(tp)
+    else:
+        consumer.seek(tp, offset)
     return consumer
 
 
 class StarSamples:
-    """The owner's reader of the ``star-samples`` topic (from its start), feeding a :class:`StarSampler`.
+    """The owner's reader of the ``star-samples`` topic, feeding a :class:`StarSampler`.
 
-    Read again from the start whenever the aggregation was rebuilt: the ``*`` state restored
-    from a checkpoint may need samples the sampler had already let go.
+    Read again whenever the aggregation was rebuilt: the ``*`` state restored from a checkpoint
+    may need samples the sampler had already let go. It names where they start
+    (``star_samples_offset``); a state without one (new, or checkpointed before it was kept) reads
+    the topic from its start.
     """
 
     def __init__(self, topology: Topology) -> None:
@@ -318,21 +325,21 @@ class StarSamples:
         self._generation: int | None = None
         self.sampler = StarSampler(topology.partitions)
 
-    async def poll(self, generation: int) -> StarSampler:
-        """Read what arrived; the sampler with every partition's samples so far."""
+    async def poll(self, generation: int, star: StoreShard) -> StarSampler:
+        """Read what arrived; the sampler with every partition's samples ``star`` has not evaluated yet."""
         tp = TopicPartition(self.topology.star_samples_topic, 0)
         if self._consumer is not None and self._generation != generation:
             await self.stop()
         if self._consumer is None:
-            consumer = await read_from_start(self.topology, tp)
+            consumer = await read_from_start(self.topology, tp, star.star_samples_offset)
             self._consumer, self._generation = consumer, generation
-            self.sampler = StarSampler(self.topology.partitions)
+            self.sampler = StarSampler(self.topology.partitions, star.star_upto)
         while True:
             batches = await self._consumer.getmany(tp, timeout_ms=0, max_records=10_000)
             records = [record for batch in batches.values() for record in batch]
             for record in records:
                 if record.value is not None:
-                    self.sampler.receive(orjson.loads(record.value))
+                    self.sampler.receive(orjson.loads(record.value), record.offset)
             if not records:
                 return self.sampler
 
