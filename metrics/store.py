@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import zlib
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import accumulate
 from typing import Any, Union
 
 import orjson
@@ -89,7 +91,9 @@ class PrefixSeries:
 
     Adding a delta costs two in-place additions (its slot and its block's sum);
     a prefix sum is the base, the sums of the blocks before the bucket's block
-    and part of that block: no per-read cache has to be kept up to date.
+    and part of that block. The running sums of the blocks are kept for reading (a binary
+    search instead of a pass over every block: a store with years of unfolded history has
+    thousands) and dropped by any change, so reads between writes share them.
 
     >>> series = PrefixSeries()
     >>> series.add(3, 2); series.add(7, -1); series.add(1, 5)
@@ -99,7 +103,7 @@ class PrefixSeries:
     (7, 6)
     """
 
-    __slots__ = ("base", "blocks", "floor", "sums")
+    __slots__ = ("_running", "base", "blocks", "floor", "sums")
 
     def __init__(self) -> None:
         #: block index (bucket >> _BLOCK_BITS) -> the deltas of its buckets; zero below ``floor``
@@ -109,12 +113,19 @@ class PrefixSeries:
         #: sum of the deltas of buckets below ``floor``
         self.base = 0
         self.floor: int | None = None
+        #: (block indexes in order, the sum of the blocks up to each), or ``None`` after a change
+        self._running: tuple[list[int], list[int]] | None = None
+
+    def changed(self) -> None:
+        """Drop the running sums: a block sum changed (every writer of ``sums`` calls this)."""
+        self._running = None
 
     def add(self, bucket: int, delta: int) -> None:
         """Add ``delta`` at ``bucket``."""
         if self.floor is not None and bucket < self.floor:
             self.base += delta
             return
+        self._running = None
         index = bucket >> _BLOCK_BITS
         slot = bucket & _BLOCK_MASK
         block = self.blocks.get(index)
@@ -136,7 +147,13 @@ class PrefixSeries:
         if self.floor is not None and bucket < self.floor - 1:
             raise ValueError(f"bucket {bucket} is below the series' folded floor {self.floor}")
         index = bucket >> _BLOCK_BITS
-        value = self.base + sum([total for i, total in self.sums.items() if i < index])
+        running = self._running
+        if running is None:
+            indexes = sorted(self.sums)
+            totals = list(accumulate(self.sums[i] for i in indexes))
+            running = self._running = (indexes, totals)
+        before = bisect_left(running[0], index)
+        value = self.base + (running[1][before - 1] if before else 0)
         block = self.blocks.get(index)
         if block is not None:
             value += _partial_sum(block, bucket & _BLOCK_MASK)
@@ -193,6 +210,7 @@ class PrefixSeries:
         if previous is not None and floor <= previous:
             return
         self.floor = floor
+        self._running = None
         blocks = self.blocks
         sums = self.sums
         floor_block = floor >> _BLOCK_BITS
@@ -407,6 +425,7 @@ class StoreAggregate(MetricReader):
             if target is None:
                 target = all_series[name] = PrefixSeries()
             floor = MINUS_INFINITY if target.floor is None else target.floor
+            target.changed()
             blocks = target.blocks
             sums = target.sums
             pairs = iter(groups[position + 1])
