@@ -73,6 +73,10 @@ def _events(args: argparse.Namespace, spike: ChurnSpike, drop: NpsDrop) -> tuple
     return model_events(model, total, first_ms + span), model.store_ids
 
 
+#: (boundary, {store: metrics}) in boundary order
+Samples = list[tuple[int, dict[str, dict[str, object]]]]
+
+
 def model_events(model: Storefronts, count: int, now_ms: int) -> list[Event]:
     """The next ``count`` events of ``model``, validated (as of ``now_ms``) as the worker would."""
     events: list[Event] = []
@@ -85,14 +89,14 @@ def model_events(model: Storefronts, count: int, now_ms: int) -> list[Event]:
 
 
 def alert_samples(events: list[Event], store_ids: list[str], config: AlertConfig, horizon_ms: int,
-             from_ms: int) -> list[tuple[int, dict[str, dict[str, object]]]]:
+                  from_ms: int) -> Samples:
     """(boundary, {store: metrics of the alert window before it}) for every step boundary from ``from_ms`` on."""
     grid = Grid(config.bucket_ms, horizon_ms, (config.window_ms,))
     window = grid.windows[0]
     engine = LoyaltyEngine(grid)
     step = config.step_ms
     boundary = max(events[0].occurred_at_ms // step + 1, -(-from_ms // step)) * step
-    samples: list[tuple[int, dict[str, dict[str, object]]]] = []
+    samples: Samples = []
 
     def sample(at: int) -> None:
         k = sample_bucket(at, config.bucket_ms)
@@ -108,9 +112,6 @@ def alert_samples(events: list[Event], store_ids: list[str], config: AlertConfig
         engine.ingest(event)
     sample(boundary)
     return samples
-
-
-Samples = list[tuple[int, dict[str, dict[str, object]]]]
 
 
 def detect_alerts(samples: Samples, config: AlertConfig) -> list[dict[str, object]]:

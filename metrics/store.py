@@ -117,7 +117,8 @@ class PrefixSeries:
         self._running: tuple[list[int], list[int]] | None = None
 
     def changed(self) -> None:
-        """Drop the running sums: a block sum changed (every writer of ``sums`` calls this)."""
+        """Drop the running sums: a block sum changed (for writers of ``sums`` outside this class; its own
+        writers, :meth:`add` and :meth:`fold_before`, drop them inline)."""
         self._running = None
 
     def add(self, bucket: int, delta: int) -> None:

@@ -129,7 +129,7 @@ def test_star_owner_sums_partials_that_skip_their_empty_stretches(
 def test_star_owner_restored_reads_the_samples_topic_from_its_checkpointed_offset(
     partitions: list[list[tuple[int, int, bool]]], per_read: int, data: st.DataObject,
 ) -> None:
-    """An owner restored from a checkpoint that reads the samples topic from the offset in it ends as one never stopped."""
+    """An owner restored from a checkpoint, reading the samples topic from its offset, ends as one never stopped."""
     deltas = [[d for start, customers, churn in stretches for customer in range(customers)
                for d in activity(start + customer, start + customer + WINDOW if churn else None)]
               for stretches in partitions]

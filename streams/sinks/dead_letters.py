@@ -228,8 +228,14 @@ class StageLedger(_Positions):
         self.snapshots.append((now, dict(self.positions)))
         while len(self.snapshots) > 1 and self.snapshots[1][0] <= now - REFORWARD_WINDOW_S:
             self.snapshots.popleft()
-        for key in [key for key, known in self.sent.items() if known < now - REFORWARD_WINDOW_S]:
-            del self.sent[key]  # a second copy of that element can no longer come
+        # a second copy of those elements can no longer come. Keys are in the order they became known (a
+        # key known again keeps its place, and so is kept a little longer): the expired ones lead
+        sent = self.sent
+        while sent:
+            key = next(iter(sent))
+            if sent[key] >= now - REFORWARD_WINDOW_S:
+                break
+            del sent[key]
         return orjson.dumps({str(partition): position for partition, position in self.snapshots[0][1].items()}).decode()
 
     def already_sent(self, letter: dict[str, Any]) -> bool:

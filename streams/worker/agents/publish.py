@@ -296,7 +296,7 @@ class Publisher:
         topology.health.count("snapshots", len(grid.windows))
 
 
-async def read_from_start(topology: Topology, tp: TopicPartition, offset: int | None = None) -> AIOKafkaConsumer:
+async def read_partition(topology: Topology, tp: TopicPartition, offset: int | None = None) -> AIOKafkaConsumer:
     """A started consumer of one partition (of a one-partition topic of the worker), from its beginning
     (or from ``offset``: from the beginning when that offset is no longer, or not yet, in the log)."""
     consumer = AIOKafkaConsumer(**kafka_client_options(topology.settings), enable_auto_commit=False,
@@ -331,7 +331,7 @@ class StarSamples:
         if self._consumer is not None and self._generation != generation:
             await self.stop()
         if self._consumer is None:
-            consumer = await read_from_start(self.topology, tp, star.star_samples_offset)
+            consumer = await read_partition(self.topology, tp, star.star_samples_offset)
             self._consumer, self._generation = consumer, generation
             self.sampler = StarSampler(self.topology.partitions, star.star_upto)
         while True:
@@ -366,7 +366,7 @@ class StarPartials:
         """Read what arrived (from the start on the first call); whether anything is new since the last ``*``."""
         tp = TopicPartition(self.topology.star_partials_topic, 0)
         if self._consumer is None:
-            consumer = await read_from_start(self.topology, tp)
+            consumer = await read_partition(self.topology, tp)
             self._consumer, self.latest, self.received, self.published = consumer, {}, 0, None
         batches = await self._consumer.getmany(tp, timeout_ms=0, max_records=10_000)
         for records in batches.values():
