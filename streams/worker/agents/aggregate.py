@@ -137,7 +137,7 @@ class Aggregation:
     async def sample_due(self) -> None:
         """Sample the stores of the partitions whose watermark made boundaries due, in slices.
 
-        Called after each batch (and rebuild): a replay can make thousands of boundaries due at
+        Called after each batch: a replay can make thousands of boundaries due at
         once, and the worker's other parts (commits, emits, heartbeats) must go on meanwhile.
         """
         config = self.alert_config
@@ -226,8 +226,8 @@ class Aggregation:
                 await consumer.stop()
         self.needs_restore = self.assignment_generation != generation
         self.input.seed(self.positions)
-        if not self.needs_restore:
-            await self.sample_due()
+        # no sampling here: a replay's backlog of due boundaries is sampled after the next batch, in
+        # slices, so the emit publishes the rebuilt stores first (ingest sends marks every few seconds)
         log.info("aggregate.rebuilt", stores=len(self.shards), partitions=mine, messages=applied,
                  checkpointed=sum(len(c.shards) for c in restored.values()),
                  seconds=round(time.monotonic() - started, 3))
