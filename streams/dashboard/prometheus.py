@@ -10,6 +10,7 @@ metric families:
 - ``loyalty_dead_letters_total{reason}`` (fields ``dead_letters:{reason}``);
 - ``loyalty_consumer_lag{topic,partition}`` (fields ``consumer_lag:{topic}:{partition}``);
 - ``loyalty_alerts_total{kind,state}`` (fields ``alerts:{kind}:{state}``);
+- ``loyalty_alert_sampling_behind_seconds{partition}`` (fields ``alert_sampling_behind_ms:{partition}``);
 - ``loyalty_redis_up``: 1, or 0 (and nothing else) when Redis did not answer.
 """
 
@@ -98,6 +99,10 @@ class RedisCollector:
             "loyalty_consumer_lag", "Messages behind the end of an input partition", labels=["topic", "partition"]
         )
         alerts = CounterMetricFamily("loyalty_alerts", "Alerts sent, by kind and state", labels=["kind", "state"])
+        behind = GaugeMetricFamily(
+            "loyalty_alert_sampling_behind_seconds",
+            "How far a deltas partition's alert sampling lags the last boundary due", labels=["partition"],
+        )
         for name, raw in sorted(self.data.health.items()):
             number = _number(raw)
             if number is None:
@@ -110,6 +115,8 @@ class RedisCollector:
                 topic, sep, partition = name.removeprefix("consumer_lag:").rpartition(":")
                 if sep and topic:
                     lag.add_metric([topic, partition], number)
+            elif name.startswith("alert_sampling_behind_ms:"):
+                behind.add_metric([name.removeprefix("alert_sampling_behind_ms:")], number / 1000)
             elif name.startswith("alerts:"):
                 kind, sep, state = name.removeprefix("alerts:").rpartition(":")
                 if sep and kind:
@@ -120,6 +127,7 @@ class RedisCollector:
         yield dead
         yield lag
         yield alerts
+        yield behind
 
 
 def exposition(data: ScrapeData) -> bytes:

@@ -179,6 +179,20 @@ class StoreShard:
             return low_watermark_ms - config.grace_ms - config.step_ms
         return None
 
+    def sampling_behind_ms(self, low_watermark_ms: int, config: AlertConfig) -> int:
+        """How far the last boundary sampled is behind the last one due (0: caught up, or nothing to sample).
+
+        >>> config = AlertConfig(grace_ms=0, step_ms=60_000, bucket_ms=60_000)
+        >>> shard = StoreShard("s1"); shard.first_bucket = 10
+        >>> shard.sampling_behind_ms(15 * 60_000, config), StoreShard("s2").sampling_behind_ms(15 * 60_000, config)
+        (300001, 0)
+        """
+        after = self._sampled_after(config, None)
+        if after is None:
+            return 0
+        last_due = (low_watermark_ms - config.grace_ms) // config.step_ms * config.step_ms
+        return max(0, last_due - after)
+
     def sample(self, low_watermark_ms: int, config: AlertConfig, limit: int | None = None) -> int:
         """Sample every boundary the low watermark made due, in order, as of each; returns how many.
 

@@ -155,11 +155,20 @@ class Aggregation:
             partial = self.partials.get(partition)
             if partial is not None:
                 shards.append(partial)  # its samples go to the ``*`` owner (StarSampler)
+            self._report_behind(partition, shards, watermark)
             for shard in shards:
                 sampled = SAMPLE_SLICE
                 while sampled == SAMPLE_SLICE:
                     sampled = shard.sample(watermark, config, SAMPLE_SLICE)
                     await asyncio.sleep(0)
+            self._report_behind(partition, shards, watermark)
+
+    def _report_behind(self, partition: int, shards: list[StoreShard], watermark: int) -> None:
+        """The health gauge ``alert_sampling_behind_ms:{partition}``: how far its slowest store's sampling lags."""
+        config = self.alert_config
+        assert config is not None
+        behind = max((shard.sampling_behind_ms(watermark, config) for shard in shards), default=0)
+        self.topology.health.gauge(f"alert_sampling_behind_ms:{partition}", behind)
 
     async def rebuild(self) -> None:
         """The shards of this worker's deltas partitions: their checkpoints, then the deltas after them."""
