@@ -112,6 +112,25 @@ async def _wait_applied(worker: Worker, client: aioredis.Redis, events: int, tim
         await asyncio.sleep(POLL_S)
 
 
+async def _wait_sampled(worker: Worker, client: aioredis.Redis, deadline: float) -> None:
+    """Wait until every deltas partition's alert sampling has caught up with its watermark.
+
+    A replay folds years of events in minutes, and the alert boundaries they make due (one per
+    store every ``LOYALTY_ALERT_STEP``) are sampled after them; a worker that lived through that
+    history sampled each as it came. The kill waits for the same state, so the restart measures
+    restoring a worker, not finishing its first pass.
+    """
+    while True:
+        worker.check_alive()
+        health = await read_health(client)
+        behind = [value for name, value in health.items() if name.startswith("alert_sampling_behind_ms:")]
+        if behind and not any(behind):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{worker.name}: alert sampling still behind: {behind}")
+        await asyncio.sleep(POLL_S)
+
+
 async def _published_as_of(client: aioredis.Redis, keys: list[str]) -> set[str]:
     """The keys whose snapshot is there, with their ``as_of_ms``."""
     found = set()
@@ -141,23 +160,34 @@ async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path
         stores = Storefronts(seed=options.seed, stores=options.stores, customers=options.customers,
                              clock=lambda: 0).store_ids
         keys = [metric_key(store, window) for store in [*stores, ALL_STORES] for window in settings.windows]
-        # every key published, then a checkpoint that holds it all (two intervals), then the kill
+        # every key published as of one time, the alert sampling caught up, then a checkpoint that
+        # holds it all (two intervals), and the same keys still as of that time: then the kill
+        # (the deltas of the last events may still be on their way when the keys first agree)
         deadline = time.monotonic() + options.timeout_s
+        published_s = sampled_s = 0.0
+        final: set[str] = set()
         while True:
-            final = await _published_as_of(client, keys)
-            if len(final) == len(keys) and len({entry.split("@")[1] for entry in final}) == 1:
-                break
+            published = await _published_as_of(client, keys)
+            if len(published) == len(keys) and len({entry.split("@")[1] for entry in published}) == 1:
+                if published == final:
+                    break
+                final = published
+                published_s = time.perf_counter() - worker.started
+                if settings.alert_config() is not None:
+                    await _wait_sampled(worker, client, deadline)
+                sampled_s = time.perf_counter() - worker.started
+                await asyncio.sleep(2 * 5 + 1)  # two checkpoint intervals: the interval is the bench's own setting
+                continue
             worker.check_alive()
             if time.monotonic() > deadline:
                 times: dict[str, list[str]] = {}
-                for entry in final:
+                for entry in published:
                     key, as_of = entry.split("@")
                     times.setdefault(as_of, []).append(key)
-                missing = sorted(set(keys) - {entry.split("@")[0] for entry in final})
+                missing = sorted(set(keys) - {entry.split("@")[0] for entry in published})
                 raise BenchError(f"{prefix}: not every key published as of one time: missing {missing}, "
                                  f"by as_of {{{', '.join(f'{t}: {len(k)} keys' for t, k in times.items())}}}")
             await asyncio.sleep(POLL_S)
-        await asyncio.sleep(2 * 5 + 1)  # two checkpoint intervals: the interval is the bench's own setting
         disk = topic_bytes(kafka_data_dir(settings), internal_topics(settings, prefix, app_id))
         assert worker.process is not None
         os.kill(worker.process.pid, signal.SIGKILL)
@@ -182,6 +212,8 @@ async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path
         "days": max(1, events // EVENTS_PER_DAY),
         "prefill_seconds": prefill_s,
         "first_pass_seconds": first_pass_s,
+        "published_seconds": published_s,
+        "alerts_sampled_seconds": sampled_s,
         "restart_seconds": restart_s,
         "keys": len(keys),
         "internal_bytes": totals,

@@ -301,7 +301,12 @@ class Worker:
     def check_alive(self) -> None:
         """Raise when the worker process has exited."""
         if self.process is not None and self.process.poll() is not None:
-            raise BenchError(f"worker {self.name} exited with {self.process.returncode}: see {self.log_path}")
+            # the log's end goes in the error: the bench's work folder is removed when it stops
+            try:
+                tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+            except OSError:
+                tail = "(no log)"
+            raise BenchError(f"worker {self.name} exited with {self.process.returncode}; the end of its log:\n{tail}")
 
     def peak_rss_bytes(self) -> int | None:
         """The process's peak resident set size so far (Linux ``VmHWM``), else ``None``."""
