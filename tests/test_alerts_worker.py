@@ -303,6 +303,14 @@ async def test_churn_spike_alert_reaches_stream_topic_and_webhook(services, topi
             return (health.get("alerts:churn_spike:firing"), health.get("webhook_failures")) == ("2", "2")
 
         await async_wait_for(counted, timeout=30, interval=0.2, message=lambda: "health counters")
+
+        async def sampling_caught_up() -> bool:
+            health = await redis.hgetall("loyalty:health")
+            behind = [int(v) for k, v in health.items() if k.startswith("alert_sampling_behind_ms:")]
+            return bool(behind) and not any(behind)
+
+        # every boundary of the history is due (idle partitions let the watermark through): none left behind
+        await async_wait_for(sampling_caught_up, timeout=60, interval=0.2, message=lambda: "alert sampling gauges")
     finally:
         stop_process(process, timeout=60)
         await redis.aclose()

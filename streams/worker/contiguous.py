@@ -200,7 +200,12 @@ class Contiguous:
                         highwater=highwater)
             self.advanced_at[partition] = now
             try:
-                await consumer.seek(tp, offset)
+                # in the consumer's own thread: Faust's ``seek`` calls aiokafka's from this one, and
+                # its fetcher, iterating its fetched records there meanwhile, fails with a KeyError
+                # that crashes the worker
+                thread = consumer._thread
+                await thread.call_thread(thread._ensure_consumer().seek, tp, offset)
+                consumer._read_offset[tp] = offset if offset else None
             except Exception as error:  # the partition moved meanwhile: the new owner starts from the commit
                 log.warning("stage.seek_failed", topic=self.name, partition=partition,
                             error=str(error) or type(error).__name__)
