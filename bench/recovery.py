@@ -37,6 +37,7 @@ from metrics.timegrid import DAY_MS
 from streams.settings import Settings
 from streams.sinks.redis_sink import metric_key, read_health
 from streams.tools.storefront import Storefronts
+from streams.worker.contiguous import PURGE_INTERVAL_S
 
 #: events per simulated day of the restart histories (a longer history spans more days)
 EVENTS_PER_DAY = 1_500
@@ -176,7 +177,9 @@ async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path
                 if settings.alert_config() is not None:
                     await _wait_sampled(worker, client, deadline)
                 sampled_s = time.perf_counter() - worker.started
-                await asyncio.sleep(2 * 5 + 1)  # two checkpoint intervals: the interval is the bench's own setting
+                # two checkpoint intervals (the bench's own setting), and one purge of the repartition
+                # topics: the disk is measured as of a worker idle since its last events
+                await asyncio.sleep(max(2 * 5, PURGE_INTERVAL_S) + 1)
                 continue
             worker.check_alive()
             if time.monotonic() > deadline:

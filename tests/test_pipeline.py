@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.local import free_port
 from metrics.compare import metric_differences
@@ -189,6 +189,26 @@ async def read_topic(bootstrap: str, topic: str, until: Any, timeout: float) -> 
     return messages
 
 
+async def end_offsets(bootstrap: str, topics: list[str]) -> dict[TopicPartition, int]:
+    """The end offset of every partition of ``topics`` (of the worker's ``PARTITIONS``)."""
+    return await _offsets(bootstrap, topics, beginning=False)
+
+
+async def beginning_offsets(bootstrap: str, topics: list[str]) -> dict[TopicPartition, int]:
+    """The first offset still in the log of every partition of ``topics``."""
+    return await _offsets(bootstrap, topics, beginning=True)
+
+
+async def _offsets(bootstrap: str, topics: list[str], beginning: bool) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, partition) for topic in topics for partition in range(PARTITIONS)]
+        return await (consumer.beginning_offsets(tps) if beginning else consumer.end_offsets(tps))
+    finally:
+        await consumer.stop()
+
+
 #: (workers, how they start, Redis database, table store): ``stable`` waits for the group to settle
 #: before any data; ``join`` starts the second worker once the first is processing, so a rebalance
 #: moves live partitions. RocksDB is the product's default store.
@@ -303,6 +323,8 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
 
         await async_wait_for(redis_matches, timeout=300, interval=0.5,
                              message=lambda: "\n".join(last_problems[:30]) + "\n" + logs())
+        repartitioned = await end_offsets(bootstrap, [f"{topic_prefix}{app_id}-{name}"
+                                                      for name in ("events-by-store", "events-by-customer")])
         print(f"{len(valid)} valid events, {len(messages)} messages, {workers} worker(s): "
               f"Redis equal to the reference {time.monotonic() - started:.1f}s after the first send")
 
@@ -331,6 +353,17 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
         for letter in letters:
             body = orjson.loads(letter.value)
             assert body["topic"].startswith(topic_prefix) and body["offset"] >= 0
+
+        # every event is processed: the stages delete their repartition topics below it (within a
+        # purge interval), also in partitions that stayed quiet since their last commit
+        async def purged() -> bool:
+            beginnings = await beginning_offsets(bootstrap, list({tp.topic for tp in repartitioned}))
+            short = {tp: (beginnings[tp], end) for tp, end in repartitioned.items() if beginnings[tp] < end}
+            last_problems[:] = [f"{tp.topic}[{tp.partition}] begins at {b}, processed up to {e}"
+                                for tp, (b, e) in short.items()]
+            return not short
+
+        await async_wait_for(purged, timeout=90, interval=1, message=lambda: "\n".join(last_problems) + "\n" + logs())
     finally:
         await producer.stop()
         await redis.aclose()

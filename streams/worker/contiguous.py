@@ -72,6 +72,8 @@ class Contiguous:
         #: on Kafka), so a partition that does not advance is busy, not dropped
         self.busy = False
         self._last_purge = time.monotonic()
+        #: partition -> the offset its input was last deleted below
+        self.purged: dict[int, int] = {}
         #: whether this stage deletes its input below its commits (it is the only reader of the topic)
         self.purges = group_id is not None
 
@@ -86,6 +88,7 @@ class Contiguous:
         self.committed.clear()
         self.advanced_at.clear()
         self.started.clear()
+        self.purged.clear()
 
     def seed(self, positions: dict[int, int]) -> None:
         """Set the next offsets (the aggregation's, after it rebuilt its shards from the log)."""
@@ -147,32 +150,43 @@ class Contiguous:
             for partition, offset in positions.items()
             if partition in assigned and self.committed.get(partition) != offset
         }
-        if not offsets:
-            return
-        # through Faust's own group member (a commit from outside the group is refused), in its thread
-        thread = consumer._thread
-        try:
-            await thread.call_thread(thread._ensure_consumer().commit, offsets)
-        except Exception as error:  # a rebalance or an outage: the positions are committed next time
-            log.warning("stage.commit_failed", topic=self.name, error=str(error) or type(error).__name__)
-            return
-        for tp, committed in offsets.items():
-            self.committed[tp.partition] = committed.offset
+        if offsets:
+            # through Faust's own group member (a commit from outside the group is refused), in its thread
+            thread = consumer._thread
+            try:
+                await thread.call_thread(thread._ensure_consumer().commit, offsets)
+            except Exception as error:  # a rebalance or an outage: the positions are committed next time
+                log.warning("stage.commit_failed", topic=self.name, error=str(error) or type(error).__name__)
+                return
+            for tp, committed in offsets.items():
+                self.committed[tp.partition] = committed.offset
         if self.purges and time.monotonic() - self._last_purge >= PURGE_INTERVAL_S:
-            self._last_purge = time.monotonic()
-            await self._purge({tp: committed.offset for tp, committed in offsets.items()})
+            # every assigned partition committed past its last purge, also those idle since: a stage
+            # that went quiet right after a commit would otherwise keep that input on disk
+            below = {
+                TopicPartition(self.name, partition): offset
+                for partition, offset in self.committed.items()
+                if partition in assigned and self.purged.get(partition) != offset
+            }
+            if below:
+                self._last_purge = time.monotonic()
+                if await self._purge(below):
+                    self.purged.update({tp.partition: offset for tp, offset in below.items()})
 
-    async def _purge(self, below: dict[TopicPartition, int]) -> None:
+    async def _purge(self, below: dict[TopicPartition, int]) -> bool:
         """Delete the input below the committed offsets: processed, and its output acknowledged.
 
         This keeps a repartition topic's disk near what is in flight, as Kafka Streams does.
+        Returns whether Kafka deleted them.
         """
         admin = AIOKafkaAdminClient(**kafka_client_options(self.kafka))
         try:
             await admin.start()
             await admin.delete_records({tp: RecordsToDelete(before_offset=offset) for tp, offset in below.items()})
+            return True
         except Exception as error:  # the next purge deletes up to a later commit
             log.warning("stage.purge_failed", topic=self.name, error=str(error) or type(error).__name__)
+            return False
         finally:
             await admin.close()
 
