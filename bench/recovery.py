@@ -25,15 +25,18 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.run import POLL_S, BenchError, BenchOptions, Worker, _text, prefill
 from metrics.catalog import ALL_STORES
 from metrics.timegrid import DAY_MS
+from streams.connections import kafka_client_options
 from streams.settings import Settings
 from streams.sinks.redis_sink import metric_key, read_health
 from streams.tools.storefront import Storefronts
@@ -67,8 +70,15 @@ def kafka_data_dir(settings: Settings) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def topic_bytes(data_dir: Path | None, names: dict[str, str]) -> dict[str, dict[int, int]]:
-    """Bytes on disk per partition of each topic (``label -> topic name``), from the Kafka data folder."""
+def topic_bytes(data_dir: Path | None, names: dict[str, str],
+                log_starts: dict[tuple[str, int], int] | None = None) -> dict[str, dict[int, int]]:
+    """Bytes on disk per partition of each topic (``label -> topic name``), from the Kafka data folder.
+
+    With ``log_starts`` ((topic, partition) -> the log's first offset), only the segments that
+    still hold a record at or after it count: those wholly below it (deleted records) wait for
+    the broker's next retention check (``log.retention.check.interval.ms``, 5 minutes by
+    default) to leave the disk, and files already marked ``.deleted`` for their removal.
+    """
     if data_dir is None:
         return {}
     sizes: dict[str, dict[int, int]] = {}
@@ -77,10 +87,29 @@ def topic_bytes(data_dir: Path | None, names: dict[str, str]) -> dict[str, dict[
             number = folder.name[len(topic) + 1:]
             if not number.isdigit():
                 continue
+            files = [entry for entry in folder.iterdir() if entry.is_file()]
+            if log_starts is not None:
+                start = log_starts.get((topic, int(number)), 0)
+                bases = sorted(int(entry.name.split(".")[0]) for entry in files
+                               if entry.name.endswith(".log") and entry.name.split(".")[0].isdigit())
+                # a segment holds the offsets from its base to the next segment's base
+                gone = {base for base, following in pairwise(bases) if following <= start}
+                files = [entry for entry in files if not entry.name.endswith(".deleted")
+                         and not (entry.name.split(".")[0].isdigit() and int(entry.name.split(".")[0]) in gone)]
             # blocks, not sizes: Kafka preallocates its index files sparse (10 MiB each, mostly holes)
-            total = sum(entry.stat().st_blocks * 512 for entry in folder.iterdir() if entry.is_file())
-            sizes.setdefault(label, {})[int(number)] = total
+            sizes.setdefault(label, {})[int(number)] = sum(entry.stat().st_blocks * 512 for entry in files)
     return sizes
+
+
+async def log_starts(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
+    """The first offset of every partition of ``topics`` (Kafka's log start, moved by deletions)."""
+    consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, partition) for topic in topics for partition in range(settings.partitions)]
+        return {(tp.topic, tp.partition): offset for tp, offset in (await consumer.beginning_offsets(tps)).items()}
+    finally:
+        await consumer.stop()
 
 
 def internal_topics(settings: Settings, prefix: str, app_id: str) -> dict[str, str]:
@@ -191,7 +220,9 @@ async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path
                 raise BenchError(f"{prefix}: not every key published as of one time: missing {missing}, "
                                  f"by as_of {{{', '.join(f'{t}: {len(k)} keys' for t, k in times.items())}}}")
             await asyncio.sleep(POLL_S)
-        disk = topic_bytes(kafka_data_dir(settings), internal_topics(settings, prefix, app_id))
+        topics = internal_topics(settings, prefix, app_id)
+        disk = topic_bytes(kafka_data_dir(settings), topics)
+        live = topic_bytes(kafka_data_dir(settings), topics, await log_starts(settings, list(topics.values())))
         assert worker.process is not None
         os.kill(worker.process.pid, signal.SIGKILL)
         worker.process.wait(timeout=30)
@@ -210,6 +241,7 @@ async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path
         worker.stop()
         await client.aclose()
     totals = {label: sum(parts.values()) for label, parts in disk.items()}
+    live_totals = {label: sum(parts.values()) for label, parts in live.items()}
     return {
         "events": dataset.events,
         "days": max(1, events // EVENTS_PER_DAY),
@@ -221,6 +253,9 @@ async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path
         "keys": len(keys),
         "internal_bytes": totals,
         "internal_bytes_total": sum(totals.values()) if totals else None,
+        # without the segments wholly below each log's start, which the broker removes at its next retention check
+        "internal_live_bytes": live_totals,
+        "internal_live_bytes_total": sum(live_totals.values()) if live_totals else None,
         "deltas_bytes_per_event": totals["deltas"] / dataset.events if "deltas" in totals else None,
     }
 

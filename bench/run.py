@@ -749,10 +749,11 @@ def render_table(results: dict[str, Any]) -> Any:
     for events, run in results.get("restart", {}).items():
         if not isinstance(run, dict):
             continue
-        disk = run["internal_bytes_total"]
+        disk, live = run["internal_bytes_total"], run.get("internal_live_bytes_total")
         table.add_row(f"restart after {int(events):,} events ({run['days']} days)", f"{run['restart_seconds']:,.1f} s",
-                      "" if disk is None else f"internal topics {disk / 2**20:,.0f} MiB, "
-                      f"deltas {run['deltas_bytes_per_event']:,.0f} B/event")
+                      "" if disk is None else f"internal topics {disk / 2**20:,.0f} MiB"
+                      + ("" if live is None else f" ({live / 2**20:,.0f} MiB in the logs)")
+                      + f", deltas {run['deltas_bytes_per_event']:,.0f} B/event")
     if "ratio_longest_to_shortest" in results.get("restart", {}):
         ratio = results["restart"]["ratio_longest_to_shortest"]
         table.add_row("restart time, longest / shortest history", f"{ratio:.2f}", "")
