@@ -48,11 +48,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
 
 from metrics.timegrid import Grid
+from streams.logs import get_logger
 from streams.settings import Settings
 from streams.sinks.health import HealthCounters
 from streams.sinks.kafka_outputs import KafkaOutputs
@@ -61,6 +63,8 @@ from streams.worker.contiguous import Contiguous
 from streams.worker.tables import make_table
 from streams.worker.topics import STAR_PARTIALS_TOPIC, STAR_SAMPLES_TOPIC, TOPIC_CONFIGS
 from streams.worker.wire import pack_chunks
+
+log = get_logger(__name__)
 
 #: messages per processing batch, and how long a batch may wait to fill
 BATCH_MAX = 4000
@@ -138,6 +142,21 @@ class Topology:
     def event_clock(self) -> bool:
         """Whether "now" is the latest event time (``LOYALTY_CLOCK=event``)."""
         return self.clock.event_clock
+
+    def timer(self, interval_s: float, name: str, tick: Callable[[], Awaitable[None]]) -> None:
+        """Run ``tick`` every ``interval_s`` as the timer ``name``; a failure is logged, and tried at the next tick.
+
+        An exception that escapes a Faust timer crashes the app: a send to a broker that is away,
+        or to the producer already stopped at shutdown, must not.
+        """
+
+        async def guarded() -> None:
+            try:
+                await tick()
+            except Exception as error:
+                log.warning("timer.failed", timer=name, error=str(error) or type(error).__name__)
+
+        self.app.timer(interval_s, name=self.internal + name)(guarded)
 
     def contiguous(self, topic: Any, *, committed: bool) -> Contiguous:
         """The in-order guard of a stage input (``committed``: it starts from the group's commits)."""

@@ -331,12 +331,10 @@ def register(topology: Topology) -> Aggregation:
 
     interval_s = topology.settings.checkpoint_interval_ms / 1000
 
-    @app.timer(interval_s, name=topology.internal + "checkpoint")  # type: ignore[untyped-decorator]
-    async def checkpoint_timer() -> None:
-        try:
-            await aggregation.checkpoint()
-            await aggregation.input.unstall()
-        except Exception as error:  # Kafka unreachable: the next round tries again
-            log.warning("aggregate.checkpoint_failed", error=str(error) or type(error).__name__)
+    async def checkpoint_round() -> None:
+        await aggregation.checkpoint()
+        await aggregation.input.unstall()
+
+    topology.timer(interval_s, "checkpoint", checkpoint_round)
 
     return aggregation

@@ -7,14 +7,11 @@ import time
 from typing import Any
 
 from metrics.customer import CustomerFacts
-from streams.logs import get_logger
 from streams.stages.facts import CustomerOutput, CustomerStage, customer_records, delta_messages, load_customer
 from streams.stages.watermarks import MARKS, Mark, MarkMerger, is_marks
 from streams.worker.tables import changelog_written
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
 from streams.worker.wire import pack, pack_chunks, unpack
-
-log = get_logger(__name__)
 
 #: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
 CUSTOMER_CACHE_SIZE = 20_000
@@ -173,11 +170,6 @@ def register(topology: Topology) -> Facts:
     async def facts_agent(stream: Any) -> None:
         await facts.run(stream)
 
-    @topology.app.timer(1.0, name=topology.internal + "facts-tick")  # type: ignore[untyped-decorator]
-    async def facts_tick() -> None:
-        try:
-            await facts.tick()
-        except Exception as error:  # Kafka unreachable, or the producer stopped at shutdown: the next tick tries again
-            log.warning("facts.tick_failed", error=str(error) or type(error).__name__)
+    topology.timer(1.0, "facts-tick", facts.tick)
 
     return facts

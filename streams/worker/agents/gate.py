@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from streams.logs import get_logger
 from streams.sinks.dead_letters import StageLedger
 from streams.stages.gate import CURRENCY_MISMATCH, GateStage
 from streams.stages.routed import Routed
@@ -15,8 +14,6 @@ from streams.worker.tables import changelog_written
 from streams.worker.topics import DEAD_LETTER_TOPIC
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
 from streams.worker.wire import pack, unpack
-
-log = get_logger(__name__)
 
 
 class CurrencyView:
@@ -168,11 +165,6 @@ def register(topology: Topology) -> Gate:
     async def gate_agent(stream: Any) -> None:
         await gate.run(stream)
 
-    @app.timer(1.0, name=topology.internal + "release-held")  # type: ignore[untyped-decorator]
-    async def release_held() -> None:
-        try:
-            await gate.tick()
-        except Exception as error:  # Kafka unreachable, or the producer stopped at shutdown: the next tick tries again
-            log.warning("gate.tick_failed", error=str(error) or type(error).__name__)
+    topology.timer(1.0, "release-held", gate.tick)
 
     return gate
