@@ -90,15 +90,21 @@ def topic_bytes(data_dir: Path | None, names: dict[str, str],
             files = [entry for entry in folder.iterdir() if entry.is_file()]
             if log_starts is not None:
                 start = log_starts.get((topic, int(number)), 0)
-                bases = sorted(int(entry.name.split(".")[0]) for entry in files
-                               if entry.name.endswith(".log") and entry.name.split(".")[0].isdigit())
-                # a segment holds the offsets from its base to the next segment's base
+                # a segment's files are named by its base offset; it holds the offsets up to the next one's
+                bases = sorted(base for entry in files if entry.suffix == ".log"
+                               and (base := _segment_base(entry)) is not None)
                 gone = {base for base, following in pairwise(bases) if following <= start}
-                files = [entry for entry in files if not entry.name.endswith(".deleted")
-                         and not (entry.name.split(".")[0].isdigit() and int(entry.name.split(".")[0]) in gone)]
+                files = [entry for entry in files
+                         if entry.suffix != ".deleted" and _segment_base(entry) not in gone]
             # blocks, not sizes: Kafka preallocates its index files sparse (10 MiB each, mostly holes)
             sizes.setdefault(label, {})[int(number)] = sum(entry.stat().st_blocks * 512 for entry in files)
     return sizes
+
+
+def _segment_base(entry: Path) -> int | None:
+    """The base offset in a Kafka segment file's name (``00000000000000000135.log``), else ``None``."""
+    stem = entry.name.split(".")[0]
+    return int(stem) if stem.isdigit() else None
 
 
 async def log_starts(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
