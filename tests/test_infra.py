@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from infra import local
 from support import clean_env, run_loyalty
@@ -191,7 +192,52 @@ def test_docker_compose_runs_existing_commands_with_documented_variables() -> No
     assert ours <= documented, sorted(ours - documented)
 
 
+#: the Compose keys this file may use (a subset of the Compose specification's)
+COMPOSE_TOP_LEVEL = {"name", "services", "volumes", "networks", "configs", "secrets"}
+COMPOSE_SERVICE_KEYS = {"image", "build", "command", "entrypoint", "environment", "env_file", "ports", "volumes",
+                        "depends_on", "healthcheck", "restart", "hostname", "networks", "working_dir", "user",
+                        "labels", "expose"}
+COMPOSE_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+COMPOSE_RESTART = {"no", "always", "on-failure", "unless-stopped"}
+COMPOSE_DURATION = re.compile(r"(\d+(us|ms|s|m|h))+")
+
+
+def test_docker_compose_file_is_well_formed_without_docker() -> None:
+    """Without Docker: the compose file parses, and its services, dependencies, volumes and checks are consistent."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # resolves the anchors and ``<<`` merges
+    assert {key for key in compose if not key.startswith("x-")} <= COMPOSE_TOP_LEVEL
+    services, volumes = compose["services"], compose.get("volumes") or {}
+    assert {"kafka", "redis", "worker", "dashboard"} <= set(services)
+    for name, service in services.items():
+        assert set(service) <= COMPOSE_SERVICE_KEYS, (name, sorted(set(service) - COMPOSE_SERVICE_KEYS))
+        assert "image" in service or "build" in service, name
+        command = service.get("command", [])
+        assert isinstance(command, list) and all(isinstance(part, str) for part in command), name
+        environment = service.get("environment", {})
+        assert isinstance(environment, dict), name
+        assert all(isinstance(value, str | int | float | bool) for value in environment.values()), name
+        for port in service.get("ports", []):
+            assert re.fullmatch(r"((\d{1,3}\.){3}\d{1,3}:)?\d+:\d+", str(port)), (name, port)
+        for mount in service.get("volumes", []):
+            source = str(mount).split(":")[0]
+            assert source.startswith((".", "/")) or source in volumes, (name, mount)
+        for dependency, spec in (service.get("depends_on") or {}).items():
+            assert dependency in services and dependency != name, (name, dependency)
+            assert spec["condition"] in COMPOSE_CONDITIONS, (name, spec)
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], (name, dependency)
+        check = service.get("healthcheck")
+        if check is not None:
+            assert check["test"][0] in {"CMD", "CMD-SHELL"} and len(check["test"]) > 1, name
+            for key in ("interval", "timeout", "start_period"):
+                assert key not in check or COMPOSE_DURATION.fullmatch(str(check[key])), (name, key)
+        assert service.get("restart", "no") in COMPOSE_RESTART, name
+    assert services["worker"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:19092"  # the merged anchor
+
+
 def test_docker_compose_config_is_valid() -> None:
+    """With Docker's Compose plugin, ``docker compose config`` accepts the file (skipped where it is not installed;
+    the test above checks what it can without it)."""
     docker = shutil.which("docker")
     probe = subprocess.run([docker, "compose", "version"], capture_output=True, check=False) if docker else None
     if probe is None or probe.returncode != 0:
