@@ -8,7 +8,11 @@ Parts of ``loyalty bench``:
   ``*``, every window) is published again as of the last event. Beside it, the bytes the
   internal topics (repartition topics, deltas, checkpoints, changelogs) hold on disk at the
   kill, and the deltas topic's bytes per input event. Both should depend on the live state, not
-  on N.
+  on N. The disk is read once the broker's log cleaner has nothing left to compact by its own
+  rule (see :func:`compaction_settled`), so two runs compare state rather than cleaner timing;
+  and the workers remember event ids for ``DEDUPE_TTL`` instead of 30 days: the bench folds years
+  of history in minutes of wall time, and a worker that lived through them would have forgotten
+  all but the last 30 days' ids.
 - scale-out: one worker, then two workers in one group, on the same pre-filled topics; events
   per second from the first event received to the last applied, and each internal topic's
   largest partition share of its bytes on disk (no partition should carry more than 2/P).
@@ -41,11 +45,15 @@ from streams.settings import Settings
 from streams.sinks.redis_sink import metric_key, read_health
 from streams.tools.storefront import Storefronts
 from streams.worker.contiguous import PURGE_INTERVAL_S
+from streams.worker.topics import MIN_CLEANABLE_DIRTY_RATIO
 
 #: events per simulated day of the restart histories (a longer history spans more days)
 EVENTS_PER_DAY = 1_500
 #: checkpoint interval of the bench's workers in the restart part (the restart reads at most this much log)
 CHECKPOINT_INTERVAL = "5s"
+#: LOYALTY_DEDUPE_TTL of the restart part's workers (wall time: it stands for the default 30 days,
+#: a small part of the years the history spans)
+DEDUPE_TTL = "60s"
 
 
 def storefront_bodies(events: int, stores: int, customers: int, seed: int) -> Iterator[tuple[str, bytes]]:
@@ -105,6 +113,49 @@ def _segment_base(entry: Path) -> int | None:
     """The base offset in a Kafka segment file's name (``00000000000000000135.log``), else ``None``."""
     stem = entry.name.split(".")[0]
     return int(stem) if stem.isdigit() else None
+
+
+def compaction_settled(data_dir: Path | None, topics: list[str]) -> bool:
+    """Whether the broker's log cleaner has nothing left to compact in ``topics``, by its own rule.
+
+    The cleaner compacts a partition when the bytes of its closed segments from the cleaned
+    offset on (Kafka's ``cleaner-offset-checkpoint``) exceed the topics' ``min.cleanable.dirty.ratio`` of all
+    its closed segments' bytes; the active (last) segment is never compacted.
+    """
+    if data_dir is None:
+        return True
+    cleaned: dict[tuple[str, int], int] = {}
+    checkpoint = data_dir / "cleaner-offset-checkpoint"
+    if checkpoint.is_file():
+        for line in checkpoint.read_text().splitlines()[2:]:
+            topic, partition, offset = line.rsplit(" ", 2)
+            cleaned[(topic, int(partition))] = int(offset)
+    for topic in topics:
+        for folder in data_dir.glob(f"{topic}-*"):
+            number = folder.name[len(topic) + 1:]
+            if not number.isdigit():
+                continue
+            segments = sorted((base, entry.stat().st_size) for entry in folder.glob("*.log")
+                              if (base := _segment_base(entry)) is not None)
+            first_dirty = cleaned.get((topic, int(number)), 0)
+            # a closed segment ends where the next begins; like Kafka, count whole segments that
+            # hold any offset from the first dirty one on
+            closed = [(following, size) for (_, size), (following, _) in pairwise(segments)]
+            total = sum(size for _, size in closed)
+            dirty = sum(size for end, size in closed if end > first_dirty)
+            if total and dirty / total > float(MIN_CLEANABLE_DIRTY_RATIO):
+                return False
+    return True
+
+
+async def _wait_compacted(settings: Settings, topics: list[str], deadline: float) -> float:
+    """Wait until :func:`compaction_settled`; returns the seconds waited."""
+    started = time.monotonic()
+    while not compaction_settled(kafka_data_dir(settings), topics):
+        if time.monotonic() > deadline:
+            raise BenchError(f"the broker's log cleaner still behind on {topics}")
+        await asyncio.sleep(1)
+    return time.monotonic() - started
 
 
 async def log_starts(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
@@ -186,7 +237,7 @@ async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path
                                                                     options.seed)), options.batch)
     prefill_s = time.perf_counter() - started
     env = {"LOYALTY_CLOCK": "event", "LOYALTY_EMIT_INTERVAL": f"{options.emit_interval_ms}ms",
-           "LOYALTY_CHECKPOINT_INTERVAL": CHECKPOINT_INTERVAL}
+           "LOYALTY_CHECKPOINT_INTERVAL": CHECKPOINT_INTERVAL, "LOYALTY_DEDUPE_TTL": DEDUPE_TTL}
     worker = Worker(settings, work_dir, prefix, database, **env)
     app_id = worker.env["LOYALTY_APP_ID"]
     client = await worker.start()
@@ -227,6 +278,8 @@ async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path
                                  f"by as_of {{{', '.join(f'{t}: {len(k)} keys' for t, k in times.items())}}}")
             await asyncio.sleep(POLL_S)
         topics = internal_topics(settings, prefix, app_id)
+        compacted = [topics["checkpoints"], *(name for label, name in topics.items() if label.endswith("-changelog"))]
+        compaction_wait_s = await _wait_compacted(settings, compacted, deadline)
         disk = topic_bytes(kafka_data_dir(settings), topics)
         live = topic_bytes(kafka_data_dir(settings), topics, await log_starts(settings, list(topics.values())))
         assert worker.process is not None
@@ -255,6 +308,8 @@ async def restart_time(settings: Settings, options: BenchOptions, work_dir: Path
         "first_pass_seconds": first_pass_s,
         "published_seconds": published_s,
         "alerts_sampled_seconds": sampled_s,
+        # after the kill's wait: until the broker's cleaner had nothing left to compact
+        "compaction_wait_seconds": compaction_wait_s,
         "restart_seconds": restart_s,
         "keys": len(keys),
         "internal_bytes": totals,

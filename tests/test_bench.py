@@ -72,3 +72,40 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     for part in scale["2_workers"]["partition_bytes"].values():
         assert 0.25 <= part["largest_partition_share"] <= 1.0  # four partitions: at least an even share
     assert "loyalty bench" in result.stdout
+
+
+def _segments(folder: Path, sizes: dict[int, int]) -> None:
+    folder.mkdir(parents=True)
+    for base, size in sizes.items():
+        (folder / f"{base:020d}.log").write_bytes(b"x" * size)
+
+
+@pytest.mark.parametrize(("cleaned_upto", "settled"), [
+    (None, False),  # never cleaned: both closed segments are dirty
+    (100, False),   # the second closed segment (200 of 300 closed bytes) is still dirty
+    (300, True),    # cleaned up to the active segment
+    (250, False),   # inside the second closed segment: like Kafka, all of it counts as dirty
+])
+def test_compaction_settled_follows_the_cleaners_dirty_ratio(tmp_path: Path, cleaned_upto: int | None,
+                                                             settled: bool) -> None:
+    """The bench waits for compaction by the cleaner's rule: closed bytes from the cleaned offset on, over 10 %."""
+    from bench.recovery import compaction_settled
+
+    _segments(tmp_path / "app-facts-changelog-0", {0: 100, 100: 200, 300: 5_000})  # the last one is active
+    _segments(tmp_path / "app-facts-changelog-1", {0: 50})  # only an active segment: nothing to compact
+    if cleaned_upto is not None:
+        (tmp_path / "cleaner-offset-checkpoint").write_text(
+            f"0\n2\napp-facts-changelog 0 {cleaned_upto}\nother-topic 1 7\n")
+    assert compaction_settled(tmp_path, ["app-facts-changelog"]) is settled
+    assert compaction_settled(None, ["app-facts-changelog"]) is True
+
+
+def test_compaction_settled_leaves_dirt_under_the_ratio(tmp_path: Path) -> None:
+    """Dirty bytes at most 10 % of the closed ones are what the cleaner leaves: settled."""
+    from bench.recovery import compaction_settled
+
+    _segments(tmp_path / "app-checkpoints-0", {0: 950, 1000: 50, 2000: 10})
+    (tmp_path / "cleaner-offset-checkpoint").write_text("0\n1\napp-checkpoints 0 1000\n")
+    assert compaction_settled(tmp_path, ["app-checkpoints"]) is True
+    (tmp_path / "app-checkpoints-0" / f"{1000:020d}.log").write_bytes(b"x" * 200)  # now 200 of 1150
+    assert compaction_settled(tmp_path, ["app-checkpoints"]) is False

@@ -19,6 +19,7 @@ import faust
 from faust.stores.rocksdb import Store
 
 from streams.stages.facts import routing_key
+from streams.worker.topics import COMPACTED_SEGMENT_CONFIG
 from streams.worker.wire import route
 
 #: RocksDB sizes per database (one per table and partition): Faust's defaults (64 MiB write
@@ -34,8 +35,6 @@ ROCKSDB_OPTIONS = {
 
 #: the worker's tables (their changelogs are ``<app id>-<name>-changelog``)
 TABLE_NAMES = ("store-currency", "store-channels", "held-events", "customer-facts")
-#: the changelog topics' configs (compacted by Faust): small segments, cleaned at 10 % dirt
-CHANGELOG_CONFIG = {"segment.bytes": str(32 * 1024 * 1024), "min.cleanable.dirty.ratio": "0.1"}
 
 
 def make_table(app: faust.App, name: str, partitions: int) -> Any:
@@ -137,7 +136,7 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
         options=dict(ROCKSDB_OPTIONS),
         # compaction runs on closed segments only: with Kafka's 1 GiB default a changelog keeps up
         # to a gigabyte of superseded records per partition before the cleaner touches them
-        extra_topic_configs=dict(CHANGELOG_CONFIG),
+        extra_topic_configs=dict(COMPACTED_SEGMENT_CONFIG),
     )
     table.unconfirmed = []
     return app.tables.add(table)

@@ -43,6 +43,13 @@ def internal_topic(settings: Settings, name: str) -> str:
     return settings.topic(f"{settings.app_id}-{name}")
 
 
+#: the share of uncompacted bytes in a log's closed segments at which the broker's cleaner compacts
+#: it (Kafka's default, 0.5, lets a compacted topic hold twice its live records)
+MIN_CLEANABLE_DIRTY_RATIO = "0.1"
+#: segments of the compacted topics: the cleaner compacts closed segments only, so a busy log's
+#: active segment (at most this size, or a minute of records) is all it leaves uncompacted
+COMPACTED_SEGMENT_CONFIG = {"segment.ms": "60000", "segment.bytes": str(16 * 1024 * 1024),
+                            "min.cleanable.dirty.ratio": MIN_CLEANABLE_DIRTY_RATIO}
 #: internal topics of the pipeline, in processing order
 INTERNAL_TOPICS = ("events-by-store", "events-by-customer", "deltas", "checkpoints")
 #: segments of the internal topics whose records the worker deletes: Kafka frees disk a whole
@@ -59,11 +66,9 @@ TOPIC_CONFIGS = {
     "deltas": {"retention.ms": "-1", "segment.bytes": INTERNAL_SEGMENT_BYTES},
     "checkpoints": {
         "cleanup.policy": "compact",
-        # only closed segments are compacted: a checkpoint every few seconds of a busy store fills
-        # a 10-minute segment with hundreds of megabytes that a restore then reads through
-        "segment.ms": "60000",
-        "segment.bytes": str(16 * 1024 * 1024),
-        "min.cleanable.dirty.ratio": "0.1",
+        # a checkpoint every few seconds of a busy store would fill a 10-minute segment with
+        # hundreds of megabytes that a restore then reads through
+        **COMPACTED_SEGMENT_CONFIG,
         "delete.retention.ms": "600000",
     },
 }
@@ -108,7 +113,8 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
         [internal_topic(settings, STAR_PARTIALS_TOPIC)],
         1,
         settings.replication_factor,
-        config={"cleanup.policy": "compact", "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"},
+        config={"cleanup.policy": "compact", "segment.ms": "600000",
+                "min.cleanable.dirty.ratio": MIN_CLEANABLE_DIRTY_RATIO},
     )
     await ensure_topics(
         settings,
@@ -126,14 +132,14 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
     )
     # the tables' changelogs too (Faust names them by app id alone): created by Faust at start,
     # one could still be missing from the metadata of the first assignment and be left out of it
-    from streams.worker.tables import CHANGELOG_CONFIG, TABLE_NAMES
+    from streams.worker.tables import TABLE_NAMES
 
     await ensure_topics(
         settings,
         [f"{settings.app_id}-{name}-changelog" for name in TABLE_NAMES],
         settings.partitions,
         settings.replication_factor,
-        config={"cleanup.policy": "compact", **CHANGELOG_CONFIG},
+        config={"cleanup.policy": "compact", **COMPACTED_SEGMENT_CONFIG},
     )
 
 
