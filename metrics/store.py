@@ -99,8 +99,8 @@ class PrefixSeries:
     >>> series.add(3, 2); series.add(7, -1); series.add(1, 5)
     >>> series.prefix(0), series.prefix(3), series.prefix(10)
     (0, 7, 6)
-    >>> series.fold_before(5); series.prefix(5), series.prefix(7)
-    (7, 6)
+    >>> series.fold_before(5), series.prefix(5), series.prefix(7)
+    (0, 7, 6)
     """
 
     __slots__ = ("_running", "base", "blocks", "floor", "sums")
@@ -205,18 +205,21 @@ class PrefixSeries:
         for bucket, delta in other.items():
             self.add(bucket, delta)
 
-    def fold_before(self, floor: int) -> None:
-        """Fold the deltas of buckets below ``floor`` into the base."""
+    def fold_before(self, floor: int) -> int:
+        """Fold the deltas of buckets below ``floor`` into the base; returns how many whole blocks went."""
         previous = self.floor
         if previous is not None and floor <= previous:
-            return
+            return 0
         self.floor = floor
         self._running = None
         blocks = self.blocks
         sums = self.sums
         floor_block = floor >> _BLOCK_BITS
+        dropped = 0
         if previous is None or previous >> _BLOCK_BITS < floor_block:
-            for index in [i for i in blocks if i < floor_block]:
+            gone = [i for i in blocks if i < floor_block]
+            dropped = len(gone)
+            for index in gone:
                 del blocks[index]
                 self.base += sums.pop(index, 0)
             start = 0
@@ -236,6 +239,7 @@ class PrefixSeries:
                     block[start:stop] = [0] * (stop - start)
             self.base += folded
             sums[floor_block] = sums.get(floor_block, 0) - folded
+        return dropped
 
 
 #: :meth:`StoreAggregate.alert_quiet_until` when nothing later can end the quiet
@@ -474,7 +478,8 @@ class StoreAggregate(MetricReader):
         of a large store costs milliseconds, not a Python loop over its buckets.
 
         >>> aggregate = StoreAggregate(); aggregate.add_groups(["A", [3, 1, 2000, 2**62, 2000, 2**62]])
-        >>> aggregate.fold_before(1)
+        >>> aggregate.fold_before(1)  # no whole block below bucket 1
+        0
         >>> restored = StoreAggregate.from_bytes(aggregate.to_bytes()).series["A"]
         >>> restored.prefix(3), restored.prefix(2000), restored.floor
         (1, 9223372036854775809, 1)
@@ -540,21 +545,21 @@ class StoreAggregate(MetricReader):
                 target = self.series[name] = PrefixSeries()
             target.merge(series)
 
-    def fold_before(self, floor: int) -> None:
-        """Forget buckets below ``floor`` except through each series' base."""
-        for series in self.series.values():
-            series.fold_before(floor)
+    def fold_before(self, floor: int) -> int:
+        """Forget buckets below ``floor`` except through each series' base; returns the blocks dropped."""
+        return sum([series.fold_before(floor) for series in self.series.values()])
 
-    def fold_read(self, as_of_bucket: int, longest: int) -> None:
+    def fold_read(self, as_of_bucket: int, longest: int) -> int:
         """Fold, per series, every bucket that no later :meth:`metrics` reads.
 
         Reads are as of ``as_of_bucket`` or later (the clock only moves forward):
         a series is folded below ``as_of_bucket - read_reach(series)``, so a
         status read only at K keeps just its future deltas (interval ends), and
-        memory does not grow with the buckets a run has passed.
+        memory does not grow with the buckets a run has passed. Returns how many
+        whole blocks were dropped.
         """
-        for name, series in self.series.items():
-            series.fold_before(as_of_bucket - read_reach(name, longest))
+        return sum([series.fold_before(as_of_bucket - read_reach(name, longest))
+                    for name, series in self.series.items()])
 
     def _at(self, series: str, bucket: int) -> int:
         target = self.series.get(series)

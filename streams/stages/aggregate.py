@@ -151,12 +151,15 @@ class StoreShard:
     def fold(self, as_of_bucket: int, longest: int) -> None:
         """Fold what no read as of ``as_of_bucket`` or later needs into each series' base.
 
-        Memory stays bounded, and the sums exact.
+        Memory stays bounded, and the sums exact. A fold that drops whole blocks counts as a
+        change for the checkpoints: the next one writes the smaller shard, so neither the
+        checkpoint topic nor a restart carries blocks that memory no longer has.
         """
         if self.floor is not None and as_of_bucket <= self.floor:
             return
         self.floor = as_of_bucket
-        self.aggregate.fold_read(as_of_bucket, longest)
+        if self.aggregate.fold_read(as_of_bucket, longest):
+            self.version += 1
 
     def next_sample_bucket(self, config: AlertConfig) -> int | None:
         """The bucket the next sample reads; no fold may pass it. ``None`` before the first sample: no fold at all.

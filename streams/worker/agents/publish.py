@@ -243,6 +243,11 @@ class Publisher:
         producer = self.topology.app.producer._ensure_producer()  # type: ignore[attr-defined]
         for partition, partial in list(self.aggregation.partials.items()):
             if not partial.changed and self.last_partial_bucket.get(partition) == as_of_bucket:
+                # nothing to send, but a fold held back by the alert sampling may go further now
+                # (stores fold at every emit too): a replay's idle end would keep its blocks otherwise
+                fold_bucket = self.fold_bucket(partial, as_of_bucket)
+                if fold_bucket is not None:
+                    partial.fold(fold_bucket, grid.longest)
                 continue
             partial.changed = False
             points = partial.aggregate.read_points(grid, as_of_bucket)
