@@ -2,7 +2,9 @@
 
 Kinds: ``count`` (int), ``money`` (exact ``Decimal`` sum), ``ratio`` (float,
 percentages 0-100 where the SPEC says rate), ``map`` (``cac_by_channel``:
-channel -> float or ``None``). Any metric may be ``None`` when undefined.
+channel -> float or ``None``; the ``*_by_nps_segment`` maps: segment -> the
+kind of :data:`MAP_VALUE_KINDS`, ratio unless named). Any metric may be ``None``
+when undefined.
 """
 
 from __future__ import annotations
@@ -66,7 +68,19 @@ METRIC_KINDS: dict[str, str] = {
     "redemption_rate": RATIO,
     "active_members": COUNT,
     "active_participation_rate": RATIO,
+    # by NPS segment (beyond the articles): promoter, passive, detractor, none
+    "churn_rate_by_nps_segment": MAP,
+    "repeat_purchase_rate_by_nps_segment": MAP,
+    "net_revenue_by_nps_segment": MAP,
 }
+
+#: the kind of a map's values, where it is not ``ratio``
+MAP_VALUE_KINDS: dict[str, str] = {"net_revenue_by_nps_segment": MONEY}
+
+#: NPS segments: (series code, published name), by the group of the customer's latest NPS answer up to T
+NPS_SEGMENTS: tuple[tuple[str, str], ...] = (("p", "promoter"), ("pa", "passive"), ("d", "detractor"))
+#: the segment of customers without an NPS answer up to T
+NO_SEGMENT = "none"
 
 METRIC_NAMES: tuple[str, ...] = tuple(METRIC_KINDS)
 
@@ -87,6 +101,7 @@ MONETARY_METRICS: frozenset[str] = frozenset(
         "marketing_spend",
         "cac",
         "cac_by_channel",
+        "net_revenue_by_nps_segment",
     }
 )
 

@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 
-from metrics.catalog import COUNT, MAP, METRIC_KINDS, MONEY
+from metrics.catalog import COUNT, MAP, MAP_VALUE_KINDS, METRIC_KINDS, MONEY, RATIO
 
 #: relative (and absolute, near zero) tolerance for ratios
 RATIO_TOLERANCE = 1e-9
@@ -29,13 +29,13 @@ def _close(left: float, right: float) -> bool:
     return math.isclose(left, right, rel_tol=RATIO_TOLERANCE, abs_tol=RATIO_TOLERANCE)
 
 
-def _same(kind: str, actual: object, expected: object) -> bool:
+def _same(kind: str, actual: object, expected: object, value_kind: str = RATIO) -> bool:
     if kind == MAP:
         if not isinstance(actual, Mapping) or not isinstance(expected, Mapping):
             return actual == expected
         if set(actual) != set(expected):
             return False
-        return all(_same("ratio", actual[key], expected[key]) for key in expected)
+        return all(_same(value_kind, actual[key], expected[key]) for key in expected)
     left = _decimal(actual)
     right = _decimal(expected)
     if left is None or right is None:
@@ -57,6 +57,6 @@ def metric_differences(actual: Mapping[str, object], expected: Mapping[str, obje
     for name, expected_value in expected.items():
         kind = METRIC_KINDS.get(name, "ratio")
         actual_value = actual.get(name)
-        if not _same(kind, actual_value, expected_value):
+        if not _same(kind, actual_value, expected_value, MAP_VALUE_KINDS.get(name, RATIO)):
             problems.append(f"{name}: got {actual_value}, expected {expected_value}")
     return problems

@@ -25,7 +25,16 @@ Series (``n`` = a window in buckets; value at bucket j is the prefix sum):
 ``life:n``      purchaser, weighted by lifespan (ms) from first to last order by j
 ``crev:n``      previous-period net revenue (micros) of customers without an order in W
 ``nrr:n``       net revenue in W of customers who ordered in the previous period
+``segcs:g:n``   active at j - n, NPS segment ``g`` at j (``g``: ``p``, ``pa``, ``d``)
+``segboth:g:n`` active at j and at j - n, NPS segment ``g`` at j
+``segP:g:n``    purchaser, NPS segment ``g`` at j
+``segret:g:n``  returning purchaser, NPS segment ``g`` at j
+``segrev:g:n``  net revenue in j-n+1..j (micros), NPS segment ``g`` at j
 ==============  ================================================================
+
+A customer's NPS segment at j is the group of its latest NPS answer in a bucket
+``<= j`` (by ``occurred_at``, then ``event_id``); customers without one are in
+no ``seg`` series, and the store reads segment "none" as the total minus the three.
 
 Per-event histograms (``orders``, ``gross``, ``refunds``, ``spend``, survey
 tallies, rewards) come from :func:`event_deltas`.
@@ -36,8 +45,8 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from functools import cache
-from itertools import islice
-from typing import NamedTuple
+from itertools import accumulate, islice
+from typing import Any, NamedTuple
 
 from metrics import events as ev
 from metrics.formulas import cli_points_sum, csat_satisfied, nps_group
@@ -60,6 +69,8 @@ Deltas = dict[str, dict[int, int]]
 #: families of series an event can change
 ACTIVITY_FAMILY = 1
 ORDER_FAMILY = 2
+#: the NPS segment series alone (an NPS answer moves the customer between segments)
+SEGMENT_FAMILY = 4
 
 _FAMILIES = {
     ev.CUSTOMER_SIGNED_UP: ACTIVITY_FAMILY,
@@ -73,6 +84,8 @@ _FAMILIES = {
 }
 
 _NPS_SERIES = ("nps_d", "nps_pa", "nps_p")
+#: NPS segment codes in series names, by :func:`metrics.formulas.nps_group` (0 detractor, 1 passive, 2 promoter)
+SEGMENT_CODES = ("d", "pa", "p")
 
 #: a paged customer's bucketed facts are stored in pages of this many buckets, and its remembered
 #: event ids in chunks of this many ids (see :meth:`CustomerFacts.paged_records`): each record
@@ -81,7 +94,7 @@ _NPS_SERIES = ("nps_d", "nps_pa", "nps_p")
 PAGE_BUCKETS = 360
 SEEN_CHUNK_IDS = 1000
 #: the fields of a head record (:meth:`CustomerFacts.to_record`)
-RECORD_FIELDS = 15
+RECORD_FIELDS = 17
 
 
 class MissingPageError(LookupError):
@@ -97,12 +110,14 @@ def page_name(name: str, version: int) -> str:
     return f"{name}.{version}"
 
 
-def families_of(event_type: str) -> int:
-    """Which series families an event of this type can change (0: none).
+def families_of(event_type: str, survey: str | None = None) -> int:
+    """Which series families an event of this type (and survey) can change (0: none).
 
-    >>> families_of("order.placed"), families_of("survey.responded")
-    (3, 0)
+    >>> families_of("order.placed"), families_of("survey.responded", "csat"), families_of("survey.responded", "nps")
+    (3, 0, 4)
     """
+    if event_type == ev.SURVEY_RESPONDED:
+        return SEGMENT_FAMILY if survey == ev.SURVEY_NPS else 0
     return _FAMILIES.get(event_type, 0)
 
 
@@ -190,6 +205,9 @@ class CustomerFacts:
         "member_before",
         "member_before_key",
         "membership",
+        "nps_answers",
+        "nps_before",
+        "nps_before_key",
         "order_count",
         "orders",
         "paging",
@@ -223,6 +241,11 @@ class CustomerFacts:
         self.membership: list[tuple[int, str, bool]] = []
         #: buckets with a reward issued or redeemed -> count
         self.rewards: dict[int, int] = {}
+        #: sorted (occurred_at, event_id, NPS group), the latest answer of each bucket
+        self.nps_answers: list[tuple[int, str, int]] = []
+        #: the NPS group before the kept answers (None: no answer), and the key of the last dropped one
+        self.nps_before: int | None = None
+        self.nps_before_key: tuple[int, str] | None = None
         #: event_id -> when it was seen (the caller's clock), for deduplication within the TTL,
         #: in the order remembered
         self.seen: dict[str, int] = {}
@@ -254,6 +277,8 @@ class CustomerFacts:
             [] if paged else [[b, c] for b, c in self.rewards.items()],
             {} if paged else self.seen,
             None if paging is None else [paging.generation, paging.pages, paging.seen_first, paging.garbage],
+            [] if paged else [list(a) for a in self.nps_answers],
+            None if self.nps_before_key is None else [self.nps_before, *self.nps_before_key],
         ]
 
     @classmethod
@@ -273,6 +298,9 @@ class CustomerFacts:
         (first, signup_key, channel, activity, closes, order_count, first_orders, orders, revenue,
          member_before, member_before_key, membership, rewards, seen) = record[:14]
         paging: list[object] | None = record[14] if len(record) > 14 else None  # type: ignore[assignment]
+        # records written before the NPS segments have no answers
+        answers: list[list[Any]] = record[15] if len(record) > 15 else []  # type: ignore[assignment]
+        before: list[Any] | None = record[16] if len(record) > 16 else None  # type: ignore[assignment]
         facts = cls()
         facts.first_activity_ms = first  # type: ignore[assignment]
         facts.signup_key = (signup_key[0], signup_key[1]) if signup_key else None  # type: ignore[index]
@@ -288,6 +316,9 @@ class CustomerFacts:
         facts.membership = [(m[0], m[1], bool(m[2])) for m in membership]  # type: ignore[attr-defined]
         facts.rewards = {b: c for b, c in rewards}  # type: ignore[attr-defined]
         facts.seen = dict(seen)  # type: ignore[call-overload]
+        facts.nps_answers = [(a[0], a[1], a[2]) for a in answers]
+        if before is not None:
+            facts.nps_before, facts.nps_before_key = before[0], (before[1], before[2])
         if paging is not None:
             generation, pages, seen_first, garbage = paging
             facts.paging = Paging(dict(pages), generation, seen_first, list(garbage))  # type: ignore[call-overload, arg-type]
@@ -306,7 +337,9 @@ class CustomerFacts:
             number = int(name[1:])
             (bucket_pages if name[0] == "b" else seen_chunks).append((number, content))
         for _, content in sorted(bucket_pages, key=lambda item: item[0]):
-            activity, closes, orders, revenue, membership, rewards = content
+            activity, closes, orders, revenue, membership, rewards = content[:6]
+            # pages written before the NPS segments have six parts
+            self.nps_answers.extend((a[0], a[1], a[2]) for a in (content[6] if len(content) > 6 else []))  # type: ignore[attr-defined]
             self.activity.update((b, t) for b, t in activity)  # type: ignore[attr-defined]
             self.closes.extend(closes)  # type: ignore[arg-type]
             self.orders.update((b, t) for b, t in orders)  # type: ignore[attr-defined]
@@ -320,7 +353,7 @@ class CustomerFacts:
     def entry_count(self) -> int:
         """How many bucketed entries and remembered ids the facts hold (what paging splits)."""
         return (len(self.activity) + len(self.closes) + len(self.orders) + len(self.revenue)
-                + len(self.membership) + len(self.rewards) + len(self.seen))
+                + len(self.membership) + len(self.rewards) + len(self.nps_answers) + len(self.seen))
 
     def paged_records(self, grid: Grid) -> tuple[list[object], dict[str, list[object] | None]]:
         """Page the facts: the head record, and the pages to store now by stored name (``None``: delete).
@@ -383,6 +416,7 @@ class CustomerFacts:
         buckets = set(self.activity) | set(self.orders) | set(self.revenue) | set(self.rewards)
         buckets.update(time // bucket_ms for time in self.closes)
         buckets.update(entry[0] // bucket_ms for entry in self.membership)
+        buckets.update(entry[0] // bucket_ms for entry in self.nps_answers)
         names = {"b" + str(bucket // PAGE_BUCKETS) for bucket in buckets}
         names.update(self._seen_chunk_names())
         return names
@@ -416,10 +450,11 @@ class CustomerFacts:
             content.append(pairs)
         closes = self.closes[bisect_left(self.closes, low_ms):bisect_left(self.closes, high_ms)]
         membership = [list(m) for m in self.membership if low_ms <= m[0] < high_ms]
-        if empty and not closes and not membership:
+        answers = [list(a) for a in self.nps_answers if low_ms <= a[0] < high_ms]
+        if empty and not closes and not membership and not answers:
             return None
         activity, orders, revenue, rewards = content
-        return [activity, closes, orders, revenue, membership, rewards]
+        return [activity, closes, orders, revenue, membership, rewards, answers]
 
     def _touch(self, bucket: int) -> None:
         if self.paging is not None:
@@ -512,6 +547,21 @@ class CustomerFacts:
                 self.member_before = entry[2]
         elif (kind == ev.REWARD_ISSUED or kind == ev.REWARD_REDEEMED) and kept:
             self.rewards[bucket] = self.rewards.get(bucket, 0) + 1
+        elif kind == ev.SURVEY_RESPONDED and event.survey == ev.SURVEY_NPS:
+            answer = (time, event.event_id, nps_group(event.score or 0))
+            if kept:
+                # only the latest answer of a bucket decides the bucket's segment (segment_intervals)
+                answers = self.nps_answers
+                low = bisect_left(answers, (bucket * grid.bucket_ms,))
+                high = bisect_left(answers, ((bucket + 1) * grid.bucket_ms,))
+                if low == high:
+                    answers.insert(low, answer)
+                elif answer[:2] > answers[high - 1][:2]:
+                    answers[low:high] = [answer]
+            elif self.nps_before_key is None or answer[:2] > self.nps_before_key:
+                # as for membership: an answer older than the kept history decides the segment before it
+                self.nps_before_key = answer[:2]
+                self.nps_before = answer[2]
 
     def prune(self, grid: Grid, horizon_start: int, seen_after_ms: int) -> bool:
         """Drop bucketed facts before bucket ``horizon_start`` and ids seen before ``seen_after_ms``.
@@ -546,6 +596,12 @@ class CustomerFacts:
             self._touch(grid.bucket(time))
             self.member_before_key = (time, event_id)
             self.member_before = enrolled
+        while self.nps_answers and self.nps_answers[0][0] < start_ms:
+            dropped = True
+            time, event_id, group = self.nps_answers.pop(0)
+            self._touch(grid.bucket(time))
+            self.nps_before_key = (time, event_id)
+            self.nps_before = group
         if self.seen and min(self.seen.values()) < seen_after_ms:
             kept = {k: t for k, t in self.seen.items() if t >= seen_after_ms}
             paging = self.paging
@@ -614,6 +670,28 @@ class CustomerFacts:
             result.append((start, PLUS_INFINITY))
         return result
 
+    def segment_intervals(self, grid: Grid) -> dict[int, Intervals]:
+        """NPS group -> the buckets at which it is the customer's segment (its latest answer up to them).
+
+        >>> facts = CustomerFacts(); facts.nps_answers = [(60_000, "a", 2), (300_000, "b", 0)]
+        >>> facts.segment_intervals(Grid(60_000, 600_000, (60_000,)))
+        {2: [(1, 5)], 0: [(5, 4611686018427387904)]}
+        """
+        state = self.nps_before
+        start = MINUS_INFINITY
+        result: dict[int, Intervals] = {}
+        for time, _, group in self.nps_answers:
+            if group == state:
+                continue
+            bucket = grid.bucket(time)
+            if state is not None:
+                result.setdefault(state, []).append((start, bucket))
+            state = group
+            start = bucket
+        if state is not None:
+            result.setdefault(state, []).append((start, PLUS_INFINITY))
+        return result
+
     def contributions(
         self, grid: Grid, families: int, since: int = MINUS_INFINITY, out: Deltas | None = None, sign: int = 1
     ) -> Deltas:
@@ -647,7 +725,46 @@ class CustomerFacts:
             self._activity_contributions(grid, out, since, sign)
         if families & ORDER_FAMILY:
             self._order_contributions(grid, out, since, sign)
+        if self.nps_answers or self.nps_before is not None:
+            segment = families & SEGMENT_FAMILY
+            activity = bool(segment or families & ACTIVITY_FAMILY)
+            orders = bool(segment or families & ORDER_FAMILY)
+            if activity or orders:
+                self._segment_contributions(grid, out, since, sign, activity, orders)
         return out
+
+    def _segment_contributions(self, grid: Grid, out: Deltas, since: int, sign: int,
+                               activity: bool, orders: bool) -> None:
+        # the statuses of the other families, each intersected with the buckets of each NPS segment;
+        # only buckets >= since matter, so the segments are clipped there first (a customer answering
+        # every few minutes has thousands of segment changes, and a message touches the last few)
+        segments = {group: clipped for group, intervals in self.segment_intervals(grid).items()
+                    if (clipped := [(max(start, since), end) for start, end in intervals if end > since])}
+        if not segments:
+            return
+        active: Intervals = self.active_intervals(grid, since - grid.longest) if activity else []
+        order_buckets = sorted(self.orders) if orders else []
+        second_order = grid.bucket(self.first_orders[1]) if orders and self.order_count >= 2 else None
+        revenue = sorted((bucket, amount) for bucket, amount in self.revenue.items() if amount) if orders else []
+        for n in grid.windows:
+            suffix = ":" + str(n)
+            started = shift(active, n)  # active at j - n
+            both = intersect(active, started)
+            # purchaser at j: an order in j-n+1..j
+            first = bisect_right(order_buckets, since - n)
+            buyers = spans(order_buckets[first:], n)
+            returning = intersect(buyers, [(second_order, PLUS_INFINITY)]) if second_order is not None else []
+            window_revenue = _window_sums(revenue, n, since) if revenue else None
+            for group, segment in segments.items():
+                code = SEGMENT_CODES[group] + suffix
+                if activity:
+                    _add_intervals(out, "segcs:" + code, intersect(started, segment), sign, since)
+                    _add_intervals(out, "segboth:" + code, intersect(both, segment), sign, since)
+                if orders:
+                    _add_intervals(out, "segP:" + code, intersect(buyers, segment), sign, since)
+                    _add_intervals(out, "segret:" + code, intersect(returning, segment), sign, since)
+                    if window_revenue is not None:
+                        window_revenue.add_within(_series(out, "segrev:" + code), segment, sign)
 
     def _activity_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
         # both:n reads activity n buckets back
@@ -765,6 +882,56 @@ class CustomerFacts:
                             retained[low] = retained.get(low, 0) + amount
                             retained[high] = retained.get(high, 0) - amount
                         index += 1
+
+
+class _WindowSums:
+    """The net revenue in j-n+1..j as a step function of j >= since: its change points and values."""
+
+    __slots__ = ("points", "values")
+
+    def __init__(self, points: list[int], values: list[int]) -> None:
+        #: the buckets where the sum changes, sorted, and the sum from each on
+        self.points = points
+        self.values = values
+
+    def at(self, bucket: int) -> int:
+        index = bisect_right(self.points, bucket) - 1
+        return self.values[index] if index >= 0 else 0
+
+    def add_within(self, series: dict[int, int], intervals: Intervals, sign: int) -> None:
+        """Add the sum, times ``sign``, at the buckets of ``intervals`` (as a difference series)."""
+        points, values = self.points, self.values
+        for start, end in intervals:
+            first = self.at(start)
+            if first:
+                series[start] = series.get(start, 0) + first * sign
+            low = bisect_right(points, start)
+            high = bisect_left(points, end)
+            for index in range(low, high):
+                change = values[index] - (values[index - 1] if index else 0)
+                if change:
+                    bucket = points[index]
+                    series[bucket] = series.get(bucket, 0) + change * sign
+            if end < PLUS_INFINITY:
+                last = self.at(end - 1)
+                if last:
+                    series[end] = series.get(end, 0) - last * sign
+
+
+def _window_sums(revenue: list[tuple[int, int]], n: int, since: int) -> _WindowSums:
+    """The sum of ``revenue`` (sorted (bucket, amount)) over j-n+1..j, for j >= since (see :class:`_WindowSums`).
+
+    >>> sums = _window_sums([(3, 10), (4, 5)], 2, 0)
+    >>> [sums.at(j) for j in range(2, 8)]
+    [0, 10, 15, 5, 0, 0]
+    """
+    changes: dict[int, int] = {}
+    for bucket, amount in revenue[bisect_right(revenue, (since - n, PLUS_INFINITY)):]:
+        changes[bucket] = changes.get(bucket, 0) + amount
+        changes[bucket + n] = changes.get(bucket + n, 0) - amount
+    points = sorted(changes)
+    values = list(accumulate(changes[point] for point in points))
+    return _WindowSums(points, values)
 
 
 class _WindowSeries(NamedTuple):

@@ -198,7 +198,7 @@ class LoyaltyEngine:
         horizon_start = now_bucket - grid.fact_retention
         facts.prune(grid, horizon_start, self.now_ms - grid.dedupe_ttl_ms)
         facts.remember(event.event_id, self.now_ms)
-        families = families_of(event.type)
+        families = families_of(event.type, event.survey)
         bucket = grid.bucket(event.occurred_at_ms)
         # nothing below the event's bucket can change: both sides are clipped there
         before = facts.contributions(grid, families, since=bucket) if families else {}

@@ -57,6 +57,13 @@ Decisions taken for the product (where the SPEC leaves room):
   when that count is 0); channel-less spend and customers stay out of the map.
 * **Loyalty membership** at T: the latest (by ``(occurred_at_ms, event_id)``)
   ``loyalty.enrolled``/``loyalty.left`` of the customer is an enrolment.
+* **NPS segment** of a customer at T: ``promoter`` (score 9-10), ``passive``
+  (7-8) or ``detractor`` (0-6) by their latest (by ``(occurred_at_ms,
+  event_id)``) NPS answer, else ``none``. Per segment, of the customers in it:
+  ``churn_rate`` as above (customers active at the window's start who are not
+  active at T), ``repeat_purchase_rate`` as above (purchasers in W with at
+  least two lifetime orders), and the net revenue (orders minus refunds) they
+  made in W.
 * **Value types**: counts are ``int``; money sums (``gross_revenue``,
   ``refunds``, ``net_revenue``, ``revenue_prev_period``, ``churned_revenue``,
   ``marketing_spend``) are exact ``Decimal`` built from integer micro-units;
@@ -283,6 +290,8 @@ class _Customer:
     placed_ms: list[int] = field(default_factory=list)
     signups: list[tuple[int, str, str | None]] = field(default_factory=list)
     membership: list[tuple[int, str, bool]] = field(default_factory=list)
+    #: (occurred_at, event_id, score) of every NPS answer
+    nps_answers: list[tuple[int, str, int]] = field(default_factory=list)
 
     def sort(self) -> None:
         self.activity_ms.sort()
@@ -290,6 +299,7 @@ class _Customer:
         self.placed_ms.sort()
         self.signups.sort(key=lambda s: (s[0], s[1]))
         self.membership.sort(key=lambda m: (m[0], m[1]))
+        self.nps_answers.sort(key=lambda a: (a[0], a[1]))
 
     def active_at(self, j: int, bucket_ms: int, horizon: int) -> bool:
         """Active at bucket ``j`` (see the module docstring)."""
@@ -311,6 +321,13 @@ class _Customer:
         """Channel of the earliest signup (ties by event_id), or None."""
         return self.signups[0][2] if self.signups else None
 
+    def nps_segment(self) -> str:
+        """``promoter``, ``passive`` or ``detractor`` by the latest NPS answer, else ``none``."""
+        if not self.nps_answers:
+            return "none"
+        score = self.nps_answers[-1][2]
+        return "promoter" if score >= 9 else "passive" if score >= 7 else "detractor"
+
     def is_member(self) -> bool:
         """Whether the latest enrolled/left event is an enrolment."""
         return bool(self.membership) and self.membership[-1][2]
@@ -324,7 +341,13 @@ class _Scope:
         self.events = sorted(events, key=lambda e: e.occurred_at_ms)
         self.times = [e.occurred_at_ms for e in self.events]
         self.customers: dict[CustomerKey, _Customer] = {}
+        #: the NPS answers of customers, also of those with no other event
+        self.answers: dict[CustomerKey, list[tuple[int, str, int]]] = {}
         for event in self.events:
+            if event.type == SURVEY_RESPONDED and event.survey == SURVEY_NPS:
+                score = _required(event.score, "score", event)
+                self.answers.setdefault(_customer_key(event), []).append(
+                    (event.occurred_at_ms, event.event_id, score))
             if event.type == SPEND_RECORDED or event.type == SURVEY_RESPONDED:
                 continue
             facts = self.customers.setdefault(_customer_key(event), _Customer())
@@ -339,7 +362,8 @@ class _Scope:
                 facts.closed_ms.append(t)
             elif event.type in (LOYALTY_ENROLLED, LOYALTY_LEFT):
                 facts.membership.append((t, event.event_id, event.type == LOYALTY_ENROLLED))
-        for facts in self.customers.values():
+        for key, facts in self.customers.items():
+            facts.nps_answers = self.answers.get(key, [])
             facts.sort()
 
     def between(self, start_ms: int, end_ms: int) -> list[Event]:
@@ -524,6 +548,39 @@ def _order_metrics(
     }
 
 
+def _segment_metrics(scope: _Scope, in_w: list[Event], k: int, n: int, config: ReferenceConfig) -> dict[str, object]:
+    """Churn rate, repeat purchase rate and net revenue in W of each NPS segment's customers."""
+    b = config.bucket_ms
+    h = config.horizon_ms // b
+    names = ("promoter", "passive", "detractor", "none")
+    start = dict.fromkeys(names, 0)
+    churned = dict.fromkeys(names, 0)
+    for facts in scope.customers.values():
+        if facts.active_at(k - n, b, h):
+            segment = facts.nps_segment()
+            start[segment] += 1
+            churned[segment] += not facts.active_at(k, b, h)
+    buyers: set[CustomerKey] = set()
+    net = dict.fromkeys(names, 0)
+    for e in in_w:
+        if e.type == ORDER_PLACED:
+            buyers.add(_customer_key(e))
+            net[scope.customers[_customer_key(e)].nps_segment()] += _required(e.amount_micros, "amount", e)
+        elif e.type == ORDER_REFUNDED:
+            net[scope.customers[_customer_key(e)].nps_segment()] -= _required(e.amount_micros, "amount", e)
+    purchasers = dict.fromkeys(names, 0)
+    returning = dict.fromkeys(names, 0)
+    for key in buyers:
+        segment = scope.customers[key].nps_segment()
+        purchasers[segment] += 1
+        returning[segment] += len(scope.customers[key].placed_ms) >= 2
+    return {
+        "churn_rate_by_nps_segment": {name: _percent(churned[name], start[name]) for name in names},
+        "repeat_purchase_rate_by_nps_segment": {name: _percent(returning[name], purchasers[name]) for name in names},
+        "net_revenue_by_nps_segment": {name: _money(net[name]) for name in names},
+    }
+
+
 def _acquisition_metrics(
     scope: _Scope, in_w: list[Event], new_keys: set[CustomerKey]
 ) -> dict[str, object]:
@@ -596,6 +653,7 @@ def _window_metrics(
     values.update(_order_metrics(scope, in_w, in_prev, window_ms))
     values.update(_acquisition_metrics(scope, in_w, new_keys))
     values.update(_loyalty_metrics(scope, in_w, active_keys))
+    values.update(_segment_metrics(scope, in_w, k, n, config))
     if mask_money:
         for name in MONETARY_METRICS:
             values[name] = None

@@ -19,7 +19,7 @@ from typing import Any, Union
 import orjson
 
 from metrics import formulas as f
-from metrics.catalog import METRIC_NAMES, MONETARY_METRICS
+from metrics.catalog import METRIC_NAMES, MONETARY_METRICS, NO_SEGMENT, NPS_SEGMENTS
 from metrics.intervals import MINUS_INFINITY
 from metrics.timegrid import Grid
 
@@ -38,7 +38,7 @@ _ZERO_BLOCK = array("q", bytes(8 * _BLOCK_SIZE))
 _SPARSE_MAX = 48
 Block = Union["array[int]", list[int], dict[int, int]]
 #: series read only at K (statuses "as of K"): every bucket up to K may fold into the base
-_READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:")
+_READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:", "seg")
 #: series also read for the previous period (K - 2n)
 _READ_TWO_WINDOWS_BACK = ("gross", "refunds")
 
@@ -375,6 +375,35 @@ class MetricReader:
         out["redemption_rate"] = f.percent(redeemed, issued)
         out["active_members"] = active_members
         out["active_participation_rate"] = f.percent(active_members, members)
+
+        # by NPS segment
+        churn: dict[str, float | None] = {}
+        repeat: dict[str, float | None] = {}
+        revenue: dict[str, object] = {}
+        rest_start, rest_both, rest_buyers, rest_returning = customers_start, both, purchasers, returning
+        rest_revenue = gross - refunds
+        for code, segment in NPS_SEGMENTS:
+            series = code + suffix
+            start = at("segcs:" + series, k)
+            retained = at("segboth:" + series, k)
+            buyers = at("segP:" + series, k)
+            again = at("segret:" + series, k)
+            net = at("segrev:" + series, k)
+            churn[segment] = f.percent(start - retained, start)
+            repeat[segment] = f.percent(again, buyers)
+            revenue[segment] = f.money(net)
+            rest_start -= start
+            rest_both -= retained
+            rest_buyers -= buyers
+            rest_returning -= again
+            rest_revenue -= net
+        # customers without an NPS answer: every customer minus those of the three segments
+        churn[NO_SEGMENT] = f.percent(rest_start - rest_both, rest_start)
+        repeat[NO_SEGMENT] = f.percent(rest_returning, rest_buyers)
+        revenue[NO_SEGMENT] = f.money(rest_revenue)
+        out["churn_rate_by_nps_segment"] = churn
+        out["repeat_purchase_rate_by_nps_segment"] = repeat
+        out["net_revenue_by_nps_segment"] = revenue
 
         if not monetary:
             for name in MONETARY_METRICS:

@@ -30,7 +30,7 @@ RECORD_LIMIT = 256 * 1024
 MINUTE_MS = 60_000
 KEY = customer_route_key("s", "c")
 KINDS = (ev.ORDER_PLACED, ev.ORDER_REFUNDED, ev.CUSTOMER_SIGNED_UP, ev.CUSTOMER_CLOSED, ev.LOYALTY_ENROLLED,
-         ev.LOYALTY_LEFT, ev.REWARD_ISSUED, ev.REWARD_REDEEMED)
+         ev.LOYALTY_LEFT, ev.REWARD_ISSUED, ev.REWARD_REDEEMED, ev.SURVEY_RESPONDED)
 
 
 def _state(facts: CustomerFacts) -> tuple[Any, ...]:
@@ -38,7 +38,8 @@ def _state(facts: CustomerFacts) -> tuple[Any, ...]:
     return (facts.first_activity_ms, facts.signup_key, facts.signup_channel, dict(sorted(facts.activity.items())),
             facts.closes, facts.order_count, facts.first_orders, dict(sorted(facts.orders.items())),
             dict(sorted(facts.revenue.items())), facts.member_before, facts.member_before_key, facts.membership,
-            dict(sorted(facts.rewards.items())), list(facts.seen.items()))
+            dict(sorted(facts.rewards.items())), facts.nps_answers, facts.nps_before, facts.nps_before_key,
+            list(facts.seen.items()))
 
 
 @settings(max_examples=200, deadline=None)
@@ -57,8 +58,10 @@ def test_paged_facts_reload_equal_the_facts_in_memory(seed: int, unpage_entries:
             facts.prune(grid, horizon_start, clock - grid.dedupe_ttl_ms)
         for index in range(rng.randrange(1, 30)):
             time = clock - (rng.randrange(3 * grid.fact_retention * MINUTE_MS) if out_of_order else 0)
-            event = ev.Event(f"e{step}-{index}", rng.choice(KINDS), max(0, time), "s", "c",
-                             amount_micros=rng.randrange(10**7), channel=rng.choice((None, "ads")))
+            kind = rng.choice(KINDS)
+            survey = {"survey": ev.SURVEY_NPS, "score": rng.randrange(11)} if kind == ev.SURVEY_RESPONDED else {}
+            event = ev.Event(f"e{step}-{index}", kind, max(0, time), "s", "c",  # type: ignore[arg-type]
+                             amount_micros=rng.randrange(10**7), channel=rng.choice((None, "ads")), **survey)
             for facts in (live, twin):
                 facts.remember(event.event_id, clock)
                 facts.apply(event, grid, horizon_start)
@@ -112,6 +115,9 @@ def _guest_history(days: int) -> list[ev.Event]:
         if minute % 97 == 0:
             events.append(ev.Event(f"r{minute}", ev.ORDER_REFUNDED, time, "s", "guest", order_id=f"o{minute}",
                                    amount_micros=1_000_000, currency="EUR"))
+        if minute % 7 == 0:  # and answers NPS surveys: its segment changes every few minutes
+            events.append(ev.Event(f"q{minute}", ev.SURVEY_RESPONDED, time, "s", "guest", survey="nps",
+                                   score=rng.randrange(11)))
         if minute % 1440 == 5:
             customer = f"c{rng.randrange(30)}"
             events.append(ev.Event(f"c{minute}", rng.choice((ev.ORDER_PLACED, ev.CUSTOMER_SIGNED_UP)), time, "s",

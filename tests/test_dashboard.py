@@ -58,6 +58,10 @@ def realistic(nps: float, **more: object) -> dict[str, object]:
         churn_rate=6.0, churned_customers=138, repeat_purchase_rate=38.2, clv=Decimal("412.37"), cac=Decimal("38.90"),
         revenue_churn_rate=7.4, net_revenue_retention=104.2, participation_rate=44.0, redemption_rate=61.5,
         net_revenue=Decimal("51234.50"), orders=950, cac_by_channel={"ads": 12.5, "email": None},
+        churn_rate_by_nps_segment={"promoter": 2.5, "passive": 5.0, "detractor": 11.25, "none": None},
+        repeat_purchase_rate_by_nps_segment={"promoter": 52.0, "passive": 40.0, "detractor": 21.5, "none": 30.0},
+        net_revenue_by_nps_segment={"promoter": Decimal("30000.25"), "passive": Decimal("12000"),
+                                    "detractor": Decimal("4234.25"), "none": Decimal("5000")},
     )  # fmt: skip
     values.update(more)
     return metrics(**values)
@@ -175,6 +179,21 @@ async def test_page_shows_redis_values_updates_live_shows_alerts_and_stays_on_it
             await expect(page.locator("[data-metric=csat] .value")).to_have_text("90.0%", timeout=2_000)
             await expect(page.locator("#alerts")).to_have_class("alerts calm")
 
+            # churn by NPS segment: bars scaled to the largest churn, the ratio said in words
+            segments = page.locator("#segment-bars .segment-row")
+            await expect(segments).to_have_count(4)
+            ratio = page.locator("#segment-ratio")
+            await expect(ratio).to_have_text("Detractors churn 4.5\u00d7 as often as promoters")
+            await expect(segments.nth(2).locator(".value")).to_have_text("11.3%")
+            await expect(segments.nth(2).locator(".more")).to_have_text("repeat 21.5% · €4,234 net")
+            await expect(segments.nth(3).locator(".value")).to_have_text("\u2013")
+            widths = await segments.locator(".bar").evaluate_all("bars => bars.map(b => b.style.width)")
+            assert [float(w.rstrip("%")) for w in widths] == pytest.approx([2.5 / 11.25 * 100, 5 / 11.25 * 100, 100, 0])
+            churn = {"promoter": 8.0, "passive": 4.0, "detractor": 4.0, "none": 1.0}
+            await write(sink, "store-1", "24h", T0 + 120_000,
+                        realistic(50.0, csat=90.0, churn_rate_by_nps_segment=churn))
+            await expect(ratio).to_have_text("Detractors churn 0.5\u00d7 as often as promoters", timeout=2_000)
+
             await send_alert(client, alert("store-1"))
             banner = page.locator("#alerts")
             await expect(banner).to_have_class("alerts firing", timeout=2_000)
@@ -231,7 +250,7 @@ async def test_metrics_endpoint_equals_redis(api_redis):  # type: ignore[no-unty
             fields = await client.hgetall(f"loyalty:{store}:{window}")
             for name, raw in fields.items():
                 name = name.decode()
-                if name in ("as_of_ms", "currency", "cac_by_channel") or raw == b"":
+                if name in ("as_of_ms", "currency") or name.endswith(("_by_channel", "_by_nps_segment")) or raw == b"":
                     continue
                 expected[(store, window, name)] = float(raw)
         assert samples == expected
@@ -256,6 +275,17 @@ async def test_metrics_endpoint_equals_redis(api_redis):  # type: ignore[no-unty
             ("store-1", "1h"): T0 / 1000, ("*", "24h"): T0 / 1000,
         }
         assert values("loyalty_redis_up") == {(): 1.0}
+        by_segment = values("loyalty_segment_metric", "store", "window", "name", "segment")
+        expected_segments: dict[tuple[str, ...], float] = {}
+        for store, window in (("store-1", "1h"), ("*", "24h")):
+            for name in ("churn_rate", "repeat_purchase_rate", "net_revenue"):
+                raw = await client.hget(f"loyalty:{store}:{window}", name + "_by_nps_segment")
+                for segment, value in orjson.loads(raw).items():
+                    if value is not None:
+                        expected_segments[(store, window, name, segment)] = float(value)
+        assert by_segment == expected_segments
+        assert by_segment[("store-1", "1h", "churn_rate", "detractor")] == 11.25
+        assert ("store-1", "1h", "churn_rate", "none") not in by_segment  # null: no sample
     finally:
         await sink.close()
 

@@ -44,13 +44,26 @@ TYPES = (
     ev.REWARD_ISSUED,
     ev.REWARD_REDEEMED,
 )
+#: events that move customers between NPS segments, and the statuses the segments split
+SEGMENT_TYPES = (
+    ev.ORDER_PLACED,
+    ev.ORDER_PLACED,
+    ev.ORDER_REFUNDED,
+    ev.CUSTOMER_SIGNED_UP,
+    ev.CUSTOMER_CLOSED,
+    ev.SURVEY_RESPONDED,
+    ev.SURVEY_RESPONDED,
+    ev.SURVEY_RESPONDED,
+)
+ALL_SURVEYS = (ev.SURVEY_NPS, ev.SURVEY_CSAT, ev.SURVEY_CES, ev.SURVEY_CLI)
 CHANNELS = (None, "ads", "social")
 #: more channels than the small caps of the channel property, and the overflow bucket's own name
 MANY_CHANNELS = (None, "ads", "social", "tv", "radio", "mail", ev.OTHER_CHANNEL)
 
 
 @st.composite
-def event_logs(draw: st.DrawFn, channels: tuple[str | None, ...] = CHANNELS) -> list[ev.Event]:
+def event_logs(draw: st.DrawFn, channels: tuple[str | None, ...] = CHANNELS, types: tuple[str, ...] = TYPES,
+               surveys: tuple[str, ...] = ALL_SURVEYS) -> list[ev.Event]:
     """Random events of every type over a few stores, with duplicates, in random arrival order."""
     store_count = draw(st.integers(1, 3))
     currencies = {f"s{i}": draw(st.sampled_from(("EUR", "USD"))) for i in range(store_count)}
@@ -63,7 +76,7 @@ def event_logs(draw: st.DrawFn, channels: tuple[str | None, ...] = CHANNELS) -> 
         # offsets that hit bucket edges and exact ties often
         offset = rng.choice((0, 1, BUCKET_MS // 2, BUCKET_MS - 1, rng.randrange(BUCKET_MS)))
         time = bucket * BUCKET_MS + offset
-        kind = rng.choice(TYPES)
+        kind = rng.choice(types)
         customer = f"c{rng.randrange(4)}"
         fields: dict[str, object] = {}
         if kind in (ev.ORDER_PLACED, ev.ORDER_REFUNDED, ev.SPEND_RECORDED):
@@ -79,7 +92,7 @@ def event_logs(draw: st.DrawFn, channels: tuple[str | None, ...] = CHANNELS) -> 
         elif kind == ev.CUSTOMER_SIGNED_UP:
             fields = {"channel": rng.choice(channels)}
         elif kind == ev.SURVEY_RESPONDED:
-            survey = rng.choice((ev.SURVEY_NPS, ev.SURVEY_CSAT, ev.SURVEY_CES, ev.SURVEY_CLI))
+            survey = rng.choice(surveys)
             fields = {"survey": survey}
             if survey == ev.SURVEY_NPS:
                 fields["score"] = rng.randint(0, 10)
@@ -126,6 +139,39 @@ def test_event_clock_equals_reference(events: list[ev.Event], grid: Grid) -> Non
     _compare(engine, events, engine.now_ms)
 
 
+#: NPS answers often, several per customer, ties in a bucket: customers change segment back and forth
+NPS_HEAVY_LOGS = event_logs(types=SEGMENT_TYPES, surveys=(ev.SURVEY_NPS,))
+
+
+@PROPERTY_SETTINGS
+@given(events=NPS_HEAVY_LOGS, grid=GRIDS)
+def test_nps_segments_equal_reference(events: list[ev.Event], grid: Grid) -> None:
+    """With NPS answers on every third event, churn, repeat purchase and net revenue by segment equal the reference."""
+    engine = LoyaltyEngine(grid)
+    for event in events:
+        engine.ingest(event)
+    if engine.now_ms is None:
+        return
+    _compare(engine, events, engine.now_ms)
+
+
+@PROPERTY_SETTINGS
+@given(events=NPS_HEAVY_LOGS, data=st.data(), grid=GRIDS)
+def test_nps_segments_as_of_any_time_equal_reference(events: list[ev.Event], data: st.DataObject,
+                                                      grid: Grid) -> None:
+    """With a moving wall clock, the segment numbers as of any T equal the reference (late answers included)."""
+    ticks = sorted(data.draw(st.lists(st.integers(0, (SPAN_BUCKETS + 8) * BUCKET_MS), min_size=1, max_size=4)))
+    positions = sorted(data.draw(st.integers(0, len(events))) for _ in ticks)
+    engine = LoyaltyEngine(grid, clock=WALL_CLOCK)
+    for index in range(len(events) + 1):
+        while positions and positions[0] == index:
+            positions.pop(0)
+            engine.advance(ticks[0])
+            _compare(engine, events[:index], ticks.pop(0))
+        if index < len(events):
+            engine.ingest(events[index])
+
+
 @PROPERTY_SETTINGS
 @given(events=event_logs(channels=MANY_CHANNELS), limit=st.integers(0, 3), grid=GRIDS)
 def test_channel_cap_equals_reference(events: list[ev.Event], limit: int, grid: Grid) -> None:
@@ -160,7 +206,7 @@ def test_wall_clock_as_of_any_time_equals_reference(events: list[ev.Event], data
 
 
 @PROPERTY_SETTINGS
-@given(events=event_logs(), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
+@given(events=st.one_of(event_logs(), NPS_HEAVY_LOGS), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
 def test_merging_partial_states_in_any_grouping_equals_one_state(
     events: list[ev.Event], groups: int, seed: int
 ) -> None:
@@ -192,7 +238,7 @@ def test_merging_partial_states_in_any_grouping_equals_one_state(
 
 
 @PROPERTY_SETTINGS
-@given(events=event_logs(), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
+@given(events=st.one_of(event_logs(), NPS_HEAVY_LOGS), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
 def test_summed_read_points_of_partial_states_equal_the_metrics_of_one_state(
     events: list[ev.Event], groups: int, seed: int
 ) -> None:
@@ -224,14 +270,14 @@ def test_summed_read_points_of_partial_states_equal_the_metrics_of_one_state(
 
 
 @PROPERTY_SETTINGS
-@given(events=event_logs(), grid=GRIDS)
+@given(events=st.one_of(event_logs(), NPS_HEAVY_LOGS), grid=GRIDS)
 def test_contributions_clipped_at_the_events_bucket_change_exactly_as_the_whole_ones(
     events: list[ev.Event], grid: Grid
 ) -> None:
     """Per event, the difference of contributions clipped at its bucket equals that of the unclipped ones."""
     customers: dict[tuple[str, str], CustomerFacts] = {}
     for event in events:
-        families = families_of(event.type)
+        families = families_of(event.type, event.survey)
         if not families:
             continue
         facts = customers.setdefault(customer_key(event), CustomerFacts())

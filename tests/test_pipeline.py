@@ -236,6 +236,12 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
     messages, expected_reasons, valid = produce_plan()
     assert len(valid) >= 20_000
     reference, as_of_ms, window_name = reference_of(valid)
+    # the NPS segment maps are compared too: the history gives every segment customers who churn
+    longest = max(window_name)
+    assert all(reference[("*", longest)]["churn_rate_by_nps_segment"][segment]
+               for segment in ("promoter", "passive", "detractor", "none"))
+    assert any(numbers["net_revenue_by_nps_segment"] and numbers["net_revenue_by_nps_segment"]["detractor"] > 0
+               for (store, window_ms), numbers in reference.items() if store != "*" and window_ms == longest)
 
     bootstrap = services.kafka_bootstrap
     # Redis keys are fixed by the SPEC: each run gets a database of its own

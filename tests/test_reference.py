@@ -110,6 +110,10 @@ def test_empty_input_counts_zero_and_rates_none() -> None:
             assert m[name] == 0 and type(m[name]) is int, name
         elif kind == "money":
             assert m[name] == Decimal(0) and isinstance(m[name], Decimal), name
+        elif name.endswith("_by_nps_segment"):
+            # every segment is there, empty: no rate, no revenue
+            empty = Decimal(0) if name == "net_revenue_by_nps_segment" else None
+            assert m[name] == dict.fromkeys(("promoter", "passive", "detractor", "none"), empty), name
         elif kind == "map":
             assert m[name] == {}, name
         else:

@@ -5,6 +5,9 @@ and the ``loyalty:health`` hash in one pipeline, then a custom collector turns w
 metric families:
 
 - ``loyalty_metric{store,window,name}``: every numeric metric of every snapshot (null ones are absent);
+- ``loyalty_segment_metric{store,window,name,segment}``: the ``*_by_nps_segment`` maps, named
+  without that suffix (``churn_rate``, ``repeat_purchase_rate``, ``net_revenue``), one series per
+  NPS segment (``promoter``, ``passive``, ``detractor``, ``none``) with a value;
 - ``loyalty_snapshot_as_of_seconds{store,window}``: the snapshot's ``as_of``;
 - ``loyalty_events_processed_total`` (health field ``events_applied``);
 - ``loyalty_dead_letters_total{reason}`` (fields ``dead_letters:{reason}``);
@@ -27,6 +30,8 @@ from streams.dashboard.data import as_float, hash_metrics, list_stores, text
 from streams.sinks.redis_sink import HEALTH_KEY, metric_key
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: the name ending of the per-NPS-segment maps
+SEGMENT_SUFFIX = "_by_nps_segment"
 
 
 @dataclass
@@ -79,6 +84,10 @@ class RedisCollector:
         values = GaugeMetricFamily(
             "loyalty_metric", "Current value of a published metric (SPEC 5)", labels=["store", "window", "name"]
         )
+        by_segment = GaugeMetricFamily(
+            "loyalty_segment_metric", "A metric of the customers of one NPS segment (their latest answer)",
+            labels=["store", "window", "name", "segment"],
+        )
         as_of = GaugeMetricFamily(
             "loyalty_snapshot_as_of_seconds", "as_of of the current snapshot (Unix time)", labels=["store", "window"]
         )
@@ -87,10 +96,16 @@ class RedisCollector:
                 number = as_float(value)
                 if number is not None:
                     values.add_metric([store, window, name], number)
+                elif name.endswith(SEGMENT_SUFFIX) and isinstance(value, dict):
+                    for segment, entry in value.items():
+                        number = as_float(entry)
+                        if number is not None:
+                            by_segment.add_metric([store, window, name.removesuffix(SEGMENT_SUFFIX), segment], number)
             stamp = _number(fields.get("as_of_ms", ""))
             if stamp is not None:
                 as_of.add_metric([store, window], stamp / 1000)
         yield values
+        yield by_segment
         yield as_of
 
         processed = CounterMetricFamily("loyalty_events_processed", "Events applied by the workers")

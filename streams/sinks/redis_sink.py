@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 
+from metrics.catalog import MAP, METRIC_KINDS
 from streams.connections import RedisTarget, async_redis
 from streams.sinks.snapshots import decimal_text, dumps
 
@@ -55,11 +56,14 @@ def parse_redis_field(name: str, text: str) -> object:
 
     >>> parse_redis_field("nps", ""), parse_redis_field("orders", "3")
     (None, Decimal('3'))
+    >>> parse_redis_field("net_revenue_by_nps_segment", '{"promoter":12345678901234.123456,"none":0}')
+    {'promoter': Decimal('12345678901234.123456'), 'none': Decimal('0')}
     """
     if text == "":
         return None
-    if name == "cac_by_channel":
-        return orjson.loads(text)
+    if METRIC_KINDS.get(name) == MAP:
+        # decimals, not floats: a map of money (net revenue by NPS segment) stays exact
+        return json.loads(text, parse_float=Decimal, parse_int=Decimal)
     return Decimal(text)
 
 

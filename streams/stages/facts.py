@@ -207,7 +207,7 @@ class CustomerStage:
             families = 0
             since = PLUS_INFINITY
             for event in customer_events:
-                families |= families_of(event.type)
+                families |= families_of(event.type, event.survey)
                 since = min(since, grid.bucket(event.occurred_at_ms))
             store = out.deltas.get(store_id)
             if store is None:

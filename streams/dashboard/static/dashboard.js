@@ -408,6 +408,45 @@
     }
   }
 
+  // churn, repeat purchase and net revenue of each NPS segment (the *_by_nps_segment maps)
+  const SEGMENTS = [['promoter', 'Promoters'], ['passive', 'Passives'], ['detractor', 'Detractors'], ['none', 'No answer']];
+
+  function renderSegments() {
+    const m = (state.snap && state.snap.metrics) || {};
+    const churn = m.churn_rate_by_nps_segment || {};
+    const repeat = m.repeat_purchase_rate_by_nps_segment || {};
+    const revenue = m.net_revenue_by_nps_segment || null;
+    const currency = state.snap && state.snap.currency;
+    const largest = Math.max(1e-9, ...SEGMENTS.map(([key]) => (isNum(churn[key]) ? churn[key] : 0)));
+    const rows = SEGMENTS.map(([key, label]) => {
+      const row = el('div', 'segment-row');
+      row.setAttribute('role', 'row');
+      const track = el('div', 'track');
+      const bar = el('div', 'bar ' + key);
+      bar.style.width = (isNum(churn[key]) ? (100 * churn[key]) / largest : 0) + '%';
+      track.append(bar);
+      const value = el('div', 'value', isNum(churn[key]) ? fixed(1).format(churn[key]) + '%' : '–');
+      const parts = [];
+      if (isNum(repeat[key])) parts.push(`repeat ${fixed(1).format(repeat[key])}%`);
+      if (revenue && isNum(revenue[key])) parts.push(`${money(revenue[key], currency, { compact: true })} net`);
+      row.append(el('div', 'name', label), track, value, el('div', 'more', parts.join(' · ')));
+      return row;
+    });
+    $('segment-bars').replaceChildren(...rows);
+    // the question a loyalty team asks most: do detractors actually leave?
+    const ratio = $('segment-ratio');
+    const d = churn.detractor;
+    const p = churn.promoter;
+    if (isNum(d) && isNum(p) && p > 0) {
+      const times = d / p;
+      ratio.textContent = `Detractors churn ${fixed(1).format(times)}× as often as promoters`;
+      ratio.className = 'segment-ratio ' + (times > 1 ? 'bad' : 'good');
+    } else {
+      ratio.textContent = isNum(d) ? `Detractors churn ${fixed(1).format(d)}%; no promoter churned` : 'Not enough NPS answers yet';
+      ratio.className = 'segment-ratio';
+    }
+  }
+
   function renderHeader() {
     const scope = $('scope');
     const name = el('strong', '', storeLabel(state.store));
@@ -470,6 +509,7 @@
     renderHeader();
     renderCards();
     renderCharts();
+    renderSegments();
     renderAlerts();
     renderLive();
   }
