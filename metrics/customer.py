@@ -46,7 +46,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from functools import cache
 from itertools import accumulate, islice
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from metrics import events as ev
 from metrics.formulas import cli_points_sum, csat_satisfied, nps_group
@@ -533,13 +533,7 @@ class CustomerFacts:
             entry = (time, event.event_id, kind == ev.LOYALTY_ENROLLED)
             if kept:
                 # only the latest event of a bucket decides the bucket (member_intervals)
-                membership = self.membership
-                low = bisect_left(membership, (bucket * grid.bucket_ms,))
-                high = bisect_left(membership, ((bucket + 1) * grid.bucket_ms,))
-                if low == high:
-                    membership.insert(low, entry)
-                elif entry[:2] > membership[high - 1][:2]:
-                    membership[low:high] = [entry]
+                _keep_latest_of_bucket(self.membership, entry, bucket, grid.bucket_ms)
             elif self.member_before_key is None or entry[:2] > self.member_before_key:
                 # an event older than the kept history still decides the state
                 # before it, when it is the latest of those older events
@@ -551,13 +545,7 @@ class CustomerFacts:
             answer = (time, event.event_id, nps_group(event.score or 0))
             if kept:
                 # only the latest answer of a bucket decides the bucket's segment (segment_intervals)
-                answers = self.nps_answers
-                low = bisect_left(answers, (bucket * grid.bucket_ms,))
-                high = bisect_left(answers, ((bucket + 1) * grid.bucket_ms,))
-                if low == high:
-                    answers.insert(low, answer)
-                elif answer[:2] > answers[high - 1][:2]:
-                    answers[low:high] = [answer]
+                _keep_latest_of_bucket(self.nps_answers, answer, bucket, grid.bucket_ms)
             elif self.nps_before_key is None or answer[:2] > self.nps_before_key:
                 # as for membership: an answer older than the kept history decides the segment before it
                 self.nps_before_key = answer[:2]
@@ -882,6 +870,25 @@ class CustomerFacts:
                             retained[low] = retained.get(low, 0) + amount
                             retained[high] = retained.get(high, 0) - amount
                         index += 1
+
+
+_State = TypeVar("_State")
+
+
+def _keep_latest_of_bucket(entries: list[tuple[int, str, _State]], entry: tuple[int, str, _State], bucket: int,
+                           bucket_ms: int) -> None:
+    """Put ``entry`` (time, event id, state) into the sorted ``entries`` if it is the latest of its bucket.
+
+    >>> entries = [(60_000, "a", True)]
+    >>> _keep_latest_of_bucket(entries, (90_000, "b", False), 1, 60_000); entries
+    [(90000, 'b', False)]
+    """
+    low = bisect_left(entries, (bucket * bucket_ms,))
+    high = bisect_left(entries, ((bucket + 1) * bucket_ms,))
+    if low == high:
+        entries.insert(low, entry)
+    elif entry[:2] > entries[high - 1][:2]:
+        entries[low:high] = [entry]
 
 
 class _WindowSums:

@@ -131,12 +131,15 @@ def _compare(engine: LoyaltyEngine, events: list[ev.Event], as_of_ms: int, max_c
 @given(events=event_logs(), grid=GRIDS)
 def test_event_clock_equals_reference(events: list[ev.Event], grid: Grid) -> None:
     """With the event clock, the engine as of the latest event equals the batch reference."""
+    _check_event_clock(events, grid)
+
+
+def _check_event_clock(events: list[ev.Event], grid: Grid) -> None:
     engine = LoyaltyEngine(grid)
     for event in events:
         engine.ingest(event)
-    if engine.now_ms is None:
-        return
-    _compare(engine, events, engine.now_ms)
+    if engine.now_ms is not None:
+        _compare(engine, events, engine.now_ms)
 
 
 #: NPS answers often, several per customer, ties in a bucket: customers change segment back and forth
@@ -147,12 +150,7 @@ NPS_HEAVY_LOGS = event_logs(types=SEGMENT_TYPES, surveys=(ev.SURVEY_NPS,))
 @given(events=NPS_HEAVY_LOGS, grid=GRIDS)
 def test_nps_segments_equal_reference(events: list[ev.Event], grid: Grid) -> None:
     """With NPS answers on every third event, churn, repeat purchase and net revenue by segment equal the reference."""
-    engine = LoyaltyEngine(grid)
-    for event in events:
-        engine.ingest(event)
-    if engine.now_ms is None:
-        return
-    _compare(engine, events, engine.now_ms)
+    _check_event_clock(events, grid)
 
 
 @PROPERTY_SETTINGS
@@ -160,16 +158,7 @@ def test_nps_segments_equal_reference(events: list[ev.Event], grid: Grid) -> Non
 def test_nps_segments_as_of_any_time_equal_reference(events: list[ev.Event], data: st.DataObject,
                                                       grid: Grid) -> None:
     """With a moving wall clock, the segment numbers as of any T equal the reference (late answers included)."""
-    ticks = sorted(data.draw(st.lists(st.integers(0, (SPAN_BUCKETS + 8) * BUCKET_MS), min_size=1, max_size=4)))
-    positions = sorted(data.draw(st.integers(0, len(events))) for _ in ticks)
-    engine = LoyaltyEngine(grid, clock=WALL_CLOCK)
-    for index in range(len(events) + 1):
-        while positions and positions[0] == index:
-            positions.pop(0)
-            engine.advance(ticks[0])
-            _compare(engine, events[:index], ticks.pop(0))
-        if index < len(events):
-            engine.ingest(events[index])
+    _check_as_of_ticks(events, data, grid, st.integers(0, (SPAN_BUCKETS + 8) * BUCKET_MS))
 
 
 @PROPERTY_SETTINGS
@@ -193,6 +182,12 @@ def test_wall_clock_as_of_any_time_equals_reference(events: list[ev.Event], data
         st.integers(0, SPAN_BUCKETS + 8).map(lambda b: b * BUCKET_MS + data.draw(st.sampled_from((0, BUCKET_MS - 1)))),
         st.integers(0, span_ms + 8 * BUCKET_MS),
     )
+    _check_as_of_ticks(events, data, grid, any_time)
+
+
+def _check_as_of_ticks(events: list[ev.Event], data: st.DataObject, grid: Grid,
+                       any_time: st.SearchStrategy[int]) -> None:
+    """Ingest the events with a wall clock moved to a few drawn times in between, each compared with the reference."""
     ticks = sorted(data.draw(st.lists(any_time, min_size=1, max_size=5)))
     positions = sorted(data.draw(st.integers(0, len(events))) for _ in ticks)
     engine = LoyaltyEngine(grid, clock=WALL_CLOCK)
