@@ -53,8 +53,9 @@ COMPACTED_SEGMENT_CONFIG = {"segment.ms": "60000", "segment.bytes": str(16 * 102
 #: internal topics of the pipeline, in processing order
 INTERNAL_TOPICS = ("events-by-store", "events-by-customer", "deltas", "checkpoints")
 #: segments of the internal topics whose records the worker deletes: Kafka frees disk a whole
-#: segment at a time, and its default segment (1 GiB) would keep gigabytes below every deletion
-INTERNAL_SEGMENT_BYTES = str(32 * 1024 * 1024)
+#: segment at a time, never the active one, so each partition keeps up to one segment of records
+#: already deleted (its default segment, 1 GiB, would keep gigabytes)
+INTERNAL_SEGMENT_BYTES = str(8 * 1024 * 1024)
 #: topic configs of the internal topics: the two repartition topics are deleted by their readers
 #: below their committed offsets (streams.worker.contiguous), and never by time; the deltas topic
 #: is the aggregation's log, which the worker deletes below each checkpoint (never by time: a
