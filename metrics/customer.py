@@ -87,6 +87,8 @@ _NPS_SERIES = ("nps_d", "nps_pa", "nps_p")
 #: NPS segment codes in series names, by :func:`metrics.formulas.nps_group` (0 detractor, 1 passive, 2 promoter)
 SEGMENT_CODES = ("d", "pa", "p")
 
+#: the NPS answers of every customer without one kept (never mutated: replaced at the first answer)
+_NO_ANSWERS: list[tuple[int, str, int]] = []
 #: a paged customer's bucketed facts are stored in pages of this many buckets, and its remembered
 #: event ids in chunks of this many ids (see :meth:`CustomerFacts.paged_records`): each record
 #: then stays far below 256 KiB whatever the customer does (per bucket it keeps one activity time,
@@ -207,7 +209,6 @@ class CustomerFacts:
         "membership",
         "nps_answers",
         "nps_before",
-        "nps_before_key",
         "order_count",
         "orders",
         "paging",
@@ -241,11 +242,11 @@ class CustomerFacts:
         self.membership: list[tuple[int, str, bool]] = []
         #: buckets with a reward issued or redeemed -> count
         self.rewards: dict[int, int] = {}
-        #: sorted (occurred_at, event_id, NPS group), the latest answer of each bucket
-        self.nps_answers: list[tuple[int, str, int]] = []
-        #: the NPS group before the kept answers (None: no answer), and the key of the last dropped one
-        self.nps_before: int | None = None
-        self.nps_before_key: tuple[int, str] | None = None
+        #: sorted (occurred_at, event_id, NPS group), the latest answer of each bucket (most customers
+        #: never answer: they share one empty list, replaced by their own at the first answer kept)
+        self.nps_answers: list[tuple[int, str, int]] = _NO_ANSWERS
+        #: the latest answer older than the kept ones (occurred_at, event_id, NPS group): the segment before them
+        self.nps_before: tuple[int, str, int] | None = None
         #: event_id -> when it was seen (the caller's clock), for deduplication within the TTL,
         #: in the order remembered
         self.seen: dict[str, int] = {}
@@ -278,7 +279,7 @@ class CustomerFacts:
             {} if paged else self.seen,
             None if paging is None else [paging.generation, paging.pages, paging.seen_first, paging.garbage],
             [] if paged else [list(a) for a in self.nps_answers],
-            None if self.nps_before_key is None else [self.nps_before, *self.nps_before_key],
+            None if self.nps_before is None else [self.nps_before[2], self.nps_before[0], self.nps_before[1]],
         ]
 
     @classmethod
@@ -316,9 +317,10 @@ class CustomerFacts:
         facts.membership = [(m[0], m[1], bool(m[2])) for m in membership]  # type: ignore[attr-defined]
         facts.rewards = {b: c for b, c in rewards}  # type: ignore[attr-defined]
         facts.seen = dict(seen)  # type: ignore[call-overload]
-        facts.nps_answers = [(a[0], a[1], a[2]) for a in answers]
+        if answers:
+            facts.nps_answers = [(a[0], a[1], a[2]) for a in answers]
         if before is not None:
-            facts.nps_before, facts.nps_before_key = before[0], (before[1], before[2])
+            facts.nps_before = (before[1], before[2], before[0])
         if paging is not None:
             generation, pages, seen_first, garbage = paging
             facts.paging = Paging(dict(pages), generation, seen_first, list(garbage))  # type: ignore[call-overload, arg-type]
@@ -339,6 +341,8 @@ class CustomerFacts:
         for _, content in sorted(bucket_pages, key=lambda item: item[0]):
             activity, closes, orders, revenue, membership, rewards = content[:6]
             # pages written before the NPS segments have six parts
+            if len(content) > 6 and content[6] and self.nps_answers is _NO_ANSWERS:
+                self.nps_answers = []
             self.nps_answers.extend((a[0], a[1], a[2]) for a in (content[6] if len(content) > 6 else []))  # type: ignore[attr-defined]
             self.activity.update((b, t) for b, t in activity)  # type: ignore[attr-defined]
             self.closes.extend(closes)  # type: ignore[arg-type]
@@ -545,11 +549,12 @@ class CustomerFacts:
             answer = (time, event.event_id, nps_group(event.score or 0))
             if kept:
                 # only the latest answer of a bucket decides the bucket's segment (segment_intervals)
+                if self.nps_answers is _NO_ANSWERS:
+                    self.nps_answers = []
                 _keep_latest_of_bucket(self.nps_answers, answer, bucket, grid.bucket_ms)
-            elif self.nps_before_key is None or answer[:2] > self.nps_before_key:
+            elif self.nps_before is None or answer[:2] > self.nps_before[:2]:
                 # as for membership: an answer older than the kept history decides the segment before it
-                self.nps_before_key = answer[:2]
-                self.nps_before = answer[2]
+                self.nps_before = answer
 
     def prune(self, grid: Grid, horizon_start: int, seen_after_ms: int) -> bool:
         """Drop bucketed facts before bucket ``horizon_start`` and ids seen before ``seen_after_ms``.
@@ -586,10 +591,8 @@ class CustomerFacts:
             self.member_before = enrolled
         while self.nps_answers and self.nps_answers[0][0] < start_ms:
             dropped = True
-            time, event_id, group = self.nps_answers.pop(0)
-            self._touch(grid.bucket(time))
-            self.nps_before_key = (time, event_id)
-            self.nps_before = group
+            self.nps_before = self.nps_answers.pop(0)
+            self._touch(grid.bucket(self.nps_before[0]))
         if self.seen and min(self.seen.values()) < seen_after_ms:
             kept = {k: t for k, t in self.seen.items() if t >= seen_after_ms}
             paging = self.paging
@@ -665,7 +668,7 @@ class CustomerFacts:
         >>> facts.segment_intervals(Grid(60_000, 600_000, (60_000,)))
         {2: [(1, 5)], 0: [(5, 4611686018427387904)]}
         """
-        state = self.nps_before
+        state = None if self.nps_before is None else self.nps_before[2]
         start = MINUS_INFINITY
         result: dict[int, Intervals] = {}
         for time, _, group in self.nps_answers:

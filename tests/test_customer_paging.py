@@ -38,7 +38,7 @@ def _state(facts: CustomerFacts) -> tuple[Any, ...]:
     return (facts.first_activity_ms, facts.signup_key, facts.signup_channel, dict(sorted(facts.activity.items())),
             facts.closes, facts.order_count, facts.first_orders, dict(sorted(facts.orders.items())),
             dict(sorted(facts.revenue.items())), facts.member_before, facts.member_before_key, facts.membership,
-            dict(sorted(facts.rewards.items())), facts.nps_answers, facts.nps_before, facts.nps_before_key,
+            dict(sorted(facts.rewards.items())), facts.nps_answers, facts.nps_before,
             list(facts.seen.items()))
 
 

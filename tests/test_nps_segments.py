@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 
+from metrics import customer
 from metrics import events as ev
 from metrics.engine import WALL_CLOCK, LoyaltyEngine
 from metrics.reference import ReferenceConfig, reference_metrics
@@ -71,6 +72,7 @@ def test_segment_metrics_equal_the_hand_count_in_any_arrival_order(name: str, se
                                   config=ReferenceConfig(bucket_ms=MINUTE, horizon_ms=10 * MINUTE))
     assert reference[name] == EXPECTED[name]
     assert engine.snapshot("s", 5 * MINUTE)[name] == EXPECTED[name]
+    assert customer._NO_ANSWERS == []  # the empty list customers without an answer share was never filled
 
 
 def test_segments_partition_the_store_totals() -> None:
