@@ -236,12 +236,18 @@ def test_docker_compose_file_is_well_formed_without_docker() -> None:
 
 
 def test_docker_compose_config_is_valid() -> None:
-    """With Docker's Compose plugin, ``docker compose config`` accepts the file (skipped where it is not installed;
-    the test above checks what it can without it)."""
+    """``docker compose config`` accepts the file; without Docker's Compose plugin, the loader it is built on
+    (compose-go, ``infra/compose_check``) loads it instead, so the check runs on machines without Docker too."""
     docker = shutil.which("docker")
     probe = subprocess.run([docker, "compose", "version"], capture_output=True, check=False) if docker else None
-    if probe is None or probe.returncode != 0:
-        pytest.skip("the docker compose plugin is not installed")
-    assert docker is not None
-    result = subprocess.run([docker, "compose", "config", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    if docker is not None and probe is not None and probe.returncode == 0:
+        command = [docker, "compose", "config", "--quiet"]
+        cwd = ROOT
+    else:
+        go = shutil.which("go")
+        if go is None:
+            pytest.fail("neither Docker's Compose plugin nor Go is installed: the compose file cannot be checked")
+        command = [go, "run", ".", str(ROOT / "docker-compose.yml")]
+        cwd = ROOT / "infra" / "compose_check"
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
