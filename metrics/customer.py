@@ -341,9 +341,9 @@ class CustomerFacts:
         for _, content in sorted(bucket_pages, key=lambda item: item[0]):
             activity, closes, orders, revenue, membership, rewards = content[:6]
             # pages written before the NPS segments have six parts
-            if len(content) > 6 and content[6] and self.nps_answers is _NO_ANSWERS:
-                self.nps_answers = []
-            self.nps_answers.extend((a[0], a[1], a[2]) for a in (content[6] if len(content) > 6 else []))  # type: ignore[attr-defined]
+            answers = content[6] if len(content) > 6 else None
+            if answers:
+                self._own_answers().extend((a[0], a[1], a[2]) for a in answers)  # type: ignore[attr-defined]
             self.activity.update((b, t) for b, t in activity)  # type: ignore[attr-defined]
             self.closes.extend(closes)  # type: ignore[arg-type]
             self.orders.update((b, t) for b, t in orders)  # type: ignore[attr-defined]
@@ -549,12 +549,16 @@ class CustomerFacts:
             answer = (time, event.event_id, nps_group(event.score or 0))
             if kept:
                 # only the latest answer of a bucket decides the bucket's segment (segment_intervals)
-                if self.nps_answers is _NO_ANSWERS:
-                    self.nps_answers = []
-                _keep_latest_of_bucket(self.nps_answers, answer, bucket, grid.bucket_ms)
+                _keep_latest_of_bucket(self._own_answers(), answer, bucket, grid.bucket_ms)
             elif self.nps_before is None or answer[:2] > self.nps_before[:2]:
                 # as for membership: an answer older than the kept history decides the segment before it
                 self.nps_before = answer
+
+    def _own_answers(self) -> list[tuple[int, str, int]]:
+        """The customer's own answer list, to add to (not the empty one shared by all who have none)."""
+        if self.nps_answers is _NO_ANSWERS:
+            self.nps_answers = []
+        return self.nps_answers
 
     def prune(self, grid: Grid, horizon_start: int, seen_after_ms: int) -> bool:
         """Drop bucketed facts before bucket ``horizon_start`` and ids seen before ``seen_after_ms``.
@@ -712,8 +716,9 @@ class CustomerFacts:
         """
         if out is None:
             out = {}
+        active = None
         if families & ACTIVITY_FAMILY:
-            self._activity_contributions(grid, out, since, sign)
+            active = self._activity_contributions(grid, out, since, sign)
         if families & ORDER_FAMILY:
             self._order_contributions(grid, out, since, sign)
         if self.nps_answers or self.nps_before is not None:
@@ -721,11 +726,11 @@ class CustomerFacts:
             activity = bool(segment or families & ACTIVITY_FAMILY)
             orders = bool(segment or families & ORDER_FAMILY)
             if activity or orders:
-                self._segment_contributions(grid, out, since, sign, activity, orders)
+                self._segment_contributions(grid, out, since, sign, activity, orders, active)
         return out
 
     def _segment_contributions(self, grid: Grid, out: Deltas, since: int, sign: int,
-                               activity: bool, orders: bool) -> None:
+                               activity: bool, orders: bool, active: Intervals | None) -> None:
         # the statuses of the other families, each intersected with the buckets of each NPS segment;
         # only buckets >= since matter, so the segments are clipped there first (a customer answering
         # every few minutes has thousands of segment changes, and a message touches the last few)
@@ -733,7 +738,8 @@ class CustomerFacts:
                     if (clipped := [(max(start, since), end) for start, end in intervals if end > since])}
         if not segments:
             return
-        active: Intervals = self.active_intervals(grid, since - grid.longest) if activity else []
+        if active is None:  # the activity family's, when it ran: the same intervals from the same bucket
+            active = self.active_intervals(grid, since - grid.longest) if activity else []
         order_buckets = sorted(self.orders) if orders else []
         second_order = grid.bucket(self.first_orders[1]) if orders and self.order_count >= 2 else None
         revenue = sorted((bucket, amount) for bucket, amount in self.revenue.items() if amount) if orders else []
@@ -757,7 +763,8 @@ class CustomerFacts:
                     if window_revenue is not None:
                         window_revenue.add_within(_series(out, "segrev:" + code), segment, sign)
 
-    def _activity_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
+    def _activity_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> Intervals:
+        """Add the activity family's contributions; returns the active intervals (exact from since - longest)."""
         # both:n reads activity n buckets back
         active = self.active_intervals(grid, since - grid.longest)
         _add_intervals(out, "A", active, sign, since)
@@ -786,6 +793,7 @@ class CustomerFacts:
                 recent = [bucket for bucket in self.rewards if bucket + n > since]
                 if recent:
                     _add_intervals(out, names.actmem, intersect(members, spans(recent, n)), sign, since)
+        return active
 
     def _order_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
         # the hot path of an order event: loops are inlined, and interval lists are built in one
