@@ -132,12 +132,12 @@ def main() -> None:
         for shard in shards.values():
             for window in grid.windows:
                 shard.metrics(grid, window, as_of)
-            shard.fold(as_of, grid.longest)
+            shard.fold(as_of, grid.longest, grid.cohort_reach)
         star = ReadPoints()
         for partial in partials.values():
             star.merge(ReadPoints.from_record(orjson.loads(orjson.dumps(
                 partial.aggregate.read_points(grid, as_of).to_record()))))
-            partial.fold(as_of, grid.longest)
+            partial.fold(as_of, grid.longest, grid.cohort_reach)
         for window in grid.windows:
             star.metrics(grid, window, as_of)
         spent["emit"] += time.process_time() - tick

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from metrics.catalog import COUNT, MAP, MAP_VALUE_KINDS, METRIC_KINDS, MONEY, RATIO
 
@@ -59,4 +60,42 @@ def metric_differences(actual: Mapping[str, object], expected: Mapping[str, obje
         actual_value = actual.get(name)
         if not _same(kind, actual_value, expected_value, MAP_VALUE_KINDS.get(name, RATIO)):
             problems.append(f"{name}: got {actual_value}, expected {expected_value}")
+    return problems
+
+
+#: the count fields and the ratio fields of a cohort matrix row (:meth:`metrics.store.MetricReader.cohorts`)
+_COHORT_COUNTS = ("active_customers", "purchasers")
+_COHORT_RATES = ("active_rate", "purchase_rate")
+
+
+def cohort_differences(actual: Mapping[str, object], expected: Mapping[str, object]) -> list[str]:
+    """The cells of two cohort matrices that differ (counts exactly, shares to 1e-9); empty when all match.
+
+    >>> row = {"cohort": "2026-01", "customers": 2, "active_customers": [2, None], "active_rate": [100.0, None],
+    ...        "purchasers": [1, None], "purchase_rate": [50.0, None]}
+    >>> cohort_differences({"period": "month", "cohorts": [row]}, {"period": "month", "cohorts": [row]})
+    []
+    >>> cohort_differences({"period": "month", "cohorts": [{**row, "purchasers": [0, None]}]},
+    ...                    {"period": "month", "cohorts": [row]})
+    ['2026-01 purchasers[0]: got 0, expected 1']
+    """
+    if actual.get("period") != expected.get("period"):
+        return [f"period: got {actual.get('period')}, expected {expected.get('period')}"]
+    actual_rows: list[Any] = list(actual.get("cohorts") or [])  # type: ignore[call-overload]
+    expected_rows: list[Any] = list(expected.get("cohorts") or [])  # type: ignore[call-overload]
+    if [row.get("cohort") for row in actual_rows] != [row.get("cohort") for row in expected_rows]:
+        return ["cohorts: got {}, expected {}".format([row.get("cohort") for row in actual_rows],
+                                                      [row.get("cohort") for row in expected_rows])]
+    problems = []
+    for got, want in zip(actual_rows, expected_rows, strict=True):
+        label = want["cohort"]
+        if not _same(COUNT, got.get("customers"), want["customers"]):
+            problems.append(f"{label} customers: got {got.get('customers')}, expected {want['customers']}")
+        for name in (*_COHORT_COUNTS, *_COHORT_RATES):
+            kind = COUNT if name in _COHORT_COUNTS else RATIO
+            cells = list(got.get(name) or [])
+            for period, wanted in enumerate(want[name]):
+                value = cells[period] if period < len(cells) else "missing"
+                if not _same(kind, value, wanted):
+                    problems.append(f"{label} {name}[{period}]: got {value}, expected {wanted}")
     return problems

@@ -30,7 +30,19 @@ Series (``n`` = a window in buckets; value at bucket j is the prefix sum):
 ``segP:g:n``    purchaser, NPS segment ``g`` at j
 ``segret:g:n``  returning purchaser, NPS segment ``g`` at j
 ``segrev:g:n``  net revenue in j-n+1..j (micros), NPS segment ``g`` at j
+``cmN``         histogram at the last bucket of month c: customers of cohort c
+``cmA:p``       histogram at the last bucket of month c+p: active then, of cohort c
+``cmO:p``       histogram at the last bucket of month c+p: an order in month c+p, of cohort c
+``ckN``         of the cohort of j's month, first activity in its buckets up to j
+``ckA:p``       active at j, of the cohort p months before j's month
+``ckO:p``       an order in j's month up to j, of the cohort p months before j's month
 ==============  ================================================================
+
+A customer's cohort is the calendar month (UTC) of the bucket of its first activity, and
+``p`` (0-11) counts the months since. The ``cm`` histograms give the cohort matrix of the
+months before K's, the ``ck`` series its current month (read at K). The month-end statuses
+come from a per-month summary that a customer keeps for the months its cohort reads
+(:attr:`CustomerFacts.months`), so a late event of the past year still changes them.
 
 A customer's NPS segment at j is the group of its latest NPS answer in a bucket
 ``<= j`` (by ``occurred_at``, then ``event_id``); customers without one are in
@@ -60,7 +72,7 @@ from metrics.intervals import (
     shift,
     spans,
 )
-from metrics.timegrid import Grid
+from metrics.timegrid import Grid, month_start_ms
 
 #: a contribution: series -> bucket -> delta (grouped by series: one lookup per series, not per
 #: bucket, and no tuple key per entry, on the hot paths that build, subtract and apply them)
@@ -89,6 +101,40 @@ SEGMENT_CODES = ("d", "pa", "p")
 
 #: the NPS answers of every customer without one kept (never mutated: replaced at the first answer)
 _NO_ANSWERS: list[tuple[int, str, int]] = []
+#: months since the cohort's month in the cohort matrix (periods 0 .. COHORT_PERIODS - 1)
+COHORT_PERIODS = 12
+#: a customer keeps its month summary this many months before the clock's month (the oldest
+#: cohort of the matrix is COHORT_PERIODS - 1 months back; one more of slack for stages' clocks)
+COHORT_MONTHS_KEPT = COHORT_PERIODS + 1
+CM_ACTIVE = tuple(f"cmA:{period}" for period in range(COHORT_PERIODS))
+CM_ORDERED = tuple(f"cmO:{period}" for period in range(COHORT_PERIODS))
+CK_ACTIVE = tuple(f"ckA:{period}" for period in range(COHORT_PERIODS))
+CK_ORDERED = tuple(f"ckO:{period}" for period in range(COHORT_PERIODS))
+#: a month summary: (latest activity, latest close, first order) times in the month, absent as
+#: MINUS_INFINITY, MINUS_INFINITY and PLUS_INFINITY
+MonthSummary = tuple[int, int, int]
+_EMPTY_MONTH: MonthSummary = (MINUS_INFINITY, MINUS_INFINITY, PLUS_INFINITY)
+#: the month summaries of every customer without one (never mutated: replaced at the first)
+_NO_MONTHS: dict[int, MonthSummary] = {}
+#: what :meth:`CustomerFacts._summarise` folds in
+_ACTIVITY, _ORDER, _CLOSE = 0, 1, 2
+
+
+def _months_floor(grid: Grid, horizon_start: int) -> int:
+    """The oldest month a customer keeps a summary of, with ``horizon_start`` = K - fact_retention."""
+    return grid.month_of_bucket(horizon_start + grid.fact_retention) - COHORT_MONTHS_KEPT
+
+
+def _month_record(summary: MonthSummary) -> list[int | None]:
+    activity, close, first_order = summary
+    return [None if activity == MINUS_INFINITY else activity, None if close == MINUS_INFINITY else close,
+            None if first_order == PLUS_INFINITY else first_order]
+
+
+def _month_summary(entry: list[Any]) -> MonthSummary:
+    """The summary of a ``[month, activity, close, first order]`` record entry (``None``: absent)."""
+    return (MINUS_INFINITY if entry[1] is None else entry[1], MINUS_INFINITY if entry[2] is None else entry[2],
+            PLUS_INFINITY if entry[3] is None else entry[3])
 #: a paged customer's bucketed facts are stored in pages of this many buckets, and its remembered
 #: event ids in chunks of this many ids (see :meth:`CustomerFacts.paged_records`): each record
 #: then stays far below 256 KiB whatever the customer does (per bucket it keeps one activity time,
@@ -96,7 +142,7 @@ _NO_ANSWERS: list[tuple[int, str, int]] = []
 PAGE_BUCKETS = 360
 SEEN_CHUNK_IDS = 1000
 #: the fields of a head record (:meth:`CustomerFacts.to_record`)
-RECORD_FIELDS = 17
+RECORD_FIELDS = 18
 
 
 class MissingPageError(LookupError):
@@ -110,6 +156,16 @@ def page_name(name: str, version: int) -> str:
     'b12.3'
     """
     return f"{name}.{version}"
+
+
+@cache
+def month_bounds(bucket_ms: int, cohort: int) -> tuple[int, ...]:
+    """The first bucket of each month ``cohort .. cohort + COHORT_PERIODS`` (13 values).
+
+    >>> bounds = month_bounds(86_400_000, 0); bounds[:3], len(bounds)
+    ((0, 31, 59), 13)
+    """
+    return tuple(-(-month_start_ms(cohort + period) // bucket_ms) for period in range(COHORT_PERIODS + 1))
 
 
 def families_of(event_type: str, survey: str | None = None) -> int:
@@ -207,6 +263,7 @@ class CustomerFacts:
         "member_before",
         "member_before_key",
         "membership",
+        "months",
         "nps_answers",
         "nps_before",
         "order_count",
@@ -247,6 +304,9 @@ class CustomerFacts:
         self.nps_answers: list[tuple[int, str, int]] = _NO_ANSWERS
         #: the latest answer older than the kept ones (occurred_at, event_id, NPS group): the segment before them
         self.nps_before: tuple[int, str, int] | None = None
+        #: month -> summary of the month (see MonthSummary), for the months from COHORT_MONTHS_KEPT
+        #: before the clock's month to the cohort's last period (the cohort matrix's month-end statuses)
+        self.months: dict[int, MonthSummary] = _NO_MONTHS
         #: event_id -> when it was seen (the caller's clock), for deduplication within the TTL,
         #: in the order remembered
         self.seen: dict[str, int] = {}
@@ -280,6 +340,7 @@ class CustomerFacts:
             None if paging is None else [paging.generation, paging.pages, paging.seen_first, paging.garbage],
             [] if paged else [list(a) for a in self.nps_answers],
             None if self.nps_before is None else [self.nps_before[2], self.nps_before[0], self.nps_before[1]],
+            [[month, *_month_record(summary)] for month, summary in self.months.items()],
         ]
 
     @classmethod
@@ -302,6 +363,8 @@ class CustomerFacts:
         # records written before the NPS segments have no answers
         answers: list[list[Any]] = record[15] if len(record) > 15 else []  # type: ignore[assignment]
         before: list[Any] | None = record[16] if len(record) > 16 else None  # type: ignore[assignment]
+        # records written before the cohorts have no month summaries
+        months: list[list[Any]] = record[17] if len(record) > 17 else []  # type: ignore[assignment]
         facts = cls()
         facts.first_activity_ms = first  # type: ignore[assignment]
         facts.signup_key = (signup_key[0], signup_key[1]) if signup_key else None  # type: ignore[index]
@@ -321,6 +384,8 @@ class CustomerFacts:
             facts.nps_answers = [(a[0], a[1], a[2]) for a in answers]
         if before is not None:
             facts.nps_before = (before[1], before[2], before[0])
+        if months:
+            facts.months = {entry[0]: _month_summary(entry) for entry in months}
         if paging is not None:
             generation, pages, seen_first, garbage = paging
             facts.paging = Paging(dict(pages), generation, seen_first, list(garbage))  # type: ignore[call-overload, arg-type]
@@ -504,8 +569,12 @@ class CustomerFacts:
         if kind == ev.ORDER_PLACED or kind == ev.CUSTOMER_SIGNED_UP:
             if self.first_activity_ms is None or time < self.first_activity_ms:
                 self.first_activity_ms = time
+                self._trim_months(grid)
             if kept and self.activity.get(bucket, MINUS_INFINITY) < time:
                 self.activity[bucket] = time
+            self._summarise(grid, bucket, horizon_start, time, _ORDER if kind == ev.ORDER_PLACED else _ACTIVITY)
+        elif kind == ev.CUSTOMER_CLOSED:
+            self._summarise(grid, bucket, horizon_start, time, _CLOSE)
         if kind == ev.CUSTOMER_SIGNED_UP:
             key = (time, event.event_id)
             if self.signup_key is None or key < self.signup_key:
@@ -554,6 +623,33 @@ class CustomerFacts:
                 # as for membership: an answer older than the kept history decides the segment before it
                 self.nps_before = answer
 
+    def _summarise(self, grid: Grid, bucket: int, horizon_start: int, time: int, what: int) -> None:
+        """Fold an activity, an order (also an activity) or a close at ``time`` into its month's summary."""
+        month = grid.month_of_bucket(bucket)
+        if month < _months_floor(grid, horizon_start):
+            return
+        first = self.first_activity_ms
+        if first is not None and month >= grid.month_of_bucket(grid.bucket(first)) + COHORT_PERIODS:
+            return  # no period of the cohort reads it, nor of any earlier cohort it may move to
+        months = self.months
+        if months is _NO_MONTHS:
+            months = self.months = {}
+        activity, close, first_order = months.get(month, _EMPTY_MONTH)
+        if what == _CLOSE:
+            close = max(close, time)
+        else:
+            activity = max(activity, time)
+            if what == _ORDER:
+                first_order = min(first_order, time)
+        months[month] = (activity, close, first_order)
+
+    def _trim_months(self, grid: Grid) -> None:
+        """Drop the month summaries after the last period of the (new, earlier) cohort."""
+        if self.months and self.first_activity_ms is not None:
+            last = grid.month_of_bucket(grid.bucket(self.first_activity_ms)) + COHORT_PERIODS - 1
+            for month in [month for month in self.months if month > last]:
+                del self.months[month]
+
     def _own_answers(self) -> list[tuple[int, str, int]]:
         """The customer's own answer list, to add to (not the empty one shared by all who have none)."""
         if self.nps_answers is _NO_ANSWERS:
@@ -593,6 +689,13 @@ class CustomerFacts:
             self._touch(grid.bucket(time))
             self.member_before_key = (time, event_id)
             self.member_before = enrolled
+        if self.months:
+            floor = _months_floor(grid, horizon_start)
+            old = [month for month in self.months if month < floor]
+            if old:
+                dropped = True
+                for month in old:
+                    del self.months[month]
         while self.nps_answers and self.nps_answers[0][0] < start_ms:
             dropped = True
             self.nps_before = self.nps_answers.pop(0)
@@ -774,6 +877,7 @@ class CustomerFacts:
             add_delta(out, "F", first, sign)
             if self.signup_channel:
                 add_delta(out, "Fch:" + self.signup_channel, first, sign)
+            self._cohort_contributions(grid, out, since, sign, active, first)
         members = intersect(active, self.member_intervals(grid)) if self.membership or self.member_before else []
         _add_intervals(out, "LM", members, sign, since)
         # one active interval is the common case: its intersections are single intervals
@@ -794,6 +898,58 @@ class CustomerFacts:
                 if recent:
                     _add_intervals(out, names.actmem, intersect(members, spans(recent, n)), sign, since)
         return active
+
+    def _cohort_contributions(self, grid: Grid, out: Deltas, since: int, sign: int, active: Intervals,
+                              first: int) -> None:
+        """The cohort series (see the module docstring), at buckets >= since.
+
+        Statuses at a month's last bucket e depend on the facts at buckets <= e only, so, as for
+        the difference series, entries before ``since`` do not change and are left out.
+        """
+        bounds = month_bounds(grid.bucket_ms, grid.month_of_bucket(first))
+        if bounds[-1] <= since:
+            return  # every period of the cohort is over before since
+        if bounds[1] - 1 >= since:
+            add_delta(out, "cmN", bounds[1] - 1, sign)
+        _add_interval(out, "ckN", first, bounds[1], sign, since)
+        # active at j in period p: the active intervals cut at the month bounds
+        for start, end in active:
+            if end <= since or start >= bounds[-1]:
+                continue
+            period = max(0, bisect_right(bounds, start) - 1)
+            while period < COHORT_PERIODS and bounds[period] < end:
+                _add_interval(out, CK_ACTIVE[period], max(start, bounds[period]), min(end, bounds[period + 1]),
+                              sign, since)
+                period += 1
+        # the month-end statuses, from the month summaries: the latest activity and close up to each month
+        months = self.months
+        if not months:
+            return
+        cohort = grid.month_of_bucket(first)
+        horizon = grid.horizon
+        summaries = sorted(months.items())
+        count = len(summaries)
+        index = 0
+        latest_activity = latest_close = MINUS_INFINITY
+        for period in range(COHORT_PERIODS):
+            month = cohort + period
+            while index < count and summaries[index][0] <= month:
+                activity, close, _ = summaries[index][1]
+                latest_activity = max(latest_activity, activity)
+                latest_close = max(latest_close, close)
+                index += 1
+            last = bounds[period + 1] - 1
+            active_then = (latest_activity != MINUS_INFINITY and latest_activity // grid.bucket_ms > last - horizon
+                           and latest_close <= latest_activity)
+            if last >= since:
+                if active_then:
+                    add_delta(out, CM_ACTIVE[period], last, sign)
+                first_order = months.get(month, _EMPTY_MONTH)[2]
+                if first_order != PLUS_INFINITY:
+                    add_delta(out, CM_ORDERED[period], last, sign)
+                    _add_interval(out, CK_ORDERED[period], grid.bucket(first_order), bounds[period + 1], sign, since)
+            if index == count and not active_then:
+                break  # no later summary: inactive and without orders from here on
 
     def _order_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
         # the hot path of an order event: loops are inlined, and interval lists are built in one

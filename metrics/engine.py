@@ -220,10 +220,10 @@ class LoyaltyEngine:
         if self._folded_at is not None and now_bucket <= self._folded_at:
             return
         self._folded_at = now_bucket
-        longest = self.grid.longest
+        longest, cohort_reach = self.grid.longest, self.grid.cohort_reach
         for store in self.stores.values():
-            store.fold_read(now_bucket, longest)
-        self.all_stores.fold_read(now_bucket, longest)
+            store.fold_read(now_bucket, longest, cohort_reach)
+        self.all_stores.fold_read(now_bucket, longest, cohort_reach)
 
     # -- output --------------------------------------------------------------
 
@@ -250,3 +250,10 @@ class LoyaltyEngine:
             aggregate = self.stores.get(store_id) or StoreAggregate()
             monetary = True
         return aggregate.metrics(grid, window, grid.bucket(self.now_ms), monetary)
+
+    def cohorts(self, store_id: str) -> dict[str, object]:
+        """The cohort matrix of a store (or ``*``) as of the clock (see :meth:`StoreAggregate.cohorts`)."""
+        if self.now_ms is None:
+            raise ValueError("the clock has not started: no event and no advance() yet")
+        aggregate = self.all_stores if store_id == ALL_STORES else self.stores.get(store_id) or StoreAggregate()
+        return aggregate.cohorts(self.grid, self.grid.bucket(self.now_ms))

@@ -64,6 +64,13 @@ Decisions taken for the product (where the SPEC leaves room):
   active at T), ``repeat_purchase_rate`` as above (purchasers in W with at
   least two lifetime orders), and the net revenue (orders minus refunds) they
   made in W.
+* **Cohorts** (:func:`reference_cohorts`): a customer's cohort is the calendar
+  month (UTC) holding the first instant of the bucket of their first activity; a
+  bucket belongs to the month of its first instant. Of the 12 cohorts up to T's
+  month (K's), for each period p = 0..11 with month c+p at most K's: the cohort's
+  customers active at the last bucket of month c+p (at K for K's month) and those
+  with an ``order.placed`` in a bucket of month c+p (up to T), and their shares of
+  the cohort in percent (``None`` when the cohort is empty); later periods are ``None``.
 * **Value types**: counts are ``int``; money sums (``gross_revenue``,
   ``refunds``, ``net_revenue``, ``revenue_prev_period``, ``churned_revenue``,
   ``marketing_spend``) are exact ``Decimal`` built from integer micro-units;
@@ -83,6 +90,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from typing import TypeVar
@@ -116,6 +124,8 @@ __all__ = [
     "ReferenceConfig",
     "accepted_events",
     "reference_all",
+    "reference_cohorts",
+    "reference_cohorts_all",
     "reference_currency",
     "reference_metrics",
 ]
@@ -581,6 +591,60 @@ def _segment_metrics(scope: _Scope, in_w: list[Event], k: int, n: int, config: R
     }
 
 
+def _month_of(bucket: int, bucket_ms: int) -> tuple[int, int]:
+    """(year, month) of a bucket's first instant, by the calendar."""
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=bucket * bucket_ms)
+    return moment.year, moment.month
+
+
+def _cohort_matrix(scope: _Scope, as_of_ms: int, config: ReferenceConfig) -> dict[str, object]:
+    """The cohort matrix of a scope's counted events (see the module docstring)."""
+    b = config.bucket_ms
+    h = config.horizon_ms // b
+    k = as_of_ms // b
+    year, month = _month_of(k, b)
+    # months are counted as year * 12 + month - 1; the cohorts are the 12 up to K's month
+    current = year * 12 + month - 1
+
+    def month_number(bucket: int) -> int:
+        y, m = _month_of(bucket, b)
+        return y * 12 + m - 1
+
+    def last_bucket(number: int) -> int:
+        # the last bucket whose first instant lies in month `number`: the one before the next month's first
+        y, m = divmod(number + 1, 12)
+        start_ms = int((datetime(y, m + 1, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()) * 1000
+        return -(-start_ms // b) - 1
+
+    rows: list[dict[str, object]] = []
+    for cohort in range(current - 11, current + 1):
+        members = [facts for facts in scope.customers.values()
+                   if facts.activity_ms and month_number(facts.activity_ms[0] // b) == cohort]
+        active: list[int | None] = []
+        buyers: list[int | None] = []
+        for period in range(12):
+            number = cohort + period
+            if number > current:
+                active.append(None)
+                buyers.append(None)
+                continue
+            j = k if number == current else last_bucket(number)
+            active.append(sum(1 for facts in members if facts.active_at(j, b, h)))
+            buyers.append(sum(1 for facts in members
+                              if any(month_number(t // b) == number for t in facts.placed_ms)))
+        size = len(members)
+        y, m = divmod(cohort, 12)
+        rows.append({
+            "cohort": f"{y:04d}-{m + 1:02d}",
+            "customers": size,
+            "active_customers": active,
+            "active_rate": [None if value is None else _percent(value, size) for value in active],
+            "purchasers": buyers,
+            "purchase_rate": [None if value is None else _percent(value, size) for value in buyers],
+        })
+    return {"period": "month", "cohorts": rows}
+
+
 def _acquisition_metrics(
     scope: _Scope, in_w: list[Event], new_keys: set[CustomerKey]
 ) -> dict[str, object]:
@@ -745,4 +809,53 @@ def reference_all(
                 config=config,
                 mask_money=store == ALL_STORES and mixed,
             )
+    return result
+
+
+def reference_cohorts(
+    events: Sequence[Event],
+    *,
+    store_id: str,
+    as_of_ms: int,
+    config: ReferenceConfig,
+    max_channels: int = MAX_STORE_CHANNELS,
+) -> dict[str, object]:
+    """The cohort matrix of one store (or ``"*"``) as of T = ``as_of_ms`` (see the module docstring).
+
+    >>> day = 86_400_000
+    >>> config = ReferenceConfig(bucket_ms=60_000, horizon_ms=90 * day)
+    >>> events = [Event("1", CUSTOMER_SIGNED_UP, 0, "s", "ann"),  # 1970-01
+    ...           Event("2", ORDER_PLACED, 40 * day, "s", "ann", amount_micros=1, currency="EUR")]  # 1970-02
+    >>> row = reference_cohorts(events, store_id="s", as_of_ms=200 * day, config=config)["cohorts"][-7]
+    >>> row["cohort"], row["customers"], row["active_customers"][:6], row["purchasers"][:3]
+    ('1970-01', 1, [1, 1, 1, 1, 0, 0], [0, 1, 0])
+    """
+    counted = [e for e in accepted_events(events, max_channels=max_channels) if e.occurred_at_ms <= as_of_ms]
+    if store_id != ALL_STORES:
+        counted = [e for e in counted if e.store_id == store_id]
+    return _cohort_matrix(_Scope(counted), as_of_ms, config)
+
+
+def reference_cohorts_all(
+    events: Sequence[Event],
+    *,
+    as_of_ms: int,
+    config: ReferenceConfig,
+    max_channels: int = MAX_STORE_CHANNELS,
+) -> dict[str, dict[str, object]]:
+    """The cohort matrix of every store with an accepted event at or before T, and of ``"*"``.
+
+    Each equals :func:`reference_cohorts` of that store.
+
+    >>> config = ReferenceConfig(bucket_ms=60_000, horizon_ms=86_400_000)
+    >>> result = reference_cohorts_all([Event("1", CUSTOMER_SIGNED_UP, 0, "a", "x")], as_of_ms=0, config=config)
+    >>> sorted(result), result["*"]["cohorts"][-1]["customers"]
+    (['*', 'a'], 1)
+    """
+    counted = [e for e in accepted_events(events, max_channels=max_channels) if e.occurred_at_ms <= as_of_ms]
+    by_store: dict[str, list[Event]] = {}
+    for event in counted:
+        by_store.setdefault(event.store_id, []).append(event)
+    result = {store: _cohort_matrix(_Scope(store_events), as_of_ms, config) for store, store_events in by_store.items()}
+    result[ALL_STORES] = _cohort_matrix(_Scope(counted), as_of_ms, config)
     return result

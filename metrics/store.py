@@ -20,8 +20,9 @@ import orjson
 
 from metrics import formulas as f
 from metrics.catalog import METRIC_NAMES, MONETARY_METRICS, NO_SEGMENT, NPS_SEGMENTS
+from metrics.customer import CK_ACTIVE, CK_ORDERED, CM_ACTIVE, CM_ORDERED, COHORT_PERIODS, month_bounds
 from metrics.intervals import MINUS_INFINITY
-from metrics.timegrid import Grid
+from metrics.timegrid import Grid, month_label
 
 #: buckets per block of a series: deltas are kept in lists of this many slots (8 bytes each
 #: where a dict entry costs about 100), created when a bucket of the block is first touched
@@ -38,23 +39,26 @@ _ZERO_BLOCK = array("q", bytes(8 * _BLOCK_SIZE))
 _SPARSE_MAX = 48
 Block = Union["array[int]", list[int], dict[int, int]]
 #: series read only at K (statuses "as of K"): every bucket up to K may fold into the base
-_READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:", "seg")
+_READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:", "seg", "ck")
 #: series also read for the previous period (K - 2n)
 _READ_TWO_WINDOWS_BACK = ("gross", "refunds")
 
 
-def read_reach(series: str, longest: int) -> int:
-    """How far before K :meth:`StoreAggregate.metrics` reads a series, in buckets.
+def read_reach(series: str, longest: int, cohort_reach: int = MINUS_INFINITY) -> int:
+    """How far before K :meth:`StoreAggregate.metrics` (and :meth:`~MetricReader.cohorts`) reads a series.
 
-    Statuses are read at K, ``A`` also at K - n, histograms over windows (K - n),
-    and gross and refunds for the previous period too (K - 2n). Unknown names get
-    ``longest``, the common case.
+    In buckets. Statuses are read at K, ``A`` also at K - n, histograms over windows (K - n),
+    and gross and refunds for the previous period too (K - 2n); the cohort histograms ``cm``
+    a year back (``cohort_reach``, :attr:`metrics.timegrid.Grid.cohort_reach`; by default
+    they are never folded). Unknown names get ``longest``, the common case.
 
-    >>> read_reach("P:60", 1440), read_reach("A", 1440), read_reach("gross", 1440)
-    (0, 1440, 2880)
+    >>> read_reach("P:60", 1440), read_reach("A", 1440), read_reach("gross", 1440), read_reach("cmN", 1440, 576000)
+    (0, 1440, 2880, 576000)
     """
     if series.startswith(_READ_AT_K_ONLY):
         return 0
+    if series.startswith("cm"):
+        return -cohort_reach if cohort_reach == MINUS_INFINITY else cohort_reach
     if series in _READ_TWO_WINDOWS_BACK:
         return 2 * longest
     return longest
@@ -410,6 +414,49 @@ class MetricReader:
                 out[name] = None
         return {name: out[name] for name in METRIC_NAMES}
 
+    def cohorts(self, grid: Grid, as_of_bucket: int) -> dict[str, object]:
+        """The cohort matrix as of bucket K: the last 12 cohorts (by month of first activity), oldest first.
+
+        Each row: ``cohort`` (``YYYY-MM``), ``customers`` (first activity in that month, up to K),
+        and per period p = 0..11 (the month p months after the cohort's) ``active_customers``
+        (active at the month's last bucket, or at K for K's month), ``purchasers`` (an
+        ``order.placed`` in that month, up to K) and their shares of ``customers`` in percent,
+        ``active_rate`` and ``purchase_rate``. A period after K's month is ``None``, and so is a
+        share of an empty cohort.
+        """
+        k = as_of_bucket
+        at = self._at
+        current = grid.month_of_bucket(k)
+        rows: list[dict[str, object]] = []
+        for cohort in range(current - COHORT_PERIODS + 1, current + 1):
+            bounds = month_bounds(grid.bucket_ms, cohort)
+            # a past cohort's size is its histogram entry, the current one's is read at K
+            last = bounds[1] - 1
+            customers = at("cmN", last) - at("cmN", last - 1) if cohort < current else at("ckN", k)
+            active: list[int | None] = []
+            buyers: list[int | None] = []
+            for period in range(COHORT_PERIODS):
+                month = cohort + period
+                if month > current:
+                    active.append(None)
+                    buyers.append(None)
+                elif month < current:
+                    last = bounds[period + 1] - 1
+                    active.append(at(CM_ACTIVE[period], last) - at(CM_ACTIVE[period], last - 1))
+                    buyers.append(at(CM_ORDERED[period], last) - at(CM_ORDERED[period], last - 1))
+                else:
+                    active.append(at(CK_ACTIVE[period], k))
+                    buyers.append(at(CK_ORDERED[period], k))
+            rows.append({
+                "cohort": month_label(cohort),
+                "customers": customers,
+                "active_customers": active,
+                "active_rate": [None if value is None else f.percent(value, customers) for value in active],
+                "purchasers": buyers,
+                "purchase_rate": [None if value is None else f.percent(value, customers) for value in buyers],
+            })
+        return {"period": "month", "cohorts": rows}
+
     def _cac_by_channel(self, k: int, n: int) -> dict[str, float | None]:
         channels = {name.split(":", 1)[1] for name in self.series if name.startswith(("spend_ch:", "Fch:"))}
         result: dict[str, float | None] = {}
@@ -578,8 +625,8 @@ class StoreAggregate(MetricReader):
         """Forget buckets below ``floor`` except through each series' base; returns the blocks dropped."""
         return sum([series.fold_before(floor) for series in self.series.values()])
 
-    def fold_read(self, as_of_bucket: int, longest: int) -> int:
-        """Fold, per series, every bucket that no later :meth:`metrics` reads.
+    def fold_read(self, as_of_bucket: int, longest: int, cohort_reach: int = MINUS_INFINITY) -> int:
+        """Fold, per series, every bucket that no later :meth:`metrics` (nor :meth:`cohorts`) reads.
 
         Reads are as of ``as_of_bucket`` or later (the clock only moves forward):
         a series is folded below ``as_of_bucket - read_reach(series)``, so a
@@ -587,7 +634,7 @@ class StoreAggregate(MetricReader):
         memory does not grow with the buckets a run has passed. Returns how many
         whole blocks were dropped.
         """
-        return sum([series.fold_before(as_of_bucket - read_reach(name, longest))
+        return sum([series.fold_before(as_of_bucket - read_reach(name, longest, cohort_reach))
                     for name, series in self.series.items()])
 
     def _at(self, series: str, bucket: int) -> int:
@@ -645,6 +692,7 @@ class StoreAggregate(MetricReader):
         recorder = _Recorder(self)
         for window in grid.windows:
             recorder.metrics(grid, window, as_of_bucket)
+        recorder.cohorts(grid, as_of_bucket)
         return recorder.points
 
 

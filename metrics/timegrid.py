@@ -12,6 +12,9 @@ _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
 
 DAY_MS = 86_400_000
 YEAR_MS = 365.25 * DAY_MS
+#: how far back a store reads its cohort series, in days: the oldest cohort of the matrix
+#: (12 months back, at most 366 days) from its month's start, with a month of slack
+COHORT_REACH_DAYS = 400
 
 
 def parse_duration(text: str) -> int:
@@ -58,6 +61,51 @@ def buckets_in(duration_ms: int, bucket_ms: int) -> int:
     return duration_ms // bucket_ms
 
 
+def month_of_ms(time_ms: int) -> int:
+    """The calendar month (UTC) holding ``time_ms``, counted from January 1970 (month 0).
+
+    Civil-from-days arithmetic (proleptic Gregorian), exact for any integer.
+
+    >>> month_of_ms(0), month_of_ms(1_700_000_000_000), month_of_ms(-1)
+    (0, 646, -1)
+    """
+    days = time_ms // DAY_MS + 719_468  # days since 0000-03-01
+    era = days // 146_097
+    day_of_era = days - era * 146_097
+    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36_524 - day_of_era // 146_096) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    march_month = (5 * day_of_year + 2) // 153  # 0 = March
+    year = year_of_era + era * 400 + (1 if march_month >= 10 else 0)
+    month = march_month + 3 if march_month < 10 else march_month - 9  # 1..12
+    return (year - 1970) * 12 + month - 1
+
+
+def month_start_ms(month: int) -> int:
+    """The first instant (UTC epoch ms) of a month of :func:`month_of_ms`.
+
+    >>> month_start_ms(646), month_start_ms(month_of_ms(1_700_000_000_000) + 1)
+    (1698796800000, 1701388800000)
+    """
+    year = 1970 + month // 12
+    month_of_year = month % 12 + 1
+    # days-from-civil, the inverse of month_of_ms's arithmetic
+    year -= 1 if month_of_year <= 2 else 0
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month_of_year + (-3 if month_of_year > 2 else 9)) + 2) // 5
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return (era * 146_097 + day_of_era - 719_468) * DAY_MS
+
+
+def month_label(month: int) -> str:
+    """``YYYY-MM`` of a month of :func:`month_of_ms`.
+
+    >>> month_label(0), month_label(646), month_label(-1)
+    ('1970-01', '2023-11', '1969-12')
+    """
+    return f"{1970 + month // 12:04d}-{month % 12 + 1:02d}"
+
+
 class Grid:
     """The time model of one deployment: bucket, activity horizon, windows, dedupe TTL.
 
@@ -74,6 +122,7 @@ class Grid:
 
     __slots__ = (
         "bucket_ms",
+        "cohort_reach",
         "dedupe_ttl_ms",
         "fact_retention",
         "horizon",
@@ -98,7 +147,26 @@ class Grid:
         # SPEC 4: twice the longest window, or the horizon plus the longest window
         self.store_retention = max(2 * self.longest, self.horizon + self.longest)
         self.fact_retention = self.horizon + 4 * self.longest
+        #: how far before K the cohort matrix reads (see COHORT_REACH_DAYS), in buckets
+        self.cohort_reach = -(-COHORT_REACH_DAYS * DAY_MS // bucket_ms)
 
     def bucket(self, time_ms: int) -> int:
         """The bucket of an event time."""
         return time_ms // self.bucket_ms
+
+    def month_of_bucket(self, bucket: int) -> int:
+        """The calendar month of a bucket: that of its first instant.
+
+        >>> Grid(3_600_000, DAY_MS, (DAY_MS,)).month_of_bucket(24 * 31)  # 1970-02-01 00:00
+        1
+        """
+        return month_of_ms(bucket * self.bucket_ms)
+
+    def month_first_bucket(self, month: int) -> int:
+        """The first bucket whose first instant lies in ``month``.
+
+        >>> grid = Grid(7 * 60_000, 7 * DAY_MS, (7 * DAY_MS,))
+        >>> first = grid.month_first_bucket(1); grid.month_of_bucket(first - 1), grid.month_of_bucket(first)
+        (0, 1)
+        """
+        return -(-month_start_ms(month) // self.bucket_ms)

@@ -172,11 +172,11 @@ def test_a_fold_that_drops_blocks_makes_the_next_checkpoint_smaller() -> None:
     shard = shard_with([("orders", bucket, 1) for bucket in range(0, 5 * 1024, 7)])
     before = len(shard.to_bytes())
     version = shard.version
-    shard.fold(1000, longest=10)  # inside the first block: no whole block goes
+    shard.fold(1000, longest=10, cohort_reach=10)  # inside the first block: no whole block goes
     assert shard.version == version
-    shard.fold(4 * 1024, longest=10)  # orders are read a window back: blocks 0 to 2 go
+    shard.fold(4 * 1024, longest=10, cohort_reach=10)  # orders are read a window back: blocks 0 to 2 go
     assert shard.version == version + 1
     assert len(shard.to_bytes()) < before
-    shard.fold(4 * 1024 + 5, longest=10)
+    shard.fold(4 * 1024 + 5, longest=10, cohort_reach=10)
     assert shard.version == version + 1
     assert shard.aggregate.series["orders"].prefix(5 * 1024) == len(range(0, 5 * 1024, 7))  # exact after folds

@@ -44,6 +44,8 @@ from test_pipeline import (
     HORIZON,
     PARTITIONS,
     WINDOWS,
+    cohort_problems,
+    cohorts_reference_of,
     invalid_messages,
     mixed_batch,
     packed_history,
@@ -81,6 +83,8 @@ class Plan:
     valid: list[Event]
     reference: dict[tuple[str, int], dict[str, object]]
     as_of_ms: int
+    #: the cohort matrix of every store and ``*``
+    cohorts: dict[str, dict[str, Any]]
 
     @property
     def expected_reasons(self) -> Counter[str]:
@@ -145,7 +149,7 @@ def build_plan(customers_per_store: int, seed: int = 7) -> Plan:
         as_of_ms=as_of_ms,
         config=ReferenceConfig(bucket_ms=60_000, horizon_ms=parse_duration(HORIZON)),
     )
-    return Plan(messages, valid, reference, as_of_ms)
+    return Plan(messages, valid, reference, as_of_ms, cohorts_reference_of(valid, as_of_ms))
 
 
 def events_of(messages: list[Message]) -> list[Event]:
@@ -333,7 +337,7 @@ async def redis_problems(redis: aioredis.Redis, plan: Plan) -> list[str]:
             continue
         actual = {name: parse_redis_field(name, stored.get(name, "")) for name in expected}
         problems.extend(f"{key} {problem}" for problem in metric_differences(actual, expected))
-    return problems
+    return problems + await cohort_problems(redis, plan.cohorts, plan.as_of_ms)
 
 
 async def converge(redis: aioredis.Redis, plan: Plan, workers: Workers, timeout: float) -> float:

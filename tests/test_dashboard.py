@@ -29,7 +29,7 @@ from streams.dashboard.hub import Hub
 from streams.dashboard.server import HUB, create_app
 from streams.settings import Settings
 from streams.sinks.redis_sink import HEALTH_KEY, UPDATES_CHANNEL, RedisSink
-from streams.sinks.snapshots import dumps, snapshot_payload
+from streams.sinks.snapshots import cohorts_payload, dumps, snapshot_payload
 from support import async_wait_for
 
 pytestmark = pytest.mark.slow
@@ -73,6 +73,28 @@ async def write(sink: RedisSink, store: str, window: str, as_of_ms: int, values:
     payload = snapshot_payload(store, window, as_of_ms, currency, values)
     assert await sink.write(payload, dumps(payload))
     return payload
+
+
+def cohort_matrix(sizes: list[int]) -> dict[str, Any]:
+    """Twelve monthly cohorts (2025-12 .. 2026-11) of the given sizes, each keeping (12 - p) / 12 active at p."""
+    rows = []
+    for index, size in enumerate(sizes):
+        known = 12 - index
+        active = [size * (12 - period) // 12 for period in range(known)] + [None] * index
+        buyers = [size // 4 for _ in range(known)] + [None] * index
+        rows.append({
+            "cohort": f"{2025 + (index + 11) // 12}-{(index + 11) % 12 + 1:02d}", "customers": size,
+            "active_customers": active, "purchasers": buyers,
+            "active_rate": [None if a is None else (100 * a / size if size else None) for a in active],
+            "purchase_rate": [None if b is None else (100 * b / size if size else None) for b in buyers],
+        })
+    return {"period": "month", "cohorts": rows}
+
+
+async def write_cohorts(sink: RedisSink, store: str, as_of_ms: int, sizes: list[int]) -> None:
+    """A store's cohort matrix through the worker's sink (hash and ``loyalty:updates``)."""
+    payload = cohorts_payload(store, as_of_ms, cohort_matrix(sizes))
+    assert await sink.write_cohorts(payload, dumps(payload))
 
 
 def alert(store: str, state: str = "firing") -> dict[str, Any]:
@@ -144,6 +166,8 @@ async def test_page_shows_redis_values_updates_live_shows_alerts_and_stays_on_it
         await write(sink, "store-1", "24h", T0 - HOUR_MS, realistic(30.0))
         await write(sink, "store-1", "24h", T0, realistic(42.5))
         await write(sink, html_store, "24h", T0, realistic(-5.0), currency="USD")
+        await write_cohorts(sink, "store-1", T0, [120] * 12)
+        await write_cohorts(sink, html_store, T0, [0] * 12)
         async with dashboard(url) as (base, app), async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
             context = await browser.new_context(
@@ -194,6 +218,22 @@ async def test_page_shows_redis_values_updates_live_shows_alerts_and_stays_on_it
                         realistic(50.0, csat=90.0, churn_rate_by_nps_segment=churn))
             await expect(ratio).to_have_text("Detractors churn 0.5\u00d7 as often as promoters", timeout=2_000)
 
+            # cohort retention: a heatmap of 12 cohorts by 12 months, shaded and labelled by the share
+            cells = page.locator("#cohort-grid .cell")
+            await expect(cells).to_have_count(144)
+            await expect(page.locator("#cohort-grid .name").first).to_have_text("Dec 25")
+            await expect(cells.nth(0)).to_have_text("100")
+            await expect(cells.nth(3)).to_have_text("75")  # 90 of 120 still active three months on
+            await expect(cells.nth(12 * 11 + 1)).to_have_class("cell empty")  # the newest cohort has one month
+            await expect(page.locator("#cohort-empty")).to_be_hidden()
+            # live: a new matrix shows without a reload; the other measure on a click
+            await write_cohorts(sink, "store-1", T0 + 60_000, [40] * 12)
+            await expect(cells.nth(3)).to_have_text("75", timeout=2_000)
+            await expect(page.locator("#cohort-grid .size").first).to_have_text("40", timeout=2_000)
+            await page.locator("#cohort-view button[data-view=ordered]").click()
+            await expect(cells.nth(3)).to_have_text("25")
+            assert "3 months: 10 of 40 customers ordered" in (await cells.nth(3).get_attribute("title") or "")
+
             await send_alert(client, alert("store-1"))
             banner = page.locator("#alerts")
             await expect(banner).to_have_class("alerts firing", timeout=2_000)
@@ -209,6 +249,7 @@ async def test_page_shows_redis_values_updates_live_shows_alerts_and_stays_on_it
             await expect(page.locator("#store option:checked")).to_have_text(html_store)
             assert await page.locator("#scope b, #store b, header b").count() == 0
             await expect(page.locator("[data-metric=clv] .value")).to_have_text("$412.37")
+            await expect(page.locator("#cohort-empty")).to_be_visible()  # a store without new customers
 
             await browser.close()
         assert problems == []
@@ -322,6 +363,12 @@ async def test_api_snapshot_history_and_bad_parameters(api_redis):  # type: igno
             status, body = await get("/api/meta")
             assert body["stores"] == ["*", "store-2"] and body["windows"] == ["1h", "24h"]
 
+            await write_cohorts(sink, "store-2", T0, [30] * 12)
+            status, body = await get("/api/cohorts?store=store-2")
+            assert status == 200 and body["schema"] == "loyalty.cohorts.v1" and body["as_of_ms"] == T0
+            assert body["cohorts"] == cohort_matrix([30] * 12)["cohorts"]
+            assert not await sink.write_cohorts(cohorts_payload("store-2", T0 - 1, cohort_matrix([1] * 12)), b"{}")
+
             for path, expected in [
                 ("/api/snapshot?window=24h", 400),
                 ("/api/snapshot?store=store-2&window=2h", 400),
@@ -332,6 +379,8 @@ async def test_api_snapshot_history_and_bad_parameters(api_redis):  # type: igno
                 ("/api/snapshot?store=nope&window=24h", 404),
                 ("/api/snapshot?store=store-2&window=1h", 404),
                 ("/api/history?store=nope&window=24h&metric=nps", 404),
+                ("/api/cohorts?store=nope", 404),
+                ("/api/cohorts", 400),
                 ("/api/alerts?limit=0", 400),
                 ("/events?store=store-2&window=5m", 400),
             ]:

@@ -251,7 +251,8 @@ def test_summed_read_points_of_partial_states_equal_the_metrics_of_one_state(
     points = []
     for part in parts:
         part.advance(final)
-        part.all_stores.fold_read(k, GRID.longest)  # partial states are folded as the worker folds them
+        # partial states are folded as the worker folds them
+        part.all_stores.fold_read(k, GRID.longest, GRID.cohort_reach)
         record = orjson.dumps(part.all_stores.read_points(GRID, k).to_record())  # as on the wire
         points.append(ReadPoints.from_record(orjson.loads(record)))
     random.Random(seed).shuffle(points)

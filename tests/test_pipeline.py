@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.local import free_port
-from metrics.compare import metric_differences
+from metrics.compare import cohort_differences, metric_differences
 from metrics.events import Event
-from metrics.reference import ReferenceConfig, accepted_events, reference_all
+from metrics.reference import ReferenceConfig, accepted_events, reference_all, reference_cohorts_all
 from metrics.timegrid import DAY_MS, parse_duration
 from metrics.validation import parse_message
 from streams.sinks.redis_sink import metric_key, parse_redis_field
@@ -135,6 +135,27 @@ def reference_of(valid: list[Event]) -> tuple[dict[tuple[str, int], dict[str, An
     return reference, as_of_ms, dict(zip(windows_ms, WINDOWS, strict=True))
 
 
+def cohorts_reference_of(valid: list[Event], as_of_ms: int) -> dict[str, dict[str, Any]]:
+    """The batch reference's cohort matrix of every store and ``*`` as of ``as_of_ms``."""
+    return reference_cohorts_all(valid, as_of_ms=as_of_ms,
+                                 config=ReferenceConfig(bucket_ms=60_000, horizon_ms=parse_duration(HORIZON)))
+
+
+async def cohort_problems(redis: aioredis.Redis, reference: dict[str, dict[str, Any]], as_of_ms: int) -> list[str]:
+    """How the cohort matrices in Redis differ from the reference as of ``as_of_ms`` (empty: equal)."""
+    problems = []
+    for store, expected in reference.items():
+        key = metric_key(store, "cohorts")
+        stored = await redis.hgetall(key)
+        if stored.get("as_of_ms") != str(as_of_ms):
+            problems.append(f"{key}: as_of_ms {stored.get('as_of_ms')} != {as_of_ms}")
+            continue
+        matrix = orjson.loads(stored["json"])
+        assert matrix["schema"] == "loyalty.cohorts.v1" and matrix["store_id"] == store
+        problems.extend(f"{key} {p}" for p in cohort_differences(matrix, expected))
+    return problems
+
+
 async def redis_problems(redis: aioredis.Redis, reference: dict[tuple[str, int], dict[str, Any]], as_of_ms: int,
                          window_name: dict[int, str]) -> list[str]:
     """How the metric hashes in Redis differ from the reference as of ``as_of_ms`` (empty: equal)."""
@@ -236,6 +257,10 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
     messages, expected_reasons, valid = produce_plan()
     assert len(valid) >= 20_000
     reference, as_of_ms, window_name = reference_of(valid)
+    cohorts = cohorts_reference_of(valid, as_of_ms)
+    # 120 days of history: five monthly cohorts, each with customers still active and lost since
+    assert sum(1 for row in cohorts["*"]["cohorts"] if row["customers"]) >= 4
+    assert any(0 < (row["active_customers"][1] or 0) < row["customers"] for row in cohorts["*"]["cohorts"])
     # the NPS segment maps are compared too: the history gives every segment customers who churn
     longest = max(window_name)
     assert all(reference[("*", longest)]["churn_rate_by_nps_segment"][segment]
@@ -324,6 +349,7 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
                 if process.poll() is not None:
                     raise AssertionError(f"a worker exited with {process.returncode}:\n{logs()}")
             problems = await redis_problems(redis, reference, as_of_ms, window_name)
+            problems += await cohort_problems(redis, cohorts, as_of_ms)
             last_problems[:] = problems
             return not problems
 
@@ -345,6 +371,12 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
                     continue
                 assert snapshot["schema"] == "loyalty.metrics.v1"
                 problems.extend(f"{store}|{window_ms} {p}" for p in metric_differences(snapshot["metrics"], expected))
+            for store, expected_matrix in cohorts.items():
+                matrix = latest.get(f"{store}|cohorts")
+                if matrix is None or matrix["as_of_ms"] != as_of_ms:
+                    problems.append(f"{store}|cohorts: no matrix as of {as_of_ms}")
+                    continue
+                problems.extend(f"{store}|cohorts {p}" for p in cohort_differences(matrix, expected_matrix))
             last_problems[:] = problems
             return not problems
 

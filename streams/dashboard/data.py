@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from metrics.catalog import ALL_STORES, MAP, METRIC_KINDS, METRIC_NAMES
 from streams.sinks.redis_sink import STORES_KEY, metric_key, parse_redis_field
-from streams.sinks.snapshots import snapshot_payload
+from streams.sinks.snapshots import COHORTS, snapshot_payload
 
 ALERTS_KEY = "loyalty:alerts"  #: the alerts stream, and the channel of the same name (SPEC 7)
 #: metrics with a number (or null) as value: every one but the ``cac_by_channel`` map
@@ -57,6 +57,14 @@ def payload_from_hash(store: str, window: str, fields: dict[str, str]) -> dict[s
     """The ``loyalty.metrics.v1`` snapshot (SPEC 6) of a hash; money stays exact (Decimal)."""
     currency = fields.get("currency") or None
     return snapshot_payload(store, window, int(fields["as_of_ms"]), currency, hash_metrics(fields))
+
+
+async def read_cohorts(client: aioredis.Redis, store: str) -> bytes | None:
+    """The JSON of a store's ``loyalty.cohorts.v1`` matrix as the worker wrote it (``None``: none yet)."""
+    raw = await client.hget(metric_key(store, COHORTS), "json")
+    if raw is None:
+        return None
+    return raw if isinstance(raw, bytes) else raw.encode()
 
 
 async def read_history(client: aioredis.Redis, store: str, window: str) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from streams.connections import RedisTarget, async_redis
 from streams.dashboard.data import ALERTS_KEY
 from streams.logs import get_logger
 from streams.sinks.redis_sink import UPDATES_CHANNEL
+from streams.sinks.snapshots import COHORTS_SCHEMA
 
 log = get_logger(__name__)
 
@@ -63,7 +64,7 @@ def backoff_delays(first: float, cap: float, rng: Callable[[], float] = random.r
 
 @dataclass(eq=False)
 class Client:
-    """One browser's stream: the snapshots of one store and window, and every alert."""
+    """One browser's stream: the snapshots of one store and window, the store's cohort matrix, and every alert."""
 
     store: str
     window: str
@@ -133,13 +134,15 @@ class Hub:
             return
         try:
             snapshot = orjson.loads(data)
-            store, window = snapshot["store_id"], snapshot["window"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+            store = snapshot["store_id"]
+            # a cohort matrix goes to every page of its store, a snapshot to those of its window too
+            window = None if snapshot.get("schema") == COHORTS_SCHEMA else snapshot["window"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             log.warning("dashboard.bad_update", size=len(data))
             return
-        frame = sse_frame("snapshot", one_line(data))
+        frame = sse_frame("snapshot" if window is not None else "cohorts", one_line(data))
         for client in list(self.clients):
-            if client.store == store and client.window == window:
+            if client.store == store and (window is None or client.window == window):
                 self._send(client, frame)
 
     # -- the subscription ------------------------------------------------------------------

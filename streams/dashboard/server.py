@@ -3,11 +3,12 @@
 Routes (SPEC section 8):
 
 - ``/`` the page (``?store=S&window=W``), ``/static/...`` its files (all served from here, no CDN);
-- ``/events?store=S&window=W`` server-sent events: ``snapshot`` (that store and window), ``alert``,
+- ``/events?store=S&window=W`` server-sent events: ``snapshot`` (that store and window), ``cohorts``
+  (that store's cohort matrix), ``alert``,
   ``status`` (Redis up or down), ``resync`` (read the state again);
 - ``/api/meta`` stores and windows; ``/api/snapshot`` the current ``loyalty.metrics.v1`` JSON;
   ``/api/history?metric=M`` ``[{"as_of_ms", "value"}]``; ``/api/series`` the page's chart columns;
-  ``/api/alerts`` the recent alerts;
+  ``/api/alerts`` the recent alerts; ``/api/cohorts?store=S`` the store's ``loyalty.cohorts.v1`` matrix;
 - ``/metrics`` Prometheus; ``/healthz`` 200 when Redis answers PING, else 503.
 """
 
@@ -30,6 +31,7 @@ from streams.dashboard.data import (
     metric_value,
     payload_from_hash,
     read_alerts,
+    read_cohorts,
     read_hash,
     read_history,
     series,
@@ -127,6 +129,14 @@ async def snapshot(request: web.Request) -> web.Response:
     if "as_of_ms" not in fields:
         return _error(404, f"no snapshot for store {store!r} and window {window}")
     return _json(payload_from_hash(store, window, fields))
+
+
+async def cohorts(request: web.Request) -> web.Response:
+    store = _store(request)
+    matrix = await read_cohorts(request.app[REDIS], store)
+    if matrix is None:
+        return _error(404, f"no cohort matrix for store {store!r}")
+    return web.Response(body=matrix, content_type="application/json")
 
 
 async def history(request: web.Request) -> web.Response:
@@ -238,6 +248,7 @@ def create_app(settings: Settings, hub: Hub | None = None) -> web.Application:
     app.router.add_get("/api/history", history)
     app.router.add_get("/api/series", page_series)
     app.router.add_get("/api/alerts", alerts)
+    app.router.add_get("/api/cohorts", cohorts)
     app.router.add_get("/events", events)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)

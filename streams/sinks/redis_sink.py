@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from metrics.catalog import MAP, METRIC_KINDS
 from streams.connections import RedisTarget, async_redis
-from streams.sinks.snapshots import decimal_text, dumps
+from streams.sinks.snapshots import COHORTS, decimal_text, dumps
 
 HISTORY_MAXLEN = 10_000
 STORES_KEY = "loyalty:stores"
@@ -102,6 +102,27 @@ class RedisSink:
             history: dict[Any, Any] = {"as_of_ms": str(as_of_ms), "json": encoded}
             pipe.xadd(key + ":history", history, maxlen=HISTORY_MAXLEN, approximate=True)
             pipe.sadd(STORES_KEY, payload["store_id"])
+            pipe.publish(UPDATES_CHANNEL, encoded)
+            await pipe.execute()
+        self._last_as_of[key] = as_of_ms
+        return True
+
+    async def write_cohorts(self, payload: dict[str, Any], encoded: bytes) -> bool:
+        """Write a store's cohort matrix (``loyalty:{store}:cohorts``: ``as_of_ms`` and ``json``) and publish it.
+
+        One MULTI/EXEC, never moving ``as_of_ms`` back; False when a later one is there.
+        """
+        key = metric_key(payload["store_id"], COHORTS)
+        as_of_ms = payload["as_of_ms"]
+        last = self._last_as_of.get(key)
+        if last is None:
+            stored = await self.client.hget(key, "as_of_ms")
+            last = int(stored) if stored else -(2**62)
+        if as_of_ms < last:
+            self._last_as_of[key] = last
+            return False
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"as_of_ms": str(as_of_ms), "json": encoded})
             pipe.publish(UPDATES_CHANNEL, encoded)
             await pipe.execute()
         self._last_as_of[key] = as_of_ms

@@ -13,6 +13,10 @@ from typing import Any
 import orjson
 
 SNAPSHOT_SCHEMA = "loyalty.metrics.v1"
+#: the cohort matrix of a store (README, "Cohort retention"), keyed ``{store_id}|cohorts`` on the output topic
+COHORTS_SCHEMA = "loyalty.cohorts.v1"
+#: the output topic's key suffix and the Redis key suffix of the cohort matrix
+COHORTS = "cohorts"
 
 
 def rfc3339_ms(epoch_ms: int) -> str:
@@ -53,6 +57,22 @@ def snapshot_payload(
         "as_of_ms": as_of_ms,
         "currency": currency,
         "metrics": metrics,
+    }
+
+
+def cohorts_payload(store_id: str, as_of_ms: int, matrix: dict[str, Any]) -> dict[str, Any]:
+    """The ``loyalty.cohorts.v1`` object: a store's cohort matrix (:meth:`metrics.store.MetricReader.cohorts`).
+
+    >>> cohorts_payload("s1", 0, {"period": "month", "cohorts": []})["as_of"]
+    '1970-01-01T00:00:00.000Z'
+    """
+    return {
+        "schema": COHORTS_SCHEMA,
+        "store_id": store_id,
+        "as_of": rfc3339_ms(as_of_ms),
+        "as_of_ms": as_of_ms,
+        "period": matrix["period"],
+        "cohorts": matrix["cohorts"],
     }
 
 

@@ -148,7 +148,7 @@ class StoreShard:
         shard.aggregate = StoreAggregate.from_bytes(data[4 + size:])
         return shard
 
-    def fold(self, as_of_bucket: int, longest: int) -> None:
+    def fold(self, as_of_bucket: int, longest: int, cohort_reach: int) -> None:
         """Fold what no read as of ``as_of_bucket`` or later needs into each series' base.
 
         Memory stays bounded, and the sums exact. A fold that drops whole blocks counts as a
@@ -158,7 +158,7 @@ class StoreShard:
         if self.floor is not None and as_of_bucket <= self.floor:
             return
         self.floor = as_of_bucket
-        if self.aggregate.fold_read(as_of_bucket, longest):
+        if self.aggregate.fold_read(as_of_bucket, longest, cohort_reach):
             self.version += 1
 
     def next_sample_bucket(self, config: AlertConfig) -> int | None:
@@ -256,6 +256,10 @@ class StoreShard:
         if self.store_id == ALL_STORES:
             monetary = len(set(self.currencies.values())) <= 1
         return self.aggregate.metrics(grid, window, as_of_bucket, monetary)
+
+    def cohorts(self, grid: Grid, as_of_bucket: int) -> dict[str, object]:
+        """The store's cohort matrix as of a bucket."""
+        return self.aggregate.cohorts(grid, as_of_bucket)
 
     def currency(self) -> str | None:
         """The store's currency (``*``: the common one), ``None`` when unknown or mixed."""

@@ -30,7 +30,7 @@
 
   const state = {
     stores: [], windows: [], windowMs: {}, store: ALL, window: '',
-    snap: null, series: null, pending: null, gen: 0,
+    snap: null, series: null, pending: null, gen: 0, cohorts: null, cohortView: 'active',
     alerts: new Map(), es: null, sse: 'connecting', redis: 'up',
     cards: {}, sparks: {}, charts: {},
   };
@@ -165,11 +165,13 @@
     const gen = ++state.gen;
     const q = query();
     try {
-      const [snap, series, alerts] = await Promise.all([
+      const [snap, series, alerts, cohorts] = await Promise.all([
         getJSON('/api/snapshot?' + q), getJSON('/api/series?' + q), getJSON('/api/alerts?limit=100'),
+        getJSON('/api/cohorts?' + new URLSearchParams({ store: state.store })),
       ]);
       if (gen !== state.gen) return; // the pickers moved on meanwhile
       state.snap = snap;
+      if (cohorts && (!state.cohorts || cohorts.as_of_ms >= state.cohorts.as_of_ms)) state.cohorts = cohorts;
       state.series = series || { as_of_ms: [], values: {} };
       const pending = state.pending;
       state.pending = null;
@@ -193,6 +195,13 @@
     if (!state.series) { state.pending = snap; return; }
     applySnapshot(snap);
     renderAll();
+  }
+
+  function onCohorts(matrix) {
+    if (matrix.store_id !== state.store) return;
+    if (state.cohorts && matrix.as_of_ms < state.cohorts.as_of_ms) return;
+    state.cohorts = matrix;
+    renderCohorts();
   }
 
   function rememberAlert(alert) {
@@ -221,6 +230,7 @@
       if (es.readyState === EventSource.CLOSED) setTimeout(() => { if (state.es === es) connect(); }, 3000);
     };
     es.addEventListener('snapshot', (e) => onSnapshot(JSON.parse(e.data)));
+    es.addEventListener('cohorts', (e) => onCohorts(JSON.parse(e.data)));
     es.addEventListener('alert', (e) => { rememberAlert(JSON.parse(e.data)); renderAlerts(); });
     es.addEventListener('status', (e) => { state.redis = JSON.parse(e.data).redis; renderLive(); });
     es.addEventListener('resync', () => load());
@@ -232,6 +242,7 @@
     state.snap = null;
     state.series = null;
     state.pending = null;
+    state.cohorts = null;
     history.replaceState(null, '', '?' + query());
     renderPickers();
     renderAll();
@@ -447,6 +458,48 @@
     }
   }
 
+  // cohort retention (the loyalty.cohorts.v1 matrix): customers by month of first activity (rows), the
+  // share still active, or that ordered, in each month since (columns), as a heatmap
+  const COHORT_VIEWS = { active: ['active_rate', 'active_customers', 'still active'], ordered: ['purchase_rate', 'purchasers', 'ordered'] };
+
+  function cohortMonth(label) {
+    const [year, month] = String(label).split('-').map(Number);
+    if (!year || !month) return String(label);
+    return new Date(Date.UTC(year, month - 1, 1)).toLocaleDateString(undefined, { month: 'short', year: '2-digit', timeZone: 'UTC' });
+  }
+
+  function renderCohorts() {
+    const [rateKey, countKey, what] = COHORT_VIEWS[state.cohortView];
+    for (const button of document.querySelectorAll('#cohort-view button')) {
+      button.setAttribute('aria-pressed', String(button.dataset.view === state.cohortView));
+    }
+    const rows = state.cohorts && Array.isArray(state.cohorts.cohorts) ? state.cohorts.cohorts : [];
+    const cells = [el('div', 'head corner', 'Cohort'), el('div', 'head', 'Size')];
+    for (let period = 0; period < 12; period++) cells.push(el('div', 'head', period === 0 ? 'M0' : '+' + period));
+    for (const row of rows) {
+      cells.push(el('div', 'name', cohortMonth(row.cohort)));
+      cells.push(el('div', 'size', isNum(row.customers) ? fixed(0).format(row.customers) : '–'));
+      const rates = Array.isArray(row[rateKey]) ? row[rateKey] : [];
+      const counts = Array.isArray(row[countKey]) ? row[countKey] : [];
+      for (let period = 0; period < 12; period++) {
+        const rate = rates[period];
+        const cell = el('div', 'cell');
+        if (isNum(rate)) {
+          const share = Math.max(0, Math.min(100, rate)) / 100;
+          cell.style.background = `rgba(92, 200, 255, ${(0.07 + 0.93 * share).toFixed(3)})`;
+          cell.classList.add(share > 0.55 ? 'dark' : 'light');
+          cell.textContent = fixed(0).format(rate);
+          cell.title = `${row.cohort} +${period} months: ${counts[period]} of ${row.customers} customers ${what} (${fixed(1).format(rate)}%)`;
+        } else {
+          cell.classList.add('empty');
+        }
+        cells.push(cell);
+      }
+    }
+    $('cohort-grid').replaceChildren(...cells);
+    $('cohort-empty').hidden = rows.some((row) => row.customers > 0);
+  }
+
   function renderHeader() {
     const scope = $('scope');
     const name = el('strong', '', storeLabel(state.store));
@@ -510,6 +563,7 @@
     renderCards();
     renderCharts();
     renderSegments();
+    renderCohorts();
     renderAlerts();
     renderLive();
   }
@@ -540,6 +594,9 @@
     const window = state.windows.includes(wanted) ? wanted : state.windows[0];
     choose(params.get('store') || ALL, window);
     $('store').addEventListener('change', (e) => choose(e.target.value, state.window));
+    for (const button of document.querySelectorAll('#cohort-view button')) {
+      button.addEventListener('click', () => { state.cohortView = button.dataset.view; renderCohorts(); });
+    }
     $('window').addEventListener('change', (e) => choose(state.store, e.target.value));
     let resizeTimer = 0;
     addEventListener('resize', () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(resize, 150); });

@@ -28,7 +28,7 @@ from metrics.store import ReadPoints
 from streams.connections import kafka_client_options
 from streams.logs import get_logger
 from streams.sinks.redis_sink import RedisSink
-from streams.sinks.snapshots import dumps, snapshot_payload
+from streams.sinks.snapshots import COHORTS, cohorts_payload, dumps, snapshot_payload
 from streams.sinks.webhook import Webhook
 from streams.stages.aggregate import StarSampler, StoreShard
 from streams.worker.agents.aggregate import Aggregation
@@ -142,12 +142,14 @@ class Publisher:
                 (window_name, shard.metrics(grid, window, as_of_bucket))
                 for window_name, window in zip(self.window_names, grid.windows, strict=True)
             ]
+            cohorts = cohorts_payload(store_id, now, shard.cohorts(grid, as_of_bucket))
             try:
                 for window_name, metrics in snapshots:
                     payload = snapshot_payload(store_id, window_name, now, currency, metrics)
                     encoded = dumps(payload)
                     await topology.outputs.send_snapshot(store_id, window_name, encoded)
                     await redis.write(payload, encoded)
+                await self.send_cohorts(cohorts, redis)
             except BaseException:
                 shard.changed = True  # published again once Redis answers
                 raise
@@ -156,7 +158,13 @@ class Publisher:
         for shard in shards.values():
             fold_bucket = self.fold_bucket(shard, as_of_bucket)
             if fold_bucket is not None:
-                shard.fold(fold_bucket, grid.longest)
+                shard.fold(fold_bucket, grid.longest, grid.cohort_reach)
+
+    async def send_cohorts(self, payload: dict[str, Any], redis: RedisSink) -> None:
+        """Publish a store's cohort matrix: the output topic (``store|cohorts``) and Redis."""
+        encoded = dumps(payload)
+        await self.topology.outputs.send_snapshot(payload["store_id"], COHORTS, encoded)
+        await redis.write_cohorts(payload, encoded)
 
     def fold_bucket(self, shard: StoreShard, as_of_bucket: int) -> int | None:
         """How far a shard may fold: to now, but never past the bucket its next alert sample reads (None: not yet)."""
@@ -247,7 +255,7 @@ class Publisher:
                 # (stores fold at every emit too): a replay's idle end would keep its blocks otherwise
                 fold_bucket = self.fold_bucket(partial, as_of_bucket)
                 if fold_bucket is not None:
-                    partial.fold(fold_bucket, grid.longest)
+                    partial.fold(fold_bucket, grid.longest, grid.cohort_reach)
                 continue
             partial.changed = False
             points = partial.aggregate.read_points(grid, as_of_bucket)
@@ -263,7 +271,7 @@ class Publisher:
             self.last_partial_bucket[partition] = as_of_bucket
             fold_bucket = self.fold_bucket(partial, as_of_bucket)
             if fold_bucket is not None:
-                partial.fold(fold_bucket, grid.longest)
+                partial.fold(fold_bucket, grid.longest, grid.cohort_reach)
 
     async def publish_star(self, now: int, redis: RedisSink) -> None:
         """On the worker that owns the ``*`` store's partition: publish the sum of the partials once they agree."""
@@ -297,6 +305,7 @@ class Publisher:
             encoded = dumps(payload)
             await topology.outputs.send_snapshot(ALL_STORES, window_name, encoded)
             await redis.write(payload, encoded)
+        await self.send_cohorts(cohorts_payload(ALL_STORES, as_of_ms, total.cohorts(grid, as_of_bucket)), redis)
         self.star.published = self.star.received
         topology.health.count("snapshots", len(grid.windows))
 
