@@ -31,17 +31,17 @@ Series (``n`` = a window in buckets; value at bucket j is the prefix sum):
 ``segret:g:n``  returning purchaser, NPS segment ``g`` at j
 ``segrev:g:n``  net revenue in j-n+1..j (micros), NPS segment ``g`` at j
 ``cmN``         histogram at the last bucket of month c: customers of cohort c
-``cmA:p``       histogram at the last bucket of month c+p: active then, of cohort c
-``cmO:p``       histogram at the last bucket of month c+p: an order in month c+p, of cohort c
-``ckN``         of the cohort of j's month, first activity in its buckets up to j
-``ckA:p``       active at j, of the cohort p months before j's month
-``ckO:p``       an order in j's month up to j, of the cohort p months before j's month
+``ckN``         first activity in j's month up to j (the current cohort's size)
+``cmA:c``       read at the last bucket e of a month of cohort c's periods: active at e
+``cmO:c``       read at the last bucket e of a month of cohort c's periods: an order in e's month
+``ckA:c``       active at j, of cohort c, during its periods (the current month's column, at K)
+``ckO:c``       an order in j's month up to j, of cohort c (the same)
 ==============  ================================================================
 
-A customer's cohort is the calendar month (UTC) of the bucket of its first activity, and
-``p`` (0-11) counts the months since. The ``cm`` histograms give the cohort matrix of the
-months before K's, the ``ck`` series its current month (read at K). The month-end statuses
-come from a per-month summary that a customer keeps for the months its cohort reads
+A customer's cohort c is the calendar month (UTC, counted from January 1970) of the bucket of
+its first activity; its periods are the months c .. c+11. The ``cm`` series give the cohort
+matrix of the months before K's, the ``ck`` series its current month (read at K). The month-end
+statuses come from a per-month summary that a customer keeps for the months its cohort reads
 (:attr:`CustomerFacts.months`), so a late event of the past year still changes them.
 
 A customer's NPS segment at j is the group of its latest NPS answer in a bucket
@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
-from functools import cache
+from functools import cache, lru_cache
 from itertools import accumulate, islice
 from typing import Any, NamedTuple, TypeVar
 
@@ -106,10 +106,6 @@ COHORT_PERIODS = 12
 #: a customer keeps its month summary this many months before the clock's month (the oldest
 #: cohort of the matrix is COHORT_PERIODS - 1 months back; one more of slack for stages' clocks)
 COHORT_MONTHS_KEPT = COHORT_PERIODS + 1
-CM_ACTIVE = tuple(f"cmA:{period}" for period in range(COHORT_PERIODS))
-CM_ORDERED = tuple(f"cmO:{period}" for period in range(COHORT_PERIODS))
-CK_ACTIVE = tuple(f"ckA:{period}" for period in range(COHORT_PERIODS))
-CK_ORDERED = tuple(f"ckO:{period}" for period in range(COHORT_PERIODS))
 #: a month summary: (latest activity, latest close, first order) times in the month, absent as
 #: MINUS_INFINITY, MINUS_INFINITY and PLUS_INFINITY
 MonthSummary = tuple[int, int, int]
@@ -158,14 +154,35 @@ def page_name(name: str, version: int) -> str:
     return f"{name}.{version}"
 
 
-@cache
+@lru_cache(maxsize=4096)
 def month_bounds(bucket_ms: int, cohort: int) -> tuple[int, ...]:
-    """The first bucket of each month ``cohort .. cohort + COHORT_PERIODS`` (13 values).
+    """The first bucket of each month ``cohort .. cohort + COHORT_PERIODS + 1`` (14 values).
+
+    Period p's buckets are ``bounds[p] .. bounds[p + 1] - 1``.
 
     >>> bounds = month_bounds(86_400_000, 0); bounds[:3], len(bounds)
-    ((0, 31, 59), 13)
+    ((0, 31, 59), 14)
     """
-    return tuple(-(-month_start_ms(cohort + period) // bucket_ms) for period in range(COHORT_PERIODS + 1))
+    return tuple(-(-month_start_ms(cohort + period) // bucket_ms) for period in range(COHORT_PERIODS + 2))
+
+
+class CohortSeries(NamedTuple):
+    """The names of one cohort's series (see the module docstring)."""
+
+    active_ends: str
+    ordered_ends: str
+    active_now: str
+    ordered_now: str
+
+
+@lru_cache(maxsize=4096)
+def cohort_series(cohort: int) -> CohortSeries:
+    """The series of the cohort of month ``cohort`` (months counted from January 1970).
+
+    >>> cohort_series(672).active_ends
+    'cmA:672'
+    """
+    return CohortSeries(f"cmA:{cohort}", f"cmO:{cohort}", f"ckA:{cohort}", f"ckO:{cohort}")
 
 
 def families_of(event_type: str, survey: str | None = None) -> int:
@@ -901,55 +918,80 @@ class CustomerFacts:
 
     def _cohort_contributions(self, grid: Grid, out: Deltas, since: int, sign: int, active: Intervals,
                               first: int) -> None:
-        """The cohort series (see the module docstring), at buckets >= since.
+        """The cohort series (see the module docstring), clipped at ``since`` like the difference series.
 
-        Statuses at a month's last bucket e depend on the facts at buckets <= e only, so, as for
-        the difference series, entries before ``since`` do not change and are left out.
+        A status at a month's last bucket e depends on the facts at buckets <= e only, so clipping
+        changes no difference. The month-end statuses are runs of periods: active (or ordered) from
+        the end of period p0 to the end of p1 is +1 at the one and -1 at the other, whatever the length.
         """
-        bounds = month_bounds(grid.bucket_ms, grid.month_of_bucket(first))
-        if bounds[-1] <= since:
-            return  # every period of the cohort is over before since
+        cohort = grid.month_of_bucket(first)
+        bounds = month_bounds(grid.bucket_ms, cohort)
+        if bounds[-1] - 1 <= since:
+            return  # every run of the cohort ends before since
+        names = cohort_series(cohort)
         if bounds[1] - 1 >= since:
             add_delta(out, "cmN", bounds[1] - 1, sign)
         _add_interval(out, "ckN", first, bounds[1], sign, since)
-        # active at j in period p: the active intervals cut at the month bounds
+        # active at j (of the current month, read at K) during the cohort's twelve periods
+        limit = bounds[COHORT_PERIODS]
         for start, end in active:
-            if end <= since or start >= bounds[-1]:
-                continue
-            period = max(0, bisect_right(bounds, start) - 1)
-            while period < COHORT_PERIODS and bounds[period] < end:
-                _add_interval(out, CK_ACTIVE[period], max(start, bounds[period]), min(end, bounds[period + 1]),
-                              sign, since)
-                period += 1
-        # the month-end statuses, from the month summaries: the latest activity and close up to each month
+            _add_interval(out, names.active_now, start, end if end < limit else limit, sign, since)
         months = self.months
         if not months:
             return
-        cohort = grid.month_of_bucket(first)
-        horizon = grid.horizon
-        summaries = sorted(months.items())
+        # the month-end statuses, from the month summaries: the latest activity and close up to each
+        # month's end; the periods before the one holding since only set where the runs stand there
+        summaries = sorted(months.items()) if len(months) > 1 else list(months.items())
         count = len(summaries)
+        first_period = bisect_left(bounds, since + 1, 1) - 1  # the first period whose last bucket is >= since
         index = 0
         latest_activity = latest_close = MINUS_INFINITY
-        for period in range(COHORT_PERIODS):
+        month = cohort + first_period
+        while index < count and summaries[index][0] < month:
+            activity, close, _ = summaries[index][1]
+            latest_activity = max(latest_activity, activity)
+            latest_close = max(latest_close, close)
+            index += 1
+        horizon = grid.horizon
+        bucket_ms = grid.bucket_ms
+        active_from: int | None = None
+        ordered_from: int | None = None
+        period = first_period
+        while period < COHORT_PERIODS:
             month = cohort + period
+            first_order = PLUS_INFINITY
             while index < count and summaries[index][0] <= month:
-                activity, close, _ = summaries[index][1]
+                activity, close, order = summaries[index][1]
                 latest_activity = max(latest_activity, activity)
                 latest_close = max(latest_close, close)
+                if summaries[index][0] == month:
+                    first_order = order
                 index += 1
             last = bounds[period + 1] - 1
-            active_then = (latest_activity != MINUS_INFINITY and latest_activity // grid.bucket_ms > last - horizon
+            active_then = (latest_activity != MINUS_INFINITY and latest_activity // bucket_ms > last - horizon
                            and latest_close <= latest_activity)
-            if last >= since:
-                if active_then:
-                    add_delta(out, CM_ACTIVE[period], last, sign)
-                first_order = months.get(month, _EMPTY_MONTH)[2]
-                if first_order != PLUS_INFINITY:
-                    add_delta(out, CM_ORDERED[period], last, sign)
-                    _add_interval(out, CK_ORDERED[period], grid.bucket(first_order), bounds[period + 1], sign, since)
+            if active_then:
+                if active_from is None:
+                    active_from = last
+            elif active_from is not None:
+                _add_interval(out, names.active_ends, active_from, last, sign, since)
+                active_from = None
+            if first_order != PLUS_INFINITY:
+                _add_interval(out, names.ordered_now, grid.bucket(first_order), bounds[period + 1], sign, since)
+                if ordered_from is None:
+                    ordered_from = last
+            elif ordered_from is not None:
+                _add_interval(out, names.ordered_ends, ordered_from, last, sign, since)
+                ordered_from = None
+            period += 1
             if index == count and not active_then:
                 break  # no later summary: inactive and without orders from here on
+        # runs still open end at the next period's end (the one after the last period is never read)
+        end = bounds[period + 1] - 1
+        if active_from is not None:
+            _add_interval(out, names.active_ends, active_from, end, sign, since)
+        if ordered_from is not None:
+            _add_interval(out, names.ordered_ends, ordered_from, end, sign, since)
 
     def _order_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
         # the hot path of an order event: loops are inlined, and interval lists are built in one

@@ -20,7 +20,7 @@ import orjson
 
 from metrics import formulas as f
 from metrics.catalog import METRIC_NAMES, MONETARY_METRICS, NO_SEGMENT, NPS_SEGMENTS
-from metrics.customer import CK_ACTIVE, CK_ORDERED, CM_ACTIVE, CM_ORDERED, COHORT_PERIODS, month_bounds
+from metrics.customer import COHORT_PERIODS, cohort_series, month_bounds
 from metrics.intervals import MINUS_INFINITY
 from metrics.timegrid import Grid, month_label
 
@@ -40,6 +40,8 @@ _SPARSE_MAX = 48
 Block = Union["array[int]", list[int], dict[int, int]]
 #: series read only at K (statuses "as of K"): every bucket up to K may fold into the base
 _READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:", "seg", "ck")
+#: the series of one cohort each (metrics.customer.cohort_series)
+_COHORT_SERIES = ("cmA:", "cmO:", "ckA:", "ckO:")
 #: series also read for the previous period (K - 2n)
 _READ_TWO_WINDOWS_BACK = ("gross", "refunds")
 
@@ -430,6 +432,7 @@ class MetricReader:
         rows: list[dict[str, object]] = []
         for cohort in range(current - COHORT_PERIODS + 1, current + 1):
             bounds = month_bounds(grid.bucket_ms, cohort)
+            names = cohort_series(cohort)
             # a past cohort's size is its histogram entry, the current one's is read at K
             last = bounds[1] - 1
             customers = at("cmN", last) - at("cmN", last - 1) if cohort < current else at("ckN", k)
@@ -442,11 +445,11 @@ class MetricReader:
                     buyers.append(None)
                 elif month < current:
                     last = bounds[period + 1] - 1
-                    active.append(at(CM_ACTIVE[period], last) - at(CM_ACTIVE[period], last - 1))
-                    buyers.append(at(CM_ORDERED[period], last) - at(CM_ORDERED[period], last - 1))
+                    active.append(at(names.active_ends, last))
+                    buyers.append(at(names.ordered_ends, last))
                 else:
-                    active.append(at(CK_ACTIVE[period], k))
-                    buyers.append(at(CK_ORDERED[period], k))
+                    active.append(at(names.active_now, k))
+                    buyers.append(at(names.ordered_now, k))
             rows.append({
                 "cohort": month_label(cohort),
                 "customers": customers,
@@ -631,11 +634,18 @@ class StoreAggregate(MetricReader):
         Reads are as of ``as_of_bucket`` or later (the clock only moves forward):
         a series is folded below ``as_of_bucket - read_reach(series)``, so a
         status read only at K keeps just its future deltas (interval ends), and
-        memory does not grow with the buckets a run has passed. Returns how many
-        whole blocks were dropped.
+        memory does not grow with the buckets a run has passed. A cohort's series that reads 0
+        everywhere is dropped (a cohort more than a year old has no more deltas), so the series of
+        a store do not grow with the months it has lived. Returns how many whole blocks and
+        series were dropped.
         """
-        return sum([series.fold_before(as_of_bucket - read_reach(name, longest, cohort_reach))
-                    for name, series in self.series.items()])
+        dropped = sum([series.fold_before(as_of_bucket - read_reach(name, longest, cohort_reach))
+                       for name, series in self.series.items()])
+        empty = [name for name, series in self.series.items()
+                 if name.startswith(_COHORT_SERIES) and not series.blocks and not series.base]
+        for name in empty:
+            del self.series[name]
+        return dropped + len(empty)
 
     def _at(self, series: str, bucket: int) -> int:
         target = self.series.get(series)

@@ -6,6 +6,7 @@ Bucket ``k`` holds event times in ``[k*b, (k+1)*b)`` (epoch milliseconds).
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 _UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d|w)\s*$")
@@ -69,7 +70,13 @@ def month_of_ms(time_ms: int) -> int:
     >>> month_of_ms(0), month_of_ms(1_700_000_000_000), month_of_ms(-1)
     (0, 646, -1)
     """
-    days = time_ms // DAY_MS + 719_468  # days since 0000-03-01
+    return _month_of_day(time_ms // DAY_MS)
+
+
+@lru_cache(maxsize=4096)
+def _month_of_day(day: int) -> int:
+    """The month of :func:`month_of_ms` holding day ``day`` since 1970-01-01 (the events of a run share few days)."""
+    days = day + 719_468  # days since 0000-03-01
     era = days // 146_097
     day_of_era = days - era * 146_097
     year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36_524 - day_of_era // 146_096) // 365
