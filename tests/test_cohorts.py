@@ -19,6 +19,7 @@ from metrics.engine import WALL_CLOCK, CurrencyGate, LoyaltyEngine, customer_key
 from metrics.reference import ReferenceConfig, reference_cohorts
 from metrics.store import ReadPoints, StoreAggregate
 from metrics.timegrid import DAY_MS, Grid, month_start_ms
+from test_metrics_properties import check_as_of_ticks
 
 HOUR = 3_600_000
 #: month numbers counted from January 1970
@@ -164,16 +165,7 @@ def test_cohorts_with_the_event_clock_equal_reference(events: list[ev.Event], gr
 def test_cohorts_as_of_any_time_equal_reference(events: list[ev.Event], data: st.DataObject, grid: Grid) -> None:
     """With a wall clock moved between arrivals (late events, month ends crossed), every matrix equals the reference."""
     first, last = month_start_ms(FIRST_MONTH), month_start_ms(FIRST_MONTH + SPAN_MONTHS + 2)
-    ticks = sorted(data.draw(st.lists(st.integers(first, last), min_size=1, max_size=4)))
-    positions = sorted(data.draw(st.integers(0, len(events))) for _ in ticks)
-    engine = LoyaltyEngine(grid, clock=WALL_CLOCK)
-    for index in range(len(events) + 1):
-        while positions and positions[0] == index:
-            positions.pop(0)
-            engine.advance(ticks[0])
-            _compare(engine, events[:index], ticks.pop(0))
-        if index < len(events):
-            engine.ingest(events[index])
+    check_as_of_ticks(events, data, grid, st.integers(first, last), compare=_compare)
 
 
 @PROPERTY_SETTINGS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -158,7 +159,7 @@ def test_nps_segments_equal_reference(events: list[ev.Event], grid: Grid) -> Non
 def test_nps_segments_as_of_any_time_equal_reference(events: list[ev.Event], data: st.DataObject,
                                                       grid: Grid) -> None:
     """With a moving wall clock, the segment numbers as of any T equal the reference (late answers included)."""
-    _check_as_of_ticks(events, data, grid, st.integers(0, (SPAN_BUCKETS + 8) * BUCKET_MS))
+    check_as_of_ticks(events, data, grid, st.integers(0, (SPAN_BUCKETS + 8) * BUCKET_MS))
 
 
 @PROPERTY_SETTINGS
@@ -182,12 +183,17 @@ def test_wall_clock_as_of_any_time_equals_reference(events: list[ev.Event], data
         st.integers(0, SPAN_BUCKETS + 8).map(lambda b: b * BUCKET_MS + data.draw(st.sampled_from((0, BUCKET_MS - 1)))),
         st.integers(0, span_ms + 8 * BUCKET_MS),
     )
-    _check_as_of_ticks(events, data, grid, any_time)
+    check_as_of_ticks(events, data, grid, any_time)
 
 
-def _check_as_of_ticks(events: list[ev.Event], data: st.DataObject, grid: Grid,
-                       any_time: st.SearchStrategy[int]) -> None:
-    """Ingest the events with a wall clock moved to a few drawn times in between, each compared with the reference."""
+def check_as_of_ticks(events: list[ev.Event], data: st.DataObject, grid: Grid,
+                      any_time: st.SearchStrategy[int],
+                      compare: Callable[[LoyaltyEngine, list[ev.Event], int], None] | None = None) -> None:
+    """Ingest the events with a wall clock moved to a few drawn times in between, each compared with the reference.
+
+    ``compare(engine, events so far, T)`` checks the engine (by default every metric of every store).
+    """
+    compare = compare or _compare
     ticks = sorted(data.draw(st.lists(any_time, min_size=1, max_size=5)))
     positions = sorted(data.draw(st.integers(0, len(events))) for _ in ticks)
     engine = LoyaltyEngine(grid, clock=WALL_CLOCK)
@@ -195,7 +201,7 @@ def _check_as_of_ticks(events: list[ev.Event], data: st.DataObject, grid: Grid,
         while positions and positions[0] == index:
             positions.pop(0)
             engine.advance(ticks[0])
-            _compare(engine, events[:index], ticks.pop(0))
+            compare(engine, events[:index], ticks.pop(0))
         if index < len(events):
             engine.ingest(events[index])
 

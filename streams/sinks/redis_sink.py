@@ -83,16 +83,22 @@ class RedisSink:
         """Forget the ``as_of_ms`` of the snapshots written so far (Redis may have lost them)."""
         self._last_as_of.clear()
 
-    async def write(self, payload: dict[str, Any], encoded: bytes) -> bool:
-        """Write one snapshot; False when an older or equal-time newer one is already there."""
-        key = metric_key(payload["store_id"], payload["window"])
-        as_of_ms = payload["as_of_ms"]
+    async def _older_than_written(self, key: str, as_of_ms: int) -> bool:
+        """Whether the hash ``key`` holds a later ``as_of_ms`` (read once, then remembered)."""
         last = self._last_as_of.get(key)
         if last is None:
             stored = await self.client.hget(key, "as_of_ms")
             last = int(stored) if stored else -(2**62)
         if as_of_ms < last:
             self._last_as_of[key] = last
+            return True
+        return False
+
+    async def write(self, payload: dict[str, Any], encoded: bytes) -> bool:
+        """Write one snapshot; False when an older or equal-time newer one is already there."""
+        key = metric_key(payload["store_id"], payload["window"])
+        as_of_ms = payload["as_of_ms"]
+        if await self._older_than_written(key, as_of_ms):
             return False
         fields = {name: redis_field(value) for name, value in payload["metrics"].items()}
         fields["as_of_ms"] = str(as_of_ms)
@@ -114,12 +120,7 @@ class RedisSink:
         """
         key = metric_key(payload["store_id"], COHORTS)
         as_of_ms = payload["as_of_ms"]
-        last = self._last_as_of.get(key)
-        if last is None:
-            stored = await self.client.hget(key, "as_of_ms")
-            last = int(stored) if stored else -(2**62)
-        if as_of_ms < last:
-            self._last_as_of[key] = last
+        if await self._older_than_written(key, as_of_ms):
             return False
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"as_of_ms": str(as_of_ms), "json": encoded})
