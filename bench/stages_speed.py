@@ -132,6 +132,7 @@ def main() -> None:
         for shard in shards.values():
             for window in grid.windows:
                 shard.metrics(grid, window, as_of)
+            shard.cohorts(grid, as_of)
             shard.fold(as_of, grid.longest, grid.cohort_reach)
         star = ReadPoints()
         for partial in partials.values():
@@ -140,6 +141,7 @@ def main() -> None:
             partial.fold(as_of, grid.longest, grid.cohort_reach)
         for window in grid.windows:
             star.metrics(grid, window, as_of)
+        star.cohorts(grid, as_of)
         spent["emit"] += time.process_time() - tick
         done = start + args.fetch
         if args.progress and done % args.progress < args.fetch:
