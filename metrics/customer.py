@@ -158,10 +158,15 @@ def page_name(name: str, version: int) -> str:
 def month_bounds(bucket_ms: int, cohort: int) -> tuple[int, ...]:
     """The first bucket of each month ``cohort .. cohort + COHORT_PERIODS + 1`` (14 values).
 
-    Period p's buckets are ``bounds[p] .. bounds[p + 1] - 1``.
+    Period p's buckets are ``bounds[p] .. bounds[p + 1] - 1`` (a bucket belongs to the month of
+    its first instant, so a seven-minute bucket across a month's end is the earlier month's).
 
     >>> bounds = month_bounds(86_400_000, 0); bounds[:3], len(bounds)
     ((0, 31, 59), 14)
+    >>> from metrics.timegrid import month_of_ms
+    >>> first = month_bounds(7 * 60_000, 0)[1]
+    >>> month_of_ms((first - 1) * 7 * 60_000), month_of_ms(first * 7 * 60_000)
+    (0, 1)
     """
     return tuple(-(-month_start_ms(cohort + period) // bucket_ms) for period in range(COHORT_PERIODS + 2))
 
@@ -645,8 +650,8 @@ class CustomerFacts:
         month = grid.month_of_bucket(bucket)
         if month < _months_floor(grid, horizon_start):
             return
-        first = self.first_activity_ms
-        if first is not None and month >= grid.month_of_bucket(grid.bucket(first)) + COHORT_PERIODS:
+        cohort = self._cohort(grid)
+        if cohort is not None and month >= cohort + COHORT_PERIODS:
             return  # no period of the cohort reads it, nor of any earlier cohort it may move to
         months = self.months
         if months is _NO_MONTHS:
@@ -662,10 +667,15 @@ class CustomerFacts:
 
     def _trim_months(self, grid: Grid) -> None:
         """Drop the month summaries after the last period of the (new, earlier) cohort."""
-        if self.months and self.first_activity_ms is not None:
-            last = grid.month_of_bucket(grid.bucket(self.first_activity_ms)) + COHORT_PERIODS - 1
-            for month in [month for month in self.months if month > last]:
+        cohort = self._cohort(grid)
+        if self.months and cohort is not None:
+            for month in [month for month in self.months if month >= cohort + COHORT_PERIODS]:
                 del self.months[month]
+
+    def _cohort(self, grid: Grid) -> int | None:
+        """The customer's cohort: the month of the bucket of its first activity (``None``: no activity yet)."""
+        first = self.first_activity_ms
+        return None if first is None else grid.month_of_bucket(grid.bucket(first))
 
     def _own_answers(self) -> list[tuple[int, str, int]]:
         """The customer's own answer list, to add to (not the empty one shared by all who have none)."""

@@ -40,27 +40,27 @@ _SPARSE_MAX = 48
 Block = Union["array[int]", list[int], dict[int, int]]
 #: series read only at K (statuses "as of K"): every bucket up to K may fold into the base
 _READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:", "seg", "ck")
-#: the series of one cohort each (metrics.customer.cohort_series)
-_COHORT_SERIES = ("cmA:", "cmO:", "ckA:", "ckO:")
+#: the prefixes of the series of one cohort each (metrics.customer.cohort_series)
+_COHORT_SERIES = tuple(name.split(":")[0] + ":" for name in cohort_series(0))
 #: series also read for the previous period (K - 2n)
 _READ_TWO_WINDOWS_BACK = ("gross", "refunds")
 
 
-def read_reach(series: str, longest: int, cohort_reach: int = MINUS_INFINITY) -> int:
+def read_reach(series: str, longest: int, cohort_reach: int) -> int:
     """How far before K :meth:`StoreAggregate.metrics` (and :meth:`~MetricReader.cohorts`) reads a series.
 
     In buckets. Statuses are read at K, ``A`` also at K - n, histograms over windows (K - n),
     and gross and refunds for the previous period too (K - 2n); the cohort histograms ``cm``
-    a year back (``cohort_reach``, :attr:`metrics.timegrid.Grid.cohort_reach`; by default
-    they are never folded). Unknown names get ``longest``, the common case.
+    a year back (``cohort_reach``, :attr:`metrics.timegrid.Grid.cohort_reach`). Unknown names
+    get ``longest``, the common case.
 
-    >>> read_reach("P:60", 1440), read_reach("A", 1440), read_reach("gross", 1440), read_reach("cmN", 1440, 576000)
-    (0, 1440, 2880, 576000)
+    >>> [read_reach(name, 1440, 576000) for name in ("P:60", "A", "gross", "cmN")]
+    [0, 1440, 2880, 576000]
     """
     if series.startswith(_READ_AT_K_ONLY):
         return 0
     if series.startswith("cm"):
-        return -cohort_reach if cohort_reach == MINUS_INFINITY else cohort_reach
+        return cohort_reach
     if series in _READ_TWO_WINDOWS_BACK:
         return 2 * longest
     return longest
@@ -628,7 +628,7 @@ class StoreAggregate(MetricReader):
         """Forget buckets below ``floor`` except through each series' base; returns the blocks dropped."""
         return sum([series.fold_before(floor) for series in self.series.values()])
 
-    def fold_read(self, as_of_bucket: int, longest: int, cohort_reach: int = MINUS_INFINITY) -> int:
+    def fold_read(self, as_of_bucket: int, longest: int, cohort_reach: int) -> int:
         """Fold, per series, every bucket that no later :meth:`metrics` (nor :meth:`cohorts`) reads.
 
         Reads are as of ``as_of_bucket`` or later (the clock only moves forward):

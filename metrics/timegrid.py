@@ -168,12 +168,3 @@ class Grid:
         1
         """
         return month_of_ms(bucket * self.bucket_ms)
-
-    def month_first_bucket(self, month: int) -> int:
-        """The first bucket whose first instant lies in ``month``.
-
-        >>> grid = Grid(7 * 60_000, 7 * DAY_MS, (7 * DAY_MS,))
-        >>> first = grid.month_first_bucket(1); grid.month_of_bucket(first - 1), grid.month_of_bucket(first)
-        (0, 1)
-        """
-        return -(-month_start_ms(month) // self.bucket_ms)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import zlib
 
 import orjson
 import pytest
@@ -15,11 +14,16 @@ from metrics import events as ev
 from metrics.catalog import ALL_STORES
 from metrics.compare import cohort_differences
 from metrics.customer import CustomerFacts, diff, families_of
-from metrics.engine import WALL_CLOCK, CurrencyGate, LoyaltyEngine, customer_key
+from metrics.engine import WALL_CLOCK, LoyaltyEngine, customer_key
 from metrics.reference import ReferenceConfig, reference_cohorts
-from metrics.store import ReadPoints, StoreAggregate
 from metrics.timegrid import DAY_MS, Grid, month_start_ms
-from test_metrics_properties import check_as_of_ticks
+from test_metrics_properties import (
+    by_store,
+    check_as_of_ticks,
+    merged_in_any_grouping,
+    split_engines,
+    summed_read_points,
+)
 
 HOUR = 3_600_000
 #: month numbers counted from January 1970
@@ -174,36 +178,12 @@ def test_cohorts_of_merged_and_of_summed_partial_states_equal_one_state(
     events: list[ev.Event], groups: int, seed: int, grid: Grid
 ) -> None:
     """Partial states merged in any grouping, or their folded read points summed (``*``), give the whole matrix."""
-    gate = CurrencyGate()
-    admitted = [e for e in events if e.type not in ev.MONEY_TYPES or gate.admit(e.store_id, e.currency)]
-    final = max((e.occurred_at_ms for e in admitted), default=0)
-    whole = LoyaltyEngine(grid, clock=WALL_CLOCK)
-    parts = [LoyaltyEngine(grid, clock=WALL_CLOCK) for _ in range(groups)]
-    for event in admitted:
-        whole.ingest(event)
-        parts[zlib.crc32(event.store_id.encode()) % groups].ingest(event)
-    whole.advance(final)
+    whole, parts, final = split_engines(events, grid, groups, by_store)
     k = grid.bucket(final)
     expected = whole.all_stores.cohorts(grid, k)
     rng = random.Random(seed)
-    points = []
-    for part in parts:
-        part.advance(final)
-        part.all_stores.fold_read(k, grid.longest, grid.cohort_reach)
-        points.append(ReadPoints.from_record(orjson.loads(orjson.dumps(
-            part.all_stores.read_points(grid, k).to_record()))))
-    rng.shuffle(points)
-    total = ReadPoints()
-    for point in points:
-        total.merge(point)
-    assert not cohort_differences(total.cohorts(grid, k), expected)
-    pool = [part.all_stores for part in parts]
-    while len(pool) > 1:
-        merged = StoreAggregate()
-        merged.merge(pool.pop(rng.randrange(len(pool))))
-        merged.merge(pool.pop(rng.randrange(len(pool))))
-        pool.append(merged)
-    assert not cohort_differences(pool[0].cohorts(grid, k), expected)
+    assert not cohort_differences(summed_read_points(parts, grid, k, rng).cohorts(grid, k), expected)
+    assert not cohort_differences(merged_in_any_grouping(parts, rng).cohorts(grid, k), expected)
 
 
 @PROPERTY_SETTINGS

@@ -206,24 +206,38 @@ def check_as_of_ticks(events: list[ev.Event], data: st.DataObject, grid: Grid,
             engine.ingest(events[index])
 
 
-@PROPERTY_SETTINGS
-@given(events=st.one_of(event_logs(), NPS_HEAVY_LOGS), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
-def test_merging_partial_states_in_any_grouping_equals_one_state(
-    events: list[ev.Event], groups: int, seed: int
-) -> None:
-    """Customers split over partitions, their aggregates merged in any order and grouping, give the same result."""
+def by_customer(event: ev.Event, groups: int) -> int:
+    """The part of an event when customers are split over partitions."""
+    return zlib.crc32("|".join(customer_key(event)).encode()) % groups
+
+
+def by_store(event: ev.Event, groups: int) -> int:
+    """The part of an event when stores are split over partitions (as the deltas partitions hold them)."""
+    return zlib.crc32(event.store_id.encode()) % groups
+
+
+def split_engines(events: list[ev.Event], grid: Grid, groups: int, part_of: Callable[[ev.Event, int], int]
+                  ) -> tuple[LoyaltyEngine, list[LoyaltyEngine], int]:
+    """The admitted events in one engine and split over ``groups`` engines, all advanced to the latest event.
+
+    Returns the whole engine, the parts and the latest event time.
+    """
     gate = CurrencyGate()
     admitted = [e for e in events if e.type not in ev.MONEY_TYPES or gate.admit(e.store_id, e.currency)]
     final = max((e.occurred_at_ms for e in admitted), default=0)
-    whole = LoyaltyEngine(GRID, clock=WALL_CLOCK)
-    parts = [LoyaltyEngine(GRID, clock=WALL_CLOCK) for _ in range(groups)]
+    whole = LoyaltyEngine(grid, clock=WALL_CLOCK)
+    parts = [LoyaltyEngine(grid, clock=WALL_CLOCK) for _ in range(groups)]
     for event in admitted:
         whole.ingest(event)
-        parts[zlib.crc32("|".join(customer_key(event)).encode()) % groups].ingest(event)
+        parts[part_of(event, groups)].ingest(event)
     whole.advance(final)
     for part in parts:
         part.advance(final)
-    rng = random.Random(seed)
+    return whole, parts, final
+
+
+def merged_in_any_grouping(parts: list[LoyaltyEngine], rng: random.Random) -> StoreAggregate:
+    """The parts' ``*`` aggregates merged two by two, in an order and grouping drawn from ``rng``."""
     pool = [part.all_stores for part in parts]
     while len(pool) > 1:
         left = pool.pop(rng.randrange(len(pool)))
@@ -232,10 +246,36 @@ def test_merging_partial_states_in_any_grouping_equals_one_state(
         merged.merge(left)
         merged.merge(right)
         pool.append(merged)
+    return pool[0]
+
+
+def summed_read_points(parts: list[LoyaltyEngine], grid: Grid, k: int, rng: random.Random) -> ReadPoints:
+    """The parts' ``*`` read points as of K, folded and serialised as the worker sends them, summed in any order."""
+    points = []
+    for part in parts:
+        # partial states are folded as the worker folds them
+        part.all_stores.fold_read(k, grid.longest, grid.cohort_reach)
+        record = orjson.dumps(part.all_stores.read_points(grid, k).to_record())  # as on the wire
+        points.append(ReadPoints.from_record(orjson.loads(record)))
+    rng.shuffle(points)
+    total = ReadPoints()
+    for point in points:
+        total.merge(point)
+    return total
+
+
+@PROPERTY_SETTINGS
+@given(events=st.one_of(event_logs(), NPS_HEAVY_LOGS), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_merging_partial_states_in_any_grouping_equals_one_state(
+    events: list[ev.Event], groups: int, seed: int
+) -> None:
+    """Customers split over partitions, their aggregates merged in any order and grouping, give the same result."""
+    whole, parts, final = split_engines(events, GRID, groups, by_customer)
+    merged = merged_in_any_grouping(parts, random.Random(seed))
     monetary = whole.gate.common_currency()[0]
     for window in GRID.windows:
         expected = whole.all_stores.metrics(GRID, window, GRID.bucket(final), monetary)
-        assert not metric_differences(pool[0].metrics(GRID, window, GRID.bucket(final), monetary), expected)
+        assert not metric_differences(merged.metrics(GRID, window, GRID.bucket(final), monetary), expected)
 
 
 @PROPERTY_SETTINGS
@@ -244,27 +284,9 @@ def test_summed_read_points_of_partial_states_equal_the_metrics_of_one_state(
     events: list[ev.Event], groups: int, seed: int
 ) -> None:
     """Partial aggregates' read points, serialised and summed in any order, read as the whole (how ``*`` is made)."""
-    gate = CurrencyGate()
-    admitted = [e for e in events if e.type not in ev.MONEY_TYPES or gate.admit(e.store_id, e.currency)]
-    final = max((e.occurred_at_ms for e in admitted), default=0)
-    whole = LoyaltyEngine(GRID, clock=WALL_CLOCK)
-    parts = [LoyaltyEngine(GRID, clock=WALL_CLOCK) for _ in range(groups)]
-    for event in admitted:
-        whole.ingest(event)
-        parts[zlib.crc32(event.store_id.encode()) % groups].ingest(event)  # by store, as partitions hold them
-    whole.advance(final)
+    whole, parts, final = split_engines(events, GRID, groups, by_store)
     k = GRID.bucket(final)
-    points = []
-    for part in parts:
-        part.advance(final)
-        # partial states are folded as the worker folds them
-        part.all_stores.fold_read(k, GRID.longest, GRID.cohort_reach)
-        record = orjson.dumps(part.all_stores.read_points(GRID, k).to_record())  # as on the wire
-        points.append(ReadPoints.from_record(orjson.loads(record)))
-    random.Random(seed).shuffle(points)
-    total = ReadPoints()
-    for point in points:
-        total.merge(point)
+    total = summed_read_points(parts, GRID, k, random.Random(seed))
     monetary = whole.gate.common_currency()[0]
     for window in GRID.windows:
         expected = whole.all_stores.metrics(GRID, window, k, monetary)
