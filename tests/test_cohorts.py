@@ -20,6 +20,7 @@ from metrics.timegrid import DAY_MS, Grid, month_start_ms
 from test_metrics_properties import (
     by_store,
     check_as_of_ticks,
+    check_event_clock,
     merged_in_any_grouping,
     split_engines,
     summed_read_points,
@@ -157,11 +158,7 @@ def _compare(engine: LoyaltyEngine, events: list[ev.Event], as_of_ms: int) -> No
 @given(events=cohort_logs(), grid=GRIDS)
 def test_cohorts_with_the_event_clock_equal_reference(events: list[ev.Event], grid: Grid) -> None:
     """With the event clock, the matrix of every store and of ``*`` as of the latest event equals the reference."""
-    engine = LoyaltyEngine(grid)
-    for event in events:
-        engine.ingest(event)
-    if engine.now_ms is not None:
-        _compare(engine, events, engine.now_ms)
+    check_event_clock(events, grid, compare=_compare)
 
 
 @PROPERTY_SETTINGS

@@ -132,15 +132,18 @@ def _compare(engine: LoyaltyEngine, events: list[ev.Event], as_of_ms: int, max_c
 @given(events=event_logs(), grid=GRIDS)
 def test_event_clock_equals_reference(events: list[ev.Event], grid: Grid) -> None:
     """With the event clock, the engine as of the latest event equals the batch reference."""
-    _check_event_clock(events, grid)
+    check_event_clock(events, grid)
 
 
-def _check_event_clock(events: list[ev.Event], grid: Grid) -> None:
+def check_event_clock(events: list[ev.Event], grid: Grid,
+                      compare: Callable[[LoyaltyEngine, list[ev.Event], int], None] | None = None) -> None:
+    """Ingest the events with the event clock and compare the engine as of the latest (``compare`` as in
+    :func:`check_as_of_ticks`)."""
     engine = LoyaltyEngine(grid)
     for event in events:
         engine.ingest(event)
     if engine.now_ms is not None:
-        _compare(engine, events, engine.now_ms)
+        (compare or _compare)(engine, events, engine.now_ms)
 
 
 #: NPS answers often, several per customer, ties in a bucket: customers change segment back and forth
@@ -151,7 +154,7 @@ NPS_HEAVY_LOGS = event_logs(types=SEGMENT_TYPES, surveys=(ev.SURVEY_NPS,))
 @given(events=NPS_HEAVY_LOGS, grid=GRIDS)
 def test_nps_segments_equal_reference(events: list[ev.Event], grid: Grid) -> None:
     """With NPS answers on every third event, churn, repeat purchase and net revenue by segment equal the reference."""
-    _check_event_clock(events, grid)
+    check_event_clock(events, grid)
 
 
 @PROPERTY_SETTINGS
