@@ -5,13 +5,16 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 UV_RUN := $(UV) run --frozen
 
 .DEFAULT_GOAL := help
-.PHONY: help bootstrap test lint up down status worker dashboard demo bench clean
+.PHONY: help bootstrap native test lint up down status worker dashboard demo bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 bootstrap: ## Install everything (uv, locked Python deps, Java/Maven and Kafka jars, redis-server); idempotent
 	@bash scripts/bootstrap.sh
+
+native: ## Compile the hot metric modules with mypyc (build/native; skipped without a C compiler)
+	$(UV_RUN) python scripts/compile_metrics.py
 
 test: bootstrap ## Run the whole test suite on a real Kafka and Redis (what .ci/run runs)
 	@# Any pytest failure fails the target, and so does exit code 5 (no test collected).

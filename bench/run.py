@@ -633,6 +633,7 @@ def machine_facts(settings: Settings) -> dict[str, Any]:
     import aiokafka
     import faust
 
+    import metrics
     from infra.local import kafka_version
 
     return {
@@ -640,6 +641,8 @@ def machine_facts(settings: Settings) -> dict[str, Any]:
         "machine": platform.machine(),
         "system": platform.platform(),
         "python": platform.python_version(),
+        # the workers inherit this process's environment, so they load the same build (metrics/__init__.py)
+        "metrics_implementation": metrics.IMPLEMENTATION,
         "kafka": kafka_version(),
         "faust": faust.__version__,
         "aiokafka": aiokafka.__version__,

@@ -255,9 +255,11 @@ QUIET_FOR_EVER = 2**62
 class MetricReader:
     """Every metric of SPEC section 5 read off prefix sums: ``_at(series, bucket)`` and the series' names."""
 
-    series: Any
-
     def _at(self, series: str, bucket: int) -> int:
+        raise NotImplementedError
+
+    def _series_names(self) -> Iterable[str]:
+        """The names of the series (for the channels of ``cac_by_channel``)."""
         raise NotImplementedError
 
     def _window(self, series: str, end: int, length: int) -> int:
@@ -461,7 +463,7 @@ class MetricReader:
         return {"period": "month", "cohorts": rows}
 
     def _cac_by_channel(self, k: int, n: int) -> dict[str, float | None]:
-        channels = {name.split(":", 1)[1] for name in self.series if name.startswith(("spend_ch:", "Fch:"))}
+        channels = {name.split(":", 1)[1] for name in self._series_names() if name.startswith(("spend_ch:", "Fch:"))}
         result: dict[str, float | None] = {}
         for channel in sorted(channels):
             spend = self._window("spend_ch:" + channel, k, n)
@@ -647,6 +649,9 @@ class StoreAggregate(MetricReader):
             del self.series[name]
         return dropped + len(empty)
 
+    def _series_names(self) -> Iterable[str]:
+        return self.series.keys()
+
     def _at(self, series: str, bucket: int) -> int:
         target = self.series.get(series)
         return 0 if target is None else target.prefix(bucket)
@@ -729,10 +734,8 @@ class ReadPoints(MetricReader):
     def __init__(self, values: dict[str, dict[int, int]] | None = None) -> None:
         self.values: dict[str, dict[int, int]] = values if values is not None else {}
 
-    @property
-    def series(self) -> dict[str, dict[int, int]]:
-        """The names of the series read (for the channels of ``cac_by_channel``)."""
-        return self.values
+    def _series_names(self) -> Iterable[str]:
+        return self.values.keys()
 
     def _at(self, series: str, bucket: int) -> int:
         points = self.values.get(series)
@@ -780,8 +783,10 @@ class _Recorder(MetricReader):
 
     def __init__(self, aggregate: StoreAggregate) -> None:
         self.aggregate = aggregate
-        self.series = aggregate.series
         self.points = ReadPoints()
+
+    def _series_names(self) -> Iterable[str]:
+        return self.aggregate.series.keys()
 
     def _at(self, series: str, bucket: int) -> int:
         value = self.aggregate._at(series, bucket)

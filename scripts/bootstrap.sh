@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the product and its tests need; safe to run again (skips what is there).
 #   - uv (with pip) when missing, then the locked Python environment: uv sync --frozen
+#   - the hot metric modules compiled by mypyc (scripts/compile_metrics.py; pure Python without a C compiler)
 #   - Java 17+ and Maven (apt-get) when missing, then the Kafka jars (mvn, cached in infra/jars)
 #   - redis-server (apt-get) when missing
 #   - chromium (apt-get) when missing: the dashboard's browser tests drive it with Playwright (no browser download)
@@ -37,6 +38,10 @@ fi
 uv() { if type -P uv >/dev/null; then command uv "$@"; else "$PYTHON" -m uv "$@"; fi; }
 say "uv sync --frozen"
 uv sync --frozen
+# A C compiler for them when apt-get can install one; without it they stay pure Python.
+if ! command -v cc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then apt_install gcc libc6-dev; fi
+say "compiled metrics (mypyc)"
+uv run --frozen python scripts/compile_metrics.py
 
 # Kafka: Java 17+ and Maven, then the jars.
 if ! command -v java >/dev/null 2>&1; then apt_install openjdk-17-jre-headless; fi

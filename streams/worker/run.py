@@ -48,8 +48,9 @@ def run_worker(settings: Settings, extend: Callable[[faust.App], None] | None = 
     gc.set_threshold(*GC_THRESHOLDS)
     from faust import Worker
 
+    import metrics
     from streams.connections import KafkaAccessError, RedisAccessError
-    from streams.logs import configure_logging, logging_config
+    from streams.logs import configure_logging, get_logger, logging_config
     from streams.worker.app import create_app
     from streams.worker.topics import ensure_pipeline_topics
 
@@ -65,6 +66,8 @@ def run_worker(settings: Settings, extend: Callable[[faust.App], None] | None = 
     except Exception as error:  # Kafka unreachable: say so, no traceback
         where = settings.kafka_bootstrap_servers
         raise WorkerStartError(f"cannot create the pipeline's topics on {where}: {error}") from None
+    # "pure" where the mypyc build is missing or stale: the same numbers, slower (metrics/__init__.py)
+    get_logger(__name__).info("worker.metrics_implementation", implementation=metrics.IMPLEMENTATION)
     app = create_app(settings)
     if extend is not None:
         extend(app)
