@@ -46,12 +46,15 @@ def intersect(left: Intervals, right: Intervals) -> Intervals:
     """
     result: Intervals = []
     i = j = 0
-    while i < len(left) and j < len(right):
-        start = max(left[i][0], right[j][0])
-        end = min(left[i][1], right[j][1])
+    left_count, right_count = len(left), len(right)
+    while i < left_count and j < right_count:
+        left_start, left_end = left[i]
+        right_start, right_end = right[j]
+        start = left_start if left_start > right_start else right_start
+        end = left_end if left_end < right_end else right_end
         if start < end:
             result.append((start, end))
-        if left[i][1] < right[j][1]:
+        if left_end < right_end:
             i += 1
         else:
             j += 1

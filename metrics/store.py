@@ -494,11 +494,12 @@ class StoreAggregate(MetricReader):
         for series, bucket, delta in deltas:
             self.add(series, bucket, delta)
 
-    def add_groups(self, groups: Sequence[Any]) -> None:
+    def add_groups(self, groups: list[Any]) -> None:
         """Add deltas grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``.
 
         The aggregation's hot path: each series is looked up once, and consecutive
-        deltas of one block reuse it (:meth:`PrefixSeries.add` inline).
+        deltas of one block reuse it (:meth:`PrefixSeries.add` inline). Written for
+        mypyc (typed locals, indexed loops): buckets and deltas are unboxed ints.
 
         >>> aggregate = StoreAggregate(); aggregate.add_groups(["A", [3, 1, 9, -1], "A", [5, 2]])
         >>> aggregate.series["A"].prefix(4), aggregate.series["A"].prefix(9)
@@ -506,27 +507,35 @@ class StoreAggregate(MetricReader):
         """
         all_series = self.series
         for position in range(0, len(groups), 2):
-            name = groups[position]
+            name: str = groups[position]
+            pairs: list[int] = groups[position + 1]
+            count = len(pairs)
+            if count & 1:
+                raise ValueError(f"series {name!r}: an odd number of bucket/delta items ({count})")
             target = all_series.get(name)
             if target is None:
                 target = all_series[name] = PrefixSeries()
-            floor = MINUS_INFINITY if target.floor is None else target.floor
+            floor: int = MINUS_INFINITY if target.floor is None else target.floor
             target.changed()
             blocks = target.blocks
             sums = target.sums
-            pairs = iter(groups[position + 1])
             folded = 0
             # the block of the current run of deltas, and their sum, added to its block's once
-            block_index: int | None = None
+            block_index = MINUS_INFINITY
             block: Block = _ZERO_BLOCK
+            sparse: dict[int, int] | None = None
             run = 0
-            for bucket, delta in zip(pairs, pairs, strict=True):
+            item = 0
+            while item < count:
+                bucket = pairs[item]
+                delta = pairs[item + 1]
+                item += 2
                 if bucket < floor:
                     folded += delta
                     continue
                 index = bucket >> _BLOCK_BITS
                 if index != block_index:
-                    if run and block_index is not None:
+                    if run:
                         sums[block_index] = sums.get(block_index, 0) + run
                         run = 0
                     block_index = index
@@ -534,11 +543,13 @@ class StoreAggregate(MetricReader):
                     if found is None:
                         found = blocks[index] = {}
                     block = found
+                    sparse = found if isinstance(found, dict) else None
                 slot = bucket & _BLOCK_MASK
-                if isinstance(block, dict):
-                    block[slot] = block.get(slot, 0) + delta
-                    if len(block) > _SPARSE_MAX:
-                        block = blocks[index] = _densify(block)
+                if sparse is not None:
+                    sparse[slot] = sparse.get(slot, 0) + delta
+                    if len(sparse) > _SPARSE_MAX:
+                        block = blocks[index] = _densify(sparse)
+                        sparse = None
                 else:
                     try:
                         block[slot] += delta
@@ -546,7 +557,7 @@ class StoreAggregate(MetricReader):
                         _widen(blocks, bucket, delta)
                         block = blocks[index]
                 run += delta
-            if run and block_index is not None:
+            if run:
                 sums[block_index] = sums.get(block_index, 0) + run
             if folded:
                 target.base += folded

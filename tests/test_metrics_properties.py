@@ -385,3 +385,12 @@ def test_prefix_series_equals_plain_sums_through_adds_folds_and_reads(operations
     for bucket in (-101, 0, 1023, 1024, 5000):
         assert restored.series.get("s", PrefixSeries()).prefix(bucket) == aggregate.series.get(
             "s", PrefixSeries()).prefix(bucket)
+
+
+def test_add_groups_refuses_an_odd_group_before_adding_any_of_it() -> None:
+    """A series group with a bucket and no delta is an error, and none of that group is added."""
+    aggregate = StoreAggregate()
+    aggregate.add_groups(["s", [3, 1]])
+    with pytest.raises(ValueError, match="odd number"):
+        aggregate.add_groups(["s", [4, 2, 5]])
+    assert [aggregate.series["s"].prefix(bucket) for bucket in (3, 4, 5)] == [1, 1, 1]
