@@ -1229,6 +1229,28 @@ def add_difference(out: Deltas, after: Deltas, before: Deltas) -> None:
             add_delta(out, series, bucket, -value)
 
 
+def grouped_rows(deltas: Deltas) -> list[Any]:
+    """Nonzero deltas grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``.
+
+    The form of the deltas topic (:meth:`metrics.store.StoreAggregate.add_groups` reads it); a
+    series whose deltas all cancelled is left out.
+
+    >>> grouped_rows({"A": {3: 1, 5: 0, 9: -1}, "P:60": {4: 0}})
+    ['A', [3, 1, 9, -1]]
+    """
+    groups: list[Any] = []
+    for series, buckets in deltas.items():
+        pairs: list[int] = []
+        for bucket, delta in buckets.items():
+            if delta:
+                pairs.append(bucket)
+                pairs.append(delta)
+        if pairs:
+            groups.append(series)
+            groups.append(pairs)
+    return groups
+
+
 def diff(after: Deltas, before: Deltas) -> Deltas:
     """``after - before``, without zero entries (nor series left empty).
 

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from metrics import events as ev
-from metrics.customer import CustomerFacts, Deltas, add_delta, event_deltas, families_of
+from metrics.customer import CustomerFacts, Deltas, add_delta, event_deltas, families_of, grouped_rows
 from metrics.engine import customer_key
 from metrics.intervals import PLUS_INFINITY
 from metrics.timegrid import Grid
@@ -233,8 +233,6 @@ class CustomerStage:
                 facts.contributions(grid, families, since, out=store, sign=1)
 
 
-
-
 def delta_messages(
     output: CustomerOutput, source: tuple[int, int], partitions: int
 ) -> dict[int, list[dict[str, Any]]]:
@@ -249,15 +247,7 @@ def delta_messages(
     """
     # rows travel grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``:
     # one list per series, and the aggregation looks each series up once, not once per row
-    scopes: list[tuple[str, list[Any]]] = []
-    for store_id, deltas in output.deltas.items():
-        groups: list[Any] = []
-        for series, buckets in deltas.items():
-            pairs = [item for bucket, delta in buckets.items() if delta for item in (bucket, delta)]
-            if pairs:
-                groups.append(series)
-                groups.append(pairs)
-        scopes.append((store_id, groups))
+    scopes = [(store_id, grouped_rows(deltas)) for store_id, deltas in output.deltas.items()]
     entries_by_partition: dict[int, list[tuple[str, list[Any], dict[str, str] | None]]] = {}
     for store_id, groups in scopes:
         currencies = {store_id: output.currencies[store_id]} if store_id in output.currencies else None

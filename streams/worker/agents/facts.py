@@ -42,7 +42,7 @@ class Facts:
 
     def load(self, key: str) -> CustomerFacts | None:
         """A customer's facts from the table (``None``: a new customer)."""
-        return load_customer(key, self.topology.facts.get)
+        return load_customer(key, self.topology.facts.get_raw)
 
     async def run(self, stream: Any) -> None:
         """The agent: each batch of by-customer messages applied, its deltas sent, then its facts written.

@@ -23,7 +23,7 @@ class CurrencyView:
         self.table = table
 
     def get(self, store_id: str) -> str | None:
-        value = self.table.get(store_id.encode())
+        value = self.table.get_raw(store_id.encode())
         return None if value is None else bytes(value).decode()
 
     def __setitem__(self, store_id: str, currency: str) -> None:
@@ -40,7 +40,7 @@ class ChannelsView:
     def get(self, store_id: str) -> list[str] | None:
         channels = self.decoded.get(store_id)
         if channels is None:
-            value = self.table.get(store_id.encode())
+            value = self.table.get_raw(store_id.encode())
             if value is None:
                 return None
             channels = self.decoded[store_id] = unpack(bytes(value))
