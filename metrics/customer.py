@@ -1156,7 +1156,7 @@ def _window_sums(revenue: list[tuple[int, int]], n: int, since: int) -> _WindowS
         changes[bucket] = changes.get(bucket, 0) + amount
         changes[bucket + n] = changes.get(bucket + n, 0) - amount
     points = sorted(changes)
-    values = list(accumulate(changes[point] for point in points))
+    values = list(accumulate([changes[point] for point in points]))
     return _WindowSums(points, values)
 
 
@@ -1177,7 +1177,7 @@ class _WindowSeries(NamedTuple):
 def _series_names(window: int) -> _WindowSeries:
     suffix = ":" + str(window)
     prefixes = ("both", "newact", "actmem", "P", "ret", "life", "crev", "nrr")
-    return _WindowSeries(*(prefix + suffix for prefix in prefixes))
+    return _WindowSeries(*[prefix + suffix for prefix in prefixes])
 
 
 def _series(out: Deltas, series: str) -> dict[int, int]:

@@ -76,7 +76,7 @@ def spans(starts: Iterable[int], length: int) -> Intervals:
     >>> spans([3, 1, 9], 3)
     [(1, 6), (9, 12)]
     """
-    return normalise((start, start + length) for start in starts)
+    return normalise([(start, start + length) for start in starts])
 
 
 def contains(intervals: Intervals, bucket: int) -> bool:

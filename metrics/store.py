@@ -157,7 +157,7 @@ class PrefixSeries:
         running = self._running
         if running is None:
             indexes = sorted(self.sums)
-            totals = list(accumulate(self.sums[i] for i in indexes))
+            totals = list(accumulate([self.sums[i] for i in indexes]))
             running = self._running = (indexes, totals)
         before = bisect_left(running[0], index)
         value = self.base + (running[1][before - 1] if before else 0)

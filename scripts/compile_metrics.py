@@ -21,6 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# this script reads the sources and the stamp itself: importing the package must not load (or warn
+# about) the build it is about to replace
+os.environ["LOYALTY_PURE_PYTHON"] = "1"
 
 from metrics import COMPILED_MODULES, NATIVE_DIR, sources_digest  # noqa: E402
 
