@@ -21,11 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# this script reads the sources and the stamp itself: importing the package must not load (or warn
-# about) the build it is about to replace
-os.environ["LOYALTY_PURE_PYTHON"] = "1"
-
-from metrics import COMPILED_MODULES, NATIVE_DIR, sources_digest  # noqa: E402
 
 
 def missing_tools() -> str | None:
@@ -47,6 +42,8 @@ def build() -> None:
     """Compile into a scratch folder, then move the modules and the stamp into place (stamp last)."""
     from mypyc.build import mypycify
     from setuptools import setup
+
+    from metrics import COMPILED_MODULES, NATIVE_DIR, sources_digest
 
     stamp = sources_digest()
     with tempfile.TemporaryDirectory(prefix="loyalty-native-") as scratch:
@@ -86,6 +83,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when the build matches the sources")
     options = parser.parse_args()
+    # the package is imported as source here: it must not load (or warn about) the build this replaces;
+    # set in main only, so that importing this module (tests/test_native.py) changes no environment
+    os.environ["LOYALTY_PURE_PYTHON"] = "1"
+    from metrics import COMPILED_MODULES, NATIVE_DIR, sources_digest
+
     stamp_file = NATIVE_DIR / "SOURCES"
     if not options.force and stamp_file.exists() and stamp_file.read_text().strip() == sources_digest():
         print("compiled metrics are up to date")

@@ -73,8 +73,13 @@ def loyalty_command() -> list[str]:
 
 
 def clean_env(**overrides: str) -> dict[str, str]:
-    """The current environment without the product's configuration, plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES and not k.startswith("LOYALTY_")}
+    """The current environment without the product's configuration, plus ``overrides``.
+
+    ``LOYALTY_PURE_PYTHON`` stays: it picks how the metrics run, not what they compute, so the
+    processes a test starts run what the test session runs.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k == "LOYALTY_PURE_PYTHON" or (k not in CONFIG_VARIABLES and not k.startswith("LOYALTY_"))}
     env.update(overrides)
     return env
 

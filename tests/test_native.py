@@ -17,13 +17,18 @@ import metrics.store as metrics_store
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+PURE_BEFORE_IMPORT = os.environ.get("LOYALTY_PURE_PYTHON")
 compile_metrics = importlib.import_module("compile_metrics")
+#: LOYALTY_PURE_PYTHON=1 pytest runs the whole suite on the source
+FORCED_PURE = (PURE_BEFORE_IMPORT or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def test_compiled_build_is_loaded_where_it_can_be_built() -> None:
     """With a C compiler and Python's headers here, the suite runs the compiled modules (bootstrap built them)."""
+    # importing the build script must not switch the workers the later tests start to pure Python
+    assert os.environ.get("LOYALTY_PURE_PYTHON") == PURE_BEFORE_IMPORT
     lacking = compile_metrics.missing_tools()
-    expected = "pure" if lacking is not None else "compiled"
+    expected = "pure" if lacking is not None or FORCED_PURE else "compiled"
     assert expected == metrics.IMPLEMENTATION, (
         f"metrics run {metrics.IMPLEMENTATION}, expected {expected} ({lacking or 'tools present'}): "
         "make native builds them, and an edited module needs a rebuild"
