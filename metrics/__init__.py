@@ -33,22 +33,32 @@ def sources_digest() -> str:
     return digest.hexdigest()
 
 
-def _native_build() -> str | None:
-    """The compiled modules' folder when its stamp matches the sources, else ``None`` (warning when stale)."""
-    if os.environ.get("LOYALTY_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
-        return None
+def pure_python_forced() -> bool:
+    """Whether ``LOYALTY_PURE_PYTHON`` asks for the source whatever is built (``1``, ``true``, ``yes``, ``on``)."""
+    return os.environ.get("LOYALTY_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def native_build_current() -> bool | None:
+    """Whether the build's stamp matches the sources; ``None`` when nothing is built."""
     try:
         stamp = (NATIVE_DIR / "SOURCES").read_text().strip()
     except OSError:
         return None
-    if stamp != sources_digest():
+    return stamp == sources_digest()
+
+
+def _native_build() -> str | None:
+    """The compiled modules' folder when its stamp matches the sources, else ``None`` (warning when stale)."""
+    if pure_python_forced():
+        return None
+    current = native_build_current()
+    if current is False:
         warnings.warn(
             "the compiled metrics are older than their source: running pure Python (make native rebuilds them)",
             RuntimeWarning,
             stacklevel=2,
         )
-        return None
-    return str(NATIVE_DIR)
+    return str(NATIVE_DIR) if current else None
 
 
 _native = _native_build()

@@ -797,7 +797,7 @@ class _Recorder(MetricReader):
         self.points = ReadPoints()
 
     def _series_names(self) -> Iterable[str]:
-        return self.aggregate.series.keys()
+        return self.aggregate._series_names()
 
     def _at(self, series: str, bucket: int) -> int:
         value = self.aggregate._at(series, bucket)

@@ -86,10 +86,9 @@ def main() -> int:
     # the package is imported as source here: it must not load (or warn about) the build this replaces;
     # set in main only, so that importing this module (tests/test_native.py) changes no environment
     os.environ["LOYALTY_PURE_PYTHON"] = "1"
-    from metrics import COMPILED_MODULES, NATIVE_DIR, sources_digest
+    from metrics import COMPILED_MODULES, native_build_current
 
-    stamp_file = NATIVE_DIR / "SOURCES"
-    if not options.force and stamp_file.exists() and stamp_file.read_text().strip() == sources_digest():
+    if not options.force and native_build_current():
         print("compiled metrics are up to date")
         return 0
     lacking = missing_tools()

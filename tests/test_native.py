@@ -19,8 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 PURE_BEFORE_IMPORT = os.environ.get("LOYALTY_PURE_PYTHON")
 compile_metrics = importlib.import_module("compile_metrics")
-#: LOYALTY_PURE_PYTHON=1 pytest runs the whole suite on the source
-FORCED_PURE = (PURE_BEFORE_IMPORT or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def test_compiled_build_is_loaded_where_it_can_be_built() -> None:
@@ -28,7 +26,8 @@ def test_compiled_build_is_loaded_where_it_can_be_built() -> None:
     # importing the build script must not switch the workers the later tests start to pure Python
     assert os.environ.get("LOYALTY_PURE_PYTHON") == PURE_BEFORE_IMPORT
     lacking = compile_metrics.missing_tools()
-    expected = "pure" if lacking is not None or FORCED_PURE else "compiled"
+    # LOYALTY_PURE_PYTHON=1 pytest runs the whole suite on the source
+    expected = "pure" if lacking is not None or metrics.pure_python_forced() else "compiled"
     assert expected == metrics.IMPLEMENTATION, (
         f"metrics run {metrics.IMPLEMENTATION}, expected {expected} ({lacking or 'tools present'}): "
         "make native builds them, and an edited module needs a rebuild"
