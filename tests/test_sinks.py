@@ -9,6 +9,8 @@ from decimal import Decimal
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiokafka.errors import KafkaTimeoutError
+from faust.exceptions import NotReady
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -18,6 +20,8 @@ from streams.sinks.dead_letters import REFORWARD_WINDOW_S, StageLedger
 from streams.sinks.health import HealthCounters
 from streams.sinks.redis_sink import HEALTH_KEY, REDIS_TIMEOUT_S, RedisSink, metric_key
 from streams.sinks.snapshots import dumps, snapshot_payload
+from streams.worker.agents.publish import emit_failure
+from streams.worker.app import create_app
 
 #: a Redis database of this module's own
 DATABASE = 5
@@ -124,3 +128,23 @@ def test_stage_ledger_commits_positions_a_window_old_and_forgets_after_it() -> N
     now[0] = 30.0 + REFORWARD_WINDOW_S
     assert orjson.loads(ledger.commit_metadata()) == {"0": 20, "1": 5}
     assert not ledger.already_sent(dict(letter))
+
+
+async def test_emit_failures_retry_stop_quietly_at_shutdown_or_raise(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A Redis or Kafka failure is retried, a producer stopped at shutdown ends the emit quietly, a bug raises."""
+    app = create_app(Settings(_env_file=None, LOYALTY_STORE="memory",  # type: ignore[call-arg]
+                              LOYALTY_STATE_DIR=str(tmp_path)))
+    with pytest.raises(NotReady) as stopped_producer:  # what an emit in flight meets once Faust stopped it
+        app.producer._ensure_producer()
+    unreachable = RedisSink(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(RedisConnectionError) as redis_away:
+            await unreachable.server_run_id()
+    finally:
+        await unreachable.close()
+    cases = [(stopped_producer.value, True, "stopping"), (stopped_producer.value, False, "retry"),
+             (KafkaTimeoutError(), True, "stopping"), (KafkaTimeoutError(), False, "retry"),
+             (redis_away.value, False, "retry"), (redis_away.value, True, "retry"),
+             (ConnectionRefusedError(), False, "retry"), (KeyError("store"), False, "raise"),
+             (KeyError("store"), True, "raise")]
+    assert [emit_failure(error, stopping=stopping) for error, stopping, _ in cases] == [want for *_, want in cases]

@@ -7,7 +7,7 @@ topic; the worker that owns the ``*`` store's deltas partition reads them all, a
 partition's latest partial is as of the same bucket it publishes their sum as ``*``. Read
 points add up over disjoint stores, so the sum is exactly the metrics of all stores together.
 
-Redis may go away at any moment. A failed write pauses publishing (retried with a growing
+Redis (or Kafka) may go away at any moment. A failed write pauses publishing (retried with a growing
 delay, never stopping the worker), and once Redis answers again every store is published
 again, changed or not, so a Redis that came back empty holds every key again. A Redis that
 restarted between two emits is noticed by its server run id changing.
@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from faust.exceptions import NotReady
 
 from metrics.catalog import ALL_STORES
 from metrics.store import ReadPoints
@@ -42,6 +43,22 @@ RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
 #: partial ``*`` samples per message to the ``*`` owner (about 300 bytes each)
 STAR_SAMPLES_PER_MESSAGE = 500
+
+
+def emit_failure(error: Exception, *, stopping: bool) -> str:
+    """What an emit that failed with ``error`` does: ``"retry"``, ``"stopping"`` or ``"raise"``.
+
+    Redis or Kafka unreachable, timing out or failing: retry later (the worker goes on). A Kafka
+    send refused because the worker is shutting down (Faust stops the producer before it cancels
+    the timers, so an emit in flight may meet it stopped): stop quietly, what was not sent is
+    still in the outboxes and checkpoints. Anything else is a fault in the worker: raise.
+    """
+    kafka = isinstance(error, KafkaError | NotReady)
+    if kafka and stopping:
+        return "stopping"
+    if kafka or type(error).__module__.startswith("redis") or isinstance(error, OSError | TimeoutError):
+        return "retry"
+    return "raise"
 
 
 class Publisher:
@@ -98,9 +115,13 @@ class Publisher:
             await self.publish_partials(now)
             await self.publish_star(now, self.redis)
             await self.topology.health.flush(self.redis)
-        except Exception as error:  # Redis unreachable, timing out, or failing: retry later
-            if not type(error).__module__.startswith("redis") and not isinstance(error, OSError | TimeoutError):
+        except Exception as error:
+            outcome = emit_failure(error, stopping=self.topology.app.should_stop)
+            if outcome == "raise":
                 raise
+            if outcome == "stopping":
+                log.info("emit.stopped", error=str(error) or type(error).__name__)
+                return
             self.retry_delay_s = min(RETRY_MAX_S, max(RETRY_FIRST_S, 2 * self.retry_delay_s))
             self.retry_at = time.monotonic() + self.retry_delay_s
             self.republish = True
