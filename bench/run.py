@@ -8,26 +8,33 @@ One run, against the Kafka and Redis of the settings (``loyalty up``):
 2. ceilings, per shape: a raw aiokafka consumer that fetches in batches and
    decodes every message with orjson, and an empty Faust agent that only
    decodes (``bench.faust_ceiling``), each timed from its first message to its last;
+   and the Python peer a user would compare with, Quix Streams doing one keyed state
+   update per event (``bench.quix_peer``), timed the same way;
 3. throughput, per shape: one ``loyalty worker`` (RocksDB state, every metric
    and window, event clock) from the pre-filled topics until the snapshots in
    Redis equal the batch reference (``metrics.reference``) on a sample of stores;
-4. latency: a live worker (wall clock) under a steady ``--rate`` for
-   ``--duration``; an order's latency is from just before it is produced to
+4. latency, ``--latency-runs`` times (a fresh worker each, measured once it
+   publishes what it is sent): a live worker (wall clock) under a steady ``--rate`` for
+   ``--duration``, in percentiles and by second of sending; an order's latency is from just before it is produced to
    the first Redis poll (every 10 ms) whose ``orders`` count of its store
    includes it (counts are compared, so it is exact when a store's orders are
    applied in send order and otherwise a close estimate);
 5. memory: peak RSS (``VmHWM``) of a worker that takes ``--memory-customers``
-   distinct customers (one signup each, batched messages), and of one that takes
+   customers over 120 days (a signup, an NPS answer and one to three orders each,
+   batched messages), and of one that takes
    ``--small-stores`` stores of 5 customers each (a signup, two orders and an NPS answer per
    customer): memory must follow activity, not the number of stores.
 
-It prints a table and writes ``bench/results/<date>.json`` with the machine's facts.
+It prints a table and writes ``bench/results/<date>.json`` with the machine's facts, and
+beside it ``<date>.png`` (``bench.plot``): throughput against the ceilings and the peer, and
+latency over time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import heapq
 import os
 import platform
 import statistics
@@ -84,6 +91,10 @@ class BenchOptions:
     timeout_s: float = 3_600.0
     output_dir: Path = Path("bench/results")
     shapes: tuple[int, ...] = field(default=(1, 500))
+    #: run the Quix Streams peer beside the worker on each shape
+    peer: bool = True
+    #: how many times the latency part runs (each with a worker of its own), to show its spread
+    latency_runs: int = 3
 
 
 @dataclass
@@ -101,6 +112,8 @@ class Workload:
     """The events of the throughput runs (the same for both shapes)."""
 
     bodies: list[tuple[str, bytes]]
+    #: store -> its events (what the peer must have counted)
+    store_events: dict[str, int]
     sample_stores: list[str]
     sample_events: list[Event]
     as_of_ms: int
@@ -128,6 +141,7 @@ def make_workload(options: BenchOptions, settings: Settings) -> Workload:
     sample = generator.store_ids[-options.sample_stores:] if options.sample_stores else []
     wanted = set(sample)
     bodies: list[tuple[str, bytes]] = []
+    store_events: dict[str, int] = {}
     sample_events: list[Event] = []
     now_ms = time.time_ns() // 1_000_000
     as_of_ms = 0
@@ -135,13 +149,14 @@ def make_workload(options: BenchOptions, settings: Settings) -> Workload:
         topic, body = next(generator)
         encoded = orjson.dumps(body)
         bodies.append((topic, encoded))
+        store_events[body["store_id"]] = store_events.get(body["store_id"], 0) + 1
         as_of_ms = max(as_of_ms, generator.last_ms or 0)
         if body["store_id"] in wanted:
             for item in parse_message(encoded, topic, now_ms=now_ms, max_future_skew_ms=settings.max_future_skew_ms):
                 if not isinstance(item, Event):
                     raise BenchError(f"the simulator made an invalid event: {item}")
                 sample_events.append(item)
-    return Workload(bodies, sample, sample_events, as_of_ms)
+    return Workload(bodies, store_events, sample, sample_events, as_of_ms)
 
 
 async def prefill(settings: Settings, prefix: str, bodies: list[tuple[str, bytes]], batch: int) -> Dataset:
@@ -256,6 +271,43 @@ async def faust_ceiling(settings: Settings, dataset: Dataset, work_dir: Path, ti
     values = orjson.loads(result.read_bytes())
     values["events_per_s"] = values["events"] / values["seconds"]
     return values  # type: ignore[no-any-return]
+
+
+async def quix_peer(settings: Settings, dataset: Dataset, store_events: dict[str, int], work_dir: Path,
+                    timeout_s: float) -> dict[str, Any]:
+    """The Quix Streams peer (``bench.quix_peer``) in its own process: first message to last.
+
+    Its counts by store must be the workload's, or the peer's figure would not be of the same work.
+    """
+    result = work_dir / f"peer-{dataset.prefix}json"
+    env = {
+        **os.environ,
+        "BENCH_TOPICS": ",".join(dataset.prefix + name for name in INPUT_TOPICS),
+        "BENCH_EVENTS": str(dataset.events),
+        "BENCH_RESULT": str(result),
+        "BENCH_APP_ID": f"bench-peer-{uuid.uuid4().hex[:8]}",
+        "BENCH_DATADIR": str(work_dir / f"peer-state-{dataset.prefix}"),
+    }
+    log_path = work_dir / f"peer-{dataset.prefix}log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "bench.quix_peer"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not result.exists():
+            if process.poll() is not None:
+                raise BenchError(f"the Quix Streams peer exited with {process.returncode}: "
+                                 f"{log_path.read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the Quix Streams peer did not finish in {timeout_s:.0f}s: see {log_path}")
+            await asyncio.sleep(POLL_S)
+    finally:
+        stop_worker(process)
+    values: dict[str, Any] = orjson.loads(result.read_bytes())
+    if values["stores"] != dict(sorted(store_events.items())):
+        raise BenchError(f"the Quix Streams peer counted {values['stores']}, the workload has {store_events}")
+    values["events_per_s"] = values["events"] / values["seconds"]
+    return values
 
 
 # -- workers ------------------------------------------------------------------------------------
@@ -419,8 +471,38 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[index]
 
 
+def latency_over_time(sent_at: list[float], latencies: list[float]) -> list[dict[str, float]]:
+    """Latency by second of sending: the orders sent in each second, their p50, p99 and max.
+
+    >>> [(p["second"], p["orders"], p["max_s"]) for p in latency_over_time([0.1, 0.5, 1.2], [0.2, 0.4, 0.3])]
+    [(0, 2, 0.4), (1, 1, 0.3)]
+    """
+    by_second: dict[int, list[float]] = {}
+    for stamp, value in zip(sent_at, latencies, strict=True):
+        by_second.setdefault(int(stamp), []).append(value)
+    return [
+        {"second": second, "orders": len(values), "p50_s": _percentile(values, 0.50),
+         "p99_s": _percentile(values, 0.99), "max_s": max(values)}
+        for second, values in sorted(by_second.items())
+    ]
+
+
 async def latency(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:
-    """Produce live traffic at ``options.rate`` for ``options.duration_s``; order latencies to Redis."""
+    """The latency part ``options.latency_runs`` times, each with a fresh worker; every run and their spread."""
+    runs = []
+    for _ in range(max(1, options.latency_runs)):
+        runs.append(await latency_run(settings, options, work_dir, database))
+    return {
+        "runs": runs,
+        "p99_s_worst": max(run["p99_s"] for run in runs),
+        "p99_s_best": min(run["p99_s"] for run in runs),
+        "max_s": max(run["max_s"] for run in runs),
+    }
+
+
+async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:
+    """Produce live traffic at ``options.rate`` for ``options.duration_s`` to a worker that is publishing already;
+    order latencies to Redis, in percentiles and by second of sending."""
     prefix = f"bench-{uuid.uuid4().hex[:6]}-live-"
     await ensure_topics(settings, [prefix + n for n in INPUT_TOPICS], settings.partitions)
     worker = Worker(settings, work_dir, prefix, database, LOYALTY_CLOCK="wall",
@@ -485,6 +567,7 @@ async def latency(settings: Settings, options: BenchOptions, work_dir: Path, dat
         poller = asyncio.create_task(poll())
         bucket = TokenBucket(options.rate, burst=max(1.0, options.rate / 100))
         started = time.monotonic()
+        sending_from = time.perf_counter()
         produced = 0
         while time.monotonic() - started < options.duration_s:
             granted, wait = bucket.take(64)
@@ -514,6 +597,7 @@ async def latency(settings: Settings, options: BenchOptions, work_dir: Path, dat
         worker.stop()
         await client.aclose()
     latencies: list[float] = []
+    sent_at: list[float] = []
     for i, times in order_times.items():
         seen = seen_counts[i]
         cursor = 0
@@ -521,6 +605,7 @@ async def latency(settings: Settings, options: BenchOptions, work_dir: Path, dat
             while seen[cursor][1] < k:
                 cursor += 1
             latencies.append(seen[cursor][0] - stamp)
+            sent_at.append(stamp - sending_from)
     return {
         "rate_target": options.rate,
         "rate_sent": produced / sending_s,
@@ -531,27 +616,45 @@ async def latency(settings: Settings, options: BenchOptions, work_dir: Path, dat
         "max_s": max(latencies),
         "mean_s": statistics.fmean(latencies),
         "peak_rss_bytes": peak,
+        "over_time": latency_over_time(sent_at, latencies),
     }
 
 
 # -- memory ----------------------------------------------------------------------------------------
 
 
-def signup_bodies(customers: int, stores: int) -> Iterator[tuple[str, bytes]]:
-    """One signup per distinct customer, spread over the stores and the last 30 days."""
-    now_ms = time.time_ns() // 1_000_000
-    start_ms = now_ms - 31 * DAY_MS
-    step = 30 * DAY_MS / max(customers, 1)
-    for number in range(customers):
-        body = {
-            "event_id": f"mem-{number}",
-            "type": "customer.signed_up",
-            "occurred_at": int(start_ms + number * step),
-            "store_id": f"store-{number % stores + 1}",
-            "customer_id": f"m{number}",
-            "channel": "organic",
-        }
-        yield "signups", orjson.dumps(body)
+def customer_bodies(customers: int, stores: int) -> Iterator[tuple[str, bytes]]:
+    """Customers as a store has them, over 120 days, in time order: per customer a signup, an NPS answer and
+    one to three orders (about four events each), spread over the stores.
+
+    Customer ``i`` of ``N`` (``u = i / N``) signs up on day ``60 u`` and answers on day ``60 u + 3``; its
+    last order is on day ``60 + 60 u``, and customers with two or three orders order on day ``60 u + 7``
+    (and ``60 u + 30``) as well. Every customer is therefore active at the end (its last order lies within
+    the 90-day horizon before the last event), which the memory part checks against ``*``.
+    """
+    end_ms = time.time_ns() // 1_000_000 - DAY_MS
+    start_ms = end_ms - 120 * DAY_MS
+    step = 60 * DAY_MS / max(customers, 1)
+
+    def stream(kind: str, offset_ms: int, fewest_orders: int) -> Iterator[tuple[int, int, str]]:
+        # one kind of event for every customer with at least ``fewest_orders`` orders: in time order
+        for number in range(customers):
+            if 1 + number % 3 >= fewest_orders:
+                yield int(start_ms + offset_ms + number * step), number, kind
+
+    streams = [stream("signup", 0, 0), stream("nps", 3 * DAY_MS, 0), stream("order-first", 7 * DAY_MS, 2),
+               stream("order-middle", 30 * DAY_MS, 3), stream("order-last", 60 * DAY_MS, 1)]
+    for at, number, kind in heapq.merge(*streams):
+        common = {"event_id": f"mem-{kind}-{number}", "occurred_at": at, "store_id": f"store-{number % stores + 1}",
+                  "customer_id": f"m{number}"}
+        if kind == "signup":
+            yield "signups", orjson.dumps({"type": "customer.signed_up", "channel": "organic", **common})
+        elif kind == "nps":
+            yield "survey-responses", orjson.dumps({"type": "survey.responded", "survey": "nps",
+                                                    "score": number % 11, **common})
+        else:
+            yield "orders", orjson.dumps({"type": "order.placed", "order_id": f"{kind}-{number}",
+                                          "amount": f"{10 + number % 90}.90", "currency": "EUR", **common})
 
 
 def small_store_bodies(stores: int) -> Iterator[tuple[str, bytes]]:
@@ -574,10 +677,11 @@ def small_store_bodies(stores: int) -> Iterator[tuple[str, bytes]]:
 
 
 async def memory(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:
-    """Peak RSS of a worker that takes ``memory_customers`` distinct customers."""
-    bodies = list(signup_bodies(options.memory_customers, options.stores))
+    """Peak RSS of a worker that takes ``memory_customers`` customers with a signup, orders and a survey each."""
+    bodies = list(customer_bodies(options.memory_customers, options.stores))
+    events = len(bodies)
     result = await _peak_rss(settings, options, work_dir, database, bodies, options.memory_customers, "mem")
-    return {"customers": options.memory_customers, **result}
+    return {"customers": options.memory_customers, "events": events, **result}
 
 
 async def small_stores(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:
@@ -683,17 +787,26 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
             raw = await raw_ceiling(settings, dataset, options.timeout_s)
             echo(f"[{batch} per message] empty Faust agent ceiling ...")
             empty = await faust_ceiling(settings, dataset, work_dir, options.timeout_s)
+            shape: dict[str, Any] = {"raw_aiokafka": raw, "empty_faust_agent": empty}
+            if options.peer:
+                echo(f"[{batch} per message] Quix Streams peer ...")
+                shape["quix_streams_peer"] = await quix_peer(settings, dataset, workload.store_events, work_dir,
+                                                             options.timeout_s)
             echo(f"[{batch} per message] worker ...")
             worker = await throughput(settings, options, workload, dataset, work_dir, database)
             database += 1
             worker["ratio_to_raw"] = worker["events_per_s"] / raw["events_per_s"]
             worker["ratio_to_empty_agent"] = worker["events_per_s"] / empty["events_per_s"]
-            results["shapes"][str(batch)] = {"raw_aiokafka": raw, "empty_faust_agent": empty, "worker": worker}
+            if "quix_streams_peer" in shape:
+                worker["ratio_to_peer"] = worker["events_per_s"] / shape["quix_streams_peer"]["events_per_s"]
+            shape["worker"] = worker
+            results["shapes"][str(batch)] = shape
             save()
         if shapes:
             del workload
         if options.duration_s > 0:
-            echo(f"latency at {options.rate:,.0f} events/s for {options.duration_s:.0f}s ...")
+            echo(f"latency at {options.rate:,.0f} events/s for {options.duration_s:.0f}s, "
+                 f"{options.latency_runs} run(s) ...")
             results["latency"] = await latency(settings, options, work_dir, database)
             database += 1
             save()
@@ -724,7 +837,10 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
             echo(f"one worker, then two, on {options.scale_events:,} events ...")
             results["scale_out"] = await scale_out(settings, options, work_dir, database, options.scale_events)
     save()
+    from bench.plot import plot
+
     results["path"] = str(path)
+    results["plot"] = str(plot(results, path.with_suffix(".png")))
     return results
 
 
@@ -741,16 +857,19 @@ def render_table(results: dict[str, Any]) -> Any:
         label = f"{batch} event(s)/message"
         table.add_row(f"{label}: raw aiokafka + orjson", f"{raw['events_per_s']:,.0f} ev/s", "")
         table.add_row(f"{label}: empty Faust agent", f"{empty['events_per_s']:,.0f} ev/s", "")
+        if "quix_streams_peer" in shape:
+            table.add_row(f"{label}: Quix Streams peer (1 state update/event)",
+                          f"{shape['quix_streams_peer']['events_per_s']:,.0f} ev/s", "")
         table.add_row(
             f"{label}: worker ({worker['events']:,} events)",
             f"{worker['events_per_s']:,.0f} ev/s",
-            f"{worker['ratio_to_empty_agent']:.1%} of empty agent, {worker['ratio_to_raw']:.2%} of raw",
+            f"{worker['ratio_to_empty_agent']:.1%} of empty agent, {worker['ratio_to_raw']:.2%} of raw"
+            + (f", {worker['ratio_to_peer']:.1%} of the peer" if "ratio_to_peer" in worker else ""),
         )
-    if "latency" in results:
-        lat = results["latency"]
-        table.add_row(f"latency at {lat['rate_sent']:,.0f} ev/s: p50", f"{lat['p50_s'] * 1000:,.0f} ms",
-                      f"{lat['orders_measured']:,} orders")
-        table.add_row("latency: p99", f"{lat['p99_s'] * 1000:,.0f} ms", f"max {lat['max_s'] * 1000:,.0f} ms")
+    for number, lat in enumerate(results.get("latency", {}).get("runs", []), start=1):
+        table.add_row(f"latency run {number} at {lat['rate_sent']:,.0f} ev/s: p50 / p99",
+                      f"{lat['p50_s'] * 1000:,.0f} / {lat['p99_s'] * 1000:,.0f} ms",
+                      f"max {lat['max_s'] * 1000:,.0f} ms, {lat['orders_measured']:,} orders")
     if "memory" in results:
         mem = results["memory"]
         peak = mem["peak_rss_bytes"]

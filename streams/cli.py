@@ -537,14 +537,20 @@ def demo(rate: float, stores: int, customers: int | None, seed: int | None, chur
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True)
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds any one part may take.")
+@click.option("--peer/--no-peer", default=True, show_default=True,
+              help="Run the Quix Streams peer (one state update per event) on each shape.")
+@click.option("--latency-runs", type=click.IntRange(1, 10), default=3, show_default=True, metavar="N",
+              help="How many times the latency part runs, each with a fresh worker.")
 def bench(events: int, batch: int, batched: bool, stores: int, customers: int, seed: int, sample_stores: int,
           rate: float, duration: str, memory_customers: int, small_stores: int, restart_events: str,
-          scale_events: int, emit_interval: str, output_dir: Path, timeout: float) -> None:
-    """Measure throughput beside the aiokafka and empty-Faust-agent ceilings, latency and memory (SPEC 9).
+          scale_events: int, emit_interval: str, output_dir: Path, timeout: float, peer: bool,
+          latency_runs: int) -> None:
+    """Measure throughput beside the aiokafka and empty-Faust-agent ceilings and the Quix Streams peer,
+    latency and memory (SPEC 9).
 
     Starts local Kafka and Redis like `loyalty up` when they are not running. Prints a
-    table and writes OUTPUT_DIR/<date>.json; the run ends by checking the final snapshots
-    of the sample stores against the batch reference.
+    table and writes OUTPUT_DIR/<date>.json and a PNG of it; the run ends by checking the final
+    snapshots of the sample stores against the batch reference.
     """
     import logging
 
@@ -564,7 +570,8 @@ def bench(events: int, batch: int, batched: bool, stores: int, customers: int, s
                            sample_stores=min(sample_stores, stores), rate=rate, duration_s=duration_s,
                            memory_customers=memory_customers, small_stores=small_stores, emit_interval_ms=emit_ms,
                            restart_events=restarts, scale_events=scale_events, timeout_s=timeout,
-                           output_dir=output_dir, shapes=(1, batch) if batched else (1,))
+                           output_dir=output_dir, shapes=(1, batch) if batched else (1,), peer=peer,
+                           latency_runs=latency_runs)
     click.get_current_context().invoke(up)
     settings = _settings()
     console = Console(stderr=True)
@@ -576,7 +583,7 @@ def bench(events: int, batch: int, batched: bool, stores: int, customers: int, s
     except BenchError as exc:
         raise click.ClickException(str(exc)) from None
     Console().print(render_table(results))
-    click.echo(f"written: {results['path']}")
+    click.echo(f"written: {results['path']} and {results['plot']}")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

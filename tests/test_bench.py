@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(900)
 def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) -> None:
-    """Ceilings, both shapes (checked against the reference), latency, memory, restart and scale-out in one JSON."""
+    """Ceilings and the peer, both shapes (checked against the reference), latency runs, memory, restart and
+    scale-out in one JSON, and its PNG."""
     env = clean_env(
         KAFKA_BOOTSTRAP_SERVERS=services.kafka_bootstrap,
         REDIS_URL=services.redis_url,
@@ -31,12 +32,14 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
         "bench", "--events", "3000", "--batch", "100", "--stores", "3", "--customers", "1500",
         "--sample-stores", "2", "--duration", "5s", "--rate", "200", "--memory-customers", "3000",
         "--small-stores", "200", "--restart-events", "1500,3000", "--scale-events", "3000",
-        "--output-dir", str(out), "--timeout", "300",
+        "--latency-runs", "2", "--output-dir", str(out), "--timeout", "300",
         env=env, cwd=ROOT, timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     (written,) = out.glob("*.json")
     results = orjson.loads(written.read_bytes())
+    (picture,) = out.glob("*.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
     assert results["machine"]["cores"] >= 1 and results["machine"]["kafka"].startswith("4.")
     assert set(results["shapes"]) == {"1", "100"}
     for batch, shape in results["shapes"].items():
@@ -51,11 +54,20 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
         assert worker["checked_snapshots"] == 2 * 4  # two stores, four default windows
         assert worker["ratio_to_empty_agent"] == pytest.approx(
             worker["events_per_s"] / shape["empty_faust_agent"]["events_per_s"])
+        peer = shape["quix_streams_peer"]  # the bench refuses a peer whose counts by store are not the workload's
+        assert peer["events"] == 3000 and sum(peer["stores"].values()) == 3000 and len(peer["stores"]) == 3
+        assert worker["ratio_to_peer"] == pytest.approx(worker["events_per_s"] / peer["events_per_s"])
     assert results["shapes"]["100"]["raw_aiokafka"]["messages"] < 3000 / 50  # batches of 100 (per topic)
-    latency = results["latency"]
-    assert latency["orders_measured"] > 100
-    assert 0 < latency["p50_s"] <= latency["p99_s"] <= latency["max_s"]
-    assert results["memory"]["customers"] == 3000 and results["memory"]["peak_rss_bytes"] > 50 * 2**20
+    runs = results["latency"]["runs"]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["orders_measured"] > 100
+        assert 0 < run["p50_s"] <= run["p99_s"] <= run["max_s"]
+        assert sum(point["orders"] for point in run["over_time"]) == run["orders_measured"]
+        assert max(point["max_s"] for point in run["over_time"]) == run["max_s"]
+    assert results["latency"]["p99_s_worst"] == max(run["p99_s"] for run in runs)
+    memory = results["memory"]  # a signup, an NPS answer and 1 to 3 orders (2 on average) per customer
+    assert (memory["customers"], memory["events"]) == (3000, 4 * 3000) and memory["peak_rss_bytes"] > 50 * 2**20
     small = results["small_stores"]  # the part checked * counted all 1,000 customers before measuring
     assert (small["stores"], small["customers"]) == (200, 1000) and small["peak_rss_bytes"] > 50 * 2**20
     restart = results["restart"]
@@ -109,3 +121,22 @@ def test_compaction_settled_leaves_dirt_under_the_ratio(tmp_path: Path) -> None:
     assert compaction_settled(tmp_path, ["app-checkpoints"]) is True
     (tmp_path / "app-checkpoints-0" / f"{1000:020d}.log").write_bytes(b"x" * 200)  # now 200 of 1150
     assert compaction_settled(tmp_path, ["app-checkpoints"]) is False
+
+
+def test_the_peer_gets_the_products_kafka_security(tmp_path: Path) -> None:
+    """SASL over TLS settings become the librdkafka properties the Quix Streams peer connects with."""
+    from quixstreams.kafka.configuration import ConnectionConfig
+
+    from bench.quix_peer import librdkafka_security
+    from streams.settings import Settings
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    settings = Settings(_env_file=None, KAFKA_SECURITY_PROTOCOL="SASL_SSL",  # type: ignore[call-arg]
+                        KAFKA_SASL_MECHANISM="scram-sha-512", KAFKA_SASL_USERNAME="loyalty",
+                        KAFKA_SASL_PASSWORD="s3cret", KAFKA_SSL_CAFILE=str(ca))
+    config = librdkafka_security(settings)
+    assert config == {"security.protocol": "SASL_SSL", "ssl.ca.location": str(ca), "sasl.mechanism": "SCRAM-SHA-512",
+                      "sasl.username": "loyalty", "sasl.password": "s3cret"}
+    connection = ConnectionConfig.from_librdkafka_dict({"bootstrap.servers": "k:9093", **config})
+    assert connection.as_librdkafka_dict()["sasl.mechanism"] == "SCRAM-SHA-512"
