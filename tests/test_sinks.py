@@ -1,10 +1,11 @@
-"""The sinks on the real Redis: health counters are added once, and a Redis that does not answer times out."""
+"""The sinks and the publisher on the real Redis: health counters added once, timeouts, emit failures, as_of labels."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from decimal import Decimal
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -20,8 +21,10 @@ from streams.sinks.dead_letters import REFORWARD_WINDOW_S, StageLedger
 from streams.sinks.health import HealthCounters
 from streams.sinks.redis_sink import HEALTH_KEY, REDIS_TIMEOUT_S, RedisSink, metric_key
 from streams.sinks.snapshots import dumps, snapshot_payload
-from streams.worker.agents.publish import emit_failure
+from streams.stages.aggregate import StoreShard
+from streams.worker.agents.publish import Publisher, emit_failure
 from streams.worker.app import create_app
+from streams.worker.topology import PipelineClock, grid_of
 
 #: a Redis database of this module's own
 DATABASE = 5
@@ -148,3 +151,48 @@ async def test_emit_failures_retry_stop_quietly_at_shutdown_or_raise(tmp_path) -
              (ConnectionRefusedError(), False, "retry"), (KeyError("store"), False, "raise"),
              (KeyError("store"), True, "raise")]
     assert [emit_failure(error, stopping=stopping) for error, stopping, _ in cases] == [want for *_, want in cases]
+
+
+async def test_a_snapshot_is_as_of_the_clock_read_with_its_state(services) -> None:
+    """Deltas applied while an emit awaits Redis are published as of a clock that includes them, not the tick's."""
+    settings = Settings(_env_file=None, REDIS_URL=database_url(services), LOYALTY_CLOCK="event")  # type: ignore[call-arg]
+    grid = grid_of(settings)
+    clock = PipelineClock(event_clock=True)
+    bucket = grid.bucket(1_800_000_000_000)
+    tick_ms, later_ms = bucket * grid.bucket_ms + 1_000, bucket * grid.bucket_ms + 40_000  # one bucket
+    shards = {store: StoreShard(store) for store in ("early", "late")}
+    for number, shard in enumerate(shards.values()):
+        shard.apply((0, number, 0), {"g": ["orders", [bucket, 1]], "cur": {shard.store_id: "EUR"}}, tick_ms)
+    clock.advance(tick_ms)
+
+    class Outputs:
+        """Kafka's side of the emit; while the first store's snapshots are sent, the aggregation goes on."""
+
+        async def declare(self) -> None:
+            return None
+
+        async def send_snapshot(self, store_id: str, window: str, encoded: bytes) -> None:
+            if store_id == "early" and shards["late"].hwm[0] == [1, 0]:
+                clock.advance(later_ms)  # as the aggregation does: the clock first, then the deltas
+                shards["late"].apply((0, 2, 0), {"g": ["orders", [bucket, 1]]}, later_ms)
+
+    topology = SimpleNamespace(grid=grid, clock=clock, outputs=Outputs(), health=HealthCounters())
+    publisher = Publisher.__new__(Publisher)
+    publisher.topology = topology  # type: ignore[assignment]
+    publisher.aggregation = SimpleNamespace(shards=shards, alert_config=None)  # type: ignore[assignment]
+    publisher.window_names = list(settings.window_ms)
+    publisher.last_emitted_bucket = {}
+    sink = RedisSink(settings)
+    client = aioredis.Redis.from_url(database_url(services), decode_responses=True)
+    try:
+        await client.flushdb()
+        await publisher.emit(clock.now_ms() or 0, sink)  # the tick read the clock before any await
+        await publisher.emit(clock.now_ms() or 0, sink)  # the next tick: nothing changed, same bucket
+        late = await client.hgetall(metric_key("late", "24h"))
+        early = await client.hgetall(metric_key("early", "24h"))
+        assert (late["orders"], late["as_of_ms"]) == ("2", str(later_ms))
+        assert (early["orders"], early["as_of_ms"]) == ("1", str(tick_ms))
+    finally:
+        await client.flushdb()
+        await client.aclose()
+        await sink.close()

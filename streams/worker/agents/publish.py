@@ -146,13 +146,19 @@ class Publisher:
             self.republish = False
 
     async def emit(self, now: int, redis: RedisSink) -> None:
-        """Publish the snapshots of every store whose shard changed or whose bucket moved, then fold."""
+        """Publish the snapshots of every store whose shard changed or whose bucket moved, then fold.
+
+        Each store's snapshot is as of the clock read with its state, not as of ``now`` (the
+        tick's): the aggregation applies deltas, moving the clock first, while this emit awaits
+        Kafka and Redis, so a snapshot is never labelled older than an event it includes.
+        """
         topology = self.topology
         grid = topology.grid
-        as_of_bucket = grid.bucket(now)
         await topology.outputs.declare()
         shards = self.aggregation.shards
         for store_id, shard in list(shards.items()):
+            now = max(now, topology.clock.now_ms() or now)
+            as_of_bucket = grid.bucket(now)
             if not shard.changed and self.last_emitted_bucket.get(store_id) == as_of_bucket:
                 continue
             # every window from one state, computed before any await; deltas that the aggregate
@@ -176,6 +182,7 @@ class Publisher:
                 raise
             self.last_emitted_bucket[store_id] = as_of_bucket
             topology.health.count("snapshots", len(grid.windows))
+        as_of_bucket = grid.bucket(now)
         for shard in shards.values():
             fold_bucket = self.fold_bucket(shard, as_of_bucket)
             if fold_bucket is not None:
@@ -266,11 +273,15 @@ class Publisher:
 
 
     async def publish_partials(self, now: int) -> None:
-        """Send the read points of every partial ``*`` that changed, or whose bucket moved, then fold it."""
+        """Send the read points of every partial ``*`` that changed, or whose bucket moved, then fold it.
+
+        Each as of the clock read with its state (see :meth:`emit`).
+        """
         grid = self.topology.grid
-        as_of_bucket = grid.bucket(now)
         producer = self.topology.app.producer._ensure_producer()  # type: ignore[attr-defined]
         for partition, partial in list(self.aggregation.partials.items()):
+            now = max(now, self.topology.clock.now_ms() or now)
+            as_of_bucket = grid.bucket(now)
             if not partial.changed and self.last_partial_bucket.get(partition) == as_of_bucket:
                 # nothing to send, but a fold held back by the alert sampling may go further now
                 # (stores fold at every emit too): a replay's idle end would keep its blocks otherwise
