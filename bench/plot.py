@@ -68,8 +68,10 @@ def plot(results: dict[str, Any], path: Path) -> Path:
         right = axes[0][1]
         for number, run in enumerate(runs, start=1):
             seconds = [point["second"] for point in run["over_time"]]
-            right.plot(seconds, [point["p99_s"] * 1000 for point in run["over_time"]], label=f"run {number}: p99")
-            right.plot(seconds, [point["p50_s"] * 1000 for point in run["over_time"]], linestyle=":",
+            colour = f"C{number - 1}"  # a run's p50 (dotted) in the colour of its p99
+            right.plot(seconds, [point["p99_s"] * 1000 for point in run["over_time"]], color=colour,
+                       label=f"run {number}: p99")
+            right.plot(seconds, [point["p50_s"] * 1000 for point in run["over_time"]], color=colour, linestyle=":",
                        label=f"run {number}: p50")
         right.axhline(500, color="red", linewidth=0.8, label="500 ms target (p99)")
         right.set_xlabel("second of sending")
