@@ -241,36 +241,43 @@ async def raw_ceiling(settings: Settings, dataset: Dataset, timeout_s: float) ->
     return {"messages": messages, "events": events, "seconds": seconds, "events_per_s": events / seconds}
 
 
-async def faust_ceiling(settings: Settings, dataset: Dataset, work_dir: Path, timeout_s: float) -> dict[str, float]:
+async def _until_result(module: str, label: str, name: str, work_dir: Path, env: dict[str, str],
+                        timeout_s: float) -> dict[str, Any]:
+    """Run ``python -m module`` (the BENCH_* variables in ``env``) until it writes its result file; the result."""
+    result = work_dir / f"{name}json"
+    log_path = work_dir / f"{name}log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", module],
+                                   env={**os.environ, **env, "BENCH_RESULT": str(result)},
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not result.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                # the log's end goes in the error: the bench's work folder is removed when it stops
+                exited = process.poll() is not None
+                what = f"exited with {process.returncode}" if exited else f"did not finish in {timeout_s:.0f}s"
+                raise BenchError(f"{label} {what}: {log_path.read_text(errors='replace')[-2000:]}")
+            await asyncio.sleep(POLL_S)
+    finally:
+        stop_worker(process)
+    values: dict[str, Any] = orjson.loads(result.read_bytes())
+    values["events_per_s"] = values["events"] / values["seconds"]
+    return values
+
+
+async def faust_ceiling(settings: Settings, dataset: Dataset, work_dir: Path, timeout_s: float) -> dict[str, Any]:
     """An empty Faust agent (``bench.faust_ceiling``) in its own process: first message to last."""
-    result = work_dir / f"ceiling-{dataset.prefix}json"
     env = {
-        **os.environ,
         "BENCH_TOPICS": ",".join(dataset.prefix + name for name in INPUT_TOPICS),
         "BENCH_MESSAGES": str(dataset.messages),
-        "BENCH_RESULT": str(result),
         "BENCH_APP_ID": f"bench-ceiling-{uuid.uuid4().hex[:8]}",
         "BENCH_BROKER": ";".join(settings.broker_urls),
         "BENCH_PARTITIONS": str(settings.partitions),
         "BENCH_DATADIR": str(work_dir / "ceiling-state"),
     }
-    log_path = work_dir / f"ceiling-{dataset.prefix}log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "bench.faust_ceiling"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not result.exists():
-            if process.poll() is not None:
-                raise BenchError(f"the Faust ceiling worker exited with {process.returncode}: see {log_path}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the Faust ceiling worker did not finish in {timeout_s:.0f}s: see {log_path}")
-            await asyncio.sleep(POLL_S)
-    finally:
-        stop_worker(process)
-    values = orjson.loads(result.read_bytes())
-    values["events_per_s"] = values["events"] / values["seconds"]
-    return values  # type: ignore[no-any-return]
+    return await _until_result("bench.faust_ceiling", "the Faust ceiling worker", f"ceiling-{dataset.prefix}",
+                               work_dir, env, timeout_s)
 
 
 async def quix_peer(settings: Settings, dataset: Dataset, store_events: dict[str, int], work_dir: Path,
@@ -279,34 +286,16 @@ async def quix_peer(settings: Settings, dataset: Dataset, store_events: dict[str
 
     Its counts by store must be the workload's, or the peer's figure would not be of the same work.
     """
-    result = work_dir / f"peer-{dataset.prefix}json"
     env = {
-        **os.environ,
         "BENCH_TOPICS": ",".join(dataset.prefix + name for name in INPUT_TOPICS),
         "BENCH_EVENTS": str(dataset.events),
-        "BENCH_RESULT": str(result),
         "BENCH_APP_ID": f"bench-peer-{uuid.uuid4().hex[:8]}",
         "BENCH_DATADIR": str(work_dir / f"peer-state-{dataset.prefix}"),
     }
-    log_path = work_dir / f"peer-{dataset.prefix}log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "bench.quix_peer"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not result.exists():
-            if process.poll() is not None:
-                raise BenchError(f"the Quix Streams peer exited with {process.returncode}: "
-                                 f"{log_path.read_text(errors='replace')[-2000:]}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the Quix Streams peer did not finish in {timeout_s:.0f}s: see {log_path}")
-            await asyncio.sleep(POLL_S)
-    finally:
-        stop_worker(process)
-    values: dict[str, Any] = orjson.loads(result.read_bytes())
+    values = await _until_result("bench.quix_peer", "the Quix Streams peer", f"peer-{dataset.prefix}", work_dir,
+                                 env, timeout_s)
     if values["stores"] != dict(sorted(store_events.items())):
         raise BenchError(f"the Quix Streams peer counted {values['stores']}, the workload has {store_events}")
-    values["events_per_s"] = values["events"] / values["seconds"]
     return values
 
 
