@@ -506,11 +506,21 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
     keys = [metric_key(store, window) for store in stores]
     sent = 0
 
+    #: per second of sending: how long the broker took to acknowledge the sends (the load generator's and
+    #: the broker's share of a latency, which the worker cannot shorten)
+    acked_in: dict[int, list[float]] = {}
+    sending_from = time.perf_counter()
+
+    def acked(stamp: float, future: asyncio.Future[Any]) -> None:
+        if stamp >= sending_from and not future.cancelled() and future.exception() is None:
+            acked_in.setdefault(int(stamp - sending_from), []).append(time.perf_counter() - stamp)
+
     async def send_one() -> tuple[str | None, float]:
         nonlocal sent
         topic, body = next(generator)
         stamp = time.perf_counter()
-        await producer.send(prefix + topic, orjson.dumps(body))
+        future = await producer.send(prefix + topic, orjson.dumps(body))
+        future.add_done_callback(lambda done: acked(stamp, done))
         sent += 1
         return (body["store_id"] if body["type"] == "order.placed" else None), stamp
 
@@ -557,6 +567,7 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
         bucket = TokenBucket(options.rate, burst=max(1.0, options.rate / 100))
         started = time.monotonic()
         sending_from = time.perf_counter()
+        acked_in.clear()  # the warm-up's sends are not measured
         produced = 0
         while time.monotonic() - started < options.duration_s:
             granted, wait = bucket.take(64)
@@ -606,6 +617,10 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
         "mean_s": statistics.fmean(latencies),
         "peak_rss_bytes": peak,
         "over_time": latency_over_time(sent_at, latencies),
+        # every send's time to the broker's ack (orders and the rest), by second of sending: when it
+        # grows with the latency, the load generator or the broker is what is behind, not the worker
+        "ack_over_time": [{"second": second, "sends": len(values), "p99_s": _percentile(values, 0.99)}
+                          for second, values in sorted(acked_in.items())],
     }
 
 

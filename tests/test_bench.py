@@ -65,6 +65,8 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
         assert 0 < run["p50_s"] <= run["p99_s"] <= run["max_s"]
         assert sum(point["orders"] for point in run["over_time"]) == run["orders_measured"]
         assert max(point["max_s"] for point in run["over_time"]) == run["max_s"]
+        # every send of the measured seconds was acknowledged, orders and the other events alike
+        assert sum(point["sends"] for point in run["ack_over_time"]) > run["orders_measured"]
     assert results["latency"]["p99_s_worst"] == max(run["p99_s"] for run in runs)
     memory = results["memory"]  # a signup, an NPS answer and 1 to 3 orders (2 on average) per customer
     assert (memory["customers"], memory["events"]) == (3000, 4 * 3000) and memory["peak_rss_bytes"] > 50 * 2**20
