@@ -509,7 +509,7 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
     #: per second of sending: how long the broker took to acknowledge the sends (the load generator's and
     #: the broker's share of a latency, which the worker cannot shorten)
     acked_in: dict[int, list[float]] = {}
-    sending_from = time.perf_counter()
+    sending_from = float("inf")  # set when the measured sending starts: the warm-up's acks are left out
 
     def acked(stamp: float, future: asyncio.Future[Any]) -> None:
         if stamp >= sending_from and not future.cancelled() and future.exception() is None:
@@ -567,7 +567,6 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
         bucket = TokenBucket(options.rate, burst=max(1.0, options.rate / 100))
         started = time.monotonic()
         sending_from = time.perf_counter()
-        acked_in.clear()  # the warm-up's sends are not measured
         produced = 0
         while time.monotonic() - started < options.duration_s:
             granted, wait = bucket.take(64)
