@@ -11,7 +11,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from conftest import Services
 from streams.sinks.dead_letters import DeadLetterLedger, dead_letter, dead_letter_key, dead_letter_partition
+from streams.stages.watermarks import InputMarks
 from streams.worker import input_reader
+from streams.worker.agents.ingest import InputCommits
 from streams.worker.topics import ensure_topics
 from support import async_wait_for, group_is_stable
 
@@ -131,3 +133,54 @@ async def test_dead_letters_of_elements_read_again_after_a_crash_are_sent_once(
         await consumer.stop()
     keys = [letter.key for letter in letters]
     assert len(keys) == len(set(keys)) == len(bad)
+
+
+async def test_a_reader_taking_partitions_over_knows_their_largest_event_time(
+    services: Services, topic_prefix: str, app_id: str
+) -> None:
+    """The ingest commits each partition's largest routed event time; the next reader restores it, idle later."""
+    bootstrap = services.kafka_bootstrap
+    topic, dead_topic = topic_prefix + "orders", topic_prefix + "loyalty-dead-letters"
+    await ensure_topics(bootstrap, [topic, dead_topic], PARTITIONS)
+    await _send(bootstrap, topic, range(100))
+    handled: dict[int, list[int]] = {}
+
+    def handler(commits: InputCommits) -> Any:
+        async def handle(records: list[ConsumerRecord]) -> None:
+            latest: dict[str, int] = {}
+            for record in records:
+                key = InputMarks.key(record.topic, record.partition)
+                latest[key] = max(latest.get(key, 0), int(record.value) * 1000)  # the record's "event time"
+                handled.setdefault(record.partition, []).append(int(record.value))
+            assert commits.marks is not None
+            commits.marks.routed(latest, 0.0)
+
+        return handle
+
+    first = InputCommits(DeadLetterLedger(bootstrap, dead_topic, PARTITIONS), InputMarks(idle_ms=1000))
+    reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(first), first))
+    await async_wait_for(lambda: sum(map(len, handled.values())) >= 100, timeout=60)
+    await _stop(reader)  # stopping commits
+    expected = {InputMarks.key(topic, partition): max(values) * 1000 for partition, values in handled.items()}
+    assert len(expected) == PARTITIONS
+
+    marks = InputMarks(idle_ms=1000)
+    second = InputCommits(DeadLetterLedger(bootstrap, dead_topic, PARTITIONS), marks)
+
+    def report_lags(lags: dict[tuple[str, int], int]) -> None:
+        marks.report_lags({InputMarks.key(*tp): lag for tp, lag in lags.items()})
+
+    reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(second), second,
+                                                           report_lags))
+    try:
+        def restored() -> bool:
+            return marks.latest == expected and marks.lags is not None and not any(marks.lags.values())
+
+        await async_wait_for(restored, timeout=60,
+                             message=lambda: f"{marks.latest} != {expected}")
+        restored_at = max(marks.last_data.values())
+        assert marks.marks(restored_at + 999, None) == {key: [time, False] for key, time in expected.items()}
+        assert marks.marks(restored_at + 1000, None) == {key: [time, True] for key, time in expected.items()}
+        assert sum(map(len, handled.values())) == 100  # nothing read again: the marks came from the commits
+    finally:
+        await _stop(reader)

@@ -84,10 +84,21 @@ class MarkMerger:
         keys: set[str] = set()
         for marks in by_upstream.values():
             keys.update(marks)
+        # :func:`combine` of every upstream partition's mark, inline: called after every batch of a stage
+        paths = [by_upstream.get(upstream) for upstream in range(self.upstream_partitions)]
         merged: dict[str, Mark] = {}
         for key in sorted(keys):
-            paths = [by_upstream.get(upstream, {}).get(key) for upstream in range(self.upstream_partitions)]
-            merged[key] = combine(paths)
+            smallest: Any = None
+            idle = True
+            for path in paths:
+                mark = None if path is None else path.get(key)
+                if mark is None:
+                    smallest = None
+                    break
+                if smallest is None or mark[0] < smallest:
+                    smallest = mark[0]
+                idle = idle and bool(mark[1])
+            merged[key] = None if smallest is None else [smallest, idle]
         return merged
 
 
@@ -133,6 +144,24 @@ class InputMarks:
             if key not in self.latest or time_ms > self.latest[key]:
                 self.latest[key] = time_ms
             self.last_data[key] = now
+
+    def restore(self, key: str, latest_ms: int, now: float) -> None:
+        """The largest event time routed from an input partition before this reader had it (its commit's).
+
+        A reader that takes a partition over (a restart, a rebalance) knows it from the offset
+        commit: without it, a partition read to its end before a crash would be marked by no one,
+        and the stale "busy" marks of the reader that crashed would hold every watermark back for
+        ever (event clock). Idle from ``now`` on, like a partition that just routed data.
+
+        >>> marks = InputMarks(idle_ms=1000); marks.report_lags({"o|0": 0})
+        >>> marks.restore("o|0", 70, now=0.0); marks.marks(500.0, None), marks.marks(1000.0, None)
+        ({'o|0': [70, False]}, {'o|0': [70, True]})
+        >>> marks.routed({"o|0": 60}, now=1000.0); marks.restore("o|0", 50, now=1000.0); marks.latest
+        {'o|0': 70}
+        """
+        if key not in self.latest or latest_ms > self.latest[key]:
+            self.latest[key] = latest_ms
+        self.last_data.setdefault(key, now)
 
     def report_lags(self, lags: Mapping[str, int]) -> None:
         """The assigned input partitions and their lags, -1 when not known yet (replaces the previous report)."""

@@ -30,6 +30,42 @@ MARKS_INTERVAL_S = 0.2
 MARKS_REPEAT_S = 5.0
 
 
+class InputCommits:
+    """What the ingest commits with each input offset: its dead-letter position and its largest event time.
+
+    The metadata is ``"<dead-letter position>|<largest event time routed, ms>"`` (just the position
+    with alerts off, or before the partition routed an event; commits of earlier releases carry
+    the position alone). A reader assigned the partition hands the position to the
+    :class:`~streams.sinks.dead_letters.DeadLetterLedger` and the time to the marks
+    (:meth:`streams.stages.watermarks.InputMarks.restore`).
+    """
+
+    def __init__(self, ledger: DeadLetterLedger, marks: InputMarks | None) -> None:
+        self.ledger = ledger
+        self.marks = marks
+
+    def commit_metadata(self, topic: str, partition: int) -> str:
+        """The metadata committed with an offset of the input partition."""
+        position = self.ledger.commit_metadata(topic, partition)
+        latest = None if self.marks is None else self.marks.latest.get(InputMarks.key(topic, partition))
+        return position if latest is None else f"{position}|{latest}"
+
+    async def on_assigned(self, committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:
+        """Input partitions assigned with their committed ``(offset, metadata)``: restore both parts."""
+        positions: dict[tuple[str, int], tuple[int, str | None]] = {}
+        now = time.monotonic() * 1000
+        for (topic, partition), (offset, metadata) in committed.items():
+            position, _, latest = (metadata or "").partition("|")
+            positions[(topic, partition)] = (offset, position or None)
+            if self.marks is not None and latest.lstrip("-").isdigit():
+                self.marks.restore(InputMarks.key(topic, partition), int(latest), now)
+        await self.ledger.on_assigned(positions)
+
+    def on_revoked(self, topic: str, partition: int) -> None:
+        """The input partition is no longer this reader's."""
+        self.ledger.on_revoked(topic, partition)
+
+
 class Ingest:
     """Validates each fetch of input records and sends its events to the by-store topic."""
 
@@ -45,6 +81,8 @@ class Ingest:
         config = settings.alert_config()
         #: the input partitions' progress, for the alerts' low watermark (None: alerts off)
         self.marks = InputMarks(config.idle_ms) if config is not None else None
+        #: the commits' metadata: dead-letter positions and the marks' event times
+        self.commits = InputCommits(self.ledger, self.marks)
         self._marks_sent: dict[str, Mark] | None = None
         self._marks_sent_at = 0.0
 
@@ -126,7 +164,7 @@ class Ingest:
                     self.input_topics,
                     topology.internal + "ingest",
                     self.handle,
-                    self.ledger,
+                    self.commits,
                     self.report_lags,
                 )
                 return
