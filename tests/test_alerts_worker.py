@@ -15,6 +15,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from infra import local
 from infra.local import free_port
@@ -27,7 +29,7 @@ from metrics.validation import parse_message
 from streams.sinks.health import HealthCounters
 from streams.sinks.webhook import Webhook
 from streams.stages.aggregate import StoreShard
-from streams.stages.watermarks import MarkMerger, low_watermark
+from streams.stages.watermarks import MarkMerger, combine, low_watermark
 from streams.worker.topics import ensure_topics
 from support import async_wait_for, clean_env, loyalty_command, run_loyalty, stop_process, tail
 
@@ -148,6 +150,27 @@ def test_marks_hold_the_watermark_until_every_path_reported() -> None:
     assert low_watermark(merger.merged(0)) == 5_000
     merger.receive(0, 0, {"orders|2": None})  # data not routed yet holds everything back
     assert low_watermark(merger.merged(0)) is None
+
+
+#: a mark: mostly known, so that every upstream partition has one for a key often enough
+_MARK = st.one_of(st.tuples(st.integers(-5, 5), st.booleans()).map(list), st.none())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 2), st.dictionaries(st.sampled_from("ab"), _MARK)),
+                max_size=12))
+def test_merged_marks_combine_every_path(received: list[tuple[int, int, dict[str, Any]]]) -> None:
+    """Merged marks are, per input partition, :func:`combine` of the latest mark of each upstream partition."""
+    merger = MarkMerger(upstream_partitions=3)
+    latest: dict[int, dict[int, dict[str, Any]]] = {}
+    for partition, upstream, marks in received:
+        merger.receive(partition, upstream, marks)
+        latest.setdefault(partition, {}).setdefault(upstream, {}).update(marks)
+    for partition in range(2):
+        paths = latest.get(partition, {})
+        keys = sorted({key for marks in paths.values() for key in marks})
+        expected = {key: combine([paths.get(upstream, {}).get(key) for upstream in range(3)]) for key in keys}
+        assert merger.merged(partition) == expected
 
 
 def test_shard_head_keeps_detectors_and_loads_older_heads() -> None:

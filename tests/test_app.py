@@ -6,7 +6,7 @@ import pytest
 
 from smoke_worker import SMOKE_TOPIC, parse_smoke, register_smoke
 from streams.settings import Settings
-from streams.worker.app import create_app, faust_options
+from streams.worker.app import FETCH_MAX_WAIT_MS, create_app, faust_options
 
 
 def settings(**values: str) -> Settings:
@@ -66,3 +66,13 @@ def test_the_worker_producer_is_idempotent() -> None:
     producer = create_app(Settings()).producer
     options = {**producer._settings_default(), **producer._settings_extra()}
     assert (options["acks"], options["enable_idempotence"]) == ("all", True)
+
+
+async def test_the_worker_consumer_fetches_with_a_short_wait() -> None:
+    """The stages' consumer lets the broker hold a fetch 20 ms, not Faust's 1,500 ms (live events stood idle)."""
+    app = create_app(settings(LOYALTY_STORE="memory"))
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    try:
+        assert consumer._fetch_max_wait_ms == FETCH_MAX_WAIT_MS == 20
+    finally:
+        await consumer.stop()  # never started: closes its client

@@ -116,11 +116,11 @@ class Facts:
         now = time.monotonic()
         sent = []
         for partition in sorted(mine & set(marks.received)):
-            merged = marks.merged(partition)
             last = self._forwarded.get(partition)
-            if last is not None and (
-                now - last[1] < MARKS_INTERVAL_S or (merged == last[0] and now - last[1] < MARKS_REPEAT_S)
-            ):
+            if last is not None and now - last[1] < MARKS_INTERVAL_S:
+                continue  # before merging: a live worker calls this after every batch, and merging costs
+            merged = marks.merged(partition)
+            if last is not None and merged == last[0] and now - last[1] < MARKS_REPEAT_S:
                 continue
             message = pack({MARKS: merged, "from": partition})
             for target in range(topology.partitions):
