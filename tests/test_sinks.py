@@ -112,6 +112,36 @@ async def test_forgotten_writes_are_written_again_after_redis_lost_them(services
         await client.aclose()
 
 
+async def test_a_store_is_written_in_one_transaction_leaving_older_snapshots_out(services) -> None:
+    """write_store writes every window and the cohorts of a store at once, except a window Redis holds newer."""
+    url = database_url(services)
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    sink = RedisSink(url)
+    store, t1, t2 = "one-round-trip", 1_700_000_000_000, 1_700_000_060_000
+    windows = {"24h": 3, "7d": 5, "30d": 8}
+    keys = [metric_key(store, window) for window in windows] + [metric_key(store, "cohorts")]
+    try:
+        await client.delete(*keys)
+        newer = snapshot_payload(store, "7d", t2 + 1, None, {"orders": 99})
+        assert await sink.write(newer, dumps(newer))  # the 7d key already holds a later state
+        snapshots = [snapshot_payload(store, window, t2, "EUR", {"orders": orders})
+                     for window, orders in windows.items()]
+        cohorts = {"store_id": store, "as_of_ms": t2, "cohorts": []}
+        encoded = [(payload, dumps(payload)) for payload in snapshots]
+        written = await sink.write_store(encoded, (cohorts, dumps(cohorts)))
+        assert written == 3  # 24h, 30d and the cohorts; not 7d
+        assert [(await client.hgetall(key)).get("orders") for key in keys[:3]] == ["3", "99", "8"]
+        assert (await client.hgetall(keys[3]))["as_of_ms"] == str(t2)
+        assert await client.xlen(keys[0] + ":history") == 1
+        stale = snapshot_payload(store, "24h", t1, "EUR", {"orders": 1})
+        assert await sink.write_store([(stale, dumps(stale))]) == 0
+        assert (await client.hgetall(keys[0]))["orders"] == "3"
+    finally:
+        await client.delete(*keys, keys[0] + ":history", keys[1] + ":history", keys[2] + ":history")
+        await sink.close()
+        await client.aclose()
+
+
 def test_stage_ledger_commits_positions_a_window_old_and_forgets_after_it() -> None:
     """The gate's commit metadata lags its dead-letter positions by the re-forward window, and so does its memory."""
     now = [0.0]

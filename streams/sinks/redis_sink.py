@@ -96,38 +96,54 @@ class RedisSink:
 
     async def write(self, payload: dict[str, Any], encoded: bytes) -> bool:
         """Write one snapshot; False when an older or equal-time newer one is already there."""
-        key = metric_key(payload["store_id"], payload["window"])
-        as_of_ms = payload["as_of_ms"]
-        if await self._older_than_written(key, as_of_ms):
-            return False
-        fields = {name: redis_field(value) for name, value in payload["metrics"].items()}
-        fields["as_of_ms"] = str(as_of_ms)
-        fields["currency"] = payload["currency"] or ""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=fields)
-            history: dict[Any, Any] = {"as_of_ms": str(as_of_ms), "json": encoded}
-            pipe.xadd(key + ":history", history, maxlen=HISTORY_MAXLEN, approximate=True)
-            pipe.sadd(STORES_KEY, payload["store_id"])
-            pipe.publish(UPDATES_CHANNEL, encoded)
-            await pipe.execute()
-        self._last_as_of[key] = as_of_ms
-        return True
+        return await self.write_store([(payload, encoded)]) == 1
 
     async def write_cohorts(self, payload: dict[str, Any], encoded: bytes) -> bool:
         """Write a store's cohort matrix (``loyalty:{store}:cohorts``: ``as_of_ms`` and ``json``) and publish it.
 
         One MULTI/EXEC, never moving ``as_of_ms`` back; False when a later one is there.
         """
-        key = metric_key(payload["store_id"], COHORTS)
-        as_of_ms = payload["as_of_ms"]
-        if await self._older_than_written(key, as_of_ms):
-            return False
+        return await self.write_store([], (payload, encoded)) == 1
+
+    async def write_store(
+        self, snapshots: list[tuple[dict[str, Any], bytes]], cohorts: tuple[dict[str, Any], bytes] | None = None
+    ) -> int:
+        """Write a store's snapshots (and its cohort matrix) in one MULTI/EXEC; returns how many were written.
+
+        One round trip for all of a store's windows: an emit awaits Redis once per store, not once
+        per window, and a reader sees the windows of one state together. A snapshot older than the
+        one its key holds is left out (``as_of_ms`` never moves back).
+        """
+        queued: list[tuple[str, dict[str, Any], bytes, bool]] = []
+        for payload, encoded in snapshots:
+            key = metric_key(payload["store_id"], payload["window"])
+            if not await self._older_than_written(key, payload["as_of_ms"]):
+                queued.append((key, payload, encoded, False))
+        if cohorts is not None:
+            payload, encoded = cohorts
+            key = metric_key(payload["store_id"], COHORTS)
+            if not await self._older_than_written(key, payload["as_of_ms"]):
+                queued.append((key, payload, encoded, True))
+        if not queued:
+            return 0
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"as_of_ms": str(as_of_ms), "json": encoded})
-            pipe.publish(UPDATES_CHANNEL, encoded)
+            for key, payload, encoded, is_cohorts in queued:
+                as_of = str(payload["as_of_ms"])
+                if is_cohorts:
+                    pipe.hset(key, mapping={"as_of_ms": as_of, "json": encoded})
+                else:
+                    fields = {name: redis_field(value) for name, value in payload["metrics"].items()}
+                    fields["as_of_ms"] = as_of
+                    fields["currency"] = payload["currency"] or ""
+                    pipe.hset(key, mapping=fields)
+                    history: dict[Any, Any] = {"as_of_ms": as_of, "json": encoded}
+                    pipe.xadd(key + ":history", history, maxlen=HISTORY_MAXLEN, approximate=True)
+                    pipe.sadd(STORES_KEY, payload["store_id"])
+                pipe.publish(UPDATES_CHANNEL, encoded)
             await pipe.execute()
-        self._last_as_of[key] = as_of_ms
-        return True
+        for key, payload, _, _ in queued:
+            self._last_as_of[key] = payload["as_of_ms"]
+        return len(queued)
 
     async def write_alert(self, encoded: bytes) -> None:
         """Add one alert to the alerts stream and publish it on the alerts channel (one MULTI/EXEC)."""

@@ -171,12 +171,7 @@ class Publisher:
             ]
             cohorts = cohorts_payload(store_id, now, shard.cohorts(grid, as_of_bucket))
             try:
-                for window_name, metrics in snapshots:
-                    payload = snapshot_payload(store_id, window_name, now, currency, metrics)
-                    encoded = dumps(payload)
-                    await topology.outputs.send_snapshot(store_id, window_name, encoded)
-                    await redis.write(payload, encoded)
-                await self.send_cohorts(cohorts, redis)
+                await self.publish_store(store_id, now, currency, snapshots, cohorts, redis)
             except BaseException:
                 shard.changed = True  # published again once Redis answers
                 raise
@@ -188,11 +183,25 @@ class Publisher:
             if fold_bucket is not None:
                 shard.fold(fold_bucket, grid.longest, grid.cohort_reach)
 
-    async def send_cohorts(self, payload: dict[str, Any], redis: RedisSink) -> None:
-        """Publish a store's cohort matrix: the output topic (``store|cohorts``) and Redis."""
-        encoded = dumps(payload)
-        await self.topology.outputs.send_snapshot(payload["store_id"], COHORTS, encoded)
-        await redis.write_cohorts(payload, encoded)
+    async def publish_store(
+        self, store_id: str, as_of_ms: int, currency: str | None, snapshots: list[tuple[str, dict[str, object]]],
+        cohorts: dict[str, Any], redis: RedisSink,
+    ) -> None:
+        """Publish a store's snapshot of every window and its cohort matrix: the output topic, then Redis.
+
+        The output topic gets each (``store|window``, ``store|cohorts``), queued; Redis all of them
+        in one transaction (:meth:`streams.sinks.redis_sink.RedisSink.write_store`).
+        """
+        outputs = self.topology.outputs
+        written: list[tuple[dict[str, Any], bytes]] = []
+        for window_name, metrics in snapshots:
+            payload = snapshot_payload(store_id, window_name, as_of_ms, currency, metrics)
+            encoded = dumps(payload)
+            await outputs.send_snapshot(store_id, window_name, encoded)
+            written.append((payload, encoded))
+        encoded_cohorts = dumps(cohorts)
+        await outputs.send_snapshot(store_id, COHORTS, encoded_cohorts)
+        await redis.write_store(written, (cohorts, encoded_cohorts))
 
     def fold_bucket(self, shard: StoreShard, as_of_bucket: int) -> int | None:
         """How far a shard may fold: to now, but never past the bucket its next alert sample reads (None: not yet)."""
@@ -331,13 +340,10 @@ class Publisher:
         # partition republishes only when the bucket moves), so the sum holds as of the latest one
         as_of_ms = max(partial["as_of_ms"] for partial in partials.values())
         grid = topology.grid
-        for window_name, window in zip(self.window_names, grid.windows, strict=True):
-            metrics = total.metrics(grid, window, as_of_bucket, len(distinct) <= 1)
-            payload = snapshot_payload(ALL_STORES, window_name, as_of_ms, currency, metrics)
-            encoded = dumps(payload)
-            await topology.outputs.send_snapshot(ALL_STORES, window_name, encoded)
-            await redis.write(payload, encoded)
-        await self.send_cohorts(cohorts_payload(ALL_STORES, as_of_ms, total.cohorts(grid, as_of_bucket)), redis)
+        snapshots = [(window_name, total.metrics(grid, window, as_of_bucket, len(distinct) <= 1))
+                     for window_name, window in zip(self.window_names, grid.windows, strict=True)]
+        cohorts = cohorts_payload(ALL_STORES, as_of_ms, total.cohorts(grid, as_of_bucket))
+        await self.publish_store(ALL_STORES, as_of_ms, currency, snapshots, cohorts, redis)
         self.star.published = self.star.received
         topology.health.count("snapshots", len(grid.windows))
 
