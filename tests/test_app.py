@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from smoke_worker import SMOKE_TOPIC, parse_smoke, register_smoke
 from streams.settings import Settings
 from streams.worker.app import FETCH_MAX_WAIT_MS, create_app, faust_options
+from streams.worker.topology import acknowledged
 
 
 def settings(**values: str) -> Settings:
@@ -76,3 +79,20 @@ async def test_the_worker_consumer_fetches_with_a_short_wait() -> None:
         assert consumer._fetch_max_wait_ms == FETCH_MAX_WAIT_MS == 20
     finally:
         await consumer.stop()  # never started: closes its client
+
+
+async def test_a_cancelled_wait_for_acknowledgements_leaves_the_sends_alone() -> None:
+    """A stopping agent's wait is cancelled, not its sends: Faust's callbacks on them must not see a cancel."""
+    sends = [asyncio.get_running_loop().create_future() for _ in range(3)]
+    waiter = asyncio.ensure_future(acknowledged(sends))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not any(send.cancelled() for send in sends)
+    sends[0].set_exception(KeyError("lost"))
+    for send in sends[1:]:
+        send.set_result("acked")
+    with pytest.raises(KeyError):
+        await acknowledged(sends)
+    assert await acknowledged(sends[1:]) == ["acked", "acked"]

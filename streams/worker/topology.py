@@ -66,6 +66,17 @@ from streams.worker.wire import pack_chunks
 
 log = get_logger(__name__)
 
+def acknowledged(futures: Any, return_exceptions: bool = False) -> Any:
+    """Wait for sends' acknowledgements without cancelling them if the waiter is cancelled (a stopping agent).
+
+    ``asyncio.gather`` cancels what it waits for when it is cancelled itself: a send future
+    cancelled at shutdown made Faust's own done-callback (``Topic._on_published``) raise
+    ``CancelledError``, logged as an error. The sends stay in the producer's hands, which flushes
+    or fails them as it stops.
+    """
+    return asyncio.gather(*(asyncio.shield(future) for future in futures), return_exceptions=return_exceptions)
+
+
 #: messages per processing batch, and how long a batch may wait to fill
 BATCH_MAX = 4000
 BATCH_WITHIN_S = 0.01
@@ -190,7 +201,7 @@ class Topology:
             return letters
         # every send settles (delivered or failed) before a failure is raised: a caller that starts
         # again must not race its own sends still in flight (the dead-letter ledger reads them back)
-        results = await asyncio.gather(*sent, *letters, return_exceptions=True)
+        results = await acknowledged([*sent, *letters], return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result

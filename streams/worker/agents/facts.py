@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -10,7 +9,7 @@ from metrics.customer import CustomerFacts
 from streams.stages.facts import CustomerOutput, CustomerStage, customer_records, delta_messages, load_customer
 from streams.stages.watermarks import MARKS, Mark, MarkMerger, is_marks
 from streams.worker.tables import changelog_written
-from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
+from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, acknowledged, wall_ms
 from streams.worker.wire import pack, pack_chunks, unpack
 
 #: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
@@ -127,7 +126,7 @@ class Facts:
                 sent.append(await topology.deltas.send(value=message, partition=target))
             self._forwarded[partition] = (merged, now)
         if sent:
-            await asyncio.gather(*sent)
+            await acknowledged(sent)
 
     async def tick(self) -> None:
         """The once-a-second timer: forward merged marks, commit what is done, seek back a stalled partition."""
@@ -147,7 +146,7 @@ class Facts:
                 acks.append(await deltas.send(value=chunk, partition=partition))
         # facts only after Kafka has the deltas: a crash may replay, never lose
         if acks:
-            await asyncio.gather(*acks)
+            await acknowledged(acks)
         records: dict[bytes, bytes | None] = {}
         for key, customer in cache.items():
             records.update(customer_records(key, customer, topology.grid))

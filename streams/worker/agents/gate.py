@@ -3,7 +3,6 @@ release of held events."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from streams.sinks.dead_letters import StageLedger
@@ -12,7 +11,7 @@ from streams.stages.routed import Routed
 from streams.stages.watermarks import MARKS, Mark, is_marks
 from streams.worker.tables import changelog_written
 from streams.worker.topics import DEAD_LETTER_TOPIC
-from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
+from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, acknowledged, wall_ms
 from streams.worker.wire import pack, unpack
 
 
@@ -124,7 +123,7 @@ class Gate:
             for partition in range(topology.partitions):
                 sent.append(await topology.by_customer.send(value=message, partition=partition))
         if sent:
-            await asyncio.gather(*sent)
+            await acknowledged(sent)
 
     async def tick(self) -> None:
         """The once-a-second timer: release held events, commit what is done, seek back a stalled partition."""

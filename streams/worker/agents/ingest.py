@@ -16,7 +16,7 @@ from streams.stages.routed import Routed
 from streams.stages.watermarks import MARKS, InputMarks, Mark
 from streams.worker.input_reader import read_inputs
 from streams.worker.topics import DEAD_LETTER_TOPIC
-from streams.worker.topology import Topology, wall_ms
+from streams.worker.topology import Topology, acknowledged, wall_ms
 from streams.worker.wire import pack
 
 log = get_logger(__name__)
@@ -125,7 +125,7 @@ class Ingest:
             return
         message = pack({MARKS: current})
         sent = [await topology.by_store.send(value=message, partition=p) for p in range(topology.partitions)]
-        await asyncio.gather(*sent)
+        await acknowledged(sent)
         self._marks_sent, self._marks_sent_at = current, time.monotonic()
 
     async def run_marks(self) -> None:
