@@ -8,8 +8,8 @@ import pytest
 
 from smoke_worker import SMOKE_TOPIC, parse_smoke, register_smoke
 from streams.settings import Settings
+from streams.worker.acks import acknowledged
 from streams.worker.app import FETCH_MAX_WAIT_MS, create_app, faust_options
-from streams.worker.topology import acknowledged
 
 
 def settings(**values: str) -> Settings:

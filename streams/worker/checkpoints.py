@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.connections import KafkaTarget, kafka_client_options
 from streams.logs import get_logger
+from streams.worker.acks import acknowledged
 from streams.worker.log_reader import read_to_end
 
 log = get_logger(__name__)
@@ -101,7 +102,7 @@ class Checkpoints:
             await self._send(_key("c", partition, store_id, checkpoint_id, index), piece, partition)
             for index, piece in enumerate(pieces)
         ]
-        await asyncio.gather(*sent)
+        await acknowledged(sent)
         record = {"id": checkpoint_id, "chunks": len(pieces), "upto": upto}
         await (await self._send(_key("s", partition, store_id), orjson.dumps(record), partition))
         self.records[(partition, store_id)] = record

@@ -19,6 +19,7 @@ import faust
 from faust.stores.rocksdb import Store
 
 from streams.stages.facts import routing_key
+from streams.worker.acks import acknowledged
 from streams.worker.topics import COMPACTED_SEGMENT_CONFIG
 from streams.worker.wire import route
 
@@ -170,7 +171,7 @@ async def changelog_written(*tables: Any) -> None:
     for table in tables:
         while table.unconfirmed:
             # another agent or timer may await the same records: keep them listed until done
-            await asyncio.gather(*table.unconfirmed)
+            await acknowledged(table.unconfirmed)
             table.unconfirmed = [future for future in table.unconfirmed if not future.done()]
 
 

@@ -46,7 +46,6 @@ events still advances to the global "now".
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -59,23 +58,13 @@ from streams.settings import Settings
 from streams.sinks.health import HealthCounters
 from streams.sinks.kafka_outputs import KafkaOutputs
 from streams.stages.routed import Routed
+from streams.worker.acks import acknowledged
 from streams.worker.contiguous import Contiguous
 from streams.worker.tables import make_table
 from streams.worker.topics import STAR_PARTIALS_TOPIC, STAR_SAMPLES_TOPIC, TOPIC_CONFIGS
 from streams.worker.wire import pack_chunks
 
 log = get_logger(__name__)
-
-def acknowledged(futures: Any, return_exceptions: bool = False) -> Any:
-    """Wait for sends' acknowledgements without cancelling them if the waiter is cancelled (a stopping agent).
-
-    ``asyncio.gather`` cancels what it waits for when it is cancelled itself: a send future
-    cancelled at shutdown made Faust's own done-callback (``Topic._on_published``) raise
-    ``CancelledError``, logged as an error. The sends stay in the producer's hands, which flushes
-    or fails them as it stops.
-    """
-    return asyncio.gather(*(asyncio.shield(future) for future in futures), return_exceptions=return_exceptions)
-
 
 #: messages per processing batch, and how long a batch may wait to fill
 BATCH_MAX = 4000

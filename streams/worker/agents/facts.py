@@ -8,8 +8,9 @@ from typing import Any
 from metrics.customer import CustomerFacts
 from streams.stages.facts import CustomerOutput, CustomerStage, customer_records, delta_messages, load_customer
 from streams.stages.watermarks import MARKS, Mark, MarkMerger, is_marks
+from streams.worker.acks import acknowledged
 from streams.worker.tables import changelog_written
-from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, acknowledged, wall_ms
+from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
 from streams.worker.wire import pack, pack_chunks, unpack
 
 #: customers the facts stage keeps in memory between batches (see ``CustomerStage``)

@@ -9,9 +9,10 @@ from streams.sinks.dead_letters import StageLedger
 from streams.stages.gate import CURRENCY_MISMATCH, GateStage
 from streams.stages.routed import Routed
 from streams.stages.watermarks import MARKS, Mark, is_marks
+from streams.worker.acks import acknowledged
 from streams.worker.tables import changelog_written
 from streams.worker.topics import DEAD_LETTER_TOPIC
-from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, acknowledged, wall_ms
+from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
 from streams.worker.wire import pack, unpack
 
 

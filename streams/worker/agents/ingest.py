@@ -14,9 +14,10 @@ from streams.sinks.dead_letters import DeadLetterLedger
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
 from streams.stages.watermarks import MARKS, InputMarks, Mark
+from streams.worker.acks import acknowledged
 from streams.worker.input_reader import read_inputs
 from streams.worker.topics import DEAD_LETTER_TOPIC
-from streams.worker.topology import Topology, acknowledged, wall_ms
+from streams.worker.topology import Topology, wall_ms
 from streams.worker.wire import pack
 
 log = get_logger(__name__)

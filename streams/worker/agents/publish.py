@@ -15,7 +15,6 @@ restarted between two emits is noticed by its server run id changing.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -32,6 +31,7 @@ from streams.sinks.redis_sink import RedisSink
 from streams.sinks.snapshots import COHORTS, cohorts_payload, dumps, snapshot_payload
 from streams.sinks.webhook import Webhook
 from streams.stages.aggregate import StarSampler, StoreShard
+from streams.worker.acks import acknowledged
 from streams.worker.agents.aggregate import Aggregation
 from streams.worker.topology import Topology
 from streams.worker.wire import route
@@ -266,7 +266,7 @@ class Publisher:
                 acks.append(await topology.outputs.send_alert(alert, encoded))
                 await redis.write_alert(encoded)
             try:
-                await asyncio.gather(*acks)
+                await acknowledged(acks)
             except KafkaError as error:  # a broker away: the alerts stay, sent again (same ids) at the next emit
                 log.warning("alerts.kafka_failed", error=str(error) or type(error).__name__)
                 return
