@@ -5,7 +5,7 @@ Time is always an argument (epoch milliseconds); money is integer micro-units.
 The hot modules (:data:`COMPILED_MODULES`) may also be compiled by mypyc
 (``scripts/compile_metrics.py``, run by ``make bootstrap``) into
 ``build/native/metrics/``: the same source as C extensions, about a third
-faster. They are loaded instead of the source only when the build's stamp
+faster, beside :data:`C_MODULES`, the aggregation's innermost loop in C. They are loaded instead of the source only when the build's stamp
 matches the source files byte for byte, so an edited module never runs a stale
 build; ``LOYALTY_PURE_PYTHON=1`` runs the source whatever is built.
 :data:`IMPLEMENTATION` says which one this process runs.
@@ -20,6 +20,9 @@ from pathlib import Path
 
 #: the modules mypyc compiles: the per-event and per-delta paths and what they call
 COMPILED_MODULES = ("intervals", "timegrid", "formulas", "catalog", "customer", "store")
+#: C written by hand, built with them: the aggregation's innermost loop (``metrics._blocks``, see
+#: ``metrics.store._add_pairs``, which runs when it is not built)
+C_MODULES = ("_blocks",)
 #: where the compiled modules lie, beside a ``SOURCES`` stamp (:func:`sources_digest`)
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "build" / "native" / "metrics"
 
@@ -30,6 +33,8 @@ def sources_digest() -> str:
     here = Path(__file__).resolve().parent
     for name in COMPILED_MODULES:
         digest.update(name.encode() + b"\0" + (here / f"{name}.py").read_bytes() + b"\0")
+    for name in C_MODULES:
+        digest.update(name.encode() + b"\0" + (here / f"{name}.c").read_bytes() + b"\0")
     return digest.hexdigest()
 
 

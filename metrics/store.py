@@ -9,6 +9,7 @@ per-series base, so prefix sums stay exact while memory stays bounded.
 
 from __future__ import annotations
 
+import importlib
 import zlib
 from array import array
 from bisect import bisect_left
@@ -474,6 +475,73 @@ class MetricReader:
         return result
 
 
+def _add_pairs(blocks: dict[int, Block], sums: dict[int, int], pairs: list[int], floor: int) -> int:
+    """Add a series' ``[bucket, delta, ...]`` at or above ``floor`` into its blocks and their sums (as
+    :meth:`PrefixSeries.add`, inline); returns the sum of the deltas below ``floor``, for the base.
+
+    Consecutive deltas of one block reuse it, and their sum is added to the block's once. Written
+    for mypyc (typed locals, indexed loops); :mod:`metrics._blocks` is the same loop in C.
+
+    >>> blocks, sums = {}, {}
+    >>> _add_pairs(blocks, sums, [3, 1, 9, -1, 1030, 4, 0, 7], 1), blocks, sums
+    (7, {0: {3: 1, 9: -1}, 1: {6: 4}}, {1: 4})
+    """
+    count = len(pairs)
+    folded = 0
+    # the block of the current run of deltas, and their sum, added to its block's once
+    block_index = MINUS_INFINITY
+    block: Block = _ZERO_BLOCK
+    sparse: dict[int, int] | None = None
+    run = 0
+    item = 0
+    while item < count:
+        bucket = pairs[item]
+        delta = pairs[item + 1]
+        item += 2
+        if bucket < floor:
+            folded += delta
+            continue
+        index = bucket >> _BLOCK_BITS
+        if index != block_index:
+            if run:
+                sums[block_index] = sums.get(block_index, 0) + run
+                run = 0
+            block_index = index
+            found = blocks.get(index)
+            if found is None:
+                found = blocks[index] = {}
+            block = found
+            sparse = found if isinstance(found, dict) else None
+        slot = bucket & _BLOCK_MASK
+        if sparse is not None:
+            sparse[slot] = sparse.get(slot, 0) + delta
+            if len(sparse) > _SPARSE_MAX:
+                block = blocks[index] = _densify(sparse)
+                sparse = None
+        else:
+            try:
+                block[slot] += delta
+            except OverflowError:
+                _widen(blocks, bucket, delta)
+                block = blocks[index]
+        run += delta
+    if run:
+        sums[block_index] = sums.get(block_index, 0) + run
+    return folded
+
+
+def _load_native_add_pairs() -> Any:
+    """The C loop of :func:`_add_pairs` when it is built beside the compiled modules, else ``None``."""
+    try:
+        return importlib.import_module("metrics._blocks").add_pairs
+    except ImportError:
+        return None
+
+
+#: :func:`metrics._blocks.add_pairs`, or ``None`` (pure Python, or no C build): see :func:`_add_pairs`
+_NATIVE_ADD_PAIRS: Any = _load_native_add_pairs()
+
+
 class StoreAggregate(MetricReader):
     """All series of one store (or of ``*``): apply deltas, read metrics as of a bucket."""
 
@@ -497,9 +565,9 @@ class StoreAggregate(MetricReader):
     def add_groups(self, groups: list[Any]) -> None:
         """Add deltas grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``.
 
-        The aggregation's hot path: each series is looked up once, and consecutive
-        deltas of one block reuse it (:meth:`PrefixSeries.add` inline). Written for
-        mypyc (typed locals, indexed loops): buckets and deltas are unboxed ints.
+        The aggregation's hot path: each series is looked up once, and its pairs are added
+        by the C loop (:mod:`metrics._blocks`, built with the compiled modules) or else by
+        :func:`_add_pairs`, which does the same.
 
         >>> aggregate = StoreAggregate(); aggregate.add_groups(["A", [3, 1, 9, -1], "A", [5, 2]])
         >>> aggregate.series["A"].prefix(4), aggregate.series["A"].prefix(9)
@@ -517,48 +585,11 @@ class StoreAggregate(MetricReader):
                 target = all_series[name] = PrefixSeries()
             floor: int = MINUS_INFINITY if target.floor is None else target.floor
             target.changed()
-            blocks = target.blocks
-            sums = target.sums
-            folded = 0
-            # the block of the current run of deltas, and their sum, added to its block's once
-            block_index = MINUS_INFINITY
-            block: Block = _ZERO_BLOCK
-            sparse: dict[int, int] | None = None
-            run = 0
-            item = 0
-            while item < count:
-                bucket = pairs[item]
-                delta = pairs[item + 1]
-                item += 2
-                if bucket < floor:
-                    folded += delta
-                    continue
-                index = bucket >> _BLOCK_BITS
-                if index != block_index:
-                    if run:
-                        sums[block_index] = sums.get(block_index, 0) + run
-                        run = 0
-                    block_index = index
-                    found = blocks.get(index)
-                    if found is None:
-                        found = blocks[index] = {}
-                    block = found
-                    sparse = found if isinstance(found, dict) else None
-                slot = bucket & _BLOCK_MASK
-                if sparse is not None:
-                    sparse[slot] = sparse.get(slot, 0) + delta
-                    if len(sparse) > _SPARSE_MAX:
-                        block = blocks[index] = _densify(sparse)
-                        sparse = None
-                else:
-                    try:
-                        block[slot] += delta
-                    except OverflowError:
-                        _widen(blocks, bucket, delta)
-                        block = blocks[index]
-                run += delta
-            if run:
-                sums[block_index] = sums.get(block_index, 0) + run
+            folded: Any = None
+            if _NATIVE_ADD_PAIRS is not None:
+                folded = _NATIVE_ADD_PAIRS(target.blocks, target.sums, pairs, floor, _SPARSE_MAX, _densify, _widen)
+            if folded is None:
+                folded = _add_pairs(target.blocks, target.sums, pairs, floor)
             if folded:
                 target.base += folded
 

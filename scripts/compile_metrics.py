@@ -1,4 +1,4 @@
-"""Compile the hot metric modules with mypyc into build/native/metrics/ (see metrics/__init__.py).
+"""Compile the hot metric modules with mypyc, and the C loop beside them, into build/native/metrics/ (see metrics/__init__.py).
 
 Run by `make native` and `make bootstrap`; safe to run again: it does nothing when the
 build's stamp matches the sources. Without a C compiler or Python's headers it says so
@@ -41,9 +41,9 @@ def missing_tools() -> str | None:
 def build() -> None:
     """Compile into a scratch folder, then move the modules and the stamp into place (stamp last)."""
     from mypyc.build import mypycify
-    from setuptools import setup
+    from setuptools import Extension, setup
 
-    from metrics import COMPILED_MODULES, NATIVE_DIR, sources_digest
+    from metrics import C_MODULES, COMPILED_MODULES, NATIVE_DIR, sources_digest
 
     stamp = sources_digest()
     with tempfile.TemporaryDirectory(prefix="loyalty-native-") as scratch:
@@ -51,6 +51,8 @@ def build() -> None:
         sources = [f"metrics/{name}.py" for name in COMPILED_MODULES]
         # the group's shared library lives inside the package, so the package's path finds it
         extensions = mypycify(sources, opt_level="3", group_name="metrics.native", target_dir=str(scratch_path / "c"))
+        extensions += [Extension(f"metrics.{name}", [f"metrics/{name}.c"], extra_compile_args=["-O2"])
+                       for name in C_MODULES]
         with warnings.catch_warnings():
             # setuptools reads the project's pyproject.toml and warns about hatchling's license table
             warnings.simplefilter("ignore")
@@ -68,9 +70,10 @@ def build() -> None:
         built = sorted((scratch_path / "lib" / "metrics").glob("*.so")) + sorted(
             (scratch_path / "lib" / "metrics").glob("*.pyd")
         )
-        if len(built) != len(COMPILED_MODULES) + 1:
+        expected = len(COMPILED_MODULES) + 1 + len(C_MODULES)
+        if len(built) != expected:
             names = [path.name for path in built]
-            raise SystemExit(f"error: mypyc built {names}, expected {len(COMPILED_MODULES) + 1} modules")
+            raise SystemExit(f"error: the build made {names}, expected {expected} modules")
         if NATIVE_DIR.exists():
             shutil.rmtree(NATIVE_DIR)
         NATIVE_DIR.mkdir(parents=True)
@@ -86,7 +89,7 @@ def main() -> int:
     # the package is imported as source here: it must not load (or warn about) the build this replaces;
     # set in main only, so that importing this module (tests/test_native.py) changes no environment
     os.environ["LOYALTY_PURE_PYTHON"] = "1"
-    from metrics import COMPILED_MODULES, native_build_current
+    from metrics import C_MODULES, COMPILED_MODULES, native_build_current
 
     if not options.force and native_build_current():
         print("compiled metrics are up to date")
@@ -97,7 +100,7 @@ def main() -> int:
         return 0
     os.chdir(ROOT)  # mypyc names modules by their paths relative to the working folder
     build()
-    print(f"compiled metrics built: {', '.join(COMPILED_MODULES)}")
+    print(f"compiled metrics built: {', '.join(COMPILED_MODULES + C_MODULES)}")
     return 0
 
 

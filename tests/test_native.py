@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import re
 import subprocess
 import sys
+from array import array
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import metrics
 import metrics.customer as metrics_customer
 import metrics.store as metrics_store
+from metrics.intervals import MINUS_INFINITY
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -34,6 +40,8 @@ def test_compiled_build_is_loaded_where_it_can_be_built() -> None:
     )
     for module in (metrics_store, metrics_customer):
         assert str(module.__file__).endswith(".py") == (expected == "pure"), module.__file__
+    # the C loop is built and loaded with them, and only with them
+    assert (metrics_store._NATIVE_ADD_PAIRS is None) == (expected == "pure")
 
 
 def test_source_doctests_pass_as_pure_python() -> None:
@@ -77,3 +85,101 @@ def test_stale_build_is_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (tmp_path / "SOURCES").write_text(metrics.sources_digest() + "\n")
     monkeypatch.setenv("LOYALTY_PURE_PYTHON", "1")
     assert metrics._native_build() is None
+
+
+def _native_add_pairs() -> Any:
+    """The C loop, which the build of this machine has (see the first test)."""
+    if metrics_store._NATIVE_ADD_PAIRS is None:
+        pytest.skip("the metrics run pure here: no C loop to compare")
+    return metrics_store._NATIVE_ADD_PAIRS
+
+
+def _block_values(blocks: dict[int, Any]) -> dict[int, dict[int, int]]:
+    """Each block's nonzero slots (a sparse dict, an array or a list alike)."""
+    values: dict[int, dict[int, int]] = {}
+    for index, block in blocks.items():
+        slots = block.items() if isinstance(block, dict) else enumerate(block)
+        values[index] = {slot: value for slot, value in slots if value}
+    return values
+
+
+def _existing_blocks(draw: st.DrawFn) -> tuple[dict[int, Any], dict[int, int]]:
+    """Blocks of every kind a series holds: sparse, dense int64, and a list past int64."""
+    blocks: dict[int, Any] = {}
+    for index in draw(st.sets(st.integers(-3, 3), max_size=3)):
+        kind = draw(st.sampled_from(("sparse", "dense", "wide")))
+        slots = draw(st.dictionaries(st.integers(0, 1023), st.integers(-(2**63), 2**63 - 1), max_size=6))
+        if kind == "sparse":
+            blocks[index] = dict(slots)
+        else:
+            block: Any = array("q", bytes(8 * 1024))
+            if kind == "wide":
+                block = list(block)
+                slots[0] = 2**70
+            for slot, value in slots.items():
+                block[slot] = value
+            blocks[index] = block
+    sums = {index: sum(block.values()) if isinstance(block, dict) else sum(block) for index, block in blocks.items()}
+    return blocks, sums
+
+
+@st.composite
+def _series_and_pairs(draw: st.DrawFn) -> tuple[dict[int, Any], dict[int, int], list[int], int, int]:
+    blocks, sums = _existing_blocks(draw)
+    # buckets over a few blocks (negative ones too), deltas small or out of int64, some on one bucket
+    buckets = st.integers(-3 * 1024, 4 * 1024 - 1)
+    deltas = st.one_of(st.integers(-5, 5), st.integers(-(2**64), 2**64), st.sampled_from((2**63 - 1, -(2**63))))
+    pairs = [item for bucket, delta in draw(st.lists(st.tuples(buckets, deltas), max_size=80))
+             for item in (bucket, delta)]
+    floor = draw(st.sampled_from((MINUS_INFINITY, -1024, 0, 700, 2048)))
+    sparse_max = draw(st.sampled_from((0, 3, 48)))
+    return blocks, sums, pairs, floor, sparse_max
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=_series_and_pairs())
+def test_the_c_loop_adds_what_the_python_loop_adds(
+    case: tuple[dict[int, Any], dict[int, int], list[int], int, int],
+) -> None:
+    """metrics._blocks.add_pairs leaves the same block values and sums, and returns the same sum below the floor."""
+    native = _native_add_pairs()
+    blocks, sums, pairs, floor, sparse_max = case
+    python_blocks, python_sums = copy.deepcopy(blocks), dict(sums)
+    native_blocks, native_sums = copy.deepcopy(blocks), dict(sums)
+    original = list(pairs)
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as patched:
+        # the Python loop with the same sparse limit (its module constant)
+        patched.setattr(metrics_store, "_SPARSE_MAX", sparse_max)
+        folded = metrics_store._add_pairs(python_blocks, python_sums, pairs, floor)
+    assert native(native_blocks, native_sums, pairs, floor, sparse_max,
+                  metrics_store._densify, metrics_store._widen) == folded
+    assert pairs == original
+    assert _block_values(native_blocks) == _block_values(python_blocks)
+    assert native_sums == python_sums
+    for index, block in native_blocks.items():
+        # the block sums are the blocks' own sums; a sparse block past the limit was densified
+        assert native_sums.get(index, 0) == (sum(block.values()) if isinstance(block, dict) else sum(block))
+        if isinstance(block, dict):
+            assert len(block) <= max(sparse_max, len(blocks.get(index, {})))
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [[3, "1"], [3, 1.0], [2**63, 1], [-(2**63) - 1, 1], [1, 1, 2**64, 1]],
+    ids=["text delta", "float delta", "bucket past int64", "bucket below int64", "second bucket past int64"],
+)
+def test_the_c_loop_leaves_pairs_it_cannot_take_to_python(pairs: list[Any]) -> None:
+    """A pair that is not two ints, or a bucket out of int64, makes the C loop return None having changed nothing."""
+    native = _native_add_pairs()
+    blocks: dict[int, Any] = {0: {5: 2}}
+    sums = {0: 2}
+    assert native(blocks, sums, pairs, MINUS_INFINITY, 48, metrics_store._densify, metrics_store._widen) is None
+    assert (blocks, sums) == ({0: {5: 2}}, {0: 2})
+
+
+def test_the_c_loop_refuses_an_odd_group() -> None:
+    """An odd number of items is a ValueError, as in add_groups."""
+    native = _native_add_pairs()
+    with pytest.raises(ValueError, match="odd number"):
+        native({}, {}, [1, 2, 3], MINUS_INFINITY, 48, metrics_store._densify, metrics_store._widen)

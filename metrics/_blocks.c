@@ -1,0 +1,477 @@
+/* The aggregation's innermost loop in C: one series' bucket/delta pairs added into its blocks.
+ *
+ * metrics._blocks.add_pairs(blocks, sums, pairs, floor, sparse_max, densify, widen) does to the
+ * same objects what the Python loop of metrics.store._add_pairs does: every block holds the same
+ * values and every block sum is the same, and it returns the sum of the deltas below ``floor``
+ * for the series' base. It adds in bucket order, so that consecutive deltas of one block share
+ * its lookup and its block-sum update (the deltas topic's pairs come in the facts' order); the
+ * deltas of one bucket keep theirs. It returns None, having changed nothing, when a pair is not
+ * two ints or a bucket does not fit in 64 bits: the caller then runs the Python loop.
+ *
+ * Blocks are those of metrics.store.PrefixSeries: a dict of slot -> delta while sparse, an int64
+ * array('q') once dense, a list once a value left int64. Exactness: int64 additions are checked
+ * for overflow, and anything that overflows is done on Python ints (an array slot that would
+ * overflow is handed to ``widen``, which turns its block into a list, as the Python loop does).
+ * Only the kinds may differ, in one corner: a sparse block that a sum took out of int64 and back
+ * may be densified, in the other order, while out (a list, where the Python loop makes an array).
+ *
+ * Built beside the mypyc modules by scripts/compile_metrics.py; without it the Python loop runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define BLOCK_BITS 10
+#define BLOCK_SIZE (1LL << BLOCK_BITS)
+#define BLOCK_MASK (BLOCK_SIZE - 1)
+
+/* An exact running sum: ``small`` while it fits in int64, the rest spilled into a Python int. */
+typedef struct {
+    long long small;
+    PyObject *big; /* NULL: 0 */
+} ExactSum;
+
+static int exact_spill(ExactSum *sum, PyObject *value)
+{
+    PyObject *total;
+    if (sum->big == NULL) {
+        Py_INCREF(value);
+        sum->big = value;
+        return 0;
+    }
+    total = PyNumber_Add(sum->big, value);
+    if (total == NULL)
+        return -1;
+    Py_SETREF(sum->big, total);
+    return 0;
+}
+
+static int exact_add_small(ExactSum *sum, long long value)
+{
+    long long result;
+    PyObject *spilled;
+    int failed;
+    if (!__builtin_add_overflow(sum->small, value, &result)) {
+        sum->small = result;
+        return 0;
+    }
+    spilled = PyLong_FromLongLong(sum->small);
+    if (spilled == NULL)
+        return -1;
+    failed = exact_spill(sum, spilled);
+    Py_DECREF(spilled);
+    sum->small = value;
+    return failed;
+}
+
+/* The sum as a new reference. */
+static PyObject *exact_value(const ExactSum *sum)
+{
+    PyObject *small = PyLong_FromLongLong(sum->small);
+    PyObject *total;
+    if (small == NULL || sum->big == NULL)
+        return small;
+    total = PyNumber_Add(sum->big, small);
+    Py_DECREF(small);
+    return total;
+}
+
+/* 1 when the sum is not zero, 0 when it is, -1 on error. */
+static int exact_nonzero(const ExactSum *sum)
+{
+    PyObject *value;
+    int truth;
+    if (sum->big == NULL)
+        return sum->small != 0;
+    value = exact_value(sum);
+    if (value == NULL)
+        return -1;
+    truth = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return truth;
+}
+
+static void exact_clear(ExactSum *sum)
+{
+    sum->small = 0;
+    Py_CLEAR(sum->big);
+}
+
+/* Python's ``bucket >> BLOCK_BITS`` (a floor division, also below zero). */
+static long long block_of(long long bucket)
+{
+    return bucket >= 0 ? bucket >> BLOCK_BITS : -((-(bucket + 1)) >> BLOCK_BITS) - 1;
+}
+
+enum { SPARSE, DENSE, WIDE };
+
+/* The block being written: its index, kind, and for a dense one its int64 slots. */
+typedef struct {
+    PyObject *index; /* NULL: none yet */
+    PyObject *block;
+    int kind;
+    Py_buffer view;
+    int viewing;
+} Current;
+
+static void current_release(Current *current)
+{
+    if (current->viewing) {
+        PyBuffer_Release(&current->view);
+        current->viewing = 0;
+    }
+    Py_CLEAR(current->block);
+}
+
+/* Take ``block`` (a new reference) as the current block. */
+static int current_take(Current *current, PyObject *block)
+{
+    current_release(current);
+    current->block = block;
+    if (PyDict_CheckExact(block)) {
+        current->kind = SPARSE;
+        return 0;
+    }
+    if (PyList_CheckExact(block)) {
+        if (PyList_GET_SIZE(block) != BLOCK_SIZE) {
+            PyErr_SetString(PyExc_ValueError, "a block list must have one slot per bucket of the block");
+            return -1;
+        }
+        current->kind = WIDE;
+        return 0;
+    }
+    if (PyObject_GetBuffer(block, &current->view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        return -1;
+    current->viewing = 1;
+    if (current->view.itemsize != 8 || current->view.len != 8 * BLOCK_SIZE || current->view.format == NULL
+        || strcmp(current->view.format, "q") != 0) {
+        PyErr_SetString(PyExc_TypeError, "a dense block must be an int64 array('q') of one slot per bucket");
+        return -1;
+    }
+    current->kind = DENSE;
+    return 0;
+}
+
+/* sums[index] = sums.get(index, 0) + run, when run is not zero; run starts again at zero. */
+static int flush_run(PyObject *sums, PyObject *index, ExactSum *run)
+{
+    PyObject *value, *total;
+    int nonzero = exact_nonzero(run), failed;
+    if (nonzero <= 0) {
+        exact_clear(run);
+        return nonzero;
+    }
+    value = exact_value(run);
+    exact_clear(run);
+    if (value == NULL)
+        return -1;
+    total = PyDict_GetItemWithError(sums, index);
+    if (total == NULL) {
+        if (PyErr_Occurred()) {
+            Py_DECREF(value);
+            return -1;
+        }
+        failed = PyDict_SetItem(sums, index, value);
+        Py_DECREF(value);
+        return failed;
+    }
+    total = PyNumber_Add(total, value);
+    Py_DECREF(value);
+    if (total == NULL)
+        return -1;
+    failed = PyDict_SetItem(sums, index, total);
+    Py_DECREF(total);
+    return failed;
+}
+
+/* Make the block of ``index`` current, creating an empty sparse one when the series has none. */
+static int switch_block(Current *current, PyObject *blocks, long long index)
+{
+    PyObject *key = PyLong_FromLongLong(index), *found;
+    if (key == NULL)
+        return -1;
+    Py_XSETREF(current->index, key);
+    found = PyDict_GetItemWithError(blocks, key);
+    if (found == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        found = PyDict_New();
+        if (found == NULL)
+            return -1;
+        if (PyDict_SetItem(blocks, key, found) < 0) {
+            Py_DECREF(found);
+            return -1;
+        }
+        return current_take(current, found);
+    }
+    Py_INCREF(found);
+    return current_take(current, found);
+}
+
+/* Replace the current block by ``replacement`` (a new reference) in ``blocks`` and make it current. */
+static int replace_block(Current *current, PyObject *blocks, PyObject *replacement)
+{
+    if (replacement == NULL)
+        return -1;
+    if (PyDict_SetItem(blocks, current->index, replacement) < 0) {
+        Py_DECREF(replacement);
+        return -1;
+    }
+    return current_take(current, replacement);
+}
+
+static int add_sparse(Current *current, PyObject *blocks, long long slot, PyObject *delta,
+                      Py_ssize_t sparse_max, PyObject *densify)
+{
+    PyObject *key = PyLong_FromLongLong(slot), *old, *value;
+    int failed;
+    if (key == NULL)
+        return -1;
+    old = PyDict_GetItemWithError(current->block, key);
+    if (old == NULL && PyErr_Occurred()) {
+        Py_DECREF(key);
+        return -1;
+    }
+    if (old == NULL) {
+        PyObject *zero = PyLong_FromLong(0);
+        value = zero == NULL ? NULL : PyNumber_Add(zero, delta);
+        Py_XDECREF(zero);
+    } else {
+        value = PyNumber_Add(old, delta);
+    }
+    if (value == NULL) {
+        Py_DECREF(key);
+        return -1;
+    }
+    failed = PyDict_SetItem(current->block, key, value);
+    Py_DECREF(key);
+    Py_DECREF(value);
+    if (failed < 0)
+        return -1;
+    if (PyDict_GET_SIZE(current->block) > sparse_max)
+        return replace_block(current, blocks, PyObject_CallOneArg(densify, current->block));
+    return 0;
+}
+
+static int add_dense(Current *current, PyObject *blocks, long long slot, PyObject *bucket_object,
+                     PyObject *delta, int delta_fits, long long delta_small, PyObject *widen)
+{
+    long long *slots = (long long *)current->view.buf;
+    long long result;
+    PyObject *old, *total, *widened;
+    int overflow;
+    if (delta_fits && !__builtin_add_overflow(slots[slot], delta_small, &result)) {
+        slots[slot] = result;
+        return 0;
+    }
+    /* the Python loop's ``block[slot] += delta``: kept in the array when the sum fits */
+    old = PyLong_FromLongLong(slots[slot]);
+    if (old == NULL)
+        return -1;
+    total = PyNumber_Add(old, delta);
+    Py_DECREF(old);
+    if (total == NULL)
+        return -1;
+    result = PyLong_AsLongLongAndOverflow(total, &overflow);
+    Py_DECREF(total);
+    if (result == -1 && PyErr_Occurred())
+        return -1;
+    if (!overflow) {
+        slots[slot] = result;
+        return 0;
+    }
+    /* out of int64: ``widen`` turns the block into a list holding the sum */
+    current_release(current);
+    widened = PyObject_CallFunctionObjArgs(widen, blocks, bucket_object, delta, NULL);
+    if (widened == NULL)
+        return -1;
+    Py_DECREF(widened);
+    total = PyDict_GetItemWithError(blocks, current->index);
+    if (total == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_KeyError, "widen removed the block it widened");
+        return -1;
+    }
+    Py_INCREF(total);
+    return current_take(current, total);
+}
+
+static int add_wide(Current *current, long long slot, PyObject *delta)
+{
+    PyObject *total = PyNumber_Add(PyList_GET_ITEM(current->block, slot), delta);
+    if (total == NULL)
+        return -1;
+    return PyList_SetItem(current->block, slot, total); /* steals total */
+}
+
+/* A pair's bucket and where it lies in the pairs list. */
+typedef struct {
+    long long bucket;
+    Py_ssize_t item;
+} Pair;
+
+static int by_bucket(const void *left, const void *right)
+{
+    const Pair *a = left, *b = right;
+    if (a->bucket != b->bucket)
+        return a->bucket < b->bucket ? -1 : 1;
+    return a->item < b->item ? -1 : a->item > b->item;
+}
+
+/* Sorted by bucket, then position: an insertion sort for the short runs most series send. */
+static void sort_pairs(Pair *pairs, Py_ssize_t count)
+{
+    Py_ssize_t done, at;
+    if (count > 64) {
+        qsort(pairs, (size_t)count, sizeof(Pair), by_bucket);
+        return;
+    }
+    for (done = 1; done < count; done++) {
+        Pair next = pairs[done];
+        for (at = done; at > 0 && by_bucket(&pairs[at - 1], &next) > 0; at--)
+            pairs[at] = pairs[at - 1];
+        pairs[at] = next;
+    }
+}
+
+static PyObject *add_pairs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *blocks, *sums, *pairs, *densify, *widen, *result = NULL;
+    long long floor, bucket, delta_small;
+    Py_ssize_t count, item, position, sparse_max;
+    Pair *order;
+    int in_order = 1;
+    ExactSum folded = {0, NULL}, run = {0, NULL};
+    Current current;
+    long long block_index = 0;
+    int overflow, delta_fits, failed = 0;
+    (void)module;
+
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "add_pairs(blocks, sums, pairs, floor, sparse_max, densify, widen)");
+        return NULL;
+    }
+    blocks = args[0];
+    sums = args[1];
+    pairs = args[2];
+    densify = args[5];
+    widen = args[6];
+    if (!PyDict_CheckExact(blocks) || !PyDict_CheckExact(sums)) {
+        PyErr_SetString(PyExc_TypeError, "blocks and sums must be dicts");
+        return NULL;
+    }
+    sparse_max = PyLong_AsSsize_t(args[4]);
+    if (sparse_max == -1 && PyErr_Occurred())
+        return NULL;
+    floor = PyLong_AsLongLongAndOverflow(args[3], &overflow);
+    if (floor == -1 && PyErr_Occurred())
+        return NULL;
+    if (overflow || !PyList_CheckExact(pairs))
+        Py_RETURN_NONE;
+    count = PyList_GET_SIZE(pairs);
+    if (count & 1) {
+        PyErr_Format(PyExc_ValueError, "an odd number of bucket/delta items (%zd)", count);
+        return NULL;
+    }
+    order = PyMem_Malloc(sizeof(Pair) * (size_t)(count / 2 + 1));
+    if (order == NULL)
+        return PyErr_NoMemory();
+    /* every item an int and every bucket in int64, or nothing is done here */
+    for (item = 0; item < count; item++) {
+        PyObject *value = PyList_GET_ITEM(pairs, item);
+        if (!PyLong_Check(value)) {
+            PyMem_Free(order);
+            Py_RETURN_NONE;
+        }
+        if (!(item & 1)) {
+            bucket = PyLong_AsLongLongAndOverflow(value, &overflow);
+            if ((bucket == -1 && PyErr_Occurred()) || overflow) {
+                PyMem_Free(order);
+                if (overflow)
+                    Py_RETURN_NONE;
+                return NULL;
+            }
+            if (item > 0 && bucket < order[item / 2 - 1].bucket)
+                in_order = 0;
+            order[item / 2].bucket = bucket;
+            order[item / 2].item = item;
+        }
+    }
+    /* in bucket order, consecutive deltas of one block share its lookup and its block-sum update
+     * (the order of additions changes no sum) */
+    if (!in_order)
+        sort_pairs(order, count / 2);
+
+    memset(&current, 0, sizeof(current));
+    /* the pairs list is held: the callbacks (densify, widen) must not see it freed under the loop */
+    Py_INCREF(pairs);
+    for (position = 0; position < count / 2 && !failed; position++) {
+        PyObject *bucket_object, *delta;
+        long long index, slot;
+        item = order[position].item;
+        bucket_object = PyList_GET_ITEM(pairs, item);
+        delta = PyList_GET_ITEM(pairs, item + 1);
+        bucket = order[position].bucket;
+        delta_small = PyLong_AsLongLongAndOverflow(delta, &overflow);
+        if (delta_small == -1 && PyErr_Occurred()) {
+            failed = 1;
+            break;
+        }
+        delta_fits = !overflow;
+        if (bucket < floor) {
+            failed = delta_fits ? exact_add_small(&folded, delta_small) : exact_spill(&folded, delta);
+            continue;
+        }
+        index = block_of(bucket);
+        if (current.index == NULL || index != block_index) {
+            if (current.index != NULL && flush_run(sums, current.index, &run) < 0) {
+                failed = 1;
+                break;
+            }
+            block_index = index;
+            if (switch_block(&current, blocks, index) < 0) {
+                failed = 1;
+                break;
+            }
+        }
+        slot = (long long)((unsigned long long)bucket & (unsigned long long)BLOCK_MASK);
+        if (current.kind == SPARSE)
+            failed = add_sparse(&current, blocks, slot, delta, sparse_max, densify) < 0;
+        else if (current.kind == DENSE)
+            failed = add_dense(&current, blocks, slot, bucket_object, delta, delta_fits, delta_small, widen) < 0;
+        else
+            failed = add_wide(&current, slot, delta) < 0;
+        if (!failed)
+            failed = (delta_fits ? exact_add_small(&run, delta_small) : exact_spill(&run, delta)) < 0;
+    }
+    if (!failed && current.index != NULL && flush_run(sums, current.index, &run) < 0)
+        failed = 1;
+    if (!failed)
+        result = exact_value(&folded);
+    current_release(&current);
+    Py_XDECREF(current.index);
+    exact_clear(&run);
+    exact_clear(&folded);
+    Py_DECREF(pairs);
+    PyMem_Free(order);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"add_pairs", (PyCFunction)(void (*)(void))add_pairs, METH_FASTCALL,
+     "add_pairs(blocks, sums, pairs, floor, sparse_max, densify, widen) -> the sum below floor, or None\n\n"
+     "Add a series' [bucket, delta, bucket, delta, ...] into its blocks and block sums, as\n"
+     "metrics.store._add_pairs does; None (nothing done) when a pair is not two ints or a bucket\n"
+     "does not fit in 64 bits."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "metrics._blocks",
+    "The aggregation's innermost loop in C (see metrics.store._add_pairs).", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__blocks(void)
+{
+    return PyModule_Create(&module);
+}
