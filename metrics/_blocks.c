@@ -2,7 +2,8 @@
  *
  * metrics._blocks.add_pairs(blocks, sums, pairs, floor, sparse_max, densify, widen) does to the
  * same objects what the Python loop of metrics.store._add_pairs does: every block holds the same
- * values and every block sum is the same, and it returns the sum of the deltas below ``floor``
+ * values and every block sum is the same (a sum of 0 may have no entry where the Python loop's
+ * order wrote one: no entry means 0), and it returns the sum of the deltas below ``floor``
  * for the series' base. It adds in bucket order, so that consecutive deltas of one block share
  * its lookup and its block-sum update (the deltas topic's pairs come in the facts' order); the
  * deltas of one bucket keep theirs. It returns None, having changed nothing, when a pair is not
