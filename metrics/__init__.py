@@ -5,9 +5,10 @@ Time is always an argument (epoch milliseconds); money is integer micro-units.
 The hot modules (:data:`COMPILED_MODULES`) may also be compiled by mypyc
 (``scripts/compile_metrics.py``, run by ``make bootstrap``) into
 ``build/native/metrics/``: the same source as C extensions, about a third
-faster, beside :data:`C_MODULES`, the aggregation's innermost loop in C. They are loaded instead of the source only when the build's stamp
-matches the source files byte for byte, so an edited module never runs a stale
-build; ``LOYALTY_PURE_PYTHON=1`` runs the source whatever is built.
+faster, beside :data:`C_MODULES`, the aggregation's innermost loop in C. They
+are loaded instead of the source only when the build's stamp matches the source
+files byte for byte, so an edited module never runs a stale build;
+``LOYALTY_PURE_PYTHON=1`` runs the source whatever is built.
 :data:`IMPLEMENTATION` says which one this process runs.
 """
 

@@ -1,4 +1,6 @@
-"""Compile the hot metric modules with mypyc, and the C loop beside them, into build/native/metrics/ (see metrics/__init__.py).
+"""Compile the hot metric modules with mypyc, and the C loop beside them, into build/native/metrics/.
+
+See metrics/__init__.py for how they are loaded.
 
 Run by `make native` and `make bootstrap`; safe to run again: it does nothing when the
 build's stamp matches the sources. Without a C compiler or Python's headers it says so
