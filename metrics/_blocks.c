@@ -9,10 +9,11 @@
  * deltas of one bucket keep theirs. It returns None, having changed nothing, when a pair is not
  * two ints or a bucket does not fit in 64 bits: the caller then runs the Python loop.
  *
- * Blocks are those of metrics.store.PrefixSeries: a dict of slot -> delta while sparse, an int64
- * array('q') once dense, a list once a value left int64. Exactness: int64 additions are checked
- * for overflow, and anything that overflows is done on Python ints (an array slot that would
- * overflow is handed to ``widen``, which turns its block into a list, as the Python loop does).
+ * Blocks are those of metrics.store.PrefixSeries: a dict of slot -> delta while sparse, an array of
+ * int8, int16, int32 or int64 ('b', 'h', 'i', 'q') once dense, a list once a value left int64.
+ * Exactness: int64 additions are checked for overflow, and anything that overflows is done on
+ * Python ints; a sum that leaves its slot's type is handed to ``widen``, which makes the block the
+ * narrowest type that holds it (a list past int64), as the Python loop does.
  * Only the kinds may differ, in one corner: a sparse block that a sum took out of int64 and back
  * may be densified, in the other order, while out (a list, where the Python loop makes an array).
  *
@@ -20,6 +21,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <string.h>
 
 #define BLOCK_BITS 10
@@ -124,6 +126,49 @@ static void current_release(Current *current)
     Py_CLEAR(current->block);
 }
 
+/* 1 when ``format`` is that of a dense block type of ``itemsize`` bytes (metrics.store._DENSE_TYPES). */
+static int dense_format(const char *format, Py_ssize_t itemsize)
+{
+    return (strcmp(format, "b") == 0 && itemsize == 1) || (strcmp(format, "h") == 0 && itemsize == 2)
+        || (strcmp(format, "i") == 0 && itemsize == 4) || (strcmp(format, "q") == 0 && itemsize == 8);
+}
+
+/* A dense slot's value, whatever its width. */
+static long long slot_get(const Py_buffer *view, long long slot)
+{
+    switch (view->itemsize) {
+    case 1: return ((const signed char *)view->buf)[slot];
+    case 2: return ((const short *)view->buf)[slot];
+    case 4: return ((const int *)view->buf)[slot];
+    default: return ((const long long *)view->buf)[slot];
+    }
+}
+
+/* Store ``value`` in a dense slot; 0 when it does not fit the slot's width (nothing written). */
+static int slot_put(Py_buffer *view, long long slot, long long value)
+{
+    switch (view->itemsize) {
+    case 1:
+        if (value < SCHAR_MIN || value > SCHAR_MAX)
+            return 0;
+        ((signed char *)view->buf)[slot] = (signed char)value;
+        return 1;
+    case 2:
+        if (value < SHRT_MIN || value > SHRT_MAX)
+            return 0;
+        ((short *)view->buf)[slot] = (short)value;
+        return 1;
+    case 4:
+        if (value < INT_MIN || value > INT_MAX)
+            return 0;
+        ((int *)view->buf)[slot] = (int)value;
+        return 1;
+    default:
+        ((long long *)view->buf)[slot] = value;
+        return 1;
+    }
+}
+
 /* Take ``block`` (a new reference) as the current block. */
 static int current_take(Current *current, PyObject *block)
 {
@@ -144,9 +189,10 @@ static int current_take(Current *current, PyObject *block)
     if (PyObject_GetBuffer(block, &current->view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
         return -1;
     current->viewing = 1;
-    if (current->view.itemsize != 8 || current->view.len != 8 * BLOCK_SIZE || current->view.format == NULL
-        || strcmp(current->view.format, "q") != 0) {
-        PyErr_SetString(PyExc_TypeError, "a dense block must be an int64 array('q') of one slot per bucket");
+    if (current->view.format == NULL || current->view.len != current->view.itemsize * BLOCK_SIZE
+        || !dense_format(current->view.format, current->view.itemsize)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "a dense block must be an array of type 'b', 'h', 'i' or 'q' of one slot per bucket");
         return -1;
     }
     current->kind = DENSE;
@@ -257,44 +303,26 @@ static int add_sparse(Current *current, PyObject *blocks, long long slot, PyObje
 static int add_dense(Current *current, PyObject *blocks, long long slot, PyObject *bucket_object,
                      PyObject *delta, int delta_fits, long long delta_small, PyObject *widen)
 {
-    long long *slots = (long long *)current->view.buf;
     long long result;
-    PyObject *old, *total, *widened;
-    int overflow;
-    if (delta_fits && !__builtin_add_overflow(slots[slot], delta_small, &result)) {
-        slots[slot] = result;
+    PyObject *widened, *block;
+    if (delta_fits && !__builtin_add_overflow(slot_get(&current->view, slot), delta_small, &result)
+        && slot_put(&current->view, slot, result))
         return 0;
-    }
-    /* the Python loop's ``block[slot] += delta``: kept in the array when the sum fits */
-    old = PyLong_FromLongLong(slots[slot]);
-    if (old == NULL)
-        return -1;
-    total = PyNumber_Add(old, delta);
-    Py_DECREF(old);
-    if (total == NULL)
-        return -1;
-    result = PyLong_AsLongLongAndOverflow(total, &overflow);
-    Py_DECREF(total);
-    if (result == -1 && PyErr_Occurred())
-        return -1;
-    if (!overflow) {
-        slots[slot] = result;
-        return 0;
-    }
-    /* out of int64: ``widen`` turns the block into a list holding the sum */
+    /* out of the block's type (or of int64): ``widen`` makes it the narrowest that holds the sum, as the
+     * Python loop's ``block[slot] += delta`` raising OverflowError does */
     current_release(current);
     widened = PyObject_CallFunctionObjArgs(widen, blocks, bucket_object, delta, NULL);
     if (widened == NULL)
         return -1;
     Py_DECREF(widened);
-    total = PyDict_GetItemWithError(blocks, current->index);
-    if (total == NULL) {
+    block = PyDict_GetItemWithError(blocks, current->index);
+    if (block == NULL) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_KeyError, "widen removed the block it widened");
         return -1;
     }
-    Py_INCREF(total);
-    return current_take(current, total);
+    Py_INCREF(block);
+    return current_take(current, block);
 }
 
 static int add_wide(Current *current, long long slot, PyObject *delta)

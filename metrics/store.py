@@ -25,19 +25,25 @@ from metrics.customer import COHORT_PERIODS, cohort_series, month_bounds
 from metrics.intervals import MINUS_INFINITY
 from metrics.timegrid import Grid, month_label
 
-#: buckets per block of a series: deltas are kept in lists of this many slots (8 bytes each
+#: buckets per block of a series: deltas are kept in arrays of this many slots (1 to 8 bytes each
 #: where a dict entry costs about 100), created when a bucket of the block is first touched
 _BLOCK_BITS = 10
 _BLOCK_SIZE = 1 << _BLOCK_BITS
 _BLOCK_MASK = _BLOCK_SIZE - 1
-#: a block is an int64 array: arrays are not tracked by the garbage collector, where lists of
-#: 1,024 slots each would be traversed at every full collection; a block that a sum takes out of
-#: int64 (amounts reach 10^18 micro-units) becomes a plain list, exact at any size
+#: a dense block is an array of the narrowest of these integer types that holds its values (int8 up to
+#: int64): a count series' slot holds the customers whose status changes in that minute, a few, so most
+#: blocks take 1 KiB where int64 took 8; a value that leaves its type widens the block (:func:`_widen`),
+#: past int64 to a plain list, exact at any size (amounts reach 10^18 micro-units). Arrays are not
+#: tracked by the garbage collector, where lists of 1,024 slots each would be traversed at every full
+#: collection.
+_DENSE_TYPES = ("b", "h", "i", "q")
+_TYPE_BOUNDS = {code: 1 << (8 * array(code).itemsize - 1) for code in _DENSE_TYPES}
 _ZERO_BLOCK = array("q", bytes(8 * _BLOCK_SIZE))
-#: a block starts sparse, a dict of its nonzero slots, and becomes an array past this many: a store
-#: with a handful of customers touches few slots of each block, and 8 KiB per block would make
-#: its memory follow the calendar instead of its activity
-_SPARSE_MAX = 48
+#: a block starts sparse, a dict of its nonzero slots, and becomes an array past this many (a dict
+#: of this many entries takes about as much as an int8 block): a store with a handful of customers
+#: touches few slots of each block, and a dense block each would make its memory follow the calendar
+#: instead of its activity
+_SPARSE_MAX = 16
 Block = Union["array[int]", list[int], dict[int, int]]
 #: series read only at K (statuses "as of K"): every bucket up to K may fold into the base
 _READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:", "seg", "ck")
@@ -67,15 +73,31 @@ def read_reach(series: str, longest: int, cohort_reach: int) -> int:
     return longest
 
 
+def _narrowest(low: int, high: int, start: int = 0) -> str | None:
+    """The narrowest dense type from ``_DENSE_TYPES[start]`` on that holds ``low .. high``, else ``None``.
+
+    >>> _narrowest(-128, 127), _narrowest(0, 128), _narrowest(0, 2**31), _narrowest(0, 2**63)
+    ('b', 'h', 'q', None)
+    """
+    for code in _DENSE_TYPES[start:]:
+        bound = _TYPE_BOUNDS[code]
+        if -bound <= low and high < bound:
+            return code
+    return None
+
+
 def _densify(sparse: dict[int, int]) -> Block:
-    """A sparse block as an int64 array (a list if a value is past int64)."""
-    dense: Block = _ZERO_BLOCK[:]
+    """A sparse block as an array of the narrowest type that holds its values (a list past int64)."""
+    values = sparse.values()
+    code = _narrowest(min(values), max(values)) if values else "b"
+    if code is None:
+        wide = [0] * _BLOCK_SIZE
+        for slot, value in sparse.items():
+            wide[slot] = value
+        return wide
+    dense = array(code, bytes(array(code).itemsize * _BLOCK_SIZE))
     for slot, value in sparse.items():
-        try:
-            dense[slot] = value
-        except OverflowError:
-            dense = list(dense)
-            dense[slot] = value
+        dense[slot] = value
     return dense
 
 
@@ -87,10 +109,26 @@ def _partial_sum(block: Block, last_slot: int) -> int:
 
 
 def _widen(blocks: dict[int, Block], bucket: int, delta: int) -> None:
-    """Add a delta that takes its bucket out of int64: the block becomes a list."""
+    """Add a delta that takes its slot (or the delta itself) out of its block's type: the block becomes the
+    narrowest array from its own type on that holds the sum, or a list past int64.
+
+    >>> blocks = {0: _densify({3: 100})}
+    >>> _widen(blocks, 3, 100); blocks[0].typecode, blocks[0][3]
+    ('h', 200)
+    >>> _widen(blocks, 3, 2**63); type(blocks[0]).__name__, blocks[0][3] == 2**63 + 200
+    ('list', True)
+    """
     index = bucket >> _BLOCK_BITS
-    widened = blocks[index] = list(blocks[index])
-    widened[bucket & _BLOCK_MASK] += delta
+    slot = bucket & _BLOCK_MASK
+    block = blocks[index]
+    total = block[slot] + delta
+    code = None
+    if isinstance(block, array):
+        # from the block's own type: a delta past int64 may still leave a sum that fits it
+        code = _narrowest(total, total, _DENSE_TYPES.index(block.typecode))
+    widened: Block = list(block) if code is None else array(code, block)
+    widened[slot] = total
+    blocks[index] = widened
 
 
 class PrefixSeries:
@@ -241,7 +279,7 @@ class PrefixSeries:
             else:
                 folded = sum(block[start:stop])
                 if isinstance(block, array):
-                    block[start:stop] = _ZERO_BLOCK[: stop - start]
+                    block[start:stop] = array(block.typecode, bytes(block.itemsize * (stop - start)))
                 else:
                     block[start:stop] = [0] * (stop - start)
             self.base += folded
@@ -594,18 +632,24 @@ class StoreAggregate(MetricReader):
                 target.base += folded
 
     def to_bytes(self) -> bytes:
-        """The aggregate as bytes (zlib): a JSON head, then the int64 blocks as they lie in memory.
+        """The aggregate as bytes (zlib): a JSON head, then the dense blocks as they lie in memory.
 
-        :meth:`from_bytes` restores it exactly. A block a sum took out of int64 (a list) is
-        written in the head. Serialising is a copy of the blocks at C speed, so a checkpoint
+        :meth:`from_bytes` restores it exactly, each dense block in its type. A block a sum took
+        out of int64 (a list) is written in the head. Serialising is a copy of the blocks at C speed, so a checkpoint
         of a large store costs milliseconds, not a Python loop over its buckets.
 
         >>> aggregate = StoreAggregate(); aggregate.add_groups(["A", [3, 1, 2000, 2**62, 2000, 2**62]])
+        >>> aggregate.add_groups(["B", [value for slot in range(20) for value in (slot, slot)]])
+        >>> aggregate.add_groups(["C", [value for slot in range(20) for value in (slot, 10**12)]])
         >>> aggregate.fold_before(1)  # no whole block below bucket 1
         0
-        >>> restored = StoreAggregate.from_bytes(aggregate.to_bytes()).series["A"]
-        >>> restored.prefix(3), restored.prefix(2000), restored.floor
+        >>> restored = StoreAggregate.from_bytes(aggregate.to_bytes()).series
+        >>> restored["A"].prefix(3), restored["A"].prefix(2000), restored["A"].floor
         (1, 9223372036854775809, 1)
+        >>> restored["B"].blocks[0].typecode, restored["B"].prefix(19), restored["B"].prefix(0)
+        ('b', 190, 0)
+        >>> restored["C"].blocks[0].typecode, restored["C"].prefix(19)
+        ('q', 20000000000000)
         """
         head: list[object] = []
         payload: list[array[int]] = []
@@ -613,7 +657,8 @@ class StoreAggregate(MetricReader):
             blocks: list[object] = []
             for index, block in series.blocks.items():
                 if isinstance(block, array):
-                    blocks.append([index])
+                    # an int64 block is its index alone (the form of checkpoints written before narrower types)
+                    blocks.append([index] if block.typecode == "q" else [index, block.typecode])
                     payload.append(block)
                 elif isinstance(block, dict):
                     blocks.append([index, [str(value) for slot_value in block.items() for value in slot_value], 1])
@@ -635,7 +680,6 @@ class StoreAggregate(MetricReader):
         head = orjson.loads(raw[:split])
         view = memoryview(raw)[split + 1:]
         position = 0
-        block_bytes = 8 * _BLOCK_SIZE
         aggregate = cls()
         for name, base, floor, blocks in head:
             series = aggregate.series[name] = PrefixSeries()
@@ -644,8 +688,9 @@ class StoreAggregate(MetricReader):
             for entry in blocks:
                 index = entry[0]
                 block: Block
-                if len(entry) == 1:
-                    block = array("q")
+                if len(entry) == 1 or isinstance(entry[1], str):  # dense: its type, int64 when not named
+                    block = array("q" if len(entry) == 1 else entry[1])
+                    block_bytes = block.itemsize * _BLOCK_SIZE
                     block.frombytes(view[position:position + block_bytes])
                     position += block_bytes
                 elif len(entry) == 3:  # sparse: slot, value, slot, value, ...

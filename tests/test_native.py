@@ -123,15 +123,17 @@ def _block_values(blocks: dict[int, Any]) -> dict[int, dict[int, int]]:
 
 
 def _existing_blocks(draw: st.DrawFn) -> tuple[dict[int, Any], dict[int, int]]:
-    """Blocks of every kind a series holds: sparse, dense int64, and a list past int64."""
+    """Blocks of every kind a series holds: sparse, dense of each integer type, and a list past int64."""
     blocks: dict[int, Any] = {}
     for index in draw(st.sets(st.integers(-3, 3), max_size=3)):
-        kind = draw(st.sampled_from(("sparse", "dense", "wide")))
-        slots = draw(st.dictionaries(st.integers(0, 1023), st.integers(-(2**63), 2**63 - 1), max_size=6))
+        kind = draw(st.sampled_from(("sparse", "wide", *metrics_store._DENSE_TYPES)))
+        code = kind if kind in metrics_store._DENSE_TYPES else "q"
+        bound = metrics_store._TYPE_BOUNDS[code]
+        slots = draw(st.dictionaries(st.integers(0, 1023), st.integers(-bound, bound - 1), max_size=6))
         if kind == "sparse":
             blocks[index] = dict(slots)
         else:
-            block: Any = array("q", bytes(8 * 1024))
+            block: Any = array(code, bytes(array(code).itemsize * 1024))
             if kind == "wide":
                 block = list(block)
                 slots[0] = 2**70
@@ -147,11 +149,12 @@ def _series_and_pairs(draw: st.DrawFn) -> tuple[dict[int, Any], dict[int, int], 
     blocks, sums = _existing_blocks(draw)
     # buckets over a few blocks (negative ones too), deltas small or out of int64, some on one bucket
     buckets = st.integers(-3 * 1024, 4 * 1024 - 1)
-    deltas = st.one_of(st.integers(-5, 5), st.integers(-(2**64), 2**64), st.sampled_from((2**63 - 1, -(2**63))))
+    deltas = st.one_of(st.integers(-5, 5), st.integers(-300, 300), st.integers(-70_000, 70_000),
+                       st.integers(-(2**64), 2**64), st.sampled_from((2**63 - 1, -(2**63))))
     pairs = [item for bucket, delta in draw(st.lists(st.tuples(buckets, deltas), max_size=80))
              for item in (bucket, delta)]
     floor = draw(st.sampled_from((MINUS_INFINITY, -1024, 0, 700, 2048)))
-    sparse_max = draw(st.sampled_from((0, 3, 48)))
+    sparse_max = draw(st.sampled_from((0, 3, 16, 48)))
     return blocks, sums, pairs, floor, sparse_max
 
 
@@ -188,6 +191,12 @@ def test_the_c_loop_adds_what_the_python_loop_adds(
         assert native_sums.get(index, 0) == (sum(block.values()) if isinstance(block, dict) else sum(block))
         if isinstance(block, dict):
             assert len(block) <= max(sparse_max, len(blocks.get(index, {})))
+        elif isinstance(block, array):
+            # a dense block's type never narrows, and it holds every value (a list holds the rest)
+            assert block.typecode in metrics_store._DENSE_TYPES
+            before = blocks.get(index)
+            if isinstance(before, array):
+                assert block.itemsize >= before.itemsize
 
 
 @pytest.mark.parametrize(
