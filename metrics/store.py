@@ -15,6 +15,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import accumulate
+from sys import intern
 from typing import Any, Union
 
 import orjson
@@ -44,6 +45,14 @@ _ZERO_BLOCK = array("q", bytes(8 * _BLOCK_SIZE))
 #: touches few slots of each block, and a dense block each would make its memory follow the calendar
 #: instead of its activity
 _SPARSE_MAX = 16
+#: a series starts as one flat list of up to this many (bucket, delta) pairs, sorted, and takes blocks
+#: past it: a small store has some 80 series of a few deltas each, and blocks (two dicts and a sparse
+#: block each) would take twice the memory of the deltas they hold
+_FEW_MAX = 16
+#: the blocks and block sums of every small series: shared and always empty (nothing writes to a
+#: small series' blocks; it gets dicts of its own when it takes blocks), 128 bytes less a series
+_NO_BLOCKS: dict[int, Block] = {}
+_NO_SUMS: dict[int, int] = {}
 Block = Union["array[int]", list[int], dict[int, int]]
 #: series read only at K (statuses "as of K"): every bucket up to K may fold into the base
 _READ_AT_K_ONLY = ("both:", "newact:", "LM", "actmem:", "P:", "ret:", "life:", "crev:", "nrr:", "seg", "ck")
@@ -134,7 +143,9 @@ def _widen(blocks: dict[int, Block], bucket: int, delta: int) -> None:
 class PrefixSeries:
     """Deltas by bucket in blocks, with each block's sum kept, so a prefix sum adds block sums.
 
-    Adding a delta costs two in-place additions (its slot and its block's sum);
+    A new series holds its deltas in one sorted list of (bucket, delta) pairs (``few``) and
+    moves them into blocks once it has more than :data:`_FEW_MAX`; reads and folds pass over
+    the few pairs. In blocks, adding a delta costs two in-place additions (its slot and its block's sum);
     a prefix sum is the base, the sums of the blocks before the bucket's block
     and part of that block. The running sums of the blocks are kept for reading (a binary
     search instead of a pass over every block: a store with years of unfolded history has
@@ -146,15 +157,22 @@ class PrefixSeries:
     (0, 7, 6)
     >>> series.fold_before(5), series.prefix(5), series.prefix(7)
     (0, 7, 6)
+    >>> for bucket in range(100, 120): series.add(bucket, 1)
+    >>> series.few is None, series.prefix(7), series.prefix(109), series.next_delta(7)
+    (True, 6, 16, 100)
     """
 
-    __slots__ = ("_running", "base", "blocks", "floor", "sums")
+    __slots__ = ("_running", "base", "blocks", "few", "floor", "sums")
 
     def __init__(self) -> None:
+        #: while the series is small: ``[bucket, delta, ...]`` by bucket, one pair per bucket, no zero
+        #: delta, none below ``floor``; ``None`` once its deltas are in ``blocks``
+        self.few: list[int] | None = []
         #: block index (bucket >> _BLOCK_BITS) -> the deltas of its buckets; zero below ``floor``
-        self.blocks: dict[int, Block] = {}
+        #: (:data:`_NO_BLOCKS` while the series is small)
+        self.blocks: dict[int, Block] = _NO_BLOCKS
         #: block index -> the sum of its deltas (exact at any size; a block without an entry sums to 0)
-        self.sums: dict[int, int] = {}
+        self.sums: dict[int, int] = _NO_SUMS
         #: sum of the deltas of buckets below ``floor``
         self.base = 0
         self.floor: int | None = None
@@ -170,6 +188,10 @@ class PrefixSeries:
         """Add ``delta`` at ``bucket``."""
         if self.floor is not None and bucket < self.floor:
             self.base += delta
+            return
+        few = self.few
+        if few is not None:
+            self._add_few(few, bucket, delta)
             return
         self._running = None
         index = bucket >> _BLOCK_BITS
@@ -188,10 +210,46 @@ class PrefixSeries:
                 _widen(self.blocks, bucket, delta)
         self.sums[index] = self.sums.get(index, 0) + delta
 
+    def _add_few(self, few: list[int], bucket: int, delta: int) -> None:
+        """Add a delta at or above the floor to the pairs of a small series; past :data:`_FEW_MAX`, to blocks."""
+        count = len(few)
+        position = 0
+        while position < count and few[position] < bucket:
+            position += 2
+        if position < count and few[position] == bucket:
+            total = few[position + 1] + delta
+            if total:
+                few[position + 1] = total
+            else:
+                del few[position:position + 2]
+            return
+        if not delta:
+            return
+        few[position:position] = [bucket, delta]
+        if count + 2 > 2 * _FEW_MAX:
+            self.take_blocks()
+            self._running = None
+            # every pair is at or above the floor (folds take the pairs below it): nothing goes to the base
+            _add_pairs(self.blocks, self.sums, few, MINUS_INFINITY)
+
+    def take_blocks(self) -> None:
+        """Make the series one of blocks: dicts of its own, no pairs (the caller adds them)."""
+        self.few = None
+        self.blocks = {}
+        self.sums = {}
+
     def prefix(self, bucket: int) -> int:
         """Sum of the deltas at buckets ``<= bucket`` (exact from ``floor - 1`` on; below, an error)."""
         if self.floor is not None and bucket < self.floor - 1:
             raise ValueError(f"bucket {bucket} is below the series' folded floor {self.floor}")
+        few = self.few
+        if few is not None:
+            value = self.base
+            for position in range(0, len(few), 2):
+                if few[position] > bucket:
+                    break
+                value += few[position + 1]
+            return value
         index = bucket >> _BLOCK_BITS
         running = self._running
         if running is None:
@@ -217,6 +275,12 @@ class PrefixSeries:
         >>> series.next_delta(-10**9), series.next_delta(0), series.next_delta(3), series.next_delta(5000)
         (-70000, 3, 5000, None)
         """
+        few = self.few
+        if few is not None:
+            for position in range(0, len(few), 2):
+                if few[position] > after:
+                    return few[position]
+            return None
         start = (after + 1) >> _BLOCK_BITS
         for index in sorted(i for i in self.blocks if i >= start):
             block = self.blocks[index]
@@ -234,6 +298,11 @@ class PrefixSeries:
 
     def items(self) -> Iterator[tuple[int, int]]:
         """The kept nonzero deltas as (bucket, delta), by bucket."""
+        few = self.few
+        if few is not None:
+            for position in range(0, len(few), 2):
+                yield few[position], few[position + 1]
+            return
         for index in sorted(self.blocks):
             origin = index << _BLOCK_BITS
             block = self.blocks[index]
@@ -251,11 +320,24 @@ class PrefixSeries:
             self.add(bucket, delta)
 
     def fold_before(self, floor: int) -> int:
-        """Fold the deltas of buckets below ``floor`` into the base; returns how many whole blocks went."""
+        """Fold the deltas of buckets below ``floor`` into the base; returns how many whole blocks went.
+
+        A small series' pairs below the floor go too, and count as no block: a checkpoint that
+        still holds them reads the same sums, so they need not make one sooner.
+        """
         previous = self.floor
         if previous is not None and floor <= previous:
             return 0
         self.floor = floor
+        few = self.few
+        if few is not None:
+            position = 0
+            while position < len(few) and few[position] < floor:
+                self.base += few[position + 1]
+                position += 2
+            if position:
+                del few[:position]
+            return 0
         self._running = None
         blocks = self.blocks
         sums = self.sums
@@ -592,7 +674,7 @@ class StoreAggregate(MetricReader):
         """Add one delta."""
         target = self.series.get(series)
         if target is None:
-            target = self.series[series] = PrefixSeries()
+            target = self.series[intern(series)] = PrefixSeries()
         target.add(bucket, delta)
 
     def add_all(self, deltas: Iterable[Sequence[Any]]) -> None:
@@ -620,8 +702,14 @@ class StoreAggregate(MetricReader):
                 raise ValueError(f"series {name!r}: an odd number of bucket/delta items ({count})")
             target = all_series.get(name)
             if target is None:
-                target = all_series[name] = PrefixSeries()
+                # one name object for every store that has the series (a store has some 80)
+                target = all_series[intern(name)] = PrefixSeries()
             floor: int = MINUS_INFINITY if target.floor is None else target.floor
+            if target.few is not None:
+                # a small series: pair by pair (it takes blocks past _FEW_MAX pairs, and the rest go there)
+                for item in range(0, count, 2):
+                    target.add(pairs[item], pairs[item + 1])
+                continue
             target.changed()
             folded: Any = None
             if _NATIVE_ADD_PAIRS is not None:
@@ -664,7 +752,11 @@ class StoreAggregate(MetricReader):
                     blocks.append([index, [str(value) for slot_value in block.items() for value in slot_value], 1])
                 else:
                     blocks.append([index, [str(value) for value in block]])
-            head.append([name, str(series.base), series.floor, blocks])
+            few = series.few
+            if few is None:
+                head.append([name, str(series.base), series.floor, blocks])
+            else:  # a small series: its pairs, as text (a delta may be past int64)
+                head.append([name, str(series.base), series.floor, blocks, [str(value) for value in few]])
         # compressed block by block: no copy of all the blocks at once, whatever the store's size
         compressor = zlib.compressobj(1)
         out = [compressor.compress(orjson.dumps(head) + b"\n")]
@@ -681,10 +773,16 @@ class StoreAggregate(MetricReader):
         view = memoryview(raw)[split + 1:]
         position = 0
         aggregate = cls()
-        for name, base, floor, blocks in head:
-            series = aggregate.series[name] = PrefixSeries()
+        for entry_of_series in head:
+            name, base, floor, blocks = entry_of_series[:4]
+            series = aggregate.series[intern(name)] = PrefixSeries()
             series.base = int(base)
             series.floor = floor
+            # a series of blocks has four entries (as every series had before small series were lists)
+            if len(entry_of_series) > 4:
+                series.few = [int(value) for value in entry_of_series[4]]
+            else:
+                series.take_blocks()
             for entry in blocks:
                 index = entry[0]
                 block: Block
@@ -710,7 +808,7 @@ class StoreAggregate(MetricReader):
         for name, series in other.series.items():
             target = self.series.get(name)
             if target is None:
-                target = self.series[name] = PrefixSeries()
+                target = self.series[intern(name)] = PrefixSeries()
             target.merge(series)
 
     def fold_before(self, floor: int) -> int:
@@ -731,7 +829,7 @@ class StoreAggregate(MetricReader):
         dropped = sum([series.fold_before(as_of_bucket - read_reach(name, longest, cohort_reach))
                        for name, series in self.series.items()])
         empty = [name for name, series in self.series.items()
-                 if name.startswith(_COHORT_SERIES) and not series.blocks and not series.base]
+                 if name.startswith(_COHORT_SERIES) and not series.few and not series.blocks and not series.base]
         for name in empty:
             del self.series[name]
         return dropped + len(empty)

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metrics import events as ev
+from metrics import store as metrics_store
 from metrics.catalog import ALL_STORES
 from metrics.compare import metric_differences
 from metrics.customer import CustomerFacts, diff, families_of
@@ -365,6 +366,21 @@ def test_prefix_series_equals_plain_sums_through_adds_folds_and_reads(operations
         else:
             with pytest.raises(ValueError, match="folded floor"):
                 series.prefix(bucket)
+    # the kept deltas (a small series' pairs or its blocks) are the net deltas at or above the floor, and the
+    # next delta after a bucket is never past the first net change (a block may keep a bucket that summed to 0)
+    net: dict[int, int] = {}
+    for bucket, delta in deltas:
+        if floor is None or bucket >= floor:
+            net[bucket] = net.get(bucket, 0) + delta
+    changes = sorted(bucket for bucket, total in net.items() if total)
+    assert list(series.items()) == [(bucket, net[bucket]) for bucket in changes]
+    for after in (-3001, *changes[:3], *(bucket - 1 for bucket in changes[:3])):
+        upcoming = [bucket for bucket in changes if bucket > after]
+        found = series.next_delta(after)
+        if found is None:
+            assert not upcoming
+        else:
+            assert found > after and (not upcoming or found <= upcoming[0])
     # add_all and the aggregation's inline copy of add (add_groups) agree with add, also after a fold
     half = len(deltas) // 2
     aggregate = StoreAggregate()
@@ -385,6 +401,8 @@ def test_prefix_series_equals_plain_sums_through_adds_folds_and_reads(operations
     for bucket in (-101, 0, 1023, 1024, 5000):
         assert restored.series.get("s", PrefixSeries()).prefix(bucket) == aggregate.series.get(
             "s", PrefixSeries()).prefix(bucket)
+    # the blocks that small series share stay empty: no path wrote into them
+    assert metrics_store._NO_BLOCKS == {} and metrics_store._NO_SUMS == {}
 
 
 def test_add_groups_refuses_an_odd_group_before_adding_any_of_it() -> None:
