@@ -39,7 +39,6 @@ _BLOCK_MASK = _BLOCK_SIZE - 1
 #: collection.
 _DENSE_TYPES = ("b", "h", "i", "q")
 _TYPE_BOUNDS = {code: 1 << (8 * array(code).itemsize - 1) for code in _DENSE_TYPES}
-_ZERO_BLOCK = array("q", bytes(8 * _BLOCK_SIZE))
 #: a block starts sparse, a dict of its nonzero slots, and becomes an array past this many (a dict
 #: of this many entries takes about as much as an int8 block): a store with a handful of customers
 #: touches few slots of each block, and a dense block each would make its memory follow the calendar
@@ -95,6 +94,15 @@ def _narrowest(low: int, high: int, start: int = 0) -> str | None:
     return None
 
 
+def _zeros(code: str, count: int) -> array[int]:
+    """``count`` zero slots of dense type ``code``.
+
+    >>> _zeros("h", 3), _zeros("b", 1024).itemsize * 1024
+    (array('h', [0, 0, 0]), 1024)
+    """
+    return array(code, bytes(array(code).itemsize * count))
+
+
 def _densify(sparse: dict[int, int]) -> Block:
     """A sparse block as an array of the narrowest type that holds its values (a list past int64)."""
     values = sparse.values()
@@ -104,7 +112,7 @@ def _densify(sparse: dict[int, int]) -> Block:
         for slot, value in sparse.items():
             wide[slot] = value
         return wide
-    dense = array(code, bytes(array(code).itemsize * _BLOCK_SIZE))
+    dense = _zeros(code, _BLOCK_SIZE)
     for slot, value in sparse.items():
         dense[slot] = value
     return dense
@@ -228,15 +236,17 @@ class PrefixSeries:
         few[position:position] = [bucket, delta]
         if count + 2 > 2 * _FEW_MAX:
             self.take_blocks()
-            self._running = None
-            # every pair is at or above the floor (folds take the pairs below it): nothing goes to the base
-            _add_pairs(self.blocks, self.sums, few, MINUS_INFINITY)
 
     def take_blocks(self) -> None:
-        """Make the series one of blocks: dicts of its own, no pairs (the caller adds them)."""
+        """Move a small series' pairs into blocks (and block sums) of its own; a series of blocks stays as it is."""
+        few = self.few
+        if few is None:
+            return
         self.few = None
         self.blocks = {}
         self.sums = {}
+        # every pair is at or above the floor (folds take the pairs below it): nothing goes to the base
+        _add_pairs(self.blocks, self.sums, few, MINUS_INFINITY)
 
     def prefix(self, bucket: int) -> int:
         """Sum of the deltas at buckets ``<= bucket`` (exact from ``floor - 1`` on; below, an error)."""
@@ -361,7 +371,7 @@ class PrefixSeries:
             else:
                 folded = sum(block[start:stop])
                 if isinstance(block, array):
-                    block[start:stop] = array(block.typecode, bytes(block.itemsize * (stop - start)))
+                    block[start:stop] = _zeros(block.typecode, stop - start)
                 else:
                     block[start:stop] = [0] * (stop - start)
             self.base += folded
@@ -610,7 +620,7 @@ def _add_pairs(blocks: dict[int, Block], sums: dict[int, int], pairs: list[int],
     folded = 0
     # the block of the current run of deltas, and their sum, added to its block's once
     block_index = MINUS_INFINITY
-    block: Block = _ZERO_BLOCK
+    block: Block = {}  # replaced by the first pair's block
     sparse: dict[int, int] | None = None
     run = 0
     item = 0
@@ -704,12 +714,16 @@ class StoreAggregate(MetricReader):
             if target is None:
                 # one name object for every store that has the series (a store has some 80)
                 target = all_series[intern(name)] = PrefixSeries()
+            few = target.few
+            if few is not None:
+                if len(few) + count <= 2 * _FEW_MAX:
+                    # stays small: pair by pair into its list
+                    for item in range(0, count, 2):
+                        target.add(pairs[item], pairs[item + 1])
+                    continue
+                # too many for a small series: blocks first, then the group through the loop below
+                target.take_blocks()
             floor: int = MINUS_INFINITY if target.floor is None else target.floor
-            if target.few is not None:
-                # a small series: pair by pair (it takes blocks past _FEW_MAX pairs, and the rest go there)
-                for item in range(0, count, 2):
-                    target.add(pairs[item], pairs[item + 1])
-                continue
             target.changed()
             folded: Any = None
             if _NATIVE_ADD_PAIRS is not None:

@@ -133,7 +133,7 @@ def _existing_blocks(draw: st.DrawFn) -> tuple[dict[int, Any], dict[int, int]]:
         if kind == "sparse":
             blocks[index] = dict(slots)
         else:
-            block: Any = array(code, bytes(array(code).itemsize * 1024))
+            block: Any = metrics_store._zeros(code, 1024)
             if kind == "wide":
                 block = list(block)
                 slots[0] = 2**70
