@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     clock: Literal["wall", "event"] = Field("wall", validation_alias=_env("LOYALTY_CLOCK"))
     emit_interval_ms: int = Field(1_000, gt=0, validation_alias=_env("LOYALTY_EMIT_INTERVAL"))
     checkpoint_interval_ms: int = Field(30_000, gt=0, validation_alias=_env("LOYALTY_CHECKPOINT_INTERVAL"))
+    slice_events: int = Field(5_000, ge=1, validation_alias=_env("LOYALTY_SLICE_EVENTS"))
     store: Literal["rocksdb", "memory"] = Field("rocksdb", validation_alias=_env("LOYALTY_STORE"))
     max_future_skew_ms: int = Field(300_000, gt=0, validation_alias=_env("LOYALTY_MAX_FUTURE_SKEW"))
     dedupe_ttl_ms: int = Field(30 * 86_400_000, gt=0, validation_alias=_env("LOYALTY_DEDUPE_TTL"))

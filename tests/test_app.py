@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +13,7 @@ from smoke_worker import SMOKE_TOPIC, parse_smoke, register_smoke
 from streams.settings import Settings
 from streams.worker.acks import acknowledged
 from streams.worker.app import FETCH_MAX_WAIT_MS, create_app, faust_options
+from streams.worker.run import MALLOC_ARENAS
 
 
 def settings(**values: str) -> Settings:
@@ -96,3 +100,60 @@ async def test_a_cancelled_wait_for_acknowledgements_leaves_the_sends_alone() ->
     with pytest.raises(KeyError):
         await acknowledged(sends)
     assert await acknowledged(sends[1:]) == ["acked", "acked"]
+
+
+def test_the_rocksdb_databases_share_one_memory_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Eight databases written twice the memtable budget stay within it, and read back what was written."""
+    from streams.worker.tables import (
+        ROCKSDB_OPTIONS,
+        SHARED_BLOCK_CACHE_BYTES,
+        SHARED_MEMTABLE_BYTES,
+        SharedMemoryOptions,
+    )
+
+    options = SharedMemoryOptions(**ROCKSDB_OPTIONS, use_rocksdict=True)
+    databases = [options.open(tmp_path / f"db-{number}") for number in range(8)]
+    cache, memtables = SharedMemoryOptions.shared()
+    value_bytes = 1000
+    keys = 2 * SHARED_MEMTABLE_BYTES // value_bytes // len(databases)
+    for key in range(keys):
+        for number, database in enumerate(databases):
+            database[b"%d-%d" % (key, number)] = bytes([number]) * value_bytes
+    # on their own, eight databases of two 4 MiB write buffers each would hold the whole 64 MiB
+    assert 0 < memtables.get_usage() <= SHARED_MEMTABLE_BYTES
+    for key in range(0, keys, 97):
+        for number, database in enumerate(databases):
+            assert database[b"%d-%d" % (key, number)] == bytes([number]) * value_bytes
+    # the reads that reached table files went through the one block cache
+    assert 0 < cache.get_usage() <= SHARED_BLOCK_CACHE_BYTES
+    for database in databases:
+        database.close()
+
+
+ARENA_PROBE = """
+import ctypes, sys, threading
+from streams.worker.run import limit_malloc_arenas
+if sys.argv[1] == "limit":
+    assert limit_malloc_arenas()
+barrier = threading.Barrier(8)
+kept = []
+def allocate():
+    barrier.wait()  # eight threads allocating at once: each gets an arena of its own unless limited
+    kept.append([bytes(200_000) for _ in range(20)])
+    barrier.wait()
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+ctypes.CDLL("libc.so.6").malloc_stats()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize(("mode", "most", "fewest"), [("limit", MALLOC_ARENAS, 1), ("default", 99, MALLOC_ARENAS + 1)])
+def test_the_worker_limits_malloc_arenas(mode: str, most: int, fewest: int) -> None:
+    """With the worker's limit, eight threads allocating at once share its two arenas; without, they take more."""
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
+    done = subprocess.run([sys.executable, "-c", ARENA_PROBE, mode], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+    arenas = sum(1 for line in done.stderr.splitlines() if line.startswith("Arena "))
+    assert fewest <= arenas <= most, done.stderr

@@ -233,11 +233,13 @@ async def _offsets(bootstrap: str, topics: list[str], beginning: bool) -> dict[T
 #: (workers, how they start, Redis database, table store): ``stable`` waits for the group to settle
 #: before any data; ``join`` starts the second worker once the first is processing, so a rebalance
 #: moves live partitions. RocksDB is the product's default store.
+#: run -> (workers, start, Redis database, store, LOYALTY_SLICE_EVENTS): two runs cut every batch
+#: of the gate and the facts stage into small slices, sent on one after another
 RUNS = {
-    "1": (1, "stable", 11, "rocksdb"),
-    "1-memory": (1, "stable", 14, "memory"),
-    "2": (2, "stable", 12, "rocksdb"),
-    "join": (2, "join", 13, "rocksdb"),
+    "1": (1, "stable", 11, "rocksdb", "5000"),
+    "1-memory": (1, "stable", 14, "memory", "5000"),
+    "2": (2, "stable", 12, "rocksdb", "300"),
+    "join": (2, "join", 13, "rocksdb", "300"),
 }
 
 
@@ -253,7 +255,7 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
     Also when a worker joins mid-stream: the rebalance moves partitions (and their table state) while
     events flow, and nothing may be lost or counted twice.
     """
-    workers, start, database, store = RUNS[run]
+    workers, start, database, store, slice_events = RUNS[run]
     messages, expected_reasons, valid = produce_plan()
     assert len(valid) >= 20_000
     reference, as_of_ms, window_name = reference_of(valid)
@@ -284,6 +286,7 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
         LOYALTY_WINDOWS=",".join(WINDOWS),
         LOYALTY_ACTIVE_HORIZON=HORIZON,
         LOYALTY_EMIT_INTERVAL="200ms",
+        LOYALTY_SLICE_EVENTS=slice_events,
         LOYALTY_STATE_DIR=str(tmp_path / "state"),
         LOYALTY_LOG_LEVEL="warning",
     )

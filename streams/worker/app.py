@@ -41,16 +41,19 @@ def faust_options(settings: Settings) -> dict[str, object]:
         "producer_linger": 0.005,
         "producer_max_batch_size": 256 * 1024,
         "producer_max_request_size": 2 * 1024 * 1024,
-        # Faust reads only the internal topics, whose messages are packed batches (the input topics
-        # have their own reader): a few messages per partition are plenty, and bound the memory.
-        "consumer_max_fetch_size": 4 * 1024 * 1024,
+        # Faust reads only the internal topics, whose messages are packed batches of at most 900 KB
+        # (the input topics have their own reader): a message or two per partition and fetch are
+        # plenty, and what the fetcher holds is this times the worker's partitions.
+        "consumer_max_fetch_size": 1024 * 1024,
         "broker_max_poll_records": 500,
         # A worker that dies (SIGKILL, a lost machine) keeps its partitions until its session
         # expires: with Faust's 60 s nothing of them moves for a minute. 10 s (heartbeats every
         # 3 s) hands them over quickly; the worker never blocks its loop that long.
         "broker_session_timeout": 10.0,
         "broker_heartbeat_interval": 3.0,
-        "stream_buffer_maxsize": 512,
+        # messages an agent's stream may hold before the fetcher pauses: packed ones, so a few dozen
+        # hold thousands of events, and a backlog keeps the buffers full
+        "stream_buffer_maxsize": 32,
     }
 
 

@@ -16,7 +16,8 @@ import asyncio
 from typing import Any
 
 import faust
-from faust.stores.rocksdb import Store
+import rocksdict
+from faust.stores.rocksdb import RocksDBOptions, Store
 
 from streams.stages.facts import routing_key
 from streams.worker.acks import acknowledged
@@ -29,9 +30,12 @@ ROCKSDB_OPTIONS = {
     "write_buffer_size": 4 * 1024 * 1024,
     "max_write_buffer_number": 2,
     "target_file_size_base": 16 * 1024 * 1024,
-    "block_cache_size": 8 * 1024 * 1024,
-    "block_cache_compressed_size": 1024 * 1024,
 }
+#: the one block cache of every database of the worker (index and filter blocks included, so that
+#: they do not grow with the data), and the bound on all their memtables together: per database,
+#: a cache and memtables would multiply by tables times partitions
+SHARED_BLOCK_CACHE_BYTES = 32 * 1024 * 1024
+SHARED_MEMTABLE_BYTES = 32 * 1024 * 1024
 
 
 #: the worker's tables (their changelogs are ``<app id>-<name>-changelog``)
@@ -175,8 +179,50 @@ async def changelog_written(*tables: Any) -> None:
             table.unconfirmed = [future for future in table.unconfirmed if not future.done()]
 
 
+class SharedMemoryOptions(RocksDBOptions):
+    """Faust's RocksDB options, with one block cache and one memtable budget for every database of the process."""
+
+    _shared: tuple[Any, Any] | None = None
+
+    @classmethod
+    def shared(cls) -> tuple[Any, Any]:
+        """The process's block cache and write buffer manager (made at the first database opened)."""
+        if cls._shared is None:
+            cls._shared = (rocksdict.Cache(SHARED_BLOCK_CACHE_BYTES),
+                           rocksdict.WriteBufferManager(SHARED_MEMTABLE_BYTES, False))
+        return cls._shared
+
+    def as_options(self) -> Any:
+        if not self.use_rocksdict:
+            return super().as_options()
+        cache, memtables = self.shared()
+        options = rocksdict.Options(raw_mode=True)
+        options.create_if_missing(True)
+        if self.max_open_files is not None:
+            options.set_max_open_files(self.max_open_files)
+        options.set_write_buffer_size(self.write_buffer_size)
+        options.set_target_file_size_base(self.target_file_size_base)
+        options.set_max_write_buffer_number(self.max_write_buffer_number)
+        options.set_write_buffer_manager(memtables)
+        table = rocksdict.BlockBasedOptions()
+        table.set_bloom_filter(self.bloom_filter_size, block_based=True)
+        table.set_block_cache(cache)
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
+        options.set_block_based_table_factory(table)
+        return options
+
+
 class RoutedRocksDBStore(Store):
-    """RocksDB store of a table with ``partition_for_key`` (one database per changelog partition)."""
+    """RocksDB store of a table with ``partition_for_key`` (one database per changelog partition).
+
+    Its databases share one block cache and one memtable budget (:class:`SharedMemoryOptions`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rocksdb_options = SharedMemoryOptions(**(self.options or {}), use_rocksdict=self.use_rocksdict)
 
     def _partition(self, key: bytes) -> int:
         partition: Any = self.table.partition_for_key(key)

@@ -15,9 +15,6 @@ from streams.worker.wire import pack, pack_chunks, unpack
 
 #: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
 CUSTOMER_CACHE_SIZE = 20_000
-#: the facts stage writes a batch in slices of about this many events (the customers it holds
-#: in memory until the write); internal messages are packed, so a batch of messages can hold many
-FACTS_FLUSH_EVENTS = 20_000
 #: merged watermark marks go to the deltas at most this often per partition, when changed, or every
 #: MARKS_REPEAT_S anyway (an aggregation that restarted learns them again while no event comes)
 MARKS_INTERVAL_S = 0.2
@@ -64,6 +61,7 @@ class Facts:
         clock = topology.clock
         health = topology.health
         partitions = topology.partitions
+        slice_events = topology.settings.slice_events
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             cache: dict[str, CustomerFacts] = {}
             outgoing: dict[int, list[dict[str, Any]]] = {}
@@ -89,8 +87,9 @@ class Facts:
                 for partition, parts in delta_messages(output, source, partitions).items():
                     outgoing.setdefault(partition, []).extend(parts)
                 held_events += len(items)
-                if held_events >= FACTS_FLUSH_EVENTS:
-                    # a long batch is written in slices: the customers it holds bound the worker's memory
+                if held_events >= slice_events:
+                    # a long batch is written in slices (LOYALTY_SLICE_EVENTS): the customers and
+                    # deltas it holds until the write bound the worker's memory
                     await self.write(outgoing, cache)
                     outgoing, cache, held_events = {}, {}, 0
             await self.write(outgoing, cache)

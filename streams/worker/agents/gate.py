@@ -82,6 +82,8 @@ class Gate:
             started = self.input.take_started()
             if started:  # partitions read again from their commits: learn what they dead-lettered since
                 await self.ledger.learn(list(started.values()))
+            held_events = 0
+            slice_events = topology.settings.slice_events
             for partition, _, value in messages:
                 message = unpack(value)
                 if is_marks(message):
@@ -91,16 +93,17 @@ class Gate:
                 self.stage.process(message, self.currencies, now, pending, routed, channels)  # type: ignore[arg-type]
                 for item in pending:
                     newly_held.setdefault(item[0][3], []).append(item)
+                held_events += len(message)
+                if held_events >= slice_events:
+                    # a long batch goes on in slices (LOYALTY_SLICE_EVENTS): internal messages are
+                    # packed, so a batch of them can hold a backlog's worth of events
+                    await self.forward(routed)
+                    routed, held_events = Routed(), 0
             for store_id, items in newly_held.items():
                 key = store_id.encode()
                 previous = held.get(key)
                 held[key] = pack((unpack(previous) if previous else []) + items)
-            # Kafka has the forwarded events and the tables before the offsets are committed:
-            # a crash after a commit must not lose what was only queued
-            routed.dead_letters = [letter for letter in routed.dead_letters if not self.ledger.already_sent(letter)]
-            for metadata in await topology.send_routed(topology.by_customer, routed, wait=True):
-                self.ledger.record(metadata.partition, metadata.offset)
-            self.ledger.remember(routed.dead_letters)
+            await self.forward(routed)
             await self.relay_marks(marks)
             await changelog_written(topology.currencies, topology.channels, held)
             self.input.mark_done()
@@ -110,6 +113,18 @@ class Gate:
             # then be neither read again from the commit nor known after a crash, and sent twice)
             self.done_metadata = self.ledger.commit_metadata()
             await self.input.commit(metadata=self.done_metadata)
+
+    async def forward(self, routed: Routed) -> None:
+        """Send admitted events and new dead letters on, until Kafka has them all.
+
+        Kafka has the forwarded events and the tables before the offsets are committed: a crash
+        after a commit must not lose what was only queued. A crash before it forwards them again
+        (the facts stage deduplicates events, the ledger dead letters).
+        """
+        routed.dead_letters = [letter for letter in routed.dead_letters if not self.ledger.already_sent(letter)]
+        for metadata in await self.topology.send_routed(self.topology.by_customer, routed, wait=True):
+            self.ledger.record(metadata.partition, metadata.offset)
+        self.ledger.remember(routed.dead_letters)
 
     async def relay_marks(self, marks: dict[int, dict[str, Mark]]) -> None:
         """Relay the marks of each by-store partition to every by-customer partition, naming where they came from.

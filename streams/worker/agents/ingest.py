@@ -94,6 +94,7 @@ class Ingest:
         routed = Routed()
         now = wall_ms()
         prefix = self.prefix
+        slice_events = topology.settings.slice_events
         latest: dict[str, int] = {}
         for record in records:
             topic_name = record.topic
@@ -103,15 +104,24 @@ class Ingest:
                 key = InputMarks.key(topic_name, record.partition)
                 if time_ms > latest.get(key, time_ms - 1):
                     latest[key] = time_ms
+            if routed.accepted + len(routed.dead_letters) >= slice_events:
+                # a fetch of batch messages holds many events: sent on in slices (LOYALTY_SLICE_EVENTS)
+                await self.forward(routed)
+                routed = Routed()
+        await self.forward(routed)
+        if self.marks is not None:
+            # only now that Kafka has the events: a mark sent later is behind them in every partition
+            self.marks.routed(latest, time.monotonic() * 1000)
+
+    async def forward(self, routed: Routed) -> None:
+        """Send validated events and new dead letters to the by-store topic, until Kafka has them all."""
+        topology = self.topology
         topology.health.count("events_received", routed.accepted + len(routed.dead_letters))
         ledger = self.ledger
         # elements read again after a crash whose dead letters are in the topic already
         routed.dead_letters = [letter for letter in routed.dead_letters if not ledger.already_sent(letter)]
         for metadata in await topology.send_routed(topology.by_store, routed, wait=True):
             ledger.record(metadata.partition, metadata.offset)
-        if self.marks is not None:
-            # only now that Kafka has the events: a mark sent later is behind them in every partition
-            self.marks.routed(latest, time.monotonic() * 1000)
 
     async def send_marks(self) -> None:
         """Send the input partitions' marks to every by-store partition, when changed (or now and then)."""
