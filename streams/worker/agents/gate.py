@@ -82,7 +82,7 @@ class Gate:
             started = self.input.take_started()
             if started:  # partitions read again from their commits: learn what they dead-lettered since
                 await self.ledger.learn(list(started.values()))
-            held_events = 0
+            events_in_slice = 0
             slice_events = topology.settings.slice_events
             for partition, _, value in messages:
                 message = unpack(value)
@@ -93,12 +93,12 @@ class Gate:
                 self.stage.process(message, self.currencies, now, pending, routed, channels)  # type: ignore[arg-type]
                 for item in pending:
                     newly_held.setdefault(item[0][3], []).append(item)
-                held_events += len(message)
-                if held_events >= slice_events:
+                events_in_slice += len(message)
+                if events_in_slice >= slice_events:
                     # a long batch goes on in slices (LOYALTY_SLICE_EVENTS): internal messages are
                     # packed, so a batch of them can hold a backlog's worth of events
                     await self.forward(routed)
-                    routed, held_events = Routed(), 0
+                    routed, events_in_slice = Routed(), 0
             for store_id, items in newly_held.items():
                 key = store_id.encode()
                 previous = held.get(key)
