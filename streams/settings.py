@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     checkpoint_interval_ms: int = Field(30_000, gt=0, validation_alias=_env("LOYALTY_CHECKPOINT_INTERVAL"))
     slice_events: int = Field(5_000, ge=1, validation_alias=_env("LOYALTY_SLICE_EVENTS"))
     store: Literal["rocksdb", "memory"] = Field("rocksdb", validation_alias=_env("LOYALTY_STORE"))
+    standby_replicas: int = Field(0, ge=0, validation_alias=_env("LOYALTY_STANDBY_REPLICAS"))
     max_future_skew_ms: int = Field(300_000, gt=0, validation_alias=_env("LOYALTY_MAX_FUTURE_SKEW"))
     dedupe_ttl_ms: int = Field(30 * 86_400_000, gt=0, validation_alias=_env("LOYALTY_DEDUPE_TTL"))
     state_dir: Path = Field(default_factory=lambda: Path.cwd() / ".loyalty", validation_alias=_env("LOYALTY_STATE_DIR"))

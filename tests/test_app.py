@@ -40,6 +40,14 @@ def test_app_is_configured_from_settings(tmp_path) -> None:  # type: ignore[no-u
     assert str(app.conf.datadir).startswith(str(tmp_path))
 
 
+@pytest.mark.parametrize(("variable", "replicas"), [(None, 0), ("0", 0), ("2", 2)])
+def test_standby_replicas_reach_faust(variable: str | None, replicas: int) -> None:
+    """Faust keeps as many standby table copies as LOYALTY_STANDBY_REPLICAS says, none by default."""
+    env = {} if variable is None else {"LOYALTY_STANDBY_REPLICAS": variable}
+    app = create_app(settings(LOYALTY_APP_ID="standby", LOYALTY_STORE="memory", **env))
+    assert app.conf.table_standby_replicas == replicas
+
+
 @pytest.mark.parametrize(("store", "url"), [("rocksdb", "rocksdb://"), ("memory", "memory://")])
 def test_store_choice(store: str, url: str) -> None:
     assert faust_options(settings(LOYALTY_STORE=store))["store"] == url

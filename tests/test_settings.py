@@ -13,7 +13,7 @@ from streams.settings import Settings, load_settings
 VARIABLES = (
     "KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "LOYALTY_APP_ID", "LOYALTY_TOPIC_PREFIX", "LOYALTY_WINDOWS",
     "LOYALTY_BUCKET", "LOYALTY_ACTIVE_HORIZON", "LOYALTY_CLOCK", "LOYALTY_EMIT_INTERVAL", "LOYALTY_STORE",
-    "LOYALTY_CHECKPOINT_INTERVAL", "LOYALTY_SLICE_EVENTS",
+    "LOYALTY_CHECKPOINT_INTERVAL", "LOYALTY_SLICE_EVENTS", "LOYALTY_STANDBY_REPLICAS",
     "LOYALTY_MAX_FUTURE_SKEW", "LOYALTY_DEDUPE_TTL", "LOYALTY_STATE_DIR", "LOYALTY_PARTITIONS",
     "LOYALTY_REPLICATION_FACTOR", "LOYALTY_WEB_PORT", "LOYALTY_DASHBOARD_HOST", "LOYALTY_DASHBOARD_PORT",
     "LOYALTY_ALERT_WINDOW", "LOYALTY_ALERT_STEP", "LOYALTY_ALERT_K", "LOYALTY_ALERT_MIN_CHURNED",
@@ -46,6 +46,7 @@ def test_defaults_are_the_spec_defaults(tmp_path: Path) -> None:
     assert s.emit_interval_ms == 1_000
     assert s.checkpoint_interval_ms == 30_000
     assert s.slice_events == 5_000
+    assert s.standby_replicas == 0
     assert s.store == "rocksdb"
     assert s.max_future_skew_ms == 300_000
     assert s.dedupe_ttl_ms == 30 * 86_400_000
@@ -75,6 +76,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         "LOYALTY_EMIT_INTERVAL": "250ms",
         "LOYALTY_CHECKPOINT_INTERVAL": "2m",
         "LOYALTY_SLICE_EVENTS": "500",
+        "LOYALTY_STANDBY_REPLICAS": "1",
         "LOYALTY_STORE": "memory",
         "LOYALTY_MAX_FUTURE_SKEW": "1m",
         "LOYALTY_DEDUPE_TTL": "7d",
@@ -107,6 +109,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert (s.bucket_ms, s.active_horizon_ms, s.emit_interval_ms) == (300_000, 30 * 86_400_000, 250)
     assert s.checkpoint_interval_ms == 120_000
     assert s.slice_events == 500
+    assert s.standby_replicas == 1
     assert (s.clock, s.store, s.max_future_skew_ms, s.dedupe_ttl_ms) == ("event", "memory", 60_000, 7 * 86_400_000)
     assert s.state_dir == tmp_path / "state"
     assert (s.partitions, s.web_port, s.dashboard_port) == (4, 7000, 9000)
