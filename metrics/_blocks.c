@@ -1,4 +1,7 @@
-/* The aggregation's innermost loop in C: one series' bucket/delta pairs added into its blocks.
+/* The innermost loops of the facts stage and the aggregation in C.
+ *
+ * metrics._blocks.grouped_rows(deltas) turns a message's {series: {bucket: delta}} into the
+ * deltas topic's form, as metrics.customer._grouped_rows does.
  *
  * metrics._blocks.add_pairs(blocks, sums, pairs, floor, sparse_max, densify, widen) does to the
  * same objects what the Python loop of metrics.store._add_pairs does: every block holds the same
@@ -486,7 +489,56 @@ static PyObject *add_pairs(PyObject *module, PyObject *const *args, Py_ssize_t n
     return result;
 }
 
+/* grouped_rows(deltas): the nonzero deltas grouped by series, as metrics.customer._grouped_rows. */
+static PyObject *grouped_rows(PyObject *module, PyObject *deltas)
+{
+    if (!PyDict_Check(deltas)) {
+        PyErr_SetString(PyExc_TypeError, "grouped_rows: deltas must be a dict of dicts");
+        return NULL;
+    }
+    PyObject *groups = PyList_New(0);
+    if (groups == NULL)
+        return NULL;
+    Py_ssize_t position = 0;
+    PyObject *series, *buckets;
+    while (PyDict_Next(deltas, &position, &series, &buckets)) {
+        if (!PyDict_Check(buckets)) {
+            PyErr_SetString(PyExc_TypeError, "grouped_rows: deltas must be a dict of dicts");
+            goto error;
+        }
+        PyObject *pairs = PyList_New(0);
+        if (pairs == NULL)
+            goto error;
+        Py_ssize_t inner = 0;
+        PyObject *bucket, *delta;
+        while (PyDict_Next(buckets, &inner, &bucket, &delta)) {
+            if (!PyLong_Check(delta)) {  /* an int's truth runs no Python code, which could change the dict */
+                PyErr_SetString(PyExc_TypeError, "grouped_rows: deltas must be ints");
+                Py_DECREF(pairs);
+                goto error;
+            }
+            if (PyObject_IsTrue(delta) && (PyList_Append(pairs, bucket) < 0 || PyList_Append(pairs, delta) < 0)) {
+                Py_DECREF(pairs);
+                goto error;
+            }
+        }
+        if (PyList_GET_SIZE(pairs) > 0 && (PyList_Append(groups, series) < 0 || PyList_Append(groups, pairs) < 0)) {
+            Py_DECREF(pairs);
+            goto error;
+        }
+        Py_DECREF(pairs);
+    }
+    return groups;
+error:
+    Py_DECREF(groups);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"grouped_rows", (PyCFunction)grouped_rows, METH_O,
+     "grouped_rows(deltas) -> [series, [bucket, delta, ...], series, ...]\n\n"
+     "The nonzero deltas of a {series: {bucket: delta}} grouped by series, as\n"
+     "metrics.customer._grouped_rows does (a series whose deltas all cancelled is left out)."},
     {"add_pairs", (PyCFunction)(void (*)(void))add_pairs, METH_FASTCALL,
      "add_pairs(blocks, sums, pairs, floor, sparse_max, densify, widen) -> the sum below floor, or None\n\n"
      "Add a series' [bucket, delta, bucket, delta, ...] into its blocks and block sums, as\n"
@@ -497,7 +549,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "metrics._blocks",
-    "The aggregation's innermost loop in C (see metrics.store._add_pairs).", -1, methods, NULL, NULL, NULL, NULL,
+    "The innermost loops of the facts stage and the aggregation in C (see metrics.customer._grouped_rows\n"
+    "and metrics.store._add_pairs).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__blocks(void)

@@ -54,6 +54,7 @@ tallies, rewards) come from :func:`event_deltas`.
 
 from __future__ import annotations
 
+import importlib
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from functools import cache, lru_cache
@@ -1233,10 +1234,23 @@ def grouped_rows(deltas: Deltas) -> list[Any]:
     """Nonzero deltas grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``.
 
     The form of the deltas topic (:meth:`metrics.store.StoreAggregate.add_groups` reads it); a
-    series whose deltas all cancelled is left out.
+    series whose deltas all cancelled is left out. The facts stage's last step for every message:
+    :func:`metrics._blocks.grouped_rows` when the C module is built, else :func:`_grouped_rows`.
 
     >>> grouped_rows({"A": {3: 1, 5: 0, 9: -1}, "P:60": {4: 0}})
     ['A', [3, 1, 9, -1]]
+    """
+    if _NATIVE_GROUPED_ROWS is not None:
+        native: list[Any] = _NATIVE_GROUPED_ROWS(deltas)
+        return native
+    return _grouped_rows(deltas)
+
+
+def _grouped_rows(deltas: Deltas) -> list[Any]:
+    """:func:`grouped_rows` in Python (the reference of its C loop).
+
+    >>> _grouped_rows({"A": {3: 0}, "B": {1: -2, 2: 0, 7: 2}})
+    ['B', [1, -2, 7, 2]]
     """
     groups: list[Any] = []
     for series, buckets in deltas.items():
@@ -1249,6 +1263,18 @@ def grouped_rows(deltas: Deltas) -> list[Any]:
             groups.append(series)
             groups.append(pairs)
     return groups
+
+
+def _load_native_grouped_rows() -> Any:
+    """The C loop of :func:`_grouped_rows` when it is built beside the compiled modules, else ``None``."""
+    try:
+        return importlib.import_module("metrics._blocks").grouped_rows
+    except ImportError:
+        return None
+
+
+#: :func:`metrics._blocks.grouped_rows`, or ``None`` (pure Python, or no C build)
+_NATIVE_GROUPED_ROWS: Any = _load_native_grouped_rows()
 
 
 def diff(after: Deltas, before: Deltas) -> Deltas:

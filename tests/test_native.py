@@ -89,16 +89,19 @@ def test_stale_build_is_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert metrics._native_build() is None
 
 
-def _native_add_pairs() -> Any:
-    """The C loop: as the metrics loaded it, or from the current build when they run pure (LOYALTY_PURE_PYTHON=1).
+def _native(name: str) -> Any:
+    """A function of the C module: as the metrics loaded it, or from the current build when they run pure
+    (LOYALTY_PURE_PYTHON=1).
 
     Skipped only on a machine that cannot build it (no C compiler or headers); one that can and
     has no current build fails, as the first test does.
     """
-    if metrics_store._NATIVE_ADD_PAIRS is not None:
-        return metrics_store._NATIVE_ADD_PAIRS
+    loaded = {"add_pairs": metrics_store._NATIVE_ADD_PAIRS,
+              "grouped_rows": metrics_customer._NATIVE_GROUPED_ROWS}[name]
+    if loaded is not None:
+        return loaded
     if metrics.native_build_current():
-        # the C loop needs nothing else of the build: loaded from its file, beside the pure source
+        # the C module needs nothing else of the build: loaded from its file, beside the pure source
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
             path = metrics.NATIVE_DIR / f"_blocks{suffix}"
             if path.exists():
@@ -106,11 +109,11 @@ def _native_add_pairs() -> Any:
                 assert spec is not None and spec.loader is not None
                 module = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(module)
-                return module.add_pairs
+                return getattr(module, name)
     lacking = compile_metrics.missing_tools()
     if lacking is None:
-        pytest.fail("a C compiler is here and the C loop is not built (or is stale): make native builds it")
-    pytest.skip(f"no C loop here to compare: {lacking}")
+        pytest.fail("a C compiler is here and the C module is not built (or is stale): make native builds it")
+    pytest.skip(f"no C module here to compare: {lacking}")
 
 
 def _block_values(blocks: dict[int, Any]) -> dict[int, dict[int, int]]:
@@ -170,7 +173,7 @@ def test_the_c_loop_adds_what_the_python_loop_adds(
     case: tuple[dict[int, Any], dict[int, int], list[int], int, int],
 ) -> None:
     """metrics._blocks.add_pairs leaves the same block values and sums, and returns the same sum below the floor."""
-    native = _native_add_pairs()
+    native = _native("add_pairs")
     blocks, sums, pairs, floor, sparse_max = case
     python_blocks, python_sums = copy.deepcopy(blocks), dict(sums)
     native_blocks, native_sums = copy.deepcopy(blocks), dict(sums)
@@ -206,7 +209,7 @@ def test_the_c_loop_adds_what_the_python_loop_adds(
 )
 def test_the_c_loop_leaves_pairs_it_cannot_take_to_python(pairs: list[Any]) -> None:
     """A pair that is not two ints, or a bucket out of int64, makes the C loop return None having changed nothing."""
-    native = _native_add_pairs()
+    native = _native("add_pairs")
     blocks: dict[int, Any] = {0: {5: 2}}
     sums = {0: 2}
     assert native(blocks, sums, pairs, MINUS_INFINITY, 48, metrics_store._densify, metrics_store._widen) is None
@@ -215,6 +218,43 @@ def test_the_c_loop_leaves_pairs_it_cannot_take_to_python(pairs: list[Any]) -> N
 
 def test_the_c_loop_refuses_an_odd_group() -> None:
     """An odd number of items is a ValueError, as in add_groups."""
-    native = _native_add_pairs()
+    native = _native("add_pairs")
     with pytest.raises(ValueError, match="odd number"):
         native({}, {}, [1, 2, 3], MINUS_INFINITY, 48, metrics_store._densify, metrics_store._widen)
+
+
+#: a message's deltas: series of the facts stage's names, buckets of a few blocks, deltas that cancel to 0
+#: (kept as zeros by add_difference) or leave int64
+_MESSAGE_DELTAS = st.dictionaries(
+    st.sampled_from(("A", "F", "P:60", "segP:2:60", "crev:1440", "cm3N")),
+    st.dictionaries(st.integers(-2048, 300_000),
+                    st.one_of(st.just(0), st.integers(-3, 3), st.integers(-(2**70), 2**70)), max_size=12),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(deltas=_MESSAGE_DELTAS)
+def test_the_c_grouping_groups_what_the_python_grouping_groups(deltas: dict[str, dict[int, int]]) -> None:
+    """metrics._blocks.grouped_rows gives the Python loop's list: nonzero pairs in order, empty series left out."""
+    native = _native("grouped_rows")
+    original = copy.deepcopy(deltas)
+    grouped = native(deltas)
+    assert grouped == metrics_customer._grouped_rows(deltas)
+    assert deltas == original
+    # and it is the deltas: every nonzero one once, under its series
+    assert {series: dict(zip(pairs[0::2], pairs[1::2], strict=True))
+            for series, pairs in zip(grouped[0::2], grouped[1::2], strict=True)} == {
+        series: {bucket: delta for bucket, delta in buckets.items() if delta}
+        for series, buckets in deltas.items() if any(buckets.values())}
+
+
+def test_the_c_grouping_refuses_what_is_not_deltas() -> None:
+    """A value that is not a dict of dicts of ints is a TypeError, not a crash."""
+    native = _native("grouped_rows")
+    with pytest.raises(TypeError):
+        native([])
+    with pytest.raises(TypeError):
+        native({"A": [1, 2]})
+    with pytest.raises(TypeError):
+        native({"A": {1: "2"}})

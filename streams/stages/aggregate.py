@@ -39,7 +39,8 @@ class StoreShard:
         self.changed = True
         #: incremented by every apply: a checkpoint knows whether the shard changed since the last one
         self.version = 0
-        #: alerts (SPEC 7): the earliest bucket of any delta applied (where sampling starts)
+        #: alerts (SPEC 7): the earliest bucket of any delta applied before the first sample (where
+        #: sampling starts; no longer read, nor kept up to date, once it has started)
         self.first_bucket: int | None = None
         #: the last step boundary sampled, and the detectors' states after it
         self.sampled_ms: int | None = None
@@ -69,10 +70,13 @@ class StoreShard:
         if seen is not None and seen >= position:
             return False
         self.hwm[partition] = position
+        # the earliest bucket matters until the first sample only: a min over every pair is a
+        # share of the aggregation's time
+        track_first = self.sampled_ms is None
         for entry in entries:
             groups = entry["g"]
             self.aggregate.add_groups(groups)
-            for index in range(1, len(groups), 2):
+            for index in range(1, len(groups) if track_first else 0, 2):
                 pairs = groups[index]
                 if pairs:
                     earliest = min(pairs[0::2])

@@ -109,11 +109,14 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
             topic = self.changelog_topic.get_topic_name()
             by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
+            store = self.data
+            # bytes as they are (the raw codec's), without the serializer registry each time
+            set_bytes = store._set if isinstance(store, RoutedRocksDBStore) else store.__setitem__
             for key, value in items.items():
                 if value is None:
-                    self.data.pop(key, None)  # a tombstone in the changelog
+                    store.pop(key, None)  # a tombstone in the changelog
                 else:
-                    self.data[key] = value
+                    set_bytes(key, value)
                 by_partition.setdefault(self.partition_for_key(key), []).append((key, value))
             for partition, records in by_partition.items():
                 batch = producer.create_batch()
