@@ -512,7 +512,8 @@ static PyObject *grouped_rows(PyObject *module, PyObject *deltas)
         Py_ssize_t inner = 0;
         PyObject *bucket, *delta;
         while (PyDict_Next(buckets, &inner, &bucket, &delta)) {
-            if (!PyLong_Check(delta)) {  /* an int's truth runs no Python code, which could change the dict */
+            if (!PyLong_CheckExact(delta)) {  /* a plain int's truth runs no Python code (a subclass's
+                                                  * __bool__ could fail or change the dict) */
                 PyErr_SetString(PyExc_TypeError, "grouped_rows: deltas must be ints");
                 Py_DECREF(pairs);
                 goto error;

@@ -258,3 +258,10 @@ def test_the_c_grouping_refuses_what_is_not_deltas() -> None:
         native({"A": [1, 2]})
     with pytest.raises(TypeError):
         native({"A": {1: "2"}})
+
+    class Shifty(int):
+        def __bool__(self) -> bool:
+            raise RuntimeError("a delta with a mind of its own")
+
+    with pytest.raises(TypeError):
+        native({"A": {1: Shifty(1)}})
