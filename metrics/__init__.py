@@ -5,7 +5,7 @@ Time is always an argument (epoch milliseconds); money is integer micro-units.
 The hot modules (:data:`COMPILED_MODULES`) may also be compiled by mypyc
 (``scripts/compile_metrics.py``, run by ``make bootstrap``) into
 ``build/native/metrics/``: the same source as C extensions, about a third
-faster, beside :data:`C_MODULES`, the aggregation's innermost loop in C. They
+faster, beside :data:`C_MODULES`, the innermost loops in C. They
 are loaded instead of the source only when the build's stamp matches the source
 files byte for byte, so an edited module never runs a stale build;
 ``LOYALTY_PURE_PYTHON=1`` runs the source whatever is built.
@@ -15,14 +15,17 @@ files byte for byte, so an edited module never runs a stale build;
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 #: the modules mypyc compiles: the per-event and per-delta paths and what they call
 COMPILED_MODULES = ("intervals", "timegrid", "formulas", "catalog", "customer", "store")
-#: C written by hand, built with them: the aggregation's innermost loop (``metrics._blocks``, see
-#: ``metrics.store._add_pairs``, which runs when it is not built)
+#: C written by hand, built with them: the innermost loops of the facts stage and the aggregation
+#: (``metrics._blocks``, see ``metrics.customer._grouped_rows`` and ``metrics.store._add_pairs``,
+#: which run when it is not built)
 C_MODULES = ("_blocks",)
 #: where the compiled modules lie, beside a ``SOURCES`` stamp (:func:`sources_digest`)
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "build" / "native" / "metrics"
@@ -51,6 +54,14 @@ def native_build_current() -> bool | None:
     except OSError:
         return None
     return stamp == sources_digest()
+
+
+def native_function(name: str) -> Any:
+    """A function of ``metrics._blocks`` when it is built and loaded (not pure Python), else ``None``."""
+    try:
+        return getattr(importlib.import_module("metrics._blocks"), name)
+    except ImportError:
+        return None
 
 
 def _native_build() -> str | None:

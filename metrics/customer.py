@@ -54,7 +54,6 @@ tallies, rewards) come from :func:`event_deltas`.
 
 from __future__ import annotations
 
-import importlib
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from functools import cache, lru_cache
@@ -62,6 +61,7 @@ from itertools import accumulate, islice
 from typing import Any, NamedTuple, TypeVar
 
 from metrics import events as ev
+from metrics import native_function
 from metrics.formulas import cli_points_sum, csat_satisfied, nps_group
 from metrics.intervals import (
     MINUS_INFINITY,
@@ -1265,16 +1265,8 @@ def _grouped_rows(deltas: Deltas) -> list[Any]:
     return groups
 
 
-def _load_native_grouped_rows() -> Any:
-    """The C loop of :func:`_grouped_rows` when it is built beside the compiled modules, else ``None``."""
-    try:
-        return importlib.import_module("metrics._blocks").grouped_rows
-    except ImportError:
-        return None
-
-
 #: :func:`metrics._blocks.grouped_rows`, or ``None`` (pure Python, or no C build)
-_NATIVE_GROUPED_ROWS: Any = _load_native_grouped_rows()
+_NATIVE_GROUPED_ROWS: Any = native_function("grouped_rows")
 
 
 def diff(after: Deltas, before: Deltas) -> Deltas:

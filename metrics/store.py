@@ -9,7 +9,6 @@ per-series base, so prefix sums stay exact while memory stays bounded.
 
 from __future__ import annotations
 
-import importlib
 import zlib
 from array import array
 from bisect import bisect_left
@@ -21,6 +20,7 @@ from typing import Any, Union
 import orjson
 
 from metrics import formulas as f
+from metrics import native_function
 from metrics.catalog import METRIC_NAMES, MONETARY_METRICS, NO_SEGMENT, NPS_SEGMENTS
 from metrics.customer import COHORT_PERIODS, cohort_series, month_bounds
 from metrics.intervals import MINUS_INFINITY
@@ -660,16 +660,8 @@ def _add_pairs(blocks: dict[int, Block], sums: dict[int, int], pairs: list[int],
     return folded
 
 
-def _load_native_add_pairs() -> Any:
-    """The C loop of :func:`_add_pairs` when it is built beside the compiled modules, else ``None``."""
-    try:
-        return importlib.import_module("metrics._blocks").add_pairs
-    except ImportError:
-        return None
-
-
 #: :func:`metrics._blocks.add_pairs`, or ``None`` (pure Python, or no C build): see :func:`_add_pairs`
-_NATIVE_ADD_PAIRS: Any = _load_native_add_pairs()
+_NATIVE_ADD_PAIRS: Any = native_function("add_pairs")
 
 
 class StoreAggregate(MetricReader):
