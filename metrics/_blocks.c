@@ -497,6 +497,7 @@ static PyObject *grouped_rows(PyObject *module, PyObject *deltas)
         return NULL;
     }
     PyObject *groups = PyList_New(0);
+    PyObject *pairs = NULL;  /* the current series' pairs: every error path below releases both */
     if (groups == NULL)
         return NULL;
     Py_ssize_t position = 0;
@@ -506,8 +507,7 @@ static PyObject *grouped_rows(PyObject *module, PyObject *deltas)
             PyErr_SetString(PyExc_TypeError, "grouped_rows: deltas must be a dict of dicts");
             goto error;
         }
-        PyObject *pairs = PyList_New(0);
-        if (pairs == NULL)
+        if ((pairs = PyList_New(0)) == NULL)
             goto error;
         Py_ssize_t inner = 0;
         PyObject *bucket, *delta;
@@ -515,22 +515,18 @@ static PyObject *grouped_rows(PyObject *module, PyObject *deltas)
             if (!PyLong_CheckExact(delta)) {  /* a plain int's truth runs no Python code (a subclass's
                                                   * __bool__ could fail or change the dict) */
                 PyErr_SetString(PyExc_TypeError, "grouped_rows: deltas must be ints");
-                Py_DECREF(pairs);
                 goto error;
             }
-            if (PyObject_IsTrue(delta) && (PyList_Append(pairs, bucket) < 0 || PyList_Append(pairs, delta) < 0)) {
-                Py_DECREF(pairs);
+            if (PyObject_IsTrue(delta) && (PyList_Append(pairs, bucket) < 0 || PyList_Append(pairs, delta) < 0))
                 goto error;
-            }
         }
-        if (PyList_GET_SIZE(pairs) > 0 && (PyList_Append(groups, series) < 0 || PyList_Append(groups, pairs) < 0)) {
-            Py_DECREF(pairs);
+        if (PyList_GET_SIZE(pairs) > 0 && (PyList_Append(groups, series) < 0 || PyList_Append(groups, pairs) < 0))
             goto error;
-        }
-        Py_DECREF(pairs);
+        Py_CLEAR(pairs);
     }
     return groups;
 error:
+    Py_XDECREF(pairs);
     Py_DECREF(groups);
     return NULL;
 }

@@ -96,8 +96,7 @@ def _native(name: str) -> Any:
     Skipped only on a machine that cannot build it (no C compiler or headers); one that can and
     has no current build fails, as the first test does.
     """
-    loaded = {"add_pairs": metrics_store._NATIVE_ADD_PAIRS,
-              "grouped_rows": metrics_customer._NATIVE_GROUPED_ROWS}[name]
+    loaded = metrics.native_function(name)
     if loaded is not None:
         return loaded
     if metrics.native_build_current():

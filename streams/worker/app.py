@@ -27,8 +27,8 @@ def faust_options(settings: Settings) -> dict[str, object]:
         "broker_credentials": faust_credentials(settings),
         "store": STORES[settings.store],
         # A standby copies another worker's table partitions record by record as they are written
-        # (Faust's default is one): with two workers that cost each a sixth of its time, to make a
-        # failover skip reading the changelog. Kafka Streams' default is none, and so is ours.
+        # (Faust's default is one), a large share of each worker's time, so that a failover skips
+        # reading the changelog. Kafka Streams' default is none, and so is ours.
         "table_standby_replicas": settings.standby_replicas,
         "datadir": str(settings.state_dir / "worker" / f"{settings.app_id}-{settings.web_port}"),
         "autodiscover": False,
