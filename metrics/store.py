@@ -118,11 +118,23 @@ def _densify(sparse: dict[int, int]) -> Block:
     return dense
 
 
-def _partial_sum(block: Block, last_slot: int) -> int:
-    """The sum of a block's slots ``0 .. last_slot``."""
+#: the C sum of a dense block's slots (:mod:`metrics._blocks`), ``None`` when it is not built
+_NATIVE_DENSE_SUM: Any = native_function("dense_sum")
+
+
+def _slot_sum(block: Block, start: int, stop: int) -> int:
+    """The sum of a block's slots ``start .. stop - 1``: every prefix read of a series sums part of a block.
+
+    >>> _slot_sum(array("b", [1, 2, 3, 4]), 1, 3), _slot_sum({0: 5, 7: 1}, 0, 7), _slot_sum([2**70, 1], 0, 9)
+    (5, 5, 1180591620717411303425)
+    """
     if isinstance(block, dict):
-        return sum([value for slot, value in block.items() if slot <= last_slot])
-    return sum(block[: last_slot + 1])
+        return sum([value for slot, value in block.items() if start <= slot < stop])
+    if _NATIVE_DENSE_SUM is not None:
+        total: int | None = _NATIVE_DENSE_SUM(block, start, stop)
+        if total is not None:
+            return total
+    return sum(block[start:stop])
 
 
 def _widen(blocks: dict[int, Block], bucket: int, delta: int) -> None:
@@ -270,7 +282,7 @@ class PrefixSeries:
         value = self.base + (running[1][before - 1] if before else 0)
         block = self.blocks.get(index)
         if block is not None:
-            value += _partial_sum(block, bucket & _BLOCK_MASK)
+            value += _slot_sum(block, 0, (bucket & _BLOCK_MASK) + 1)
         return value
 
     def window(self, end: int, length: int) -> int:
@@ -369,7 +381,7 @@ class PrefixSeries:
                 gone = [slot for slot in block if start <= slot < stop]
                 folded = sum([block.pop(slot) for slot in gone])
             else:
-                folded = sum(block[start:stop])
+                folded = _slot_sum(block, start, stop)
                 if isinstance(block, array):
                     block[start:stop] = _zeros(block.typecode, stop - start)
                 else:

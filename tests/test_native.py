@@ -264,3 +264,37 @@ def test_the_c_grouping_refuses_what_is_not_deltas() -> None:
 
     with pytest.raises(TypeError):
         native({"A": {1: Shifty(1)}})
+
+
+#: a dense block of each type, filled near its type's bounds (int64 sums leave int64 on the way)
+_DENSE_BLOCKS = st.sampled_from(("b", "h", "i", "q")).flatmap(
+    lambda code: st.lists(
+        st.integers(-(metrics_store._TYPE_BOUNDS[code]), metrics_store._TYPE_BOUNDS[code] - 1),
+        min_size=0, max_size=1024,
+    ).map(lambda values: array(code, values))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(block=_DENSE_BLOCKS, start=st.integers(0, 1100), stop=st.integers(0, 1100))
+@example(block=array("q", [2**63 - 1] * 4), start=0, stop=4)
+@example(block=array("q", [-(2**63)] * 3 + [5]), start=0, stop=1024)
+def test_the_c_slot_sum_sums_what_a_slice_sums(block: array[int], start: int, stop: int) -> None:
+    """metrics._blocks.dense_sum is sum(block[start:stop]) exactly, past int64 too, and leaves the block as it was."""
+    native = _native("dense_sum")
+    original = array(block.typecode, block)
+    assert native(block, start, stop) == sum(block[start:stop])
+    assert block == original
+
+
+def test_the_c_slot_sum_leaves_other_blocks_to_python() -> None:
+    """A sparse block, a block past int64 or bytes give None (Python sums them); a negative bound is an error."""
+    native = _native("dense_sum")
+    assert native({0: 1}, 0, 1) is None
+    assert native([2**64, 1], 0, 2) is None
+    assert native(b"\x01\x02", 0, 2) is None
+    assert native(array("d", [1.0]), 0, 1) is None
+    with pytest.raises(ValueError):
+        native(array("b", [1]), -1, 1)
+    with pytest.raises(TypeError):
+        native(array("b", [1]), 0)
