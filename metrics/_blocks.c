@@ -564,8 +564,12 @@ static PyObject *dense_sum(PyObject *module, PyObject *const *args, Py_ssize_t n
     /* a list (a block past int64) or a dict (a sparse one) has no buffer; bytes have one of format B */
     if (!PyObject_CheckBuffer(args[0]))
         Py_RETURN_NONE;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_FORMAT | PyBUF_ND) < 0)
-        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_FORMAT | PyBUF_ND) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError))
+            return NULL;
+        PyErr_Clear();  /* not contiguous: no block, Python sums it */
+        Py_RETURN_NONE;
+    }
     if (view.ndim != 1 || view.format == NULL || !dense_format(view.format, view.itemsize)) {
         PyBuffer_Release(&view);
         Py_RETURN_NONE;
@@ -574,7 +578,7 @@ static PyObject *dense_sum(PyObject *module, PyObject *const *args, Py_ssize_t n
     if (stop > length)
         stop = length;
     if (view.itemsize < 8) {
-        /* slots of at most 32 bits: fewer than 2**31 of them cannot leave int64 */
+        /* slots of at most 32 bits: a block (1,024 slots; any under 2**32) cannot leave int64 */
         for (slot = start; slot < stop; slot++)
             total.small += slot_get(&view, slot);
     } else {

@@ -130,7 +130,7 @@ def _slot_sum(block: Block, start: int, stop: int) -> int:
     """
     if isinstance(block, dict):
         return sum([value for slot, value in block.items() if start <= slot < stop])
-    if _NATIVE_DENSE_SUM is not None:
+    if _NATIVE_DENSE_SUM is not None and isinstance(block, array):
         total: int | None = _NATIVE_DENSE_SUM(block, start, stop)
         if total is not None:
             return total

@@ -42,8 +42,10 @@ def test_compiled_build_is_loaded_where_it_can_be_built() -> None:
     )
     for module in (metrics_store, metrics_customer):
         assert str(module.__file__).endswith(".py") == (expected == "pure"), module.__file__
-    # the C loop is built and loaded with them, and only with them
-    assert (metrics_store._NATIVE_ADD_PAIRS is None) == (expected == "pure")
+    # the C loops are built and loaded with them, and only with them
+    loops = (metrics_store._NATIVE_ADD_PAIRS, metrics_store._NATIVE_DENSE_SUM, metrics_customer._NATIVE_GROUPED_ROWS)
+    for loop in loops:
+        assert (loop is None) == (expected == "pure")
 
 
 def test_source_doctests_pass_as_pure_python() -> None:
@@ -279,6 +281,7 @@ _DENSE_BLOCKS = st.sampled_from(("b", "h", "i", "q")).flatmap(
 @given(block=_DENSE_BLOCKS, start=st.integers(0, 1100), stop=st.integers(0, 1100))
 @example(block=array("q", [2**63 - 1] * 4), start=0, stop=4)
 @example(block=array("q", [-(2**63)] * 3 + [5]), start=0, stop=1024)
+@example(block=array("q", [2**63 - 1, 1, -(2**63), -1]), start=0, stop=4)  # out of int64 and back: -1
 def test_the_c_slot_sum_sums_what_a_slice_sums(block: array[int], start: int, stop: int) -> None:
     """metrics._blocks.dense_sum is sum(block[start:stop]) exactly, past int64 too, and leaves the block as it was."""
     native = _native("dense_sum")
@@ -288,12 +291,13 @@ def test_the_c_slot_sum_sums_what_a_slice_sums(block: array[int], start: int, st
 
 
 def test_the_c_slot_sum_leaves_other_blocks_to_python() -> None:
-    """A sparse block, a block past int64 or bytes give None (Python sums them); a negative bound is an error."""
+    """A sparse block, one past int64, bytes or a strided view give None (Python sums them); a negative bound fails."""
     native = _native("dense_sum")
     assert native({0: 1}, 0, 1) is None
     assert native([2**64, 1], 0, 2) is None
     assert native(b"\x01\x02", 0, 2) is None
     assert native(array("d", [1.0]), 0, 1) is None
+    assert native(memoryview(array("b", [1, 2, 3, 4]))[::2], 0, 2) is None  # not contiguous
     with pytest.raises(ValueError):
         native(array("b", [1]), -1, 1)
     with pytest.raises(TypeError):
