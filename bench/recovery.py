@@ -348,10 +348,16 @@ async def scale_out(settings: Settings, options: BenchOptions, work_dir: Path, d
                 worker.check_alive()
             seconds = time.perf_counter() - first
             shares = {}
+            combined: dict[int, int] = {}
             for label, parts in topic_bytes(kafka_data_dir(settings), internal_topics(settings, prefix, group)).items():
                 total = sum(parts.values())
                 if total and label in ("events-by-store", "events-by-customer", "deltas"):
                     shares[label] = {"bytes": total, "largest_partition_share": max(parts.values()) / total}
+                    for partition, size in parts.items():
+                        combined[partition] = combined.get(partition, 0) + size
+            if combined:  # the three topics together: what one partition number's owner reads of them
+                total = sum(combined.values())
+                shares["all three"] = {"bytes": total, "largest_partition_share": max(combined.values()) / total}
         finally:
             for worker in workers:
                 worker.stop()

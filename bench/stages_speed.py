@@ -38,7 +38,7 @@ from streams.stages.facts import (
     delta_messages,
     load_customer,
 )
-from streams.stages.gate import GateStage
+from streams.stages.gate import GateDecisions, GateStage
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
 from streams.worker.agents.facts import CUSTOMER_CACHE_SIZE
@@ -65,6 +65,7 @@ def main() -> None:
     grid = grid_of(settings)
     ingest = IngestStage(PARTITIONS, settings.max_future_skew_ms)
     gate = GateStage(PARTITIONS)
+    decisions = GateDecisions()
     customers = CustomerStage(grid, cache_size=CUSTOMER_CACHE_SIZE)
     table: dict[bytes, bytes] = {}
     currencies: dict[str, str] = {}
@@ -87,16 +88,23 @@ def main() -> None:
             profiler.enable()
         tick = time.process_time()
         routed = Routed()
+        direct = Routed()
         for offset, (topic, value) in enumerate(bodies[start:start + args.fetch], start):
-            ingest.process(topic, (topic, 0, offset), value, now_ms, routed)
+            ingest.process(topic, (topic, 0, offset), value, now_ms, routed, (decisions, direct, None))
         by_store = [chunk for items in routed.by_partition.values() for chunk in pack_chunks(items)]
+        around = [(p, chunk) for p, items in direct.by_partition.items() for chunk in pack_chunks(items)]
         spent["ingest"] += time.process_time() - tick
 
         tick = time.process_time()
         routed = Routed()
         for message in by_store:
             gate.process(unpack(message), currencies, None, [], routed, channels)
-        by_customer = [(p, chunk) for p, items in routed.by_partition.items() for chunk in pack_chunks(items)]
+        by_customer = around + [(p, chunk) for p, items in routed.by_partition.items() for chunk in pack_chunks(items)]
+        # the worker's ingest follows the gate's changelogs; here it learns the decisions after each fetch
+        for store, currency in currencies.items():
+            decisions.learn_currency(store, currency)
+        for store, names in channels.items():
+            decisions.learn_channels(store, names)
         spent["gate"] += time.process_time() - tick
 
         tick = time.process_time()

@@ -1,4 +1,8 @@
-"""Stage 1, ingest (input topics, any key): validate a message, dead-letter what fails, route events by store."""
+"""Stage 1, ingest (input topics, any key): validate a message, dead-letter what fails, route events by store.
+
+An event whose gate decisions are taken already (:class:`streams.stages.gate.GateDecisions`) skips
+the gate: it goes straight to its customer's partition, as the gate would have sent it.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from metrics import events as ev
 from metrics.catalog import ALL_STORES
 from metrics.validation import Rejection, parse_message
 from streams.sinks.dead_letters import dead_letter
+from streams.stages.gate import GateDecisions
 from streams.stages.routed import Routed
-from streams.worker.wire import event_to_list, route
+from streams.worker.wire import customer_route_key, event_to_list, route
 
 #: the reasons added by this stage to those of :mod:`metrics.validation`
 RESERVED_STORE_ID = "reserved_store_id"
@@ -27,7 +32,8 @@ class IngestStage:
         self.max_future_skew_ms = max_future_skew_ms
 
     def process(
-        self, topic: str, source: tuple[str, int, int], value: bytes | None, now_ms: int, out: Routed
+        self, topic: str, source: tuple[str, int, int], value: bytes | None, now_ms: int, out: Routed,
+        settled: tuple[GateDecisions, Routed, int | None] | None = None,
     ) -> int | None:
         """Add the message's events to ``out`` (``topic`` is the unprefixed input topic name).
 
@@ -36,6 +42,11 @@ class IngestStage:
         Each routed item is ``[event, origin]``: ``origin`` is ``[topic,
         partition, offset, index, raw text]`` for money events, so that the
         gate can still dead-letter them with their original text, else ``None``.
+
+        With ``settled`` = (the gate's decisions, the by-customer output, the gate's hold time), an
+        event the decisions settle goes to the by-customer output instead, as the gate forwards it
+        (the event alone, its channel decided); one later than the hold time (wall clock: now) goes
+        through the gate, which holds it.
         """
         try:
             items = parse_message(value, topic, now_ms=now_ms, max_future_skew_ms=self.max_future_skew_ms)
@@ -67,6 +78,18 @@ class IngestStage:
                     dead_letter(RESERVED_STORE_ID, detail, raw, source, index if is_batch else None, now_ms)
                 )
                 continue
+            if settled is not None:
+                decisions, direct, hold_after_ms = settled
+                admitted, channel = decisions.settled(item.type, item.store_id, item.currency, item.channel)
+                if admitted and (hold_after_ms is None or item.occurred_at_ms <= hold_after_ms):
+                    fields = event_to_list(item)
+                    fields[8] = channel
+                    customer = "" if item.type == ev.SPEND_RECORDED else fields[4]  # as the gate routes it
+                    direct.add(route(customer_route_key(item.store_id, customer), self.partitions), fields)
+                    direct.accepted += 1
+                    if latest is None or item.occurred_at_ms > latest:
+                        latest = item.occurred_at_ms
+                    continue
             origin = None
             if item.type in ev.MONEY_TYPES:
                 raw = original(index)

@@ -3,9 +3,10 @@
 A boundary B is sampled once every input partition that has data has passed B + grace (its
 largest event time), or has been idle for ``LOYALTY_ALERT_IDLE`` of processing time. Only the
 ingest sees the input partitions, and every stage reads its input in order, so the ingest sends
-a *mark* after the events it routed, to every by-store partition; each later stage forwards
-what it knows after the outputs of the same batch. A mark that reaches a stage is therefore
-behind every event it speaks for.
+a *mark* after the events it routed, to every by-store partition, and to every by-customer
+partition for the events it sent there around the gate (``from`` = the number of partitions);
+each later stage forwards what it knows after the outputs of the same batch. A mark that reaches
+a stage is therefore behind every event it speaks for, on every path.
 
 A mark message (an internal message, packed like the others) is::
 

@@ -3,6 +3,8 @@
 ::
 
     input topics --ingest--> by-store --gate--> by-customer --facts--> deltas --aggregate--> loyalty-metrics + Redis
+         |          \\____________________________/^
+         |           (events the gate has decided already skip it)
          \\____________________\\_______________________________________________________--> loyalty-dead-letters
 
 Each part wires one stage of :mod:`streams.stages` (the logic) to its topics, tables and

@@ -1,4 +1,10 @@
-"""Ingest: the input topics, read in bulk by :mod:`streams.worker.input_reader`, validated and routed by store."""
+"""Ingest: the input topics, read in bulk by :mod:`streams.worker.input_reader`, validated and routed by store.
+
+Events whose gate decisions are taken already go straight to the by-customer topic
+(:mod:`streams.worker.gate_decisions`); the watermark marks then go both ways: to every by-store
+partition, which the gate relays, and to every by-customer partition as the upstream ``P`` (the
+number of partitions), after the gate's ``0 .. P-1``.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,16 @@ from aiokafka import ConsumerRecord
 from metrics.events import INPUT_TOPICS
 from streams.logs import get_logger
 from streams.sinks.dead_letters import DeadLetterLedger
+from streams.stages.gate import GateDecisions
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
 from streams.stages.watermarks import MARKS, InputMarks, Mark
 from streams.worker.acks import acknowledged
+from streams.worker.gate_decisions import GateDecisionsReader
 from streams.worker.input_reader import read_inputs
 from streams.worker.topics import DEAD_LETTER_TOPIC
 from streams.worker.topology import Topology, wall_ms
-from streams.worker.wire import pack
+from streams.worker.wire import pack, pack_chunks
 
 log = get_logger(__name__)
 
@@ -86,42 +94,57 @@ class Ingest:
         self.commits = InputCommits(self.ledger, self.marks)
         self._marks_sent: dict[str, Mark] | None = None
         self._marks_sent_at = 0.0
+        #: the gate's decisions taken so far, followed by :attr:`decisions_reader`
+        self.decisions = GateDecisions()
+        self.decisions_reader = GateDecisionsReader(
+            settings, topology.currencies.changelog_topic.get_topic_name(),
+            topology.channels.changelog_topic.get_topic_name(), topology.partitions, self.decisions)
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         """Validate one fetch of input records and route its events by store (acknowledged by Kafka)."""
         topology = self.topology
         await topology.outputs.declare()
         routed = Routed()
+        direct = Routed()
         now = wall_ms()
+        # the gate holds events later than now with the wall clock: those go through it
+        settled = (self.decisions, direct, None if topology.event_clock else now)
         prefix = self.prefix
         slice_events = topology.settings.slice_events
         latest: dict[str, int] = {}
         for record in records:
             topic_name = record.topic
             name = topic_name[len(prefix):] if topic_name.startswith(prefix) else topic_name
-            time_ms = self.stage.process(name, (topic_name, record.partition, record.offset), record.value, now, routed)
+            time_ms = self.stage.process(name, (topic_name, record.partition, record.offset), record.value, now, routed,
+                                         settled)
             if time_ms is not None:
                 key = InputMarks.key(topic_name, record.partition)
                 if time_ms > latest.get(key, time_ms - 1):
                     latest[key] = time_ms
-            if routed.accepted + len(routed.dead_letters) >= slice_events:
+            if routed.accepted + direct.accepted + len(routed.dead_letters) >= slice_events:
                 # a fetch of batch messages holds many events: sent on in slices (LOYALTY_SLICE_EVENTS)
-                await self.forward(routed)
+                await self.forward(routed, direct)
                 routed = Routed()
-        await self.forward(routed)
+                direct = Routed()
+                settled = (self.decisions, direct, settled[2])
+        await self.forward(routed, direct)
         if self.marks is not None:
             # only now that Kafka has the events: a mark sent later is behind them in every partition
             self.marks.routed(latest, time.monotonic() * 1000)
 
-    async def forward(self, routed: Routed) -> None:
-        """Send validated events and new dead letters to the by-store topic, until Kafka has them all."""
+    async def forward(self, routed: Routed, direct: Routed) -> None:
+        """Send validated events and new dead letters to the by-store topic, and the events the gate's
+        decisions settle to the by-customer topic, until Kafka has them all."""
         topology = self.topology
-        topology.health.count("events_received", routed.accepted + len(routed.dead_letters))
+        topology.health.count("events_received", routed.accepted + direct.accepted + len(routed.dead_letters))
         ledger = self.ledger
         # elements read again after a crash whose dead letters are in the topic already
         routed.dead_letters = [letter for letter in routed.dead_letters if not ledger.already_sent(letter)]
+        sent = [await topology.by_customer.send(value=chunk, partition=partition)
+                for partition, items in direct.by_partition.items() for chunk in pack_chunks(items)]
         for metadata in await topology.send_routed(topology.by_store, routed, wait=True):
             ledger.record(metadata.partition, metadata.offset)
+        await acknowledged(sent)
 
     async def send_marks(self) -> None:
         """Send the input partitions' marks to every by-store partition, when changed (or now and then)."""
@@ -136,6 +159,9 @@ class Ingest:
             return
         message = pack({MARKS: current})
         sent = [await topology.by_store.send(value=message, partition=p) for p in range(topology.partitions)]
+        # the events that skipped the gate: the facts stage counts this path as one more upstream
+        direct = pack({MARKS: current, "from": topology.partitions})
+        sent.extend([await topology.by_customer.send(value=direct, partition=p) for p in range(topology.partitions)])
         await acknowledged(sent)
         self._marks_sent, self._marks_sent_at = current, time.monotonic()
 
@@ -196,6 +222,10 @@ def register(topology: Topology) -> Ingest:
     @topology.app.task  # type: ignore[untyped-decorator]
     async def read_input_topics() -> None:
         await ingest.run()
+
+    @topology.app.task  # type: ignore[untyped-decorator]
+    async def follow_gate_decisions() -> None:
+        await ingest.decisions_reader.run()
 
     if ingest.marks is not None:
 
