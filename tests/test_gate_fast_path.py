@@ -1,6 +1,7 @@
 """The ingest's path around the gate: events whose gate decisions are taken already skip the gate, and
 everything comes out as if every event had passed it (same events, same channels, same partitions, the
-same dead letters), however far behind the ingest's copy of the decisions is."""
+same dead letters, each customer's events in input order), however far behind the ingest's copy of the
+decisions is and however late the gate runs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.stages.gate import CURRENCY_MISMATCH, GateDecisions, GateStage
-from streams.stages.ingest import IngestStage
+from streams.stages.ingest import AroundGate, IngestStage
 from streams.stages.routed import Routed
 
 PARTITIONS = 3
@@ -80,19 +81,24 @@ def test_events_around_the_gate_come_out_as_through_it(steps: list[tuple[Any, bo
         for items in routed.by_partition.values():
             gate.process(items, alone_currencies, HOLD, alone_held, alone_out, alone_channels)
 
-    # the fast path, with the gate behind it: it works through its input when ``run_gate`` says so, and
-    # the ingest's copy of its tables catches up when ``sync`` says so
+    # the fast path, with the gate behind it: it works through its input (and commits) when ``run_gate``
+    # says so, and the ingest's copy of its tables catches up when ``sync`` says so
     decisions = GateDecisions(max_channels=LIMIT)
     out, held, queue = Routed(), [], []
+    on_gate_path: dict[str, list[int]] = {}
     currencies: dict[str, str] = {}
     channels: dict[str, list[str]] = {}
     for offset, ((topic, value), (_, run_gate, sync)) in enumerate(zip(messages, steps, strict=True)):
         routed = Routed()
-        ingest.process(topic, (topic, 0, offset), value, NOW, routed, (decisions, out, HOLD))
+        around = AroundGate(decisions, out, HOLD, on_gate_path)
+        ingest.process(topic, (topic, 0, offset), value, NOW, routed, around)
+        for key in around.sent_to_gate:  # sent: the by-store offset is this message's number
+            on_gate_path[key][1] = offset
         queue.extend(item for items in routed.by_partition.values() for item in items)
         if run_gate:
             gate.process(queue, currencies, HOLD, held, out, channels)
             queue = []
+            on_gate_path.clear()  # the gate committed past everything sent to it
         if sync:
             for store, currency in currencies.items():
                 decisions.learn_currency(store, currency)
@@ -102,6 +108,16 @@ def test_events_around_the_gate_come_out_as_through_it(steps: list[tuple[Any, bo
 
     assert outcome(out, held) == outcome(alone_out, alone_held)
     assert (currencies, channels) == (alone_currencies, alone_channels)
+    assert arrivals_by_customer(out) == arrivals_by_customer(alone_out)
+
+
+def arrivals_by_customer(out: Routed) -> dict[tuple[str, str], list[str]]:
+    """Each (store, customer)'s event ids in the order they reach the facts stage."""
+    arrivals: dict[tuple[str, str], list[str]] = {}
+    for items in out.by_partition.values():
+        for fields in items:
+            arrivals.setdefault((fields[3], fields[4]), []).append(fields[0])
+    return arrivals
 
 
 def test_settled_events_skip_the_gate_and_the_rest_go_through_it() -> None:
@@ -116,7 +132,7 @@ def test_settled_events_skip_the_gate_and_the_rest_go_through_it() -> None:
              body(4, "survey", "s2", "c1", "EUR", None, 0)]
     direct, slow = Routed(), Routed()
     for offset, (topic, value) in enumerate(cases):
-        ingest.process(topic, (topic, 0, offset), value, NOW, slow, (decisions, direct, HOLD))
+        ingest.process(topic, (topic, 0, offset), value, NOW, slow, AroundGate(decisions, direct, HOLD, {}))
     assert sorted(fields[0] for items in direct.by_partition.values() for fields in items) == ["e0", "e4"]
     through = [item for items in slow.by_partition.values() for item in items]
     assert sorted(item[0][0] for item in through) == ["e1", "e2", "e3"]
@@ -124,3 +140,21 @@ def test_settled_events_skip_the_gate_and_the_rest_go_through_it() -> None:
     GateStage(PARTITIONS, max_channels=LIMIT).process(through, {"s1": "EUR"}, HOLD, [], out,
                                                       {"s1": ["web"]})
     assert [letter["reason"] for letter in out.dead_letters] == [CURRENCY_MISMATCH]
+
+
+def test_a_customer_with_an_event_on_the_gate_path_keeps_to_it() -> None:
+    """After one of its events went to the gate, a customer's settled events follow it there, until the gate
+    has committed past it; other customers' settled events go around."""
+    ingest = IngestStage(PARTITIONS, 300_000)
+    decisions = GateDecisions(max_channels=LIMIT)
+    decisions.learn_currency("s1", "EUR")
+    decisions.learn_channels("s1", ["web"])
+    on_gate_path: dict[str, list[int]] = {}
+    direct, slow = Routed(), Routed()
+    cases = [body(0, "signup", "s1", "c1", "EUR", "app", 0), body(1, "order", "s1", "c1", "EUR", None, 0),
+             body(2, "order", "s1", "c2", "EUR", None, 0)]
+    for offset, (topic, value) in enumerate(cases):
+        ingest.process(topic, (topic, 0, offset), value, NOW, slow, AroundGate(decisions, direct, HOLD, on_gate_path))
+    assert [item[0][0] for items in slow.by_partition.values() for item in items] == ["e0", "e1"]
+    assert [fields[0] for items in direct.by_partition.values() for fields in items] == ["e2"]
+    assert list(on_gate_path) == ['["s1","c1"]']

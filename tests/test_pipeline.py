@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.local import free_port
 from metrics.compare import cohort_differences, metric_differences
-from metrics.events import Event
+from metrics.events import MONEY_TYPES, Event
 from metrics.reference import ReferenceConfig, accepted_events, reference_all, reference_cohorts_all
 from metrics.timegrid import DAY_MS, parse_duration
 from metrics.validation import parse_message
@@ -358,6 +358,18 @@ async def test_pipeline_equals_batch_reference(services, topic_prefix, app_id, t
 
         await async_wait_for(redis_matches, timeout=300, interval=0.5,
                              message=lambda: "\n".join(last_problems[:30]) + "\n" + logs())
+        # the path around the gate was taken, and every store's first money event went through the gate
+        # (no decision existed for it); each valid event was read once at least, on one path or the other
+        money_stores = {event.store_id for event in valid if event.type in MONEY_TYPES}
+
+        async def paths_counted() -> bool:
+            health = await redis.hgetall("loyalty:health")
+            around = health_counter(health, "events_around_gate")
+            through = health_counter(health, "events_through_gate")
+            last_problems[:] = [f"{around} events around the gate, {through} through it, {len(valid)} valid"]
+            return around > 0 and through >= len(money_stores) and around + through >= len(valid)
+
+        await async_wait_for(paths_counted, timeout=30, interval=0.5, message=lambda: "\n".join(last_problems))
         repartitioned = await end_offsets(bootstrap, [f"{topic_prefix}{app_id}-{name}"
                                                       for name in ("events-by-store", "events-by-customer")])
         print(f"{len(valid)} valid events, {len(messages)} messages, {workers} worker(s): "

@@ -175,10 +175,12 @@ class Topology:
             **options,
         )
 
-    async def send_routed(self, target: Any, routed: Routed, wait: bool = False) -> list[Any]:
+    async def send_routed(self, target: Any, routed: Routed, wait: bool = False,
+                          offsets: dict[int, int] | None = None) -> list[Any]:
         """Send packed items and dead letters; with ``wait``, until Kafka has acknowledged them all.
 
-        Returns the record metadata of the dead letters (with ``wait``; else their futures).
+        Returns the record metadata of the dead letters (with ``wait``; else their futures). With
+        ``wait`` and ``offsets``, sets ``offsets[partition]`` to the last offset of the items sent to it.
         """
         sent = []
         for partition, items in routed.by_partition.items():
@@ -196,4 +198,7 @@ class Topology:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        if offsets is not None:
+            for metadata in results[:len(sent)]:
+                offsets[metadata.partition] = max(metadata.offset, offsets.get(metadata.partition, -1))
         return list(results[len(sent):])

@@ -12,13 +12,15 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from metrics.events import INPUT_TOPICS
+from streams.connections import kafka_client_options
 from streams.logs import get_logger
 from streams.sinks.dead_letters import DeadLetterLedger
 from streams.stages.gate import GateDecisions
-from streams.stages.ingest import IngestStage
+from streams.stages.ingest import AroundGate, IngestStage
 from streams.stages.routed import Routed
 from streams.stages.watermarks import MARKS, InputMarks, Mark
 from streams.worker.acks import acknowledged
@@ -37,6 +39,8 @@ RESTART_MAX_S = 30.0
 #: anyway (a downstream stage that restarted learns them again while no event comes)
 MARKS_INTERVAL_S = 0.2
 MARKS_REPEAT_S = 5.0
+#: how often the gate's commits are read while customers are on its path
+GATE_PATH_POLL_S = 0.2
 
 
 class InputCommits:
@@ -99,16 +103,18 @@ class Ingest:
         self.decisions_reader = GateDecisionsReader(
             settings, topology.currencies.changelog_topic.get_topic_name(),
             topology.channels.changelog_topic.get_topic_name(), topology.partitions, self.decisions)
+        #: the customers with events on the gate's path (see streams.stages.ingest.AroundGate)
+        self.on_gate_path: dict[str, list[int]] = {}
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         """Validate one fetch of input records and route its events by store (acknowledged by Kafka)."""
         topology = self.topology
         await topology.outputs.declare()
         routed = Routed()
-        direct = Routed()
         now = wall_ms()
         # the gate holds events later than now with the wall clock: those go through it
-        settled = (self.decisions, direct, None if topology.event_clock else now)
+        hold_after_ms = None if topology.event_clock else now
+        around = AroundGate(self.decisions, Routed(), hold_after_ms, self.on_gate_path)
         prefix = self.prefix
         slice_events = topology.settings.slice_events
         latest: dict[str, int] = {}
@@ -116,35 +122,83 @@ class Ingest:
             topic_name = record.topic
             name = topic_name[len(prefix):] if topic_name.startswith(prefix) else topic_name
             time_ms = self.stage.process(name, (topic_name, record.partition, record.offset), record.value, now, routed,
-                                         settled)
+                                         around)
             if time_ms is not None:
                 key = InputMarks.key(topic_name, record.partition)
                 if time_ms > latest.get(key, time_ms - 1):
                     latest[key] = time_ms
-            if routed.accepted + direct.accepted + len(routed.dead_letters) >= slice_events:
+            if routed.accepted + around.direct.accepted + len(routed.dead_letters) >= slice_events:
                 # a fetch of batch messages holds many events: sent on in slices (LOYALTY_SLICE_EVENTS)
-                await self.forward(routed, direct)
+                await self.forward(routed, around)
                 routed = Routed()
-                direct = Routed()
-                settled = (self.decisions, direct, settled[2])
-        await self.forward(routed, direct)
+                around = AroundGate(self.decisions, Routed(), hold_after_ms, self.on_gate_path)
+        await self.forward(routed, around)
         if self.marks is not None:
             # only now that Kafka has the events: a mark sent later is behind them in every partition
             self.marks.routed(latest, time.monotonic() * 1000)
 
-    async def forward(self, routed: Routed, direct: Routed) -> None:
+    async def forward(self, routed: Routed, around: AroundGate) -> None:
         """Send validated events and new dead letters to the by-store topic, and the events the gate's
         decisions settle to the by-customer topic, until Kafka has them all."""
         topology = self.topology
+        direct = around.direct
         topology.health.count("events_received", routed.accepted + direct.accepted + len(routed.dead_letters))
+        topology.health.count("events_through_gate", routed.accepted)
+        topology.health.count("events_around_gate", direct.accepted)
         ledger = self.ledger
         # elements read again after a crash whose dead letters are in the topic already
         routed.dead_letters = [letter for letter in routed.dead_letters if not ledger.already_sent(letter)]
         sent = [await topology.by_customer.send(value=chunk, partition=partition)
                 for partition, items in direct.by_partition.items() for chunk in pack_chunks(items)]
-        for metadata in await topology.send_routed(topology.by_store, routed, wait=True):
+        if routed.by_partition:
+            # a customer's next events go to the gate after these: Kafka has these first
+            await acknowledged(sent)
+        offsets: dict[int, int] = {}
+        for metadata in await topology.send_routed(topology.by_store, routed, wait=True, offsets=offsets):
             ledger.record(metadata.partition, metadata.offset)
         await acknowledged(sent)
+        for key in around.sent_to_gate:
+            entry = self.on_gate_path.get(key)
+            if entry is not None and entry[1] < 0:
+                entry[1] = offsets[entry[0]]
+
+    def leave_gate_path(self, committed: dict[int, int]) -> None:
+        """The gate has committed by-store partitions up to ``committed`` (next offsets): the customers
+        whose last event on its path is below are free to go around it again (changed in place: a
+        slice being routed holds the same map)."""
+        on_gate_path = self.on_gate_path
+        for key in [key for key, (partition, offset) in on_gate_path.items()
+                    if 0 <= offset < committed.get(partition, 0)]:
+            del on_gate_path[key]
+
+    async def run_gate_path(self) -> None:
+        """While customers are on the gate's path: read the gate's commits every :data:`GATE_PATH_POLL_S`."""
+        topology = self.topology
+        admin: AIOKafkaAdminClient | None = None
+        topic = topology.by_store.get_topic_name()
+        try:
+            while True:
+                await asyncio.sleep(GATE_PATH_POLL_S)
+                if not self.on_gate_path:
+                    continue
+                try:
+                    if admin is None:
+                        admin = AIOKafkaAdminClient(**kafka_client_options(topology.settings))
+                        await admin.start()
+                    partitions = [TopicPartition(topic, partition) for partition in range(topology.partitions)]
+                    found = await admin.list_consumer_group_offsets(topology.settings.app_id, partitions=partitions)
+                    self.leave_gate_path({tp.partition: meta.offset for tp, meta in found.items()
+                                          if meta is not None and meta.offset >= 0})
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # Kafka away: the customers stay on the gate's path meanwhile
+                    log.warning("ingest.gate_commits_failed", error=str(error) or type(error).__name__)
+                    if admin is not None:
+                        await admin.close()
+                        admin = None
+        finally:
+            if admin is not None:
+                await admin.close()
 
     async def send_marks(self) -> None:
         """Send the input partitions' marks to every by-store partition, when changed (or now and then)."""
@@ -211,6 +265,9 @@ class Ingest:
                 if time.monotonic() - started > RESTART_MAX_S:
                     delay_s = 0.0  # it had been running well: a new failure starts the delays over
                 delay_s = min(RESTART_MAX_S, max(RESTART_FIRST_S, 2 * delay_s))
+                # customers of a slice that was not sent would stay on the gate's path for ever: the
+                # input is read again from the commits, and their events may take either path
+                self.on_gate_path.clear()
                 log.warning("ingest.failed", error=str(error) or type(error).__name__, retry_in_s=delay_s)
                 await asyncio.sleep(delay_s)
 
@@ -226,6 +283,10 @@ def register(topology: Topology) -> Ingest:
     @topology.app.task  # type: ignore[untyped-decorator]
     async def follow_gate_decisions() -> None:
         await ingest.decisions_reader.run()
+
+    @topology.app.task  # type: ignore[untyped-decorator]
+    async def follow_gate_commits() -> None:
+        await ingest.run_gate_path()
 
     if ingest.marks is not None:
 
