@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     emit_interval_ms: int = Field(1_000, gt=0, validation_alias=_env("LOYALTY_EMIT_INTERVAL"))
     checkpoint_interval_ms: int = Field(30_000, gt=0, validation_alias=_env("LOYALTY_CHECKPOINT_INTERVAL"))
     slice_events: int = Field(5_000, ge=1, validation_alias=_env("LOYALTY_SLICE_EVENTS"))
+    gate_bypass: bool = Field(True, validation_alias=_env("LOYALTY_GATE_BYPASS"))
     store: Literal["rocksdb", "memory"] = Field("rocksdb", validation_alias=_env("LOYALTY_STORE"))
     standby_replicas: int = Field(0, ge=0, validation_alias=_env("LOYALTY_STANDBY_REPLICAS"))
     max_future_skew_ms: int = Field(300_000, gt=0, validation_alias=_env("LOYALTY_MAX_FUTURE_SKEW"))

@@ -114,7 +114,8 @@ class Ingest:
         now = wall_ms()
         # the gate holds events later than now with the wall clock: those go through it
         hold_after_ms = None if topology.event_clock else now
-        around = AroundGate(self.decisions, Routed(), hold_after_ms, self.on_gate_path)
+        bypass = topology.settings.gate_bypass
+        around = AroundGate(self.decisions, Routed(), hold_after_ms, self.on_gate_path) if bypass else None
         prefix = self.prefix
         slice_events = topology.settings.slice_events
         latest: dict[str, int] = {}
@@ -127,21 +128,21 @@ class Ingest:
                 key = InputMarks.key(topic_name, record.partition)
                 if time_ms > latest.get(key, time_ms - 1):
                     latest[key] = time_ms
-            if routed.accepted + around.direct.accepted + len(routed.dead_letters) >= slice_events:
+            if routed.accepted + (around.direct.accepted if around else 0) + len(routed.dead_letters) >= slice_events:
                 # a fetch of batch messages holds many events: sent on in slices (LOYALTY_SLICE_EVENTS)
                 await self.forward(routed, around)
                 routed = Routed()
-                around = AroundGate(self.decisions, Routed(), hold_after_ms, self.on_gate_path)
+                around = AroundGate(self.decisions, Routed(), hold_after_ms, self.on_gate_path) if bypass else None
         await self.forward(routed, around)
         if self.marks is not None:
             # only now that Kafka has the events: a mark sent later is behind them in every partition
             self.marks.routed(latest, time.monotonic() * 1000)
 
-    async def forward(self, routed: Routed, around: AroundGate) -> None:
+    async def forward(self, routed: Routed, around: AroundGate | None) -> None:
         """Send validated events and new dead letters to the by-store topic, and the events the gate's
         decisions settle to the by-customer topic, until Kafka has them all."""
         topology = self.topology
-        direct = around.direct
+        direct = around.direct if around is not None else Routed()
         topology.health.count("events_received", routed.accepted + direct.accepted + len(routed.dead_letters))
         topology.health.count("events_through_gate", routed.accepted)
         topology.health.count("events_around_gate", direct.accepted)
@@ -157,7 +158,7 @@ class Ingest:
         for metadata in await topology.send_routed(topology.by_store, routed, wait=True, offsets=offsets):
             ledger.record(metadata.partition, metadata.offset)
         await acknowledged(sent)
-        for key in around.sent_to_gate:
+        for key in around.sent_to_gate if around is not None else ():
             entry = self.on_gate_path.get(key)
             if entry is not None and entry[1] < 0:
                 entry[1] = offsets[entry[0]]
@@ -213,9 +214,11 @@ class Ingest:
             return
         message = pack({MARKS: current})
         sent = [await topology.by_store.send(value=message, partition=p) for p in range(topology.partitions)]
-        # the events that skipped the gate: the facts stage counts this path as one more upstream
-        direct = pack({MARKS: current, "from": topology.partitions})
-        sent.extend([await topology.by_customer.send(value=direct, partition=p) for p in range(topology.partitions)])
+        if topology.settings.gate_bypass:
+            # the events that skipped the gate: the facts stage counts this path as one more upstream
+            direct = pack({MARKS: current, "from": topology.partitions})
+            sent.extend([await topology.by_customer.send(value=direct, partition=p)
+                         for p in range(topology.partitions)])
         await acknowledged(sent)
         self._marks_sent, self._marks_sent_at = current, time.monotonic()
 
@@ -280,13 +283,15 @@ def register(topology: Topology) -> Ingest:
     async def read_input_topics() -> None:
         await ingest.run()
 
-    @topology.app.task  # type: ignore[untyped-decorator]
-    async def follow_gate_decisions() -> None:
-        await ingest.decisions_reader.run()
+    if topology.settings.gate_bypass:
 
-    @topology.app.task  # type: ignore[untyped-decorator]
-    async def follow_gate_commits() -> None:
-        await ingest.run_gate_path()
+        @topology.app.task  # type: ignore[untyped-decorator]
+        async def follow_gate_decisions() -> None:
+            await ingest.decisions_reader.run()
+
+        @topology.app.task  # type: ignore[untyped-decorator]
+        async def follow_gate_commits() -> None:
+            await ingest.run_gate_path()
 
     if ingest.marks is not None:
 
