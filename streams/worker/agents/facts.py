@@ -28,10 +28,9 @@ class Facts:
         self.topology = topology
         self.stage = CustomerStage(topology.grid, cache_size=CUSTOMER_CACHE_SIZE)
         self.input = topology.contiguous(topology.by_customer, committed=True)
-        #: the marks of every by-store partition and (LOYALTY_GATE_BYPASS) of the ingest's path around the
-        #: gate (upstream P), per by-customer partition (None: alerts off)
-        upstream = topology.partitions + (1 if topology.settings.gate_bypass else 0)
-        self.marks = MarkMerger(upstream) if topology.settings.alert_config() is not None else None
+        #: the marks of every by-store partition and of the ingest's path around the gate (upstream P, sent
+        #: whatever LOYALTY_GATE_BYPASS says), per by-customer partition (None: alerts off)
+        self.marks = MarkMerger(topology.partitions + 1) if topology.settings.alert_config() is not None else None
         #: by-customer partition -> (merged marks, monotonic time) last forwarded
         self._forwarded: dict[int, tuple[dict[str, Mark], float]] = {}
 

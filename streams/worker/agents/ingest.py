@@ -151,13 +151,19 @@ class Ingest:
         routed.dead_letters = [letter for letter in routed.dead_letters if not ledger.already_sent(letter)]
         sent = [await topology.by_customer.send(value=chunk, partition=partition)
                 for partition, items in direct.by_partition.items() for chunk in pack_chunks(items)]
-        if routed.by_partition:
-            # a customer's next events go to the gate after these: Kafka has these first
-            await acknowledged(sent)
         offsets: dict[int, int] = {}
-        for metadata in await topology.send_routed(topology.by_store, routed, wait=True, offsets=offsets):
-            ledger.record(metadata.partition, metadata.offset)
-        await acknowledged(sent)
+        try:
+            if routed.by_partition:
+                # a customer's next events go to the gate after these: Kafka has these first
+                await acknowledged(sent)
+            for metadata in await topology.send_routed(topology.by_store, routed, wait=True, offsets=offsets):
+                ledger.record(metadata.partition, metadata.offset)
+        finally:
+            # every send settles before a failure goes up: the reader that starts again must not race them
+            results = await acknowledged(sent, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         for key in around.sent_to_gate if around is not None else ():
             entry = self.on_gate_path.get(key)
             if entry is not None and entry[1] < 0:
@@ -214,11 +220,11 @@ class Ingest:
             return
         message = pack({MARKS: current})
         sent = [await topology.by_store.send(value=message, partition=p) for p in range(topology.partitions)]
-        if topology.settings.gate_bypass:
-            # the events that skipped the gate: the facts stage counts this path as one more upstream
-            direct = pack({MARKS: current, "from": topology.partitions})
-            sent.extend([await topology.by_customer.send(value=direct, partition=p)
-                         for p in range(topology.partitions)])
+        # the events that skipped the gate: the facts stage counts this path as one more upstream. Sent
+        # with the path switched off too (it then carries no event), so that workers whose settings differ
+        # (or a rolling change of the setting) never leave a facts stage waiting for it
+        direct = pack({MARKS: current, "from": topology.partitions})
+        sent.extend([await topology.by_customer.send(value=direct, partition=p) for p in range(topology.partitions)])
         await acknowledged(sent)
         self._marks_sent, self._marks_sent_at = current, time.monotonic()
 
