@@ -71,6 +71,10 @@ POLL_S = 0.05
 LATENCY_POLL_S = 0.01
 #: the latency runs' generator sleeps at least this long between its bursts of sends
 LATENCY_PACE_S = 0.005
+#: before a latency run: the broker acknowledges a burst of sends within this, three rounds in a row
+QUIET_ACK_S = 0.05
+QUIET_ROUNDS = 3
+QUIET_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -491,6 +495,43 @@ async def latency(settings: Settings, options: BenchOptions, work_dir: Path, dat
     }
 
 
+async def broker_quiet(settings: Settings, topic: str) -> float:
+    """Wait until the broker acknowledges promptly again; returns the seconds waited.
+
+    The latency part follows the throughput parts, which leave the broker gigabytes to write back
+    and compact: in the runs before this wait, the broker took up to a second to acknowledge the
+    load generator's sends for the first seconds of the first latency run (its ``ack_over_time``),
+    a delay of the bench's own previous parts that no worker can shorten. So the page cache is
+    written back first, then bursts of 50 sends are timed until three in a row are acknowledged
+    within :data:`QUIET_ACK_S`. A broker that never settles ends the wait at
+    :data:`QUIET_TIMEOUT_S`, and the run measures it as it is (its ``ack_over_time`` shows it).
+    """
+    started = time.monotonic()
+    await asyncio.to_thread(os.sync)
+    await ensure_topics(settings, [topic], 1)
+    producer = live_producer(settings)
+
+    def burst() -> float:
+        """The slowest acknowledgement of 50 sends (infinite when one failed)."""
+        slowest = 0.0
+        sent = time.perf_counter()
+
+        def acked(error: Any, _message: Any) -> None:
+            nonlocal slowest
+            slowest = max(slowest, time.perf_counter() - sent if error is None else float("inf"))
+
+        for _ in range(50):
+            producer.produce(topic, b"{}", on_delivery=acked)
+        producer.flush(QUIET_TIMEOUT_S)
+        return slowest
+
+    quiet_rounds = 0
+    while quiet_rounds < QUIET_ROUNDS and time.monotonic() - started < QUIET_TIMEOUT_S:
+        quiet_rounds = quiet_rounds + 1 if await asyncio.to_thread(burst) < QUIET_ACK_S else 0
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
 def live_producer(settings: Settings) -> Any:
     """The latency runs' load generator: librdkafka (the bench group's ``confluent-kafka``), not aiokafka.
 
@@ -512,6 +553,7 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
     """Produce live traffic at ``options.rate`` for ``options.duration_s`` to a worker that is publishing already;
     order latencies to Redis, in percentiles and by second of sending."""
     prefix = f"bench-{uuid.uuid4().hex[:6]}-live-"
+    quiet_s = await broker_quiet(settings, prefix + "probe")
     await ensure_topics(settings, [prefix + n for n in INPUT_TOPICS], settings.partitions)
     worker = Worker(settings, work_dir, prefix, database, LOYALTY_CLOCK="wall",
                     LOYALTY_EMIT_INTERVAL=f"{options.emit_interval_ms}ms")
@@ -634,6 +676,7 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
             sent_at.append(stamp - sending_from)
     return {
         "rate_target": options.rate,
+        "broker_quiet_after_s": quiet_s,
         "rate_sent": produced / sending_s,
         "seconds": sending_s,
         "orders_measured": len(latencies),

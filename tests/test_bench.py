@@ -62,6 +62,8 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     assert len(runs) == 2
     for run in runs:
         assert run["orders_measured"] > 100
+        # three prompt bursts in a row, 0.2 s apart, before the worker started; at most the wait's bound
+        assert 0.6 <= run["broker_quiet_after_s"] <= 125
         assert 0 < run["p50_s"] <= run["p99_s"] <= run["max_s"]
         assert sum(point["orders"] for point in run["over_time"]) == run["orders_measured"]
         assert max(point["max_s"] for point in run["over_time"]) == run["max_s"]
