@@ -37,9 +37,10 @@ def activity(bucket: int, churned_at: int | None = None) -> list[tuple[str, int,
             (f"both:{WINDOW}", max(end, bucket + WINDOW), -1), ("nps_n", bucket, 1), ("nps_d", bucket, 1)]
 
 
-def plain(shard: StoreShard, watermark_ms: int) -> dict[str, object]:
-    """The detectors sampled at every due boundary, as before the skipping: the oracle."""
-    states = {kind: initial_state(kind, shard.store_id, CONFIG) for kind in KINDS}
+def plain(shard: StoreShard, watermark_ms: int, store_id: str | None = None) -> dict[str, object]:
+    """The detectors (of ``store_id``, else the shard's store) sampled at every due boundary, as before the
+    skipping: the oracle."""
+    states = {kind: initial_state(kind, store_id or shard.store_id, CONFIG) for kind in KINDS}
     events: list[dict[str, object]] = []
     assert shard.first_bucket is not None
     for boundary in due_boundaries(shard.first_bucket * BUCKET_MS - 1, watermark_ms, CONFIG):
@@ -56,6 +57,26 @@ def shard_with(deltas: list[tuple[str, int, int]], store: str = "s") -> StoreSha
     shard.apply((0, 0, 0), {"g": groups_of(deltas)}, None)
     shard.first_bucket = first
     return shard
+
+
+def customers_of(stretches: list[tuple[int, int, bool]]) -> list[list[tuple[str, int, int]]]:
+    """Each customer's deltas: ``customers`` customers from ``start`` on, churned a window later or not."""
+    return [activity(start + customer, start + customer + WINDOW if churn else None)
+            for start, customers, churn in stretches for customer in range(customers)]
+
+
+def partial_with(customers: list[list[tuple[str, int, int]]], stores: int = 2) -> StoreShard:
+    """A partition's partial ``*`` as the worker keeps it: its customers dealt over ``stores`` stores (a customer
+    is one store's), which it reads in place."""
+    partial = StoreShard(ALL_STORES)
+    assert partial.summed is not None
+    by_store: dict[str, list[tuple[str, int, int]]] = {}
+    for number, deltas in enumerate(customers):
+        by_store.setdefault(f"s{number % stores}", []).extend(deltas)
+    for store, deltas in by_store.items():
+        partial.summed.members[store] = shard_with(deltas, store)
+    partial.first_bucket = min(bucket for deltas in customers for _, bucket, _ in deltas)
+    return partial
 
 
 STRETCHES = st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 4), st.booleans()), min_size=1, max_size=6)
@@ -105,13 +126,12 @@ def test_star_owner_sums_partials_that_skip_their_empty_stretches(
     partials = []
     merged: list[tuple[str, int, int]] = []
     for stretches in partitions:
-        deltas = [d for start, customers, churn in stretches for customer in range(customers)
-                  for d in activity(start + customer, start + customer + WINDOW if churn else None)]
-        merged.extend(deltas)
-        partials.append(shard_with(deltas, ALL_STORES))
+        customers = customers_of(stretches)
+        merged.extend(d for deltas in customers for d in deltas)
+        partials.append(partial_with(customers))
     last = max(bucket for _, bucket, _ in merged)
     watermark = (last + 50) * BUCKET_MS + CONFIG.grace_ms
-    expected = plain(shard_with(merged, ALL_STORES), watermark)
+    expected = plain(shard_with(merged), watermark, ALL_STORES)  # one aggregate of every delta
     sampler = StarSampler(len(partials))
     star = StoreShard(ALL_STORES)
     for number, partial in enumerate(partials):
@@ -130,11 +150,9 @@ def test_star_owner_restored_reads_the_samples_topic_from_its_checkpointed_offse
     partitions: list[list[tuple[int, int, bool]]], per_read: int, data: st.DataObject,
 ) -> None:
     """An owner restored from a checkpoint, reading the samples topic from its offset, ends as one never stopped."""
-    deltas = [[d for start, customers, churn in stretches for customer in range(customers)
-               for d in activity(start + customer, start + customer + WINDOW if churn else None)]
-              for stretches in partitions]
-    partials = [shard_with(part, ALL_STORES) for part in deltas]
-    last = max(bucket for part in deltas for _, bucket, _ in part) + 50
+    customers = [customers_of(stretches) for stretches in partitions]
+    partials = [partial_with(part) for part in customers]
+    last = max(bucket for part in customers for deltas in part for _, bucket, _ in deltas) + 50
     topic: list[dict[str, object]] = []  # the star-samples topic: each partition's slices, interleaved
     watermark = last * BUCKET_MS + CONFIG.grace_ms
     progressing = list(enumerate(partials))

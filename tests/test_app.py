@@ -165,36 +165,3 @@ def test_the_worker_limits_malloc_arenas(mode: str, most: int, fewest: int) -> N
                           timeout=60, check=True)
     arenas = sum(1 for line in done.stderr.splitlines() if line.startswith("Arena "))
     assert fewest <= arenas <= most, done.stderr
-
-
-TRIM_PROBE = """
-import sys, time
-from streams.worker.run import start_heap_trimmer
-def rss_mib():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS:"))
-blocks = [bytes(4096) for _ in range(50_000)]  # about 200 MiB of the heap, below malloc's mmap threshold
-kept = blocks[::64]  # pins the heap: its free space is in the middle, which glibc does not return by itself
-del blocks
-before = rss_mib()
-if sys.argv[1] == "trim":
-    assert start_heap_trimmer(0.05)
-deadline = time.monotonic() + (10 if sys.argv[1] == "trim" else 1)
-while time.monotonic() < deadline and rss_mib() > before - 100:
-    time.sleep(0.05)
-print(before, rss_mib())
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-@pytest.mark.parametrize("mode", ["trim", "none"])
-def test_the_heap_trimmer_returns_free_pages_in_the_middle_of_the_heap(mode: str) -> None:
-    """With the trimmer, the free middle of a pinned heap leaves the resident set; without, it stays."""
-    done = subprocess.run([sys.executable, "-c", TRIM_PROBE, mode], capture_output=True, text=True, timeout=60,
-                          check=True)
-    before, after = (int(value) for value in done.stdout.split())
-    assert before >= 190, done.stdout
-    if mode == "trim":
-        assert after <= before - 100, done.stdout
-    else:
-        assert after > before - 20, done.stdout

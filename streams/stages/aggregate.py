@@ -3,14 +3,61 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 
 from metrics.alerts import KINDS, AlertConfig, DetectorState, due_boundaries, evaluate, initial_state, sample_bucket
 from metrics.catalog import ALL_STORES
-from metrics.store import ReadPoints, StoreAggregate
+from metrics.store import QUIET_FOR_EVER, ReadPoints, StoreAggregate
 from metrics.timegrid import Grid
+
+
+class PartitionSum:
+    """The partial ``*`` of a deltas partition, read from its stores' aggregates rather than kept as a copy.
+
+    ``*``'s partial of a partition is the sum of the partition's stores, and what is read of it
+    (read points, alert samples) adds up over stores, so it is read from the stores themselves:
+    the partition's deltas are folded once, and a partition with one large store does not hold its
+    blocks twice (with a million customers in five stores, the copies were half of the worker's
+    series memory). The stores must not fold past a bucket the partial will still read: the
+    publisher folds them no further than the partial's next alert sample.
+    """
+
+    def __init__(self) -> None:
+        #: store -> its shard: every store of the partition
+        self.members: dict[str, StoreShard] = {}
+
+    def stores(self) -> Iterable[StoreAggregate]:
+        """The aggregates summed."""
+        return [shard.aggregate for shard in self.members.values()]
+
+    def read_points(self, grid: Grid, as_of_bucket: int) -> ReadPoints:
+        """The stores' read points summed (:meth:`metrics.store.StoreAggregate.read_points`)."""
+        total = ReadPoints()
+        for aggregate in self.stores():
+            total.merge(aggregate.read_points(grid, as_of_bucket))
+        return total
+
+    def alert_points(self, window: int, as_of_bucket: int) -> ReadPoints:
+        """The stores' alert read points summed (:meth:`metrics.store.StoreAggregate.alert_points`)."""
+        total = ReadPoints()
+        for aggregate in self.stores():
+            total.merge(aggregate.alert_points(window, as_of_bucket))
+        return total
+
+    def alert_quiet_until(self, window: int, as_of_bucket: int) -> int | None:
+        """The sum's sample is empty only when every store's is (their counts are never negative), and stays
+        so until the first store's may not be: the least of the stores' answers, ``None`` when one has none.
+        """
+        until = QUIET_FOR_EVER
+        for aggregate in self.stores():
+            quiet = aggregate.alert_quiet_until(window, as_of_bucket)
+            if quiet is None:
+                return None
+            until = min(until, quiet)
+        return until
 
 
 class StoreShard:
@@ -56,6 +103,12 @@ class StoreShard:
         #: ``star_sampled_ms`` is at or after it), and how far each partition had sampled then
         self.star_samples_offset: int | None = None
         self.star_upto: dict[int, int] = {}
+        #: a partial ``*``: its partition's stores, read in place of :attr:`aggregate` (which stays empty)
+        self.summed: PartitionSum | None = PartitionSum() if store_id == ALL_STORES else None
+        #: :attr:`sampled_ms` as of the shard's latest checkpoint that Kafka holds (a restored shard's is its
+        #: own): a partial's stores fold no further than this lets it read, since a restore may bring a store
+        #: checkpointed after the partial (each shard's record is its latest)
+        self.durable_sampled_ms: int | None = None
 
     def apply(self, message_source: tuple[int, int, int], entry: dict[str, Any], max_time_ms: int | None) -> bool:
         """Apply one store entry of a delta message part, unless applied already; returns whether it was."""
@@ -64,7 +117,11 @@ class StoreShard:
     def apply_entries(
         self, message_source: tuple[int, int, int], entries: list[dict[str, Any]], max_time_ms: int | None
     ) -> bool:
-        """Apply store entries of one part (several for a partial ``*``), unless applied already."""
+        """Apply store entries of one part (several for a partial ``*``), unless applied already.
+
+        A partial ``*`` takes only what is not read from its stores: where sampling starts, the
+        currencies, the latest event time, and that it changed.
+        """
         partition, position = message_source[0], [message_source[1], message_source[2]]
         seen = self.hwm.get(partition)
         if seen is not None and seen >= position:
@@ -73,9 +130,11 @@ class StoreShard:
         # the earliest bucket matters until the first sample only: a min over every pair is a
         # share of the aggregation's time
         track_first = self.sampled_ms is None
+        summed = self.summed is not None
         for entry in entries:
             groups = entry["g"]
-            self.aggregate.add_groups(groups)
+            if not summed:
+                self.aggregate.add_groups(groups)
             for index in range(1, len(groups) if track_first else 0, 2):
                 pairs = groups[index]
                 if pairs:
@@ -136,7 +195,7 @@ class StoreShard:
         alerts = head.get("alerts")  # absent from checkpoints written before alerts
         if alerts is not None:
             shard.first_bucket = alerts["first"]
-            shard.sampled_ms = alerts["sampled"]
+            shard.sampled_ms = shard.durable_sampled_ms = alerts["sampled"]
             for record in alerts["detectors"]:
                 state = DetectorState.from_record(record)
                 shard.detectors[state.kind] = state
@@ -149,7 +208,10 @@ class StoreShard:
             shard.star_outbox = list(star.get("outbox", []))
             shard.star_samples_offset = star.get("offset")
             shard.star_upto = {int(partition): upto for partition, upto in star.get("upto", [])}
-        shard.aggregate = StoreAggregate.from_bytes(data[4 + size:])
+        if shard.summed is None:
+            shard.aggregate = StoreAggregate.from_bytes(data[4 + size:])
+        # a partial ``*`` is read from its stores (:class:`PartitionSum`): the aggregate a checkpoint of an
+        # earlier release holds for it is their sum again, and is dropped
         return shard
 
     def fold(self, as_of_bucket: int, longest: int, cohort_reach: int) -> None:
@@ -164,6 +226,12 @@ class StoreShard:
         self.floor = as_of_bucket
         if self.aggregate.fold_read(as_of_bucket, longest, cohort_reach):
             self.version += 1
+
+    def next_durable_sample_bucket(self, config: AlertConfig) -> int | None:
+        """:meth:`next_sample_bucket` as of the latest checkpoint Kafka holds: the sample a restore takes next."""
+        if self.durable_sampled_ms is None:
+            return None
+        return sample_bucket((self.durable_sampled_ms // config.step_ms + 1) * config.step_ms, config.bucket_ms)
 
     def next_sample_bucket(self, config: AlertConfig) -> int | None:
         """The bucket the next sample reads; no fold may pass it. ``None`` before the first sample: no fold at all.
@@ -217,6 +285,7 @@ class StoreShard:
         after = self._sampled_after(config, low_watermark_ms)
         if after is None:
             return 0
+        reader = self.aggregate if self.summed is None else self.summed
         window = config.window_ms // config.bucket_ms
         bucket_ms, step = config.bucket_ms, config.step_ms
         last_due = (low_watermark_ms - config.grace_ms) // step * step
@@ -229,7 +298,7 @@ class StoreShard:
                 bucket = sample_bucket(boundary, bucket_ms)
                 if self.store_id == ALL_STORES:
                     # a partial ``*``: its read points go to the ``*`` owner, who sums every partition's
-                    points = self.aggregate.alert_points(window, bucket)
+                    points = reader.alert_points(window, bucket)
                     self.outbox.append({"b": boundary, "points": points.to_record()})
                 else:
                     metrics = self.aggregate.alert_metrics(window, bucket)
@@ -241,7 +310,7 @@ class StoreShard:
                 self.sampled_ms = after = boundary
                 done += 1
                 covered += 1
-                quiet = self.aggregate.alert_quiet_until(window, bucket)
+                quiet = reader.alert_quiet_until(window, bucket)
                 if quiet is not None:
                     # the samples up to the bucket ``quiet`` are empty too: the detectors would skip them,
                     # and a partial's would add nothing at the owner. Jump to the last of them that is due.
@@ -253,6 +322,11 @@ class StoreShard:
         if done:
             self.version += 1
         return limit if limit is not None and done >= limit else covered
+
+    def read_points(self, grid: Grid, as_of_bucket: int) -> ReadPoints:
+        """What :meth:`metrics` reads as of a bucket, as values that add up over shards (a partial: its stores')."""
+        reader = self.aggregate if self.summed is None else self.summed
+        return reader.read_points(grid, as_of_bucket)
 
     def metrics(self, grid: Grid, window: int, as_of_bucket: int) -> dict[str, object]:
         """Every metric of the store for a window as of a bucket."""
@@ -271,13 +345,25 @@ class StoreShard:
         return next(iter(distinct)) if len(distinct) == 1 else None
 
 
+def join_partials(shards: Iterable[tuple[str, StoreShard]], partial_of: Callable[[str], StoreShard]) -> None:
+    """Make each store a member of its partition's partial ``*`` (``partial_of``), which reads it in place.
+
+    For shards that did not come through :func:`apply_message`: those a restore read from checkpoints.
+    """
+    for store_id, shard in shards:
+        summed = partial_of(store_id).summed
+        assert summed is not None, "a partial ``*`` reads its stores"
+        summed.members[store_id] = shard
+
+
 def apply_message(shards: dict[str, StoreShard], partial: StoreShard, message: list[dict[str, Any]]) -> None:
     """Apply a deltas message's parts to the shards of their stores and to the partition's partial ``*``.
 
     ``*`` is the sum of every store. Each deltas partition keeps its own partial ``*``, the sum
-    of its stores, and ``*`` is published from the partials' read points summed
+    of its stores read in place (:class:`PartitionSum`: a new store of the message joins it), and
+    ``*`` is published from the partials' read points summed
     (:meth:`metrics.store.StoreAggregate.read_points`), so no partition carries every store's
-    rows. The partial skips a part it has applied (its own high-water marks), as stores do.
+    rows. The partial skips a part it has noted (its own high-water marks), as stores do.
     """
     for part in message:
         source = (part["src"][0], part["src"][1], part["src"][2])
@@ -287,6 +373,8 @@ def apply_message(shards: dict[str, StoreShard], partial: StoreShard, message: l
             shard = shards.get(store_id)
             if shard is None:
                 shard = shards[store_id] = StoreShard(store_id)
+            if partial.summed is not None and store_id not in partial.summed.members:
+                partial.summed.members[store_id] = shard
             shard.apply(source, entry, latest)
         partial.apply_entries(source, list(entries.values()), latest)
 

@@ -7,8 +7,6 @@ import ctypes
 import gc
 import os
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,37 +41,6 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return bool(libc.mallopt(_M_ARENA_MAX, arenas))
     except (OSError, AttributeError):  # not glibc
         return False
-
-
-#: how often the worker hands glibc's free heap pages back to the system (:func:`start_heap_trimmer`)
-HEAP_TRIM_INTERVAL_S = 2.0
-
-
-def start_heap_trimmer(interval_s: float = HEAP_TRIM_INTERVAL_S) -> bool:
-    """Return the arenas' free pages to the system every ``interval_s`` (``malloc_trim``); ``False`` without glibc.
-
-    glibc gives memory back by itself only from the top of a heap. The worker frees in the middle:
-    a fetch's messages, a batch's deltas and customers, a checkpoint's bytes are freed once written,
-    between store blocks that stay. Measured with a million customers, about a tenth of the resident
-    memory was such free space, which no other process could use. The trim runs in its own thread
-    (ctypes releases the interpreter lock), locking one arena at a time, so the stages go on meanwhile;
-    the pages it returns cost a page fault each when they are used again.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-
-    def run() -> None:
-        while True:
-            time.sleep(interval_s)
-            trim(0)
-
-    threading.Thread(target=run, name="heap-trimmer", daemon=True).start()
-    return True
 
 
 class WorkerStartError(Exception):
@@ -128,7 +95,6 @@ def run_worker(settings: Settings, extend: Callable[[faust.App], None] | None = 
     # "pure" where the mypyc build is missing or stale: the same numbers, slower (metrics/__init__.py)
     get_logger(__name__).info("worker.metrics_implementation", implementation=metrics.IMPLEMENTATION)
     app = create_app(settings)
-    start_heap_trimmer()
     if extend is not None:
         extend(app)
     Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level

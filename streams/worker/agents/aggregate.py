@@ -1,9 +1,9 @@
 """The aggregation: the deltas agent folding store shards, their checkpoints, and their restore after an assignment.
 
 ``*`` is the sum of every store: each deltas partition keeps a partial ``*`` (the sum of its
-stores, checkpointed with them under the store id ``*``), and the publisher sums the
-partials' read points (:mod:`streams.worker.agents.publish`), so no partition carries the
-rows of every store.
+stores, read from them in place; its alert state is checkpointed with them under the store id
+``*``), and the publisher sums the partials' read points (:mod:`streams.worker.agents.publish`),
+so no partition carries the rows of every store.
 
 A worker that gets deltas partitions restores their shards from the latest checkpoints
 (:mod:`streams.worker.checkpoints`) and folds the deltas from the checkpoint's offset on.
@@ -25,7 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from metrics.catalog import ALL_STORES
 from streams.connections import kafka_client_options
 from streams.logs import get_logger
-from streams.stages.aggregate import StoreShard, apply_message
+from streams.stages.aggregate import StoreShard, apply_message, join_partials
 from streams.stages.watermarks import MARKS, MarkMerger, is_marks, low_watermark
 from streams.worker.checkpoints import CheckpointError, Checkpoints
 from streams.worker.log_reader import read_to_end
@@ -206,6 +206,8 @@ class Aggregation:
                 self.checkpointed[self._checkpoint_name(partition, store_id)] = shard.version
             topology.clock.advance(checkpoint.clock_ms)
             starts[partition] = checkpoint.upto if checkpoint.upto is not None else 0
+        join_partials(self.shards.items(), lambda store_id: self.partials.setdefault(
+            route(store_id, topology.partitions), StoreShard(ALL_STORES)))
         applied = 0
         partitions_read = [TopicPartition(deltas_topic, p) for p in mine]
         if partitions_read:
@@ -291,12 +293,13 @@ class Aggregation:
                 if shard is None:
                     continue
                 # the shard and its offset are read together, with no await in between
-                version, position = shard.version, self.positions[partition]
+                version, position, sampled = shard.version, self.positions[partition], shard.sampled_ms
                 name = self._checkpoint_name(partition, store_id)
                 unchanged = self.checkpointed.get(name) == version and (partition, store_id) in self.checkpoints.records
                 data = None if unchanged else shard.to_bytes()
                 await self.checkpoints.write_store(partition, store_id, data, position)
                 self.checkpointed[name] = version
+                shard.durable_sampled_ms = sampled  # a restore samples on from here: its stores may fold to it
             if not self.ready or self.assignment_generation != generation:
                 return
             # the clock now, not at the round's start: the shards were folded as of the clock when they

@@ -178,8 +178,9 @@ class Publisher:
             self.last_emitted_bucket[store_id] = as_of_bucket
             topology.health.count("snapshots", len(grid.windows))
         as_of_bucket = grid.bucket(now)
-        for shard in shards.values():
-            fold_bucket = self.fold_bucket(shard, as_of_bucket)
+        partials = self.aggregation.partials
+        for store_id, shard in list(shards.items()):
+            fold_bucket = self.fold_bucket(shard, as_of_bucket, partials.get(route(store_id, topology.partitions)))
             if fold_bucket is not None:
                 shard.fold(fold_bucket, grid.longest, grid.cohort_reach)
 
@@ -203,13 +204,25 @@ class Publisher:
         await outputs.send_snapshot(store_id, COHORTS, encoded_cohorts)
         await redis.write_store(written, (cohorts, encoded_cohorts))
 
-    def fold_bucket(self, shard: StoreShard, as_of_bucket: int) -> int | None:
-        """How far a shard may fold: to now, but never past the bucket its next alert sample reads (None: not yet)."""
+    def fold_bucket(self, shard: StoreShard, as_of_bucket: int, partial: StoreShard | None = None) -> int | None:
+        """How far a shard may fold: to now, but never past the bucket its next alert sample reads (None: not yet).
+
+        A store also never folds past what its partition's partial ``*``, which reads it in place, samples
+        next as of the partial's latest checkpoint: a restore may bring the store's latest checkpoint
+        with a partial's older one, which samples those buckets again.
+        """
         config = self.aggregation.alert_config
         if config is None:
             return as_of_bucket
         next_sample = shard.next_sample_bucket(config)
-        return None if next_sample is None else min(as_of_bucket, next_sample)
+        if next_sample is None:
+            return None
+        if partial is not None:
+            partial_next = partial.next_durable_sample_bucket(config)
+            if partial_next is None:
+                return None
+            next_sample = min(next_sample, partial_next)
+        return min(as_of_bucket, next_sample)
 
     async def publish_star_samples(self) -> None:
         """Send each partition's partial ``*`` samples (and how far it sampled) to the ``*`` owner."""
@@ -299,7 +312,7 @@ class Publisher:
                     partial.fold(fold_bucket, grid.longest, grid.cohort_reach)
                 continue
             partial.changed = False
-            points = partial.aggregate.read_points(grid, as_of_bucket)
+            points = partial.read_points(grid, as_of_bucket)
             value = orjson.dumps(
                 {"k": as_of_bucket, "as_of_ms": now, "cur": partial.currencies, "points": points.to_record()}
             )
