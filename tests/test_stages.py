@@ -342,6 +342,27 @@ def test_a_partial_star_sums_its_partitions_stores_once() -> None:
     assert not partial.aggregate.series  # read from the stores in place, never copied
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["s1", "s2", "s3"]), st.integers(0, 40), st.integers(-3, 3),
+                          st.sampled_from([20, 30, 45])), min_size=1, max_size=40))
+def test_a_partial_star_kept_between_reads_equals_its_stores_summed_afresh(
+    steps: list[tuple[str, int, int, int]],
+) -> None:
+    """Parts to any store, read as of moving buckets: the partial's kept sum equals its stores' read points summed."""
+    grid = Grid(60_000, 600_000, (600_000,))
+    shards: dict[str, StoreShard] = {}
+    partial = StoreShard(ALL_STORES)
+    for offset, (store, bucket, delta, as_of) in enumerate(steps):
+        part = {"src": [0, offset, 0], "t": bucket * 60_000, "stores": {store: {"g": ["orders", [bucket, delta]]}}}
+        apply_message(shards, partial, [part])
+        expected = ReadPoints()
+        for shard in shards.values():
+            expected.merge(shard.aggregate.read_points(grid, as_of))
+        kept = partial.read_points(grid, as_of)
+        assert {name: {b: v for b, v in values.items() if v} for name, values in kept.values.items()} == {
+            name: {b: v for b, v in values.items() if v} for name, values in expected.values.items()}
+
+
 def test_a_replayed_delta_part_is_applied_once() -> None:
     """The same (partition, offset, part) applied twice counts once; an older part of that partition too."""
     shard = StoreShard("s1")

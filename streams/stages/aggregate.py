@@ -28,16 +28,35 @@ class PartitionSum:
     def __init__(self) -> None:
         #: store -> its shard: every store of the partition
         self.members: dict[str, StoreShard] = {}
+        #: the read points as of :attr:`_bucket`: their sum, and each store's with its shard's version then
+        self._bucket: int | None = None
+        self._total = ReadPoints()
+        self._points: dict[str, tuple[int, ReadPoints]] = {}
 
     def stores(self) -> Iterable[StoreAggregate]:
         """The aggregates summed."""
         return [shard.aggregate for shard in self.members.values()]
 
     def read_points(self, grid: Grid, as_of_bucket: int) -> ReadPoints:
-        """The stores' read points summed (:meth:`metrics.store.StoreAggregate.read_points`)."""
-        total = ReadPoints()
-        for aggregate in self.stores():
-            total.merge(aggregate.read_points(grid, as_of_bucket))
+        """The stores' read points summed (:meth:`metrics.store.StoreAggregate.read_points`); not to be changed.
+
+        Kept between calls: only a store whose shard changed since is read again (its old points
+        taken out of the sum, its new ones added; integers, so exact), and every store once the
+        bucket moves, so an emit costs the stores that changed, not the partition's thousands.
+        """
+        if as_of_bucket != self._bucket:
+            self._bucket, self._total, self._points = as_of_bucket, ReadPoints(), {}
+        total, points = self._total, self._points
+        for store_id, shard in self.members.items():
+            known = points.get(store_id)
+            if known is not None and known[0] == shard.version:
+                continue
+            fresh = shard.aggregate.read_points(grid, as_of_bucket)
+            if known is not None:
+                total.merge(ReadPoints({name: {bucket: -value for bucket, value in values.items()}
+                                        for name, values in known[1].values.items()}))
+            total.merge(fresh)
+            points[store_id] = (shard.version, fresh)
         return total
 
     def alert_points(self, window: int, as_of_bucket: int) -> ReadPoints:
