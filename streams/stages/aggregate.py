@@ -28,10 +28,11 @@ class PartitionSum:
     def __init__(self) -> None:
         #: store -> its shard: every store of the partition
         self.members: dict[str, StoreShard] = {}
-        #: the read points as of :attr:`_bucket`: their sum, and each store's with its shard's version then
+        #: the read points as of :attr:`_bucket`: their sum, and each store's nonzero ones (as JSON: a small
+        #: store's read points are mostly zeros, 60 KB as dicts) with its shard's version then
         self._bucket: int | None = None
         self._total = ReadPoints()
-        self._points: dict[str, tuple[int, ReadPoints]] = {}
+        self._points: dict[str, tuple[int, bytes]] = {}
 
     def stores(self) -> Iterable[StoreAggregate]:
         """The aggregates summed."""
@@ -53,10 +54,13 @@ class PartitionSum:
                 continue
             fresh = shard.aggregate.read_points(grid, as_of_bucket)
             if known is not None:
+                old = ReadPoints.from_record(orjson.loads(known[1]))
                 total.merge(ReadPoints({name: {bucket: -value for bucket, value in values.items()}
-                                        for name, values in known[1].values.items()}))
+                                        for name, values in old.values.items()}))
             total.merge(fresh)
-            points[store_id] = (shard.version, fresh)
+            nonzero = ReadPoints({name: kept for name, values in fresh.values.items()
+                                  if (kept := {bucket: value for bucket, value in values.items() if value})})
+            points[store_id] = (shard.version, orjson.dumps(nonzero.to_record()))
         return total
 
     def alert_points(self, window: int, as_of_bucket: int) -> ReadPoints:
