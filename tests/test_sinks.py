@@ -206,10 +206,10 @@ async def test_a_snapshot_is_as_of_the_clock_read_with_its_state(services) -> No
                 clock.advance(later_ms)  # as the aggregation does: the clock first, then the deltas
                 shards["late"].apply((0, 2, 0), {"g": ["orders", [bucket, 1]]}, later_ms)
 
-    topology = SimpleNamespace(grid=grid, clock=clock, outputs=Outputs(), health=HealthCounters())
+    topology = SimpleNamespace(grid=grid, clock=clock, outputs=Outputs(), health=HealthCounters(), partitions=1)
     publisher = Publisher.__new__(Publisher)
     publisher.topology = topology  # type: ignore[assignment]
-    publisher.aggregation = SimpleNamespace(shards=shards, alert_config=None)  # type: ignore[assignment]
+    publisher.aggregation = SimpleNamespace(shards=shards, partials={}, alert_config=None)  # type: ignore[assignment]
     publisher.window_names = list(settings.window_ms)
     publisher.last_emitted_bucket = {}
     sink = RedisSink(settings)
