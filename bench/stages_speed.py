@@ -147,7 +147,6 @@ def main() -> None:
         for partial in partials.values():
             star.merge(ReadPoints.from_record(orjson.loads(orjson.dumps(
                 partial.read_points(grid, as_of).to_record()))))
-            partial.fold(as_of, grid.longest, grid.cohort_reach)
         for window in grid.windows:
             star.metrics(grid, window, as_of)
         star.cohorts(grid, as_of)

@@ -252,9 +252,7 @@ class StoreShard:
 
     def next_durable_sample_bucket(self, config: AlertConfig) -> int | None:
         """:meth:`next_sample_bucket` as of the latest checkpoint Kafka holds: the sample a restore takes next."""
-        if self.durable_sampled_ms is None:
-            return None
-        return sample_bucket((self.durable_sampled_ms // config.step_ms + 1) * config.step_ms, config.bucket_ms)
+        return _bucket_after(self.durable_sampled_ms, config)
 
     def next_sample_bucket(self, config: AlertConfig) -> int | None:
         """The bucket the next sample reads; no fold may pass it. ``None`` before the first sample: no fold at all.
@@ -262,9 +260,7 @@ class StoreShard:
         Until the first sample, where sampling starts is not settled (an event that arrives late
         may still move the store's earliest bucket back), so nothing is folded.
         """
-        if self.sampled_ms is None:
-            return None
-        return sample_bucket((self.sampled_ms // config.step_ms + 1) * config.step_ms, config.bucket_ms)
+        return _bucket_after(self.sampled_ms, config)
 
     def _sampled_after(self, config: AlertConfig, low_watermark_ms: int | None) -> int | None:
         if self.sampled_ms is not None:
@@ -366,6 +362,13 @@ class StoreShard:
         """The store's currency (``*``: the common one), ``None`` when unknown or mixed."""
         distinct = set(self.currencies.values())
         return next(iter(distinct)) if len(distinct) == 1 else None
+
+
+def _bucket_after(sampled_ms: int | None, config: AlertConfig) -> int | None:
+    """The bucket that the sample of the step boundary after ``sampled_ms`` reads (``None``: none sampled)."""
+    if sampled_ms is None:
+        return None
+    return sample_bucket((sampled_ms // config.step_ms + 1) * config.step_ms, config.bucket_ms)
 
 
 def join_partials(shards: Iterable[tuple[str, StoreShard]], partial_of: Callable[[str], StoreShard]) -> None:

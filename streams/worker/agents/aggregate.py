@@ -85,16 +85,20 @@ class Aggregation:
         deltas_topic = self.topology.deltas.get_topic_name()
         return {tp.partition for tp in self.topology.app.assignor.assigned_actives() if tp.topic == deltas_topic}
 
+    def partial(self, partition: int) -> StoreShard:
+        """The partial ``*`` of a deltas partition, made empty when it has none yet."""
+        partial = self.partials.get(partition)
+        if partial is None:
+            partial = self.partials[partition] = StoreShard(ALL_STORES)
+        return partial
+
     def apply_deltas(self, message: dict[str, Any] | list[dict[str, Any]], partition: int, offset: int) -> None:
         """Apply a deltas message: a watermark, or parts (each with its own source) for stores and the partial."""
         clock = self.topology.clock
         if isinstance(message, list):
             for part in message:
                 clock.advance(part.get("t"))
-            partial = self.partials.get(partition)
-            if partial is None:
-                partial = self.partials[partition] = StoreShard(ALL_STORES)
-            apply_message(self.shards, partial, message)
+            apply_message(self.shards, self.partial(partition), message)
         elif is_marks(message):
             self.receive_marks(partition, message)
         else:
@@ -206,8 +210,7 @@ class Aggregation:
                 self.checkpointed[self._checkpoint_name(partition, store_id)] = shard.version
             topology.clock.advance(checkpoint.clock_ms)
             starts[partition] = checkpoint.upto if checkpoint.upto is not None else 0
-        join_partials(self.shards.items(), lambda store_id: self.partials.setdefault(
-            route(store_id, topology.partitions), StoreShard(ALL_STORES)))
+        join_partials(self.shards.items(), lambda store_id: self.partial(route(store_id, topology.partitions)))
         applied = 0
         partitions_read = [TopicPartition(deltas_topic, p) for p in mine]
         if partitions_read:

@@ -204,7 +204,7 @@ class Publisher:
         await outputs.send_snapshot(store_id, COHORTS, encoded_cohorts)
         await redis.write_store(written, (cohorts, encoded_cohorts))
 
-    def fold_bucket(self, shard: StoreShard, as_of_bucket: int, partial: StoreShard | None = None) -> int | None:
+    def fold_bucket(self, shard: StoreShard, as_of_bucket: int, partial: StoreShard | None) -> int | None:
         """How far a shard may fold: to now, but never past the bucket its next alert sample reads (None: not yet).
 
         A store also never folds past what its partition's partial ``*``, which reads it in place, samples
@@ -295,9 +295,10 @@ class Publisher:
 
 
     async def publish_partials(self, now: int) -> None:
-        """Send the read points of every partial ``*`` that changed, or whose bucket moved, then fold it.
+        """Send the read points of every partial ``*`` that changed, or whose bucket moved.
 
-        Each as of the clock read with its state (see :meth:`emit`).
+        Each as of the clock read with its state (see :meth:`emit`). A partial holds no series of its
+        own (its stores, folded by :meth:`emit`, are read in place), so there is nothing to fold here.
         """
         grid = self.topology.grid
         producer = self.topology.app.producer._ensure_producer()  # type: ignore[attr-defined]
@@ -305,11 +306,6 @@ class Publisher:
             now = max(now, self.topology.clock.now_ms() or now)
             as_of_bucket = grid.bucket(now)
             if not partial.changed and self.last_partial_bucket.get(partition) == as_of_bucket:
-                # nothing to send, but a fold held back by the alert sampling may go further now
-                # (stores fold at every emit too): a replay's idle end would keep its blocks otherwise
-                fold_bucket = self.fold_bucket(partial, as_of_bucket)
-                if fold_bucket is not None:
-                    partial.fold(fold_bucket, grid.longest, grid.cohort_reach)
                 continue
             partial.changed = False
             points = partial.read_points(grid, as_of_bucket)
@@ -323,9 +319,6 @@ class Publisher:
                 partial.changed = True
                 raise
             self.last_partial_bucket[partition] = as_of_bucket
-            fold_bucket = self.fold_bucket(partial, as_of_bucket)
-            if fold_bucket is not None:
-                partial.fold(fold_bucket, grid.longest, grid.cohort_reach)
 
     async def publish_star(self, now: int, redis: RedisSink) -> None:
         """On the worker that owns the ``*`` store's partition: publish the sum of the partials once they agree."""
