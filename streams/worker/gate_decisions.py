@@ -10,21 +10,15 @@ a record it cannot read is skipped (its events then go through the gate too).
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.connections import KafkaTarget, kafka_client_options
 from streams.logs import get_logger
 from streams.stages.gate import GateDecisions
+from streams.worker.restarts import run_restarting
 
 log = get_logger(__name__)
-
-#: the first and the longest wait before the reader starts again after a failure
-RESTART_FIRST_S = 1.0
-RESTART_MAX_S = 30.0
 
 
 class GateDecisionsReader:
@@ -78,17 +72,4 @@ class GateDecisionsReader:
 
     async def run(self) -> None:
         """Follow the changelogs until cancelled; a failure (Kafka away) starts again after a growing delay."""
-        delay_s = 0.0
-        while True:
-            started = time.monotonic()
-            try:
-                await self.follow()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                if time.monotonic() - started > RESTART_MAX_S:
-                    delay_s = 0.0
-                delay_s = min(RESTART_MAX_S, max(RESTART_FIRST_S, 2 * delay_s))
-                log.warning("gate_decisions.failed", error=str(error) or type(error).__name__, retry_in_s=delay_s)
-                await asyncio.sleep(delay_s)
+        await run_restarting(self.follow, "gate_decisions.failed")

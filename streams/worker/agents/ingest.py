@@ -26,15 +26,13 @@ from streams.stages.watermarks import MARKS, InputMarks, Mark
 from streams.worker.acks import acknowledged
 from streams.worker.gate_decisions import GateDecisionsReader
 from streams.worker.input_reader import read_inputs
+from streams.worker.restarts import run_restarting
 from streams.worker.topics import DEAD_LETTER_TOPIC
 from streams.worker.topology import Topology, wall_ms
 from streams.worker.wire import pack, pack_chunks
 
 log = get_logger(__name__)
 
-#: the first and the longest wait before the input reader starts again after a failure
-RESTART_FIRST_S = 1.0
-RESTART_MAX_S = 30.0
 #: watermark marks go out at most this often, and only when changed, or every MARKS_REPEAT_S
 #: anyway (a downstream stage that restarted learns them again while no event comes)
 MARKS_INTERVAL_S = 0.2
@@ -255,30 +253,20 @@ class Ingest:
         (what it had handled since is read again, and deduplicated downstream).
         """
         topology = self.topology
-        delay_s = 0.0
-        while True:
-            started = time.monotonic()
-            try:
-                await read_inputs(
-                    topology.settings,
-                    self.input_topics,
-                    topology.internal + "ingest",
-                    self.handle,
-                    self.commits,
-                    self.report_lags,
-                )
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                if time.monotonic() - started > RESTART_MAX_S:
-                    delay_s = 0.0  # it had been running well: a new failure starts the delays over
-                delay_s = min(RESTART_MAX_S, max(RESTART_FIRST_S, 2 * delay_s))
-                # customers of a slice that was not sent would stay on the gate's path for ever: the
-                # input is read again from the commits, and their events may take either path
-                self.on_gate_path.clear()
-                log.warning("ingest.failed", error=str(error) or type(error).__name__, retry_in_s=delay_s)
-                await asyncio.sleep(delay_s)
+
+        async def read() -> None:
+            await read_inputs(
+                topology.settings,
+                self.input_topics,
+                topology.internal + "ingest",
+                self.handle,
+                self.commits,
+                self.report_lags,
+            )
+
+        # customers of a slice that was not sent would stay on the gate's path for ever: the input
+        # is read again from the commits, and their events may take either path
+        await run_restarting(read, "ingest.failed", on_failure=self.on_gate_path.clear)
 
 
 def register(topology: Topology) -> Ingest:
