@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import MutableMapping
+from collections.abc import Collection, MutableMapping
 
 from metrics import events as ev
 from metrics.catalog import ALL_STORES
@@ -114,17 +114,34 @@ class ChannelCap:
 
     def admit(self, store_id: str, channel: str | None) -> str | None:
         """The channel an event of the store with ``channel`` counts under (a new one takes a free slot)."""
-        if channel is None or channel == ev.OTHER_CHANNEL:
-            return channel
         known = self.channels.get(store_id)
-        if known is None:
-            known = []
-        elif channel in known:
-            return channel
-        if len(known) >= self.limit:
-            return ev.OTHER_CHANNEL
-        self.channels[store_id] = [*known, channel]
+        decided, counted = channel_decided(known, channel, self.limit)
+        if decided or channel is None:  # (no channel is always decided)
+            return counted
+        self.channels[store_id] = [*(known or ()), channel]  # a new named channel with a free slot
         return channel
+
+
+def channel_decided(known: Collection[str] | None, channel: str | None, limit: int) -> tuple[bool, str | None]:
+    """(whether a store knowing channels ``known`` counts ``channel`` without taking a slot, the channel counted).
+
+    The one rule of the channel cap: no channel and ``other`` count as they are, a known channel
+    as itself, a new one as ``other`` when the ``limit`` slots are taken. Not decided: a new
+    channel with a free slot, which :meth:`ChannelCap.admit` gives it. ``known`` is ``None`` for a
+    store with no channel yet.
+
+    >>> [channel_decided(["web"], c, 2) for c in ("web", None, "app")]
+    [(True, 'web'), (True, None), (False, None)]
+    >>> channel_decided(["web", "app"], "mail", 2), channel_decided(None, "mail", 0)
+    ((True, 'other'), (True, 'other'))
+    """
+    if channel is None or channel == ev.OTHER_CHANNEL:
+        return True, channel
+    if known is not None and channel in known:
+        return True, channel
+    if len(known or ()) >= limit:
+        return True, ev.OTHER_CHANNEL
+    return False, None
 
 
 class LoyaltyEngine:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 from metrics import events as ev
-from metrics.engine import ChannelCap, CurrencyGate
+from metrics.engine import ChannelCap, CurrencyGate, channel_decided
 from streams.sinks.dead_letters import dead_letter
 from streams.stages.routed import Routed
 from streams.worker.wire import customer_route_key, route
@@ -78,16 +78,7 @@ class GateDecisions:
         """
         if event_type in ev.MONEY_TYPES and currency is not None and self.currencies.get(store_id) != currency:
             return False, None
-        if channel is None or channel == ev.OTHER_CHANNEL:
-            return True, channel
-        known = self.channels.get(store_id)
-        if known is None:
-            return False, None
-        if channel in known:
-            return True, channel
-        if len(known) >= self.max_channels:
-            return True, ev.OTHER_CHANNEL
-        return False, None
+        return channel_decided(self.channels.get(store_id), channel, self.max_channels)
 
 
 class GateStage:
