@@ -14,8 +14,10 @@ Parts of ``loyalty bench``:
   of history in minutes of wall time, and a worker that lived through them would have forgotten
   all but the last 30 days' ids.
 - scale-out: one worker, then two workers in one group, on the same pre-filled topics; events
-  per second from the first event received to the last applied, and each internal topic's
-  largest partition share of its bytes on disk (no partition should carry more than 2/P).
+  per second from the first event received to the last applied (and the events done each second
+  as ``progress``, where a join or a slow partition shows), and each internal topic's
+  largest partition share of its bytes on disk (no partition should carry more than 2/P), alone,
+  for the three topics every event crosses together, and for all internal topics together.
 
 Disk figures read the local Kafka's data folder (``loyalty up``); with another Kafka they are
 left out.
@@ -54,6 +56,10 @@ CHECKPOINT_INTERVAL = "5s"
 #: LOYALTY_DEDUPE_TTL of the restart part's workers (wall time: it stands for the default 30 days,
 #: a small part of the years the history spans)
 DEDUPE_TTL = "60s"
+#: how often the scale-out part notes the events done (its ``progress`` lists)
+PROGRESS_S = 1.0
+#: the topics every event crosses: the scale-out part's "all three" share
+THREE_TOPICS = ("events-by-store", "events-by-customer", "deltas")
 
 
 def storefront_bodies(events: int, stores: int, customers: int, seed: int) -> Iterator[tuple[str, bytes]]:
@@ -163,7 +169,9 @@ async def log_starts(settings: Settings, topics: list[str]) -> dict[tuple[str, i
     consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, partition) for topic in topics for partition in range(settings.partitions)]
+        await consumer.topics()  # the metadata of every topic: the star topics have one partition
+        tps = [TopicPartition(topic, partition) for topic in topics
+               for partition in sorted(consumer.partitions_for_topic(topic) or ())]
         return {(tp.topic, tp.partition): offset for tp, offset in (await consumer.beginning_offsets(tps)).items()}
     finally:
         await consumer.stop()
@@ -180,19 +188,32 @@ def internal_topics(settings: Settings, prefix: str, app_id: str) -> dict[str, s
         "customer-facts-changelog": f"{app_id}-customer-facts-changelog",
         "store-currency-changelog": f"{app_id}-store-currency-changelog",
         "store-channels-changelog": f"{app_id}-store-channels-changelog",
+        "star-partials": internal + "star-partials",
+        "star-samples": internal + "star-samples",
     }
 
 
-async def _wait_applied(worker: Worker, client: aioredis.Redis, events: int, timeout_s: float) -> float:
-    """Wait until the worker applied (or found duplicate) ``events``; returns when its first event arrived."""
+async def _wait_applied(worker: Worker, client: aioredis.Redis, events: int, timeout_s: float,
+                        progress: list[tuple[float, int]] | None = None) -> float:
+    """Wait until the worker applied (or found duplicate) ``events``; returns when its first event arrived.
+
+    With ``progress``, appends ``(seconds since the first event arrived, events done)`` at most every
+    ``PROGRESS_S``, and at the end.
+    """
     deadline = time.monotonic() + timeout_s
     first_seen: float | None = None
+    noted = 0.0
     while True:
         worker.check_alive()
         health = await read_health(client)
+        now = time.perf_counter()
         if first_seen is None and health.get("events_received"):
-            first_seen = time.perf_counter()
-        if health.get("events_applied", 0) + health.get("duplicates", 0) >= events:
+            first_seen = now
+        done = health.get("events_applied", 0) + health.get("duplicates", 0)
+        if progress is not None and first_seen is not None and (now - noted >= PROGRESS_S or done >= events):
+            progress.append((round(now - first_seen, 2), done))
+            noted = now
+        if done >= events:
             return first_seen or worker.started
         if time.monotonic() > deadline:
             raise BenchError(f"{worker.name}: {health} after {timeout_s:.0f}s, {events} expected")
@@ -342,22 +363,29 @@ async def scale_out(settings: Settings, options: BenchOptions, work_dir: Path, d
         for worker in workers[1:]:
             worker.process = None
             await _start_keeping_redis(worker)
+        progress: list[tuple[float, int]] = []
         try:
-            first = await _wait_applied(workers[0], clients[0], dataset.events, options.timeout_s)
+            first = await _wait_applied(workers[0], clients[0], dataset.events, options.timeout_s, progress)
             for worker in workers:
                 worker.check_alive()
             seconds = time.perf_counter() - first
             shares = {}
-            combined: dict[int, int] = {}
+            combined: dict[str, dict[int, int]] = {"all three": {}, "all internal": {}}
             for label, parts in topic_bytes(kafka_data_dir(settings), internal_topics(settings, prefix, group)).items():
                 total = sum(parts.values())
-                if total and label in ("events-by-store", "events-by-customer", "deltas"):
+                if not total:
+                    continue
+                shares[label] = {"bytes": total, "largest_partition_share": max(parts.values()) / total}
+                for partition, size in parts.items():
+                    combined["all internal"][partition] = combined["all internal"].get(partition, 0) + size
+                    if label in THREE_TOPICS:
+                        combined["all three"][partition] = combined["all three"].get(partition, 0) + size
+            # topics together: what one partition number's owner holds of them (Faust gives the
+            # co-partitioned topics' partitions of one number to one worker)
+            for label, parts in combined.items():
+                if parts:
+                    total = sum(parts.values())
                     shares[label] = {"bytes": total, "largest_partition_share": max(parts.values()) / total}
-                    for partition, size in parts.items():
-                        combined[partition] = combined.get(partition, 0) + size
-            if combined:  # the three topics together: what one partition number's owner reads of them
-                total = sum(combined.values())
-                shares["all three"] = {"bytes": total, "largest_partition_share": max(combined.values()) / total}
         finally:
             for worker in workers:
                 worker.stop()
@@ -365,7 +393,7 @@ async def scale_out(settings: Settings, options: BenchOptions, work_dir: Path, d
                 await client.flushdb()
                 await client.aclose()
         results[f"{count}_workers"] = {"seconds": seconds, "events_per_s": dataset.events / seconds,
-                                       "partition_bytes": shares}
+                                       "partition_bytes": shares, "progress": progress}
     results["ratio"] = results["2_workers"]["events_per_s"] / results["1_workers"]["events_per_s"]
     results["partitions"] = settings.partitions
     return results

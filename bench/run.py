@@ -966,10 +966,13 @@ def render_table(results: dict[str, Any]) -> Any:
         ratio = results["restart"]["ratio_longest_to_shortest"]
         table.add_row("restart time, longest / shortest history", f"{ratio:.2f}", "")
     if "scale_out" in results:
+        from bench.recovery import THREE_TOPICS
+
         scale = results["scale_out"]
         two = scale["2_workers"]
-        shares = ", ".join(
+        shares = ", ".join(  # one-partition topics (the star ones) only in the JSON and "all internal"
             f"{label} {part['largest_partition_share']:.0%}" for label, part in two["partition_bytes"].items()
+            if label in (*THREE_TOPICS, "all three", "all internal")
         )
         table.add_row("one worker", f"{scale['1_workers']['events_per_s']:,.0f} ev/s", "")
         table.add_row("two workers", f"{two['events_per_s']:,.0f} ev/s",

@@ -85,8 +85,16 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     scale = results["scale_out"]
     assert scale["events"] == 3000 and scale["partitions"] == 4
     assert scale["ratio"] == pytest.approx(scale["2_workers"]["events_per_s"] / scale["1_workers"]["events_per_s"])
-    for part in scale["2_workers"]["partition_bytes"].values():
+    shares = scale["2_workers"]["partition_bytes"]
+    assert {"events-by-customer", "deltas", "customer-facts-changelog", "all three", "all internal"} <= set(shares)
+    for part in shares.values():
         assert 0.25 <= part["largest_partition_share"] <= 1.0  # four partitions: at least an even share
+    assert shares["all internal"]["bytes"] == sum(
+        part["bytes"] for label, part in shares.items() if label not in ("all three", "all internal"))
+    for run in (scale["1_workers"], scale["2_workers"]):
+        seconds, done = zip(*run["progress"], strict=True)
+        assert list(seconds) == sorted(seconds) and list(done) == sorted(done) and done[-1] >= 3000
+        assert seconds[-1] == pytest.approx(run["seconds"], abs=0.5)  # the last note is the end of the run
     assert "loyalty bench" in result.stdout
 
 
