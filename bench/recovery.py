@@ -14,8 +14,9 @@ Parts of ``loyalty bench``:
   of history in minutes of wall time, and a worker that lived through them would have forgotten
   all but the last 30 days' ids.
 - scale-out: one worker, then two workers in one group, on the same pre-filled topics; events
-  per second from the first event received to the last applied (and the events done each second
-  as ``progress``, where a join or a slow partition shows), and each internal topic's
+  per second from the first event received to the last applied, and over the second half of
+  the events (after the join; the events done each second are kept as ``progress``, where a
+  join or a slow partition shows), and each internal topic's
   largest partition share of its bytes on disk (no partition should carry more than 2/P), alone,
   for the three topics every event crosses together, and for all internal topics together.
 
@@ -395,8 +396,32 @@ async def scale_out(settings: Settings, options: BenchOptions, work_dir: Path, d
         results[f"{count}_workers"] = {"seconds": seconds, "events_per_s": dataset.events / seconds,
                                        "partition_bytes": shares, "progress": progress}
     results["ratio"] = results["2_workers"]["events_per_s"] / results["1_workers"]["events_per_s"]
+    for count in (1, 2):
+        run = results[f"{count}_workers"]
+        run["second_half_events_per_s"] = second_half_rate(run["progress"], dataset.events)
+    one, two = (results[f"{count}_workers"]["second_half_events_per_s"] for count in (1, 2))
+    results["second_half_ratio"] = None if one is None or two is None else two / one
     results["partitions"] = settings.partitions
     return results
+
+
+def second_half_rate(progress: list[tuple[float, int]], events: int) -> float | None:
+    """Events per second over the second half of the events (the time of the half read between notes).
+
+    The same events for one worker and two, after the second worker's join: how the two compare
+    once both work, beside the whole run's rate, which pays for the join. ``None`` when the first
+    note is past the half already (a run shorter than a note's interval).
+
+    >>> second_half_rate([(0.0, 0), (1.0, 40), (2.0, 60), (4.0, 100)], 100), second_half_rate([(0.0, 100)], 100)
+    (20.0, None)
+    """
+    half = events / 2
+    for (before_s, before), (after_s, after) in pairwise(progress):
+        if before <= half <= after and after > before:
+            half_s = before_s + (after_s - before_s) * (half - before) / (after - before)
+            end_s, done = progress[-1]
+            return (done - half) / (end_s - half_s)
+    return None
 
 
 async def _start_keeping_redis(worker: Worker) -> None:

@@ -974,7 +974,10 @@ def render_table(results: dict[str, Any]) -> Any:
             f"{label} {part['largest_partition_share']:.0%}" for label, part in two["partition_bytes"].items()
             if label in (*THREE_TOPICS, "all three", "all internal")
         )
+        second_half = ("" if scale["second_half_ratio"] is None
+                       else f" ({scale['second_half_ratio']:.2f}x over the second half of the events)")
         table.add_row("one worker", f"{scale['1_workers']['events_per_s']:,.0f} ev/s", "")
         table.add_row("two workers", f"{two['events_per_s']:,.0f} ev/s",
-                      f"{scale['ratio']:.2f}x; largest partition: {shares} (P={scale['partitions']})")
+                      f"{scale['ratio']:.2f}x{second_half}; "
+                      f"largest partition: {shares} (P={scale['partitions']})")
     return table

@@ -95,6 +95,16 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
         seconds, done = zip(*run["progress"], strict=True)
         assert list(seconds) == sorted(seconds) and list(done) == sorted(done) and done[-1] >= 3000
         assert seconds[-1] == pytest.approx(run["seconds"], abs=0.5)  # the last note is the end of the run
+        # 3,000 events may all be done by the first note: then the half has no time
+        if len(done) >= 2 and done[0] < 1500:
+            assert run["second_half_events_per_s"] > 0
+        else:
+            assert run["second_half_events_per_s"] is None
+    halves = [scale[f"{count}_workers"]["second_half_events_per_s"] for count in (1, 2)]
+    if None in halves:
+        assert scale["second_half_ratio"] is None
+    else:
+        assert scale["second_half_ratio"] == pytest.approx(halves[1] / halves[0])
     assert "loyalty bench" in result.stdout
 
 
