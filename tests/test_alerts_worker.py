@@ -13,7 +13,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -429,6 +429,14 @@ async def test_sigkilled_worker_sends_the_same_alert_ids(services, topic_prefix,
 
         await async_wait_for(fired, timeout=240, interval=0.05,
                              message=lambda: f"no firing alert\n{tail(log_path, 40)}")
+
+        async def star_samples_cut() -> bool:
+            alive()
+            return await log_start(bootstrap, f"{topic_prefix}{app_id}-star-samples") > 0
+
+        # the samples `*` evaluated are deleted below its checkpoint: the restart reads only the rest
+        await async_wait_for(star_samples_cut, timeout=60, interval=0.1,
+                             message=lambda: f"the star samples were never cut\n{tail(log_path, 40)}")
         process.kill()
         process.wait(timeout=30)
         applied_at_kill = int((await redis.hget("loyalty:health", "events_applied")) or 0)
@@ -475,6 +483,17 @@ async def test_sigkilled_worker_sends_the_same_alert_ids(services, topic_prefix,
     finally:
         stop_process(process, timeout=60)
         await redis.aclose()
+
+
+async def log_start(bootstrap: str, topic: str, partition: int = 0) -> int:
+    """The first offset a partition still holds (moved by deleted records)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        return (await consumer.beginning_offsets([tp]))[tp]
+    finally:
+        await consumer.stop()
 
 
 async def input_consumed(bootstrap: str, group: str, topics: list[str]) -> bool:

@@ -284,10 +284,12 @@ class Aggregation:
             return
         generation = self.assignment_generation
         partitions = self.topology.partitions
+        home = route(ALL_STORES, partitions)  # the partition whose partial also evaluates ``*``'s alerts
         for partition in sorted(self.my_partitions()):
             upto = self.positions.get(partition)
             if upto is None:
                 continue
+            star_samples_from: int | None = None
             stores = sorted(store_id for store_id in self.shards if route(store_id, partitions) == partition)
             for store_id in [*stores, ALL_STORES]:
                 if not self.ready or self.assignment_generation != generation:
@@ -297,6 +299,8 @@ class Aggregation:
                     continue
                 # the shard and its offset are read together, with no await in between
                 version, position, sampled = shard.version, self.positions[partition], shard.sampled_ms
+                if store_id == ALL_STORES and partition == home:
+                    star_samples_from = shard.star_samples_offset
                 name = self._checkpoint_name(partition, store_id)
                 unchanged = self.checkpointed.get(name) == version and (partition, store_id) in self.checkpoints.records
                 data = None if unchanged else shard.to_bytes()
@@ -309,6 +313,9 @@ class Aggregation:
             # were written, and a restore must not read them as of an earlier "now"
             await self.checkpoints.write_manifest(partition, upto, self.topology.clock.clock_ms, stores)
             await self._delete_below(partition, upto)
+            if star_samples_from is not None:
+                # a restore of ``*`` reads the star samples from its checkpoint's offset on, never below
+                await self._delete_records(self.topology.star_samples_topic, 0, star_samples_from)
             # where Faust's stream starts after a restart (the rebuild reads from the checkpoint anyway)
             await self.input.commit_positions({partition: upto})
 
@@ -319,10 +326,14 @@ class Aggregation:
 
     async def _delete_below(self, partition: int, offset: int) -> None:
         """Delete the deltas of ``partition`` below ``offset``: every shard's checkpoint holds them."""
+        await self._delete_records(self.topology.deltas.get_topic_name(), partition, offset)
+
+    async def _delete_records(self, topic: str, partition: int, offset: int) -> None:
+        """Delete the records of a partition below ``offset`` (Kafka's delete-records)."""
         if self._admin is None:
             self._admin = AIOKafkaAdminClient(**kafka_client_options(self.topology.settings))
             await self._admin.start()
-        tp = TopicPartition(self.topology.deltas.get_topic_name(), partition)
+        tp = TopicPartition(topic, partition)
         await self._admin.delete_records({tp: RecordsToDelete(before_offset=offset)})
 
 
