@@ -76,7 +76,8 @@ TOPIC_CONFIGS = {
 #: the partial ``*`` read points of every deltas partition (one partition: one worker sums them)
 STAR_PARTIALS_TOPIC = "star-partials"
 #: the partitions' alert samples of their partial ``*``, summed by the ``*`` owner (one partition);
-#: kept a week: a ``*`` owner away longer than that finds samples gone (they count as nothing)
+#: deleted below the ``*`` checkpoint's offset once its round is durable, and kept a week at most:
+#: a ``*`` owner away longer than that finds samples gone (they count as nothing)
 STAR_SAMPLES_TOPIC = "star-samples"
 STAR_SAMPLES_RETENTION_MS = 7 * 86_400_000
 OUTPUT_TOPIC = "loyalty-metrics"

@@ -8,7 +8,9 @@ so no partition carries the rows of every store.
 A worker that gets deltas partitions restores their shards from the latest checkpoints
 (:mod:`streams.worker.checkpoints`) and folds the deltas from the checkpoint's offset on.
 Every ``LOYALTY_CHECKPOINT_INTERVAL`` it checkpoints the shards of its partitions and then
-deletes the deltas below the checkpoint, so a restart reads live state plus a short tail. A
+deletes the deltas below the checkpoint (and, where ``*``'s alerts are evaluated, the star
+samples below the offset its checkpoint reads them from), so a restart reads live state plus a
+short tail. A
 deltas partition whose log no longer reaches back to the checkpoint (or, without one, to its
 first message) is refused loudly: its stores are not published rather than published wrong.
 """
