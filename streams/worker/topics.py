@@ -123,7 +123,9 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
         [internal_topic(settings, STAR_SAMPLES_TOPIC)],
         1,
         settings.replication_factor,
-        config={"retention.ms": str(STAR_SAMPLES_RETENTION_MS)},
+        # deleted below the `*` checkpoint in small segments, as the deltas are: Kafka frees a whole
+        # closed segment at a time
+        config={"retention.ms": str(STAR_SAMPLES_RETENTION_MS), "segment.bytes": INTERNAL_SEGMENT_BYTES},
     )
     await ensure_topics(
         settings,
