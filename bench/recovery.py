@@ -39,6 +39,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.run import POLL_S, BenchError, BenchOptions, Worker, _text, prefill
 from metrics.catalog import ALL_STORES
@@ -167,12 +168,20 @@ async def _wait_compacted(settings: Settings, topics: list[str], deadline: float
 
 async def log_starts(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
     """The first offset of every partition of ``topics`` (Kafka's log start, moved by deletions)."""
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
+    await admin.start()
+    try:  # each topic's own partitions: the star topics have one
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    tps = [TopicPartition(topic["topic"], partition["partition"])
+           for topic in described for partition in topic["partitions"]]
+    missing = set(topics) - {tp.topic for tp in tps}
+    if missing:
+        raise BenchError(f"no partitions found for {sorted(missing)}")
     consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False)
     await consumer.start()
     try:
-        await consumer.topics()  # the metadata of every topic: the star topics have one partition
-        tps = [TopicPartition(topic, partition) for topic in topics
-               for partition in sorted(consumer.partitions_for_topic(topic) or ())]
         return {(tp.topic, tp.partition): offset for tp, offset in (await consumer.beginning_offsets(tps)).items()}
     finally:
         await consumer.stop()
