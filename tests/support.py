@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
@@ -137,3 +138,13 @@ async def group_is_stable(kafka: KafkaTarget, group: str, members: int) -> bool:
         return False  # the group has no coordinator yet
     finally:
         await admin.close()
+
+
+async def log_offsets(bootstrap: str, partitions: list[TopicPartition], beginning: bool) -> dict[TopicPartition, int]:
+    """Each partition's first offset still in the log (``beginning``: moved by deleted records) or its end offset."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await (consumer.beginning_offsets(partitions) if beginning else consumer.end_offsets(partitions))
+    finally:
+        await consumer.stop()

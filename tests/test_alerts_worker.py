@@ -31,7 +31,7 @@ from streams.sinks.webhook import Webhook
 from streams.stages.aggregate import StoreShard
 from streams.stages.watermarks import MarkMerger, combine, low_watermark
 from streams.worker.topics import ensure_topics
-from support import async_wait_for, clean_env, loyalty_command, run_loyalty, stop_process, tail
+from support import async_wait_for, clean_env, log_offsets, loyalty_command, run_loyalty, stop_process, tail
 
 PARTITIONS = 2
 #: Redis databases of the session's redis-server used here (taken elsewhere: 2, 3, 5-15)
@@ -432,7 +432,8 @@ async def test_sigkilled_worker_sends_the_same_alert_ids(services, topic_prefix,
 
         async def star_samples_cut() -> bool:
             alive()
-            return await log_start(bootstrap, f"{topic_prefix}{app_id}-star-samples") > 0
+            samples = TopicPartition(f"{topic_prefix}{app_id}-star-samples", 0)
+            return (await log_offsets(bootstrap, [samples], beginning=True))[samples] > 0
 
         # the samples `*` evaluated are deleted below its checkpoint: the restart reads only the rest
         await async_wait_for(star_samples_cut, timeout=60, interval=0.1,
@@ -483,17 +484,6 @@ async def test_sigkilled_worker_sends_the_same_alert_ids(services, topic_prefix,
     finally:
         stop_process(process, timeout=60)
         await redis.aclose()
-
-
-async def log_start(bootstrap: str, topic: str, partition: int = 0) -> int:
-    """The first offset a partition still holds (moved by deleted records)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, partition)
-        return (await consumer.beginning_offsets([tp]))[tp]
-    finally:
-        await consumer.stop()
 
 
 async def input_consumed(bootstrap: str, group: str, topics: list[str]) -> bool:

@@ -24,7 +24,16 @@ from metrics.validation import parse_message
 from streams.sinks.redis_sink import metric_key, parse_redis_field
 from streams.tools.history import generate_history, wire_body
 from streams.worker.topics import ensure_topics
-from support import async_wait_for, clean_env, group_is_stable, group_members, loyalty_command, stop_process, tail
+from support import (
+    async_wait_for,
+    clean_env,
+    group_is_stable,
+    group_members,
+    log_offsets,
+    loyalty_command,
+    stop_process,
+    tail,
+)
 
 PARTITIONS = 4
 WINDOWS = ("1h", "24h", "7d", "30d")
@@ -221,13 +230,8 @@ async def beginning_offsets(bootstrap: str, topics: list[str]) -> dict[TopicPart
 
 
 async def _offsets(bootstrap: str, topics: list[str], beginning: bool) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, partition) for topic in topics for partition in range(PARTITIONS)]
-        return await (consumer.beginning_offsets(tps) if beginning else consumer.end_offsets(tps))
-    finally:
-        await consumer.stop()
+    tps = [TopicPartition(topic, partition) for topic in topics for partition in range(PARTITIONS)]
+    return await log_offsets(bootstrap, tps, beginning)
 
 
 #: (workers, how they start, Redis database, table store): ``stable`` waits for the group to settle

@@ -314,7 +314,8 @@ class Aggregation:
             # the clock now, not at the round's start: the shards were folded as of the clock when they
             # were written, and a restore must not read them as of an earlier "now"
             await self.checkpoints.write_manifest(partition, upto, self.topology.clock.clock_ms, stores)
-            await self._delete_below(partition, upto)
+            # every shard's checkpoint holds the deltas below ``upto``
+            await self._delete_records(self.topology.deltas.get_topic_name(), partition, upto)
             if star_samples_from is not None:
                 # a restore of ``*`` reads the star samples from its checkpoint's offset on, never below
                 await self._delete_records(self.topology.star_samples_topic, 0, star_samples_from)
@@ -325,10 +326,6 @@ class Aggregation:
     def _checkpoint_name(partition: int, store_id: str) -> str:
         """Stores are in one partition each; the partial ``*`` is in every one."""
         return f"{partition}|{store_id}" if store_id == ALL_STORES else store_id
-
-    async def _delete_below(self, partition: int, offset: int) -> None:
-        """Delete the deltas of ``partition`` below ``offset``: every shard's checkpoint holds them."""
-        await self._delete_records(self.topology.deltas.get_topic_name(), partition, offset)
 
     async def _delete_records(self, topic: str, partition: int, offset: int) -> None:
         """Delete the records of a partition below ``offset`` (Kafka's delete-records)."""
