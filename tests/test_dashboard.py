@@ -271,6 +271,7 @@ async def test_metrics_endpoint_equals_redis(api_redis):  # type: ignore[no-unty
             "dead_letters:currency_mismatch": 3, "consumer_lag:orders:0": 17, "consumer_lag:t-x.signups:11": 0,
             "alerts:churn_spike:firing": 2, "alerts:churn_spike:resolved": 1, "alerts:nps_drop:firing": 1,
             "alert_sampling_behind_ms:0": 0, "alert_sampling_behind_ms:3": 5_400_000,
+            "alert_sampling_behind_ms:*": 900_000,
         })  # fmt: skip
         async with (
             dashboard(url) as (base, _app),
@@ -311,7 +312,7 @@ async def test_metrics_endpoint_equals_redis(api_redis):  # type: ignore[no-unty
         assert values("loyalty_alerts", "kind", "state") == {
             ("churn_spike", "firing"): 2.0, ("churn_spike", "resolved"): 1.0, ("nps_drop", "firing"): 1.0,
         }
-        assert values("loyalty_alert_sampling_behind_seconds", "partition") == {("0",): 0.0, ("3",): 5400.0}
+        assert values("loyalty_alert_sampling_behind_seconds", "partition") == {("0",): 0.0, ("3",): 5400.0, ("*",): 900.0}
         assert values("loyalty_snapshot_as_of_seconds", "store", "window") == {
             ("store-1", "1h"): T0 / 1000, ("*", "24h"): T0 / 1000,
         }

@@ -13,7 +13,8 @@ metric families:
 - ``loyalty_dead_letters_total{reason}`` (fields ``dead_letters:{reason}``);
 - ``loyalty_consumer_lag{topic,partition}`` (fields ``consumer_lag:{topic}:{partition}``);
 - ``loyalty_alerts_total{kind,state}`` (fields ``alerts:{kind}:{state}``);
-- ``loyalty_alert_sampling_behind_seconds{partition}`` (fields ``alert_sampling_behind_ms:{partition}``);
+- ``loyalty_alert_sampling_behind_seconds{partition}`` (fields ``alert_sampling_behind_ms:{partition}``;
+  ``partition="*"``: the evaluation of ``*``);
 - ``loyalty_redis_up``: 1, or 0 (and nothing else) when Redis did not answer.
 """
 

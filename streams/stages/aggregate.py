@@ -498,6 +498,29 @@ class StarSampler:
             star.star_upto = dict(self.upto)
         return len(boundaries)
 
+    def behind_ms(self, star: StoreShard, config: AlertConfig) -> int:
+        """How far the evaluation of ``*`` lags the partition that has sampled furthest (0: none ahead).
+
+        The samples in between are held here and kept in the topic until evaluated: while one
+        partition lags the others (a replay, a partition moving), they pile up.
+
+        >>> sampler = StarSampler(2, {0: 900_000, 1: 2_700_000}); star = StoreShard(ALL_STORES)
+        >>> config = AlertConfig(step_ms=900_000)
+        >>> star.star_sampled_ms = 900_000; sampler.behind_ms(star, config)
+        1800000
+        >>> StarSampler(2).behind_ms(star, config)
+        0
+        """
+        if not self.upto:
+            return 0
+        furthest = max(self.upto.values())
+        evaluated = star.star_sampled_ms
+        if evaluated is None:
+            # nothing evaluated yet: behind by every boundary held, the first one included
+            held = [boundary for samples in self.samples.values() for boundary in samples]
+            return furthest - min(held) + config.step_ms if held else 0
+        return max(0, furthest - evaluated)
+
     def prune(self, upto: int) -> None:
         """Forget the samples of boundaries ``*`` has evaluated."""
         for samples in self.samples.values():

@@ -259,6 +259,7 @@ class Publisher:
             return
         sampler = await self.star_samples.poll(aggregation.assignment_generation, star)
         sampler.evaluate(star, config)
+        self.topology.health.gauge(f"alert_sampling_behind_ms:{ALL_STORES}", sampler.behind_ms(star, config))
 
     async def publish_alerts(self, redis: RedisSink) -> None:
         """Send the alerts waiting in the shards' outboxes: Kafka, Redis (stream and channel), health, webhook.
