@@ -43,7 +43,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from infra.local import free_port
+from infra.local import exit_with_parent, free_port
 from metrics.compare import metric_differences
 from metrics.events import INPUT_TOPICS, TYPE_TOPIC, Event
 from metrics.reference import ReferenceConfig, reference_all
@@ -356,7 +356,8 @@ class FuzzWorker:
         }
         with log_path.open("wb") as log:
             process = subprocess.Popen(worker_command(), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL,
+                                       preexec_fn=exit_with_parent)
         return cls(process, prefix, log_path)
 
     def log_text(self) -> str:

@@ -42,6 +42,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.run import POLL_S, BenchError, BenchOptions, Worker, _text, prefill
+from infra.local import exit_with_parent
 from metrics.catalog import ALL_STORES
 from metrics.timegrid import DAY_MS
 from streams.connections import kafka_client_options
@@ -445,5 +446,6 @@ async def _start_keeping_redis(worker: Worker) -> None:
 
     with worker.log_path.open("wb") as log:
         worker.process = subprocess.Popen(worker_command(), env=worker.env, stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          preexec_fn=exit_with_parent)
     worker.started = time.perf_counter()

@@ -52,7 +52,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from infra.local import free_port
+from infra.local import exit_with_parent, free_port
 from metrics.compare import metric_differences
 from metrics.events import INPUT_TOPICS, Event
 from metrics.reference import ReferenceConfig, reference_all
@@ -255,7 +255,8 @@ async def _until_result(module: str, label: str, name: str, work_dir: Path, env:
     with log_path.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", module],
                                    env={**os.environ, **env, "BENCH_RESULT": str(result)},
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   preexec_fn=exit_with_parent)
     try:
         deadline = time.monotonic() + timeout_s
         while not result.exists():
@@ -341,6 +342,7 @@ class Worker:
             self.process = subprocess.Popen(
                 worker_command(), env=self.env, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=exit_with_parent,
             )
         self.started = time.perf_counter()
         return client

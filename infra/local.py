@@ -241,8 +241,12 @@ def _proc_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGTERM this process when the process that started it dies (test sessions)."""
+def exit_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this process when the process that started it dies; elsewhere nothing.
+
+    For the processes of test sessions and benchmarks (``preexec_fn``): a session or bench that is
+    killed must not leave workers behind that spin against a broker that is gone.
+    """
     with contextlib.suppress(Exception):
         import ctypes
 
@@ -414,7 +418,7 @@ class _Service:
                 stderr=subprocess.STDOUT,
                 cwd=self.dir,
                 start_new_session=True,  # survives `loyalty up` and the terminal's Ctrl-C
-                preexec_fn=_die_with_parent if die_with_parent and sys.platform == "linux" else None,
+                preexec_fn=exit_with_parent if die_with_parent else None,
             )
         self._write_pid(proc.pid)
         return proc

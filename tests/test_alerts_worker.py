@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from infra import local
-from infra.local import free_port
+from infra.local import exit_with_parent, free_port
 from metrics.alerts import KINDS, AlertConfig, alert_id, evaluate, initial_state
 from metrics.catalog import ALL_STORES
 from metrics.engine import LoyaltyEngine
@@ -301,7 +301,8 @@ async def test_churn_spike_alert_reaches_stream_topic_and_webhook(services, topi
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen([*loyalty_command(), "worker"], env=env, cwd=tmp_path, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   preexec_fn=exit_with_parent)
     try:
         async def stream_has_all() -> bool:
             if process.poll() is not None:
@@ -374,7 +375,8 @@ def ordered_history() -> list[tuple[str, dict[str, Any]]]:
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log:
         return subprocess.Popen([*loyalty_command(), "worker"], env={**env, "LOYALTY_WEB_PORT": str(free_port())},
-                                cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=exit_with_parent)
 
 
 async def produce(bootstrap: str, prefix: str, messages: list[tuple[str, dict[str, Any]]]) -> None:

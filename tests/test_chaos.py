@@ -256,6 +256,7 @@ class Workers:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=local.exit_with_parent,
             )
         worker = Worker(slot, process, log)
         self.started.append(worker)

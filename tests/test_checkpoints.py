@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-from infra.local import free_port
+from infra.local import exit_with_parent, free_port
 from metrics.compare import metric_differences
 from metrics.reference import ReferenceConfig, accepted_events, reference_all
 from metrics.timegrid import parse_duration
@@ -131,6 +131,7 @@ class Run:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=exit_with_parent,
             )
         self.workers.append((process, log_path))
         return process

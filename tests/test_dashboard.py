@@ -312,7 +312,9 @@ async def test_metrics_endpoint_equals_redis(api_redis):  # type: ignore[no-unty
         assert values("loyalty_alerts", "kind", "state") == {
             ("churn_spike", "firing"): 2.0, ("churn_spike", "resolved"): 1.0, ("nps_drop", "firing"): 1.0,
         }
-        assert values("loyalty_alert_sampling_behind_seconds", "partition") == {("0",): 0.0, ("3",): 5400.0, ("*",): 900.0}
+        assert values("loyalty_alert_sampling_behind_seconds", "partition") == {
+            ("0",): 0.0, ("3",): 5400.0, ("*",): 900.0,
+        }
         assert values("loyalty_snapshot_as_of_seconds", "store", "window") == {
             ("store-1", "1h"): T0 / 1000, ("*", "24h"): T0 / 1000,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from infra import local
-from support import clean_env, run_loyalty
+from support import clean_env, run_loyalty, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,3 +252,27 @@ def test_docker_compose_config_is_valid() -> None:
         cwd = ROOT / "infra" / "compose_check"
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="parent-death signal: Linux only")
+def test_a_process_started_with_exit_with_parent_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """A child started with ``exit_with_parent`` (the tests' and the bench's workers) dies with a SIGKILLed parent."""
+    pid_file = tmp_path / "child.pid"
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "from infra.local import exit_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+        "                         preexec_fn=exit_with_parent)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=ROOT)
+    try:
+        child_pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), timeout=30,
+                                 message="the parent never started its child"))
+        assert local.pid_alive(child_pid)
+        parent.kill()
+        parent.wait(timeout=10)
+        wait_for(lambda: not local.pid_alive(child_pid), timeout=10, message="the child outlived its killed parent")
+    finally:
+        parent.kill()

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from infra.local import free_port
+from infra.local import exit_with_parent, free_port
 from metrics.compare import cohort_differences, metric_differences
 from metrics.events import MONEY_TYPES, Event
 from metrics.reference import ReferenceConfig, accepted_events, reference_all, reference_cohorts_all
@@ -191,6 +191,7 @@ def start_worker(env: dict[str, str], work_dir: Path, number: int) -> tuple[subp
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=exit_with_parent,
         )
     return process, log_path
 

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from infra.local import free_port
+from infra.local import exit_with_parent, free_port
 from support import async_wait_for, clean_env, stop_process, tail
 
 
@@ -50,6 +50,7 @@ async def test_worker_moves_events_from_kafka_to_redis(services, topic_prefix, a
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=exit_with_parent,
         )
     redis = aioredis.Redis.from_url(services.redis_url, decode_responses=True)
     producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")

@@ -132,7 +132,7 @@ def _start(command: list[str], log_path: Path, env: dict[str, str] | None = None
             stderr=subprocess.STDOUT,
             start_new_session=True,
             # the same guard `loyalty up` gives test sessions
-            preexec_fn=local._die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=local.exit_with_parent,
         )
 
 
