@@ -13,17 +13,25 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from infra.local import exit_with_parent, free_port
 from metrics.compare import metric_differences
 from metrics.reference import ReferenceConfig, accepted_events, reference_all
 from metrics.timegrid import parse_duration
 from metrics.validation import parse_message
+from streams.settings import Settings
 from streams.sinks.redis_sink import metric_key, parse_redis_field
 from streams.tools.history import generate_history, wire_body
 from streams.worker import checkpoints as checkpoints_module
 from streams.worker.checkpoints import CheckpointError, Checkpoints
-from streams.worker.topics import ensure_topics
+from streams.worker.topics import (
+    STAR_PARTIALS_TOPIC,
+    STAR_SAMPLES_TOPIC,
+    ensure_pipeline_topics,
+    ensure_topics,
+    internal_topic,
+)
 from support import async_wait_for, clean_env, loyalty_command, stop_process, tail
 
 PARTITIONS = 4
@@ -298,3 +306,42 @@ async def test_a_deltas_log_cut_below_what_a_restore_needs_is_refused(
     finally:
         run.stop()
         await redis.aclose()
+
+
+async def test_topics_deleted_or_compacted_by_the_worker_roll_small_segments(
+    services: Any, topic_prefix: str, app_id: str
+) -> None:
+    """Each internal topic the worker deletes below an offset, or Kafka compacts, is created with small segments."""
+    settings = Settings(_env_file=None, kafka_bootstrap_servers=services.kafka_bootstrap,  # type: ignore[call-arg]
+                        topic_prefix=topic_prefix, app_id=app_id)
+    await ensure_pipeline_topics(settings)
+    deleted = ["events-by-store", "events-by-customer", "deltas", STAR_SAMPLES_TOPIC]
+    compacted = ["checkpoints", STAR_PARTIALS_TOPIC]
+    names = {internal_topic(settings, name): name for name in deleted + compacted}
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
+    await admin.start()
+    configs: dict[str, dict[str, str]] = {}
+
+    async def described() -> bool:
+        # a topic just created may be unknown to the broker that answers for a moment (an error code)
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic) for topic in names])
+        resources = [resource for response in responses for resource in response.resources]
+        configs.clear()
+        configs.update({names[resource[3]]: {entry[0]: entry[1] for entry in resource[4]}
+                        for resource in resources if resource[0] == 0})
+        return len(configs) == len(names)
+
+    try:
+        await async_wait_for(described, timeout=30, interval=0.2, message=lambda: f"configs of {sorted(configs)}")
+    finally:
+        await admin.close()
+    for name in deleted:
+        # Kafka frees a whole closed segment at a time: a big one keeps deleted records on disk
+        assert configs[name]["cleanup.policy"] == "delete", name
+        assert int(configs[name]["segment.bytes"]) <= 8 * 1024 * 1024, name
+    for name in compacted:
+        # the cleaner compacts closed segments only: a restore reads the active one in full
+        config = configs[name]
+        assert config["cleanup.policy"] == "compact", name
+        assert int(config["segment.ms"]) <= 60_000 and int(config["segment.bytes"]) <= 16 * 1024 * 1024, name
+        assert float(config["min.cleanable.dirty.ratio"]) <= 0.1, name

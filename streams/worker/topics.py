@@ -115,8 +115,8 @@ async def ensure_pipeline_topics(settings: Settings) -> None:
         [internal_topic(settings, STAR_PARTIALS_TOPIC)],
         1,
         settings.replication_factor,
-        config={"cleanup.policy": "compact", "segment.ms": "600000",
-                "min.cleanable.dirty.ratio": MIN_CLEANABLE_DIRTY_RATIO},
+        # compacted in small segments, as the checkpoints: the `*` owner reads it from its start
+        config={"cleanup.policy": "compact", **COMPACTED_SEGMENT_CONFIG},
     )
     await ensure_topics(
         settings,
