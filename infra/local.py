@@ -60,6 +60,8 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_REDIS_PORT = 6379
 MIN_JAVA = 17
+#: how often the broker frees segments wholly below a log's start (Kafka's default: every 5 minutes)
+RETENTION_CHECK_INTERVAL_MS = 30_000
 
 Echo = Callable[[str], None]
 
@@ -590,6 +592,9 @@ class LocalKafka(_Service):
                 "auto.create.topics.enable=true",
                 "delete.topic.enable=true",
                 "log.retention.hours=168",
+                # the worker deletes its internal topics below offsets it no longer needs; the broker
+                # frees the segments wholly below a log's start only at this check (default 5 min)
+                f"log.retention.check.interval.ms={RETENTION_CHECK_INTERVAL_MS}",
                 "",
             ]
         )
