@@ -382,6 +382,16 @@ async def check_dead_letters(bootstrap: str, prefix: str, plan: Plan, feed: Feed
             found.setdefault(identity, []).append(body["reason"])
         return found
 
+    def copies(records: list[Any], identity: Identity) -> list[str]:
+        """Where each copy of a dead letter is in the topic, and when it was made (which worker sent it)."""
+        shown = []
+        for record in records:
+            body = orjson.loads(record.value)
+            if (body["topic"], body["partition"], body["offset"], body["index"]) == identity:
+                shown.append(f"partition {record.partition} offset {record.offset} "
+                             f"rejected_at_ms {body['rejected_at_ms']} record timestamp {record.timestamp}")
+        return shown
+
     # read until every expected one is in, and all that the topic held by then: or until 30 s passed,
     # and the comparison below says what is missing
     size = await topic_size(bootstrap, topic)
@@ -390,7 +400,11 @@ async def check_dead_letters(bootstrap: str, prefix: str, plan: Plan, feed: Feed
     def complete(records: list[Any]) -> bool:
         return time.monotonic() > give_up_at or (len(records) >= size and set(expected) <= set(distinct(records)))
 
-    letters = await read_topic(bootstrap, topic, complete, timeout=60)
+    read = await read_topic(bootstrap, topic, complete, timeout=60)
+    # a record the test's reader got twice is one dead letter in the topic
+    letters = list({(record.partition, record.offset): record for record in read}.values())
+    if len(letters) < len(read):
+        print(f"the reader got {len(read) - len(letters)} dead-letter records twice")
     found = distinct(letters)
     for identity, reasons in found.items():
         assert len(set(reasons)) == 1, f"dead letter {identity} sent with different reasons {reasons}"
@@ -403,7 +417,8 @@ async def check_dead_letters(bootstrap: str, prefix: str, plan: Plan, feed: Feed
     duplicates = len(letters) - len(found)
     again = {identity: len(sent) for identity, sent in found.items() if len(sent) > 1}
     print(f"dead letters: {len(found)} distinct, exactly the invalid input with its reasons; {duplicates} sent again"
-          + "".join(f"\n  {reasons[identity]} {identity}: {count} times" for identity, count in again.items()))
+          + "".join(f"\n  {reasons[identity]} {identity}: {count} times: " + "; ".join(copies(letters, identity))
+                    for identity, count in again.items()))
     if DEAD_LETTERS_EXACTLY_ONCE:
         assert duplicates == 0, f"dead letters exactly once: {duplicates} sent again: {again}"
     return duplicates

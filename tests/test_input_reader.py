@@ -135,6 +135,83 @@ async def test_dead_letters_of_elements_read_again_after_a_crash_are_sent_once(
     assert len(keys) == len(set(keys)) == len(bad)
 
 
+class HandlingFailed(Exception):
+    """A failure halfway through handling a fetch (a send that timed out, say)."""
+
+
+async def test_a_reader_failing_halfway_through_a_fetch_commits_no_position_past_its_dead_letters(
+    services: Services, topic_prefix: str, app_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch fails after its first dead letter went out: the reader started again sends each dead letter once."""
+    # no periodic commit: the offsets of the fetches handled before the failure are committed when the
+    # reader stops, after the failing fetch has sent a dead letter
+    monkeypatch.setattr(input_reader, "COMMIT_INTERVAL_S", 3600.0)
+    bootstrap = services.kafka_bootstrap
+    topic, dead_topic = topic_prefix + "orders", topic_prefix + "loyalty-dead-letters"
+    await ensure_topics(bootstrap, [topic, dead_topic], PARTITIONS)
+    bad = {value for value in range(200) if value % 7 == 3}
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    handled: list[int] = []
+    failed: list[int] = []
+
+    def handler(ledger: DeadLetterLedger, fail: bool) -> Any:
+        async def handle(records: list[ConsumerRecord]) -> None:
+            for record in records:
+                value = int(record.value)
+                if value in bad:
+                    letter = dead_letter("bad", "test", record.value, (record.topic, record.partition, record.offset),
+                                         None, 0)
+                    if not ledger.already_sent(letter):
+                        partition = dead_letter_partition(topic, record.partition, PARTITIONS)
+                        sent = await (await producer.send(dead_topic, orjson.dumps(letter),
+                                                          key=dead_letter_key(letter), partition=partition))
+                        ledger.record(sent.partition, sent.offset)
+                    if fail and value >= 100:
+                        failed.append(value)
+                        raise HandlingFailed(value)  # the rest of this fetch is not handled
+                handled.append(value)
+
+        return handle
+
+    try:
+        await _send(bootstrap, topic, range(100))
+        first = DeadLetterLedger(bootstrap, dead_topic, PARTITIONS)
+        reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(first, True), first))
+        await async_wait_for(lambda: len(handled) >= 100, timeout=60, message=lambda: f"{len(handled)} handled")
+        await _send(bootstrap, topic, range(100, 200))
+        with pytest.raises(HandlingFailed):
+            await asyncio.wait_for(reader, timeout=60)
+        second = DeadLetterLedger(bootstrap, dead_topic, PARTITIONS)
+        reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(second, False),
+                                                              second))
+        await async_wait_for(lambda: set(range(200)) <= set(handled), timeout=60,
+                             message=lambda: f"{len(set(range(200)) - set(handled))} not handled")
+        await _stop(reader)
+    finally:
+        await producer.stop()
+    assert failed and failed[0] >= 100
+    consumer = AIOKafkaConsumer(dead_topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        letters: list[Any] = []
+
+        async def all_read() -> bool:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                letters.extend(records)
+            return len(letters) >= len(bad)
+
+        await async_wait_for(all_read, timeout=30)
+        for records in (await consumer.getmany(timeout_ms=1000)).values():
+            letters.extend(records)  # any duplicate would be here by now
+    finally:
+        await consumer.stop()
+    keys = [letter.key for letter in letters]
+    assert sorted(set(keys)) == sorted(keys), [key for key in set(keys) if keys.count(key) > 1]
+    assert len(keys) == len(bad)
+
+
 async def test_a_reader_taking_partitions_over_knows_their_largest_event_time(
     services: Services, topic_prefix: str, app_id: str
 ) -> None:

@@ -104,9 +104,7 @@ async def read_inputs(
                     if progress.generation == generation:
                         records = [record for partition_records in fetched.values() for record in partition_records]
                         await handle(records)
-                        progress.uncommitted.update(
-                            {tp: batch[-1].offset + 1 for tp, batch in fetched.items() if batch}
-                        )
+                        progress.handled(fetched)
             if time.monotonic() - progress.committed_at >= COMMIT_INTERVAL_S:
                 await progress.commit()
                 if on_lag is not None:  # reported when idle too, so a caught-up lag shows 0
@@ -157,25 +155,37 @@ class _Progress(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, consumer: AIOKafkaConsumer, hooks: CommitHooks | None = None) -> None:
         self.consumer = consumer
         self.hooks = hooks
-        self.uncommitted: dict[TopicPartition, int] = {}
+        #: handled fetches not committed yet: partition -> next offset, with the hooks' metadata as of
+        #: its handling
+        self.uncommitted: dict[TopicPartition, Any] = {}
         self.committed_at = time.monotonic()
         #: incremented at every revocation: a fetch made before it is not handled
         self.generation = 0
         #: held while a fetch is handled, so a revocation waits for it
         self.handling = asyncio.Lock()
 
+    def handled(self, fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """A fetch is handled: its partitions' next offsets, to commit with the metadata as they stand now.
+
+        Not as they stand at the commit: a fetch that failed halfway may have sent dead letters
+        since, and a commit naming a position past them, with an offset before their elements,
+        would have them sent again after a restart.
+        """
+        for tp, batch in fetched.items():
+            if batch:
+                self.uncommitted[tp] = self._entry(tp, batch[-1].offset + 1)
+
     async def commit(self) -> None:
         """Commit the offsets of the fetches handled so far."""
         offsets, self.uncommitted = self.uncommitted, {}
         self.committed_at = time.monotonic()
         if offsets:
-            await _commit(self.consumer, self._with_metadata(offsets))
+            await _commit(self.consumer, offsets)
 
-    def _with_metadata(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, Any]:
+    def _entry(self, tp: TopicPartition, offset: int) -> Any:
+        """What to commit for a partition: its offset, with the hooks' metadata as of now."""
         hooks = self.hooks
-        if hooks is None:
-            return offsets
-        return {tp: (offset, hooks.commit_metadata(tp.topic, tp.partition)) for tp, offset in offsets.items()}
+        return offset if hooks is None else (offset, hooks.commit_metadata(tp.topic, tp.partition))
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         async with self.handling:
@@ -209,11 +219,14 @@ class _Progress(ConsumerRebalanceListener):  # type: ignore[misc]
             beginnings = await self.consumer.beginning_offsets(missing)
             for tp in missing:
                 committed[(tp.topic, tp.partition)] = (beginnings[tp], None)
+        # where each partition starts and what its ledger reads back: a dead letter sent twice is traced from here
+        log.info("ingest.assigned", committed={f"{topic}:{partition}": list(entry)
+                                               for (topic, partition), entry in sorted(committed.items())})
         await hooks.on_assigned(committed)
         if missing:
             # a first commit, so that a crash before the first periodic one finds metadata
-            await _commit(self.consumer, self._with_metadata({tp: committed[(tp.topic, tp.partition)][0]
-                                                              for tp in missing}))
+            await _commit(self.consumer, {tp: self._entry(tp, committed[(tp.topic, tp.partition)][0])
+                                          for tp in missing})
 
 
 async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, Any]) -> None:
