@@ -37,6 +37,27 @@ async def _stop(task: asyncio.Task[Any]) -> None:
         await task
 
 
+async def _dead_letter_keys(bootstrap: str, dead_topic: str, expected: int) -> list[bytes]:
+    """The keys of every dead letter in the topic, once ``expected`` of them are in (and a second more)."""
+    consumer = AIOKafkaConsumer(dead_topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        letters: list[Any] = []
+
+        async def all_read() -> bool:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                letters.extend(records)
+            return len(letters) >= expected
+
+        await async_wait_for(all_read, timeout=30)
+        for records in (await consumer.getmany(timeout_ms=1000)).values():
+            letters.extend(records)  # any duplicate would be here by now
+    finally:
+        await consumer.stop()
+    return [letter.key for letter in letters]
+
+
 async def test_a_reader_joining_the_group_reads_nothing_the_first_one_handled(
     services: Services, topic_prefix: str, app_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -115,23 +136,7 @@ async def test_dead_letters_of_elements_read_again_after_a_crash_are_sent_once(
     finally:
         await producer.stop()
     assert sorted(handled) == sorted(list(range(200)) * 2)  # everything was read again
-    consumer = AIOKafkaConsumer(dead_topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        letters: list[Any] = []
-
-        async def all_read() -> bool:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                letters.extend(records)
-            return len(letters) >= len(bad)
-
-        await async_wait_for(all_read, timeout=30)
-        for records in (await consumer.getmany(timeout_ms=1000)).values():
-            letters.extend(records)  # any duplicate would be here by now
-    finally:
-        await consumer.stop()
-    keys = [letter.key for letter in letters]
+    keys = await _dead_letter_keys(bootstrap, dead_topic, len(bad))
     assert len(keys) == len(set(keys)) == len(bad)
 
 
@@ -191,23 +196,7 @@ async def test_a_reader_failing_halfway_through_a_fetch_commits_no_position_past
     finally:
         await producer.stop()
     assert failed and failed[0] >= 100
-    consumer = AIOKafkaConsumer(dead_topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        letters: list[Any] = []
-
-        async def all_read() -> bool:
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                letters.extend(records)
-            return len(letters) >= len(bad)
-
-        await async_wait_for(all_read, timeout=30)
-        for records in (await consumer.getmany(timeout_ms=1000)).values():
-            letters.extend(records)  # any duplicate would be here by now
-    finally:
-        await consumer.stop()
-    keys = [letter.key for letter in letters]
+    keys = await _dead_letter_keys(bootstrap, dead_topic, len(bad))
     assert sorted(set(keys)) == sorted(keys), [key for key in set(keys) if keys.count(key) > 1]
     assert len(keys) == len(bad)
 
