@@ -37,6 +37,19 @@ async def _stop(task: asyncio.Task[Any]) -> None:
         await task
 
 
+async def _dead_letter_once(producer: AIOKafkaProducer, ledger: DeadLetterLedger, dead_topic: str,
+                            record: ConsumerRecord) -> None:
+    """Dead-letter a record unless the ledger knows its dead letter is in the topic, as the ingest does:
+    sent to its input partition's dead-letter partition, acknowledged, then recorded."""
+    letter = dead_letter("bad", "test", record.value, (record.topic, record.partition, record.offset), None, 0)
+    if ledger.already_sent(letter):
+        return
+    partition = dead_letter_partition(record.topic, record.partition, PARTITIONS)
+    sent = await (await producer.send(dead_topic, orjson.dumps(letter), key=dead_letter_key(letter),
+                                      partition=partition))
+    ledger.record(sent.partition, sent.offset)
+
+
 async def _dead_letter_keys(bootstrap: str, dead_topic: str, expected: int) -> list[bytes]:
     """The keys of every dead letter in the topic, once ``expected`` of them are in (and a second more)."""
     consumer = AIOKafkaConsumer(dead_topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
@@ -105,13 +118,9 @@ async def test_dead_letters_of_elements_read_again_after_a_crash_are_sent_once(
 
     def handler(ledger: DeadLetterLedger) -> Any:
         async def handle(records: list[ConsumerRecord]) -> None:
-            letters = [dead_letter("bad", "test", record.value, (record.topic, record.partition, record.offset),
-                                   None, 0) for record in records if int(record.value) in bad]
-            sends = [await producer.send(dead_topic, orjson.dumps(letter), key=dead_letter_key(letter),
-                                         partition=dead_letter_partition(topic, letter["partition"], PARTITIONS))
-                     for letter in letters if not ledger.already_sent(letter)]
-            for metadata in await asyncio.gather(*sends):
-                ledger.record(metadata.partition, metadata.offset)
+            for record in records:
+                if int(record.value) in bad:
+                    await _dead_letter_once(producer, ledger, dead_topic, record)
             # handled once Kafka has its dead letters, as the worker's ingest does: a reader stopped after
             # this leaves none in flight (a killed worker's unsent requests die with it)
             handled.extend(int(record.value) for record in records)
@@ -165,13 +174,7 @@ async def test_a_reader_failing_halfway_through_a_fetch_commits_no_position_past
             for record in records:
                 value = int(record.value)
                 if value in bad:
-                    letter = dead_letter("bad", "test", record.value, (record.topic, record.partition, record.offset),
-                                         None, 0)
-                    if not ledger.already_sent(letter):
-                        partition = dead_letter_partition(topic, record.partition, PARTITIONS)
-                        sent = await (await producer.send(dead_topic, orjson.dumps(letter),
-                                                          key=dead_letter_key(letter), partition=partition))
-                        ledger.record(sent.partition, sent.offset)
+                    await _dead_letter_once(producer, ledger, dead_topic, record)
                     if fail and value >= 100:
                         failed.append(value)
                         raise HandlingFailed(value)  # the rest of this fetch is not handled
