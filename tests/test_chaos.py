@@ -374,23 +374,22 @@ async def check_dead_letters(bootstrap: str, prefix: str, plan: Plan, feed: Feed
     expected = feed.expected
     assert Counter(expected.values()) == plan.expected_reasons, "every invalid message of the plan was sent"
 
+    def identity_of(body: dict[str, Any]) -> Identity:
+        return (body["topic"], body["partition"], body["offset"], body["index"])
+
     def distinct(records: list[Any]) -> dict[Identity, list[str]]:
         found: dict[Identity, list[str]] = {}
         for record in records:
             body = orjson.loads(record.value)
-            identity = (body["topic"], body["partition"], body["offset"], body["index"])
-            found.setdefault(identity, []).append(body["reason"])
+            found.setdefault(identity_of(body), []).append(body["reason"])
         return found
 
     def copies(records: list[Any], identity: Identity) -> list[str]:
         """Where each copy of a dead letter is in the topic, and when it was made (which worker sent it)."""
-        shown = []
-        for record in records:
-            body = orjson.loads(record.value)
-            if (body["topic"], body["partition"], body["offset"], body["index"]) == identity:
-                shown.append(f"partition {record.partition} offset {record.offset} "
-                             f"rejected_at_ms {body['rejected_at_ms']} record timestamp {record.timestamp}")
-        return shown
+        bodies = [(record, orjson.loads(record.value)) for record in records]
+        return [f"partition {record.partition} offset {record.offset} "
+                f"rejected_at_ms {body['rejected_at_ms']} record timestamp {record.timestamp}"
+                for record, body in bodies if identity_of(body) == identity]
 
     # read until every expected one is in, and all that the topic held by then: or until 30 s passed,
     # and the comparison below says what is missing
