@@ -1044,7 +1044,11 @@ class CustomerFacts:
                         returning[end] = returning.get(end, 0) - sign
             # lifespan by j: last order up to j minus the first order; constant between orders
             lifespans = _series(out, names.lifespan)
-            for i in range(bisect_right(all_orders, since - n), count):
+            # an order's step ends at the next order: every order before the last one up to since
+            # ends by since and adds nothing, so the loop starts at that last one
+            first_lifespan = bisect_right(all_orders, since) - 1
+            recent = bisect_right(all_orders, since - n)
+            for i in range(first_lifespan if first_lifespan > recent else recent, count):
                 bucket = all_orders[i]
                 end = bucket + n
                 if i + 1 < count and all_orders[i + 1] < end:
