@@ -51,6 +51,32 @@ class RedisAccessError(Exception):
 
 
 @functools.lru_cache(maxsize=16)
+def back_off_failed_metadata_updates() -> None:
+    """Make aiokafka wait ``retry_backoff_ms`` after a metadata update that reached no broker.
+
+    aiokafka (0.14) retries at once: its fetcher and sender ask for metadata again as soon as an
+    update fails, and with the broker gone each attempt fails within microseconds, so a worker
+    spun through thousands of attempts a second for as long as Kafka was away (a core's worth of
+    CPU, and the log lines :class:`streams.logs.RepeatFilter` holds back). The Java client and
+    kafka-python back off there. Successful updates are not delayed. Safe to call again.
+    """
+    from aiokafka.client import AIOKafkaClient
+
+    update = AIOKafkaClient._metadata_update
+    if getattr(update, "backs_off", False):
+        return
+
+    @functools.wraps(update)
+    async def update_or_back_off(self: Any, cluster_metadata: Any, topics: Any) -> bool:
+        updated: bool = await update(self, cluster_metadata, topics)
+        if not updated:
+            await asyncio.sleep(self._retry_backoff)
+        return updated
+
+    update_or_back_off.backs_off = True  # type: ignore[attr-defined]
+    AIOKafkaClient._metadata_update = update_or_back_off
+
+
 def ssl_context(cafile: str | None, certfile: str | None = None, keyfile: str | None = None) -> ssl.SSLContext:
     """A client TLS context verifying the server (by ``cafile``, else the system's CAs), with a client cert if given."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)

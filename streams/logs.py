@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import logging.config
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -27,6 +29,62 @@ _QUIET = {
     # a debug line per sent message, which the worker would otherwise format for every send
     "faust.topics": "INFO",
 }
+
+
+#: library loggers whose repeated messages are held back (see RepeatFilter): while a broker is away,
+#: the Kafka clients log each failed connection, metadata and fetch request, some 150 lines a second
+REPEATING_LOGGERS = ("aiokafka", "kafka")
+#: a message held back is let through again this long after it last was, with how many were held back
+REPEAT_INTERVAL_S = 30.0
+#: distinct messages remembered; past this the memory starts afresh (a message may then pass early)
+_REPEAT_KEYS = 1024
+
+
+class RepeatFilter(logging.Filter):
+    """Lets each message of the :data:`REPEATING_LOGGERS` through once per ``interval_s``.
+
+    A message is its logger, level and template (the text before its arguments), so "Unable
+    connect to node with id 1" and "... id 2" are one. The next one let through says how many
+    were held back since the last, so an outage's lines stay countable; every other logger's
+    records pass untouched. The count of the last burst shows only when the message recurs.
+
+    >>> now = [0.0]; held = RepeatFilter(10.0, clock=lambda: now[0])
+    >>> def record(): return logging.LogRecord("aiokafka.conn", logging.ERROR, "", 0, "node %s refused", (1,), None)
+    >>> [held.filter(record()) for _ in range(3)]
+    [True, False, False]
+    >>> now[0] = 10.0; again = record(); held.filter(again), again.getMessage()
+    (True, 'node 1 refused (2 more like it held back in the last 10 s)')
+    >>> held.filter(logging.LogRecord("streams.worker", logging.ERROR, "", 0, "node %s refused", (1,), None))
+    True
+    """
+
+    def __init__(self, interval_s: float = REPEAT_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 loggers: tuple[str, ...] = REPEATING_LOGGERS) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock
+        self.loggers = loggers
+        #: message -> (when it was last let through, how many were held back since)
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if not any(name == logger or name.startswith(logger + ".") for logger in self.loggers):
+            return True
+        key = (name, record.levelno, str(record.msg))
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return False
+        if len(self._last) >= _REPEAT_KEYS:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        if last is not None and last[1]:
+            seconds = f"{now - last[0]:.0f}"
+            record.msg = f"{record.getMessage()} ({last[1]} more like it held back in the last {seconds} s)"
+            record.args = None
+        return True
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
@@ -73,10 +131,12 @@ def logging_config(level: str = "info", *, json_output: bool | None = None) -> d
                 "foreign_pre_chain": _shared_processors(),
             }
         },
+        "filters": {"repeats": {"()": RepeatFilter}},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
                 "formatter": "structlog",
+                "filters": ["repeats"],
                 "stream": "ext://sys.stderr",
             }
         },

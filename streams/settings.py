@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     clock: Literal["wall", "event"] = Field("wall", validation_alias=_env("LOYALTY_CLOCK"))
     emit_interval_ms: int = Field(1_000, gt=0, validation_alias=_env("LOYALTY_EMIT_INTERVAL"))
     checkpoint_interval_ms: int = Field(30_000, gt=0, validation_alias=_env("LOYALTY_CHECKPOINT_INTERVAL"))
+    shutdown_timeout_ms: int = Field(30_000, gt=0, validation_alias=_env("LOYALTY_SHUTDOWN_TIMEOUT"))
     slice_events: int = Field(5_000, ge=1, validation_alias=_env("LOYALTY_SLICE_EVENTS"))
     gate_bypass: bool = Field(True, validation_alias=_env("LOYALTY_GATE_BYPASS"))
     store: Literal["rocksdb", "memory"] = Field("rocksdb", validation_alias=_env("LOYALTY_STORE"))
@@ -110,6 +111,7 @@ class Settings(BaseSettings):
         "active_horizon_ms",
         "emit_interval_ms",
         "checkpoint_interval_ms",
+        "shutdown_timeout_ms",
         "max_future_skew_ms",
         "dedupe_ttl_ms",
         "alert_step_ms",

@@ -37,6 +37,7 @@ from metrics.timegrid import DAY_MS, parse_duration
 from metrics.validation import Rejection, parse_message
 from streams.sinks.redis_sink import HEALTH_KEY, metric_key, parse_redis_field
 from streams.tools.history import generate_history
+from streams.worker.run import SHUTDOWN_TIMEOUT_EXIT
 from streams.worker.topics import DEAD_LETTER_TOPIC, ensure_topics
 from support import async_wait_for, clean_env, group_is_stable, loyalty_command, stop_process, tail
 from test_pipeline import (
@@ -696,6 +697,17 @@ def own_kafka(tmp_path: Path) -> Iterator[OwnKafka]:
 
 
 KAFKA_OUTAGE_S = 15.0
+#: case 4's worker, stopped with the broker down at the end, exits this long after its SIGTERM
+SHUTDOWN_TIMEOUT_S = 5.0
+#: lines the worker may log during case 4's outage: the Kafka clients' messages once per 30 s each
+#: (without the RepeatFilter and the metadata backoff they logged 94,397 lines in one run's 15 s)
+#: and the retries of its own reads, backing off
+KAFKA_OUTAGE_LOG_LINES = 40
+
+
+def log_lines(log: Path, skip: int = 0) -> list[str]:
+    """The worker log's lines after its first ``skip`` lines."""
+    return log.read_text(errors="replace").splitlines()[skip:]
 
 
 @pytest.mark.chaos
@@ -708,7 +720,8 @@ async def test_kafka_restarted(services, own_kafka, topic_prefix, app_id, tmp_pa
     bootstrap = own_kafka.bootstrap
     redis_url = database_url(services.redis_url, DATABASES["kafka_outage"])
     await ensure_topics(bootstrap, [topic_prefix + name for name in INPUT_TOPICS], PARTITIONS)
-    workers = Workers(worker_env(bootstrap, redis_url, topic_prefix, app_id, tmp_path / "state"), tmp_path)
+    env = worker_env(bootstrap, redis_url, topic_prefix, app_id, tmp_path / "state")
+    workers = Workers({**env, "LOYALTY_SHUTDOWN_TIMEOUT": f"{SHUTDOWN_TIMEOUT_S:.0f}s"}, tmp_path)
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
     await redis.flushdb()
     feed = Feed(bootstrap, topic_prefix)
@@ -731,12 +744,16 @@ async def test_kafka_restarted(services, own_kafka, topic_prefix, app_id, tmp_pa
         # not matter, only that the broker went away mid-stream (the rest of the input comes after)
         applied = await events_applied(redis)
         await asyncio.to_thread(own_kafka.service.stop)
+        logged_before = len(worker.log.read_text(errors="replace").splitlines())
         say.injected = f"Kafka broker down {KAFKA_OUTAGE_S:.0f}s; 0 worker restarts"
         say(f"Kafka stopped {delay:.2f}s after the worker applied events")
         backlog = len(accepted_events(events_of(before)))
         say(f"the worker had applied {applied} of the {backlog} events sent when Kafka stopped")
         assert applied < backlog, "Kafka must stop while the worker still has input to apply"
         await outage(KAFKA_OUTAGE_S, workers)
+        outage_lines = log_lines(worker.log, logged_before)
+        say(f"the worker logged {len(outage_lines)} lines during the outage")
+        assert len(outage_lines) <= KAFKA_OUTAGE_LOG_LINES, "\n".join(outage_lines[:20])
         await asyncio.to_thread(own_kafka.start)
         say(f"Kafka started again after {KAFKA_OUTAGE_S:.0f}s")
         await feed.start()
@@ -746,6 +763,15 @@ async def test_kafka_restarted(services, own_kafka, topic_prefix, app_id, tmp_pa
         assert worker.process.poll() is None, "the worker exited"
         assert workers.started == [worker], "one worker process from start to end"
         say.duplicates = await check_dead_letters(bootstrap, topic_prefix, plan, feed)
+        # stopped while the broker is down again, the worker cannot send its last commits: it exits
+        # after LOYALTY_SHUTDOWN_TIMEOUT rather than waiting for ever (the SIGKILL after 60 s fails this)
+        await feed.stop()
+        await asyncio.to_thread(own_kafka.service.stop)
+        stopped_at = time.monotonic()
+        code = await asyncio.to_thread(stop_process, worker.process, 60)
+        took = time.monotonic() - stopped_at
+        say(f"stopped with Kafka down: exit code {code} after {took:.1f}s")
+        assert code in (0, SHUTDOWN_TIMEOUT_EXIT) and took < SHUTDOWN_TIMEOUT_S + 30, workers.logs(30)
         say.passed = True
     finally:
         SUMMARY.append(say.summary())

@@ -7,8 +7,10 @@ import ctypes
 import gc
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import faust
 
@@ -43,6 +45,47 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return False
 
 
+#: the exit code of a worker whose shutdown outlived ``LOYALTY_SHUTDOWN_TIMEOUT``
+SHUTDOWN_TIMEOUT_EXIT = 3
+
+
+def shutdown_watchdog(timeout_s: float, log: Any, exit_process: Callable[[int], object] = os._exit) -> threading.Timer:
+    """A daemon timer (not started) that ends the process ``timeout_s`` after it starts, unless cancelled.
+
+    A thread of its own, so an event loop that spins or blocks cannot hold it up: with Kafka gone,
+    Faust's shutdown waits for commits and acknowledgements that never come. Ending there is safe:
+    the state survives a SIGKILL at any point (the chaos tests kill workers at random moments).
+
+    >>> ended = []; timer = shutdown_watchdog(0.01, None, ended.append); timer.start(); timer.join(); ended
+    [3]
+    """
+
+    def expire() -> None:
+        if log is not None:
+            log.error("worker.shutdown_timeout", seconds=timeout_s, exit_code=SHUTDOWN_TIMEOUT_EXIT)
+        exit_process(SHUTDOWN_TIMEOUT_EXIT)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    return timer
+
+
+def worker_class(shutdown_timeout_s: float) -> type[faust.Worker]:
+    """Faust's worker, whose first stop signal (SIGTERM, SIGINT) also starts a :func:`shutdown_watchdog`."""
+    from streams.logs import get_logger
+
+    log = get_logger(__name__)
+
+    class Worker(faust.Worker):
+        def _schedule_shutdown(self, signal: Any) -> None:
+            if not self._signal_stop_time:  # the first signal: later ones change nothing in mode either
+                log.info("worker.stopping", signal=getattr(signal, "name", str(signal)), timeout_s=shutdown_timeout_s)
+                shutdown_watchdog(shutdown_timeout_s, log).start()
+            super()._schedule_shutdown(signal)
+
+    return Worker
+
+
 class WorkerStartError(Exception):
     """The worker cannot start (Kafka unreachable): a message for the operator, not a traceback."""
 
@@ -72,15 +115,14 @@ def run_worker(settings: Settings, extend: Callable[[faust.App], None] | None = 
     limit_malloc_arenas()  # first: the checks below already start resolver threads
     use_uvloop()
     gc.set_threshold(*GC_THRESHOLDS)
-    from faust import Worker
-
     import metrics
-    from streams.connections import KafkaAccessError, RedisAccessError
+    from streams.connections import KafkaAccessError, RedisAccessError, back_off_failed_metadata_updates
     from streams.logs import configure_logging, get_logger, logging_config
     from streams.worker.app import create_app
     from streams.worker.topics import ensure_pipeline_topics
 
     configure_logging(settings.log_level)
+    back_off_failed_metadata_updates()  # before any Kafka client exists
     try:
         # a wrong password or an untrusted certificate is a configuration error: say so and stop (Redis being
         # down is not: the worker waits for it)
@@ -98,7 +140,7 @@ def run_worker(settings: Settings, extend: Callable[[faust.App], None] | None = 
     if extend is not None:
         extend(app)
     Path(app.conf.datadir).mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    Worker(
+    worker_class(settings.shutdown_timeout_ms / 1000)(
         app,
         loglevel=settings.log_level,
         logging_config=logging_config(settings.log_level),

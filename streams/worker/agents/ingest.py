@@ -39,6 +39,8 @@ MARKS_INTERVAL_S = 0.2
 MARKS_REPEAT_S = 5.0
 #: how often the gate's commits are read while customers are on its path
 GATE_PATH_POLL_S = 0.2
+#: after failed reads of the gate's commits (Kafka away) the next waits twice as long, up to this
+GATE_PATH_RETRY_MAX_S = 5.0
 
 
 class InputCommits:
@@ -181,9 +183,10 @@ class Ingest:
         topology = self.topology
         admin: AIOKafkaAdminClient | None = None
         topic = topology.by_store.get_topic_name()
+        delay = GATE_PATH_POLL_S
         try:
             while True:
-                await asyncio.sleep(GATE_PATH_POLL_S)
+                await asyncio.sleep(delay)
                 if not self.on_gate_path:
                     continue
                 try:
@@ -194,10 +197,13 @@ class Ingest:
                     found = await admin.list_consumer_group_offsets(topology.settings.app_id, partitions=partitions)
                     self.leave_gate_path({tp.partition: meta.offset for tp, meta in found.items()
                                           if meta is not None and meta.offset >= 0})
+                    delay = GATE_PATH_POLL_S
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:  # Kafka away: the customers stay on the gate's path meanwhile
-                    log.warning("ingest.gate_commits_failed", error=str(error) or type(error).__name__)
+                    delay = min(delay * 2, GATE_PATH_RETRY_MAX_S)
+                    log.warning("ingest.gate_commits_failed", error=str(error) or type(error).__name__,
+                                retry_in_s=delay)
                     if admin is not None:
                         await admin.close()
                         admin = None
