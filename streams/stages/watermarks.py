@@ -30,6 +30,15 @@ from typing import Any
 #: a mark of one input partition: [largest event time, idle], or None (data not routed yet)
 Mark = list[Any] | None
 MARKS = "marks"
+#: a stage sends marks at most this often per path, only when changed, or every MARKS_REPEAT_S anyway
+#: (a downstream stage that restarted learns them again while no event comes). Each send is a message
+#: to every downstream partition (P x P per hop), and a boundary waits ``LOYALTY_ALERT_GRACE`` (an
+#: hour by default) anyway: a second's delay changes no sample
+MARKS_INTERVAL_S = 1.0
+MARKS_REPEAT_S = 5.0
+#: with the wall clock an idle input partition's time moves with it, in steps of this much: a
+#: quiet system's marks then change, and go out, once per step instead of at every interval
+IDLE_WALL_STEP_MS = 5_000
 
 
 def is_marks(message: object) -> bool:
@@ -172,7 +181,8 @@ class InputMarks:
         """The marks to send, ``None`` before the assignment is known (a first fetch may hold one partition only).
 
         ``now`` is processing time (monotonic ms); with ``wall_now_ms`` (the wall clock) an idle
-        partition's time moves with the wall clock, so samples go on while no event comes.
+        partition's time moves with the wall clock, in steps of :data:`IDLE_WALL_STEP_MS`, so
+        samples go on while no event comes.
 
         >>> marks = InputMarks(idle_ms=1000); marks.report_lags({"o|0": 5, "o|1": 0, "o|2": 0})
         >>> marks.routed({"o|2": 70}, now=0.0); marks.marks(500.0, None)
@@ -180,13 +190,15 @@ class InputMarks:
         >>> marks.routed({"o|0": 90}, now=600.0); marks.lags = {"o|0": 0, "o|1": 0, "o|2": 0}
         >>> marks.marks(1200.0, None)
         {'o|0': [90, False], 'o|2': [70, True]}
-        >>> marks.marks(1200.0, 500)  # the wall clock: idle partitions, and those without data, are at least now
-        {'o|0': [90, False], 'o|1': [500, True], 'o|2': [500, True]}
+        >>> marks.marks(1200.0, 12_345)  # the wall clock: idle partitions, and those without data, are at least now
+        {'o|0': [90, False], 'o|1': [10000, True], 'o|2': [10000, True]}
         >>> marks.report_lags({"o|0": 0, "o|1": -1, "o|2": 0}); marks.marks(1200.0, None)  # o|1: end not known
         {'o|0': [90, False], 'o|1': None, 'o|2': [70, True]}
         """
         if self.lags is None:
             return None
+        if wall_now_ms is not None:
+            wall_now_ms -= wall_now_ms % IDLE_WALL_STEP_MS
         result: dict[str, Mark] = {}
         # only the partitions assigned now: one that moved to another worker is that worker's to mark
         for key in sorted(self.lags):

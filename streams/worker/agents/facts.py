@@ -7,7 +7,7 @@ from typing import Any
 
 from metrics.customer import CustomerFacts
 from streams.stages.facts import CustomerOutput, CustomerStage, customer_records, delta_messages, load_customer
-from streams.stages.watermarks import MARKS, Mark, MarkMerger, is_marks
+from streams.stages.watermarks import MARKS, MARKS_INTERVAL_S, MARKS_REPEAT_S, Mark, MarkMerger, is_marks
 from streams.worker.acks import acknowledged
 from streams.worker.tables import changelog_written
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
@@ -15,10 +15,6 @@ from streams.worker.wire import pack, pack_chunks, unpack
 
 #: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
 CUSTOMER_CACHE_SIZE = 20_000
-#: merged watermark marks go to the deltas at most this often per partition, when changed, or every
-#: MARKS_REPEAT_S anyway (an aggregation that restarted learns them again while no event comes)
-MARKS_INTERVAL_S = 0.2
-MARKS_REPEAT_S = 5.0
 
 
 class Facts:

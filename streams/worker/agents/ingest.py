@@ -22,7 +22,7 @@ from streams.sinks.dead_letters import DeadLetterLedger
 from streams.stages.gate import GateDecisions
 from streams.stages.ingest import AroundGate, IngestStage
 from streams.stages.routed import Routed
-from streams.stages.watermarks import MARKS, InputMarks, Mark
+from streams.stages.watermarks import MARKS, MARKS_INTERVAL_S, MARKS_REPEAT_S, InputMarks, Mark
 from streams.worker.acks import acknowledged
 from streams.worker.gate_decisions import GateDecisionsReader
 from streams.worker.input_reader import read_inputs
@@ -33,10 +33,6 @@ from streams.worker.wire import pack, pack_chunks
 
 log = get_logger(__name__)
 
-#: watermark marks go out at most this often, and only when changed, or every MARKS_REPEAT_S
-#: anyway (a downstream stage that restarted learns them again while no event comes)
-MARKS_INTERVAL_S = 0.2
-MARKS_REPEAT_S = 5.0
 #: how often the gate's commits are read while customers are on its path
 GATE_PATH_POLL_S = 0.2
 #: after failed reads of the gate's commits (Kafka away) the next waits twice as long, up to this
