@@ -65,6 +65,8 @@ class Aggregation:
         #: deltas partition -> its partial ``*``: the sum of the partition's stores
         self.partials: dict[int, StoreShard] = {}
         self._admin: AIOKafkaAdminClient | None = None
+        #: (topic, partition) -> the offset below which Kafka last deleted its records for us
+        self._deleted_below: dict[tuple[str, int], int] = {}
         self._rebuild_lock = asyncio.Lock()
         #: the deltas after the rebuild, each once and in order (Faust's own offsets are not used)
         self.input = topology.contiguous(topology.deltas, committed=False)
@@ -328,12 +330,18 @@ class Aggregation:
         return f"{partition}|{store_id}" if store_id == ALL_STORES else store_id
 
     async def _delete_records(self, topic: str, partition: int, offset: int) -> None:
-        """Delete the records of a partition below ``offset`` (Kafka's delete-records)."""
+        """Delete the records of a partition below ``offset`` (Kafka's delete-records), unless done already.
+
+        A quiet partition's checkpoint rounds repeat the same offset: asking again changes nothing.
+        """
+        if self._deleted_below.get((topic, partition)) == offset:
+            return
         if self._admin is None:
             self._admin = AIOKafkaAdminClient(**kafka_client_options(self.topology.settings))
             await self._admin.start()
         tp = TopicPartition(topic, partition)
         await self._admin.delete_records({tp: RecordsToDelete(before_offset=offset)})
+        self._deleted_below[(topic, partition)] = offset
 
 
 def register(topology: Topology) -> Aggregation:
