@@ -50,7 +50,6 @@ class RedisAccessError(Exception):
 # -- Kafka ---------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
 def back_off_failed_metadata_updates() -> None:
     """Make aiokafka wait ``retry_backoff_ms`` after a metadata update that reached no broker.
 
@@ -77,6 +76,7 @@ def back_off_failed_metadata_updates() -> None:
     AIOKafkaClient._metadata_update = update_or_back_off
 
 
+@functools.lru_cache(maxsize=16)
 def ssl_context(cafile: str | None, certfile: str | None = None, keyfile: str | None = None) -> ssl.SSLContext:
     """A client TLS context verifying the server (by ``cafile``, else the system's CAs), with a client cert if given."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
