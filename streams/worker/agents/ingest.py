@@ -35,8 +35,8 @@ log = get_logger(__name__)
 
 #: how often the gate's commits are read while customers are on its path
 GATE_PATH_POLL_S = 0.2
-#: after failed reads of the gate's commits (Kafka away) the next waits twice as long, up to this
-GATE_PATH_RETRY_MAX_S = 5.0
+#: while the gate's commits cannot be read (Kafka away), a failure is logged at most this often
+GATE_PATH_LOG_EVERY_S = 30.0
 
 
 class InputCommits:
@@ -179,10 +179,11 @@ class Ingest:
         topology = self.topology
         admin: AIOKafkaAdminClient | None = None
         topic = topology.by_store.get_topic_name()
-        delay = GATE_PATH_POLL_S
+        #: failures in a row, and when one was last logged (a Kafka outage fails every poll)
+        failures, logged_at = 0, 0.0
         try:
             while True:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(GATE_PATH_POLL_S)
                 if not self.on_gate_path:
                     continue
                 try:
@@ -193,13 +194,19 @@ class Ingest:
                     found = await admin.list_consumer_group_offsets(topology.settings.app_id, partitions=partitions)
                     self.leave_gate_path({tp.partition: meta.offset for tp, meta in found.items()
                                           if meta is not None and meta.offset >= 0})
-                    delay = GATE_PATH_POLL_S
+                    if failures:
+                        log.info("ingest.gate_commits_read_again", failures=failures)
+                    failures = 0
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:  # Kafka away: the customers stay on the gate's path meanwhile
-                    delay = min(delay * 2, GATE_PATH_RETRY_MAX_S)
-                    log.warning("ingest.gate_commits_failed", error=str(error) or type(error).__name__,
-                                retry_in_s=delay)
+                    # polled on at the same pace: customers wait on the gate's path for the next read
+                    # that succeeds (a backoff held a new group's first customers for seconds)
+                    failures += 1
+                    if failures == 1 or time.monotonic() - logged_at >= GATE_PATH_LOG_EVERY_S:
+                        logged_at = time.monotonic()
+                        log.warning("ingest.gate_commits_failed", error=str(error) or type(error).__name__,
+                                    failures=failures)
                     if admin is not None:
                         await admin.close()
                         admin = None
