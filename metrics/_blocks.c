@@ -23,6 +23,13 @@
  * metrics._blocks.dense_sum(block, start, stop) sums a range of a dense block's slots, as
  * ``sum(block[start:stop])`` does, without copying them (metrics.store._slot_sum).
  *
+ * metrics._blocks.order_deltas(out, ...) adds a customer's order-family contributions into a
+ * message's deltas, as metrics.customer._order_deltas does: the same deltas, added in the same
+ * order (so the series' dicts come out alike, key order included). It returns None, having
+ * changed nothing, when a bucket, a time or a window does not fit in 62 bits, or an argument is
+ * not of the expected type: the caller then runs the Python loop. Revenue amounts stay Python
+ * ints (exact at any size); buckets and lifespans are int64, within 62 bits checked first.
+ *
  * Built beside the mypyc modules by scripts/compile_metrics.py; without it the Python loop runs.
  */
 #define PY_SSIZE_T_CLEAN
@@ -597,6 +604,333 @@ static PyObject *dense_sum(PyObject *module, PyObject *const *args, Py_ssize_t n
     return result;
 }
 
+/* ---- order_deltas ------------------------------------------------------------------------ */
+
+/* values beyond this many bits are declined (the Python loop takes them): sums of two stay in int64 */
+#define ORDER_LIMIT (1LL << 62)
+
+/* a Python int within +-2**62 as a long long; 0 when it is not one (no exception left set) */
+static int small_int(PyObject *value, long long *result)
+{
+    int overflow = 0;
+    long long number;
+    if (!PyLong_CheckExact(value))
+        return 0;
+    number = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow || (number == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (number > ORDER_LIMIT || number < -ORDER_LIMIT)
+        return 0;
+    *result = number;
+    return 1;
+}
+
+/* out[name], made an empty dict when missing (metrics.customer._series); a borrowed reference */
+static PyObject *series_of(PyObject *out, PyObject *name)
+{
+    PyObject *buckets = PyDict_GetItemWithError(out, name);
+    if (buckets != NULL) {
+        if (!PyDict_Check(buckets)) {
+            PyErr_SetString(PyExc_TypeError, "order_deltas: deltas must be a dict of dicts");
+            return NULL;
+        }
+        return buckets;
+    }
+    if (PyErr_Occurred() || (buckets = PyDict_New()) == NULL)
+        return NULL;
+    if (PyDict_SetItem(out, name, buckets) < 0) {
+        Py_DECREF(buckets);
+        return NULL;
+    }
+    Py_DECREF(buckets);  /* out holds it */
+    return buckets;
+}
+
+/* buckets[bucket] = buckets.get(bucket, 0) + delta */
+static int add_object(PyObject *buckets, long long bucket, PyObject *delta)
+{
+    PyObject *key = PyLong_FromLongLong(bucket), *old, *sum;
+    int result;
+    if (key == NULL)
+        return -1;
+    old = PyDict_GetItemWithError(buckets, key);
+    if (old != NULL)
+        sum = PyNumber_Add(old, delta);
+    else if (PyErr_Occurred())
+        sum = NULL;
+    else {
+        Py_INCREF(delta);
+        sum = delta;
+    }
+    if (sum == NULL) {
+        Py_DECREF(key);
+        return -1;
+    }
+    result = PyDict_SetItem(buckets, key, sum);
+    Py_DECREF(key);
+    Py_DECREF(sum);
+    return result;
+}
+
+static int add_small(PyObject *buckets, long long bucket, long long delta)
+{
+    PyObject *value = PyLong_FromLongLong(delta);
+    int result;
+    if (value == NULL)
+        return -1;
+    result = add_object(buckets, bucket, value);
+    Py_DECREF(value);
+    return result;
+}
+
+/* the first index of sorted values[0..count) whose value is greater than target */
+static Py_ssize_t after(const long long *values, Py_ssize_t count, long long target)
+{
+    Py_ssize_t low = 0, high = count;
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        if (values[middle] <= target)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    return low;
+}
+
+typedef struct {
+    Py_ssize_t orders;       /* the order buckets and their lifespans from the first order */
+    long long *order_buckets, *lifespans;
+    Py_ssize_t revenues;     /* the buckets of nonzero revenue, their amounts and negated amounts */
+    long long *revenue_buckets;
+    PyObject **amounts, **negated;
+    long long *starts, *ends; /* one window's purchaser spans */
+} OrderInputs;
+
+static void order_inputs_clear(OrderInputs *inputs)
+{
+    Py_ssize_t i;
+    for (i = 0; i < inputs->revenues; i++) {
+        Py_XDECREF(inputs->amounts[i]);
+        Py_XDECREF(inputs->negated[i]);
+    }
+    PyMem_Free(inputs->order_buckets);
+    PyMem_Free(inputs->lifespans);
+    PyMem_Free(inputs->revenue_buckets);
+    PyMem_Free(inputs->amounts);
+    PyMem_Free(inputs->negated);
+    PyMem_Free(inputs->starts);
+    PyMem_Free(inputs->ends);
+}
+
+/* reads the arguments into inputs: 1 read, 0 declined (nothing set), -1 an error */
+static int order_inputs_read(OrderInputs *inputs, PyObject *all_orders, PyObject *order_times,
+                             PyObject *revenue_buckets, PyObject *revenue, long long first_order_ms)
+{
+    Py_ssize_t i, orders, revenues;
+    if (!PyList_CheckExact(all_orders) || !PyDict_CheckExact(order_times) || !PyList_CheckExact(revenue_buckets)
+        || !PyDict_CheckExact(revenue))
+        return 0;
+    orders = PyList_GET_SIZE(all_orders);
+    revenues = PyList_GET_SIZE(revenue_buckets);
+    inputs->order_buckets = PyMem_New(long long, orders + 1);
+    inputs->lifespans = PyMem_New(long long, orders + 1);
+    inputs->starts = PyMem_New(long long, orders + 1);
+    inputs->ends = PyMem_New(long long, orders + 1);
+    inputs->revenue_buckets = PyMem_New(long long, revenues + 1);
+    inputs->amounts = PyMem_New(PyObject *, revenues + 1);
+    inputs->negated = PyMem_New(PyObject *, revenues + 1);
+    if (!inputs->order_buckets || !inputs->lifespans || !inputs->starts || !inputs->ends || !inputs->revenue_buckets
+        || !inputs->amounts || !inputs->negated) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < orders; i++) {
+        PyObject *bucket = PyList_GET_ITEM(all_orders, i), *time;
+        long long time_ms;
+        if (!small_int(bucket, &inputs->order_buckets[i]))
+            return 0;
+        time = PyDict_GetItemWithError(order_times, bucket);
+        if (time == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        if (!small_int(time, &time_ms))
+            return 0;
+        /* declined past 2**62, so that its negation fits too */
+        if (__builtin_sub_overflow(time_ms, first_order_ms, &inputs->lifespans[i])
+            || inputs->lifespans[i] > ORDER_LIMIT || inputs->lifespans[i] < -ORDER_LIMIT)
+            return 0;
+    }
+    inputs->orders = orders;
+    for (i = 0; i < revenues; i++) {
+        PyObject *bucket = PyList_GET_ITEM(revenue_buckets, i), *amount;
+        if (!small_int(bucket, &inputs->revenue_buckets[i]))
+            return 0;
+        amount = PyDict_GetItemWithError(revenue, bucket);
+        if (amount == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        if (!PyLong_CheckExact(amount))
+            return 0;
+        inputs->amounts[i] = NULL;
+        inputs->negated[i] = NULL;
+        inputs->revenues = i + 1;
+        Py_INCREF(amount);
+        inputs->amounts[i] = amount;
+        if ((inputs->negated[i] = PyNumber_Negative(amount)) == NULL)
+            return -1;
+    }
+    return 1;
+}
+
+/* one window's deltas (metrics.customer._order_deltas' loop body); 0 or -1 (an error) */
+static int order_window(PyObject *out, OrderInputs *inputs, PyObject *names, long long n, long long since,
+                        long long sign, int has_second, long long second_order)
+{
+    PyObject *purchasers, *returning, *lifespans, *churned, *retained;
+    const long long *orders = inputs->order_buckets;
+    long long *starts = inputs->starts, *ends = inputs->ends;
+    Py_ssize_t count = inputs->orders, spans = 0, i, index, first_lifespan, recent;
+    long long reach = since - 2 * n;
+
+    for (i = after(orders, count, reach); i < count; i++) {
+        if (spans > 0 && orders[i] <= ends[spans - 1])
+            ends[spans - 1] = orders[i] + n;
+        else {
+            starts[spans] = orders[i];
+            ends[spans] = orders[i] + n;
+            spans++;
+        }
+    }
+    if ((purchasers = series_of(out, PyTuple_GET_ITEM(names, 1))) == NULL
+        || (returning = series_of(out, PyTuple_GET_ITEM(names, 2))) == NULL)
+        return -1;
+    for (index = 0; index < spans; index++) {
+        long long start = starts[index], end = ends[index], low;
+        if (end <= since)
+            continue;
+        low = start > since ? start : since;
+        if (add_small(purchasers, low, sign) < 0 || add_small(purchasers, end, -sign) < 0)
+            return -1;
+        if (has_second && end > second_order) {
+            low = start > second_order ? start : second_order;
+            low = low > since ? low : since;
+            if (add_small(returning, low, sign) < 0 || add_small(returning, end, -sign) < 0)
+                return -1;
+        }
+    }
+    if ((lifespans = series_of(out, PyTuple_GET_ITEM(names, 3))) == NULL)
+        return -1;
+    first_lifespan = after(orders, count, since) - 1;
+    recent = after(orders, count, since - n);
+    for (i = first_lifespan > recent ? first_lifespan : recent; i < count; i++) {
+        long long bucket = orders[i], end = bucket + n, lifespan = inputs->lifespans[i] * sign, low;
+        if (i + 1 < count && orders[i + 1] < end)
+            end = orders[i + 1];
+        if (lifespan != 0 && end > since) {
+            low = bucket > since ? bucket : since;
+            if (add_small(lifespans, low, lifespan) < 0 || add_small(lifespans, end, -lifespan) < 0)
+                return -1;
+        }
+    }
+    if ((churned = series_of(out, PyTuple_GET_ITEM(names, 4))) == NULL
+        || (retained = series_of(out, PyTuple_GET_ITEM(names, 5))) == NULL)
+        return -1;
+    for (i = after(inputs->revenue_buckets, inputs->revenues, reach); i < inputs->revenues; i++) {
+        long long bucket = inputs->revenue_buckets[i];
+        PyObject *amount = sign > 0 ? inputs->amounts[i] : inputs->negated[i];
+        PyObject *minus = sign > 0 ? inputs->negated[i] : inputs->amounts[i];
+        long long cursor = bucket + n, period_end = cursor + n, low, high;
+        /* "previous period" for j in [b+n, b+2n): churned where the customer is no purchaser */
+        index = after(ends, spans, cursor);
+        while (index < spans && starts[index] < period_end) {
+            if (starts[index] > cursor && starts[index] > since) {
+                low = cursor > since ? cursor : since;
+                if (add_object(churned, low, amount) < 0 || add_object(churned, starts[index], minus) < 0)
+                    return -1;
+            }
+            cursor = ends[index];
+            index++;
+        }
+        if (cursor < period_end && period_end > since) {
+            low = cursor > since ? cursor : since;
+            if (add_object(churned, low, amount) < 0 || add_object(churned, period_end, minus) < 0)
+                return -1;
+        }
+        /* "in W" for j in [b, b+n): retained where the customer was a purchaser n buckets before */
+        if (bucket + n > since) {
+            long long window_end = bucket + n;
+            index = after(ends, spans, bucket - n);
+            while (index < spans && starts[index] + n < window_end) {
+                low = starts[index] + n;
+                high = ends[index] + n;
+                low = low > bucket ? low : bucket;
+                high = high < window_end ? high : window_end;
+                if (high > since) {
+                    low = low > since ? low : since;
+                    if (add_object(retained, low, amount) < 0 || add_object(retained, high, minus) < 0)
+                        return -1;
+                }
+                index++;
+            }
+        }
+    }
+    return 0;
+}
+
+/* order_deltas(out, all_orders, order_times, revenue_buckets, revenue, second_order, first_order_ms,
+ *              windows, since, sign): True once added, None when declined (nothing changed) */
+static PyObject *order_deltas(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    OrderInputs inputs;
+    PyObject *out, *windows;
+    long long second_order = 0, first_order_ms, since, sign;
+    int has_second, read;
+    Py_ssize_t w;
+    (void)module;
+
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "order_deltas takes 10 arguments");
+        return NULL;
+    }
+    out = args[0];
+    windows = args[7];
+    has_second = args[5] != Py_None;
+    if (!PyDict_Check(out) || !PyTuple_CheckExact(windows) || (has_second && !small_int(args[5], &second_order))
+        || !small_int(args[6], &first_order_ms) || !small_int(args[8], &since) || !small_int(args[9], &sign)
+        || (sign != 1 && sign != -1))
+        Py_RETURN_NONE;
+    for (w = 0; w < PyTuple_GET_SIZE(windows); w++) {
+        PyObject *names = PyTuple_GET_ITEM(windows, w);
+        long long n;
+        Py_ssize_t k;
+        /* a window of at most 2**40 buckets keeps since - 2n and bucket + 2n within int64 */
+        if (!PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != 6 || !small_int(PyTuple_GET_ITEM(names, 0), &n)
+            || n < 0 || n > (1LL << 40))
+            Py_RETURN_NONE;
+        for (k = 1; k < 6; k++)
+            if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, k)))
+                Py_RETURN_NONE;
+    }
+    memset(&inputs, 0, sizeof inputs);
+    read = order_inputs_read(&inputs, args[1], args[2], args[3], args[4], first_order_ms);
+    if (read <= 0) {
+        order_inputs_clear(&inputs);
+        if (read < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    for (w = 0; w < PyTuple_GET_SIZE(windows); w++) {
+        PyObject *names = PyTuple_GET_ITEM(windows, w);
+        long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(names, 0));
+        if (order_window(out, &inputs, names, n, since, sign, has_second, second_order) < 0) {
+            order_inputs_clear(&inputs);
+            return NULL;
+        }
+    }
+    order_inputs_clear(&inputs);
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"grouped_rows", (PyCFunction)grouped_rows, METH_O,
      "grouped_rows(deltas) -> [series, [bucket, delta, ...], series, ...]\n\n"
@@ -611,13 +945,17 @@ static PyMethodDef methods[] = {
      "dense_sum(block, start, stop) -> the exact sum of block[start:stop], or None\n\n"
      "For a dense block (an array of int8, int16, int32 or int64); None for any other object,\n"
      "which the caller sums in Python (metrics.store._slot_sum)."},
+    {"order_deltas", (PyCFunction)(void (*)(void))order_deltas, METH_FASTCALL,
+     "order_deltas(out, all_orders, order_times, revenue_buckets, revenue, second_order, first_order_ms,\n"
+     "             windows, since, sign) -> True, or None (declined: nothing changed)\n\n"
+     "Add a customer's order-family contributions into out, as metrics.customer._order_deltas does."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "metrics._blocks",
     "The innermost loops of the facts stage and the aggregation in C (see metrics.customer._grouped_rows,\n"
-    "metrics.store._add_pairs and metrics.store._slot_sum).", -1, methods, NULL, NULL, NULL, NULL,
+    "metrics.customer._order_deltas, metrics.store._add_pairs and metrics.store._slot_sum).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__blocks(void)

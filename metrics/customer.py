@@ -1005,95 +1005,138 @@ class CustomerFacts:
             _add_interval(out, names.ordered_ends, ordered_from, end, sign, since)
 
     def _order_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
-        # the hot path of an order event: loops are inlined, and interval lists are built in one
-        # pass over sorted buckets (the intervals the spans and intersect helpers would give)
         all_orders = sorted(self.orders)
         revenue = self.revenue
         revenue_buckets = sorted(bucket for bucket, amount in revenue.items() if amount)
         second_order = grid.bucket(self.first_orders[1]) if self.order_count >= 2 else None
         first_order_ms = self.first_orders[0] if self.first_orders else 0
-        order_times = self.orders
-        count = len(all_orders)
-        for n in grid.windows:
-            names = _series_names(n)
-            # nrr reads the purchaser status n buckets back, and an order's span lasts n buckets
-            reach = since - 2 * n
-            # purchaser at j: an order in j-n+1..j, the union of [o, o + n) (spans of sorted orders)
-            starts: list[int] = []
-            ends: list[int] = []
-            for i in range(bisect_right(all_orders, reach), count):
-                bucket = all_orders[i]
-                if ends and bucket <= ends[-1]:
-                    ends[-1] = bucket + n
-                else:
-                    starts.append(bucket)
-                    ends.append(bucket + n)
-            purchasers = _series(out, names.purchasers)
-            returning = _series(out, names.returning)
-            for index, start in enumerate(starts):
-                end = ends[index]
-                if end > since:
-                    low = start if start > since else since
-                    purchasers[low] = purchasers.get(low, 0) + sign
-                    purchasers[end] = purchasers.get(end, 0) - sign
-                    # returning: a purchaser from the second lifetime order on
-                    if second_order is not None and end > second_order:
-                        low = start if start > second_order else second_order
-                        low = low if low > since else since
-                        returning[low] = returning.get(low, 0) + sign
-                        returning[end] = returning.get(end, 0) - sign
-            # lifespan by j: last order up to j minus the first order; constant between orders
-            lifespans = _series(out, names.lifespan)
-            # an order's step ends at the next order: every order before the last one up to since
-            # ends by since and adds nothing, so the loop starts at that last one
-            first_lifespan = bisect_right(all_orders, since) - 1
-            recent = bisect_right(all_orders, since - n)
-            for i in range(first_lifespan if first_lifespan > recent else recent, count):
-                bucket = all_orders[i]
-                end = bucket + n
-                if i + 1 < count and all_orders[i + 1] < end:
-                    end = all_orders[i + 1]
-                lifespan = (order_times[bucket] - first_order_ms) * sign
-                if lifespan and end > since:
-                    low = bucket if bucket > since else since
-                    lifespans[low] = lifespans.get(low, 0) + lifespan
-                    lifespans[end] = lifespans.get(end, 0) - lifespan
-            churned = _series(out, names.churned_revenue)
-            retained = _series(out, names.retained_revenue)
-            spans_count = len(starts)
-            for bucket in revenue_buckets[bisect_right(revenue_buckets, reach):]:
-                amount = revenue[bucket] * sign
-                # revenue of bucket b is "previous period" for j in [b+n, b+2n): churned where
-                # the customer is no purchaser (the period minus the purchaser spans)
-                cursor = bucket + n
-                period_end = cursor + n
-                index = bisect_right(ends, cursor)
-                while index < spans_count and starts[index] < period_end:
-                    if starts[index] > cursor and starts[index] > since:
-                        low = cursor if cursor > since else since
-                        churned[low] = churned.get(low, 0) + amount
-                        churned[starts[index]] = churned.get(starts[index], 0) - amount
-                    cursor = ends[index]
-                    index += 1
-                if cursor < period_end and period_end > since:
+        windows = _order_windows(grid.windows)
+        if _NATIVE_ORDER_DELTAS is not None and _NATIVE_ORDER_DELTAS(
+            out, all_orders, self.orders, revenue_buckets, revenue, second_order, first_order_ms, windows, since, sign
+        ) is not None:
+            return
+        _order_deltas(out, all_orders, self.orders, revenue_buckets, revenue, second_order, first_order_ms, windows,
+                      since, sign)
+
+
+#: per window length: the length and the names of its order series (purchasers, returning, lifespan,
+#: churned revenue, retained revenue), as :func:`_order_deltas` takes them
+OrderWindows = tuple[tuple[int, str, str, str, str, str], ...]
+
+
+@cache
+def _order_windows(windows: tuple[int, ...]) -> OrderWindows:
+    """The order series of each window length (see :data:`OrderWindows`).
+
+    >>> _order_windows((60,))
+    ((60, 'P:60', 'ret:60', 'life:60', 'crev:60', 'nrr:60'),)
+    """
+    result = []
+    for n in windows:
+        names = _series_names(n)
+        result.append((n, names.purchasers, names.returning, names.lifespan, names.churned_revenue,
+                       names.retained_revenue))
+    return tuple(result)
+
+
+def _order_deltas(out: Deltas, all_orders: list[int], order_times: dict[int, int], revenue_buckets: list[int],
+                  revenue: dict[int, int], second_order: int | None, first_order_ms: int, windows: OrderWindows,
+                  since: int, sign: int) -> None:
+    """The order family's contributions clipped at ``since``, times ``sign``, added into ``out``.
+
+    ``all_orders``: the order buckets, sorted; ``order_times``: bucket -> latest order time;
+    ``revenue_buckets``: the buckets of nonzero net ``revenue``, sorted; ``second_order``: the
+    second lifetime order's bucket (``None``: fewer orders); ``first_order_ms``: the first's time.
+    :func:`metrics._blocks.order_deltas` is the same loop in C, adding the same deltas in the same
+    order (used when built; it declines inputs past 62 bits, which this loop then takes).
+
+    >>> out: Deltas = {}
+    >>> _order_deltas(out, [10], {10: 600_000}, [10], {10: 5}, None, 600_000, _order_windows((60,)), 0, 1)
+    >>> out["P:60"], out["crev:60"], out["nrr:60"]
+    ({10: 1, 70: -1}, {70: 5, 130: -5}, {})
+    """
+    # the hot path of an order event: loops are inlined, and interval lists are built in one
+    # pass over sorted buckets (the intervals the spans and intersect helpers would give)
+    count = len(all_orders)
+    for n, purchasers_series, returning_series, lifespan_series, churned_series, retained_series in windows:
+        # nrr reads the purchaser status n buckets back, and an order's span lasts n buckets
+        reach = since - 2 * n
+        # purchaser at j: an order in j-n+1..j, the union of [o, o + n) (spans of sorted orders)
+        starts: list[int] = []
+        ends: list[int] = []
+        for i in range(bisect_right(all_orders, reach), count):
+            bucket = all_orders[i]
+            if ends and bucket <= ends[-1]:
+                ends[-1] = bucket + n
+            else:
+                starts.append(bucket)
+                ends.append(bucket + n)
+        purchasers = _series(out, purchasers_series)
+        returning = _series(out, returning_series)
+        for index, start in enumerate(starts):
+            end = ends[index]
+            if end > since:
+                low = start if start > since else since
+                purchasers[low] = purchasers.get(low, 0) + sign
+                purchasers[end] = purchasers.get(end, 0) - sign
+                # returning: a purchaser from the second lifetime order on
+                if second_order is not None and end > second_order:
+                    low = start if start > second_order else second_order
+                    low = low if low > since else since
+                    returning[low] = returning.get(low, 0) + sign
+                    returning[end] = returning.get(end, 0) - sign
+        # lifespan by j: last order up to j minus the first order; constant between orders
+        lifespans = _series(out, lifespan_series)
+        # an order's step ends at the next order: every order before the last one up to since
+        # ends by since and adds nothing, so the loop starts at that last one
+        first_lifespan = bisect_right(all_orders, since) - 1
+        recent = bisect_right(all_orders, since - n)
+        for i in range(first_lifespan if first_lifespan > recent else recent, count):
+            bucket = all_orders[i]
+            end = bucket + n
+            if i + 1 < count and all_orders[i + 1] < end:
+                end = all_orders[i + 1]
+            lifespan = (order_times[bucket] - first_order_ms) * sign
+            if lifespan and end > since:
+                low = bucket if bucket > since else since
+                lifespans[low] = lifespans.get(low, 0) + lifespan
+                lifespans[end] = lifespans.get(end, 0) - lifespan
+        churned = _series(out, churned_series)
+        retained = _series(out, retained_series)
+        spans_count = len(starts)
+        for bucket in revenue_buckets[bisect_right(revenue_buckets, reach):]:
+            amount = revenue[bucket] * sign
+            # revenue of bucket b is "previous period" for j in [b+n, b+2n): churned where
+            # the customer is no purchaser (the period minus the purchaser spans)
+            cursor = bucket + n
+            period_end = cursor + n
+            index = bisect_right(ends, cursor)
+            while index < spans_count and starts[index] < period_end:
+                if starts[index] > cursor and starts[index] > since:
                     low = cursor if cursor > since else since
                     churned[low] = churned.get(low, 0) + amount
-                    churned[period_end] = churned.get(period_end, 0) - amount
-                # and "in W" for j in [b, b+n): retained where the customer was a purchaser n
-                # buckets before (the purchaser spans shifted by n)
-                if bucket + n > since:
-                    window_end = bucket + n
-                    index = bisect_right(ends, bucket - n)
-                    while index < spans_count and starts[index] + n < window_end:
-                        low = starts[index] + n
-                        high = ends[index] + n
-                        low = low if low > bucket else bucket
-                        high = high if high < window_end else window_end
-                        if high > since:
-                            low = low if low > since else since
-                            retained[low] = retained.get(low, 0) + amount
-                            retained[high] = retained.get(high, 0) - amount
-                        index += 1
+                    churned[starts[index]] = churned.get(starts[index], 0) - amount
+                cursor = ends[index]
+                index += 1
+            if cursor < period_end and period_end > since:
+                low = cursor if cursor > since else since
+                churned[low] = churned.get(low, 0) + amount
+                churned[period_end] = churned.get(period_end, 0) - amount
+            # and "in W" for j in [b, b+n): retained where the customer was a purchaser n
+            # buckets before (the purchaser spans shifted by n)
+            if bucket + n > since:
+                window_end = bucket + n
+                index = bisect_right(ends, bucket - n)
+                while index < spans_count and starts[index] + n < window_end:
+                    low = starts[index] + n
+                    high = ends[index] + n
+                    low = low if low > bucket else bucket
+                    high = high if high < window_end else window_end
+                    if high > since:
+                        low = low if low > since else since
+                        retained[low] = retained.get(low, 0) + amount
+                        retained[high] = retained.get(high, 0) - amount
+                    index += 1
 
 
 _State = TypeVar("_State")
@@ -1271,6 +1314,8 @@ def _grouped_rows(deltas: Deltas) -> list[Any]:
 
 #: :func:`metrics._blocks.grouped_rows`, or ``None`` (pure Python, or no C build)
 _NATIVE_GROUPED_ROWS: Any = native_function("grouped_rows")
+#: :func:`metrics._blocks.order_deltas`, or ``None`` (see :func:`_order_deltas`)
+_NATIVE_ORDER_DELTAS: Any = native_function("order_deltas")
 
 
 def diff(after: Deltas, before: Deltas) -> Deltas:

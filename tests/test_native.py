@@ -250,6 +250,58 @@ def test_the_c_grouping_groups_what_the_python_grouping_groups(deltas: dict[str,
         for series, buckets in deltas.items() if any(buckets.values())}
 
 
+#: a customer's orders as the facts keep them: bucket -> latest order time (any int: the loop only subtracts)
+_ORDER_TIMES = st.dictionaries(st.integers(-50, 400), st.integers(-(10**13), 10**13), max_size=8)
+#: bucket -> net revenue: zero (left out of the sorted buckets), small, or past int64
+_REVENUE = st.dictionaries(st.integers(-50, 400), st.one_of(st.just(0), st.integers(-999, 999),
+                                                            st.integers(-(2**80), 2**80)), max_size=8)
+
+
+def _order_arguments(orders: dict[int, int], revenue: dict[int, int], second: int | None, first_ms: int,
+                     windows: tuple[int, ...], since: int, sign: int) -> tuple[Any, ...]:
+    return (sorted(orders), orders, sorted(b for b, amount in revenue.items() if amount), revenue, second, first_ms,
+            metrics_customer._order_windows(windows), since, sign)
+
+
+@settings(max_examples=400, deadline=None)
+@given(orders=_ORDER_TIMES, revenue=_REVENUE, second=st.one_of(st.none(), st.integers(-60, 420)),
+       first_ms=st.integers(-(10**13), 10**13), windows=st.lists(st.integers(1, 120), min_size=1, max_size=4,
+                                                                  unique=True).map(tuple),
+       since=st.one_of(st.just(MINUS_INFINITY), st.integers(-200, 500)), sign=st.sampled_from((1, -1)),
+       earlier=_MESSAGE_DELTAS)
+def test_the_c_order_loop_adds_what_the_python_loop_adds(
+    orders: dict[int, int], revenue: dict[int, int], second: int | None, first_ms: int, windows: tuple[int, ...],
+    since: int, sign: int, earlier: dict[str, dict[int, int]],
+) -> None:
+    """metrics._blocks.order_deltas adds the Python loop's deltas into a message's deltas, in its order."""
+    native = _native("order_deltas")
+    arguments = _order_arguments(orders, revenue, second, first_ms, windows, since, sign)
+    by_c, by_python = copy.deepcopy(earlier), copy.deepcopy(earlier)
+    assert native(by_c, *arguments) is True
+    metrics_customer._order_deltas(by_python, *arguments)
+    # equal, and built alike: the same series and buckets in the same order (the message's pair order)
+    assert [(series, list(buckets.items())) for series, buckets in by_c.items()] == [
+        (series, list(buckets.items())) for series, buckets in by_python.items()]
+
+
+@pytest.mark.parametrize(
+    ("orders", "revenue", "first_ms"),
+    [
+        ({2**62 + 1: 0}, {}, 0),  # a bucket past 62 bits
+        ({5: 2**63}, {}, 0),  # an order time past int64
+        ({5: 2**62}, {}, -(2**62)),  # a lifespan past 62 bits
+        ({5: 0}, {2**62 + 1: 3}, 0),  # a revenue bucket past 62 bits
+    ],
+)
+def test_the_c_order_loop_declines_what_does_not_fit(orders: dict[int, int], revenue: dict[int, int],
+                                                     first_ms: int) -> None:
+    """Inputs past 62 bits: the C loop returns None and changes nothing; the Python loop takes them."""
+    native = _native("order_deltas")
+    out: dict[str, dict[int, int]] = {"A": {1: 1}}
+    assert native(out, *_order_arguments(orders, revenue, None, first_ms, (60,), 0, 1)) is None
+    assert out == {"A": {1: 1}}
+
+
 def test_the_c_grouping_refuses_what_is_not_deltas() -> None:
     """A value that is not a dict of dicts of ints is a TypeError, not a crash."""
     native = _native("grouped_rows")
