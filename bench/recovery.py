@@ -36,7 +36,6 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -51,6 +50,7 @@ from streams.sinks.redis_sink import metric_key, read_health
 from streams.tools.storefront import Storefronts
 from streams.worker.contiguous import PURGE_INTERVAL_S
 from streams.worker.topics import MIN_CLEANABLE_DIRTY_RATIO
+from streams.worker.wire import pack_kept
 
 #: events per simulated day of the restart histories (a longer history spans more days)
 EVENTS_PER_DAY = 1_500
@@ -78,7 +78,7 @@ def storefront_bodies(events: int, stores: int, customers: int, seed: int) -> It
     generator = Storefronts(seed=seed, stores=stores, customers=customers, clock=clock)
     for _ in range(events):
         topic, body = next(generator)
-        yield topic, orjson.dumps(body)
+        yield topic, pack_kept(body)  # listed by the caller: see pack_kept
 
 
 def kafka_data_dir(settings: Settings) -> Path | None:

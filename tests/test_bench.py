@@ -162,3 +162,36 @@ def test_the_peer_gets_the_products_kafka_security(tmp_path: Path) -> None:
                       "sasl.username": "loyalty", "sasl.password": "s3cret"}
     connection = ConnectionConfig.from_librdkafka_dict({"bootstrap.servers": "k:9093", **config})
     assert connection.as_librdkafka_dict()["sasl.mechanism"] == "SCRAM-SHA-512"
+
+
+_RESIDENT_GROWTH = """
+import sys
+from bench.run import customer_bodies, small_store_bodies
+from bench.recovery import storefront_bodies
+
+def resident_kib():
+    with open("/proc/self/status") as status:
+        return int(status.read().split("VmRSS:")[1].split()[0])
+
+make = {"customers": lambda: customer_bodies(25_000, 5), "small": lambda: small_store_bodies(25_000),
+        "storefront": lambda: storefront_bodies(100_000, 5, 20_000, 1)}[sys.argv[1]]
+list(make())  # the generator's own caches and first allocations, then measured
+before = resident_kib()
+bodies = list(make())
+print(len(bodies), sum(len(body) for _, body in bodies), resident_kib() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident size from /proc")
+@pytest.mark.parametrize("generator", ["customers", "small", "storefront"])
+def test_the_bench_keeps_its_generated_events_at_their_size(generator: str) -> None:
+    """The bench's pre-generated events hold little more memory than their bytes (not orjson's 4 KiB buffers)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _RESIDENT_GROWTH, generator], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parent.parent)
+    count, payload_bytes, grown_kib = map(int, done.stdout.split())
+    assert count > 90_000
+    # each body kept: its bytes, the bytes object's header and a (topic, body) tuple, about 100 bytes more
+    assert grown_kib * 1024 < payload_bytes + 200 * count, (count, payload_bytes, grown_kib)

@@ -12,6 +12,7 @@ from metrics.alerts import KINDS, AlertConfig, DetectorState, due_boundaries, ev
 from metrics.catalog import ALL_STORES
 from metrics.store import QUIET_FOR_EVER, ReadPoints, StoreAggregate
 from metrics.timegrid import Grid
+from streams.worker.wire import pack_kept
 
 
 class PartitionSum:
@@ -60,7 +61,7 @@ class PartitionSum:
             total.merge(fresh)
             nonzero = ReadPoints({name: kept for name, values in fresh.values.items()
                                   if (kept := {bucket: value for bucket, value in values.items() if value})})
-            points[store_id] = (shard.version, orjson.dumps(nonzero.to_record()))
+            points[store_id] = (shard.version, pack_kept(nonzero.to_record()))  # one per store, kept
         return total
 
     def alert_points(self, window: int, as_of_bucket: int) -> ReadPoints:

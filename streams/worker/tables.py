@@ -111,7 +111,11 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
             store = self.data
             # bytes as they are (the raw codec's), without the serializer registry each time
-            set_bytes = store._set if isinstance(store, RoutedRocksDBStore) else store.__setitem__
+            def keep_copy(key: bytes, value: bytes) -> None:
+                # the memory store keeps the very objects: an exact-size copy (see wire.pack_kept)
+                store[key] = memoryview(value).tobytes()
+
+            set_bytes = store._set if isinstance(store, RoutedRocksDBStore) else keep_copy
             for key, value in items.items():
                 if value is None:
                     store.pop(key, None)  # a tombstone in the changelog
