@@ -727,10 +727,10 @@ def customer_bodies(customers: int, stores: int) -> Iterator[tuple[str, bytes]]:
             yield "signups", pack_kept({"type": "customer.signed_up", "channel": "organic", **common})
         elif kind == "nps":
             yield "survey-responses", pack_kept({"type": "survey.responded", "survey": "nps",
-                                                    "score": number % 11, **common})
+                                                 "score": number % 11, **common})
         else:
             yield "orders", pack_kept({"type": "order.placed", "order_id": f"{kind}-{number}",
-                                          "amount": f"{10 + number % 90}.90", "currency": "EUR", **common})
+                                       "amount": f"{10 + number % 90}.90", "currency": "EUR", **common})
 
 
 def small_store_bodies(stores: int) -> Iterator[tuple[str, bytes]]:
@@ -742,14 +742,14 @@ def small_store_bodies(stores: int) -> Iterator[tuple[str, bytes]]:
         at = int(start_ms + number * step)
         common = {"store_id": f"small-{number // 5 + 1}", "customer_id": f"c{number % 5}"}
         yield "signups", pack_kept({"event_id": f"s{number}", "type": "customer.signed_up", "occurred_at": at,
-                                       "channel": "organic", **common})
+                                    "channel": "organic", **common})
         for order in range(2):
             yield "orders", pack_kept({"event_id": f"o{number}-{order}", "type": "order.placed",
-                                          "occurred_at": at + (order + 1) * DAY_MS // 4, "order_id": f"o{order}",
-                                          "amount": "19.90", "currency": "EUR", **common})
+                                       "occurred_at": at + (order + 1) * DAY_MS // 4, "order_id": f"o{order}",
+                                       "amount": "19.90", "currency": "EUR", **common})
         yield "survey-responses", pack_kept({"event_id": f"n{number}", "type": "survey.responded",
-                                                "occurred_at": at + DAY_MS // 2, "survey": "nps",
-                                                "score": number % 11, **common})
+                                             "occurred_at": at + DAY_MS // 2, "survey": "nps",
+                                             "score": number % 11, **common})
 
 
 async def memory(settings: Settings, options: BenchOptions, work_dir: Path, database: int) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from faust.stores.rocksdb import RocksDBOptions, Store
 from streams.stages.facts import routing_key
 from streams.worker.acks import acknowledged
 from streams.worker.topics import COMPACTED_SEGMENT_CONFIG
-from streams.worker.wire import route
+from streams.worker.wire import kept, route
 
 #: RocksDB sizes per database (one per table and partition): Faust's defaults (64 MiB write
 #: buffers, a 2 GiB block cache each) add up to gigabytes over a few tables of 8 partitions
@@ -110,17 +110,15 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             topic = self.changelog_topic.get_topic_name()
             by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
             store = self.data
-            # bytes as they are (the raw codec's), without the serializer registry each time
-            def keep_copy(key: bytes, value: bytes) -> None:
-                # the memory store keeps the very objects: an exact-size copy (see wire.pack_kept)
-                store[key] = memoryview(value).tobytes()
-
-            set_bytes = store._set if isinstance(store, RoutedRocksDBStore) else keep_copy
+            rocksdb = store if isinstance(store, RoutedRocksDBStore) else None
             for key, value in items.items():
                 if value is None:
                     store.pop(key, None)  # a tombstone in the changelog
+                elif rocksdb is not None:
+                    # bytes as they are (the raw codec's), without the serializer registry each time
+                    rocksdb._set(key, value)
                 else:
-                    set_bytes(key, value)
+                    store[key] = kept(value)  # the memory store keeps the very object
                 by_partition.setdefault(self.partition_for_key(key), []).append((key, value))
             for partition, records in by_partition.items():
                 batch = producer.create_batch()
