@@ -633,7 +633,7 @@ static PyObject *series_of(PyObject *out, PyObject *name)
     PyObject *buckets = PyDict_GetItemWithError(out, name);
     if (buckets != NULL) {
         if (!PyDict_Check(buckets)) {
-            PyErr_SetString(PyExc_TypeError, "order_deltas: deltas must be a dict of dicts");
+            PyErr_SetString(PyExc_TypeError, "deltas must be a dict of dicts");
             return NULL;
         }
         return buckets;
@@ -931,6 +931,452 @@ static PyObject *order_deltas(PyObject *module, PyObject *const *args, Py_ssize_
     Py_RETURN_TRUE;
 }
 
+/* ---- activity_deltas --------------------------------------------------------------------- */
+
+/* metrics.intervals.PLUS_INFINITY: an interval ending there has no end delta */
+#define PLUS_INFINITY (1LL << 62)
+
+/* the series names the activity family always uses, interned like the Python source's literals */
+static PyObject *active_name, *first_name, *members_name;
+
+/* the intervals a Spans holds without allocating (a customer has one or two active intervals) */
+#define INLINE_SPANS 8
+
+/* sorted, disjoint intervals [starts[i], ends[i]); a Spans is never copied (it may point into itself) */
+typedef struct {
+    Py_ssize_t count;
+    long long *starts, *ends;
+    long long inline_starts[INLINE_SPANS], inline_ends[INLINE_SPANS];
+} Spans;
+
+/* empty, owning nothing: safe to clear */
+static void spans_init(Spans *spans)
+{
+    spans->count = 0;
+    spans->starts = spans->inline_starts;
+    spans->ends = spans->inline_ends;
+}
+
+static void spans_clear(Spans *spans)
+{
+    if (spans->starts != spans->inline_starts) {
+        PyMem_Free(spans->starts);
+        PyMem_Free(spans->ends);
+    }
+    spans_init(spans);
+}
+
+static int spans_alloc(Spans *spans, Py_ssize_t capacity)
+{
+    spans->count = 0;
+    if (capacity <= INLINE_SPANS) {
+        spans->starts = spans->inline_starts;
+        spans->ends = spans->inline_ends;
+        return 0;
+    }
+    spans->starts = PyMem_New(long long, capacity);
+    spans->ends = PyMem_New(long long, capacity);
+    if (spans->starts == NULL || spans->ends == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* a list of (start, end) tuples of ints into spans: 1 read, 0 declined (nothing set), -1 an error */
+static int spans_read(Spans *spans, PyObject *intervals)
+{
+    Py_ssize_t i, count;
+    if (!PyList_CheckExact(intervals))
+        return 0;
+    count = PyList_GET_SIZE(intervals);
+    if (spans_alloc(spans, count) < 0)
+        return -1;
+    for (i = 0; i < count; i++) {
+        PyObject *pair = PyList_GET_ITEM(intervals, i);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2
+            || !small_int(PyTuple_GET_ITEM(pair, 0), &spans->starts[i])
+            || !small_int(PyTuple_GET_ITEM(pair, 1), &spans->ends[i]))
+            return 0;
+    }
+    spans->count = count;
+    return 1;
+}
+
+/* result = left intersected with right moved offset later (metrics.intervals.intersect and shift);
+ * result holds left->count + right->count intervals */
+static void intersect_into(Spans *result, const Spans *left, const Spans *right, long long offset)
+{
+    Py_ssize_t i = 0, j = 0;
+    result->count = 0;
+    while (i < left->count && j < right->count) {
+        long long right_start = right->starts[j] + offset, right_end = right->ends[j] + offset;
+        long long start = left->starts[i] > right_start ? left->starts[i] : right_start;
+        long long end = left->ends[i] < right_end ? left->ends[i] : right_end;
+        if (start < end) {
+            result->starts[result->count] = start;
+            result->ends[result->count] = end;
+            result->count++;
+        }
+        if (left->ends[i] < right_end)
+            i++;
+        else
+            j++;
+    }
+}
+
+/* metrics.customer._add_interval: +weight at the start clipped at since, -weight at a finite end */
+static int add_interval(PyObject *out, PyObject *name, long long start, long long end, long long weight,
+                        long long since)
+{
+    PyObject *buckets;
+    if (end <= since || end <= start)
+        return 0;
+    if ((buckets = series_of(out, name)) == NULL || add_small(buckets, start > since ? start : since, weight) < 0)
+        return -1;
+    if (end < PLUS_INFINITY && add_small(buckets, end, -weight) < 0)
+        return -1;
+    return 0;
+}
+
+static int add_spans(PyObject *out, PyObject *name, const Spans *spans, long long weight, long long since)
+{
+    Py_ssize_t i;
+    for (i = 0; i < spans->count; i++)
+        if (add_interval(out, name, spans->starts[i], spans->ends[i], weight, since) < 0)
+            return -1;
+    return 0;
+}
+
+/* the windows tuple of ((n, both, newact, actmem), ...): 1 when every entry fits, else 0 */
+static int activity_windows_fit(PyObject *windows)
+{
+    Py_ssize_t w, k;
+    if (!PyTuple_CheckExact(windows))
+        return 0;
+    for (w = 0; w < PyTuple_GET_SIZE(windows); w++) {
+        PyObject *names = PyTuple_GET_ITEM(windows, w);
+        long long n;
+        /* a window of at most 2**40 buckets keeps every sum below within int64 */
+        if (!PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != 4 || !small_int(PyTuple_GET_ITEM(names, 0), &n)
+            || n < 0 || n > (1LL << 40))
+            return 0;
+        for (k = 1; k < 4; k++)
+            if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, k)))
+                return 0;
+    }
+    return 1;
+}
+
+/* the loop of metrics.customer._activity_deltas over read inputs; 0 or -1 (an error) */
+static int activity_loop(PyObject *out, const Spans *active, int has_first, long long first, PyObject *channel_series,
+                         const Spans *members, const long long *rewards, Py_ssize_t reward_count,
+                         PyObject *windows, long long since, long long sign, Spans *found, Spans *recent)
+{
+    Py_ssize_t w, i;
+    if (add_spans(out, active_name, active, sign, since) < 0)
+        return -1;
+    if (has_first) {
+        PyObject *buckets = series_of(out, first_name);
+        if (buckets == NULL || add_small(buckets, first, sign) < 0)
+            return -1;
+        if (channel_series != Py_None
+            && ((buckets = series_of(out, channel_series)) == NULL || add_small(buckets, first, sign) < 0))
+            return -1;
+    }
+    if (add_spans(out, members_name, members, sign, since) < 0)
+        return -1;
+    for (w = 0; w < PyTuple_GET_SIZE(windows); w++) {
+        PyObject *names = PyTuple_GET_ITEM(windows, w);
+        long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(names, 0));
+        intersect_into(found, active, active, n);
+        if (add_spans(out, PyTuple_GET_ITEM(names, 1), found, sign, since) < 0)
+            return -1;
+        if (has_first && first + n > since) {
+            Spans newly;
+            spans_init(&newly);
+            newly.count = 1;
+            newly.inline_starts[0] = first;
+            newly.inline_ends[0] = first + n;
+            intersect_into(found, active, &newly, 0);
+            if (add_spans(out, PyTuple_GET_ITEM(names, 2), found, sign, since) < 0)
+                return -1;
+        }
+        if (members->count > 0 && reward_count > 0) {
+            /* the rewards after since - n, each spanning n buckets, merged (metrics.intervals.spans) */
+            recent->count = 0;
+            for (i = after(rewards, reward_count, since - n); i < reward_count; i++) {
+                long long start = rewards[i], end = rewards[i] + n;
+                if (end <= start)
+                    continue;
+                if (recent->count > 0 && start <= recent->ends[recent->count - 1]) {
+                    if (end > recent->ends[recent->count - 1])
+                        recent->ends[recent->count - 1] = end;
+                } else {
+                    recent->starts[recent->count] = start;
+                    recent->ends[recent->count] = end;
+                    recent->count++;
+                }
+            }
+            if (recent->count > 0) {
+                intersect_into(found, members, recent, 0);
+                if (add_spans(out, PyTuple_GET_ITEM(names, 3), found, sign, since) < 0)
+                    return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* activity_deltas(out, active, first, channel_series, members, reward_buckets, windows, since, sign):
+ * True once added, None when declined (nothing changed) */
+static PyObject *activity_deltas(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Spans active, members, found, recent;
+    PyObject *out, *channel_series, *reward_list, *windows;
+    long long first = 0, since, sign, *rewards = NULL;
+    Py_ssize_t reward_count = 0, i, capacity;
+    int has_first, read;
+    (void)module;
+
+    spans_init(&active);
+    spans_init(&members);
+    spans_init(&found);
+    spans_init(&recent);
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "activity_deltas takes 9 arguments");
+        return NULL;
+    }
+    out = args[0];
+    has_first = args[2] != Py_None;
+    channel_series = args[3];
+    reward_list = args[5];
+    windows = args[6];
+    if (!PyDict_Check(out) || (has_first && !small_int(args[2], &first))
+        || (channel_series != Py_None && !PyUnicode_CheckExact(channel_series)) || !PyList_CheckExact(reward_list)
+        || !activity_windows_fit(windows) || !small_int(args[7], &since) || !small_int(args[8], &sign)
+        || (sign != 1 && sign != -1))
+        Py_RETURN_NONE;
+    if ((read = spans_read(&active, args[1])) <= 0 || (read = spans_read(&members, args[4])) <= 0)
+        goto done;
+    reward_count = PyList_GET_SIZE(reward_list);
+    if ((rewards = PyMem_New(long long, reward_count + 1)) == NULL) {
+        PyErr_NoMemory();
+        read = -1;
+        goto done;
+    }
+    for (i = 0; i < reward_count; i++)
+        if (!small_int(PyList_GET_ITEM(reward_list, i), &rewards[i])) {
+            read = 0;
+            goto done;
+        }
+    /* an intersection holds at most as many intervals as its two sides together */
+    capacity = 2 * active.count + members.count + reward_count + 1;
+    if ((read = spans_alloc(&found, capacity)) < 0 || (read = spans_alloc(&recent, reward_count)) < 0)
+        goto done;
+    read = 1;
+    if (activity_loop(out, &active, has_first, first, channel_series, &members, rewards, reward_count, windows, since,
+                      sign, &found, &recent) < 0)
+        read = -1;
+done:
+    spans_clear(&active);
+    spans_clear(&members);
+    spans_clear(&found);
+    spans_clear(&recent);
+    PyMem_Free(rewards);
+    if (read < 0)
+        return NULL;
+    if (read == 0)
+        Py_RETURN_NONE;
+    Py_RETURN_TRUE;
+}
+
+/* ---- cohort_deltas ----------------------------------------------------------------------- */
+
+/* metrics.customer.COHORT_PERIODS: a cohort's month bounds are COHORT_PERIODS + 2 month starts */
+#define COHORT_PERIODS 12
+#define MINUS_INFINITY (-(1LL << 62))
+
+static PyObject *cohort_count_name, *cohort_current_name;
+
+/* Python's a // b for b > 0 */
+static long long floor_div(long long a, long long b)
+{
+    long long quotient = a / b;
+    return (a % b != 0 && a < 0) ? quotient - 1 : quotient;
+}
+
+/* a month summary of metrics.customer.MonthSummary, with its month */
+typedef struct {
+    long long month, activity, close, order;
+} Summary;
+
+/* the loop of metrics.customer._cohort_deltas over read inputs; 0 or -1 (an error) */
+static int cohort_loop(PyObject *out, long long first, long long cohort, const long long *bounds, PyObject *names,
+                       const Spans *active, const Summary *summaries, Py_ssize_t count, long long bucket_ms,
+                       long long horizon, long long since, long long sign)
+{
+    PyObject *active_ends = PyTuple_GET_ITEM(names, 0), *ordered_ends = PyTuple_GET_ITEM(names, 1);
+    PyObject *active_now = PyTuple_GET_ITEM(names, 2), *ordered_now = PyTuple_GET_ITEM(names, 3);
+    long long limit = bounds[COHORT_PERIODS], latest_activity = MINUS_INFINITY, latest_close = MINUS_INFINITY;
+    long long active_from = 0, ordered_from = 0, last, month, end;
+    int has_active_from = 0, has_ordered_from = 0, active_then;
+    Py_ssize_t i, index = 0, low = 1, high = COHORT_PERIODS + 2, period;
+
+    if (bounds[1] - 1 >= since) {
+        PyObject *buckets = series_of(out, cohort_count_name);
+        if (buckets == NULL || add_small(buckets, bounds[1] - 1, sign) < 0)
+            return -1;
+    }
+    if (add_interval(out, cohort_current_name, first, bounds[1], sign, since) < 0)
+        return -1;
+    for (i = 0; i < active->count; i++)
+        if (add_interval(out, active_now, active->starts[i], active->ends[i] < limit ? active->ends[i] : limit, sign,
+                         since) < 0)
+            return -1;
+    if (count == 0)
+        return 0;
+    /* bisect_left(bounds, since + 1, 1) - 1: the first period whose last bucket is >= since */
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (bounds[middle] < since + 1)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    period = low - 1;
+    month = cohort + period;
+    while (index < count && summaries[index].month < month) {
+        latest_activity = summaries[index].activity > latest_activity ? summaries[index].activity : latest_activity;
+        latest_close = summaries[index].close > latest_close ? summaries[index].close : latest_close;
+        index++;
+    }
+    while (period < COHORT_PERIODS) {
+        long long first_order = PLUS_INFINITY;
+        month = cohort + period;
+        while (index < count && summaries[index].month <= month) {
+            latest_activity = summaries[index].activity > latest_activity ? summaries[index].activity : latest_activity;
+            latest_close = summaries[index].close > latest_close ? summaries[index].close : latest_close;
+            if (summaries[index].month == month)
+                first_order = summaries[index].order;
+            index++;
+        }
+        last = bounds[period + 1] - 1;
+        active_then = latest_activity != MINUS_INFINITY && floor_div(latest_activity, bucket_ms) > last - horizon
+                      && latest_close <= latest_activity;
+        if (active_then) {
+            if (!has_active_from) {
+                has_active_from = 1;
+                active_from = last;
+            }
+        } else if (has_active_from) {
+            if (add_interval(out, active_ends, active_from, last, sign, since) < 0)
+                return -1;
+            has_active_from = 0;
+        }
+        if (first_order != PLUS_INFINITY) {
+            if (add_interval(out, ordered_now, floor_div(first_order, bucket_ms), bounds[period + 1], sign, since) < 0)
+                return -1;
+            if (!has_ordered_from) {
+                has_ordered_from = 1;
+                ordered_from = last;
+            }
+        } else if (has_ordered_from) {
+            if (add_interval(out, ordered_ends, ordered_from, last, sign, since) < 0)
+                return -1;
+            has_ordered_from = 0;
+        }
+        period++;
+        if (index == count && !active_then)
+            break;
+    }
+    end = bounds[period + 1] - 1;
+    if (has_active_from && add_interval(out, active_ends, active_from, end, sign, since) < 0)
+        return -1;
+    if (has_ordered_from && add_interval(out, ordered_ends, ordered_from, end, sign, since) < 0)
+        return -1;
+    return 0;
+}
+
+/* the sorted [(month, (activity, close, first order)), ...] into summaries: 1 read, 0 declined, -1 an error */
+static int summaries_read(Summary *summaries, PyObject *list)
+{
+    Py_ssize_t i;
+    for (i = 0; i < PyList_GET_SIZE(list); i++) {
+        PyObject *entry = PyList_GET_ITEM(list, i), *summary;
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2)
+            return 0;
+        summary = PyTuple_GET_ITEM(entry, 1);
+        if (!small_int(PyTuple_GET_ITEM(entry, 0), &summaries[i].month) || !PyTuple_CheckExact(summary)
+            || PyTuple_GET_SIZE(summary) != 3 || !small_int(PyTuple_GET_ITEM(summary, 0), &summaries[i].activity)
+            || !small_int(PyTuple_GET_ITEM(summary, 1), &summaries[i].close)
+            || !small_int(PyTuple_GET_ITEM(summary, 2), &summaries[i].order))
+            return 0;
+    }
+    return 1;
+}
+
+/* cohort_deltas(out, first, cohort, bounds, names, active, summaries, bucket_ms, horizon, since, sign):
+ * True once added, None when declined (nothing changed) */
+static PyObject *cohort_deltas(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Spans active;
+    Summary *summaries = NULL;
+    PyObject *out, *bounds_tuple, *names, *summary_list;
+    long long first, cohort, bounds[COHORT_PERIODS + 2], bucket_ms, horizon, since, sign;
+    Py_ssize_t i, count;
+    int read;
+    (void)module;
+
+    spans_init(&active);
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "cohort_deltas takes 11 arguments");
+        return NULL;
+    }
+    out = args[0];
+    bounds_tuple = args[3];
+    names = args[4];
+    summary_list = args[6];
+    /* a horizon of at most 2**40 buckets keeps last - horizon within int64 */
+    if (!PyDict_Check(out) || !small_int(args[1], &first) || !small_int(args[2], &cohort)
+        || !PyTuple_CheckExact(bounds_tuple) || PyTuple_GET_SIZE(bounds_tuple) != COHORT_PERIODS + 2
+        || !PyTuple_Check(names) || PyTuple_GET_SIZE(names) != 4 || !PyList_CheckExact(summary_list)
+        || !small_int(args[7], &bucket_ms) || bucket_ms <= 0 || !small_int(args[8], &horizon) || horizon < 0
+        || horizon > (1LL << 40) || !small_int(args[9], &since) || !small_int(args[10], &sign)
+        || (sign != 1 && sign != -1))
+        Py_RETURN_NONE;
+    for (i = 0; i < COHORT_PERIODS + 2; i++)
+        if (!small_int(PyTuple_GET_ITEM(bounds_tuple, i), &bounds[i]))
+            Py_RETURN_NONE;
+    for (i = 0; i < 4; i++)
+        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, i)))
+            Py_RETURN_NONE;
+    /* the caller's precondition (a run of the cohort ends after since), without which the Python loop reads
+     * past the bounds; and cohort + period within int64 */
+    if (bounds[COHORT_PERIODS + 1] - 1 <= since || cohort > ORDER_LIMIT - COHORT_PERIODS)
+        Py_RETURN_NONE;
+    if ((read = spans_read(&active, args[5])) <= 0)
+        goto done;
+    count = PyList_GET_SIZE(summary_list);
+    if ((summaries = PyMem_New(Summary, count + 1)) == NULL) {
+        PyErr_NoMemory();
+        read = -1;
+        goto done;
+    }
+    if ((read = summaries_read(summaries, summary_list)) <= 0)
+        goto done;
+    if (cohort_loop(out, first, cohort, bounds, names, &active, summaries, count, bucket_ms, horizon, since, sign) < 0)
+        read = -1;
+done:
+    spans_clear(&active);
+    PyMem_Free(summaries);
+    if (read < 0)
+        return NULL;
+    if (read == 0)
+        Py_RETURN_NONE;
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"grouped_rows", (PyCFunction)grouped_rows, METH_O,
      "grouped_rows(deltas) -> [series, [bucket, delta, ...], series, ...]\n\n"
@@ -949,16 +1395,31 @@ static PyMethodDef methods[] = {
      "order_deltas(out, all_orders, order_times, revenue_buckets, revenue, second_order, first_order_ms,\n"
      "             windows, since, sign) -> True, or None (declined: nothing changed)\n\n"
      "Add a customer's order-family contributions into out, as metrics.customer._order_deltas does."},
+    {"activity_deltas", (PyCFunction)(void (*)(void))activity_deltas, METH_FASTCALL,
+     "activity_deltas(out, active, first, channel_series, members, reward_buckets, windows, since, sign)\n"
+     "    -> True, or None (declined: nothing changed)\n\n"
+     "Add a customer's activity-family contributions but the cohort series into out, as\n"
+     "metrics.customer._activity_deltas does."},
+    {"cohort_deltas", (PyCFunction)(void (*)(void))cohort_deltas, METH_FASTCALL,
+     "cohort_deltas(out, first, cohort, bounds, names, active, summaries, bucket_ms, horizon, since, sign)\n"
+     "    -> True, or None (declined: nothing changed)\n\n"
+     "Add a customer's cohort series into out, as metrics.customer._cohort_deltas does."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "metrics._blocks",
     "The innermost loops of the facts stage and the aggregation in C (see metrics.customer._grouped_rows,\n"
-    "metrics.customer._order_deltas, metrics.store._add_pairs and metrics.store._slot_sum).", -1, methods, NULL, NULL, NULL, NULL,
+    "metrics.customer._order_deltas, metrics.customer._activity_deltas,\n"
+    "metrics.customer._cohort_deltas, metrics.store._add_pairs and metrics.store._slot_sum).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__blocks(void)
 {
+    if ((active_name = PyUnicode_InternFromString("A")) == NULL || (first_name = PyUnicode_InternFromString("F")) == NULL
+        || (members_name = PyUnicode_InternFromString("LM")) == NULL
+        || (cohort_count_name = PyUnicode_InternFromString("cmN")) == NULL
+        || (cohort_current_name = PyUnicode_InternFromString("ckN")) == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

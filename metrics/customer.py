@@ -898,111 +898,34 @@ class CustomerFacts:
         """Add the activity family's contributions; returns the active intervals (exact from since - longest)."""
         # both:n reads activity n buckets back
         active = self.active_intervals(grid, since - grid.longest)
-        _add_intervals(out, "A", active, sign, since)
         first = None if self.first_activity_ms is None else grid.bucket(self.first_activity_ms)
-        if first is not None:
-            # never clipped: a signup's channel classifies the first activity, which may be earlier
-            add_delta(out, "F", first, sign)
-            if self.signup_channel:
-                add_delta(out, "Fch:" + self.signup_channel, first, sign)
-            self._cohort_contributions(grid, out, since, sign, active, first)
+        channel_series = "Fch:" + self.signup_channel if first is not None and self.signup_channel else None
         members = intersect(active, self.member_intervals(grid)) if self.membership or self.member_before else []
-        _add_intervals(out, "LM", members, sign, since)
-        # one active interval is the common case: its intersections are single intervals
-        single = active[0] if len(active) == 1 else None
-        for n in grid.windows:
-            names = _series_names(n)
-            if single is not None:
-                _add_interval(out, names.both, single[0] + n, single[1], sign, since)
-            else:
-                _add_intervals(out, names.both, intersect(active, shift(active, n)), sign, since)
-            if first is not None and first + n > since:
-                if single is not None:
-                    _add_interval(out, names.newact, max(single[0], first), min(single[1], first + n), sign, since)
-                else:
-                    _add_intervals(out, names.newact, intersect(active, [(first, first + n)]), sign, since)
-            if members and self.rewards:
-                recent = [bucket for bucket in self.rewards if bucket + n > since]
-                if recent:
-                    _add_intervals(out, names.actmem, intersect(members, spans(recent, n)), sign, since)
+        reward_buckets = sorted(self.rewards) if members and self.rewards else []
+        windows = _activity_windows(grid.windows)
+        if _NATIVE_ACTIVITY_DELTAS is None or _NATIVE_ACTIVITY_DELTAS(
+            out, active, first, channel_series, members, reward_buckets, windows, since, sign
+        ) is None:
+            _activity_deltas(out, active, first, channel_series, members, reward_buckets, windows, since, sign)
+        if first is not None:
+            self._cohort_contributions(grid, out, since, sign, active, first)
         return active
 
     def _cohort_contributions(self, grid: Grid, out: Deltas, since: int, sign: int, active: Intervals,
                               first: int) -> None:
-        """The cohort series (see the module docstring), clipped at ``since`` like the difference series.
-
-        A status at a month's last bucket e depends on the facts at buckets <= e only, so clipping
-        changes no difference. The month-end statuses are runs of periods: active (or ordered) from
-        the end of period p0 to the end of p1 is +1 at the one and -1 at the other, whatever the length.
-        """
+        """The cohort series (see the module docstring), clipped at ``since`` like the difference series."""
         cohort = grid.month_of_bucket(first)
         bounds = month_bounds(grid.bucket_ms, cohort)
         if bounds[-1] - 1 <= since:
             return  # every run of the cohort ends before since
-        names = cohort_series(cohort)
-        if bounds[1] - 1 >= since:
-            add_delta(out, "cmN", bounds[1] - 1, sign)
-        _add_interval(out, "ckN", first, bounds[1], sign, since)
-        # active at j (of the current month, read at K) during the cohort's twelve periods
-        limit = bounds[COHORT_PERIODS]
-        for start, end in active:
-            _add_interval(out, names.active_now, start, end if end < limit else limit, sign, since)
         months = self.months
-        if not months:
-            return
-        # the month-end statuses, from the month summaries: the latest activity and close up to each
-        # month's end; the periods before the one holding since only set where the runs stand there
         summaries = sorted(months.items()) if len(months) > 1 else list(months.items())
-        count = len(summaries)
-        first_period = bisect_left(bounds, since + 1, 1) - 1  # the first period whose last bucket is >= since
-        index = 0
-        latest_activity = latest_close = MINUS_INFINITY
-        month = cohort + first_period
-        while index < count and summaries[index][0] < month:
-            activity, close, _ = summaries[index][1]
-            latest_activity = max(latest_activity, activity)
-            latest_close = max(latest_close, close)
-            index += 1
-        horizon = grid.horizon
-        bucket_ms = grid.bucket_ms
-        active_from: int | None = None
-        ordered_from: int | None = None
-        period = first_period
-        while period < COHORT_PERIODS:
-            month = cohort + period
-            first_order = PLUS_INFINITY
-            while index < count and summaries[index][0] <= month:
-                activity, close, order = summaries[index][1]
-                latest_activity = max(latest_activity, activity)
-                latest_close = max(latest_close, close)
-                if summaries[index][0] == month:
-                    first_order = order
-                index += 1
-            last = bounds[period + 1] - 1
-            active_then = (latest_activity != MINUS_INFINITY and latest_activity // bucket_ms > last - horizon
-                           and latest_close <= latest_activity)
-            if active_then:
-                if active_from is None:
-                    active_from = last
-            elif active_from is not None:
-                _add_interval(out, names.active_ends, active_from, last, sign, since)
-                active_from = None
-            if first_order != PLUS_INFINITY:
-                _add_interval(out, names.ordered_now, grid.bucket(first_order), bounds[period + 1], sign, since)
-                if ordered_from is None:
-                    ordered_from = last
-            elif ordered_from is not None:
-                _add_interval(out, names.ordered_ends, ordered_from, last, sign, since)
-                ordered_from = None
-            period += 1
-            if index == count and not active_then:
-                break  # no later summary: inactive and without orders from here on
-        # runs still open end at the next period's end (the one after the last period is never read)
-        end = bounds[period + 1] - 1
-        if active_from is not None:
-            _add_interval(out, names.active_ends, active_from, end, sign, since)
-        if ordered_from is not None:
-            _add_interval(out, names.ordered_ends, ordered_from, end, sign, since)
+        names = cohort_series(cohort)
+        if _NATIVE_COHORT_DELTAS is None or _NATIVE_COHORT_DELTAS(
+            out, first, cohort, bounds, names, active, summaries, grid.bucket_ms, grid.horizon, since, sign
+        ) is None:
+            _cohort_deltas(out, first, cohort, bounds, names, active, summaries, grid.bucket_ms, grid.horizon, since,
+                           sign)
 
     def _order_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
         all_orders = sorted(self.orders)
@@ -1017,6 +940,149 @@ class CustomerFacts:
             return
         _order_deltas(out, all_orders, self.orders, revenue_buckets, revenue, second_order, first_order_ms, windows,
                       since, sign)
+
+
+def _cohort_deltas(out: Deltas, first: int, cohort: int, bounds: tuple[int, ...], names: CohortSeries,
+                   active: Intervals, summaries: list[tuple[int, MonthSummary]], bucket_ms: int, horizon: int,
+                   since: int, sign: int) -> None:
+    """The cohort series of a customer of cohort ``cohort``, clipped at ``since``, times ``sign``, into ``out``.
+
+    ``first``: the first activity's bucket; ``bounds``: :func:`month_bounds` of the cohort, whose
+    last run ends after ``since``; ``names``: :func:`cohort_series`; ``active``: the active
+    intervals; ``summaries``: the month summaries, sorted by month. A status at a month's last
+    bucket e depends on the facts at buckets <= e only, so clipping changes no difference. The
+    month-end statuses are runs of periods: active (or ordered) from the end of period p0 to the end
+    of p1 is +1 at the one and -1 at the other, whatever the length.
+    :func:`metrics._blocks.cohort_deltas` is the same loop in C, adding the same deltas in the same
+    order (used when built; it declines inputs past 62 bits, which this loop then takes).
+
+    >>> out: Deltas = {}
+    >>> bounds = month_bounds(86_400_000, 0)
+    >>> _cohort_deltas(out, 3, 0, bounds, cohort_series(0), [(3, 40)], [(0, (3 * 86_400_000, MINUS_INFINITY,
+    ...                PLUS_INFINITY))], 86_400_000, 30, 0, 1)
+    >>> out["cmN"], out["ckN"], out["ckA:0"], out["cmA:0"]
+    ({30: 1}, {3: 1, 31: -1}, {3: 1, 40: -1}, {30: 1, 58: -1})
+    """
+    if bounds[1] - 1 >= since:
+        add_delta(out, "cmN", bounds[1] - 1, sign)
+    _add_interval(out, "ckN", first, bounds[1], sign, since)
+    # active at j (of the current month, read at K) during the cohort's twelve periods
+    limit = bounds[COHORT_PERIODS]
+    for start, end in active:
+        _add_interval(out, names.active_now, start, end if end < limit else limit, sign, since)
+    count = len(summaries)
+    if not count:
+        return
+    # the month-end statuses, from the month summaries: the latest activity and close up to each
+    # month's end; the periods before the one holding since only set where the runs stand there
+    first_period = bisect_left(bounds, since + 1, 1) - 1  # the first period whose last bucket is >= since
+    index = 0
+    latest_activity = latest_close = MINUS_INFINITY
+    month = cohort + first_period
+    while index < count and summaries[index][0] < month:
+        activity, close, _ = summaries[index][1]
+        latest_activity = max(latest_activity, activity)
+        latest_close = max(latest_close, close)
+        index += 1
+    active_from: int | None = None
+    ordered_from: int | None = None
+    period = first_period
+    while period < COHORT_PERIODS:
+        month = cohort + period
+        first_order = PLUS_INFINITY
+        while index < count and summaries[index][0] <= month:
+            activity, close, order = summaries[index][1]
+            latest_activity = max(latest_activity, activity)
+            latest_close = max(latest_close, close)
+            if summaries[index][0] == month:
+                first_order = order
+            index += 1
+        last = bounds[period + 1] - 1
+        active_then = (latest_activity != MINUS_INFINITY and latest_activity // bucket_ms > last - horizon
+                       and latest_close <= latest_activity)
+        if active_then:
+            if active_from is None:
+                active_from = last
+        elif active_from is not None:
+            _add_interval(out, names.active_ends, active_from, last, sign, since)
+            active_from = None
+        if first_order != PLUS_INFINITY:
+            _add_interval(out, names.ordered_now, first_order // bucket_ms, bounds[period + 1], sign, since)
+            if ordered_from is None:
+                ordered_from = last
+        elif ordered_from is not None:
+            _add_interval(out, names.ordered_ends, ordered_from, last, sign, since)
+            ordered_from = None
+        period += 1
+        if index == count and not active_then:
+            break  # no later summary: inactive and without orders from here on
+    # runs still open end at the next period's end (the one after the last period is never read)
+    end = bounds[period + 1] - 1
+    if active_from is not None:
+        _add_interval(out, names.active_ends, active_from, end, sign, since)
+    if ordered_from is not None:
+        _add_interval(out, names.ordered_ends, ordered_from, end, sign, since)
+
+
+#: per window length: the length and the names of its activity series (active at j and j - n, newly
+#: active, active member with a reward), as :func:`_activity_deltas` takes them
+ActivityWindows = tuple[tuple[int, str, str, str], ...]
+
+
+@cache
+def _activity_windows(windows: tuple[int, ...]) -> ActivityWindows:
+    """The activity series of each window length (see :data:`ActivityWindows`).
+
+    >>> _activity_windows((60,))
+    ((60, 'both:60', 'newact:60', 'actmem:60'),)
+    """
+    result = []
+    for n in windows:
+        names = _series_names(n)
+        result.append((n, names.both, names.newact, names.actmem))
+    return tuple(result)
+
+
+def _activity_deltas(out: Deltas, active: Intervals, first: int | None, channel_series: str | None,
+                     members: Intervals, reward_buckets: list[int], windows: ActivityWindows, since: int,
+                     sign: int) -> None:
+    """The activity family's contributions but the cohort series, clipped at ``since``, times ``sign``, into ``out``.
+
+    ``active``: the active intervals; ``first``: the first activity's bucket (``None``: none yet);
+    ``channel_series``: ``Fch:`` and the signup channel (``None``: no channel); ``members``: the
+    active member intervals; ``reward_buckets``: the buckets with a reward issued or redeemed, sorted
+    (read only with members). :func:`metrics._blocks.activity_deltas` is the same loop in C, adding
+    the same deltas in the same order (used when built; it declines inputs past 62 bits, which this
+    loop then takes).
+
+    >>> out: Deltas = {}
+    >>> _activity_deltas(out, [(10, 40)], 10, "Fch:web", [], [], _activity_windows((20,)), 0, 1)
+    >>> out
+    {'A': {10: 1, 40: -1}, 'F': {10: 1}, 'Fch:web': {10: 1}, 'both:20': {30: 1, 40: -1}, 'newact:20': {10: 1, 30: -1}}
+    """
+    _add_intervals(out, "A", active, sign, since)
+    if first is not None:
+        # never clipped: a signup's channel classifies the first activity, which may be earlier
+        add_delta(out, "F", first, sign)
+        if channel_series is not None:
+            add_delta(out, channel_series, first, sign)
+    _add_intervals(out, "LM", members, sign, since)
+    # one active interval is the common case: its intersections are single intervals
+    single = active[0] if len(active) == 1 else None
+    for n, both_series, newact_series, actmem_series in windows:
+        if single is not None:
+            _add_interval(out, both_series, single[0] + n, single[1], sign, since)
+        else:
+            _add_intervals(out, both_series, intersect(active, shift(active, n)), sign, since)
+        if first is not None and first + n > since:
+            if single is not None:
+                _add_interval(out, newact_series, max(single[0], first), min(single[1], first + n), sign, since)
+            else:
+                _add_intervals(out, newact_series, intersect(active, [(first, first + n)]), sign, since)
+        if members and reward_buckets:
+            recent = reward_buckets[bisect_right(reward_buckets, since - n):]
+            if recent:
+                _add_intervals(out, actmem_series, intersect(members, spans(recent, n)), sign, since)
 
 
 #: per window length: the length and the names of its order series (purchasers, returning, lifespan,
@@ -1316,6 +1382,10 @@ def _grouped_rows(deltas: Deltas) -> list[Any]:
 _NATIVE_GROUPED_ROWS: Any = native_function("grouped_rows")
 #: :func:`metrics._blocks.order_deltas`, or ``None`` (see :func:`_order_deltas`)
 _NATIVE_ORDER_DELTAS: Any = native_function("order_deltas")
+#: :func:`metrics._blocks.activity_deltas`, or ``None`` (see :func:`_activity_deltas`)
+_NATIVE_ACTIVITY_DELTAS: Any = native_function("activity_deltas")
+#: :func:`metrics._blocks.cohort_deltas`, or ``None`` (see :func:`_cohort_deltas`)
+_NATIVE_COHORT_DELTAS: Any = native_function("cohort_deltas")
 
 
 def diff(after: Deltas, before: Deltas) -> Deltas:

@@ -8,6 +8,7 @@ micro-units (1 unit = 1_000_000 micros), so sums are exact.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 ORDER_PLACED = "order.placed"
 ORDER_REFUNDED = "order.refunded"
@@ -76,3 +77,67 @@ class Event:
     answers: tuple[int, int, int] | None = None
     reward_id: str | None = None
     points: int | None = None
+
+
+class _EventDraft:
+    """A mutable twin of :class:`Event` with the same slots, for speed.
+
+    The frozen dataclass ``__init__`` sets each of its 15 fields through
+    ``object.__setattr__``, which costs about five times a plain construction
+    and more than all the checks of an event. A draft stores its fields with
+    plain slot writes, then becomes an :class:`Event` by ``__class__``
+    assignment (allowed: same slot layout). The result is an ordinary, equal,
+    frozen ``Event``. :func:`_drafts_work` checks this at import; if ``Event``
+    ever changes shape, ``Event`` itself is used.
+    """
+
+    __slots__ = Event.__slots__
+
+    def __init__(
+        self,
+        event_id: str,
+        type: str,
+        occurred_at_ms: int,
+        store_id: str,
+        customer_id: str | None = None,
+        order_id: str | None = None,
+        amount_micros: int | None = None,
+        currency: str | None = None,
+        channel: str | None = None,
+        survey: str | None = None,
+        score: int | None = None,
+        scale: int | None = None,
+        answers: tuple[int, int, int] | None = None,
+        reward_id: str | None = None,
+        points: int | None = None,
+    ) -> None:
+        self.event_id = event_id
+        self.type = type
+        self.occurred_at_ms = occurred_at_ms
+        self.store_id = store_id
+        self.customer_id = customer_id
+        self.order_id = order_id
+        self.amount_micros = amount_micros
+        self.currency = currency
+        self.channel = channel
+        self.survey = survey
+        self.score = score
+        self.scale = scale
+        self.answers = answers
+        self.reward_id = reward_id
+        self.points = points
+        self.__class__ = Event  # type: ignore[assignment]
+
+
+def _drafts_work() -> bool:
+    values = ("e", "t", 1, "s", "c", "o", 2, "EUR", "ch", "nps", 3, 5, (1, 2, 3), "r", 4)
+    try:
+        draft: object = _EventDraft(*values)
+        return type(draft) is Event and draft == Event(*values)
+    except (TypeError, AttributeError):
+        return False
+
+
+#: builds an :class:`Event` with ``Event``'s signature, faster (the validator and the facts stage
+#: build one per event); the result is a frozen ``Event`` like any other
+new_event: type[Event] = cast("type[Event]", _EventDraft) if _drafts_work() else Event

@@ -75,7 +75,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from math import isfinite
-from typing import NoReturn, cast
+from typing import NoReturn
 
 import orjson
 
@@ -95,6 +95,7 @@ from metrics.events import (
     TOPIC_TYPES,
     TYPE_TOPIC,
     Event,
+    new_event,
 )
 
 __all__ = [
@@ -424,68 +425,6 @@ def parse_amount(value: object) -> int:
 # --------------------------------------------------------------------------- events
 
 
-class _EventDraft:
-    """A mutable twin of :class:`Event` with the same slots, for speed.
-
-    The frozen dataclass ``__init__`` sets each of its 15 fields through
-    ``object.__setattr__``, which costs more than all the checks of an event.
-    A draft stores its fields with plain slot writes, then becomes an
-    :class:`Event` by ``__class__`` assignment (allowed: same slot layout).
-    The result is an ordinary, equal ``Event``. :func:`_drafts_work` checks
-    this at import; if ``Event`` ever changes shape, ``Event`` itself is used.
-    """
-
-    __slots__ = Event.__slots__
-
-    def __init__(
-        self,
-        event_id: str,
-        type: str,
-        occurred_at_ms: int,
-        store_id: str,
-        customer_id: str | None = None,
-        order_id: str | None = None,
-        amount_micros: int | None = None,
-        currency: str | None = None,
-        channel: str | None = None,
-        survey: str | None = None,
-        score: int | None = None,
-        scale: int | None = None,
-        answers: tuple[int, int, int] | None = None,
-        reward_id: str | None = None,
-        points: int | None = None,
-    ) -> None:
-        self.event_id = event_id
-        self.type = type
-        self.occurred_at_ms = occurred_at_ms
-        self.store_id = store_id
-        self.customer_id = customer_id
-        self.order_id = order_id
-        self.amount_micros = amount_micros
-        self.currency = currency
-        self.channel = channel
-        self.survey = survey
-        self.score = score
-        self.scale = scale
-        self.answers = answers
-        self.reward_id = reward_id
-        self.points = points
-        self.__class__ = Event  # type: ignore[assignment]
-
-
-def _drafts_work() -> bool:
-    values = ("e", "t", 1, "s", "c", "o", 2, "EUR", "ch", "nps", 3, 5, (1, 2, 3), "r", 4)
-    try:
-        draft: object = _EventDraft(*values)
-        return type(draft) is Event and draft == Event(*values)
-    except (TypeError, AttributeError):
-        return False
-
-
-#: builds an Event; same signature as ``Event``
-_new_event: type[Event] = cast("type[Event]", _EventDraft) if _drafts_work() else Event
-
-
 def _string_error(value: object, field: str, max_len: int) -> _Invalid:
     """The failure for ``value`` where a string of 1..max_len chars is required."""
     if type(value) is str:
@@ -600,17 +539,17 @@ def _check(obj: object, topic: str, limit_ms: int) -> Event:
         if type(order_id) is not str or not 0 < len(order_id) <= 128:
             raise _string_error(order_id, "order_id", 128)
         micros, currency = _money(event)
-        result = _new_event(event_id, etype, occurred, store_id, customer_id, order_id, micros, currency)
+        result = new_event(event_id, etype, occurred, store_id, customer_id, order_id, micros, currency)
     elif etype == SPEND_RECORDED:
         micros, currency = _money(event)
         channel = _optional_string(event, "channel", 64)
-        result = _new_event(event_id, etype, occurred, store_id, None, None, micros, currency, channel)
+        result = new_event(event_id, etype, occurred, store_id, None, None, micros, currency, channel)
     elif etype == CUSTOMER_SIGNED_UP:
         channel = _optional_string(event, "channel", 64)
-        result = _new_event(event_id, etype, occurred, store_id, customer_id, channel=channel)
+        result = new_event(event_id, etype, occurred, store_id, customer_id, channel=channel)
     elif etype == SURVEY_RESPONDED:
         survey, score, scale, answers = _survey(event)
-        result = _new_event(
+        result = new_event(
             event_id,
             etype,
             occurred,
@@ -624,9 +563,9 @@ def _check(obj: object, topic: str, limit_ms: int) -> Event:
     elif etype in _REWARD_TYPES:
         reward_id = _string(event, "reward_id", 128)
         points = None if event.get("points") is None else _int(event, "points", 0, MAX_POINTS)
-        result = _new_event(event_id, etype, occurred, store_id, customer_id, reward_id=reward_id, points=points)
+        result = new_event(event_id, etype, occurred, store_id, customer_id, reward_id=reward_id, points=points)
     else:  # customer.closed, loyalty.enrolled, loyalty.left: no extra fields
-        result = _new_event(event_id, etype, occurred, store_id, customer_id)
+        result = new_event(event_id, etype, occurred, store_id, customer_id)
     if occurred > limit_ms:  # last: an otherwise valid event
         raise _Invalid(FUTURE_EVENT, f"occurred_at: {occurred - limit_ms} ms beyond now + max future skew")
     return result

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import metrics
 import metrics.customer as metrics_customer
 import metrics.store as metrics_store
-from metrics.intervals import MINUS_INFINITY
+from metrics.intervals import MINUS_INFINITY, PLUS_INFINITY, normalise
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -299,6 +299,114 @@ def test_the_c_order_loop_declines_what_does_not_fit(orders: dict[int, int], rev
     native = _native("order_deltas")
     out: dict[str, dict[int, int]] = {"A": {1: 1}}
     assert native(out, *_order_arguments(orders, revenue, None, first_ms, (60,), 0, 1)) is None
+    assert out == {"A": {1: 1}}
+
+
+#: normalised intervals as the facts give them (a member interval may start or end at infinity)
+_INTERVALS = st.lists(
+    st.tuples(st.one_of(st.integers(-100, 400), st.just(MINUS_INFINITY)),
+              st.one_of(st.integers(0, 90), st.just(PLUS_INFINITY))),
+    max_size=5,
+).map(lambda pairs: normalise([(start, start + length if length < PLUS_INFINITY else PLUS_INFINITY)
+                                for start, length in pairs]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(active=_INTERVALS.map(lambda spans: [(s, e) for s, e in spans if s > MINUS_INFINITY and e < PLUS_INFINITY]),
+       first=st.one_of(st.none(), st.integers(-120, 450)), channel=st.sampled_from((None, "Fch:web", "Fch:other")),
+       members=_INTERVALS, rewards=st.sets(st.integers(-120, 450), max_size=6).map(sorted),
+       windows=st.lists(st.integers(0, 120), min_size=1, max_size=4, unique=True).map(tuple),
+       since=st.one_of(st.just(MINUS_INFINITY), st.integers(-200, 500)), sign=st.sampled_from((1, -1)),
+       earlier=_MESSAGE_DELTAS)
+@example(active=[(10, 40)], first=10, channel="Fch:web", members=[(12, 30)], rewards=[5, 20], windows=(20,),
+         since=0, sign=1, earlier={})
+def test_the_c_activity_loop_adds_what_the_python_loop_adds(
+    active: list[tuple[int, int]], first: int | None, channel: str | None, members: list[tuple[int, int]],
+    rewards: list[int], windows: tuple[int, ...], since: int, sign: int, earlier: dict[str, dict[int, int]],
+) -> None:
+    """metrics._blocks.activity_deltas adds the Python loop's deltas into a message's deltas, in its order."""
+    native = _native("activity_deltas")
+    arguments = (active, first, channel, members, rewards, metrics_customer._activity_windows(windows), since, sign)
+    by_c, by_python = copy.deepcopy(earlier), copy.deepcopy(earlier)
+    assert native(by_c, *arguments) is True
+    metrics_customer._activity_deltas(by_python, *arguments)
+    assert [(series, list(buckets.items())) for series, buckets in by_c.items()] == [
+        (series, list(buckets.items())) for series, buckets in by_python.items()]
+
+
+@pytest.mark.parametrize(
+    ("active", "first", "members", "rewards", "window"),
+    [
+        ([(0, 2**62 + 1)], None, [], [], 60),  # an end past 62 bits
+        ([(0, 5)], 2**63, [], [], 60),  # a first activity past int64
+        ([(0, 5)], None, [(-(2**62) - 1, 3)], [], 60),  # a member start past 62 bits
+        ([(0, 5)], None, [(0, 3)], [2**62 + 1], 60),  # a reward bucket past 62 bits
+        ([(0, 5)], None, [], [], 2**41),  # a window past 40 bits
+        ([[0, 5]], None, [], [], 60),  # an interval that is not a tuple
+    ],
+)
+def test_the_c_activity_loop_declines_what_does_not_fit(active: list[Any], first: int | None, members: list[Any],
+                                                        rewards: list[int], window: int) -> None:
+    """Inputs it cannot take: the C loop returns None and changes nothing; the Python loop takes them."""
+    native = _native("activity_deltas")
+    out: dict[str, dict[int, int]] = {"A": {1: 1}}
+    windows = ((window, "both:x", "newact:x", "actmem:x"),)
+    assert native(out, active, first, None, members, rewards, windows, 0, 1) is None
+    assert out == {"A": {1: 1}}
+
+
+@st.composite
+def _cohort_case(draw: st.DrawFn) -> tuple[Any, ...]:
+    """A customer's cohort inputs as the facts give them: month bounds, first activity, month summaries."""
+    bucket_ms = draw(st.sampled_from((60_000, 7 * 60_000, 3_600_000, 86_400_000)))
+    cohort = draw(st.integers(-3, 700))
+    bounds = metrics_customer.month_bounds(bucket_ms, cohort)
+    first = draw(st.integers(bounds[0], bounds[1] - 1))
+    span = bounds[-1] - bounds[0]
+    bucket = st.integers(bounds[0] - span // 6, bounds[-1] + span // 12)
+    active = normalise([(start, start + length)
+                        for start, length in draw(st.lists(st.tuples(bucket, st.integers(1, span // 4)), max_size=3))])
+    time = bucket.flatmap(lambda b: st.integers(b * bucket_ms, (b + 1) * bucket_ms - 1))
+    months = draw(st.dictionaries(
+        st.integers(cohort - 2, cohort + metrics_customer.COHORT_PERIODS + 1),
+        st.tuples(st.one_of(st.just(MINUS_INFINITY), time), st.one_of(st.just(MINUS_INFINITY), time),
+                  st.one_of(st.just(PLUS_INFINITY), time)),
+        max_size=6))
+    horizon = draw(st.integers(1, span // 3))
+    since = draw(st.one_of(st.just(MINUS_INFINITY), st.integers(bounds[0] - span // 6, bounds[-1] - 2)))
+    return (first, cohort, bounds, metrics_customer.cohort_series(cohort), active, sorted(months.items()), bucket_ms,
+            horizon, since, draw(st.sampled_from((1, -1))))
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=_cohort_case(), earlier=_MESSAGE_DELTAS)
+def test_the_c_cohort_loop_adds_what_the_python_loop_adds(case: tuple[Any, ...],
+                                                          earlier: dict[str, dict[int, int]]) -> None:
+    """metrics._blocks.cohort_deltas adds the Python loop's deltas into a message's deltas, in its order."""
+    native = _native("cohort_deltas")
+    by_c, by_python = copy.deepcopy(earlier), copy.deepcopy(earlier)
+    assert native(by_c, *case) is True
+    metrics_customer._cohort_deltas(by_python, *case)
+    assert [(series, list(buckets.items())) for series, buckets in by_c.items()] == [
+        (series, list(buckets.items())) for series, buckets in by_python.items()]
+
+
+@pytest.mark.parametrize(
+    ("first", "summary", "since"),
+    [
+        (2**62 + 1, (0, MINUS_INFINITY, PLUS_INFINITY), 0),  # a first activity past 62 bits
+        (3, (2**63, MINUS_INFINITY, PLUS_INFINITY), 0),  # an activity time past int64
+        (3, [0, MINUS_INFINITY, PLUS_INFINITY], 0),  # a summary that is not a tuple
+        (3, (0, MINUS_INFINITY, PLUS_INFINITY), 10**9),  # every run ends before since (the caller's precondition)
+    ],
+)
+def test_the_c_cohort_loop_declines_what_does_not_fit(first: int, summary: Any, since: int) -> None:
+    """Inputs it cannot take: the C loop returns None and changes nothing; the Python loop takes them."""
+    native = _native("cohort_deltas")
+    out: dict[str, dict[int, int]] = {"A": {1: 1}}
+    bounds = metrics_customer.month_bounds(86_400_000, 0)
+    assert native(out, first, 0, bounds, metrics_customer.cohort_series(0), [(3, 40)], [(0, summary)], 86_400_000,
+                  30, since, 1) is None
     assert out == {"A": {1: 1}}
 
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import event as note
 from hypothesis import strategies as st
 
+from metrics import events as events_module
 from metrics import validation
 from metrics.events import (
     CUSTOMER_CLOSED,
@@ -42,6 +43,7 @@ from metrics.validation import (
     parse_timestamp,
     validate_event,
 )
+from streams.worker.wire import event_from_list, event_to_list
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NOW_MS = 1_709_294_400_000  # 2024-03-01T12:00:00Z
@@ -206,7 +208,20 @@ def test_events_are_real_frozen_events() -> None:
 
 def test_draft_event_path_is_active() -> None:
     """The fast Event construction passes its self-check on this interpreter."""
-    assert validation._drafts_work()
+    assert events_module._drafts_work()
+    assert events_module.new_event is not Event
+
+
+@pytest.mark.parametrize(("topic", "event", "expected"), VALID)
+def test_events_decoded_from_the_wire_are_real_frozen_events(topic: str, event: dict[str, object],
+                                                             expected: Event) -> None:
+    """The facts stage's decoding of an internal message gives the validator's frozen Event back."""
+    decoded = event_from_list(orjson.loads(orjson.dumps(event_to_list(parse_one(event, topic)))))
+    assert type(decoded) is Event
+    assert dataclasses.astuple(decoded) == dataclasses.astuple(expected)
+    assert hash(decoded) == hash(expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decoded.event_id = "other"  # type: ignore[misc]
 
 
 def case(base: dict[str, object], **changes: object) -> dict[str, object]:

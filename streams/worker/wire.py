@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from metrics.events import Event
+from metrics.events import Event, new_event
 
 
 def route(key: str, partitions: int) -> int:
@@ -70,7 +70,7 @@ def event_from_list(fields: list[Any]) -> Event:
     if answers is not None:
         fields = list(fields)
         fields[12] = (answers[0], answers[1], answers[2])
-    return Event(*fields)
+    return new_event(*fields)
 
 
 def pack(payload: object) -> bytes:
