@@ -250,6 +250,17 @@ def test_the_c_grouping_groups_what_the_python_grouping_groups(deltas: dict[str,
         for series, buckets in deltas.items() if any(buckets.values())}
 
 
+def _assert_loops_agree(name: str, python_loop: Any, earlier: dict[str, dict[int, int]],
+                        arguments: tuple[Any, ...]) -> None:
+    """The C loop ``name`` and its Python twin add equal deltas into copies of ``earlier``, built alike:
+    the same series and buckets in the same order (the message's pair order)."""
+    by_c, by_python = copy.deepcopy(earlier), copy.deepcopy(earlier)
+    assert _native(name)(by_c, *arguments) is True
+    python_loop(by_python, *arguments)
+    assert [(series, list(buckets.items())) for series, buckets in by_c.items()] == [
+        (series, list(buckets.items())) for series, buckets in by_python.items()]
+
+
 #: a customer's orders as the facts keep them: bucket -> latest order time (any int: the loop only subtracts)
 _ORDER_TIMES = st.dictionaries(st.integers(-50, 400), st.integers(-(10**13), 10**13), max_size=8)
 #: bucket -> net revenue: zero (left out of the sorted buckets), small, or past int64
@@ -274,14 +285,8 @@ def test_the_c_order_loop_adds_what_the_python_loop_adds(
     since: int, sign: int, earlier: dict[str, dict[int, int]],
 ) -> None:
     """metrics._blocks.order_deltas adds the Python loop's deltas into a message's deltas, in its order."""
-    native = _native("order_deltas")
     arguments = _order_arguments(orders, revenue, second, first_ms, windows, since, sign)
-    by_c, by_python = copy.deepcopy(earlier), copy.deepcopy(earlier)
-    assert native(by_c, *arguments) is True
-    metrics_customer._order_deltas(by_python, *arguments)
-    # equal, and built alike: the same series and buckets in the same order (the message's pair order)
-    assert [(series, list(buckets.items())) for series, buckets in by_c.items()] == [
-        (series, list(buckets.items())) for series, buckets in by_python.items()]
+    _assert_loops_agree("order_deltas", metrics_customer._order_deltas, earlier, arguments)
 
 
 @pytest.mark.parametrize(
@@ -325,13 +330,8 @@ def test_the_c_activity_loop_adds_what_the_python_loop_adds(
     rewards: list[int], windows: tuple[int, ...], since: int, sign: int, earlier: dict[str, dict[int, int]],
 ) -> None:
     """metrics._blocks.activity_deltas adds the Python loop's deltas into a message's deltas, in its order."""
-    native = _native("activity_deltas")
     arguments = (active, first, channel, members, rewards, metrics_customer._activity_windows(windows), since, sign)
-    by_c, by_python = copy.deepcopy(earlier), copy.deepcopy(earlier)
-    assert native(by_c, *arguments) is True
-    metrics_customer._activity_deltas(by_python, *arguments)
-    assert [(series, list(buckets.items())) for series, buckets in by_c.items()] == [
-        (series, list(buckets.items())) for series, buckets in by_python.items()]
+    _assert_loops_agree("activity_deltas", metrics_customer._activity_deltas, earlier, arguments)
 
 
 @pytest.mark.parametrize(
@@ -383,12 +383,7 @@ def _cohort_case(draw: st.DrawFn) -> tuple[Any, ...]:
 def test_the_c_cohort_loop_adds_what_the_python_loop_adds(case: tuple[Any, ...],
                                                           earlier: dict[str, dict[int, int]]) -> None:
     """metrics._blocks.cohort_deltas adds the Python loop's deltas into a message's deltas, in its order."""
-    native = _native("cohort_deltas")
-    by_c, by_python = copy.deepcopy(earlier), copy.deepcopy(earlier)
-    assert native(by_c, *case) is True
-    metrics_customer._cohort_deltas(by_python, *case)
-    assert [(series, list(buckets.items())) for series, buckets in by_c.items()] == [
-        (series, list(buckets.items())) for series, buckets in by_python.items()]
+    _assert_loops_agree("cohort_deltas", metrics_customer._cohort_deltas, earlier, case)
 
 
 @pytest.mark.parametrize(
