@@ -608,6 +608,9 @@ static PyObject *dense_sum(PyObject *module, PyObject *const *args, Py_ssize_t n
 
 /* values beyond this many bits are declined (the Python loop takes them): sums of two stay in int64 */
 #define ORDER_LIMIT (1LL << 62)
+/* the longest window or horizon the C loops take, in buckets: a value within ORDER_LIMIT plus or minus
+ * twice this stays within int64 */
+#define LENGTH_LIMIT (1LL << 40)
 
 /* a Python int within +-2**62 as a long long; 0 when it is not one (no exception left set) */
 static int small_int(PyObject *value, long long *result)
@@ -903,9 +906,9 @@ static PyObject *order_deltas(PyObject *module, PyObject *const *args, Py_ssize_
         PyObject *names = PyTuple_GET_ITEM(windows, w);
         long long n;
         Py_ssize_t k;
-        /* a window of at most 2**40 buckets keeps since - 2n and bucket + 2n within int64 */
+        /* since - 2n and bucket + 2n stay within int64 */
         if (!PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != 6 || !small_int(PyTuple_GET_ITEM(names, 0), &n)
-            || n < 0 || n > (1LL << 40))
+            || n < 0 || n > LENGTH_LIMIT)
             Py_RETURN_NONE;
         for (k = 1; k < 6; k++)
             if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, k)))
@@ -1057,9 +1060,8 @@ static int activity_windows_fit(PyObject *windows)
     for (w = 0; w < PyTuple_GET_SIZE(windows); w++) {
         PyObject *names = PyTuple_GET_ITEM(windows, w);
         long long n;
-        /* a window of at most 2**40 buckets keeps every sum below within int64 */
         if (!PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != 4 || !small_int(PyTuple_GET_ITEM(names, 0), &n)
-            || n < 0 || n > (1LL << 40))
+            || n < 0 || n > LENGTH_LIMIT)
             return 0;
         for (k = 1; k < 4; k++)
             if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, k)))
@@ -1337,12 +1339,11 @@ static PyObject *cohort_deltas(PyObject *module, PyObject *const *args, Py_ssize
     bounds_tuple = args[3];
     names = args[4];
     summary_list = args[6];
-    /* a horizon of at most 2**40 buckets keeps last - horizon within int64 */
     if (!PyDict_Check(out) || !small_int(args[1], &first) || !small_int(args[2], &cohort)
         || !PyTuple_CheckExact(bounds_tuple) || PyTuple_GET_SIZE(bounds_tuple) != COHORT_PERIODS + 2
         || !PyTuple_Check(names) || PyTuple_GET_SIZE(names) != 4 || !PyList_CheckExact(summary_list)
         || !small_int(args[7], &bucket_ms) || bucket_ms <= 0 || !small_int(args[8], &horizon) || horizon < 0
-        || horizon > (1LL << 40) || !small_int(args[9], &since) || !small_int(args[10], &sign)
+        || horizon > LENGTH_LIMIT || !small_int(args[9], &since) || !small_int(args[10], &sign)
         || (sign != 1 && sign != -1))
         Py_RETURN_NONE;
     for (i = 0; i < COHORT_PERIODS + 2; i++)
