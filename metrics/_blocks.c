@@ -1378,6 +1378,323 @@ done:
     Py_RETURN_TRUE;
 }
 
+/* ---- segment_deltas ---------------------------------------------------------------------- */
+
+/* metrics.customer.SEGMENT_CODES: the NPS groups, each with five series per window */
+#define SEGMENT_GROUPS 3
+#define SEGMENT_NAMES 5
+
+typedef struct {
+    long long point, change;
+} Step;
+
+static int by_point(const void *left, const void *right)
+{
+    const Step *a = left, *b = right;
+    return a->point < b->point ? -1 : a->point > b->point;
+}
+
+/* metrics.customer._window_sums: the points where the window's revenue sum changes, sorted, and the sum from
+ * each on; revenue is the sorted (bucket, amount) pairs; returns how many points (steps holds 2 per pair) */
+static Py_ssize_t window_sums(Step *steps, const long long *buckets, const long long *amounts, Py_ssize_t count,
+                              long long n, long long since)
+{
+    Py_ssize_t i, taken = 0, points = 0;
+    for (i = after(buckets, count, since - n); i < count; i++) {
+        steps[taken].point = buckets[i];
+        steps[taken++].change = amounts[i];
+        steps[taken].point = buckets[i] + n;
+        steps[taken++].change = -amounts[i];
+    }
+    qsort(steps, (size_t)taken, sizeof(Step), by_point);
+    /* merged by point, each change then replaced by the running sum (zero changes stay points, as in Python) */
+    for (i = 0; i < taken; i++) {
+        if (points > 0 && steps[points - 1].point == steps[i].point)
+            steps[points - 1].change += steps[i].change;
+        else
+            steps[points++] = steps[i];
+    }
+    for (i = 1; i < points; i++)
+        steps[i].change += steps[i - 1].change;
+    return points;
+}
+
+/* the first index of the points greater than bucket (bisect_right) */
+static Py_ssize_t points_after(const Step *sums, Py_ssize_t points, long long bucket)
+{
+    Py_ssize_t low = 0, high = points;
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        if (sums[middle].point <= bucket)
+            low = middle + 1;
+        else
+            high = middle;
+    }
+    return low;
+}
+
+/* metrics.customer._WindowSums.add_within: the sum, times sign, at the buckets of spans; 0 or -1 */
+static int add_window_sums(PyObject *series, const Step *sums, Py_ssize_t points, const Spans *spans, long long sign)
+{
+    Py_ssize_t i, index;
+    for (i = 0; i < spans->count; i++) {
+        long long start = spans->starts[i], end = spans->ends[i], value;
+        /* the sum at start (_WindowSums.at), then each change after start and before end */
+        index = points_after(sums, points, start);
+        value = index > 0 ? sums[index - 1].change : 0;
+        if (value != 0 && add_small(series, start, value * sign) < 0)
+            return -1;
+        for (; index < points && sums[index].point < end; index++) {
+            long long change = sums[index].change - (index > 0 ? sums[index - 1].change : 0);
+            if (change != 0 && add_small(series, sums[index].point, change * sign) < 0)
+                return -1;
+        }
+        if (end < PLUS_INFINITY) {
+            index = points_after(sums, points, end - 1);
+            value = index > 0 ? sums[index - 1].change : 0;
+            if (value != 0 && add_small(series, end, -value * sign) < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* the windows tuple of ((n, (names of group 0, 1, 2)), ...), each names a tuple of five str: 1 fits, else 0 */
+static int segment_windows_fit(PyObject *windows)
+{
+    Py_ssize_t w, g, k;
+    if (!PyTuple_CheckExact(windows))
+        return 0;
+    for (w = 0; w < PyTuple_GET_SIZE(windows); w++) {
+        PyObject *entry = PyTuple_GET_ITEM(windows, w), *groups;
+        long long n;
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2 || !small_int(PyTuple_GET_ITEM(entry, 0), &n)
+            || n < 0 || n > LENGTH_LIMIT)
+            return 0;
+        groups = PyTuple_GET_ITEM(entry, 1);
+        if (!PyTuple_CheckExact(groups) || PyTuple_GET_SIZE(groups) != SEGMENT_GROUPS)
+            return 0;
+        for (g = 0; g < SEGMENT_GROUPS; g++) {
+            PyObject *names = PyTuple_GET_ITEM(groups, g);
+            if (!PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != SEGMENT_NAMES)
+                return 0;
+            for (k = 0; k < SEGMENT_NAMES; k++)
+                if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(names, k)))
+                    return 0;
+        }
+    }
+    return 1;
+}
+
+typedef struct {
+    Py_ssize_t count;           /* segments read */
+    long long *groups;
+    Spans *spans;               /* each segment's clipped buckets */
+    Spans active, started, both, buyers, returning, found;
+    Py_ssize_t orders, revenues;
+    long long *order_buckets, *revenue_buckets, *amounts;
+    Step *sums;
+} SegmentInputs;
+
+static void segment_inputs_clear(SegmentInputs *inputs)
+{
+    Py_ssize_t i;
+    for (i = 0; i < inputs->count; i++)
+        spans_clear(&inputs->spans[i]);
+    PyMem_Free(inputs->groups);
+    PyMem_Free(inputs->spans);
+    spans_clear(&inputs->active);
+    spans_clear(&inputs->started);
+    spans_clear(&inputs->both);
+    spans_clear(&inputs->buyers);
+    spans_clear(&inputs->returning);
+    spans_clear(&inputs->found);
+    PyMem_Free(inputs->order_buckets);
+    PyMem_Free(inputs->revenue_buckets);
+    PyMem_Free(inputs->amounts);
+    PyMem_Free(inputs->sums);
+}
+
+/* reads segments, active, order buckets and revenue: 1 read, 0 declined (nothing set), -1 an error */
+static int segment_inputs_read(SegmentInputs *inputs, PyObject *segments, PyObject *active, PyObject *order_buckets,
+                               PyObject *revenue)
+{
+    Py_ssize_t i, count, widest = 0, capacity;
+    long long total = 0;
+    int read;
+    if (!PyList_CheckExact(segments) || !PyList_CheckExact(order_buckets) || !PyList_CheckExact(revenue))
+        return 0;
+    count = PyList_GET_SIZE(segments);
+    inputs->groups = PyMem_New(long long, count + 1);
+    inputs->spans = PyMem_New(Spans, count + 1);
+    inputs->orders = PyList_GET_SIZE(order_buckets);
+    inputs->revenues = PyList_GET_SIZE(revenue);
+    inputs->order_buckets = PyMem_New(long long, inputs->orders + 1);
+    inputs->revenue_buckets = PyMem_New(long long, inputs->revenues + 1);
+    inputs->amounts = PyMem_New(long long, inputs->revenues + 1);
+    inputs->sums = PyMem_New(Step, 2 * inputs->revenues + 1);
+    if (!inputs->groups || !inputs->spans || !inputs->order_buckets || !inputs->revenue_buckets || !inputs->amounts
+        || !inputs->sums) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0; i < count; i++) {
+        PyObject *entry = PyList_GET_ITEM(segments, i);
+        spans_init(&inputs->spans[i]);
+        inputs->count = i + 1;
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2
+            || !small_int(PyTuple_GET_ITEM(entry, 0), &inputs->groups[i]) || inputs->groups[i] < 0
+            || inputs->groups[i] >= SEGMENT_GROUPS)
+            return 0;
+        if ((read = spans_read(&inputs->spans[i], PyTuple_GET_ITEM(entry, 1))) <= 0)
+            return read;
+        if (inputs->spans[i].count > widest)
+            widest = inputs->spans[i].count;
+    }
+    if ((read = spans_read(&inputs->active, active)) <= 0)
+        return read;
+    for (i = 0; i < inputs->orders; i++)
+        if (!small_int(PyList_GET_ITEM(order_buckets, i), &inputs->order_buckets[i]))
+            return 0;
+    for (i = 0; i < inputs->revenues; i++) {
+        PyObject *pair = PyList_GET_ITEM(revenue, i);
+        long long amount;
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2
+            || !small_int(PyTuple_GET_ITEM(pair, 0), &inputs->revenue_buckets[i])
+            || !small_int(PyTuple_GET_ITEM(pair, 1), &amount))
+            return 0;
+        inputs->amounts[i] = amount;
+        /* every window sum and change is within the total of the amounts' sizes: within 2**62, or declined */
+        total += amount < 0 ? -amount : amount;
+        if (total > ORDER_LIMIT)
+            return 0;
+    }
+    capacity = inputs->active.count;
+    if (spans_alloc(&inputs->started, capacity) < 0 || spans_alloc(&inputs->both, 2 * capacity + 1) < 0
+        || spans_alloc(&inputs->buyers, inputs->orders + 1) < 0
+        || spans_alloc(&inputs->returning, inputs->orders + 2) < 0)
+        return -1;
+    /* an intersection holds at most as many intervals as its two sides together */
+    capacity = 2 * capacity + inputs->orders + 2 + widest;
+    if (spans_alloc(&inputs->found, capacity) < 0)
+        return -1;
+    return 1;
+}
+
+/* the loop of metrics.customer._segment_deltas over read inputs; 0 or -1 (an error) */
+static int segment_loop(PyObject *out, SegmentInputs *inputs, int has_second, long long second_order,
+                        PyObject *windows, long long since, long long sign, int activity, int orders)
+{
+    Py_ssize_t w, i, s;
+    Spans *started = &inputs->started, *both = &inputs->both, *buyers = &inputs->buyers;
+    Spans *returning = &inputs->returning, *found = &inputs->found;
+    for (w = 0; w < PyTuple_GET_SIZE(windows); w++) {
+        PyObject *entry = PyTuple_GET_ITEM(windows, w), *groups = PyTuple_GET_ITEM(entry, 1);
+        long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(entry, 0));
+        Py_ssize_t points = 0;
+        Spans after_second;
+        /* active at j - n, and at both j and j - n */
+        started->count = inputs->active.count;
+        for (i = 0; i < inputs->active.count; i++) {
+            started->starts[i] = inputs->active.starts[i] + n;
+            started->ends[i] = inputs->active.ends[i] + n;
+        }
+        intersect_into(both, &inputs->active, started, 0);
+        /* purchaser at j: an order in j-n+1..j (metrics.intervals.spans of the orders after since - n) */
+        buyers->count = 0;
+        for (i = after(inputs->order_buckets, inputs->orders, since - n); i < inputs->orders; i++) {
+            long long start = inputs->order_buckets[i], end = start + n;
+            if (end <= start)
+                continue;
+            if (buyers->count > 0 && start <= buyers->ends[buyers->count - 1]) {
+                if (end > buyers->ends[buyers->count - 1])
+                    buyers->ends[buyers->count - 1] = end;
+            } else {
+                buyers->starts[buyers->count] = start;
+                buyers->ends[buyers->count] = end;
+                buyers->count++;
+            }
+        }
+        returning->count = 0;
+        if (has_second) {
+            spans_init(&after_second);
+            after_second.count = 1;
+            after_second.inline_starts[0] = second_order;
+            after_second.inline_ends[0] = PLUS_INFINITY;
+            intersect_into(returning, buyers, &after_second, 0);
+        }
+        if (inputs->revenues > 0)
+            points = window_sums(inputs->sums, inputs->revenue_buckets, inputs->amounts, inputs->revenues, n, since);
+        for (s = 0; s < inputs->count; s++) {
+            PyObject *names = PyTuple_GET_ITEM(groups, inputs->groups[s]);
+            const Spans *segment = &inputs->spans[s];
+            if (activity) {
+                intersect_into(found, started, segment, 0);
+                if (add_spans(out, PyTuple_GET_ITEM(names, 0), found, sign, since) < 0)
+                    return -1;
+                intersect_into(found, both, segment, 0);
+                if (add_spans(out, PyTuple_GET_ITEM(names, 1), found, sign, since) < 0)
+                    return -1;
+            }
+            if (orders) {
+                PyObject *series;
+                intersect_into(found, buyers, segment, 0);
+                if (add_spans(out, PyTuple_GET_ITEM(names, 2), found, sign, since) < 0)
+                    return -1;
+                intersect_into(found, returning, segment, 0);
+                if (add_spans(out, PyTuple_GET_ITEM(names, 3), found, sign, since) < 0)
+                    return -1;
+                if (inputs->revenues > 0
+                    && ((series = series_of(out, PyTuple_GET_ITEM(names, 4))) == NULL
+                        || add_window_sums(series, inputs->sums, points, segment, sign) < 0))
+                    return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* segment_deltas(out, segments, active, order_buckets, second_order, revenue, windows, since, sign, activity,
+ *                orders): True once added, None when declined (nothing changed) */
+static PyObject *segment_deltas(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    SegmentInputs inputs;
+    PyObject *out, *windows;
+    long long second_order = 0, since, sign;
+    int has_second, activity, orders, read;
+    (void)module;
+
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "segment_deltas takes 11 arguments");
+        return NULL;
+    }
+    out = args[0];
+    windows = args[6];
+    has_second = args[4] != Py_None;
+    if (!PyDict_Check(out) || (has_second && !small_int(args[4], &second_order)) || !segment_windows_fit(windows)
+        || !small_int(args[7], &since) || !small_int(args[8], &sign) || (sign != 1 && sign != -1)
+        || !PyBool_Check(args[9]) || !PyBool_Check(args[10]))
+        Py_RETURN_NONE;
+    activity = args[9] == Py_True;
+    orders = args[10] == Py_True;
+    memset(&inputs, 0, sizeof inputs);
+    spans_init(&inputs.active);
+    spans_init(&inputs.started);
+    spans_init(&inputs.both);
+    spans_init(&inputs.buyers);
+    spans_init(&inputs.returning);
+    spans_init(&inputs.found);
+    read = segment_inputs_read(&inputs, args[1], args[2], args[3], args[5]);
+    if (read > 0 && segment_loop(out, &inputs, has_second, second_order, windows, since, sign, activity, orders) < 0)
+        read = -1;
+    segment_inputs_clear(&inputs);
+    if (read < 0)
+        return NULL;
+    if (read == 0)
+        Py_RETURN_NONE;
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"grouped_rows", (PyCFunction)grouped_rows, METH_O,
      "grouped_rows(deltas) -> [series, [bucket, delta, ...], series, ...]\n\n"
@@ -1405,6 +1722,10 @@ static PyMethodDef methods[] = {
      "cohort_deltas(out, first, cohort, bounds, names, active, summaries, bucket_ms, horizon, since, sign)\n"
      "    -> True, or None (declined: nothing changed)\n\n"
      "Add a customer's cohort series into out, as metrics.customer._cohort_deltas does."},
+    {"segment_deltas", (PyCFunction)(void (*)(void))segment_deltas, METH_FASTCALL,
+     "segment_deltas(out, segments, active, order_buckets, second_order, revenue, windows, since, sign,\n"
+     "               activity, orders) -> True, or None (declined: nothing changed)\n\n"
+     "Add a customer's NPS segment series into out, as metrics.customer._segment_deltas does."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1412,7 +1733,7 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "metrics._blocks",
     "The innermost loops of the facts stage and the aggregation in C (see metrics.customer._grouped_rows,\n"
     "metrics.customer._order_deltas, metrics.customer._activity_deltas,\n"
-    "metrics.customer._cohort_deltas, metrics.store._add_pairs and metrics.store._slot_sum).", -1, methods, NULL, NULL, NULL, NULL,
+    "metrics.customer._cohort_deltas, metrics.customer._segment_deltas, metrics.store._add_pairs and metrics.store._slot_sum).", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__blocks(void)

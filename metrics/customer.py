@@ -874,25 +874,13 @@ class CustomerFacts:
         order_buckets = sorted(self.orders) if orders else []
         second_order = grid.bucket(self.first_orders[1]) if orders and self.order_count >= 2 else None
         revenue = sorted((bucket, amount) for bucket, amount in self.revenue.items() if amount) if orders else []
-        for n in grid.windows:
-            suffix = ":" + str(n)
-            started = shift(active, n)  # active at j - n
-            both = intersect(active, started)
-            # purchaser at j: an order in j-n+1..j
-            first = bisect_right(order_buckets, since - n)
-            buyers = spans(order_buckets[first:], n)
-            returning = intersect(buyers, [(second_order, PLUS_INFINITY)]) if second_order is not None else []
-            window_revenue = _window_sums(revenue, n, since) if revenue else None
-            for group, segment in segments.items():
-                code = SEGMENT_CODES[group] + suffix
-                if activity:
-                    _add_intervals(out, "segcs:" + code, intersect(started, segment), sign, since)
-                    _add_intervals(out, "segboth:" + code, intersect(both, segment), sign, since)
-                if orders:
-                    _add_intervals(out, "segP:" + code, intersect(buyers, segment), sign, since)
-                    _add_intervals(out, "segret:" + code, intersect(returning, segment), sign, since)
-                    if window_revenue is not None:
-                        window_revenue.add_within(_series(out, "segrev:" + code), segment, sign)
+        clipped_segments = list(segments.items())
+        windows = _segment_windows(grid.windows)
+        if _NATIVE_SEGMENT_DELTAS is None or _NATIVE_SEGMENT_DELTAS(
+            out, clipped_segments, active, order_buckets, second_order, revenue, windows, since, sign, activity, orders
+        ) is None:
+            _segment_deltas(out, clipped_segments, active, order_buckets, second_order, revenue, windows, since, sign,
+                            activity, orders)
 
     def _activity_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> Intervals:
         """Add the activity family's contributions; returns the active intervals (exact from since - longest)."""
@@ -1083,6 +1071,68 @@ def _activity_deltas(out: Deltas, active: Intervals, first: int | None, channel_
             recent = reward_buckets[bisect_right(reward_buckets, since - n):]
             if recent:
                 _add_intervals(out, actmem_series, intersect(members, spans(recent, n)), sign, since)
+
+
+#: per window length: the length and, per NPS group (by :func:`metrics.formulas.nps_group`), the names
+#: of its segment series (active at j - n, active at j and j - n, purchaser, returning purchaser,
+#: revenue), as :func:`_segment_deltas` takes them
+SegmentWindows = tuple[tuple[int, tuple[tuple[str, str, str, str, str], ...]], ...]
+
+
+@cache
+def _segment_windows(windows: tuple[int, ...]) -> SegmentWindows:
+    """The segment series of each window length and NPS group (see :data:`SegmentWindows`).
+
+    >>> _segment_windows((60,))[0][1][2]
+    ('segcs:p:60', 'segboth:p:60', 'segP:p:60', 'segret:p:60', 'segrev:p:60')
+    """
+    result = []
+    for n in windows:
+        suffix = ":" + str(n)
+        result.append((n, tuple(
+            ("segcs:" + code + suffix, "segboth:" + code + suffix, "segP:" + code + suffix,
+             "segret:" + code + suffix, "segrev:" + code + suffix)
+            for code in SEGMENT_CODES
+        )))
+    return tuple(result)
+
+
+def _segment_deltas(out: Deltas, segments: list[tuple[int, Intervals]], active: Intervals, order_buckets: list[int],
+                    second_order: int | None, revenue: list[tuple[int, int]], windows: SegmentWindows, since: int,
+                    sign: int, activity: bool, orders: bool) -> None:
+    """The NPS segment series, clipped at ``since``, times ``sign``, into ``out``.
+
+    ``segments``: (NPS group, its buckets clipped at ``since``) in the customer's order;
+    ``active``: the active intervals (exact from ``since`` minus the longest window); ``order_buckets``:
+    the buckets with an order, sorted; ``second_order``: the bucket of the second order (``None``:
+    fewer); ``revenue``: (bucket, nonzero net revenue), sorted; ``activity`` and ``orders``: which
+    statuses to add. :func:`metrics._blocks.segment_deltas` is the same loop in C, adding the same
+    deltas in the same order (used when built; it declines inputs past 62 bits, which this loop then
+    takes).
+
+    >>> out: Deltas = {}
+    >>> _segment_deltas(out, [(2, [(5, 45)])], [(0, 40)], [], None, [], _segment_windows((10,)), 5, 1, True, False)
+    >>> out
+    {'segcs:p:10': {10: 1, 45: -1}, 'segboth:p:10': {10: 1, 40: -1}}
+    """
+    for n, names_by_group in windows:
+        started = shift(active, n)  # active at j - n
+        both = intersect(active, started)
+        # purchaser at j: an order in j-n+1..j
+        first = bisect_right(order_buckets, since - n)
+        buyers = spans(order_buckets[first:], n)
+        returning = intersect(buyers, [(second_order, PLUS_INFINITY)]) if second_order is not None else []
+        window_revenue = _window_sums(revenue, n, since) if revenue else None
+        for group, segment in segments:
+            names = names_by_group[group]
+            if activity:
+                _add_intervals(out, names[0], intersect(started, segment), sign, since)
+                _add_intervals(out, names[1], intersect(both, segment), sign, since)
+            if orders:
+                _add_intervals(out, names[2], intersect(buyers, segment), sign, since)
+                _add_intervals(out, names[3], intersect(returning, segment), sign, since)
+                if window_revenue is not None:
+                    window_revenue.add_within(_series(out, names[4]), segment, sign)
 
 
 #: per window length: the length and the names of its order series (purchasers, returning, lifespan,
@@ -1386,6 +1436,8 @@ _NATIVE_ORDER_DELTAS: Any = native_function("order_deltas")
 _NATIVE_ACTIVITY_DELTAS: Any = native_function("activity_deltas")
 #: :func:`metrics._blocks.cohort_deltas`, or ``None`` (see :func:`_cohort_deltas`)
 _NATIVE_COHORT_DELTAS: Any = native_function("cohort_deltas")
+#: :func:`metrics._blocks.segment_deltas`, or ``None`` (see :func:`_segment_deltas`)
+_NATIVE_SEGMENT_DELTAS: Any = native_function("segment_deltas")
 
 
 def diff(after: Deltas, before: Deltas) -> Deltas:

@@ -138,6 +138,47 @@ def test_the_rocksdb_databases_share_one_memory_budget(tmp_path) -> None:  # typ
         database.close()
 
 
+UNLOGGED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from streams.worker.tables import ROCKSDB_OPTIONS, SharedMemoryOptions
+database = SharedMemoryOptions(**ROCKSDB_OPTIONS, use_rocksdict=True).open(Path(sys.argv[1]))
+for record in range(int(sys.argv[2])):
+    database[b"record-%06d" % record] = bytes(1000)
+    if record % 100 == 99:
+        database[b"offset"] = b"%d" % record  # as Faust persists a changelog offset after its records
+if sys.argv[3] == "close":
+    database.close()
+else:
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("ending", ["kill", "close"])
+def test_a_killed_table_database_keeps_a_prefix_of_its_writes_and_an_offset_within_it(tmp_path, ending) -> None:  # type: ignore[no-untyped-def]
+    """Unlogged table writes: a SIGKILL keeps a prefix with a true offset; a close keeps everything."""
+    import subprocess
+    import sys
+
+    import rocksdict
+
+    records = 18_500  # 18.5 MB: several 4 MiB memtables flushed, the last one not
+    subprocess.run([sys.executable, "-c", UNLOGGED_WRITER, str(tmp_path / "db"), str(records), ending], check=False,
+                   timeout=120)
+    database = rocksdict.Rdict(str(tmp_path / "db"), options=rocksdict.Options(raw_mode=True))
+    # keys() in raw mode: iterating the database itself asks for str keys
+    present = [key for key in database.keys() if key.startswith(b"record-")]  # noqa: SIM118
+    offset = database.get(b"offset")
+    database.close()
+    kept = len(present)
+    assert present == [b"record-%06d" % record for record in range(kept)]  # a prefix, in order
+    if ending == "close":
+        assert kept == records and offset == b"%d" % (records - 1)
+    else:
+        assert 0 < kept < records  # the last memtable died with the process
+        assert offset is not None and int(offset) < kept
+
+
 ARENA_PROBE = """
 import ctypes, sys, threading
 from streams.worker.run import limit_malloc_arenas

@@ -405,6 +405,58 @@ def test_the_c_cohort_loop_declines_what_does_not_fit(first: int, summary: Any, 
     assert out == {"A": {1: 1}}
 
 
+@st.composite
+def _segment_case(draw: st.DrawFn) -> tuple[Any, ...]:
+    """A customer's segment inputs as the facts give them: NPS segments clipped at since, active intervals,
+    order buckets, the second order and nonzero revenue."""
+    since = draw(st.one_of(st.just(MINUS_INFINITY), st.integers(-200, 500)))
+    groups = draw(st.lists(st.sampled_from((0, 1, 2)), max_size=3, unique=True))
+    segments = []
+    for group in groups:
+        clipped = [(max(start, since), end) for start, end in draw(_INTERVALS) if end > since]
+        if clipped:
+            segments.append((group, clipped))
+    active = [(start, end) for start, end in draw(_INTERVALS) if start > MINUS_INFINITY and end < PLUS_INFINITY]
+    orders = sorted(draw(st.sets(st.integers(-120, 450), max_size=8)))
+    second = draw(st.one_of(st.none(), st.integers(-120, 450)))
+    revenue = sorted(draw(st.dictionaries(st.integers(-120, 450), st.one_of(
+        st.integers(-999, 999), st.integers(-(2**58), 2**58)).filter(bool), max_size=6)).items())
+    windows = draw(st.lists(st.integers(0, 120), min_size=1, max_size=4, unique=True).map(tuple))
+    return (segments, active, orders, second, revenue, metrics_customer._segment_windows(windows), since,
+            draw(st.sampled_from((1, -1))), draw(st.booleans()), draw(st.booleans()))
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=_segment_case(), earlier=_MESSAGE_DELTAS)
+@example(case=([(2, [(5, 45)]), (0, [(45, PLUS_INFINITY)])], [(0, 40)], [3, 30, 31], 30, [(3, 700), (31, -200)],
+               metrics_customer._segment_windows((10, 20)), 5, 1, True, True), earlier={})
+def test_the_c_segment_loop_adds_what_the_python_loop_adds(case: tuple[Any, ...],
+                                                           earlier: dict[str, dict[int, int]]) -> None:
+    """metrics._blocks.segment_deltas adds the Python loop's deltas into a message's deltas, in its order."""
+    _assert_loops_agree("segment_deltas", metrics_customer._segment_deltas, earlier, case)
+
+
+@pytest.mark.parametrize(
+    ("segment", "orders", "revenue", "window"),
+    [
+        ((2, [(0, 2**62 + 1)]), [], [], 60),  # a segment end past 62 bits
+        ((3, [(0, 5)]), [], [], 60),  # a group that is no NPS group
+        ((2, [[0, 5]]), [], [], 60),  # an interval that is not a tuple
+        ((2, [(0, 5)]), [2**63], [], 60),  # an order bucket past int64
+        ((2, [(0, 5)]), [], [(3, 2**61), (4, 2**61 + 1)], 60),  # revenue whose sums may pass 62 bits
+        ((2, [(0, 5)]), [], [], 2**41),  # a window past 40 bits
+    ],
+)
+def test_the_c_segment_loop_declines_what_does_not_fit(segment: Any, orders: list[int], revenue: list[Any],
+                                                       window: int) -> None:
+    """Inputs it cannot take: the C loop returns None and changes nothing; the Python loop takes them."""
+    native = _native("segment_deltas")
+    out: dict[str, dict[int, int]] = {"A": {1: 1}}
+    windows = ((window, tuple(("cs", "both", "P", "ret", "rev") for _ in range(3))),)
+    assert native(out, [segment], [(0, 5)], orders, None, revenue, windows, 0, 1, True, True) is None
+    assert out == {"A": {1: 1}}
+
+
 def test_the_c_grouping_refuses_what_is_not_deltas() -> None:
     """A value that is not a dict of dicts of ints is a TypeError, not a crash."""
     native = _native("grouped_rows")

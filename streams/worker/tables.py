@@ -197,6 +197,25 @@ class SharedMemoryOptions(RocksDBOptions):
                            rocksdict.WriteBufferManager(SHARED_MEMTABLE_BYTES, False))
         return cls._shared
 
+    def open(self, path: Any, *, read_only: bool = False) -> Any:
+        """Open a database whose writes skip RocksDB's write-ahead log.
+
+        The changelog topic, not the local database, is what a table recovers from: a worker
+        replays it from the offset the database holds. Without the log, a killed worker loses
+        the writes since the last memtable flush, the offset among them, and flushes are whole
+        memtables in write order, so what survives is a prefix of the writes whose offset
+        never claims more than it holds; recovery then replays a little more of the changelog.
+        A database that is closed or dropped flushes first (RocksDB does for unlogged writes).
+        The log cost a ``write`` system call per record.
+        """
+        db = super().open(path, read_only=read_only)
+        if self.use_rocksdict:
+            unlogged = rocksdict.WriteOptions()
+            # an attribute in the binding (its type stub declares a method)
+            unlogged.disable_wal = True  # type: ignore[method-assign, assignment]
+            db.set_write_options(unlogged)
+        return db
+
     def as_options(self) -> Any:
         if not self.use_rocksdict:
             return super().as_options()
