@@ -1051,6 +1051,27 @@ static int add_spans(PyObject *out, PyObject *name, const Spans *spans, long lon
     return 0;
 }
 
+/* result = metrics.intervals.spans of the sorted starts after from, each spanning length buckets, merged;
+ * result holds count intervals */
+static void spans_after(Spans *result, const long long *starts, Py_ssize_t count, long long from, long long length)
+{
+    Py_ssize_t i;
+    result->count = 0;
+    for (i = after(starts, count, from); i < count; i++) {
+        long long start = starts[i], end = starts[i] + length;
+        if (end <= start)
+            continue;
+        if (result->count > 0 && start <= result->ends[result->count - 1]) {
+            if (end > result->ends[result->count - 1])
+                result->ends[result->count - 1] = end;
+        } else {
+            result->starts[result->count] = start;
+            result->ends[result->count] = end;
+            result->count++;
+        }
+    }
+}
+
 /* the windows tuple of ((n, both, newact, actmem), ...): 1 when every entry fits, else 0 */
 static int activity_windows_fit(PyObject *windows)
 {
@@ -1075,7 +1096,7 @@ static int activity_loop(PyObject *out, const Spans *active, int has_first, long
                          const Spans *members, const long long *rewards, Py_ssize_t reward_count,
                          PyObject *windows, long long since, long long sign, Spans *found, Spans *recent)
 {
-    Py_ssize_t w, i;
+    Py_ssize_t w;
     if (add_spans(out, active_name, active, sign, since) < 0)
         return -1;
     if (has_first) {
@@ -1105,21 +1126,8 @@ static int activity_loop(PyObject *out, const Spans *active, int has_first, long
                 return -1;
         }
         if (members->count > 0 && reward_count > 0) {
-            /* the rewards after since - n, each spanning n buckets, merged (metrics.intervals.spans) */
-            recent->count = 0;
-            for (i = after(rewards, reward_count, since - n); i < reward_count; i++) {
-                long long start = rewards[i], end = rewards[i] + n;
-                if (end <= start)
-                    continue;
-                if (recent->count > 0 && start <= recent->ends[recent->count - 1]) {
-                    if (end > recent->ends[recent->count - 1])
-                        recent->ends[recent->count - 1] = end;
-                } else {
-                    recent->starts[recent->count] = start;
-                    recent->ends[recent->count] = end;
-                    recent->count++;
-                }
-            }
+            /* the rewards after since - n, each spanning n buckets */
+            spans_after(recent, rewards, reward_count, since - n, n);
             if (recent->count > 0) {
                 intersect_into(found, members, recent, 0);
                 if (add_spans(out, PyTuple_GET_ITEM(names, 3), found, sign, since) < 0)
@@ -1600,21 +1608,8 @@ static int segment_loop(PyObject *out, SegmentInputs *inputs, int has_second, lo
             started->ends[i] = inputs->active.ends[i] + n;
         }
         intersect_into(both, &inputs->active, started, 0);
-        /* purchaser at j: an order in j-n+1..j (metrics.intervals.spans of the orders after since - n) */
-        buyers->count = 0;
-        for (i = after(inputs->order_buckets, inputs->orders, since - n); i < inputs->orders; i++) {
-            long long start = inputs->order_buckets[i], end = start + n;
-            if (end <= start)
-                continue;
-            if (buyers->count > 0 && start <= buyers->ends[buyers->count - 1]) {
-                if (end > buyers->ends[buyers->count - 1])
-                    buyers->ends[buyers->count - 1] = end;
-            } else {
-                buyers->starts[buyers->count] = start;
-                buyers->ends[buyers->count] = end;
-                buyers->count++;
-            }
-        }
+        /* purchaser at j: an order in j-n+1..j */
+        spans_after(buyers, inputs->order_buckets, inputs->orders, since - n, n);
         returning->count = 0;
         if (has_second) {
             spans_init(&after_second);
