@@ -179,6 +179,66 @@ def test_a_killed_table_database_keeps_a_prefix_of_its_writes_and_an_offset_with
         assert offset is not None and int(offset) < kept
 
 
+def test_a_table_store_flushes_once_its_writes_stop_for_a_tick() -> None:
+    """IdleFlush flushes every database after a tick without writes, once per burst of writes."""
+    from streams.worker.tables import IdleFlush
+
+    class Database:
+        def __init__(self) -> None:
+            self.flushes: list[bool] = []
+
+        def flush(self, wait: bool) -> None:
+            self.flushes.append(wait)
+
+    databases = [Database(), Database()]
+    idle = IdleFlush()
+    assert not idle.tick(databases)  # nothing written
+    idle.writes += 3
+    assert not idle.tick(databases)  # written during this tick: still busy
+    idle.writes += 1
+    assert not idle.tick(databases)
+    assert idle.tick(databases)  # a whole tick without writes
+    assert not idle.tick(databases)  # flushed already
+    assert [database.flushes for database in databases] == [[False], [False]]  # in the background
+    idle.writes += 1
+    assert not idle.tick(databases) and idle.tick(databases)
+    assert [len(database.flushes) for database in databases] == [2, 2]
+
+
+IDLE_WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+from streams.worker.tables import ROCKSDB_OPTIONS, IdleFlush, SharedMemoryOptions
+database = SharedMemoryOptions(**ROCKSDB_OPTIONS, use_rocksdict=True).open(Path(sys.argv[1]))
+idle = IdleFlush()
+for record in range(1000):
+    database[b"record-%06d" % record] = bytes(100)
+    idle.writes += 1
+idle.tick([database])
+assert idle.tick([database])
+deadline = time.monotonic() + 60
+while database.property_int_value("rocksdb.num-entries-active-mem-table") or database.property_int_value(
+        "rocksdb.num-entries-imm-mem-tables"):
+    assert time.monotonic() < deadline, "the background flush did not finish"
+    time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_table_database_killed_after_its_idle_flush_keeps_every_write(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Writes, a quiet tick, the background flush, then a SIGKILL: every record survives."""
+    import subprocess
+    import sys
+
+    import rocksdict
+
+    subprocess.run([sys.executable, "-c", IDLE_WRITER, str(tmp_path / "db")], check=False, timeout=120)
+    database = rocksdict.Rdict(str(tmp_path / "db"), options=rocksdict.Options(raw_mode=True))
+    present = [key for key in database.keys() if key.startswith(b"record-")]  # noqa: SIM118
+    database.close()
+    assert present == [b"record-%06d" % record for record in range(1000)]
+
+
 ARENA_PROBE = """
 import ctypes, sys, threading
 from streams.worker.run import limit_malloc_arenas

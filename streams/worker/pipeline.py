@@ -8,6 +8,7 @@ import faust
 
 from streams.settings import Settings
 from streams.worker.agents import aggregate, facts, gate, ingest, publish
+from streams.worker.tables import flush_idle
 from streams.worker.topology import Topology
 
 
@@ -19,6 +20,11 @@ def register_pipeline(app: faust.App, settings: Settings) -> Topology:
     customers = facts.register(topology)
     aggregation = aggregate.register(topology)
     publish.register(topology, aggregation)
+
+    async def flush_idle_tables() -> None:
+        flush_idle(topology.currencies, topology.channels, topology.held, topology.facts)
+
+    topology.timer(1.0, "flush-idle-tables", flush_idle_tables)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:

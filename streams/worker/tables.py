@@ -13,6 +13,7 @@ database, the one its changelog partition recovers into.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 import faust
@@ -33,7 +34,9 @@ ROCKSDB_OPTIONS = {
 }
 #: the one block cache of every database of the worker (index and filter blocks included, so that
 #: they do not grow with the data), and the bound on all their memtables together: per database,
-#: a cache and memtables would multiply by tables times partitions
+#: a cache and memtables would multiply by tables times partitions. A write waits while the
+#: memtables are over the bound (the manager's stall): unlogged writes outrun the background
+#: flushes, and without the stall the bound is only a trigger to flush
 SHARED_BLOCK_CACHE_BYTES = 32 * 1024 * 1024
 SHARED_MEMTABLE_BYTES = 32 * 1024 * 1024
 
@@ -166,6 +169,14 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
     return app.tables.add(table)
 
 
+def flush_idle(*tables: Any) -> None:
+    """Flush the databases of each RocksDB table whose writes stopped a tick ago (see :class:`IdleFlush`)."""
+    for table in tables:
+        store = table.data
+        if isinstance(store, RoutedRocksDBStore):
+            store.idle_flush.tick(store.databases())
+
+
 async def changelog_written(*tables: Any) -> None:
     """Wait until Kafka has every changelog record the tables sent so far.
 
@@ -194,7 +205,7 @@ class SharedMemoryOptions(RocksDBOptions):
         """The process's block cache and write buffer manager (made at the first database opened)."""
         if cls._shared is None:
             cls._shared = (rocksdict.Cache(SHARED_BLOCK_CACHE_BYTES),
-                           rocksdict.WriteBufferManager(SHARED_MEMTABLE_BYTES, False))
+                           rocksdict.WriteBufferManager(SHARED_MEMTABLE_BYTES, True))
         return cls._shared
 
     def open(self, path: Any, *, read_only: bool = False) -> Any:
@@ -238,6 +249,36 @@ class SharedMemoryOptions(RocksDBOptions):
         return options
 
 
+class IdleFlush:
+    """Flushes a store's databases once its writes have stopped for a whole tick.
+
+    The databases write without RocksDB's log (see :meth:`SharedMemoryOptions.open`): a worker
+    killed with writes still in memtables replays the changelog written since the last flush at
+    its restart. Under load the memtables fill and flush by themselves; a worker that goes quiet
+    would keep its last writes unflushed for ever, so it flushes them (in the background) one
+    quiet tick later, and a worker killed while idle replays nothing of them.
+    """
+
+    def __init__(self) -> None:
+        #: writes so far (the store counts them)
+        self.writes = 0
+        self._seen = 0
+        self._flushed = 0
+
+    def tick(self, databases: Iterable[Any]) -> bool:
+        """Called once a tick: flush if there were writes and none since the last tick; whether it flushed."""
+        writes = self.writes
+        if writes == self._flushed:
+            return False
+        if writes != self._seen:
+            self._seen = writes
+            return False
+        for database in databases:
+            database.flush(False)
+        self._flushed = writes
+        return True
+
+
 class RoutedRocksDBStore(Store):
     """RocksDB store of a table with ``partition_for_key`` (one database per changelog partition).
 
@@ -247,6 +288,11 @@ class RoutedRocksDBStore(Store):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rocksdb_options = SharedMemoryOptions(**(self.options or {}), use_rocksdict=self.use_rocksdict)
+        self.idle_flush = IdleFlush()
+
+    def databases(self) -> list[Any]:
+        """The databases open now (one per changelog partition of this worker)."""
+        return list(self._dbs.values())
 
     def _partition(self, key: bytes) -> int:
         partition: Any = self.table.partition_for_key(key)
@@ -254,6 +300,7 @@ class RoutedRocksDBStore(Store):
 
     def _set(self, key: bytes, value: bytes | None) -> None:
         self._db_for_partition(self._partition(key)).put(key, value)
+        self.idle_flush.writes += 1
 
     def _get(self, key: bytes) -> bytes | None:
         value: Any = self._db_for_partition(self._partition(key)).get(key)
@@ -261,6 +308,7 @@ class RoutedRocksDBStore(Store):
 
     def _del(self, key: bytes) -> None:
         self._db_for_partition(self._partition(key)).delete(key)
+        self.idle_flush.writes += 1
 
     def _contains(self, key: bytes) -> bool:
         return self._get(key) is not None
