@@ -865,8 +865,8 @@ class CustomerFacts:
         # the statuses of the other families, each intersected with the buckets of each NPS segment;
         # only buckets >= since matter, so the segments are clipped there first (a customer answering
         # every few minutes has thousands of segment changes, and a message touches the last few)
-        segments = {group: clipped for group, intervals in self.segment_intervals(grid).items()
-                    if (clipped := [(max(start, since), end) for start, end in intervals if end > since])}
+        segments = [(group, clipped) for group, intervals in self.segment_intervals(grid).items()
+                    if (clipped := [(max(start, since), end) for start, end in intervals if end > since])]
         if not segments:
             return
         if active is None:  # the activity family's, when it ran: the same intervals from the same bucket
@@ -874,12 +874,11 @@ class CustomerFacts:
         order_buckets = sorted(self.orders) if orders else []
         second_order = grid.bucket(self.first_orders[1]) if orders and self.order_count >= 2 else None
         revenue = sorted((bucket, amount) for bucket, amount in self.revenue.items() if amount) if orders else []
-        clipped_segments = list(segments.items())
         windows = _segment_windows(grid.windows)
         if _NATIVE_SEGMENT_DELTAS is None or _NATIVE_SEGMENT_DELTAS(
-            out, clipped_segments, active, order_buckets, second_order, revenue, windows, since, sign, activity, orders
+            out, segments, active, order_buckets, second_order, revenue, windows, since, sign, activity, orders
         ) is None:
-            _segment_deltas(out, clipped_segments, active, order_buckets, second_order, revenue, windows, since, sign,
+            _segment_deltas(out, segments, active, order_buckets, second_order, revenue, windows, since, sign,
                             activity, orders)
 
     def _activity_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> Intervals:
