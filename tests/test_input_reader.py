@@ -204,6 +204,70 @@ async def test_a_reader_failing_halfway_through_a_fetch_commits_no_position_past
     assert len(keys) == len(bad)
 
 
+class ReadingStopped(Exception):
+    """A reader stopped halfway through reading again (as if killed after a commit)."""
+
+
+async def test_a_reader_dying_halfway_through_reading_again_leaves_its_successor_the_dead_letters_it_learnt(
+    services: Services, topic_prefix: str, app_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash, a reader that commits part of what it reads again and dies, a third: each dead letter once."""
+    bootstrap = services.kafka_bootstrap
+    topic, dead_topic = topic_prefix + "orders", topic_prefix + "loyalty-dead-letters"
+    # one input partition: no other partition's commit makes the readers read its dead letters from earlier
+    await ensure_topics(bootstrap, [topic], 1)
+    await ensure_topics(bootstrap, [dead_topic], PARTITIONS)
+    await _send(bootstrap, topic, range(200))
+    bad = {value for value in range(200) if value % 7 == 3}
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    handled: list[int] = []
+
+    def handler(ledger: DeadLetterLedger, stop_at: int | None = None) -> Any:
+        async def handle(records: list[ConsumerRecord]) -> None:
+            for record in records:
+                if stop_at is not None and int(record.value) >= stop_at:
+                    raise ReadingStopped(record.value)  # this fetch is not handled, the earlier ones are
+            for record in records:
+                if int(record.value) in bad:
+                    await _dead_letter_once(producer, ledger, dead_topic, record)
+            handled.extend(int(record.value) for record in records)
+
+        return handle
+
+    try:
+        # the first reader dead-letters every bad element and dies without a commit
+        async def no_commit(self: Any) -> None:
+            self.uncommitted = {}
+
+        with monkeypatch.context() as patched:
+            patched.setattr(input_reader._Progress, "commit", no_commit)
+            first = DeadLetterLedger(bootstrap, dead_topic, PARTITIONS)
+            reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(first), first))
+            await async_wait_for(lambda: len(handled) >= 200, timeout=60, message=lambda: f"{len(handled)} handled")
+            await _stop(reader)
+        # the second reads it again in small fetches, and stops at the first one holding 100 or more: it
+        # commits the fetches before, whose offsets are before the elements of later dead letters
+        with monkeypatch.context() as patched:
+            patched.setattr(input_reader, "MAX_RECORDS", 5)
+            second = DeadLetterLedger(bootstrap, dead_topic, PARTITIONS)
+            reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id,
+                                                                  handler(second, stop_at=100), second))
+            with pytest.raises(ReadingStopped):
+                await asyncio.wait_for(reader, timeout=60)
+        assert 0 < len(handled) - 200 < 200, "the second reader handled some fetches again, not all"
+        third = DeadLetterLedger(bootstrap, dead_topic, PARTITIONS)
+        reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(third), third))
+        await async_wait_for(lambda: set(range(100, 200)) <= set(handled[200:]), timeout=60,
+                             message=lambda: f"{len(set(range(100, 200)) - set(handled[200:]))} not read again")
+        await _stop(reader)
+    finally:
+        await producer.stop()
+    keys = await _dead_letter_keys(bootstrap, dead_topic, len(bad))
+    assert sorted(set(keys)) == sorted(keys), [key for key in set(keys) if keys.count(key) > 1]
+    assert len(keys) == len(bad)
+
+
 async def test_a_reader_taking_partitions_over_knows_their_largest_event_time(
     services: Services, topic_prefix: str, app_id: str
 ) -> None:

@@ -10,6 +10,7 @@ The stages build these records (:func:`dead_letter`); the worker sends them to t
 from __future__ import annotations
 
 import base64
+import bisect
 import time
 import zlib
 from collections import deque
@@ -131,6 +132,10 @@ class DeadLetterLedger(_Positions):
     reads the dead-letter partition from that position to its end (:meth:`on_assigned`): those are
     the dead letters sent after the commit, whose elements it is about to read again, and
     :meth:`already_sent` keeps them from being sent twice.
+
+    Until the reader has committed past the element of such a dead letter, its commits keep a
+    position at or before that letter too: a reader that dies halfway through reading again
+    leaves its successor the same knowledge.
     """
 
     def __init__(self, kafka: KafkaTarget, dead_letter_topic: str, partitions: int) -> None:
@@ -140,14 +145,28 @@ class DeadLetterLedger(_Positions):
         self.partitions = partitions
         #: input (topic, partition) -> identities (offset, index) of dead letters already in the topic
         self.sent: dict[tuple[str, int], set[tuple[int, int | None]]] = {}
+        #: input (topic, partition) -> (element offset, dead-letter offset) of the dead letters read back on
+        #: assignment whose elements are not committed past yet, in element order
+        self.learnt: dict[tuple[str, int], list[tuple[int, int]]] = {}
 
     def partition_of(self, topic: str, partition: int) -> int:
         """The dead-letter partition of an input partition."""
         return dead_letter_partition(topic, partition, self.partitions)
 
-    def commit_metadata(self, topic: str, partition: int) -> str:
-        """The metadata to commit with an offset of the input partition (a dead-letter position)."""
-        return str(self.positions.get(self.partition_of(topic, partition), 0))
+    def commit_metadata(self, topic: str, partition: int, offset: int) -> str:
+        """The metadata to commit with ``offset`` (the next to read) of the input partition: a dead-letter
+        position at or before every dead letter of an element from ``offset`` on, read back or sent later.
+
+        The reader is past the elements before ``offset``: their read-back dead letters are forgotten here.
+        """
+        position = self.positions.get(self.partition_of(topic, partition), 0)
+        learnt = self.learnt.get((topic, partition))
+        if learnt:
+            passed = bisect.bisect_left(learnt, (offset, -1))
+            del learnt[:passed]
+            if learnt:
+                position = min(position, min(letter_offset for _, letter_offset in learnt))
+        return str(position)
 
     def already_sent(self, letter: dict[str, Any]) -> bool:
         """Whether the dead letter of this element is in the topic already (sent before a crash)."""
@@ -157,6 +176,7 @@ class DeadLetterLedger(_Positions):
     def on_revoked(self, topic: str, partition: int) -> None:
         """The input partition is no longer this reader's."""
         self.sent.pop((topic, partition), None)
+        self.learnt.pop((topic, partition), None)
 
     async def on_assigned(self, committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:
         """Learn the dead letters sent since each assigned input partition's commit (``(offset, metadata)``).
@@ -167,13 +187,17 @@ class DeadLetterLedger(_Positions):
         wanted: dict[int, int] = {}
         for (topic, partition), (_, metadata) in committed.items():
             self.sent[(topic, partition)] = set()
+            self.learnt[(topic, partition)] = []
             if metadata and metadata.isdigit():
                 dead_partition = self.partition_of(topic, partition)
                 wanted[dead_partition] = min(int(metadata), wanted.get(dead_partition, int(metadata)))
         for record in await self._read_since({self.partition_of(*tp) for tp in committed}, wanted):
-            self._learn(record.key, committed)
+            self._learn(record.key, record.offset, committed)
+        for learnt in self.learnt.values():
+            learnt.sort()
 
-    def _learn(self, key: bytes | None, committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:
+    def _learn(self, key: bytes | None, letter_offset: int,
+               committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:
         if not key:
             return
         parts = key.decode(errors="replace").rsplit("|", 3)
@@ -187,6 +211,7 @@ class DeadLetterLedger(_Positions):
             return  # before the commit: that element is not read again
         index = int(parts[3]) if parts[3].isdigit() else None
         self.sent[source].add((offset, index))
+        self.learnt[source].append((offset, letter_offset))
 
 
 class StageLedger(_Positions):

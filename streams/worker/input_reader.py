@@ -52,8 +52,8 @@ Handler = Callable[[Sequence[ConsumerRecord]], Awaitable[None]]
 class CommitHooks(Protocol):
     """What a handler keeps beside the offsets: metadata committed with them, recovered on assignment."""
 
-    def commit_metadata(self, topic: str, partition: int) -> str:
-        """The metadata to commit with the offset of an input partition."""
+    def commit_metadata(self, topic: str, partition: int, offset: int) -> str:
+        """The metadata to commit with ``offset`` (the next to read) of an input partition."""
 
     async def on_assigned(self, committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:
         """Input partitions assigned, each with its committed ``(offset, metadata)``, before any is read."""
@@ -185,7 +185,7 @@ class _Progress(ConsumerRebalanceListener):  # type: ignore[misc]
     def _entry(self, tp: TopicPartition, offset: int) -> Any:
         """What to commit for a partition: its offset, with the hooks' metadata as of now."""
         hooks = self.hooks
-        return offset if hooks is None else (offset, hooks.commit_metadata(tp.topic, tp.partition))
+        return offset if hooks is None else (offset, hooks.commit_metadata(tp.topic, tp.partition, offset))
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         async with self.handling:

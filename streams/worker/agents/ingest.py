@@ -53,9 +53,9 @@ class InputCommits:
         self.ledger = ledger
         self.marks = marks
 
-    def commit_metadata(self, topic: str, partition: int) -> str:
-        """The metadata committed with an offset of the input partition."""
-        position = self.ledger.commit_metadata(topic, partition)
+    def commit_metadata(self, topic: str, partition: int, offset: int) -> str:
+        """The metadata committed with ``offset`` (the next to read) of the input partition."""
+        position = self.ledger.commit_metadata(topic, partition, offset)
         latest = None if self.marks is None else self.marks.latest.get(InputMarks.key(topic, partition))
         return position if latest is None else f"{position}|{latest}"
 
