@@ -141,12 +141,16 @@ def test_the_rocksdb_databases_share_one_memory_budget(tmp_path) -> None:  # typ
 UNLOGGED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from streams.worker.tables import ROCKSDB_OPTIONS, SharedMemoryOptions
+from streams.worker.tables import ROCKSDB_OPTIONS, SharedMemoryOptions, write_batch
 database = SharedMemoryOptions(**ROCKSDB_OPTIONS, use_rocksdict=True).open(Path(sys.argv[1]))
-for record in range(int(sys.argv[2])):
-    database[b"record-%06d" % record] = bytes(1000)
-    if record % 100 == 99:
-        database[b"offset"] = b"%d" % record  # as Faust persists a changelog offset after its records
+for first in range(0, int(sys.argv[2]), 100):
+    records = [(b"record-%06d" % record, bytes(1000)) for record in range(first, first + 100)]
+    if sys.argv[4] == "batch":  # as the facts stage writes its customers
+        write_batch(database, records)
+    else:
+        for key, value in records:
+            database[key] = value
+    database[b"offset"] = b"%d" % (first + 99)  # as Faust persists a changelog offset after its records
 if sys.argv[3] == "close":
     database.close()
 else:
@@ -154,17 +158,18 @@ else:
 """
 
 
+@pytest.mark.parametrize("writes", ["put", "batch"])
 @pytest.mark.parametrize("ending", ["kill", "close"])
-def test_a_killed_table_database_keeps_a_prefix_of_its_writes_and_an_offset_within_it(tmp_path, ending) -> None:  # type: ignore[no-untyped-def]
-    """Unlogged table writes: a SIGKILL keeps a prefix with a true offset; a close keeps everything."""
+def test_a_killed_table_database_keeps_a_prefix_of_its_writes_and_an_offset_within_it(tmp_path, ending, writes) -> None:  # type: ignore[no-untyped-def]
+    """Unlogged table writes, put or batched: a SIGKILL keeps a prefix with a true offset; a close keeps all."""
     import subprocess
     import sys
 
     import rocksdict
 
     records = 18_500  # 18.5 MB: several 4 MiB memtables flushed, the last one not
-    subprocess.run([sys.executable, "-c", UNLOGGED_WRITER, str(tmp_path / "db"), str(records), ending], check=False,
-                   timeout=120)
+    subprocess.run([sys.executable, "-c", UNLOGGED_WRITER, str(tmp_path / "db"), str(records), ending, writes],
+                   check=False, timeout=120)
     database = rocksdict.Rdict(str(tmp_path / "db"), options=rocksdict.Options(raw_mode=True))
     # keys() in raw mode: iterating the database itself asks for str keys
     present = [key for key in database.keys() if key.startswith(b"record-")]  # noqa: SIM118
@@ -177,6 +182,35 @@ def test_a_killed_table_database_keeps_a_prefix_of_its_writes_and_an_offset_with
     else:
         assert 0 < kept < records  # the last memtable died with the process
         assert offset is not None and int(offset) < kept
+
+
+def test_a_table_store_reads_and_writes_a_partition_in_one_call(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Batched table writes apply in order (deletes too); a batched read answers in the keys' order."""
+    import random
+
+    from streams.worker.tables import ROCKSDB_OPTIONS, IdleFlush, RoutedRocksDBStore, SharedMemoryOptions
+
+    store = RoutedRocksDBStore.__new__(RoutedRocksDBStore)  # its databases alone, without a Faust table
+    store._dbs = {3: SharedMemoryOptions(**ROCKSDB_OPTIONS, use_rocksdict=True).open(tmp_path / "db")}
+    store.idle_flush = IdleFlush()
+    expected: dict[bytes, bytes] = {}
+    rng = random.Random(7)
+    for round_number in range(5):
+        writes: list[tuple[bytes, bytes | None]] = []
+        for _ in range(200):
+            key = b"k%d" % rng.randrange(300)
+            value = None if rng.random() < 0.2 else b"v%d" % rng.randrange(10**6)
+            writes.append((key, value))  # a key may come twice in one batch: the later write wins
+            if value is None:
+                expected.pop(key, None)
+            else:
+                expected[key] = value
+        store.write_many(3, writes)
+        assert store.idle_flush.writes == 200 * (round_number + 1)
+        keys = [b"k%d" % rng.randrange(400) for _ in range(150)]  # unsorted, repeated, some never written
+        assert store.get_many(3, keys) == [expected.get(key) for key in keys]
+        assert [store._dbs[3].get(key) for key in keys] == [expected.get(key) for key in keys]
+    store._dbs[3].close()
 
 
 def test_a_table_store_flushes_once_its_writes_stop_for_a_tick() -> None:

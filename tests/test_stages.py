@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from metrics.catalog import ALL_STORES
 from metrics.compare import metric_differences
 from metrics.customer import CustomerFacts
+from metrics.engine import customer_key
 from metrics.events import Event
 from metrics.reference import ReferenceConfig, accepted_events, reference_all
 from metrics.store import ReadPoints
@@ -28,6 +29,7 @@ from streams.stages.facts import (
     CustomerStage,
     apply_records,
     customer_records,
+    decode_customer,
     delta_messages,
     load_customer,
 )
@@ -35,7 +37,7 @@ from streams.stages.gate import GateStage
 from streams.stages.ingest import IngestStage
 from streams.stages.routed import Routed
 from streams.tools.history import generate_history, wire_body
-from streams.worker.wire import pack_chunks, route, unpack
+from streams.worker.wire import customer_route_key, event_from_list, pack_chunks, route, unpack
 
 GRID = Grid(60_000, 90 * DAY_MS, (3_600_000, DAY_MS, 7 * DAY_MS, 30 * DAY_MS), dedupe_ttl_ms=10**13)
 PARTITIONS = 3
@@ -377,9 +379,11 @@ def test_a_replayed_delta_part_is_applied_once() -> None:
     assert shard.latest_event_ms == 700_000
 
 
+@pytest.mark.parametrize("batched_reads", [False, True])
 @pytest.mark.parametrize("cache_size", [0, 3, 10_000])
-def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: int) -> None:
-    """Several messages per batch, table written after the batch, customers evicted mid-batch: the reference."""
+def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: int, batched_reads: bool) -> None:
+    """Several messages per batch, table written after the batch, customers evicted mid-batch (read one by
+    one or all of a message at once): the reference."""
     history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
     events = accepted_events(_parsed(history))
     gate_routed = Routed()
@@ -390,17 +394,34 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
     stage = CustomerStage(GRID, cache_size=cache_size)
     clock = 0
 
+    loads: list[str] = []
+    batch_facts: dict[str, CustomerFacts] = {}
+
     def load(key: str) -> CustomerFacts | None:
+        loads.append(key)
         return load_customer(key, table.get)
+
+    def load_many(keys: list[str]) -> dict[str, CustomerFacts | None]:
+        assert keys and len(set(keys)) == len(keys) and not set(keys) & set(batch_facts), keys
+        loads.extend(keys)
+        return {key: decode_customer(key, table.get(key.encode()), table.get) for key in keys}
 
     for partition, items in gate_routed.by_partition.items():
         messages = [items[start:start + 5] for start in range(0, len(items), 5)]
         for first in range(0, len(messages), 8):  # a batch: 8 messages, one facts dict, one table write
-            batch_facts: dict[str, CustomerFacts] = {}
+            batch_facts = {}
             for offset, message in enumerate(messages[first:first + 8], start=first):
                 clock = max([clock, *(fields[2] for fields in message)])
                 output = CustomerOutput(facts=batch_facts)
-                stage.process(message, load, clock, output, 0)
+                before, known = len(loads), set(batch_facts)
+                stage.process(message, load, clock, output, 0, load_many if batched_reads else None)
+                # each customer the message names is read from the table at most once, and only when
+                # neither the batch nor the cache has it
+                read = loads[before:]
+                assert len(set(read)) == len(read)
+                if cache_size == 0:
+                    customers = {customer_route_key(*customer_key(event_from_list(fields))) for fields in message}
+                    assert set(read) == customers - known, read
                 for target, parts in delta_messages(output, (partition, offset), PARTITIONS).items():
                     deltas_log.send(shards, target, parts)
             _write_facts(table, batch_facts)

@@ -95,7 +95,12 @@ def apply_records(table: MutableMapping[bytes, bytes], writes: dict[bytes, bytes
 def load_customer(key: str, get: Callable[[bytes], bytes | None]) -> CustomerFacts | None:
     """A customer's facts from the table (``None``: a new customer); raises ``MissingPageError``
     when a page its head names is missing."""
-    value = get(key.encode())
+    return decode_customer(key, get(key.encode()), get)
+
+
+def decode_customer(key: str, value: bytes | None, get: Callable[[bytes], bytes | None]) -> CustomerFacts | None:
+    """A customer's facts from its record ``value`` read from the table (``None``: a new customer);
+    the pages a paged customer's head names are read with ``get``."""
     if value is None:
         return None
 
@@ -141,6 +146,7 @@ class CustomerStage:
         key: str,
         batch_facts: dict[str, CustomerFacts],
         load: Callable[[str], CustomerFacts | None],
+        read: dict[str, CustomerFacts | None],
         horizon_start: int,
         seen_after: int,
     ) -> CustomerFacts:
@@ -155,7 +161,7 @@ class CustomerStage:
             # very same deltas, or the aggregation's skip-by-part would mix two versions
             kept.prune(self.grid, horizon_start, seen_after)
             return kept
-        facts = load(key) or CustomerFacts()
+        facts = (read[key] if key in read else load(key)) or CustomerFacts()
         facts.prune(self.grid, horizon_start, seen_after)
         return self._keep(key, facts)
 
@@ -174,11 +180,13 @@ class CustomerStage:
         now_ms: int,
         out: CustomerOutput,
         seen_at_ms: int,
+        load_many: Callable[[list[str]], dict[str, CustomerFacts | None]] | None = None,
     ) -> None:
         """Apply packed events; facts are read with ``load`` (or from ``out.facts``) and left in ``out.facts``.
 
         Several calls of one batch share ``out.facts``: a customer already in it is taken from
         there (the table is written once, after the batch), whatever the memory cache dropped.
+        With ``load_many``, the customers to read from the table are read with it, all at once.
 
         ``now_ms`` is the metric clock; ``seen_at_ms`` (wall time) stamps event
         ids for deduplication, which lasts ``LOYALTY_DEDUPE_TTL`` after that.
@@ -200,8 +208,14 @@ class CustomerStage:
                 by_customer[key] = [event]
             else:
                 queued.append(event)
+        read: dict[str, CustomerFacts | None] = {}
+        if load_many is not None:
+            recent = self._recent
+            unread = [key for key in by_customer if key not in out.facts and key not in recent]
+            if unread:
+                read = load_many(unread)
         for key, customer_events in by_customer.items():
-            facts = self._recall(key, out.facts, load, horizon_start, seen_after)
+            facts = self._recall(key, out.facts, load, read, horizon_start, seen_after)
             out.facts[key] = facts
             store_id = customer_events[0].store_id
             families = 0

@@ -92,6 +92,20 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             value: bytes | None = store.get(key)  # the memory store: a dict of bytes
             return value
 
+        def get_many_raw(self, keys: list[bytes]) -> list[bytes | None]:
+            """The values of ``keys`` (``None`` when missing), in one store lookup per changelog partition."""
+            store = self.data
+            if not isinstance(store, RoutedRocksDBStore):
+                return [store.get(key) for key in keys]  # the memory store: a dict of bytes
+            by_partition: dict[int, list[int]] = {}
+            for i, key in enumerate(keys):
+                by_partition.setdefault(self.partition_for_key(key), []).append(i)
+            values: list[bytes | None] = [None] * len(keys)
+            for partition, indexes in by_partition.items():
+                for i, value in zip(indexes, store.get_many(partition, [keys[i] for i in indexes]), strict=True):
+                    values[i] = value
+            return values
+
         def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
             future = super().send_changelog(*args, **kwargs)
             self.unconfirmed.append(future)
@@ -112,17 +126,19 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             producer = app.producer._ensure_producer()  # type: ignore[attr-defined]
             topic = self.changelog_topic.get_topic_name()
             by_partition: dict[int, list[tuple[bytes, bytes | None]]] = {}
-            store = self.data
-            rocksdb = store if isinstance(store, RoutedRocksDBStore) else None
             for key, value in items.items():
-                if value is None:
-                    store.pop(key, None)  # a tombstone in the changelog
-                elif rocksdb is not None:
-                    # bytes as they are (the raw codec's), without the serializer registry each time
-                    rocksdb._set(key, value)
-                else:
-                    store[key] = kept(value)  # the memory store keeps the very object
                 by_partition.setdefault(self.partition_for_key(key), []).append((key, value))
+            store = self.data
+            if isinstance(store, RoutedRocksDBStore):
+                # bytes as they are (the raw codec's), without the serializer registry each time
+                for partition, records in by_partition.items():
+                    store.write_many(partition, records)
+            else:
+                for key, value in items.items():
+                    if value is None:
+                        store.pop(key, None)
+                    else:
+                        store[key] = kept(value)  # the memory store keeps the very object
             for partition, records in by_partition.items():
                 batch = producer.create_batch()
                 for key, value in records:
@@ -195,6 +211,29 @@ async def changelog_written(*tables: Any) -> None:
             table.unconfirmed = [future for future in table.unconfirmed if not future.done()]
 
 
+def unlogged_writes() -> Any:
+    """RocksDB write options without the write-ahead log (see :meth:`SharedMemoryOptions.open`)."""
+    options = rocksdict.WriteOptions()
+    # an attribute in the binding (its type stub declares a method)
+    options.disable_wal = True  # type: ignore[method-assign, assignment]
+    return options
+
+
+def write_batch(database: Any, items: Iterable[tuple[bytes, bytes | None]]) -> None:
+    """Write ``items`` (``None``: delete) to a table ``database`` in order, as one batch, without the log.
+
+    A batch is applied whole or not at all: a customer's pages and head land together. Its write
+    options are explicit: a batch does not take the ones the database was given.
+    """
+    batch = rocksdict.WriteBatch(raw_mode=True)
+    for key, value in items:
+        if value is None:
+            batch.delete(key)
+        else:
+            batch.put(key, value)
+    database.write(batch, unlogged_writes())
+
+
 class SharedMemoryOptions(RocksDBOptions):
     """Faust's RocksDB options, with one block cache and one memtable budget for every database of the process."""
 
@@ -221,10 +260,7 @@ class SharedMemoryOptions(RocksDBOptions):
         """
         db = super().open(path, read_only=read_only)
         if self.use_rocksdict:
-            unlogged = rocksdict.WriteOptions()
-            # an attribute in the binding (its type stub declares a method)
-            unlogged.disable_wal = True  # type: ignore[method-assign, assignment]
-            db.set_write_options(unlogged)
+            db.set_write_options(unlogged_writes())
         return db
 
     def as_options(self) -> Any:
@@ -312,3 +348,23 @@ class RoutedRocksDBStore(Store):
 
     def _contains(self, key: bytes) -> bool:
         return self._get(key) is not None
+
+    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        """The values of ``keys``, all of changelog ``partition``, in one lookup (``None`` when missing).
+
+        RocksDB's batched read, on keys in sorted order: it walks the index blocks once for all.
+        """
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        found: list[Any] = self._db_for_partition(partition).get([keys[i] for i in order])
+        values: list[bytes | None] = [None] * len(keys)
+        for i, value in zip(order, found, strict=True):
+            values[i] = None if value is None else bytes(value)
+        return values
+
+    def write_many(self, partition: int, items: list[tuple[bytes, bytes | None]]) -> None:
+        """Set (``None``: delete) ``items``, all of changelog ``partition``, in order, as one write batch.
+
+        A batch is applied whole or not at all: a customer's pages and head land together.
+        """
+        write_batch(self._db_for_partition(partition), items)
+        self.idle_flush.writes += len(items)

@@ -6,7 +6,14 @@ import time
 from typing import Any
 
 from metrics.customer import CustomerFacts
-from streams.stages.facts import CustomerOutput, CustomerStage, customer_records, delta_messages, load_customer
+from streams.stages.facts import (
+    CustomerOutput,
+    CustomerStage,
+    customer_records,
+    decode_customer,
+    delta_messages,
+    load_customer,
+)
 from streams.stages.watermarks import MARKS, MARKS_INTERVAL_S, MARKS_REPEAT_S, Mark, MarkMerger, is_marks
 from streams.worker.acks import acknowledged
 from streams.worker.tables import changelog_written
@@ -37,6 +44,13 @@ class Facts:
     def load(self, key: str) -> CustomerFacts | None:
         """A customer's facts from the table (``None``: a new customer)."""
         return load_customer(key, self.topology.facts.get_raw)
+
+    def load_many(self, keys: list[str]) -> dict[str, CustomerFacts | None]:
+        """Customers' facts from the table (``None``: a new customer), their records read in one lookup
+        per partition (a by-customer message's customers are all of its partition)."""
+        table = self.topology.facts
+        values = table.get_many_raw([key.encode() for key in keys])
+        return {key: decode_customer(key, value, table.get_raw) for key, value in zip(keys, values, strict=True)}
 
     async def run(self, stream: Any) -> None:
         """The agent: each batch of by-customer messages applied, its deltas sent, then its facts written.
@@ -77,7 +91,7 @@ class Facts:
                 if now is None:
                     continue
                 output = CustomerOutput(facts=cache)
-                self.stage.process(items, self.load, now, output, wall_ms())
+                self.stage.process(items, self.load, now, output, wall_ms(), self.load_many)
                 health.count("events_applied", output.applied)
                 health.count("duplicates", output.duplicates)
                 source = (partition, offset)
