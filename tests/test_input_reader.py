@@ -50,6 +50,32 @@ async def _dead_letter_once(producer: AIOKafkaProducer, ledger: DeadLetterLedger
     ledger.record(sent.partition, sent.offset)
 
 
+class ReadingStopped(Exception):
+    """A reader stopped halfway through reading again (as if killed after a commit)."""
+
+
+def _dead_lettering(producer: AIOKafkaProducer, ledger: DeadLetterLedger, dead_topic: str, bad: set[int],
+                    handled: list[int], stop_at: int | None = None) -> Any:
+    """A handler that dead-letters the ``bad`` values once, as the ingest does, and lists what it handled; with
+    ``stop_at``, it stops (raises) at the first fetch holding a value from there on, without handling it."""
+    async def handle(records: list[ConsumerRecord]) -> None:
+        if stop_at is not None and any(int(record.value) >= stop_at for record in records):
+            raise ReadingStopped(stop_at)
+        for record in records:
+            if int(record.value) in bad:
+                await _dead_letter_once(producer, ledger, dead_topic, record)
+        # handled once Kafka has its dead letters, as the worker's ingest does: a reader stopped after
+        # this leaves none in flight (a killed worker's unsent requests die with it)
+        handled.extend(int(record.value) for record in records)
+
+    return handle
+
+
+async def _never_commit(self: Any) -> None:
+    """In place of the reader's commit: it is as if the reader were killed before each commit."""
+    self.uncommitted = {}
+
+
 async def _dead_letter_keys(bootstrap: str, dead_topic: str, expected: int) -> list[bytes]:
     """The keys of every dead letter in the topic, once ``expected`` of them are in (and a second more)."""
     consumer = AIOKafkaConsumer(dead_topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
@@ -117,22 +143,11 @@ async def test_dead_letters_of_elements_read_again_after_a_crash_are_sent_once(
     handled: list[int] = []
 
     def handler(ledger: DeadLetterLedger) -> Any:
-        async def handle(records: list[ConsumerRecord]) -> None:
-            for record in records:
-                if int(record.value) in bad:
-                    await _dead_letter_once(producer, ledger, dead_topic, record)
-            # handled once Kafka has its dead letters, as the worker's ingest does: a reader stopped after
-            # this leaves none in flight (a killed worker's unsent requests die with it)
-            handled.extend(int(record.value) for record in records)
-
-        return handle
+        return _dead_lettering(producer, ledger, dead_topic, bad, handled)
 
     try:
         # the first reader never commits after its first assignment: it is as if it were killed
-        async def no_commit(self: Any) -> None:
-            self.uncommitted = {}
-
-        monkeypatch.setattr(input_reader._Progress, "commit", no_commit)
+        monkeypatch.setattr(input_reader._Progress, "commit", _never_commit)
         first = DeadLetterLedger(bootstrap, dead_topic, PARTITIONS)
         reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(first), first))
         await async_wait_for(lambda: len(handled) >= 200, timeout=60, message=lambda: f"{len(handled)} handled")
@@ -204,10 +219,6 @@ async def test_a_reader_failing_halfway_through_a_fetch_commits_no_position_past
     assert len(keys) == len(bad)
 
 
-class ReadingStopped(Exception):
-    """A reader stopped halfway through reading again (as if killed after a commit)."""
-
-
 async def test_a_reader_dying_halfway_through_reading_again_leaves_its_successor_the_dead_letters_it_learnt(
     services: Services, topic_prefix: str, app_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,24 +235,12 @@ async def test_a_reader_dying_halfway_through_reading_again_leaves_its_successor
     handled: list[int] = []
 
     def handler(ledger: DeadLetterLedger, stop_at: int | None = None) -> Any:
-        async def handle(records: list[ConsumerRecord]) -> None:
-            for record in records:
-                if stop_at is not None and int(record.value) >= stop_at:
-                    raise ReadingStopped(record.value)  # this fetch is not handled, the earlier ones are
-            for record in records:
-                if int(record.value) in bad:
-                    await _dead_letter_once(producer, ledger, dead_topic, record)
-            handled.extend(int(record.value) for record in records)
-
-        return handle
+        return _dead_lettering(producer, ledger, dead_topic, bad, handled, stop_at)
 
     try:
         # the first reader dead-letters every bad element and dies without a commit
-        async def no_commit(self: Any) -> None:
-            self.uncommitted = {}
-
         with monkeypatch.context() as patched:
-            patched.setattr(input_reader._Progress, "commit", no_commit)
+            patched.setattr(input_reader._Progress, "commit", _never_commit)
             first = DeadLetterLedger(bootstrap, dead_topic, PARTITIONS)
             reader = asyncio.create_task(input_reader.read_inputs(bootstrap, [topic], app_id, handler(first), first))
             await async_wait_for(lambda: len(handled) >= 200, timeout=60, message=lambda: f"{len(handled)} handled")
