@@ -223,7 +223,7 @@ def write_batch(database: Any, items: Iterable[tuple[bytes, bytes | None]]) -> N
     """Write ``items`` (``None``: delete) to a table ``database`` in order, as one batch, without the log.
 
     A batch is applied whole or not at all: a customer's pages and head land together. Its write
-    options are explicit: a batch does not take the ones the database was given.
+    options are explicit: the binding does not document whether a batch takes the database's.
     """
     batch = rocksdict.WriteBatch(raw_mode=True)
     for key, value in items:
