@@ -193,8 +193,8 @@ class DeadLetterLedger(_Positions):
                 wanted[dead_partition] = min(int(metadata), wanted.get(dead_partition, int(metadata)))
         for record in await self._read_since({self.partition_of(*tp) for tp in committed}, wanted):
             self._learn(record.key, record.offset, committed)
-        for learnt in self.learnt.values():
-            learnt.sort()
+        for source in committed:
+            self.learnt[source].sort()
 
     def _learn(self, key: bytes | None, letter_offset: int,
                committed: dict[tuple[str, int], tuple[int, str | None]]) -> None:

@@ -97,14 +97,13 @@ def make_table(app: faust.App, name: str, partitions: int) -> Any:
             store = self.data
             if not isinstance(store, RoutedRocksDBStore):
                 return [store.get(key) for key in keys]  # the memory store: a dict of bytes
-            by_partition: dict[int, list[int]] = {}
-            for i, key in enumerate(keys):
-                by_partition.setdefault(self.partition_for_key(key), []).append(i)
-            values: list[bytes | None] = [None] * len(keys)
-            for partition, indexes in by_partition.items():
-                for i, value in zip(indexes, store.get_many(partition, [keys[i] for i in indexes]), strict=True):
-                    values[i] = value
-            return values
+            by_partition: dict[int, list[bytes]] = {}
+            for key in keys:
+                by_partition.setdefault(self.partition_for_key(key), []).append(key)
+            found: dict[bytes, bytes | None] = {}
+            for partition, partition_keys in by_partition.items():
+                found.update(store.get_many(partition, partition_keys))
+            return [found[key] for key in keys]
 
         def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
             future = super().send_changelog(*args, **kwargs)
@@ -349,17 +348,14 @@ class RoutedRocksDBStore(Store):
     def _contains(self, key: bytes) -> bool:
         return self._get(key) is not None
 
-    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
-        """The values of ``keys``, all of changelog ``partition``, in one lookup (``None`` when missing).
+    def get_many(self, partition: int, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
+        """The value of each of ``keys``, all of changelog ``partition``, in one lookup (``None`` when missing).
 
         RocksDB's batched read, on keys in sorted order: it walks the index blocks once for all.
         """
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        found: list[Any] = self._db_for_partition(partition).get([keys[i] for i in order])
-        values: list[bytes | None] = [None] * len(keys)
-        for i, value in zip(order, found, strict=True):
-            values[i] = None if value is None else bytes(value)
-        return values
+        ordered = sorted(set(keys))
+        found: list[Any] = self._db_for_partition(partition).get(ordered)
+        return {key: None if value is None else bytes(value) for key, value in zip(ordered, found, strict=True)}
 
     def write_many(self, partition: int, items: list[tuple[bytes, bytes | None]]) -> None:
         """Set (``None``: delete) ``items``, all of changelog ``partition``, in order, as one write batch.
