@@ -630,35 +630,253 @@ static int small_int(PyObject *value, long long *result)
     return 1;
 }
 
-/* out[name], made an empty dict when missing (metrics.customer._series); a borrowed reference */
-static PyObject *series_of(PyObject *out, PyObject *name)
+/* ---- DeltaAccumulator -------------------------------------------------------------------- */
+
+/* A message's deltas of one store, {series: {bucket: delta}} as C arrays: what the facts stage adds
+ * into (metrics.customer.new_deltas). A customer's contributions before its events are added with
+ * sign -1 and those after with +1, and most of them cancel: here they cancel in int64 cells, where
+ * a dict of dicts made a Python int for every bucket and every sum. Exact: a sum that leaves int64
+ * is kept as a Python int from then on. Series and buckets keep their first-insertion order, as a
+ * dict's keys do, so rows() is grouped_rows of the dict the same additions would have made. */
+
+typedef struct {
+    long long bucket;
+    long long small;
+    PyObject *big; /* the exact value once a sum left int64 (small is then unused), else NULL */
+} Cell;
+
+typedef struct {
+    PyObject *name;
+    Cell *cells; /* in first-insertion order */
+    Py_ssize_t count, capacity;
+    Py_ssize_t *slots; /* open addressing over cells: index + 1, 0 when free; mask + 1 of them */
+    Py_ssize_t mask;
+} SeriesCells;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *positions; /* series name -> its index in series (a Python int) */
+    SeriesCells *series;
+    Py_ssize_t count, capacity;
+    PyObject *last_name; /* the name looked up last (owned by its series), and its index */
+    Py_ssize_t last_position;
+} DeltaAccumulator;
+
+static PyTypeObject DeltaAccumulatorType;
+
+/* where a native loop adds a series' deltas: a dict's series dict, or a series of an accumulator */
+typedef struct {
+    PyObject *buckets; /* borrowed; NULL for an accumulator */
+    DeltaAccumulator *accumulator;
+    Py_ssize_t position;
+} Series;
+
+/* out is a dict of dicts or a DeltaAccumulator: the loops' targets */
+static int deltas_target(PyObject *out)
 {
-    PyObject *buckets = PyDict_GetItemWithError(out, name);
+    return PyDict_Check(out) || Py_IS_TYPE(out, &DeltaAccumulatorType);
+}
+
+static size_t bucket_hash(long long bucket)
+{
+    return (size_t)(((unsigned long long)bucket * 0x9E3779B97F4A7C15ULL) >> 32);
+}
+
+static int cells_rehash(SeriesCells *series, Py_ssize_t slot_count)
+{
+    Py_ssize_t *slots = PyMem_New(Py_ssize_t, slot_count), i;
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(slots, 0, sizeof(Py_ssize_t) * (size_t)slot_count);
+    for (i = 0; i < series->count; i++) {
+        size_t slot = bucket_hash(series->cells[i].bucket) & (size_t)(slot_count - 1);
+        while (slots[slot] != 0)
+            slot = (slot + 1) & (size_t)(slot_count - 1);
+        slots[slot] = i + 1;
+    }
+    PyMem_Free(series->slots);
+    series->slots = slots;
+    series->mask = slot_count - 1;
+    return 0;
+}
+
+/* the cell of bucket, made (0) when missing; NULL on an error */
+static Cell *cell_of(SeriesCells *series, long long bucket)
+{
+    size_t slot = bucket_hash(bucket) & (size_t)series->mask;
+    Py_ssize_t found;
+    Cell *cell;
+    while ((found = series->slots[slot]) != 0) {
+        if (series->cells[found - 1].bucket == bucket)
+            return &series->cells[found - 1];
+        slot = (slot + 1) & (size_t)series->mask;
+    }
+    if (series->count == series->capacity) {
+        Py_ssize_t capacity = series->capacity * 2;
+        Cell *cells = PyMem_Resize(series->cells, Cell, capacity);
+        if (cells == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        series->cells = cells;
+        series->capacity = capacity;
+    }
+    cell = &series->cells[series->count++];
+    cell->bucket = bucket;
+    cell->small = 0;
+    cell->big = NULL;
+    series->slots[slot] = series->count;
+    /* at most two thirds full, so every probe ends */
+    if (3 * series->count > 2 * (series->mask + 1) && cells_rehash(series, 2 * (series->mask + 1)) < 0)
+        return NULL;
+    return cell;
+}
+
+/* cell += delta, on Python ints once the sum leaves int64 */
+static int cell_add_object(Cell *cell, PyObject *delta);
+
+static int cell_add_small(Cell *cell, long long delta)
+{
+    long long sum;
+    if (cell->big == NULL && !__builtin_add_overflow(cell->small, delta, &sum)) {
+        cell->small = sum;
+        return 0;
+    }
+    PyObject *value = PyLong_FromLongLong(delta);
+    int result;
+    if (value == NULL)
+        return -1;
+    result = cell_add_object(cell, value);
+    Py_DECREF(value);
+    return result;
+}
+
+static int cell_add_object(Cell *cell, PyObject *delta)
+{
+    long long small;
+    int overflow = 0;
+    PyObject *current, *sum;
+    if (cell->big == NULL) {
+        small = PyLong_AsLongLongAndOverflow(delta, &overflow);
+        if (small == -1 && PyErr_Occurred())
+            return -1;
+        if (!overflow && !__builtin_add_overflow(cell->small, small, &small)) {
+            cell->small = small;
+            return 0;
+        }
+        if ((current = PyLong_FromLongLong(cell->small)) == NULL)
+            return -1;
+    }
+    else {
+        current = cell->big;
+        Py_INCREF(current);
+    }
+    sum = PyNumber_Add(current, delta);
+    Py_DECREF(current);
+    if (sum == NULL)
+        return -1;
+    Py_XSETREF(cell->big, sum);
+    return 0;
+}
+
+/* the index of series name, made empty when missing; -1 on an error */
+static Py_ssize_t accumulator_series(DeltaAccumulator *self, PyObject *name)
+{
+    PyObject *found, *position;
+    SeriesCells *series;
+    if (name == self->last_name)
+        return self->last_position;
+    if ((found = PyDict_GetItemWithError(self->positions, name)) != NULL) {
+        self->last_name = self->series[PyLong_AsSsize_t(found)].name;
+        self->last_position = PyLong_AsSsize_t(found);
+        return self->last_position;
+    }
+    if (PyErr_Occurred())
+        return -1;
+    if (!PyUnicode_CheckExact(name)) {
+        PyErr_SetString(PyExc_TypeError, "DeltaAccumulator: a series name must be a str");
+        return -1;
+    }
+    if (self->count == self->capacity) {
+        Py_ssize_t capacity = self->capacity ? 2 * self->capacity : 16;
+        SeriesCells *grown = PyMem_Resize(self->series, SeriesCells, capacity);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->series = grown;
+        self->capacity = capacity;
+    }
+    series = &self->series[self->count];
+    memset(series, 0, sizeof *series);
+    if ((series->cells = PyMem_New(Cell, 4)) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    series->capacity = 4;
+    if (cells_rehash(series, 8) < 0) {
+        PyMem_Free(series->cells);
+        return -1;
+    }
+    if ((position = PyLong_FromSsize_t(self->count)) == NULL || PyDict_SetItem(self->positions, name, position) < 0) {
+        Py_XDECREF(position);
+        PyMem_Free(series->cells);
+        PyMem_Free(series->slots);
+        return -1;
+    }
+    Py_DECREF(position);
+    Py_INCREF(name);
+    series->name = name;
+    self->last_name = name;
+    self->last_position = self->count;
+    return self->count++;
+}
+
+/* out[name] as a Series (a dict's series dict made empty when missing: metrics.customer._series) */
+static int series_of(PyObject *out, PyObject *name, Series *series)
+{
+    PyObject *buckets;
+    if (Py_IS_TYPE(out, &DeltaAccumulatorType)) {
+        series->buckets = NULL;
+        series->accumulator = (DeltaAccumulator *)out;
+        series->position = accumulator_series(series->accumulator, name);
+        return series->position < 0 ? -1 : 0;
+    }
+    series->accumulator = NULL;
+    buckets = PyDict_GetItemWithError(out, name);
     if (buckets != NULL) {
         if (!PyDict_Check(buckets)) {
             PyErr_SetString(PyExc_TypeError, "deltas must be a dict of dicts");
-            return NULL;
+            return -1;
         }
-        return buckets;
+        series->buckets = buckets;
+        return 0;
     }
     if (PyErr_Occurred() || (buckets = PyDict_New()) == NULL)
-        return NULL;
+        return -1;
     if (PyDict_SetItem(out, name, buckets) < 0) {
         Py_DECREF(buckets);
-        return NULL;
+        return -1;
     }
-    Py_DECREF(buckets);  /* out holds it */
-    return buckets;
+    Py_DECREF(buckets); /* out holds it */
+    series->buckets = buckets;
+    return 0;
 }
 
-/* buckets[bucket] = buckets.get(bucket, 0) + delta */
-static int add_object(PyObject *buckets, long long bucket, PyObject *delta)
+/* series[bucket] = series.get(bucket, 0) + delta */
+static int add_object(const Series *series, long long bucket, PyObject *delta)
 {
-    PyObject *key = PyLong_FromLongLong(bucket), *old, *sum;
+    PyObject *key, *old, *sum;
     int result;
-    if (key == NULL)
+    if (series->buckets == NULL) {
+        Cell *cell = cell_of(&series->accumulator->series[series->position], bucket);
+        return cell == NULL ? -1 : cell_add_object(cell, delta);
+    }
+    if ((key = PyLong_FromLongLong(bucket)) == NULL)
         return -1;
-    old = PyDict_GetItemWithError(buckets, key);
+    old = PyDict_GetItemWithError(series->buckets, key);
     if (old != NULL)
         sum = PyNumber_Add(old, delta);
     else if (PyErr_Occurred())
@@ -671,22 +889,250 @@ static int add_object(PyObject *buckets, long long bucket, PyObject *delta)
         Py_DECREF(key);
         return -1;
     }
-    result = PyDict_SetItem(buckets, key, sum);
+    result = PyDict_SetItem(series->buckets, key, sum);
     Py_DECREF(key);
     Py_DECREF(sum);
     return result;
 }
 
-static int add_small(PyObject *buckets, long long bucket, long long delta)
+static int add_small(const Series *series, long long bucket, long long delta)
 {
-    PyObject *value = PyLong_FromLongLong(delta);
+    PyObject *value;
     int result;
-    if (value == NULL)
+    if (series->buckets == NULL) {
+        Cell *cell = cell_of(&series->accumulator->series[series->position], bucket);
+        return cell == NULL ? -1 : cell_add_small(cell, delta);
+    }
+    if ((value = PyLong_FromLongLong(delta)) == NULL)
         return -1;
-    result = add_object(buckets, bucket, value);
+    result = add_object(series, bucket, value);
     Py_DECREF(value);
     return result;
 }
+
+static int cell_nonzero(const Cell *cell)
+{
+    return cell->big != NULL ? PyObject_IsTrue(cell->big) : cell->small != 0;
+}
+
+static PyObject *cell_value(const Cell *cell)
+{
+    if (cell->big != NULL) {
+        Py_INCREF(cell->big);
+        return cell->big;
+    }
+    return PyLong_FromLongLong(cell->small);
+}
+
+static void accumulator_clear_series(DeltaAccumulator *self)
+{
+    Py_ssize_t s, i;
+    for (s = 0; s < self->count; s++) {
+        SeriesCells *series = &self->series[s];
+        for (i = 0; i < series->count; i++)
+            Py_XDECREF(series->cells[i].big);
+        Py_DECREF(series->name);
+        PyMem_Free(series->cells);
+        PyMem_Free(series->slots);
+    }
+    PyMem_Free(self->series);
+    self->series = NULL;
+    self->count = self->capacity = 0;
+    self->last_name = NULL;
+}
+
+static PyObject *accumulator_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    DeltaAccumulator *self;
+    if (PyTuple_GET_SIZE(args) > 0 || (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0)) {
+        PyErr_SetString(PyExc_TypeError, "DeltaAccumulator() takes no arguments");
+        return NULL;
+    }
+    if ((self = (DeltaAccumulator *)type->tp_alloc(type, 0)) == NULL)
+        return NULL;
+    if ((self->positions = PyDict_New()) == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void accumulator_dealloc(DeltaAccumulator *self)
+{
+    accumulator_clear_series(self);
+    Py_XDECREF(self->positions);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* a bucket as a long long; -1 with OverflowError or TypeError set when it is not an int of 64 bits */
+static int bucket_argument(PyObject *value, long long *bucket)
+{
+    if (!PyLong_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "DeltaAccumulator: a bucket must be an int");
+        return -1;
+    }
+    *bucket = PyLong_AsLongLong(value);
+    return *bucket == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int accumulator_add_one(DeltaAccumulator *self, PyObject *name, PyObject *bucket_object, PyObject *delta)
+{
+    Series series;
+    long long bucket;
+    if (bucket_argument(bucket_object, &bucket) < 0)
+        return -1;
+    if (!PyLong_Check(delta)) {
+        PyErr_SetString(PyExc_TypeError, "DeltaAccumulator: a delta must be an int");
+        return -1;
+    }
+    if (series_of((PyObject *)self, name, &series) < 0)
+        return -1;
+    return add_object(&series, bucket, delta);
+}
+
+/* add(series, bucket, delta): metrics.customer.add_delta into the accumulator */
+static PyObject *accumulator_add(DeltaAccumulator *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "add takes 3 arguments (series, bucket, delta)");
+        return NULL;
+    }
+    if (accumulator_add_one(self, args[0], args[1], args[2]) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* add_deltas(deltas): add a {series: {bucket: delta}} (what a Python loop built) */
+static PyObject *accumulator_add_deltas(DeltaAccumulator *self, PyObject *deltas)
+{
+    Py_ssize_t position = 0, inner;
+    PyObject *name, *buckets, *bucket, *delta;
+    if (!PyDict_Check(deltas)) {
+        PyErr_SetString(PyExc_TypeError, "add_deltas: deltas must be a dict of dicts");
+        return NULL;
+    }
+    while (PyDict_Next(deltas, &position, &name, &buckets)) {
+        if (!PyDict_Check(buckets)) {
+            PyErr_SetString(PyExc_TypeError, "add_deltas: deltas must be a dict of dicts");
+            return NULL;
+        }
+        /* the series first, as a dict's key, even when it has no deltas (the rows' series order) */
+        if (accumulator_series(self, name) < 0)
+            return NULL;
+        inner = 0;
+        while (PyDict_Next(buckets, &inner, &bucket, &delta))
+            if (accumulator_add_one(self, name, bucket, delta) < 0)
+                return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* rows(): the nonzero deltas grouped by series, as grouped_rows of the equivalent dict */
+static PyObject *accumulator_rows(DeltaAccumulator *self, PyObject *unused)
+{
+    PyObject *groups = PyList_New(0), *pairs = NULL, *value;
+    Py_ssize_t s, i, nonzero;
+    (void)unused;
+    if (groups == NULL)
+        return NULL;
+    for (s = 0; s < self->count; s++) {
+        const SeriesCells *series = &self->series[s];
+        for (i = 0, nonzero = 0; i < series->count; i++) {
+            int truth = cell_nonzero(&series->cells[i]);
+            if (truth < 0)
+                goto error;
+            nonzero += truth;
+        }
+        if (nonzero == 0)
+            continue;
+        if ((pairs = PyList_New(2 * nonzero)) == NULL)
+            goto error;
+        for (i = 0, nonzero = 0; i < series->count; i++) {
+            const Cell *cell = &series->cells[i];
+            if (!cell_nonzero(cell))
+                continue;
+            if ((value = PyLong_FromLongLong(cell->bucket)) == NULL)
+                goto error;
+            PyList_SET_ITEM(pairs, 2 * nonzero, value);
+            if ((value = cell_value(cell)) == NULL)
+                goto error;
+            PyList_SET_ITEM(pairs, 2 * nonzero + 1, value);
+            nonzero++;
+        }
+        if (PyList_Append(groups, series->name) < 0 || PyList_Append(groups, pairs) < 0)
+            goto error;
+        Py_CLEAR(pairs);
+    }
+    return groups;
+error:
+    Py_XDECREF(pairs);
+    Py_DECREF(groups);
+    return NULL;
+}
+
+/* as_dict(): {series: {bucket: delta}} with the zeros left out (and series left empty) */
+static PyObject *accumulator_as_dict(DeltaAccumulator *self, PyObject *unused)
+{
+    PyObject *result = PyDict_New(), *buckets = NULL, *key = NULL, *value = NULL;
+    Py_ssize_t s, i;
+    (void)unused;
+    if (result == NULL)
+        return NULL;
+    for (s = 0; s < self->count; s++) {
+        const SeriesCells *series = &self->series[s];
+        if ((buckets = PyDict_New()) == NULL)
+            goto error;
+        for (i = 0; i < series->count; i++) {
+            const Cell *cell = &series->cells[i];
+            int truth = cell_nonzero(cell);
+            if (truth < 0)
+                goto error;
+            if (!truth)
+                continue;
+            if ((key = PyLong_FromLongLong(cell->bucket)) == NULL || (value = cell_value(cell)) == NULL
+                || PyDict_SetItem(buckets, key, value) < 0)
+                goto error;
+            Py_CLEAR(key);
+            Py_CLEAR(value);
+        }
+        if (PyDict_GET_SIZE(buckets) > 0 && PyDict_SetItem(result, series->name, buckets) < 0)
+            goto error;
+        Py_CLEAR(buckets);
+    }
+    return result;
+error:
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    Py_XDECREF(buckets);
+    Py_DECREF(result);
+    return NULL;
+}
+
+static PyMethodDef accumulator_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))accumulator_add, METH_FASTCALL,
+     "add(series, bucket, delta): add one delta (metrics.customer.add_delta)."},
+    {"add_deltas", (PyCFunction)accumulator_add_deltas, METH_O,
+     "add_deltas(deltas): add every delta of a {series: {bucket: delta}}."},
+    {"rows", (PyCFunction)accumulator_rows, METH_NOARGS,
+     "rows() -> [series, [bucket, delta, ...], ...]: the nonzero deltas grouped by series, in\n"
+     "first-insertion order (metrics.customer.grouped_rows of the dict the same additions make)."},
+    {"as_dict", (PyCFunction)accumulator_as_dict, METH_NOARGS,
+     "as_dict() -> {series: {bucket: delta}}: the nonzero deltas."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject DeltaAccumulatorType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "metrics._blocks.DeltaAccumulator",
+    .tp_basicsize = sizeof(DeltaAccumulator),
+    .tp_dealloc = (destructor)accumulator_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "DeltaAccumulator(): a message's deltas of one store, {series: {bucket: delta}} in int64 cells\n"
+              "(exact: a sum past int64 becomes a Python int). The native contribution loops add into it;\n"
+              "rows() gives the deltas topic's grouped rows.",
+    .tp_methods = accumulator_methods,
+    .tp_new = accumulator_new,
+};
 
 /* the first index of sorted values[0..count) whose value is greater than target */
 static Py_ssize_t after(const long long *values, Py_ssize_t count, long long target)
@@ -789,7 +1235,7 @@ static int order_inputs_read(OrderInputs *inputs, PyObject *all_orders, PyObject
 static int order_window(PyObject *out, OrderInputs *inputs, PyObject *names, long long n, long long since,
                         long long sign, int has_second, long long second_order)
 {
-    PyObject *purchasers, *returning, *lifespans, *churned, *retained;
+    Series purchasers, returning, lifespans, churned, retained;
     const long long *orders = inputs->order_buckets;
     long long *starts = inputs->starts, *ends = inputs->ends;
     Py_ssize_t count = inputs->orders, spans = 0, i, index, first_lifespan, recent;
@@ -804,24 +1250,24 @@ static int order_window(PyObject *out, OrderInputs *inputs, PyObject *names, lon
             spans++;
         }
     }
-    if ((purchasers = series_of(out, PyTuple_GET_ITEM(names, 1))) == NULL
-        || (returning = series_of(out, PyTuple_GET_ITEM(names, 2))) == NULL)
+    if (series_of(out, PyTuple_GET_ITEM(names, 1), &purchasers) < 0
+        || series_of(out, PyTuple_GET_ITEM(names, 2), &returning) < 0)
         return -1;
     for (index = 0; index < spans; index++) {
         long long start = starts[index], end = ends[index], low;
         if (end <= since)
             continue;
         low = start > since ? start : since;
-        if (add_small(purchasers, low, sign) < 0 || add_small(purchasers, end, -sign) < 0)
+        if (add_small(&purchasers, low, sign) < 0 || add_small(&purchasers, end, -sign) < 0)
             return -1;
         if (has_second && end > second_order) {
             low = start > second_order ? start : second_order;
             low = low > since ? low : since;
-            if (add_small(returning, low, sign) < 0 || add_small(returning, end, -sign) < 0)
+            if (add_small(&returning, low, sign) < 0 || add_small(&returning, end, -sign) < 0)
                 return -1;
         }
     }
-    if ((lifespans = series_of(out, PyTuple_GET_ITEM(names, 3))) == NULL)
+    if (series_of(out, PyTuple_GET_ITEM(names, 3), &lifespans) < 0)
         return -1;
     first_lifespan = after(orders, count, since) - 1;
     recent = after(orders, count, since - n);
@@ -831,12 +1277,12 @@ static int order_window(PyObject *out, OrderInputs *inputs, PyObject *names, lon
             end = orders[i + 1];
         if (lifespan != 0 && end > since) {
             low = bucket > since ? bucket : since;
-            if (add_small(lifespans, low, lifespan) < 0 || add_small(lifespans, end, -lifespan) < 0)
+            if (add_small(&lifespans, low, lifespan) < 0 || add_small(&lifespans, end, -lifespan) < 0)
                 return -1;
         }
     }
-    if ((churned = series_of(out, PyTuple_GET_ITEM(names, 4))) == NULL
-        || (retained = series_of(out, PyTuple_GET_ITEM(names, 5))) == NULL)
+    if (series_of(out, PyTuple_GET_ITEM(names, 4), &churned) < 0
+        || series_of(out, PyTuple_GET_ITEM(names, 5), &retained) < 0)
         return -1;
     for (i = after(inputs->revenue_buckets, inputs->revenues, reach); i < inputs->revenues; i++) {
         long long bucket = inputs->revenue_buckets[i];
@@ -848,7 +1294,7 @@ static int order_window(PyObject *out, OrderInputs *inputs, PyObject *names, lon
         while (index < spans && starts[index] < period_end) {
             if (starts[index] > cursor && starts[index] > since) {
                 low = cursor > since ? cursor : since;
-                if (add_object(churned, low, amount) < 0 || add_object(churned, starts[index], minus) < 0)
+                if (add_object(&churned, low, amount) < 0 || add_object(&churned, starts[index], minus) < 0)
                     return -1;
             }
             cursor = ends[index];
@@ -856,7 +1302,7 @@ static int order_window(PyObject *out, OrderInputs *inputs, PyObject *names, lon
         }
         if (cursor < period_end && period_end > since) {
             low = cursor > since ? cursor : since;
-            if (add_object(churned, low, amount) < 0 || add_object(churned, period_end, minus) < 0)
+            if (add_object(&churned, low, amount) < 0 || add_object(&churned, period_end, minus) < 0)
                 return -1;
         }
         /* "in W" for j in [b, b+n): retained where the customer was a purchaser n buckets before */
@@ -870,7 +1316,7 @@ static int order_window(PyObject *out, OrderInputs *inputs, PyObject *names, lon
                 high = high < window_end ? high : window_end;
                 if (high > since) {
                     low = low > since ? low : since;
-                    if (add_object(retained, low, amount) < 0 || add_object(retained, high, minus) < 0)
+                    if (add_object(&retained, low, amount) < 0 || add_object(&retained, high, minus) < 0)
                         return -1;
                 }
                 index++;
@@ -898,7 +1344,7 @@ static PyObject *order_deltas(PyObject *module, PyObject *const *args, Py_ssize_
     out = args[0];
     windows = args[7];
     has_second = args[5] != Py_None;
-    if (!PyDict_Check(out) || !PyTuple_CheckExact(windows) || (has_second && !small_int(args[5], &second_order))
+    if (!deltas_target(out) || !PyTuple_CheckExact(windows) || (has_second && !small_int(args[5], &second_order))
         || !small_int(args[6], &first_order_ms) || !small_int(args[8], &since) || !small_int(args[9], &sign)
         || (sign != 1 && sign != -1))
         Py_RETURN_NONE;
@@ -1032,12 +1478,12 @@ static void intersect_into(Spans *result, const Spans *left, const Spans *right,
 static int add_interval(PyObject *out, PyObject *name, long long start, long long end, long long weight,
                         long long since)
 {
-    PyObject *buckets;
+    Series series;
     if (end <= since || end <= start)
         return 0;
-    if ((buckets = series_of(out, name)) == NULL || add_small(buckets, start > since ? start : since, weight) < 0)
+    if (series_of(out, name, &series) < 0 || add_small(&series, start > since ? start : since, weight) < 0)
         return -1;
-    if (end < PLUS_INFINITY && add_small(buckets, end, -weight) < 0)
+    if (end < PLUS_INFINITY && add_small(&series, end, -weight) < 0)
         return -1;
     return 0;
 }
@@ -1100,11 +1546,11 @@ static int activity_loop(PyObject *out, const Spans *active, int has_first, long
     if (add_spans(out, active_name, active, sign, since) < 0)
         return -1;
     if (has_first) {
-        PyObject *buckets = series_of(out, first_name);
-        if (buckets == NULL || add_small(buckets, first, sign) < 0)
+        Series series;
+        if (series_of(out, first_name, &series) < 0 || add_small(&series, first, sign) < 0)
             return -1;
         if (channel_series != Py_None
-            && ((buckets = series_of(out, channel_series)) == NULL || add_small(buckets, first, sign) < 0))
+            && (series_of(out, channel_series, &series) < 0 || add_small(&series, first, sign) < 0))
             return -1;
     }
     if (add_spans(out, members_name, members, sign, since) < 0)
@@ -1162,7 +1608,7 @@ static PyObject *activity_deltas(PyObject *module, PyObject *const *args, Py_ssi
     channel_series = args[3];
     reward_list = args[5];
     windows = args[6];
-    if (!PyDict_Check(out) || (has_first && !small_int(args[2], &first))
+    if (!deltas_target(out) || (has_first && !small_int(args[2], &first))
         || (channel_series != Py_None && !PyUnicode_CheckExact(channel_series)) || !PyList_CheckExact(reward_list)
         || !activity_windows_fit(windows) || !small_int(args[7], &since) || !small_int(args[8], &sign)
         || (sign != 1 && sign != -1))
@@ -1234,8 +1680,8 @@ static int cohort_loop(PyObject *out, long long first, long long cohort, const l
     Py_ssize_t i, index = 0, low = 1, high = COHORT_PERIODS + 2, period;
 
     if (bounds[1] - 1 >= since) {
-        PyObject *buckets = series_of(out, cohort_count_name);
-        if (buckets == NULL || add_small(buckets, bounds[1] - 1, sign) < 0)
+        Series series;
+        if (series_of(out, cohort_count_name, &series) < 0 || add_small(&series, bounds[1] - 1, sign) < 0)
             return -1;
     }
     if (add_interval(out, cohort_current_name, first, bounds[1], sign, since) < 0)
@@ -1347,7 +1793,7 @@ static PyObject *cohort_deltas(PyObject *module, PyObject *const *args, Py_ssize
     bounds_tuple = args[3];
     names = args[4];
     summary_list = args[6];
-    if (!PyDict_Check(out) || !small_int(args[1], &first) || !small_int(args[2], &cohort)
+    if (!deltas_target(out) || !small_int(args[1], &first) || !small_int(args[2], &cohort)
         || !PyTuple_CheckExact(bounds_tuple) || PyTuple_GET_SIZE(bounds_tuple) != COHORT_PERIODS + 2
         || !PyTuple_Check(names) || PyTuple_GET_SIZE(names) != 4 || !PyList_CheckExact(summary_list)
         || !small_int(args[7], &bucket_ms) || bucket_ms <= 0 || !small_int(args[8], &horizon) || horizon < 0
@@ -1442,7 +1888,7 @@ static Py_ssize_t points_after(const Step *sums, Py_ssize_t points, long long bu
 }
 
 /* metrics.customer._WindowSums.add_within: the sum, times sign, at the buckets of spans; 0 or -1 */
-static int add_window_sums(PyObject *series, const Step *sums, Py_ssize_t points, const Spans *spans, long long sign)
+static int add_window_sums(const Series *series, const Step *sums, Py_ssize_t points, const Spans *spans, long long sign)
 {
     Py_ssize_t i, index;
     for (i = 0; i < spans->count; i++) {
@@ -1632,7 +2078,7 @@ static int segment_loop(PyObject *out, SegmentInputs *inputs, int has_second, lo
                     return -1;
             }
             if (orders) {
-                PyObject *series;
+                Series series;
                 intersect_into(found, buyers, segment, 0);
                 if (add_spans(out, PyTuple_GET_ITEM(names, 2), found, sign, since) < 0)
                     return -1;
@@ -1640,8 +2086,8 @@ static int segment_loop(PyObject *out, SegmentInputs *inputs, int has_second, lo
                 if (add_spans(out, PyTuple_GET_ITEM(names, 3), found, sign, since) < 0)
                     return -1;
                 if (inputs->revenues > 0
-                    && ((series = series_of(out, PyTuple_GET_ITEM(names, 4))) == NULL
-                        || add_window_sums(series, inputs->sums, points, segment, sign) < 0))
+                    && (series_of(out, PyTuple_GET_ITEM(names, 4), &series) < 0
+                        || add_window_sums(&series, inputs->sums, points, segment, sign) < 0))
                     return -1;
             }
         }
@@ -1666,7 +2112,7 @@ static PyObject *segment_deltas(PyObject *module, PyObject *const *args, Py_ssiz
     out = args[0];
     windows = args[6];
     has_second = args[4] != Py_None;
-    if (!PyDict_Check(out) || (has_second && !small_int(args[4], &second_order)) || !segment_windows_fit(windows)
+    if (!deltas_target(out) || (has_second && !small_int(args[4], &second_order)) || !segment_windows_fit(windows)
         || !small_int(args[7], &since) || !small_int(args[8], &sign) || (sign != 1 && sign != -1)
         || !PyBool_Check(args[9]) || !PyBool_Check(args[10]))
         Py_RETURN_NONE;
@@ -1738,5 +2184,16 @@ PyMODINIT_FUNC PyInit__blocks(void)
         || (cohort_count_name = PyUnicode_InternFromString("cmN")) == NULL
         || (cohort_current_name = PyUnicode_InternFromString("ckN")) == NULL)
         return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&DeltaAccumulatorType) < 0)
+        return NULL;
+    PyObject *created = PyModule_Create(&module);
+    if (created == NULL)
+        return NULL;
+    Py_INCREF(&DeltaAccumulatorType);
+    if (PyModule_AddObject(created, "DeltaAccumulator", (PyObject *)&DeltaAccumulatorType) < 0) {
+        Py_DECREF(&DeltaAccumulatorType);
+        Py_DECREF(created);
+        return NULL;
+    }
+    return created;
 }

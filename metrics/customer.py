@@ -58,7 +58,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from functools import cache, lru_cache
 from itertools import accumulate, islice
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from metrics import events as ev
 from metrics import native_function
@@ -78,6 +78,22 @@ from metrics.timegrid import Grid, month_start_ms
 #: a contribution: series -> bucket -> delta (grouped by series: one lookup per series, not per
 #: bucket, and no tuple key per entry, on the hot paths that build, subtract and apply them)
 Deltas = dict[str, dict[int, int]]
+
+
+class DeltaSink(Protocol):
+    """Deltas kept outside Python dicts: :class:`metrics._blocks.DeltaAccumulator` (see :func:`new_deltas`)."""
+
+    def add(self, series: str, bucket: int, delta: int) -> None: ...
+
+    def add_deltas(self, deltas: Deltas) -> None: ...
+
+    def rows(self) -> list[Any]: ...
+
+    def as_dict(self) -> Deltas: ...
+
+
+#: where contributions are added: a dict of dicts, or a native accumulator
+DeltaTarget = Deltas | DeltaSink
 
 #: families of series an event can change
 ACTIVITY_FAMILY = 1
@@ -818,15 +834,10 @@ class CustomerFacts:
             result.setdefault(state, []).append((start, PLUS_INFINITY))
         return result
 
-    def contributions(
-        self, grid: Grid, families: int, since: int = MINUS_INFINITY, out: Deltas | None = None, sign: int = 1
-    ) -> Deltas:
+    def contributions(self, grid: Grid, families: int, since: int = MINUS_INFINITY) -> Deltas:
         """The customer's contribution to every series of ``families``, clipped to buckets ``>= since``.
 
-        Added, times ``sign``, into ``out`` when given (and returned): the facts
-        stage adds the contributions before a customer's events with sign -1 and
-        those after with +1 straight into a message's deltas, rather than
-        building two dicts and subtracting them.
+        :meth:`add_contributions` into a new dict; see there.
 
         Clipped: an interval that starts before ``since`` starts at ``since``, one
         that ends by then is left out, so the contribution at ``since`` is the
@@ -845,8 +856,22 @@ class CustomerFacts:
         >>> facts.contributions(grid, ACTIVITY_FAMILY, since=15)["A"]
         {15: 1, 30: -1}
         """
-        if out is None:
-            out = {}
+        out: Deltas = {}
+        self.add_contributions(grid, families, since, out, 1)
+        return out
+
+    def add_contributions(self, grid: Grid, families: int, since: int, out: DeltaTarget, sign: int) -> None:
+        """Add the customer's contributions to every series of ``families``, clipped at ``since``, times ``sign``.
+
+        The facts stage adds the contributions before a customer's events with sign -1 and
+        those after with +1 straight into a message's deltas (:func:`new_deltas`), rather
+        than building two dicts and subtracting them.
+
+        >>> facts = CustomerFacts(); facts.activity = {10: 600_000}
+        >>> grid = Grid(60_000, 600_000, (60_000,)); out: Deltas = {"A": {10: 1}}
+        >>> facts.add_contributions(grid, ACTIVITY_FAMILY, 10, out, -1); out["A"]
+        {10: 0, 20: 1}
+        """
         active = None
         if families & ACTIVITY_FAMILY:
             active = self._activity_contributions(grid, out, since, sign)
@@ -858,9 +883,8 @@ class CustomerFacts:
             orders = bool(segment or families & ORDER_FAMILY)
             if activity or orders:
                 self._segment_contributions(grid, out, since, sign, activity, orders, active)
-        return out
 
-    def _segment_contributions(self, grid: Grid, out: Deltas, since: int, sign: int,
+    def _segment_contributions(self, grid: Grid, out: DeltaTarget, since: int, sign: int,
                                activity: bool, orders: bool, active: Intervals | None) -> None:
         # the statuses of the other families, each intersected with the buckets of each NPS segment;
         # only buckets >= since matter, so the segments are clipped there first (a customer answering
@@ -878,10 +902,12 @@ class CustomerFacts:
         if _NATIVE_SEGMENT_DELTAS is None or _NATIVE_SEGMENT_DELTAS(
             out, segments, active, order_buckets, second_order, revenue, windows, since, sign, activity, orders
         ) is None:
-            _segment_deltas(out, segments, active, order_buckets, second_order, revenue, windows, since, sign,
+            target = _python_target(out)
+            _segment_deltas(target, segments, active, order_buckets, second_order, revenue, windows, since, sign,
                             activity, orders)
+            _settle(out, target)
 
-    def _activity_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> Intervals:
+    def _activity_contributions(self, grid: Grid, out: DeltaTarget, since: int, sign: int) -> Intervals:
         """Add the activity family's contributions; returns the active intervals (exact from since - longest)."""
         # both:n reads activity n buckets back
         active = self.active_intervals(grid, since - grid.longest)
@@ -893,12 +919,14 @@ class CustomerFacts:
         if _NATIVE_ACTIVITY_DELTAS is None or _NATIVE_ACTIVITY_DELTAS(
             out, active, first, channel_series, members, reward_buckets, windows, since, sign
         ) is None:
-            _activity_deltas(out, active, first, channel_series, members, reward_buckets, windows, since, sign)
+            target = _python_target(out)
+            _activity_deltas(target, active, first, channel_series, members, reward_buckets, windows, since, sign)
+            _settle(out, target)
         if first is not None:
             self._cohort_contributions(grid, out, since, sign, active, first)
         return active
 
-    def _cohort_contributions(self, grid: Grid, out: Deltas, since: int, sign: int, active: Intervals,
+    def _cohort_contributions(self, grid: Grid, out: DeltaTarget, since: int, sign: int, active: Intervals,
                               first: int) -> None:
         """The cohort series (see the module docstring), clipped at ``since`` like the difference series."""
         cohort = grid.month_of_bucket(first)
@@ -911,10 +939,12 @@ class CustomerFacts:
         if _NATIVE_COHORT_DELTAS is None or _NATIVE_COHORT_DELTAS(
             out, first, cohort, bounds, names, active, summaries, grid.bucket_ms, grid.horizon, since, sign
         ) is None:
-            _cohort_deltas(out, first, cohort, bounds, names, active, summaries, grid.bucket_ms, grid.horizon, since,
-                           sign)
+            target = _python_target(out)
+            _cohort_deltas(target, first, cohort, bounds, names, active, summaries, grid.bucket_ms, grid.horizon,
+                           since, sign)
+            _settle(out, target)
 
-    def _order_contributions(self, grid: Grid, out: Deltas, since: int, sign: int) -> None:
+    def _order_contributions(self, grid: Grid, out: DeltaTarget, since: int, sign: int) -> None:
         all_orders = sorted(self.orders)
         revenue = self.revenue
         revenue_buckets = sorted(bucket for bucket, amount in revenue.items() if amount)
@@ -925,8 +955,10 @@ class CustomerFacts:
             out, all_orders, self.orders, revenue_buckets, revenue, second_order, first_order_ms, windows, since, sign
         ) is not None:
             return
-        _order_deltas(out, all_orders, self.orders, revenue_buckets, revenue, second_order, first_order_ms, windows,
+        target = _python_target(out)
+        _order_deltas(target, all_orders, self.orders, revenue_buckets, revenue, second_order, first_order_ms, windows,
                       since, sign)
+        _settle(out, target)
 
 
 def _cohort_deltas(out: Deltas, first: int, cohort: int, bounds: tuple[int, ...], names: CohortSeries,
@@ -1351,14 +1383,43 @@ def _series(out: Deltas, series: str) -> dict[int, int]:
     return buckets
 
 
-def add_delta(out: Deltas, series: str, bucket: int, delta: int) -> None:
+def add_delta(out: DeltaTarget, series: str, bucket: int, delta: int) -> None:
     """Add one delta to ``out``.
 
     >>> out: Deltas = {}; add_delta(out, "orders", 7, 1); add_delta(out, "orders", 7, 2); out
     {'orders': {7: 3}}
     """
-    buckets = _series(out, series)
-    buckets[bucket] = buckets.get(bucket, 0) + delta
+    if isinstance(out, dict):
+        buckets = _series(out, series)
+        buckets[bucket] = buckets.get(bucket, 0) + delta
+    else:
+        out.add(series, bucket, delta)
+
+
+def new_deltas() -> DeltaTarget:
+    """An empty target for a message's deltas of one store: a native accumulator when built, else a dict.
+
+    The accumulator keeps the deltas as int64 cells (exact: a sum past int64 becomes a Python
+    int), so that a customer's contributions before and after its events cancel without a
+    Python int made per bucket; :func:`grouped_rows` reads either alike.
+
+    >>> out = new_deltas(); add_delta(out, "orders", 7, 2); add_delta(out, "orders", 9, 0); grouped_rows(out)
+    ['orders', [7, 2]]
+    """
+    if _NATIVE_ACCUMULATOR is not None:
+        accumulator: DeltaSink = _NATIVE_ACCUMULATOR()
+        return accumulator
+    return {}
+
+
+def _python_target(out: DeltaTarget) -> Deltas:
+    # the dict a Python loop adds into: out itself, or a new one to add into out after (_settle)
+    return out if isinstance(out, dict) else {}
+
+
+def _settle(out: DeltaTarget, target: Deltas) -> None:
+    if target is not out and not isinstance(out, dict):
+        out.add_deltas(target)
 
 
 def _add_interval(out: Deltas, series: str, start: int, end: int, weight: int, since: int) -> None:
@@ -1392,16 +1453,19 @@ def add_difference(out: Deltas, after: Deltas, before: Deltas) -> None:
             add_delta(out, series, bucket, -value)
 
 
-def grouped_rows(deltas: Deltas) -> list[Any]:
+def grouped_rows(deltas: DeltaTarget) -> list[Any]:
     """Nonzero deltas grouped by series, ``[series, [bucket, delta, bucket, delta, ...], series, ...]``.
 
     The form of the deltas topic (:meth:`metrics.store.StoreAggregate.add_groups` reads it); a
     series whose deltas all cancelled is left out. The facts stage's last step for every message:
-    :func:`metrics._blocks.grouped_rows` when the C module is built, else :func:`_grouped_rows`.
+    the accumulator's own rows, :func:`metrics._blocks.grouped_rows` for a dict when the C module
+    is built, else :func:`_grouped_rows`.
 
     >>> grouped_rows({"A": {3: 1, 5: 0, 9: -1}, "P:60": {4: 0}})
     ['A', [3, 1, 9, -1]]
     """
+    if not isinstance(deltas, dict):
+        return deltas.rows()
     if _NATIVE_GROUPED_ROWS is not None:
         native: list[Any] = _NATIVE_GROUPED_ROWS(deltas)
         return native
@@ -1429,6 +1493,8 @@ def _grouped_rows(deltas: Deltas) -> list[Any]:
 
 #: :func:`metrics._blocks.grouped_rows`, or ``None`` (pure Python, or no C build)
 _NATIVE_GROUPED_ROWS: Any = native_function("grouped_rows")
+#: :class:`metrics._blocks.DeltaAccumulator`, or ``None`` (see :func:`new_deltas`)
+_NATIVE_ACCUMULATOR: Any = native_function("DeltaAccumulator")
 #: :func:`metrics._blocks.order_deltas`, or ``None`` (see :func:`_order_deltas`)
 _NATIVE_ORDER_DELTAS: Any = native_function("order_deltas")
 #: :func:`metrics._blocks.activity_deltas`, or ``None`` (see :func:`_activity_deltas`)

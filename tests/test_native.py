@@ -259,6 +259,11 @@ def _assert_loops_agree(name: str, python_loop: Any, earlier: dict[str, dict[int
     python_loop(by_python, *arguments)
     assert [(series, list(buckets.items())) for series, buckets in by_c.items()] == [
         (series, list(buckets.items())) for series, buckets in by_python.items()]
+    # into the facts stage's accumulator holding the same earlier deltas: the same rows, in the same order
+    accumulator = _native("DeltaAccumulator")()
+    accumulator.add_deltas(earlier)
+    assert _native(name)(accumulator, *arguments) is True
+    assert accumulator.rows() == metrics_customer._grouped_rows(by_python)
 
 
 #: a customer's orders as the facts keep them: bucket -> latest order time (any int: the loop only subtracts)
@@ -455,6 +460,83 @@ def test_the_c_segment_loop_declines_what_does_not_fit(segment: Any, orders: lis
     windows = ((window, tuple(("cs", "both", "P", "ret", "rev") for _ in range(3))),)
     assert native(out, [segment], [(0, 5)], orders, None, revenue, windows, 0, 1, True, True) is None
     assert out == {"A": {1: 1}}
+
+
+#: one delta added: a series of the facts stage's names, a bucket (negative ones too), a delta that is small,
+#: near int64's bounds or past them
+_ADDS = st.lists(st.tuples(
+    st.sampled_from(("A", "F", "P:60", "segP:2:60", "crev:1440")),
+    st.integers(-2048, 2048),
+    st.one_of(st.integers(-3, 3), st.sampled_from((2**63 - 1, -(2**63), 2**62, -(2**62))),
+              st.integers(-(2**70), 2**70)),
+), max_size=120)
+
+
+@settings(max_examples=400, deadline=None)
+@given(adds=_ADDS)
+@example(adds=[("A", 1, 2**63 - 1), ("A", 1, 1), ("A", 1, -1), ("A", 1, -(2**63) + 1)])  # out of int64 and back to 0
+@example(adds=[("A", 1, -(2**63)), ("A", 1, -1), ("A", 2, 5), ("A", 1, 2**63 + 1)])
+def test_the_accumulator_sums_what_a_dict_of_dicts_sums(adds: list[tuple[str, int, int]]) -> None:
+    """DeltaAccumulator's rows are grouped_rows of the dict the same add_delta calls build: exact, in order."""
+    accumulator = _native("DeltaAccumulator")()
+    by_dict: dict[str, dict[int, int]] = {}
+    for series, bucket, delta in adds:
+        metrics_customer.add_delta(accumulator, series, bucket, delta)
+        metrics_customer.add_delta(by_dict, series, bucket, delta)
+    assert accumulator.rows() == metrics_customer._grouped_rows(by_dict)
+    assert accumulator.as_dict() == {series: {bucket: delta for bucket, delta in buckets.items() if delta}
+                                     for series, buckets in by_dict.items() if any(buckets.values())}
+    # added in one call, the same
+    again = _native("DeltaAccumulator")()
+    again.add_deltas(by_dict)
+    assert again.rows() == accumulator.rows()
+
+
+def test_the_accumulator_refuses_what_is_not_a_delta() -> None:
+    """A name that is no str, a bucket past int64 or a delta that is no int is an error, and adds nothing."""
+    accumulator = _native("DeltaAccumulator")()
+    with pytest.raises(TypeError):
+        accumulator.add(b"A", 1, 1)
+    with pytest.raises(OverflowError):
+        accumulator.add("A", 2**63, 1)
+    with pytest.raises(TypeError):
+        accumulator.add("A", 1, 1.5)
+    with pytest.raises(TypeError):
+        accumulator.add_deltas({"A": [1, 2]})
+    with pytest.raises(TypeError):
+        _native("DeltaAccumulator")(1)
+    assert accumulator.rows() == []
+
+
+@pytest.mark.parametrize("amount", [2**70, 5], ids=["revenue past int64", "small revenue"])
+@pytest.mark.parametrize("loops", ["C", "Python"])
+def test_contributions_into_the_accumulator_equal_those_into_a_dict(amount: int, loops: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """add_contributions into the accumulator gives a dict's rows, whether the C loops or the Python loops add them."""
+    _native("DeltaAccumulator")
+    if loops == "Python":  # as when a C loop declines: the Python loop adds into a dict, then into the accumulator
+        for name in ("_NATIVE_ORDER_DELTAS", "_NATIVE_ACTIVITY_DELTAS", "_NATIVE_COHORT_DELTAS"):
+            monkeypatch.setattr(metrics_customer, name, None)
+    grid = metrics_customer.Grid(60_000, 86_400_000, (3_600_000, 86_400_000))
+    facts = metrics_customer.CustomerFacts()
+    facts.activity = {3: 200_000, 50: 3_000_000}
+    facts.first_activity_ms = 200_000
+    facts.orders = {3: 200_000}
+    facts.order_count = 1
+    facts.first_orders = [200_000]
+    facts.revenue = {3: amount}
+    families = metrics_customer.ACTIVITY_FAMILY | metrics_customer.ORDER_FAMILY
+    accumulator = _native("DeltaAccumulator")()
+    by_dict: dict[str, dict[int, int]] = {}
+    for out in (accumulator, by_dict):
+        facts.add_contributions(grid, families, 0, out, 1)
+    rows = accumulator.rows()
+    assert rows == metrics_customer.grouped_rows(by_dict)
+    # the churned revenue of the 60-bucket window: +amount from bucket 63, -amount from 123
+    assert rows[rows.index("crev:60") + 1] == [63, amount, 123, -amount]
+    # and taking them away again leaves nothing
+    facts.add_contributions(grid, families, 0, accumulator, -1)
+    assert accumulator.rows() == []
 
 
 def test_the_c_grouping_refuses_what_is_not_deltas() -> None:

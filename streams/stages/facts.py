@@ -15,7 +15,15 @@ from typing import Any
 import orjson
 
 from metrics import events as ev
-from metrics.customer import CustomerFacts, Deltas, add_delta, event_deltas, families_of, grouped_rows
+from metrics.customer import (
+    CustomerFacts,
+    DeltaTarget,
+    add_delta,
+    event_deltas,
+    families_of,
+    grouped_rows,
+    new_deltas,
+)
 from metrics.engine import customer_key
 from metrics.intervals import PLUS_INFINITY
 from metrics.timegrid import Grid
@@ -115,7 +123,7 @@ def decode_customer(key: str, value: bytes | None, get: Callable[[bytes], bytes 
 class CustomerOutput:
     """Deltas by store from one input message, facts to store, and the message's latest event time."""
 
-    deltas: dict[str, Deltas] = field(default_factory=dict)
+    deltas: dict[str, DeltaTarget] = field(default_factory=dict)
     currencies: dict[str, str] = field(default_factory=dict)
     facts: dict[str, CustomerFacts] = field(default_factory=dict)
     max_time_ms: int | None = None
@@ -225,11 +233,11 @@ class CustomerStage:
                 since = min(since, grid.bucket(event.occurred_at_ms))
             store = out.deltas.get(store_id)
             if store is None:
-                store = out.deltas[store_id] = {}
+                store = out.deltas[store_id] = new_deltas()
             if families:
                 # after minus before, added straight into the message's deltas (zeros are dropped
                 # on sending)
-                facts.contributions(grid, families, since, out=store, sign=-1)
+                facts.add_contributions(grid, families, since, store, -1)
             for event in customer_events:
                 if facts.is_duplicate(event.event_id):
                     out.duplicates += 1
@@ -244,7 +252,7 @@ class CustomerStage:
                     out.max_time_ms = event.occurred_at_ms
                 out.applied += 1
             if families:
-                facts.contributions(grid, families, since, out=store, sign=1)
+                facts.add_contributions(grid, families, since, store, 1)
 
 
 def delta_messages(
