@@ -30,6 +30,10 @@
  * not of the expected type: the caller then runs the Python loop. Revenue amounts stay Python
  * ints (exact at any size); buckets and lifespans are int64, within 62 bits checked first.
  *
+ * metrics._blocks.DeltaAccumulator holds a message's deltas of one store as int64 cells (exact past
+ * them); the contribution loops add into it as into a dict of dicts, and its rows() are what
+ * grouped_rows gives for the dict the same additions make.
+ *
  * Built beside the mypyc modules by scripts/compile_metrics.py; without it the Python loop runs.
  */
 #define PY_SSIZE_T_CLEAN
