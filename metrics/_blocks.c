@@ -717,9 +717,19 @@ static Cell *cell_of(SeriesCells *series, long long bucket)
             return &series->cells[found - 1];
         slot = (slot + 1) & (size_t)series->mask;
     }
+    /* at most two thirds full, so every probe ends: grown before the new cell, so that a failure
+     * leaves the table as it was */
+    if (3 * (series->count + 1) > 2 * (series->mask + 1)) {
+        if (cells_rehash(series, 2 * (series->mask + 1)) < 0)
+            return NULL;
+        slot = bucket_hash(bucket) & (size_t)series->mask;
+        while (series->slots[slot] != 0)
+            slot = (slot + 1) & (size_t)series->mask;
+    }
     if (series->count == series->capacity) {
         Py_ssize_t capacity = series->capacity * 2;
-        Cell *cells = PyMem_Resize(series->cells, Cell, capacity);
+        /* PyMem_Realloc, not PyMem_Resize, which sets its pointer argument to NULL on failure */
+        Cell *cells = (Cell *)PyMem_Realloc(series->cells, sizeof(Cell) * (size_t)capacity);
         if (cells == NULL) {
             PyErr_NoMemory();
             return NULL;
@@ -732,9 +742,6 @@ static Cell *cell_of(SeriesCells *series, long long bucket)
     cell->small = 0;
     cell->big = NULL;
     series->slots[slot] = series->count;
-    /* at most two thirds full, so every probe ends */
-    if (3 * series->count > 2 * (series->mask + 1) && cells_rehash(series, 2 * (series->mask + 1)) < 0)
-        return NULL;
     return cell;
 }
 
@@ -805,7 +812,7 @@ static Py_ssize_t accumulator_series(DeltaAccumulator *self, PyObject *name)
     }
     if (self->count == self->capacity) {
         Py_ssize_t capacity = self->capacity ? 2 * self->capacity : 16;
-        SeriesCells *grown = PyMem_Resize(self->series, SeriesCells, capacity);
+        SeriesCells *grown = (SeriesCells *)PyMem_Realloc(self->series, sizeof(SeriesCells) * (size_t)capacity);
         if (grown == NULL) {
             PyErr_NoMemory();
             return -1;

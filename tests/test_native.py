@@ -492,6 +492,17 @@ def test_the_accumulator_sums_what_a_dict_of_dicts_sums(adds: list[tuple[str, in
     assert again.rows() == accumulator.rows()
 
 
+def test_the_accumulator_holds_many_buckets_and_series() -> None:
+    """Thousands of buckets in a series and hundreds of series (its tables grown many times) sum as a dict does."""
+    accumulator = _native("DeltaAccumulator")()
+    by_dict: dict[str, dict[int, int]] = {}
+    for step in range(30_000):
+        series, bucket, delta = f"s{step % 300}", (step * 7919) % 20_011 - 10_000, step % 5 - 2
+        accumulator.add(series, bucket, delta)
+        metrics_customer.add_delta(by_dict, series, bucket, delta)
+    assert accumulator.rows() == metrics_customer._grouped_rows(by_dict)
+
+
 def test_the_accumulator_refuses_what_is_not_a_delta() -> None:
     """A name that is no str, a bucket past int64 or a delta that is no int is an error, and adds nothing."""
     accumulator = _native("DeltaAccumulator")()
