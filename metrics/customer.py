@@ -899,13 +899,8 @@ class CustomerFacts:
         second_order = grid.bucket(self.first_orders[1]) if orders and self.order_count >= 2 else None
         revenue = sorted((bucket, amount) for bucket, amount in self.revenue.items() if amount) if orders else []
         windows = _segment_windows(grid.windows)
-        if _NATIVE_SEGMENT_DELTAS is None or _NATIVE_SEGMENT_DELTAS(
-            out, segments, active, order_buckets, second_order, revenue, windows, since, sign, activity, orders
-        ) is None:
-            target = _python_target(out)
-            _segment_deltas(target, segments, active, order_buckets, second_order, revenue, windows, since, sign,
-                            activity, orders)
-            _settle(out, target)
+        _add_by_loop(_NATIVE_SEGMENT_DELTAS, _segment_deltas, out, segments, active, order_buckets, second_order,
+                     revenue, windows, since, sign, activity, orders)
 
     def _activity_contributions(self, grid: Grid, out: DeltaTarget, since: int, sign: int) -> Intervals:
         """Add the activity family's contributions; returns the active intervals (exact from since - longest)."""
@@ -916,12 +911,8 @@ class CustomerFacts:
         members = intersect(active, self.member_intervals(grid)) if self.membership or self.member_before else []
         reward_buckets = sorted(self.rewards) if members and self.rewards else []
         windows = _activity_windows(grid.windows)
-        if _NATIVE_ACTIVITY_DELTAS is None or _NATIVE_ACTIVITY_DELTAS(
-            out, active, first, channel_series, members, reward_buckets, windows, since, sign
-        ) is None:
-            target = _python_target(out)
-            _activity_deltas(target, active, first, channel_series, members, reward_buckets, windows, since, sign)
-            _settle(out, target)
+        _add_by_loop(_NATIVE_ACTIVITY_DELTAS, _activity_deltas, out, active, first, channel_series, members,
+                     reward_buckets, windows, since, sign)
         if first is not None:
             self._cohort_contributions(grid, out, since, sign, active, first)
         return active
@@ -936,13 +927,8 @@ class CustomerFacts:
         months = self.months
         summaries = sorted(months.items()) if len(months) > 1 else list(months.items())
         names = cohort_series(cohort)
-        if _NATIVE_COHORT_DELTAS is None or _NATIVE_COHORT_DELTAS(
-            out, first, cohort, bounds, names, active, summaries, grid.bucket_ms, grid.horizon, since, sign
-        ) is None:
-            target = _python_target(out)
-            _cohort_deltas(target, first, cohort, bounds, names, active, summaries, grid.bucket_ms, grid.horizon,
-                           since, sign)
-            _settle(out, target)
+        _add_by_loop(_NATIVE_COHORT_DELTAS, _cohort_deltas, out, first, cohort, bounds, names, active, summaries,
+                     grid.bucket_ms, grid.horizon, since, sign)
 
     def _order_contributions(self, grid: Grid, out: DeltaTarget, since: int, sign: int) -> None:
         all_orders = sorted(self.orders)
@@ -951,14 +937,8 @@ class CustomerFacts:
         second_order = grid.bucket(self.first_orders[1]) if self.order_count >= 2 else None
         first_order_ms = self.first_orders[0] if self.first_orders else 0
         windows = _order_windows(grid.windows)
-        if _NATIVE_ORDER_DELTAS is not None and _NATIVE_ORDER_DELTAS(
-            out, all_orders, self.orders, revenue_buckets, revenue, second_order, first_order_ms, windows, since, sign
-        ) is not None:
-            return
-        target = _python_target(out)
-        _order_deltas(target, all_orders, self.orders, revenue_buckets, revenue, second_order, first_order_ms, windows,
-                      since, sign)
-        _settle(out, target)
+        _add_by_loop(_NATIVE_ORDER_DELTAS, _order_deltas, out, all_orders, self.orders, revenue_buckets, revenue,
+                     second_order, first_order_ms, windows, since, sign)
 
 
 def _cohort_deltas(out: Deltas, first: int, cohort: int, bounds: tuple[int, ...], names: CohortSeries,
@@ -1412,14 +1392,18 @@ def new_deltas() -> DeltaTarget:
     return {}
 
 
-def _python_target(out: DeltaTarget) -> Deltas:
-    # the dict a Python loop adds into: out itself, or a new one to add into out after (_settle)
-    return out if isinstance(out, dict) else {}
-
-
-def _settle(out: DeltaTarget, target: Deltas) -> None:
-    if target is not out and not isinstance(out, dict):
-        out.add_deltas(target)
+def _add_by_loop(native: Any, python_loop: Callable[..., None], out: DeltaTarget, *arguments: Any) -> None:
+    """Add a family's contributions into ``out`` by its C loop, or, when there is none or it declines
+    (changing nothing), by its Python twin: into ``out`` itself when a dict, else into a dict then
+    added into the accumulator."""
+    if native is not None and native(out, *arguments) is not None:
+        return
+    if isinstance(out, dict):
+        python_loop(out, *arguments)
+    else:
+        added: Deltas = {}
+        python_loop(added, *arguments)
+        out.add_deltas(added)
 
 
 def _add_interval(out: Deltas, series: str, start: int, end: int, weight: int, since: int) -> None:
