@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 #: the modules mypyc compiles: the per-event and per-delta paths and what they call
-COMPILED_MODULES = ("intervals", "timegrid", "formulas", "catalog", "customer", "store")
+COMPILED_MODULES = ("intervals", "timegrid", "formulas", "catalog", "customer", "store", "validation")
 #: C written by hand, built with them: the innermost loops of the facts stage and the aggregation
 #: (``metrics._blocks``, see ``metrics.customer._grouped_rows`` and ``metrics.store._add_pairs``,
 #: which run when it is not built)

@@ -706,7 +706,7 @@ def _whole(reason: str, detail: str, raw: bytes) -> list[Event | Rejection]:
 
 
 def parse_message(
-    value: bytes | None,
+    value: bytes | bytearray | memoryview | None,
     topic: str,
     *,
     now_ms: int,
