@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from metrics import events as ev
 from metrics.customer import SEEN_CHUNK_IDS, CustomerFacts, MissingPageError
+from metrics.intervals import MINUS_INFINITY, PLUS_INFINITY
 from metrics.reference import accepted_events
 from metrics.timegrid import DAY_MS, Grid
 from streams.stages.facts import (
@@ -73,6 +74,42 @@ def test_paged_facts_reload_equal_the_facts_in_memory(seed: int, unpage_entries:
     pages = {key for key in table if b"\x00" in key}
     named = {f"{name}.{version}" for name, version in (live.paging.pages if live.paging else {}).items()}
     assert {key.split(b"\x00")[1].decode() for key in pages} == named
+
+
+def _record_as_lists(facts: CustomerFacts) -> list[Any]:
+    """A whole customer's stored record written out plainly, every entry a list (the format on disk)."""
+    return [facts.first_activity_ms, list(facts.signup_key) if facts.signup_key else None, facts.signup_channel,
+            [[b, t] for b, t in facts.activity.items()], list(facts.closes), facts.order_count,
+            list(facts.first_orders), [[b, t] for b, t in facts.orders.items()],
+            [[b, r] for b, r in facts.revenue.items()], facts.member_before,
+            list(facts.member_before_key) if facts.member_before_key else None,
+            [list(m) for m in facts.membership], [[b, c] for b, c in facts.rewards.items()], dict(facts.seen), None,
+            [list(a) for a in facts.nps_answers],
+            None if facts.nps_before is None else [facts.nps_before[2], facts.nps_before[0], facts.nps_before[1]],
+            [[month, None if a == MINUS_INFINITY else a, None if c == MINUS_INFINITY else c,
+              None if o == PLUS_INFINITY else o] for month, (a, c, o) in facts.months.items()]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32))
+def test_a_whole_record_is_the_json_of_its_lists(seed: int) -> None:
+    """A whole customer's stored bytes are exactly the JSON of its fields as lists, and read back equal."""
+    rng = random.Random(seed)
+    grid = Grid(MINUTE_MS, 40 * MINUTE_MS, (10 * MINUTE_MS,), dedupe_ttl_ms=30 * MINUTE_MS)
+    facts = CustomerFacts()
+    clock = 0
+    for index in range(rng.randrange(1, 60)):
+        clock += rng.randrange(0, 5 * MINUTE_MS)
+        kind = rng.choice(KINDS)
+        survey = {"survey": ev.SURVEY_NPS, "score": rng.randrange(11)} if kind == ev.SURVEY_RESPONDED else {}
+        event = ev.Event(f"e{index}", kind, clock, "s", "c",  # type: ignore[arg-type]
+                         amount_micros=rng.randrange(10**7), channel=rng.choice((None, "ads")), **survey)
+        facts.remember(event.event_id, clock)
+        facts.apply(event, grid, grid.bucket(clock) - grid.fact_retention)
+    (value,) = customer_records(KEY, facts, grid).values()
+    assert value == orjson.dumps(_record_as_lists(facts))
+    loaded = load_customer(KEY, {KEY.encode(): value}.get)
+    assert loaded is not None and _state(loaded) == _state(facts)
 
 
 def test_a_head_whose_page_is_missing_is_refused() -> None:
