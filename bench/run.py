@@ -72,9 +72,12 @@ POLL_S = 0.05
 LATENCY_POLL_S = 0.01
 #: the latency runs' generator sleeps at least this long between its bursts of sends
 LATENCY_PACE_S = 0.005
-#: before a latency run: the broker acknowledges a burst of sends within this, three rounds in a row
+#: before a latency run: the broker acknowledges every burst of sends within this, for a whole span
 QUIET_ACK_S = 0.05
-QUIET_ROUNDS = 3
+#: longer than a pass of the broker's log cleaner apart (``log.cleaner.backoff.ms``, 15 s): after the
+#: throughput parts it compacts their changelogs pass after pass, and prompt bursts between two passes
+#: are not a quiet broker
+QUIET_SPAN_S = 16.0
 QUIET_TIMEOUT_S = 120.0
 
 
@@ -505,9 +508,12 @@ async def broker_quiet(settings: Settings, topic: str) -> float:
     and compact: in the runs before this wait, the broker took up to a second to acknowledge the
     load generator's sends for the first seconds of the first latency run (its ``ack_over_time``),
     a delay of the bench's own previous parts that no worker can shorten. So the page cache is
-    written back first, then bursts of 50 sends are timed until three in a row are acknowledged
-    within :data:`QUIET_ACK_S`. A broker that never settles ends the wait at
-    :data:`QUIET_TIMEOUT_S`, and the run measures it as it is (its ``ack_over_time`` shows it).
+    written back first, then bursts of 50 sends are timed, 0.2 s apart, until every one for
+    :data:`QUIET_SPAN_S` was acknowledged within :data:`QUIET_ACK_S`. Three prompt bursts in a row
+    were not enough: in one run the broker took 0.7 s to acknowledge for the first two seconds after
+    them, while its log cleaner compacted the throughput part's changelogs and deleted their old
+    segments. A broker that never settles ends the wait at :data:`QUIET_TIMEOUT_S`, and the run
+    measures it as it is (its ``ack_over_time`` shows it).
     """
     started = time.monotonic()
     await asyncio.to_thread(os.sync)
@@ -528,9 +534,14 @@ async def broker_quiet(settings: Settings, topic: str) -> float:
         producer.flush(QUIET_TIMEOUT_S)
         return slowest
 
-    quiet_rounds = 0
-    while quiet_rounds < QUIET_ROUNDS and time.monotonic() - started < QUIET_TIMEOUT_S:
-        quiet_rounds = quiet_rounds + 1 if await asyncio.to_thread(burst) < QUIET_ACK_S else 0
+    quiet_since: float | None = None
+    while time.monotonic() - started < QUIET_TIMEOUT_S:
+        if await asyncio.to_thread(burst) >= QUIET_ACK_S:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET_SPAN_S:
+            break
         await asyncio.sleep(0.2)
     return time.monotonic() - started
 
