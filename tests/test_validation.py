@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import doctest
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -873,14 +872,6 @@ def test_input_topics_all_accept_their_types() -> None:
                 common(etype, order_id="o", amount=1, currency="EUR", reward_id="r", survey="nps", score=1), topic
             )
             assert (type(result) is Event) == (home == topic), (topic, etype, result)
-
-
-@pytest.mark.skipif(metrics.IMPLEMENTATION == "compiled",
-                    reason="compiled: tests/test_native.py runs the doctests on the source")
-def test_doctests_pass() -> None:
-    """The module's doctests pass."""
-    results = doctest.testmod(validation)
-    assert results.attempted > 0 and results.failed == 0
 
 
 # --------------------------------------------------------------------------- property: round trip
