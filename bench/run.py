@@ -25,6 +25,10 @@ One run, against the Kafka and Redis of the settings (``loyalty up``):
    ``--small-stores`` stores of 5 customers each (a signup, two orders and an NPS answer per
    customer): memory must follow activity, not the number of stores.
 
+Each part deletes the topics it made when it ends (``drop_topics``), and the latency part starts once
+the broker has removed their files: the log cleaner would otherwise go on compacting a finished
+part's changelogs while the next part is measured.
+
 It prints a table and writes ``bench/results/<date>.json`` with the machine's facts, and
 beside it ``<date>.png`` (``bench.plot``): throughput against the ceilings and the peer, and
 latency over time.
@@ -51,6 +55,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from infra.local import exit_with_parent, free_port
 from metrics.compare import metric_differences
@@ -78,6 +84,12 @@ QUIET_ACK_S = 0.05
 #: pass of it falls between the prompt bursts unseen (see broker_quiet for what this does not catch)
 QUIET_SPAN_S = 16.0
 QUIET_TIMEOUT_S = 120.0
+#: Kafka's default ``file.delete.delay.ms``, for a broker that does not say its own
+FILE_DELETE_DELAY_MS = 60_000
+#: in the name of every topic the bench makes (its prefixes and app ids), and of the peer's and ceiling's
+BENCH_TOPIC_MARK = "bench-"
+#: the latency part starts this long after the broker's delay for removing the dropped topics' files
+DROPPED_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -547,6 +559,48 @@ async def broker_quiet(settings: Settings, topic: str) -> float:
     return time.monotonic() - started
 
 
+async def topic_names(settings: Settings) -> set[str]:
+    """Every topic of the broker."""
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def drop_topics(settings: Settings, kept: set[str]) -> float:
+    """Delete the bench's topics that are not in ``kept`` (the topics before a part): the part's input,
+    internal, changelog, ceiling and peer topics, all named with ``bench-``; a topic of anything else
+    that shares the broker is left alone. Returns the seconds after which the broker removes their
+    files (its ``file.delete.delay.ms``).
+
+    A part leaves gigabytes of compacted changelogs behind, which the broker's log cleaner goes on
+    compacting after the part has ended: in the runs that kept them, the broker took 0.7 to 0.84 s to
+    acknowledge sends at the start of the first latency run, the one after the batched part. Deleted,
+    they leave the cleaner nothing to do; their files go once the broker's delay has passed.
+    """
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
+    await admin.start()
+    try:
+        made = sorted(name for name in set(await admin.list_topics()) - kept if BENCH_TOPIC_MARK in name)
+        if made:
+            response = await admin.delete_topics(made)
+            failed = [(topic, code) for topic, code, *_ in response.topic_error_codes if code]
+            if failed:
+                raise BenchError(f"the broker did not delete the bench's topics: {failed} (topic, error code)")
+        cluster = await admin.describe_cluster()
+        broker = str(cluster["brokers"][0]["node_id"])
+        resource = ConfigResource(ConfigResourceType.BROKER, broker, configs={"file.delete.delay.ms": None})
+        (response,) = await admin.describe_configs([resource])
+        ((_, _, _, _, entries),) = response.resources
+        delay_ms = next((int(entry[1]) for entry in entries if entry[0] == "file.delete.delay.ms"),
+                        FILE_DELETE_DELAY_MS)
+    finally:
+        await admin.close()
+    return delay_ms / 1000 if made else 0.0
+
+
 def live_producer(settings: Settings) -> Any:
     """The latency runs' load generator: librdkafka (the bench group's ``confluent-kafka``), not aiokafka.
 
@@ -867,7 +921,16 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
         if shapes:
             echo(f"generating {options.events:,} events ...")
             workload = make_workload(options, settings)
+        files_gone_at = 0.0  # by when the broker has removed the files of the topics dropped so far
+
+        async def part_done(kept: set[str]) -> None:
+            nonlocal files_gone_at
+            delay_s = await drop_topics(settings, kept)
+            if delay_s:
+                files_gone_at = time.monotonic() + delay_s + DROPPED_MARGIN_S
+
         for batch in shapes:
+            kept = await topic_names(settings)
             prefix = f"bench-{run_id}-b{batch}-"
             echo(f"[{batch} per message] prefill ...")
             dataset = await prefill(settings, prefix, workload.bodies, batch)
@@ -890,40 +953,55 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
             shape["worker"] = worker
             results["shapes"][str(batch)] = shape
             save()
+            await part_done(kept)
         if shapes:
             del workload
         if options.duration_s > 0:
             echo(f"latency at {options.rate:,.0f} events/s for {options.duration_s:.0f}s, "
                  f"{options.latency_runs} run(s) ...")
+            kept = await topic_names(settings)
+            # the latency is the worker's, not the broker's removing the files of the parts before
+            dropped_wait_s = max(0.0, files_gone_at - time.monotonic())
+            await asyncio.sleep(dropped_wait_s)
             results["latency"] = await latency(settings, options, work_dir, database)
+            results["latency"]["waited_for_dropped_topics_s"] = dropped_wait_s
             database += 1
             save()
+            await part_done(kept)
         if options.memory_customers > 0:
             echo(f"memory with {options.memory_customers:,} customers ...")
+            kept = await topic_names(settings)
             results["memory"] = await memory(settings, options, work_dir, database)
             database += 1
             save()
+            await part_done(kept)
         if options.small_stores > 0:
             echo(f"memory with {options.small_stores:,} stores of 5 customers ...")
+            kept = await topic_names(settings)
             results["small_stores"] = await small_stores(settings, options, work_dir, database)
             database += 1
             save()
+            await part_done(kept)
         from bench.recovery import restart_time, scale_out
 
         for events in options.restart_events:
             echo(f"restart time after {events:,} events ...")
+            kept = await topic_names(settings)
             results.setdefault("restart", {})[str(events)] = await restart_time(
                 settings, options, work_dir, database, events
             )
             database += 1
             save()
+            await part_done(kept)
         if len(options.restart_events) >= 2:
             runs = results["restart"]
             short, long = runs[str(min(options.restart_events))], runs[str(max(options.restart_events))]
             runs["ratio_longest_to_shortest"] = long["restart_seconds"] / short["restart_seconds"]
         if options.scale_events > 0:
             echo(f"one worker, then two, on {options.scale_events:,} events ...")
+            kept = await topic_names(settings)
             results["scale_out"] = await scale_out(settings, options, work_dir, database, options.scale_events)
+            await part_done(kept)
     save()
     from bench.plot import plot
 

@@ -7,10 +7,12 @@ counted, so a pass here also means those checks held.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.run import QUIET_SPAN_S
 from support import clean_env, run_loyalty
@@ -29,6 +31,7 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
         LOYALTY_PARTITIONS="4",
     )
     out = tmp_path / "results"
+    topics_before = asyncio.run(_topics(services.kafka_bootstrap))
     result = run_loyalty(
         "bench", "--events", "3000", "--batch", "100", "--stores", "3", "--customers", "1500",
         "--sample-stores", "2", "--duration", "5s", "--rate", "200", "--memory-customers", "3000",
@@ -71,6 +74,12 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
         # every send of the measured seconds was acknowledged, orders and the other events alike
         assert sum(point["sends"] for point in run["ack_over_time"]) > run["orders_measured"]
     assert results["latency"]["p99_s_worst"] == max(run["p99_s"] for run in runs)
+    # the throughput parts dropped their topics before it: it waited for the broker to remove their files
+    assert 0 < results["latency"]["waited_for_dropped_topics_s"] <= 60 + 5
+    # every part deleted the topics it made, its ceilings' and peer's too
+    # (a fresh broker makes its own offsets topic on the first group: not the bench's)
+    left = asyncio.run(_topics(services.kafka_bootstrap)) - topics_before - {"__consumer_offsets"}
+    assert sorted(left) == []
     memory = results["memory"]  # a signup, an NPS answer and 1 to 3 orders (2 on average) per customer
     assert (memory["customers"], memory["events"]) == (3000, 4 * 3000) and memory["peak_rss_bytes"] > 50 * 2**20
     small = results["small_stores"]  # the part checked * counted all 1,000 customers before measuring
@@ -107,6 +116,15 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     else:
         assert scale["second_half_ratio"] == pytest.approx(halves[1] / halves[0])
     assert "loyalty bench" in result.stdout
+
+
+async def _topics(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
 
 
 def _segments(folder: Path, sizes: dict[int, int]) -> None:
