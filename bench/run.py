@@ -703,6 +703,8 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
         bucket = TokenBucket(options.rate, burst=max(1.0, options.rate / 100))
         started = time.monotonic()
         sending_from = time.perf_counter()
+        # the wall-clock start, to lay the run beside the broker's logs (its server and GC logs)
+        sending_from_utc = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         produced = 0
         while time.monotonic() - started < options.duration_s:
             granted, wait = bucket.take(64)
@@ -746,6 +748,7 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
     return {
         "rate_target": options.rate,
         "broker_quiet_after_s": quiet_s,
+        "sending_from_utc": sending_from_utc,
         "rate_sent": produced / sending_s,
         "seconds": sending_s,
         "orders_measured": len(latencies),

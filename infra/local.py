@@ -538,6 +538,11 @@ class LocalKafka(_Service):
             *args,
         ]
 
+    def _gc_log(self) -> list[str]:
+        """The broker's garbage-collection log (``logs/kafka-gc.log``), as Kafka's own start scripts
+        keep one: a broker that stalls for a second is told apart from a pause of its JVM."""
+        return [f"-Xlog:gc*:file=\"{self.logs_dir / 'kafka-gc.log'}\":time,uptime,level,tags:filecount=4,filesize=20M"]
+
     def _listeners(self, port: int, controller_port: int) -> list[str]:
         if self.scram is None:
             return [
@@ -652,7 +657,7 @@ class LocalKafka(_Service):
         self._format(java, jars)
         endpoint = {"port": port, "controller_port": controller_port}
         self.endpoint_file.write_text(json.dumps(endpoint) + "\n")
-        cmd = self._java_cmd(java, jars, "kafka.Kafka", str(self.props_file))
+        cmd = self._java_cmd(java, jars, *self._gc_log(), "kafka.Kafka", str(self.props_file))
         proc = self._spawn(cmd, self.out_file, die_with_parent)
         self._wait_ready(proc, endpoint, timeout, self.logs_dir / "server.log")
         return Status(self.name, "started", self.address_of(endpoint), proc.pid, f"Kafka {kafka_version()}")

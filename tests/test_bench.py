@@ -8,6 +8,7 @@ counted, so a pass here also means those checks held.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 
 import orjson
@@ -32,6 +33,7 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     )
     out = tmp_path / "results"
     topics_before = asyncio.run(_topics(services.kafka_bootstrap))
+    started_utc = dt.datetime.now(dt.UTC)
     result = run_loyalty(
         "bench", "--events", "3000", "--batch", "100", "--stores", "3", "--customers", "1500",
         "--sample-stores", "2", "--duration", "5s", "--rate", "200", "--memory-customers", "3000",
@@ -69,6 +71,7 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
         # prompt bursts for a whole QUIET_SPAN_S before the worker started; at most the wait's bound
         assert QUIET_SPAN_S <= run["broker_quiet_after_s"] <= 125
         assert 0 < run["p50_s"] <= run["p99_s"] <= run["max_s"]
+        assert dt.datetime.fromisoformat(run["sending_from_utc"]) > started_utc
         assert sum(point["orders"] for point in run["over_time"]) == run["orders_measured"]
         assert max(point["max_s"] for point in run["over_time"]) == run["max_s"]
         # every send of the measured seconds was acknowledged, orders and the other events alike

@@ -82,6 +82,8 @@ def test_up_is_idempotent_and_down_leaves_nothing(user: User) -> None:
     assert local.kafka_ready(f"127.0.0.1:{user.ports['kafka']}")
     assert local.redis_ready(f"redis://127.0.0.1:{user.ports['redis']}/0")
     assert (user.state_dir / "kafka" / "logs" / "server.log").is_file()  # logs and data under the state folder
+    # the JVM's own log beside it, as Kafka's scripts keep one: a broker's pauses are told from its stalls
+    assert "Using G1" in (user.state_dir / "kafka" / "logs" / "kafka-gc.log").read_text()
     assert (user.state_dir / "kafka" / "data" / "meta.properties").is_file()
 
     second = user.run(*user.up_args)
