@@ -37,6 +37,7 @@ latency over time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import heapq
 import os
@@ -47,7 +48,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ from metrics.events import INPUT_TOPICS, Event
 from metrics.reference import ReferenceConfig, reference_all
 from metrics.timegrid import DAY_MS, parse_duration
 from metrics.validation import parse_message
-from streams.connections import async_redis, kafka_client_options
+from streams.connections import KafkaTarget, async_redis, kafka_client_options
 from streams.settings import Settings
 from streams.sinks.redis_sink import metric_key, parse_redis_field, read_health
 from streams.tools.demo import stop_worker, worker_command
@@ -559,9 +560,9 @@ async def broker_quiet(settings: Settings, topic: str) -> float:
     return time.monotonic() - started
 
 
-async def topic_names(settings: Settings) -> set[str]:
-    """Every topic of the broker."""
-    admin = AIOKafkaAdminClient(**kafka_client_options(settings))
+async def topic_names(kafka: KafkaTarget) -> set[str]:
+    """Every topic of the broker (``kafka``: the settings or a bootstrap address)."""
+    admin = AIOKafkaAdminClient(**kafka_client_options(kafka))
     await admin.start()
     try:
         return set(await admin.list_topics())
@@ -926,85 +927,83 @@ async def run_bench(settings: Settings, options: BenchOptions, echo: Any = print
             workload = make_workload(options, settings)
         files_gone_at = 0.0  # by when the broker has removed the files of the topics dropped so far
 
-        async def part_done(kept: set[str]) -> None:
+        @contextlib.asynccontextmanager
+        async def part() -> AsyncIterator[None]:
+            """One part of the bench: the topics it made are dropped when it has ended well."""
             nonlocal files_gone_at
+            kept = await topic_names(settings)
+            yield
             delay_s = await drop_topics(settings, kept)
             if delay_s:
                 files_gone_at = time.monotonic() + delay_s + DROPPED_MARGIN_S
 
         for batch in shapes:
-            kept = await topic_names(settings)
-            prefix = f"bench-{run_id}-b{batch}-"
-            echo(f"[{batch} per message] prefill ...")
-            dataset = await prefill(settings, prefix, workload.bodies, batch)
-            echo(f"[{batch} per message] raw aiokafka ceiling ...")
-            raw = await raw_ceiling(settings, dataset, options.timeout_s)
-            echo(f"[{batch} per message] empty Faust agent ceiling ...")
-            empty = await faust_ceiling(settings, dataset, work_dir, options.timeout_s)
-            shape: dict[str, Any] = {"raw_aiokafka": raw, "empty_faust_agent": empty}
-            if options.peer:
-                echo(f"[{batch} per message] Quix Streams peer ...")
-                shape["quix_streams_peer"] = await quix_peer(settings, dataset, workload.store_events, work_dir,
-                                                             options.timeout_s)
-            echo(f"[{batch} per message] worker ...")
-            worker = await throughput(settings, options, workload, dataset, work_dir, database)
-            database += 1
-            worker["ratio_to_raw"] = worker["events_per_s"] / raw["events_per_s"]
-            worker["ratio_to_empty_agent"] = worker["events_per_s"] / empty["events_per_s"]
-            if "quix_streams_peer" in shape:
-                worker["ratio_to_peer"] = worker["events_per_s"] / shape["quix_streams_peer"]["events_per_s"]
-            shape["worker"] = worker
-            results["shapes"][str(batch)] = shape
-            save()
-            await part_done(kept)
+            async with part():
+                prefix = f"bench-{run_id}-b{batch}-"
+                echo(f"[{batch} per message] prefill ...")
+                dataset = await prefill(settings, prefix, workload.bodies, batch)
+                echo(f"[{batch} per message] raw aiokafka ceiling ...")
+                raw = await raw_ceiling(settings, dataset, options.timeout_s)
+                echo(f"[{batch} per message] empty Faust agent ceiling ...")
+                empty = await faust_ceiling(settings, dataset, work_dir, options.timeout_s)
+                shape: dict[str, Any] = {"raw_aiokafka": raw, "empty_faust_agent": empty}
+                if options.peer:
+                    echo(f"[{batch} per message] Quix Streams peer ...")
+                    shape["quix_streams_peer"] = await quix_peer(settings, dataset, workload.store_events,
+                                                                 work_dir, options.timeout_s)
+                echo(f"[{batch} per message] worker ...")
+                worker = await throughput(settings, options, workload, dataset, work_dir, database)
+                database += 1
+                worker["ratio_to_raw"] = worker["events_per_s"] / raw["events_per_s"]
+                worker["ratio_to_empty_agent"] = worker["events_per_s"] / empty["events_per_s"]
+                if "quix_streams_peer" in shape:
+                    worker["ratio_to_peer"] = worker["events_per_s"] / shape["quix_streams_peer"]["events_per_s"]
+                shape["worker"] = worker
+                results["shapes"][str(batch)] = shape
+                save()
         if shapes:
             del workload
         if options.duration_s > 0:
             echo(f"latency at {options.rate:,.0f} events/s for {options.duration_s:.0f}s, "
                  f"{options.latency_runs} run(s) ...")
-            kept = await topic_names(settings)
-            # the latency is the worker's, not the broker's removing the files of the parts before
-            dropped_wait_s = max(0.0, files_gone_at - time.monotonic())
-            await asyncio.sleep(dropped_wait_s)
-            results["latency"] = await latency(settings, options, work_dir, database)
-            results["latency"]["waited_for_dropped_topics_s"] = dropped_wait_s
-            database += 1
-            save()
-            await part_done(kept)
+            async with part():
+                # the latency is the worker's, not the broker's removing the files of the parts before
+                dropped_wait_s = max(0.0, files_gone_at - time.monotonic())
+                await asyncio.sleep(dropped_wait_s)
+                results["latency"] = await latency(settings, options, work_dir, database)
+                results["latency"]["waited_for_dropped_topics_s"] = dropped_wait_s
+                database += 1
+                save()
         if options.memory_customers > 0:
             echo(f"memory with {options.memory_customers:,} customers ...")
-            kept = await topic_names(settings)
-            results["memory"] = await memory(settings, options, work_dir, database)
-            database += 1
-            save()
-            await part_done(kept)
+            async with part():
+                results["memory"] = await memory(settings, options, work_dir, database)
+                database += 1
+                save()
         if options.small_stores > 0:
             echo(f"memory with {options.small_stores:,} stores of 5 customers ...")
-            kept = await topic_names(settings)
-            results["small_stores"] = await small_stores(settings, options, work_dir, database)
-            database += 1
-            save()
-            await part_done(kept)
+            async with part():
+                results["small_stores"] = await small_stores(settings, options, work_dir, database)
+                database += 1
+                save()
         from bench.recovery import restart_time, scale_out
 
         for events in options.restart_events:
             echo(f"restart time after {events:,} events ...")
-            kept = await topic_names(settings)
-            results.setdefault("restart", {})[str(events)] = await restart_time(
-                settings, options, work_dir, database, events
-            )
-            database += 1
-            save()
-            await part_done(kept)
+            async with part():
+                results.setdefault("restart", {})[str(events)] = await restart_time(
+                    settings, options, work_dir, database, events
+                )
+                database += 1
+                save()
         if len(options.restart_events) >= 2:
             runs = results["restart"]
             short, long = runs[str(min(options.restart_events))], runs[str(max(options.restart_events))]
             runs["ratio_longest_to_shortest"] = long["restart_seconds"] / short["restart_seconds"]
         if options.scale_events > 0:
             echo(f"one worker, then two, on {options.scale_events:,} events ...")
-            kept = await topic_names(settings)
-            results["scale_out"] = await scale_out(settings, options, work_dir, database, options.scale_events)
-            await part_done(kept)
+            async with part():
+                results["scale_out"] = await scale_out(settings, options, work_dir, database, options.scale_events)
     save()
     from bench.plot import plot
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
-from bench.run import QUIET_SPAN_S
+from bench.run import QUIET_SPAN_S, topic_names
 from support import clean_env, run_loyalty
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +31,7 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
         LOYALTY_PARTITIONS="4",
     )
     out = tmp_path / "results"
-    topics_before = asyncio.run(_topics(services.kafka_bootstrap))
+    topics_before = asyncio.run(topic_names(services.kafka_bootstrap))
     started_utc = dt.datetime.now(dt.UTC)
     result = run_loyalty(
         "bench", "--events", "3000", "--batch", "100", "--stores", "3", "--customers", "1500",
@@ -81,7 +80,7 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     assert 0 < results["latency"]["waited_for_dropped_topics_s"] <= 60 + 5
     # every part deleted the topics it made, its ceilings' and peer's too
     # (a fresh broker makes its own offsets topic on the first group: not the bench's)
-    left = asyncio.run(_topics(services.kafka_bootstrap)) - topics_before - {"__consumer_offsets"}
+    left = asyncio.run(topic_names(services.kafka_bootstrap)) - topics_before - {"__consumer_offsets"}
     assert sorted(left) == []
     memory = results["memory"]  # a signup, an NPS answer and 1 to 3 orders (2 on average) per customer
     assert (memory["customers"], memory["events"]) == (3000, 4 * 3000) and memory["peak_rss_bytes"] > 50 * 2**20
@@ -119,15 +118,6 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
     else:
         assert scale["second_half_ratio"] == pytest.approx(halves[1] / halves[0])
     assert "loyalty bench" in result.stdout
-
-
-async def _topics(bootstrap: str) -> set[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 def _segments(folder: Path, sizes: dict[int, int]) -> None:
