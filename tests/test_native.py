@@ -95,8 +95,9 @@ def _native(name: str) -> Any:
     """A function of the C module: as the metrics loaded it, or from the current build when they run pure
     (LOYALTY_PURE_PYTHON=1).
 
-    Skipped only on a machine that cannot build it (no C compiler or headers); one that can and
-    has no current build fails, as the first test does.
+    Skipped only on a machine that cannot build it (no C compiler or headers), and never in CI
+    (``CI`` set, as CI services set it): there every comparison with C would be skipped at once.
+    One that can build it and has no current build fails, as the first test does.
     """
     loaded = metrics.native_function(name)
     if loaded is not None:
@@ -114,7 +115,29 @@ def _native(name: str) -> Any:
     lacking = compile_metrics.missing_tools()
     if lacking is None:
         pytest.fail("a C compiler is here and the C module is not built (or is stale): make native builds it")
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI runs without the C module to compare ({lacking}): give the CI machine a C compiler")
     pytest.skip(f"no C module here to compare: {lacking}")
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [
+    ("true", pytest.fail.Exception),  # CI: every comparison with C would be skipped at once
+    ("1", pytest.fail.Exception),
+    ("", pytest.skip.Exception),      # a user's machine without a compiler: the product runs pure Python
+    ("false", pytest.skip.Exception),
+])
+def test_a_machine_without_a_compiler_skips_the_c_comparisons_outside_ci(
+    monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException],
+) -> None:
+    """Without a C module and the tools to build it, the comparisons skip on a user's machine and fail in CI."""
+    monkeypatch.setattr(metrics, "native_function", lambda name: None)
+    monkeypatch.setattr(metrics, "native_build_current", lambda: False)
+    monkeypatch.setattr(compile_metrics, "missing_tools", lambda: "no C compiler (cc)")
+    monkeypatch.setenv("CI", ci)
+    # both caught here, so that a skip where a failure is due fails this test instead of skipping it
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception), match="no C") as raised:
+        _native("add_pairs")
+    assert raised.type is outcome
 
 
 def _block_values(blocks: dict[int, Any]) -> dict[int, dict[int, int]]:
