@@ -59,6 +59,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from bench.latency_hops import HOPS, hop_breakdown, read_records
 from infra.local import exit_with_parent, free_port
 from metrics.compare import metric_differences
 from metrics.events import INPUT_TOPICS, Event
@@ -71,7 +72,7 @@ from streams.sinks.redis_sink import metric_key, parse_redis_field, read_health
 from streams.tools.demo import stop_worker, worker_command
 from streams.tools.simulate import TokenBucket
 from streams.tools.storefront import Storefronts
-from streams.worker.topics import ensure_topics
+from streams.worker.topics import ensure_topics, internal_topic
 from streams.worker.wire import pack_kept
 
 #: how often the bench polls Redis while it waits
@@ -645,7 +646,7 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
         if stamp >= sending_from and error is None:
             acked_in.setdefault(int(stamp - sending_from), []).append(time.perf_counter() - stamp)
 
-    async def send_one() -> tuple[str | None, float]:
+    async def send_one() -> tuple[str | None, str, float]:
         nonlocal sent
         topic, body = next(generator)
         stamp = time.perf_counter()
@@ -659,7 +660,7 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
                 await asyncio.sleep(0)
         producer.poll(0)  # delivery callbacks of earlier sends
         sent += 1
-        return (body["store_id"] if body["type"] == "order.placed" else None), stamp
+        return (body["store_id"] if body["type"] == "order.placed" else None), body["event_id"], stamp
 
     async def orders_now() -> list[int]:
         async with client.pipeline(transaction=False) as pipe:
@@ -683,8 +684,9 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
                 raise BenchError(f"the live worker did not start publishing: see {worker.log_path}")
         await asyncio.sleep(3 * options.emit_interval_ms / 1000)
         baseline = await orders_now()
-        # per store: send times of its orders, in order; and when each count was first seen
+        # per store: send times of its orders, in order, and their event ids; and when each count was first seen
         order_times: dict[int, list[float]] = {i: [] for i in range(len(stores))}
+        order_ids: dict[int, list[str]] = {i: [] for i in range(len(stores))}
         index_of = {store: i for i, store in enumerate(stores)}
         seen_counts: list[list[tuple[float, int]]] = [[] for _ in stores]
         done = asyncio.Event()
@@ -715,10 +717,11 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
                 await asyncio.sleep(max(wait, LATENCY_PACE_S))
                 continue
             for _ in range(granted):
-                store, stamp = await send_one()
+                store, event_id, stamp = await send_one()
                 produced += 1
                 if store is not None:
                     order_times[index_of[store]].append(stamp)
+                    order_ids[index_of[store]].append(event_id)
         await asyncio.to_thread(producer.flush, options.timeout_s)
         sending_s = time.monotonic() - started
         # wait until every order sent is counted
@@ -738,6 +741,7 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
         await client.aclose()
     latencies: list[float] = []
     sent_at: list[float] = []
+    latency_of: dict[str, float] = {}
     for i, times in order_times.items():
         seen = seen_counts[i]
         cursor = 0
@@ -746,6 +750,8 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
                 cursor += 1
             latencies.append(seen[cursor][0] - stamp)
             sent_at.append(stamp - sending_from)
+            latency_of[order_ids[i][k - 1]] = latencies[-1]
+    hops = await live_hops(settings, prefix, worker.env["LOYALTY_APP_ID"], latency_of)
     return {
         "rate_target": options.rate,
         "broker_quiet_after_s": quiet_s,
@@ -763,7 +769,23 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
         # grows with the latency, the load generator or the broker is what is behind, not the worker
         "ack_over_time": [{"second": second, "sends": len(values), "p99_s": _percentile(values, 0.99)}
                           for second, values in sorted(acked_in.items())],
+        # the orders' time per hop, for those the worker had not purged yet (see bench.latency_hops)
+        "hops": hops,
     }
+
+
+async def live_hops(settings: Settings, prefix: str, app_id: str, latency_of: dict[str, float]) -> dict[str, Any]:
+    """The live run's orders' time per hop, from the records its input and internal topics still hold."""
+    worker_settings = settings.model_copy(update={"topic_prefix": prefix, "app_id": app_id})
+    inputs = [prefix + name for name in INPUT_TOPICS]
+    by_customer = internal_topic(worker_settings, "events-by-customer")
+    deltas = internal_topic(worker_settings, "deltas")
+    records = await read_records(settings, [*inputs, by_customer, deltas])
+    sent_ms = {}
+    for topic in inputs:
+        for _partition, _offset, stamp, value in records[topic]:
+            sent_ms[orjson.loads(value)["event_id"]] = stamp
+    return hop_breakdown(sent_ms, latency_of, records[by_customer], records[deltas])
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -1038,6 +1060,12 @@ def render_table(results: dict[str, Any]) -> Any:
         table.add_row(f"latency run {number} at {lat['rate_sent']:,.0f} ev/s: p50 / p99",
                       f"{lat['p50_s'] * 1000:,.0f} / {lat['p99_s'] * 1000:,.0f} ms",
                       f"max {lat['max_s'] * 1000:,.0f} ms, {lat['orders_measured']:,} orders")
+        hops = lat.get("hops") or {}
+        if all(hops.get(hop) for hop in HOPS):
+            table.add_row(f"  its last {hops['orders']:,} orders by hop: p50 / p99",
+                          ", ".join(f"{hops[hop]['p50_s'] * 1000:,.0f} / {hops[hop]['p99_s'] * 1000:,.0f}"
+                                    for hop in HOPS) + " ms",
+                          " + ".join(HOPS))
     if "memory" in results:
         mem = results["memory"]
         peak = mem["peak_rss_bytes"]

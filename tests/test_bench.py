@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench.latency_hops import HOPS, hop_breakdown
 from bench.run import QUIET_SPAN_S, topic_names
 from support import clean_env, run_loyalty
 
@@ -75,6 +76,12 @@ def test_bench_runs_every_part_and_checks_its_numbers(services, tmp_path: Path) 
         assert max(point["max_s"] for point in run["over_time"]) == run["max_s"]
         # every send of the measured seconds was acknowledged, orders and the other events alike
         assert sum(point["sends"] for point in run["ack_over_time"]) > run["orders_measured"]
+        # a short run ends before the worker's first purge of its repartition topics: its orders are there
+        hops = run["hops"]
+        assert run["orders_measured"] // 2 < hops["orders"] <= run["orders_measured"]
+        for hop in HOPS:
+            assert 0 <= hops[hop]["p50_s"] <= hops[hop]["p99_s"] <= hops[hop]["max_s"] <= run["max_s"]
+        assert hops["ingest"]["p50_s"] > 0 and hops["aggregate_emit"]["p50_s"] > 0
     assert results["latency"]["p99_s_worst"] == max(run["p99_s"] for run in runs)
     # the throughput parts dropped their topics before it: it waited for the broker to remove their files
     assert 0 < results["latency"]["waited_for_dropped_topics_s"] <= 60 + 5
@@ -207,3 +214,31 @@ def test_the_bench_keeps_its_generated_events_at_their_size(generator: str) -> N
     assert count > 90_000
     # each body kept: its bytes, the bytes object's header and a (topic, body) tuple, about 100 bytes more
     assert grown_kib * 1024 < payload_bytes + 200 * count, (count, payload_bytes, grown_kib)
+
+
+def test_hop_breakdown_joins_each_order_to_the_records_that_carried_it() -> None:
+    """An order's hops come from its own by-customer record and that record's earliest deltas part;
+    orders purged from either topic, non-orders, marks and the clock are left out."""
+    sent = {"o1": 1_000, "o2": 1_010, "o3": 1_050, "o4": 900, "signup": 1_005}
+    by_customer = [
+        (3, 7, 1_030, orjson.dumps([["o1", "order.placed"], ["signup", "customer.signed_up"], ["o2", "order.placed"]])),
+        (1, 2, 1_100, orjson.dumps([["o3", "order.placed"]])),  # its deltas were purged
+        (3, 8, 1_200, orjson.dumps({"marks": {}, "from": 3})),
+    ]
+    deltas = [
+        (0, 5, 1_060, orjson.dumps([{"src": [3, 7, 1], "t": 1, "stores": {}}])),
+        (1, 9, 1_045, orjson.dumps([{"src": [3, 7, 0], "t": 1, "stores": {}}])),
+        (1, 10, 1_300, orjson.dumps({"wm": 1_000})),
+    ]
+    result = hop_breakdown(sent, {"o1": 0.3, "o2": 0.25, "o3": 0.2, "o4": 0.1}, by_customer, deltas)
+    assert result["orders"] == 2
+    assert result["ingest"] == {"p50_s": 0.03, "p99_s": 0.03, "max_s": 0.03}
+    assert result["facts"] == {"p50_s": 0.015, "p99_s": 0.015, "max_s": 0.015}
+    # o1: 0.3 - 0.03 - 0.015, above o2's 0.25 - 0.02 - 0.015 (the upper of two is their p50 here)
+    assert result["aggregate_emit"] == pytest.approx({"p50_s": 0.255, "p99_s": 0.255, "max_s": 0.255})
+
+
+def test_hop_breakdown_without_any_order_left_has_no_hops() -> None:
+    """A run whose orders were all purged reports no orders and no hop figures rather than made-up ones."""
+    result = hop_breakdown({"o1": 1_000}, {"o1": 0.2}, [], [])
+    assert result == {"orders": 0, "ingest": None, "facts": None, "aggregate_emit": None}
