@@ -14,6 +14,7 @@ from streams.settings import Settings
 from streams.worker.acks import acknowledged
 from streams.worker.app import FETCH_MAX_WAIT_MS, create_app, faust_options
 from streams.worker.run import MALLOC_ARENAS
+from streams.worker.topology import run_fixed_rate
 
 
 def settings(**values: str) -> Settings:
@@ -57,6 +58,27 @@ def test_the_product_worker_runs_only_the_pipeline_agents() -> None:
     """The production app has the four stage agents (gate, facts, aggregate) and no test agent."""
     app = create_app(settings(LOYALTY_APP_ID="a1", LOYALTY_STORE="memory"))
     assert sorted(agent.name for agent in app.agents.values()) == ["a1-aggregate", "a1-facts", "a1-gate"]
+
+
+@pytest.mark.parametrize(("tick_s", "starts"), [
+    (0.06, [0.25, 0.5, 0.75, 1.0]),  # Faust's timer: 0.25, 0.56, 0.87, 1.18
+    (0.6, [0.25, 1.0, 1.75, 2.5]),  # each run outlasts two grid points: both skipped, none run at once
+    (0.25, [0.25, 0.75, 1.25, 1.75]),  # a run ending on a grid point is not followed by a tick at that point
+])
+async def test_the_emit_timer_ticks_on_its_interval_whatever_each_tick_takes(tick_s: float, starts: list[float]) -> None:
+    """The emit starts at every point of its interval's grid, one run at a time, skipping those a long run covered."""
+    now = [0.0]
+    started: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    async def tick() -> None:
+        started.append(now[0])
+        now[0] += tick_s
+
+    await run_fixed_rate(0.25, tick, stopping=lambda: len(started) == 4, clock=lambda: now[0], sleep=sleep)
+    assert started == pytest.approx(starts)
 
 
 def test_smoke_agent_consumes_the_prefixed_topic() -> None:

@@ -48,6 +48,8 @@ events still advances to the global "now".
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -76,6 +78,39 @@ BATCH_WITHIN_S = 0.01
 def wall_ms() -> int:
     """The wall clock in epoch milliseconds."""
     return time.time_ns() // 1_000_000
+
+
+def next_tick_at(started_at: float, interval_s: float, now: float) -> float:
+    """When a fixed-rate timer started at ``started_at`` ticks next after ``now``: the first later point
+    of its grid ``started_at + k * interval_s``, so the ticks missed while one ran long are skipped.
+
+    >>> next_tick_at(0.0, 0.25, 0.06), next_tick_at(0.0, 0.25, 0.25), next_tick_at(0.0, 0.25, 0.61)
+    (0.25, 0.5, 0.75)
+    """
+    return started_at + (math.floor((now - started_at) / interval_s) + 1) * interval_s
+
+
+async def run_fixed_rate(
+    interval_s: float,
+    tick: Callable[[], Awaitable[None]],
+    *,
+    stopping: Callable[[], bool],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Await ``tick`` at every point of a grid of ``interval_s`` from now, one at a time, until ``stopping()``.
+
+    Faust's timers (mode's ``Timer``) sleep the interval *after* each run, so a timer whose run
+    takes 60 ms of a 250 ms interval ticks every 310 ms. The emit ticks on its interval instead,
+    like Kafka Streams' wall-clock punctuation: a run that outlasts the interval is followed at
+    the next grid point after it ends, never at once and never twice.
+    """
+    started_at = clock()
+    while not stopping():
+        await sleep(max(0.0, next_tick_at(started_at, interval_s, clock()) - clock()))
+        if stopping():
+            return
+        await tick()
 
 
 def grid_of(settings: Settings) -> Grid:

@@ -33,7 +33,7 @@ from streams.sinks.webhook import Webhook
 from streams.stages.aggregate import StarSampler, StoreShard
 from streams.worker.acks import acknowledged
 from streams.worker.agents.aggregate import Aggregation
-from streams.worker.topology import Topology
+from streams.worker.topology import Topology, run_fixed_rate
 from streams.worker.wire import route
 
 log = get_logger(__name__)
@@ -443,13 +443,16 @@ class StarPartials:
 
 
 def register(topology: Topology, aggregation: Aggregation) -> Publisher:
-    """The emit timer, every ``LOYALTY_EMIT_INTERVAL``."""
+    """The emit timer, every ``LOYALTY_EMIT_INTERVAL`` (at a fixed rate: see ``run_fixed_rate``)."""
     publisher = Publisher(topology, aggregation)
     interval_s = topology.settings.emit_interval_ms / 1000
+    app = topology.app
 
-    @topology.app.timer(interval_s, name=topology.internal + "emit")  # type: ignore[untyped-decorator]
+    @app.task  # type: ignore[untyped-decorator]
     async def emit_timer() -> None:
-        await publisher.tick()
+        # an emit waits for Redis and Kafka: with Faust's timer its time would add to every interval,
+        # and to the latency of every event it publishes
+        await run_fixed_rate(interval_s, publisher.tick, stopping=lambda: bool(app.should_stop))
 
     webhook = publisher.webhook
     if webhook is not None:
