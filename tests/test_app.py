@@ -65,7 +65,9 @@ def test_the_product_worker_runs_only_the_pipeline_agents() -> None:
     (0.6, [0.25, 1.0, 1.75, 2.5]),  # each run outlasts two grid points: both skipped, none run at once
     (0.25, [0.25, 0.75, 1.25, 1.75]),  # a run ending on a grid point is not followed by a tick at that point
 ])
-async def test_the_emit_timer_ticks_on_its_interval_whatever_each_tick_takes(tick_s: float, starts: list[float]) -> None:
+async def test_the_emit_timer_ticks_on_its_interval_whatever_each_tick_takes(
+    tick_s: float, starts: list[float]
+) -> None:
     """The emit starts at every point of its interval's grid, one run at a time, skipping those a long run covered."""
     now = [0.0]
     started: list[float] = []
