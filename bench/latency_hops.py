@@ -21,26 +21,24 @@ read: the breakdown covers those, and says how many.
 
 from __future__ import annotations
 
-import time
+import asyncio
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.run import _percentile
 from streams.connections import kafka_client_options
 from streams.settings import Settings
+from streams.worker.log_reader import read_to_end
 
 #: the hops, in the order an event crosses them
 HOPS = ("ingest", "facts", "aggregate_emit")
 
 #: a record as read back: (partition, offset, timestamp in ms, value)
 Record = tuple[int, int, int, bytes]
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def hop_breakdown(
@@ -94,26 +92,22 @@ def hop_breakdown(
 
 
 async def read_records(settings: Settings, topics: list[str], timeout_s: float = 60.0) -> dict[str, list[Record]]:
-    """Every record the topics hold now, by topic (read from each partition's start to its end)."""
+    """Every record the topics hold now, by topic (each partition from its start, after the purge, to
+    its end), or those read within ``timeout_s``."""
     consumer = AIOKafkaConsumer(**kafka_client_options(settings), enable_auto_commit=False,
                                 max_partition_fetch_bytes=4 * 1024 * 1024)
     await consumer.start()
+    found: dict[str, list[Record]] = {topic: [] for topic in topics}
     try:
         partitions = [TopicPartition(topic, p) for topic in topics for p in range(settings.partitions)]
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        starts = await consumer.beginning_offsets(partitions)
         ends = await consumer.end_offsets(partitions)
-        found: dict[str, list[Record]] = {topic: [] for topic in topics}
-        remaining = {tp for tp in partitions if ends[tp] > 0}
-        deadline = time.monotonic() + timeout_s
-        while remaining and time.monotonic() < deadline:
-            for tp, records in (await consumer.getmany(*remaining, timeout_ms=500, max_records=20_000)).items():
-                found[tp.topic].extend((tp.partition, r.offset, r.timestamp, r.value or b"") for r in records)
-                if records and records[-1].offset + 1 >= ends[tp]:
-                    remaining.discard(tp)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:  # the purge left the partition empty
-                    remaining.discard(tp)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                async for record in read_to_end(consumer, starts, ends, max_records=20_000):
+                    found[record.topic].append((record.partition, record.offset, record.timestamp,
+                                                record.value or b""))
         return found
     finally:
         await consumer.stop()

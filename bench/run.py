@@ -59,7 +59,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from bench.latency_hops import HOPS, hop_breakdown, read_records
 from infra.local import exit_with_parent, free_port
 from metrics.compare import metric_differences
 from metrics.events import INPUT_TOPICS, Event
@@ -776,6 +775,7 @@ async def latency_run(settings: Settings, options: BenchOptions, work_dir: Path,
 
 async def live_hops(settings: Settings, prefix: str, app_id: str, latency_of: dict[str, float]) -> dict[str, Any]:
     """The live run's orders' time per hop, from the records its input and internal topics still hold."""
+    from bench.latency_hops import hop_breakdown, read_records  # it imports this module
     worker_settings = settings.model_copy(update={"topic_prefix": prefix, "app_id": app_id})
     inputs = [prefix + name for name in INPUT_TOPICS]
     by_customer = internal_topic(worker_settings, "events-by-customer")
@@ -1060,6 +1060,8 @@ def render_table(results: dict[str, Any]) -> Any:
         table.add_row(f"latency run {number} at {lat['rate_sent']:,.0f} ev/s: p50 / p99",
                       f"{lat['p50_s'] * 1000:,.0f} / {lat['p99_s'] * 1000:,.0f} ms",
                       f"max {lat['max_s'] * 1000:,.0f} ms, {lat['orders_measured']:,} orders")
+        from bench.latency_hops import HOPS
+
         hops = lat.get("hops") or {}
         if all(hops.get(hop) for hop in HOPS):
             table.add_row(f"  its last {hops['orders']:,} orders by hop: p50 / p99",
