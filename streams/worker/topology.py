@@ -107,7 +107,8 @@ async def run_fixed_rate(
     """
     started_at = clock()
     while not stopping():
-        await sleep(max(0.0, next_tick_at(started_at, interval_s, clock()) - clock()))
+        now = clock()
+        await sleep(max(0.0, next_tick_at(started_at, interval_s, now) - now))
         if stopping():
             return
         await tick()
