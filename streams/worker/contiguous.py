@@ -116,10 +116,22 @@ class Contiguous:
             self.advanced_at[partition] = time.monotonic()
         return out
 
-    def mark_done(self) -> None:
-        """Everything handed out by :meth:`in_order` so far is processed and its output acknowledged."""
-        self.done.update(self.next)
+    def mark_done(self, positions: dict[int, int] | None = None) -> None:
+        """Everything handed out by :meth:`in_order` so far is processed and its output acknowledged.
+
+        With ``positions`` (from :meth:`end_batch`): everything below them is, and the batch under
+        way, if any, goes on.
+        """
+        if positions is None:
+            positions = self.next
+            self.busy = False
+        self.done.update(positions)
+
+    def end_batch(self) -> dict[int, int]:
+        """The batch handed out by :meth:`in_order` is processed, its output maybe still on its way:
+        the next offsets to pass to :meth:`mark_done` once that output is acknowledged."""
         self.busy = False
+        return dict(self.next)
 
     def take_started(self) -> dict[int, str]:
         """The commit metadata of the partitions started since the last call (see :meth:`commit`)."""

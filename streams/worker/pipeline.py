@@ -26,6 +26,11 @@ def register_pipeline(app: faust.App, settings: Settings) -> Topology:
 
     topology.timer(1.0, "flush-idle-tables", flush_idle_tables)
 
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(app: faust.App, revoked: Any, **_: Any) -> None:
+        # the facts of batches sent before the revocation reach the changelog before a new owner reads it
+        await customers.drain()
+
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:
         aggregation.on_assigned()

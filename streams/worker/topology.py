@@ -25,8 +25,9 @@ input partitions after a rebalance.
 Idempotency, so that at-least-once delivery counts nothing twice:
 
 * the facts stage remembers applied event ids in the customer's own record;
-  it sends its deltas and waits for Kafka's acknowledgement *before* writing
-  the facts, so facts are never ahead of the deltas they caused;
+  it writes a batch's facts only *after* Kafka has acknowledged the deltas
+  they caused (behind the stage, in order: :mod:`streams.worker.write_behind`),
+  so facts are never ahead of the deltas they caused;
 * every delta message part carries (input partition, offset, part); the
   aggregation has no table: the deltas topic is its log, checkpointed (and
   deleted below each checkpoint) by :mod:`streams.worker.checkpoints`, and a

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from metrics.customer import CustomerFacts
+from streams.logs import get_logger
 from streams.stages.facts import (
     CustomerOutput,
     CustomerStage,
@@ -19,9 +21,17 @@ from streams.worker.acks import acknowledged
 from streams.worker.tables import changelog_written
 from streams.worker.topology import BATCH_MAX, BATCH_WITHIN_S, Topology, wall_ms
 from streams.worker.wire import pack, pack_chunks, unpack
+from streams.worker.write_behind import Records, WriteBehind
+
+log = get_logger(__name__)
 
 #: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
 CUSTOMER_CACHE_SIZE = 20_000
+#: batches (or slices of one) whose facts wait for their deltas' acknowledgement, at most: the stage
+#: computes the next batch meanwhile, and a stage that outruns Kafka waits for the oldest
+UNWRITTEN_BATCHES = 3
+#: how long a stopping facts agent waits for the facts of the batches it sent to be written
+STOP_DRAIN_S = 5.0
 
 
 class Facts:
@@ -36,35 +46,67 @@ class Facts:
         self.marks = MarkMerger(topology.partitions + 1) if topology.settings.alert_config() is not None else None
         #: by-customer partition -> (merged marks, monotonic time) last forwarded
         self._forwarded: dict[int, tuple[dict[str, Mark], float]] = {}
+        #: the facts of sent batches, written once Kafka has their deltas (see streams.worker.write_behind)
+        self.writes = WriteBehind(
+            topology.facts.write_many, lambda: changelog_written(topology.facts), self.input.mark_done,
+            most=UNWRITTEN_BATCHES,
+        )
 
     def forget(self) -> None:
         """Drop the customers kept in memory: the table may have changed under us."""
         self.stage.forget()
 
+    def read(self, key: bytes) -> bytes | None:
+        """A facts record: written by a batch still on its way, else from the table (``None``: missing)."""
+        return self.writes.get(key, self.topology.facts.get_raw)
+
     def load(self, key: str) -> CustomerFacts | None:
-        """A customer's facts from the table (``None``: a new customer)."""
-        return load_customer(key, self.topology.facts.get_raw)
+        """A customer's facts (``None``: a new customer)."""
+        return load_customer(key, self.read)
 
     def load_many(self, keys: list[str]) -> dict[str, CustomerFacts | None]:
-        """Customers' facts from the table (``None``: a new customer), their records read in one lookup
-        per partition (a by-customer message's customers are all of its partition)."""
-        table = self.topology.facts
-        values = table.get_many_raw([key.encode() for key in keys])
-        return {key: decode_customer(key, value, table.get_raw) for key, value in zip(keys, values, strict=True)}
+        """Customers' facts (``None``: a new customer), the table's records read in one lookup per
+        partition (a by-customer message's customers are all of its partition)."""
+        values = self.writes.get_many([key.encode() for key in keys], self.topology.facts.get_many_raw)
+        return {key: decode_customer(key, value, self.read) for key, value in zip(keys, values, strict=True)}
 
     async def run(self, stream: Any) -> None:
-        """The agent: each batch of by-customer messages applied, its deltas sent, then its facts written.
+        """The agent: each batch of by-customer messages applied and its deltas sent; its facts are
+        written behind it, once Kafka has the deltas.
 
-        Faust restarts a crashed agent in the same process: customers kept in memory may then be
-        ahead of the table (changed by a batch that was never written), so they are dropped when
-        the agent starts and when it fails.
+        Faust restarts a crashed agent in the same process: customers kept in memory, and the facts
+        of batches not written yet, may then be ahead of the table, so they are dropped when the
+        agent starts and when it fails, and the input is read again from the stage's commits.
         """
         self.forget()
         try:
             await self.process(stream)
-        except BaseException:
+        except asyncio.CancelledError:
+            # a stopping worker: the facts of the batches sent are written if Kafka answers soon, so
+            # that the restarted worker does not apply (and count) their events again
+            try:
+                await asyncio.wait_for(self.writes.drain(), STOP_DRAIN_S)
+            except BaseException as error:
+                log.warning("facts.stop_drain_failed", error=str(error) or type(error).__name__)
+            self.writes.abandon()
             self.forget()
             raise
+        except BaseException:
+            self.writes.abandon()
+            self.input.forget()
+            self.forget()
+            raise
+
+    async def drain(self) -> None:
+        """Wait until the facts of every batch sent so far are written (partitions are being revoked).
+
+        A batch's facts written after its partition moved would reach the changelog behind the new
+        owner's; a failed write is left to the agent, which raises it at its next batch.
+        """
+        try:
+            await self.writes.drain()
+        except Exception as error:
+            log.warning("facts.drain_failed", error=str(error) or type(error).__name__)
 
     async def process(self, stream: Any) -> None:
         """Apply the stream's batches (see :meth:`run`)."""
@@ -74,6 +116,7 @@ class Facts:
         partitions = topology.partitions
         slice_events = topology.settings.slice_events
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            self.writes.check()
             cache: dict[str, CustomerFacts] = {}
             outgoing: dict[int, list[dict[str, Any]]] = {}
             held_events = 0
@@ -99,16 +142,16 @@ class Facts:
                     outgoing.setdefault(partition, []).extend(parts)
                 held_events += len(items)
                 if held_events >= slice_events:
-                    # a long batch is written in slices (LOYALTY_SLICE_EVENTS): the customers and
-                    # deltas it holds until the write bound the worker's memory
-                    await self.write(outgoing, cache)
+                    # a long batch is sent in slices (LOYALTY_SLICE_EVENTS): the customers and
+                    # deltas it holds until then bound the worker's memory
+                    await self.send(outgoing, cache, None)
                     outgoing, cache, held_events = {}, {}, 0
-            await self.write(outgoing, cache)
+            await self.send(outgoing, cache, self.input.end_batch())
+            await self.broadcast_clock()
             if self.marks is not None:
                 for partition, message in marks:
                     self.marks.receive(partition, int(message["from"]), message[MARKS])
             await self.forward_marks()
-            self.input.mark_done()
             await self.input.commit()
 
     async def forward_marks(self) -> None:
@@ -145,8 +188,12 @@ class Facts:
         await self.input.commit(force=True)
         await self.input.unstall()
 
-    async def write(self, outgoing: dict[int, list[dict[str, Any]]], cache: dict[str, CustomerFacts]) -> None:
-        """Send the deltas, then write the facts that caused them, then broadcast the event clock."""
+    async def send(
+        self, outgoing: dict[int, list[dict[str, Any]]], cache: dict[str, CustomerFacts],
+        positions: dict[int, int] | None,
+    ) -> None:
+        """Send the deltas and hand the facts that caused them to the writer, which writes them once
+        Kafka has the deltas (a crash may replay, never lose), then marks ``positions`` done."""
         topology = self.topology
         deltas = topology.deltas
         acks = []
@@ -155,21 +202,22 @@ class Facts:
         for partition, parts in outgoing.items():
             for chunk in pack_chunks(parts):
                 acks.append(await deltas.send(value=chunk, partition=partition))
-        # facts only after Kafka has the deltas: a crash may replay, never lose
-        if acks:
-            await acknowledged(acks)
-        records: dict[bytes, bytes | None] = {}
+        # serialized now: the next batches change these very objects
+        records: Records = {}
         for key, customer in cache.items():
             records.update(customer_records(key, customer, topology.grid))
-        await topology.facts.write_many(records)
-        await changelog_written(topology.facts)
+        await self.writes.add(acks, records, positions)
+
+    async def broadcast_clock(self) -> None:
+        """Send the event clock to every deltas partition, behind the deltas sent so far."""
+        topology = self.topology
         clock = topology.clock
         latest = clock.clock_ms
         if clock.event_clock and latest is not None and (clock.broadcast_ms is None or latest > clock.broadcast_ms):
             clock.broadcast_ms = latest
             watermark = pack({"wm": latest})
             for partition in range(topology.partitions):
-                await deltas.send(value=watermark, partition=partition)
+                await topology.deltas.send(value=watermark, partition=partition)
 
 
 def register(topology: Topology) -> Facts:
