@@ -112,6 +112,36 @@ async def test_forgotten_writes_are_written_again_after_redis_lost_them(services
         await client.aclose()
 
 
+async def test_several_stores_are_written_in_one_transaction(services) -> None:
+    """write_stores writes a group of stores with one EXEC, leaving out a window Redis holds newer."""
+    url = database_url(services)
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    sink = RedisSink(url)
+    stores, now = ["group-a", "group-b"], 1_700_000_000_000
+    keys = [metric_key(store, window) for store in stores for window in ("24h", "7d", "cohorts")]
+    try:
+        await client.delete(*keys, *(key + ":history" for key in keys))
+        newer = snapshot_payload("group-b", "7d", now + 1, None, {"orders": 99})
+        assert await sink.write(newer, dumps(newer))
+        group = []
+        for number, store in enumerate(stores):
+            snapshots = [snapshot_payload(store, window, now, "EUR", {"orders": 10 * number + days})
+                         for window, days in (("24h", 1), ("7d", 7))]
+            cohorts = {"store_id": store, "as_of_ms": now, "cohorts": []}
+            group.append(([(payload, dumps(payload)) for payload in snapshots], (cohorts, dumps(cohorts))))
+        execs_before = (await client.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0)
+        assert await sink.write_stores(group) == 5  # not group-b's 7d
+        execs_after = (await client.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0)
+        assert execs_after - execs_before == 1
+        orders = [(await client.hgetall(key)).get("orders") for key in keys]
+        assert orders == ["1", "7", None, "11", "99", None]
+        assert [(await client.hgetall(key))["as_of_ms"] for key in (keys[2], keys[5])] == [str(now)] * 2
+    finally:
+        await client.delete(*keys, *(key + ":history" for key in keys))
+        await sink.close()
+        await client.aclose()
+
+
 async def test_a_store_is_written_in_one_transaction_leaving_older_snapshots_out(services) -> None:
     """write_store writes every window and the cohorts of a store at once, except a window Redis holds newer."""
     url = database_url(services)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -110,24 +111,35 @@ class RedisSink:
     ) -> int:
         """Write a store's snapshots (and its cohort matrix) in one MULTI/EXEC; returns how many were written.
 
-        One round trip for all of a store's windows: an emit awaits Redis once per store, not once
-        per window, and a reader sees the windows of one state together. A snapshot older than the
-        one its key holds is left out (``as_of_ms`` never moves back).
+        A reader sees the windows of one state together. A snapshot older than the one its key
+        holds is left out (``as_of_ms`` never moves back).
         """
-        queued: list[tuple[str, dict[str, Any], bytes, bool]] = []
-        for payload, encoded in snapshots:
-            key = metric_key(payload["store_id"], payload["window"])
-            if not await self._older_than_written(key, payload["as_of_ms"]):
-                queued.append((key, payload, encoded, False))
-        if cohorts is not None:
-            payload, encoded = cohorts
-            key = metric_key(payload["store_id"], COHORTS)
-            if not await self._older_than_written(key, payload["as_of_ms"]):
-                queued.append((key, payload, encoded, True))
-        if not queued:
+        return await self.write_stores([(snapshots, cohorts)])
+
+    async def write_stores(
+        self, stores: Sequence[tuple[list[tuple[dict[str, Any], bytes]], tuple[dict[str, Any], bytes] | None]]
+    ) -> int:
+        """Write several stores' snapshots and cohort matrices (as :meth:`write_store`) in one
+        MULTI/EXEC; returns how many were written.
+
+        One round trip for a group of stores: an emit awaits Redis once per group, not once per
+        store, and on a busy worker each await also waits for the other stages' turns.
+        """
+        writes: list[tuple[str, dict[str, Any], bytes, bool]] = []
+        for snapshots, cohorts in stores:
+            for payload, encoded in snapshots:
+                key = metric_key(payload["store_id"], payload["window"])
+                if not await self._older_than_written(key, payload["as_of_ms"]):
+                    writes.append((key, payload, encoded, False))
+            if cohorts is not None:
+                payload, encoded = cohorts
+                key = metric_key(payload["store_id"], COHORTS)
+                if not await self._older_than_written(key, payload["as_of_ms"]):
+                    writes.append((key, payload, encoded, True))
+        if not writes:
             return 0
         async with self.client.pipeline(transaction=True) as pipe:
-            for key, payload, encoded, is_cohorts in queued:
+            for key, payload, encoded, is_cohorts in writes:
                 as_of = str(payload["as_of_ms"])
                 if is_cohorts:
                     pipe.hset(key, mapping={"as_of_ms": as_of, "json": encoded})
@@ -141,9 +153,9 @@ class RedisSink:
                     pipe.sadd(STORES_KEY, payload["store_id"])
                 pipe.publish(UPDATES_CHANNEL, encoded)
             await pipe.execute()
-        for key, payload, _, _ in queued:
+        for key, payload, _, _ in writes:
             self._last_as_of[key] = payload["as_of_ms"]
-        return len(queued)
+        return len(writes)
 
     async def write_alert(self, encoded: bytes) -> None:
         """Add one alert to the alerts stream and publish it on the alerts channel (one MULTI/EXEC)."""

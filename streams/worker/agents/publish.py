@@ -16,6 +16,7 @@ restarted between two emits is noticed by its server run id changing.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -43,6 +44,21 @@ RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
 #: partial ``*`` samples per message to the ``*`` owner (about 300 bytes each)
 STAR_SAMPLES_PER_MESSAGE = 500
+#: stores whose snapshots an emit computes together and writes to Redis in one round trip: one
+#: await for a few stores, and a worker with 10,000 stores still lets the other stages run between
+STORES_PER_WRITE = 20
+
+
+@dataclass(frozen=True)
+class StoreSnapshots:
+    """A store's snapshots of every window and its cohort matrix, as of one state."""
+
+    store_id: str
+    as_of_ms: int
+    currency: str | None
+    #: (window name, metrics)
+    snapshots: list[tuple[str, dict[str, object]]]
+    cohorts: dict[str, Any]
 
 
 def emit_failure(error: Exception, *, stopping: bool) -> str:
@@ -148,14 +164,17 @@ class Publisher:
     async def emit(self, now: int, redis: RedisSink) -> None:
         """Publish the snapshots of every store whose shard changed or whose bucket moved, then fold.
 
-        Each store's snapshot is as of the clock read with its state, not as of ``now`` (the
-        tick's): the aggregation applies deltas, moving the clock first, while this emit awaits
-        Kafka and Redis, so a snapshot is never labelled older than an event it includes.
+        Stores go in groups of ``STORES_PER_WRITE``, each group's snapshots computed with no await
+        in between and written to Redis in one round trip. Each store's snapshot is as of the clock
+        read with its state, not as of ``now`` (the tick's): the aggregation applies deltas, moving
+        the clock first, while this emit awaits Kafka and Redis, so a snapshot is never labelled
+        older than an event it includes.
         """
         topology = self.topology
         grid = topology.grid
         await topology.outputs.declare()
         shards = self.aggregation.shards
+        group: list[tuple[str, StoreShard, int, StoreSnapshots]] = []
         for store_id, shard in list(shards.items()):
             now = max(now, topology.clock.now_ms() or now)
             as_of_bucket = grid.bucket(now)
@@ -164,19 +183,18 @@ class Publisher:
             # every window from one state, computed before any await; deltas that the aggregate
             # applies while this emit awaits Kafka and Redis mark the shard changed again
             shard.changed = False
-            currency = shard.currency()
             snapshots = [
                 (window_name, shard.metrics(grid, window, as_of_bucket))
                 for window_name, window in zip(self.window_names, grid.windows, strict=True)
             ]
             cohorts = cohorts_payload(store_id, now, shard.cohorts(grid, as_of_bucket))
-            try:
-                await self.publish_store(store_id, now, currency, snapshots, cohorts, redis)
-            except BaseException:
-                shard.changed = True  # published again once Redis answers
-                raise
-            self.last_emitted_bucket[store_id] = as_of_bucket
-            topology.health.count("snapshots", len(grid.windows))
+            group.append((store_id, shard, as_of_bucket, StoreSnapshots(store_id, now, shard.currency(), snapshots,
+                                                                       cohorts)))
+            if len(group) >= STORES_PER_WRITE:
+                await self.publish_group(group, redis)
+                group = []
+        if group:
+            await self.publish_group(group, redis)
         as_of_bucket = grid.bucket(now)
         partials = self.aggregation.partials
         for store_id, shard in list(shards.items()):
@@ -184,25 +202,37 @@ class Publisher:
             if fold_bucket is not None:
                 shard.fold(fold_bucket, grid.longest, grid.cohort_reach)
 
-    async def publish_store(
-        self, store_id: str, as_of_ms: int, currency: str | None, snapshots: list[tuple[str, dict[str, object]]],
-        cohorts: dict[str, Any], redis: RedisSink,
-    ) -> None:
-        """Publish a store's snapshot of every window and its cohort matrix: the output topic, then Redis.
+    async def publish_group(self, group: list[tuple[str, StoreShard, int, StoreSnapshots]], redis: RedisSink) -> None:
+        """Publish a group of stores' snapshots (:meth:`publish_stores`) and note them emitted."""
+        try:
+            await self.publish_stores([snapshots for _, _, _, snapshots in group], redis)
+        except BaseException:
+            for _, shard, _, _ in group:
+                shard.changed = True  # published again once Redis answers
+            raise
+        for store_id, _, as_of_bucket, _ in group:
+            self.last_emitted_bucket[store_id] = as_of_bucket
+        self.topology.health.count("snapshots", len(group) * len(self.topology.grid.windows))
+
+    async def publish_stores(self, stores: list[StoreSnapshots], redis: RedisSink) -> None:
+        """Publish stores' snapshots of every window and their cohort matrices: the output topic, then Redis.
 
         The output topic gets each (``store|window``, ``store|cohorts``), queued; Redis all of them
-        in one transaction (:meth:`streams.sinks.redis_sink.RedisSink.write_store`).
+        in one transaction (:meth:`streams.sinks.redis_sink.RedisSink.write_stores`).
         """
         outputs = self.topology.outputs
-        written: list[tuple[dict[str, Any], bytes]] = []
-        for window_name, metrics in snapshots:
-            payload = snapshot_payload(store_id, window_name, as_of_ms, currency, metrics)
-            encoded = dumps(payload)
-            await outputs.send_snapshot(store_id, window_name, encoded)
-            written.append((payload, encoded))
-        encoded_cohorts = dumps(cohorts)
-        await outputs.send_snapshot(store_id, COHORTS, encoded_cohorts)
-        await redis.write_store(written, (cohorts, encoded_cohorts))
+        written = []
+        for store in stores:
+            store_written: list[tuple[dict[str, Any], bytes]] = []
+            for window_name, metrics in store.snapshots:
+                payload = snapshot_payload(store.store_id, window_name, store.as_of_ms, store.currency, metrics)
+                encoded = dumps(payload)
+                await outputs.send_snapshot(store.store_id, window_name, encoded)
+                store_written.append((payload, encoded))
+            encoded_cohorts = dumps(store.cohorts)
+            await outputs.send_snapshot(store.store_id, COHORTS, encoded_cohorts)
+            written.append((store_written, (store.cohorts, encoded_cohorts)))
+        await redis.write_stores(written)
 
     def fold_bucket(self, shard: StoreShard, as_of_bucket: int, partial: StoreShard | None) -> int | None:
         """How far a shard may fold: to now, but never past the bucket its next alert sample reads (None: not yet).
@@ -350,7 +380,7 @@ class Publisher:
         snapshots = [(window_name, total.metrics(grid, window, as_of_bucket, len(distinct) <= 1))
                      for window_name, window in zip(self.window_names, grid.windows, strict=True)]
         cohorts = cohorts_payload(ALL_STORES, as_of_ms, total.cohorts(grid, as_of_bucket))
-        await self.publish_store(ALL_STORES, as_of_ms, currency, snapshots, cohorts, redis)
+        await self.publish_stores([StoreSnapshots(ALL_STORES, as_of_ms, currency, snapshots, cohorts)], redis)
         self.star.published = self.star.received
         topology.health.count("snapshots", len(grid.windows))
 
