@@ -89,6 +89,7 @@ class Facts:
             except BaseException as error:
                 log.warning("facts.stop_drain_failed", error=str(error) or type(error).__name__)
             self.writes.abandon()
+            self.input.forget()
             self.forget()
             raise
         except BaseException:
