@@ -41,8 +41,8 @@ class _Table:
         (await asyncio.wait_for(self.confirmations.get(), 5)).set_result(None)
 
 
-def _writer(table: _Table, most: int = 3) -> WriteBehind:
-    return WriteBehind(table.write, table.confirm, table.mark_done, most=most)
+def _writer(table: _Table, most: int = 3, most_events: int = 100) -> WriteBehind:
+    return WriteBehind(table.write, table.confirm, table.mark_done, most=most, most_events=most_events)
 
 
 def _future() -> asyncio.Future[Any]:
@@ -60,7 +60,7 @@ async def test_records_wait_for_their_deltas_and_reads_see_them_meanwhile() -> N
     table.data[b"a"] = b"old"
     writes = _writer(table)
     acks = _future()
-    await writes.add([acks], {b"a": b"new", b"gone": None}, {0: 7})
+    await writes.add([acks], {b"a": b"new", b"gone": None}, {0: 7}, 1)
     await _settle()
     assert table.log == [] and table.data == {b"a": b"old"}
     assert writes.get(b"a", table.data.get) == b"new"
@@ -82,8 +82,8 @@ async def test_batches_are_written_in_order_whatever_order_their_deltas_are_ackn
     table = _Table()
     writes = _writer(table)
     first, second = _future(), _future()
-    await writes.add([first], {b"a": b"1"}, None)
-    await writes.add([second], {b"b": b"2"}, {0: 9})
+    await writes.add([first], {b"a": b"1"}, None, 1)
+    await writes.add([second], {b"b": b"2"}, {0: 9}, 1)
     second.set_result(None)
     await _settle()
     assert table.log == []
@@ -99,8 +99,8 @@ async def test_a_later_record_of_a_key_outlives_the_earlier_write() -> None:
     table = _Table()
     writes = _writer(table)
     first, second = _future(), _future()
-    await writes.add([first], {b"a": b"1"}, {0: 1})
-    await writes.add([second], {b"a": b"2"}, {0: 2})
+    await writes.add([first], {b"a": b"1"}, {0: 1}, 1)
+    await writes.add([second], {b"a": b"2"}, {0: 2}, 1)
     first.set_result(None)
     await table.release_confirmation()
     await _settle()
@@ -117,9 +117,9 @@ async def test_a_stage_that_outruns_kafka_waits_for_the_oldest_batch() -> None:
     table = _Table()
     writes = _writer(table, most=2)
     acks = [_future() for _ in range(3)]
-    await writes.add([acks[0]], {b"a": b"1"}, None)
-    await writes.add([acks[1]], {b"b": b"2"}, None)
-    third = asyncio.ensure_future(writes.add([acks[2]], {b"c": b"3"}, None))
+    await writes.add([acks[0]], {b"a": b"1"}, None, 1)
+    await writes.add([acks[1]], {b"b": b"2"}, None, 1)
+    third = asyncio.ensure_future(writes.add([acks[2]], {b"c": b"3"}, None, 1))
     await _settle()
     assert not third.done() and writes.waiting == 2
     acks[0].set_result(None)
@@ -133,18 +133,55 @@ async def test_a_failed_acknowledgement_stops_the_writer_and_reaches_the_stage()
     table = _Table()
     writes = _writer(table)
     acks = _future()
-    await writes.add([acks], {b"a": b"1"}, {0: 5})
+    await writes.add([acks], {b"a": b"1"}, {0: 5}, 1)
     acks.set_exception(RuntimeError("broker refused"))
     await _settle()
     with pytest.raises(RuntimeError, match="broker refused"):
         writes.check()
     with pytest.raises(RuntimeError, match="broker refused"):
-        await writes.add([], {b"b": b"2"}, None)
+        await writes.add([], {b"b": b"2"}, None, 1)
     assert table.log == [] and table.done == {}
     writes.abandon()
     assert writes.waiting == 0 and writes.get(b"a", table.data.get) is None
     writes.check()
-    await writes.add([], {b"b": b"2"}, {0: 6})
+    await writes.add([], {b"b": b"2"}, {0: 6}, 1)
     await table.release_confirmation()
     await writes.drain()
     assert table.data == {b"b": b"2"} and table.done == {0: 6}
+
+
+async def test_unwritten_events_are_bounded() -> None:
+    """Past ``most_events`` unwritten events the next batch waits for the oldest to be written."""
+    table = _Table()
+    writes = _writer(table, most=3, most_events=10)
+    first, second = _future(), _future()
+    await writes.add([first], {b"a": b"1"}, None, 9)
+    waiting = asyncio.ensure_future(writes.add([second], {b"b": b"2"}, {0: 3}, 2))  # 9 + 2 events: over
+    await _settle()
+    assert not waiting.done() and writes.waiting == 1
+    first.set_result(None)
+    await table.release_confirmation()
+    await asyncio.wait_for(waiting, 5)
+    assert writes.waiting == 1
+    third = asyncio.ensure_future(writes.add([], {b"c": b"3"}, None, 8))  # 2 + 8 events: within the bound
+    await asyncio.wait_for(third, 5)
+    assert writes.waiting == 2
+    second.set_result(None)
+    await table.release_confirmation()
+    await table.release_confirmation()
+    await writes.drain()
+    assert table.done == {0: 3} and table.data == {b"a": b"1", b"b": b"2", b"c": b"3"}
+
+
+async def test_a_backlog_slice_is_written_before_the_stage_goes_on() -> None:
+    """A batch of ``most_events`` or more returns only once it is durable, as when the stage waited for each."""
+    table = _Table()
+    writes = _writer(table, most=3, most_events=10)
+    acks = _future()
+    slice_added = asyncio.ensure_future(writes.add([acks], {b"a": b"1"}, {0: 10}, 10))
+    await _settle()
+    assert not slice_added.done() and table.log == []
+    acks.set_result(None)
+    await table.release_confirmation()
+    await asyncio.wait_for(slice_added, 5)
+    assert writes.waiting == 0 and table.done == {0: 10}

@@ -13,7 +13,10 @@ order and lets the stage go on:
   (the local table and the changelog), waits for the changelog, then marks the positions done;
 * until a batch's records are written, :meth:`WriteBehind.get` and :meth:`WriteBehind.get_many`
   answer from them, so the next batches read what the stage wrote, not the table's older value;
-* at most ``most`` batches wait: a stage that outruns Kafka waits for the oldest.
+* at most ``most`` batches, and at most ``most_events`` events in them, wait: a stage that
+  outruns Kafka waits for the oldest; a batch of ``most_events`` or more (a slice of a backlog)
+  is written before the stage goes on, as if it waited for it: a worker reading a backlog holds
+  no more than it did (one batch more cost the 1,000,000-customer memory run 54 MiB of peak RSS).
 
 A failed write stops the writer; the stage gets the error at its next :meth:`WriteBehind.add`
 (or :meth:`WriteBehind.check`) and must then read its input again from its commits (nothing
@@ -44,6 +47,8 @@ class UnwrittenBatch:
     records: Records
     #: the input's next offsets once these records are durable (``None``: a slice of a batch)
     positions: dict[int, int] | None
+    #: the events the batch applied
+    events: int
 
 
 class WriteBehind:
@@ -55,12 +60,16 @@ class WriteBehind:
         confirm: Callable[[], Awaitable[None]],
         mark_done: Callable[[dict[int, int]], None],
         most: int,
+        most_events: int,
     ) -> None:
         self._write = write
         self._confirm = confirm
         self._mark_done = mark_done
         self.most = most
+        self.most_events = most_events
         self._queue: deque[UnwrittenBatch] = deque()
+        #: the events of the batches in the queue
+        self._queued_events = 0
         #: key -> its newest record not written yet (``None``: a delete)
         self._unwritten: Records = {}
         self._task: asyncio.Task[None] | None = None
@@ -93,16 +102,22 @@ class WriteBehind:
             raise self._failure
 
     async def add(
-        self, delta_acks: list[asyncio.Future[Any]], records: Records, positions: dict[int, int] | None
+        self, delta_acks: list[asyncio.Future[Any]], records: Records, positions: dict[int, int] | None,
+        events: int,
     ) -> None:
-        """Hand over a batch (after its deltas are sent); waits while ``most`` batches are unwritten."""
+        """Hand over a batch of ``events`` (after its deltas are sent); waits while ``most`` batches,
+        or with this one more than ``most_events`` events, are unwritten (never for the only one),
+        and for the batch itself when it has ``most_events`` or more."""
         self.check()
-        while len(self._queue) >= self.most:
+        while self._queue and (len(self._queue) >= self.most or self._queued_events + events > self.most_events):
             await self._wait_moved()
-        self._queue.append(UnwrittenBatch(delta_acks, records, positions))
+        self._queue.append(UnwrittenBatch(delta_acks, records, positions, events))
+        self._queued_events += events
         self._unwritten.update(records)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
+        if events >= self.most_events:
+            await self.drain()
 
     async def drain(self) -> None:
         """Wait until every batch handed over so far is durable (or raise the writer's error)."""
@@ -120,6 +135,7 @@ class WriteBehind:
             self._task.cancel()
         self._task = None
         self._queue.clear()
+        self._queued_events = 0
         self._unwritten.clear()
         self._failure = None
         self._moved.set()
@@ -138,6 +154,7 @@ class WriteBehind:
                         del unwritten[key]
                 await self._confirm()
                 self._queue.popleft()
+                self._queued_events -= batch.events
                 if batch.positions is not None:
                     self._mark_done(batch.positions)
                 self._moved.set()

@@ -27,8 +27,9 @@ log = get_logger(__name__)
 
 #: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
 CUSTOMER_CACHE_SIZE = 20_000
-#: batches (or slices of one) whose facts wait for their deltas' acknowledgement, at most: the stage
-#: computes the next batch meanwhile, and a stage that outruns Kafka waits for the oldest
+#: batches (or slices of one) whose facts wait for their deltas' acknowledgement, at most (and at most
+#: LOYALTY_SLICE_EVENTS events in them): the stage computes the next batch meanwhile, and a stage that
+#: outruns Kafka waits for the oldest
 UNWRITTEN_BATCHES = 3
 #: how long a stopping facts agent waits for the facts of the batches it sent to be written
 STOP_DRAIN_S = 5.0
@@ -49,7 +50,7 @@ class Facts:
         #: the facts of sent batches, written once Kafka has their deltas (see streams.worker.write_behind)
         self.writes = WriteBehind(
             topology.facts.write_many, lambda: changelog_written(topology.facts), self.input.mark_done,
-            most=UNWRITTEN_BATCHES,
+            most=UNWRITTEN_BATCHES, most_events=topology.settings.slice_events,
         )
 
     def forget(self) -> None:
@@ -145,9 +146,9 @@ class Facts:
                 if held_events >= slice_events:
                     # a long batch is sent in slices (LOYALTY_SLICE_EVENTS): the customers and
                     # deltas it holds until then bound the worker's memory
-                    await self.send(outgoing, cache, None)
+                    await self.send(outgoing, cache, None, held_events)
                     outgoing, cache, held_events = {}, {}, 0
-            await self.send(outgoing, cache, self.input.end_batch())
+            await self.send(outgoing, cache, self.input.end_batch(), held_events)
             await self.broadcast_clock()
             if self.marks is not None:
                 for partition, message in marks:
@@ -191,7 +192,7 @@ class Facts:
 
     async def send(
         self, outgoing: dict[int, list[dict[str, Any]]], cache: dict[str, CustomerFacts],
-        positions: dict[int, int] | None,
+        positions: dict[int, int] | None, events: int,
     ) -> None:
         """Send the deltas and hand the facts that caused them to the writer, which writes them once
         Kafka has the deltas (a crash may replay, never lose), then marks ``positions`` done."""
@@ -207,7 +208,7 @@ class Facts:
         records: Records = {}
         for key, customer in cache.items():
             records.update(customer_records(key, customer, topology.grid))
-        await self.writes.add(acks, records, positions)
+        await self.writes.add(acks, records, positions, events)
 
     async def broadcast_clock(self) -> None:
         """Send the event clock to every deltas partition, behind the deltas sent so far."""
