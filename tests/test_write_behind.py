@@ -140,6 +140,8 @@ async def test_a_failed_acknowledgement_stops_the_writer_and_reaches_the_stage()
         writes.check()
     with pytest.raises(RuntimeError, match="broker refused"):
         await writes.add([], {b"b": b"2"}, None, 1)
+    with pytest.raises(RuntimeError, match="broker refused"):
+        await asyncio.wait_for(writes.drain(), 5)  # raised, not waited for a writer that stopped
     assert table.log == [] and table.done == {}
     writes.abandon()
     assert writes.waiting == 0 and writes.get(b"a", table.data.get) is None

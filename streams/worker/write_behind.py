@@ -68,8 +68,6 @@ class WriteBehind:
         self.most = most
         self.most_events = most_events
         self._queue: deque[UnwrittenBatch] = deque()
-        #: the events of the batches in the queue
-        self._queued_events = 0
         #: key -> its newest record not written yet (``None``: a delete)
         self._unwritten: Records = {}
         self._task: asyncio.Task[None] | None = None
@@ -109,10 +107,11 @@ class WriteBehind:
         or with this one more than ``most_events`` events, are unwritten (never for the only one),
         and for the batch itself when it has ``most_events`` or more."""
         self.check()
-        while self._queue and (len(self._queue) >= self.most or self._queued_events + events > self.most_events):
+        while self._queue and (
+            len(self._queue) >= self.most or sum(batch.events for batch in self._queue) + events > self.most_events
+        ):
             await self._wait_moved()
         self._queue.append(UnwrittenBatch(delta_acks, records, positions, events))
-        self._queued_events += events
         self._unwritten.update(records)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
@@ -125,6 +124,8 @@ class WriteBehind:
             await self._wait_moved()
 
     async def _wait_moved(self) -> None:
+        # a writer that stopped already never sets the event again
+        self.check()
         self._moved.clear()
         await self._moved.wait()
         self.check()
@@ -135,7 +136,6 @@ class WriteBehind:
             self._task.cancel()
         self._task = None
         self._queue.clear()
-        self._queued_events = 0
         self._unwritten.clear()
         self._failure = None
         self._moved.set()
@@ -154,7 +154,6 @@ class WriteBehind:
                         del unwritten[key]
                 await self._confirm()
                 self._queue.popleft()
-                self._queued_events -= batch.events
                 if batch.positions is not None:
                     self._mark_done(batch.positions)
                 self._moved.set()
