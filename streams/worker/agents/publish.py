@@ -174,7 +174,7 @@ class Publisher:
         grid = topology.grid
         await topology.outputs.declare()
         shards = self.aggregation.shards
-        group: list[tuple[str, StoreShard, int, StoreSnapshots]] = []
+        group: list[tuple[StoreShard, int, StoreSnapshots]] = []
         for store_id, shard in list(shards.items()):
             now = max(now, topology.clock.now_ms() or now)
             as_of_bucket = grid.bucket(now)
@@ -188,8 +188,7 @@ class Publisher:
                 for window_name, window in zip(self.window_names, grid.windows, strict=True)
             ]
             cohorts = cohorts_payload(store_id, now, shard.cohorts(grid, as_of_bucket))
-            group.append((store_id, shard, as_of_bucket, StoreSnapshots(store_id, now, shard.currency(), snapshots,
-                                                                       cohorts)))
+            group.append((shard, as_of_bucket, StoreSnapshots(store_id, now, shard.currency(), snapshots, cohorts)))
             if len(group) >= STORES_PER_WRITE:
                 await self.publish_group(group, redis)
                 group = []
@@ -202,16 +201,16 @@ class Publisher:
             if fold_bucket is not None:
                 shard.fold(fold_bucket, grid.longest, grid.cohort_reach)
 
-    async def publish_group(self, group: list[tuple[str, StoreShard, int, StoreSnapshots]], redis: RedisSink) -> None:
+    async def publish_group(self, group: list[tuple[StoreShard, int, StoreSnapshots]], redis: RedisSink) -> None:
         """Publish a group of stores' snapshots (:meth:`publish_stores`) and note them emitted."""
         try:
-            await self.publish_stores([snapshots for _, _, _, snapshots in group], redis)
+            await self.publish_stores([snapshots for _, _, snapshots in group], redis)
         except BaseException:
-            for _, shard, _, _ in group:
+            for shard, _, _ in group:
                 shard.changed = True  # published again once Redis answers
             raise
-        for store_id, _, as_of_bucket, _ in group:
-            self.last_emitted_bucket[store_id] = as_of_bucket
+        for _, as_of_bucket, snapshots in group:
+            self.last_emitted_bucket[snapshots.store_id] = as_of_bucket
         self.topology.health.count("snapshots", len(group) * len(self.topology.grid.windows))
 
     async def publish_stores(self, stores: list[StoreSnapshots], redis: RedisSink) -> None:
