@@ -259,6 +259,19 @@ def event_deltas(event: ev.Event, bucket: int) -> list[tuple[str, int, int]]:
     return []
 
 
+class AppliedEvents(NamedTuple):
+    """What :meth:`CustomerFacts.apply_events` did with one customer's events."""
+
+    #: events applied (not duplicates)
+    applied: int
+    #: events skipped as duplicates of a remembered id
+    duplicates: int
+    #: the latest ``occurred_at`` of the applied events (``None``: none applied)
+    latest_ms: int | None
+    #: the currency of the last applied event that has one (``None``: none has)
+    currency: str | None
+
+
 class Paging:
     """How a paged customer is stored (see :meth:`CustomerFacts.paged_records`)."""
 
@@ -861,6 +874,55 @@ class CustomerFacts:
         out: Deltas = {}
         self.add_contributions(grid, families, since, out, 1)
         return out
+
+    def apply_events(self, events: list[ev.Event], grid: Grid, horizon_start: int, seen_at_ms: int,
+                     out: DeltaTarget) -> AppliedEvents:
+        """Apply one customer's events, in order, and add what they change to ``out``.
+
+        What is added: the customer's contributions after the events minus those before, both
+        clipped at the events' earliest bucket (the differences of consecutive events telescope,
+        and clipping below an event's bucket changes no difference, see :meth:`contributions`),
+        plus each applied event's own histogram deltas (:func:`event_deltas`). An event whose id
+        is remembered (:meth:`is_duplicate`) changes nothing and is counted as a duplicate;
+        ``seen_at_ms`` stamps the ids of the others (:meth:`remember`).
+
+        >>> grid = Grid(60_000, 600_000, (60_000,)); facts = CustomerFacts(); out: Deltas = {}
+        >>> order = ev.Event("e1", "order.placed", 600_000, "s", "c", "o1", 5_000_000, "EUR")
+        >>> facts.apply_events([order, order], grid, 0, 0, out)
+        AppliedEvents(applied=1, duplicates=1, latest_ms=600000, currency='EUR')
+        >>> out["orders"], out["A"]
+        ({10: 1}, {10: 1, 20: -1})
+        """
+        families = 0
+        since = PLUS_INFINITY
+        for event in events:
+            families |= families_of(event.type, event.survey)
+            since = min(since, grid.bucket(event.occurred_at_ms))
+        if families:
+            self.add_contributions(grid, families, since, out, -1)
+        applied = 0
+        duplicates = 0
+        latest_ms: int | None = None
+        currency: str | None = None
+        seen = self.seen
+        for event in events:
+            event_id = event.event_id
+            if event_id in seen:
+                duplicates += 1
+                continue
+            self.remember(event_id, seen_at_ms)
+            self.apply(event, grid, horizon_start)
+            time = event.occurred_at_ms
+            for series, delta_bucket, delta in event_deltas(event, grid.bucket(time)):
+                add_delta(out, series, delta_bucket, delta)
+            if event.currency is not None:
+                currency = event.currency
+            if latest_ms is None or time > latest_ms:
+                latest_ms = time
+            applied += 1
+        if families:
+            self.add_contributions(grid, families, since, out, 1)
+        return AppliedEvents(applied, duplicates, latest_ms, currency)
 
     def add_contributions(self, grid: Grid, families: int, since: int, out: DeltaTarget, sign: int) -> None:
         """Add the customer's contributions to every series of ``families``, clipped at ``since``, times ``sign``.

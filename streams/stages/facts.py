@@ -18,14 +18,10 @@ from metrics import events as ev
 from metrics.customer import (
     CustomerFacts,
     DeltaTarget,
-    add_delta,
-    event_deltas,
-    families_of,
     grouped_rows,
     new_deltas,
 )
 from metrics.engine import customer_key
-from metrics.intervals import PLUS_INFINITY
 from metrics.timegrid import Grid
 from streams.stages.routed import DeltaParts
 from streams.worker.wire import customer_route_key, event_from_list, route
@@ -226,33 +222,18 @@ class CustomerStage:
             facts = self._recall(key, out.facts, load, read, horizon_start, seen_after)
             out.facts[key] = facts
             store_id = customer_events[0].store_id
-            families = 0
-            since = PLUS_INFINITY
-            for event in customer_events:
-                families |= families_of(event.type, event.survey)
-                since = min(since, grid.bucket(event.occurred_at_ms))
             store = out.deltas.get(store_id)
             if store is None:
                 store = out.deltas[store_id] = new_deltas()
-            if families:
-                # after minus before, added straight into the message's deltas (zeros are dropped
-                # on sending)
-                facts.add_contributions(grid, families, since, store, -1)
-            for event in customer_events:
-                if facts.is_duplicate(event.event_id):
-                    out.duplicates += 1
-                    continue
-                facts.remember(event.event_id, seen_at_ms)
-                facts.apply(event, grid, horizon_start)
-                for series, delta_bucket, delta in event_deltas(event, grid.bucket(event.occurred_at_ms)):
-                    add_delta(store, series, delta_bucket, delta)
-                if event.currency is not None:
-                    out.currencies[store_id] = event.currency
-                if out.max_time_ms is None or event.occurred_at_ms > out.max_time_ms:
-                    out.max_time_ms = event.occurred_at_ms
-                out.applied += 1
-            if families:
-                facts.add_contributions(grid, families, since, store, 1)
+            # after minus before, added straight into the message's deltas (zeros are dropped on sending)
+            applied, duplicates, latest_ms, currency = facts.apply_events(
+                customer_events, grid, horizon_start, seen_at_ms, store)
+            out.applied += applied
+            out.duplicates += duplicates
+            if currency is not None:
+                out.currencies[store_id] = currency
+            if latest_ms is not None and (out.max_time_ms is None or latest_ms > out.max_time_ms):
+                out.max_time_ms = latest_ms
 
 
 def delta_messages(
