@@ -904,10 +904,9 @@ class CustomerFacts:
         duplicates = 0
         latest_ms: int | None = None
         currency: str | None = None
-        seen = self.seen
         for event in events:
             event_id = event.event_id
-            if event_id in seen:
+            if self.is_duplicate(event_id):
                 duplicates += 1
                 continue
             self.remember(event_id, seen_at_ms)
