@@ -198,10 +198,8 @@ class CustomerStage:
         grid = self.grid
         horizon_start = grid.bucket(now_ms) - grid.fact_retention
         seen_after = seen_at_ms - grid.dedupe_ttl_ms
-        # the events of each customer, in arrival order: a customer's contributions are computed
-        # once before and once after all of them, clipped at their earliest bucket; the
-        # differences of consecutive events telescope, and clipping below an event's bucket
-        # changes no difference (see CustomerFacts.contributions)
+        # the events of each customer, in arrival order, applied together by
+        # CustomerFacts.apply_events (its contributions computed once before and once after them)
         by_customer: dict[str, list[ev.Event]] = {}
         for fields in events:
             event = event_from_list(fields)
