@@ -31,10 +31,10 @@ from metrics.store import ReadPoints
 from streams.settings import load_settings
 from streams.stages.aggregate import StoreShard, apply_message
 from streams.stages.facts import (
+    BatchCustomers,
     CustomerOutput,
     CustomerStage,
     apply_records,
-    customer_records,
     delta_messages,
     load_customer,
 )
@@ -109,18 +109,17 @@ def main() -> None:
         spent["gate"] += time.process_time() - tick
 
         tick = time.process_time()
-        cache: dict[str, CustomerFacts] = {}
+        batch = BatchCustomers()
         outgoing: dict[int, list[dict[str, Any]]] = {}
         for offset, (partition, message) in enumerate(by_customer, start):
             items = unpack(message)
             clock_ms = max(clock_ms, max(item[2] for item in items))
-            output = CustomerOutput(facts=cache)
+            output = CustomerOutput(customers=batch)
             customers.process(items, load, clock_ms, output, now_ms)
             for target, parts in delta_messages(output, (partition, offset), PARTITIONS).items():
                 outgoing.setdefault(target, []).extend(parts)
         deltas = [(target, chunk) for target, parts in outgoing.items() for chunk in pack_chunks(parts)]
-        for key, facts in cache.items():
-            apply_records(table, customer_records(key, facts, grid))
+        apply_records(table, customers.table_writes(batch))
         spent["facts"] += time.process_time() - tick
 
         tick = time.process_time()

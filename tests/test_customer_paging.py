@@ -183,10 +183,9 @@ def test_a_guest_ordering_every_minute_for_400_days_keeps_every_record_small_and
                       clock)
         for target, parts in delta_messages(output, (0, offset), PARTITIONS).items():
             log.send(shards, target, parts)
-        for key, customer in output.facts.items():
-            writes = customer_records(key, customer, stage.grid)
-            largest = max(largest, *(len(value) for value in writes.values() if value is not None))
-            apply_records(table, writes)
+        writes = stage.table_writes(output.customers)
+        largest = max(largest, *(len(value) for value in writes.values() if value is not None))
+        apply_records(table, writes)
     assert largest < RECORD_LIMIT
     guest = load_customer(customer_route_key("s", "guest"), table.get)
     assert guest is not None and guest.paging is not None  # paged: a whole record would be megabytes

@@ -21,10 +21,13 @@ from metrics.reference import ReferenceConfig, accepted_events, reference_all
 from metrics.store import ReadPoints
 from metrics.timegrid import DAY_MS, Grid
 from metrics.validation import parse_message
+from streams.stages import facts as facts_stage
 from streams.stages import routed as routed_stage
 from streams.stages.aggregate import StoreShard, apply_message, join_partials
 from streams.stages.facts import (
     INLINE_BYTES,
+    SMALL_ENTRIES,
+    BatchCustomers,
     CustomerOutput,
     CustomerStage,
     apply_records,
@@ -190,12 +193,11 @@ def _metrics(shards: dict[str, StoreShard], store: str, window: int, clock: int)
 
 
 def _write_facts(
-    table: dict[bytes, bytes], customers: dict[str, CustomerFacts], inline_bytes: int = INLINE_BYTES,
-    cut: int | None = None,
+    table: dict[bytes, bytes], stage: CustomerStage, customers: BatchCustomers, cut: int | None = None
 ) -> None:
-    """Store customers as the facts agent does (pages, heads, deletes, in order); ``cut``: crash after that many."""
-    writes = [item for key, customer in customers.items()
-              for item in customer_records(key, customer, GRID, inline_bytes=inline_bytes).items()]
+    """Store a batch's customers as the facts agent does (pages, heads, deletes, in order); ``cut``: crash
+    after that many writes."""
+    writes = list(stage.table_writes(customers).items())
     apply_records(table, dict(writes[:cut]))
 
 
@@ -214,7 +216,7 @@ def _run_chain(
     GateStage(PARTITIONS).process([[list(_fields(e)), None] for e in events], {}, None, [], gate_routed, {})
     facts: dict[bytes, bytes] = {}  # the table: encoded records, as in the pipeline
     shards: dict[str, StoreShard] = {}
-    stage = CustomerStage(GRID, cache_size=cache_size)
+    stage = CustomerStage(GRID, cache_size=cache_size, inline_bytes=inline_bytes)
     clock = 0
     offsets = dict.fromkeys(gate_routed.by_partition, 0)
     for partition, items in gate_routed.by_partition.items():
@@ -231,10 +233,10 @@ def _run_chain(
                     log.send(shards, target, parts)
                 if replayed and attempt == 0 and rng.random() < 0.5:
                     # "crashed" before the facts were all written: the replay recomputes the same deltas
-                    _write_facts(facts, output.facts, inline_bytes, cut=rng.randrange(len(output.facts) * 3 + 1))
+                    _write_facts(facts, stage, output.customers, cut=rng.randrange(len(output.customers) * 3 + 1))
                     stage.forget()  # a crash loses the memory too
                     continue
-                _write_facts(facts, output.facts, inline_bytes)
+                _write_facts(facts, stage, output.customers)
     return shards, clock
 
 
@@ -254,15 +256,18 @@ def _assert_equal_to_reference(shards: dict[str, StoreShard], events: list[Event
 
 
 @pytest.mark.parametrize(
-    ("replays", "cache_size", "inline_bytes"),
-    [(0.0, 0, INLINE_BYTES), (0.3, 0, INLINE_BYTES), (0.3, 7, INLINE_BYTES), (0.3, 10_000, INLINE_BYTES),
-     (0.3, 7, 0), (0.3, 0, 1500)],
+    ("replays", "cache_size", "inline_bytes", "small_entries"),
+    [(0.0, 0, INLINE_BYTES, SMALL_ENTRIES), (0.3, 0, INLINE_BYTES, SMALL_ENTRIES),
+     (0.3, 7, INLINE_BYTES, SMALL_ENTRIES), (0.3, 10_000, INLINE_BYTES, SMALL_ENTRIES),
+     (0.3, 7, 0, SMALL_ENTRIES), (0.3, 0, 1500, SMALL_ENTRIES),
+     (0.3, 7, INLINE_BYTES, 0), (0.3, 10_000, INLINE_BYTES, 0), (0.3, 7, 1500, 10**9)],
 )
 def test_stage_chain_with_replays_equals_the_reference(
-    replays: float, cache_size: int, inline_bytes: int, monkeypatch: pytest.MonkeyPatch
+    replays: float, cache_size: int, inline_bytes: int, small_entries: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Facts and aggregation stages, with replays, parts, cached and paged customers, equal the batch reference."""
+    """Facts and aggregation stages, with replays, parts, encoded, kept and paged customers, equal the reference."""
     monkeypatch.setattr(routed_stage, "MAX_DELTA_ROWS", 50)
+    monkeypatch.setattr(facts_stage, "SMALL_ENTRIES", small_entries)
     history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
     events = accepted_events(_parsed(history))
     shards, clock = _run_chain(events, seed=5, replays=replays, cache_size=cache_size, inline_bytes=inline_bytes)
@@ -379,11 +384,44 @@ def test_a_replayed_delta_part_is_applied_once() -> None:
     assert shard.latest_event_ms == 700_000
 
 
+def test_small_customers_are_encoded_at_once_and_larger_ones_kept_in_memory() -> None:
+    """A customer under SMALL_ENTRIES is held encoded and not cached, a larger one as objects and cached; the
+    batch's writes are their records."""
+    hour = 3_600_000
+    start = 1_700_000_000_000
+    small = [Event(f"a{i}", "order.placed", start + i * hour, "s", "a", f"oa{i}", 1_000_000, "EUR") for i in range(2)]
+    large = [Event(f"b{i}", "order.placed", start + i * hour, "s", "b", f"ob{i}", 2_000_000, "EUR")
+             for i in range(SMALL_ENTRIES)]
+    clock = start + SMALL_ENTRIES * hour
+    stage = CustomerStage(GRID, cache_size=10)
+    batch = BatchCustomers()
+    stage.process([_fields(event) for event in small + large], lambda key: None, clock,
+                  CustomerOutput(customers=batch), 0)
+    key_a, key_b = customer_route_key("s", "a"), customer_route_key("s", "b")
+    assert set(batch.encoded) == {key_a.encode()} and set(batch.kept) == {key_b}
+    assert list(stage._recent) == [key_b]
+    horizon_start = GRID.bucket(clock) - GRID.fact_retention
+    expected_a, expected_b = CustomerFacts(), CustomerFacts()
+    expected_a.apply_events(small, GRID, horizon_start, 0, {})
+    expected_b.apply_events(large, GRID, horizon_start, 0, {})
+    assert stage.table_writes(batch) == {key_a.encode(): orjson.dumps(expected_a.to_record()),
+                                         **customer_records(key_b, expected_b, GRID)}
+
+
+def _batch_keys(customers: BatchCustomers) -> set[str]:
+    """The customer keys a batch holds, encoded or kept."""
+    return set(customers.kept) | {key.decode() for key in customers.encoded}
+
+
+@pytest.mark.parametrize("small_entries", [0, SMALL_ENTRIES, 10**9])
 @pytest.mark.parametrize("batched_reads", [False, True])
 @pytest.mark.parametrize("cache_size", [0, 3, 10_000])
-def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: int, batched_reads: bool) -> None:
-    """Several messages per batch, table written after the batch, customers evicted mid-batch (read one by
-    one or all of a message at once): the reference."""
+def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(
+    cache_size: int, batched_reads: bool, small_entries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several messages per batch, table written after the batch, customers encoded or kept, evicted mid-batch
+    (read one by one or all of a message at once): the reference."""
+    monkeypatch.setattr(facts_stage, "SMALL_ENTRIES", small_entries)
     history = generate_history(stores=2, customers_per_store=60, days=50, seed=3)
     events = accepted_events(_parsed(history))
     gate_routed = Routed()
@@ -395,25 +433,25 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
     clock = 0
 
     loads: list[str] = []
-    batch_facts: dict[str, CustomerFacts] = {}
+    batch = BatchCustomers()
 
     def load(key: str) -> CustomerFacts | None:
         loads.append(key)
         return load_customer(key, table.get)
 
     def load_many(keys: list[str]) -> dict[str, CustomerFacts | None]:
-        assert keys and len(set(keys)) == len(keys) and not set(keys) & set(batch_facts), keys
+        assert keys and len(set(keys)) == len(keys) and not set(keys) & _batch_keys(batch), keys
         loads.extend(keys)
         return {key: decode_customer(key, table.get(key.encode()), table.get) for key in keys}
 
     for partition, items in gate_routed.by_partition.items():
         messages = [items[start:start + 5] for start in range(0, len(items), 5)]
-        for first in range(0, len(messages), 8):  # a batch: 8 messages, one facts dict, one table write
-            batch_facts = {}
+        for first in range(0, len(messages), 8):  # a batch: 8 messages, one BatchCustomers, one table write
+            batch = BatchCustomers()
             for offset, message in enumerate(messages[first:first + 8], start=first):
                 clock = max([clock, *(fields[2] for fields in message)])
-                output = CustomerOutput(facts=batch_facts)
-                before, known = len(loads), set(batch_facts)
+                output = CustomerOutput(customers=batch)
+                before, known = len(loads), _batch_keys(batch)
                 stage.process(message, load, clock, output, 0, load_many if batched_reads else None)
                 # each customer the message names is read from the table at most once, and only when
                 # neither the batch nor the cache has it
@@ -422,9 +460,10 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(cache_size: 
                 if cache_size == 0:
                     customers = {customer_route_key(*customer_key(event_from_list(fields))) for fields in message}
                     assert set(read) == customers - known, read
+                assert not set(batch.kept) & {key.decode() for key in batch.encoded}
                 for target, parts in delta_messages(output, (partition, offset), PARTITIONS).items():
                     deltas_log.send(shards, target, parts)
-            _write_facts(table, batch_facts)
+            _write_facts(table, stage, batch)
     reference = reference_all(events, windows_ms=GRID.windows_ms, as_of_ms=clock,
                               config=ReferenceConfig(bucket_ms=GRID.bucket_ms, horizon_ms=GRID.horizon_ms))
     for (store, window_ms), expected in reference.items():

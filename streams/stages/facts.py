@@ -102,6 +102,11 @@ def load_customer(key: str, get: Callable[[bytes], bytes | None]) -> CustomerFac
     return decode_customer(key, get(key.encode()), get)
 
 
+def _no_pages(stored_key: bytes) -> bytes | None:
+    # a customer encoded within the batch is stored whole: it names no page
+    return None
+
+
 def decode_customer(key: str, value: bytes | None, get: Callable[[bytes], bytes | None]) -> CustomerFacts | None:
     """A customer's facts from its record ``value`` read from the table (``None``: a new customer);
     the pages a paged customer's head names are read with ``get``."""
@@ -115,13 +120,37 @@ def decode_customer(key: str, value: bytes | None, get: Callable[[bytes], bytes 
     return CustomerFacts.from_record(orjson.loads(value), page)
 
 
+#: a customer holding fewer bucketed entries and remembered ids than this (and stored whole) is
+#: encoded as soon as its events are applied, and its objects freed (see ``CustomerStage``)
+SMALL_ENTRIES = 64
+
+
+class BatchCustomers:
+    """The customers a batch changed, as the table will store them.
+
+    Small customers are encoded as soon as their events are applied (``encoded``: their table
+    writes); larger ones are kept as objects (``kept``) and encoded when the batch is written,
+    by :meth:`CustomerStage.table_writes`. A customer is in one of the two, never in both.
+    """
+
+    def __init__(self) -> None:
+        #: table key -> record of the small customers
+        self.encoded: dict[bytes, bytes] = {}
+        #: customer key -> facts of the larger ones
+        self.kept: dict[str, CustomerFacts] = {}
+
+    def __len__(self) -> int:
+        return len(self.encoded) + len(self.kept)
+
+
 @dataclass
 class CustomerOutput:
-    """Deltas by store from one input message, facts to store, and the message's latest event time."""
+    """Deltas by store from one input message, the batch's customers, and the message's latest event time."""
 
     deltas: dict[str, DeltaTarget] = field(default_factory=dict)
     currencies: dict[str, str] = field(default_factory=dict)
-    facts: dict[str, CustomerFacts] = field(default_factory=dict)
+    #: shared by the messages of a batch (see CustomerStage.process)
+    customers: BatchCustomers = field(default_factory=BatchCustomers)
     max_time_ms: int | None = None
     applied: int = 0
     duplicates: int = 0
@@ -130,34 +159,47 @@ class CustomerOutput:
 class CustomerStage:
     """Per (store, customer): dedupe, update facts, emit contribution differences.
 
-    With ``cache_size`` > 0 it keeps the facts of the most recently used
-    customers in memory between batches, so their next event skips the table
-    read and decode. The table stays the truth; call :meth:`forget` whenever it
-    may have changed under us (a rebalance).
+    A small customer (stored whole, fewer than :data:`SMALL_ENTRIES` entries: nearly all) is
+    encoded right after its events are applied and its objects freed at once: encoding and
+    freeing them while they are still in the CPU's caches costs a fraction of doing it later,
+    and reading it again costs little. A larger customer is kept as objects until the batch is
+    written and, with ``cache_size`` > 0, between batches (the most recently used), since
+    decoding it again costs in proportion to its history. The table stays the truth; call
+    :meth:`forget` whenever it may have changed under us (a rebalance).
     """
 
-    def __init__(self, grid: Grid, cache_size: int = 0) -> None:
+    def __init__(self, grid: Grid, cache_size: int = 0, inline_bytes: int = INLINE_BYTES,
+                 unpage_entries: int = UNPAGE_ENTRIES) -> None:
         self.grid = grid
         self.cache_size = cache_size
+        self.inline_bytes = inline_bytes
+        self.unpage_entries = unpage_entries
         self._recent: OrderedDict[str, CustomerFacts] = OrderedDict()
 
     def forget(self) -> None:
         """Drop every customer kept in memory."""
         self._recent.clear()
 
+    def table_writes(self, customers: BatchCustomers) -> dict[bytes, bytes | None]:
+        """The table writes that store a batch's customers (see :func:`customer_records`), in order."""
+        writes: dict[bytes, bytes | None] = dict(customers.encoded)
+        for key, facts in customers.kept.items():
+            writes.update(customer_records(key, facts, self.grid, self.inline_bytes, self.unpage_entries))
+        return writes
+
     def _recall(
         self,
         key: str,
-        batch_facts: dict[str, CustomerFacts],
+        customers: BatchCustomers,
         load: Callable[[str], CustomerFacts | None],
         read: dict[str, CustomerFacts | None],
         horizon_start: int,
         seen_after: int,
     ) -> CustomerFacts:
-        loaded = batch_facts.get(key)
-        if loaded is not None:
+        kept = customers.kept.get(key)
+        if kept is not None:
             # an earlier message of the same batch has it: its object is ahead of the table
-            return self._keep(key, loaded)
+            return self._keep(key, kept)
         kept = self._recent.get(key)
         if kept is not None:
             self._recent.move_to_end(key)
@@ -165,9 +207,15 @@ class CustomerStage:
             # very same deltas, or the aggregation's skip-by-part would mix two versions
             kept.prune(self.grid, horizon_start, seen_after)
             return kept
-        facts = (read[key] if key in read else load(key)) or CustomerFacts()
+        encoded = customers.encoded.get(key.encode())
+        if encoded is not None:
+            # an earlier message of the same batch changed it (a small customer is stored whole)
+            facts = decode_customer(key, encoded, _no_pages)
+        else:
+            facts = read[key] if key in read else load(key)
+        facts = facts or CustomerFacts()
         facts.prune(self.grid, horizon_start, seen_after)
-        return self._keep(key, facts)
+        return facts
 
     def _keep(self, key: str, facts: CustomerFacts) -> CustomerFacts:
         if self.cache_size > 0:
@@ -176,6 +224,19 @@ class CustomerStage:
             while len(self._recent) > self.cache_size:
                 self._recent.popitem(last=False)
         return facts
+
+    def _store(self, key: str, facts: CustomerFacts, customers: BatchCustomers) -> None:
+        """Hold a customer's facts for the batch's write: encoded now when small, else as objects."""
+        raw_key = key.encode()
+        if facts.paging is None and facts.entry_count() < SMALL_ENTRIES:
+            value = orjson.dumps(facts.to_record())
+            if len(value) <= self.inline_bytes:
+                customers.encoded[raw_key] = value
+                customers.kept.pop(key, None)
+                self._recent.pop(key, None)
+                return
+        customers.encoded.pop(raw_key, None)
+        customers.kept[key] = self._keep(key, facts)
 
     def process(
         self,
@@ -186,11 +247,12 @@ class CustomerStage:
         seen_at_ms: int,
         load_many: Callable[[list[str]], dict[str, CustomerFacts | None]] | None = None,
     ) -> None:
-        """Apply packed events; facts are read with ``load`` (or from ``out.facts``) and left in ``out.facts``.
+        """Apply packed events; facts are read with ``load`` (or from ``out.customers``) and left in ``out.customers``.
 
-        Several calls of one batch share ``out.facts``: a customer already in it is taken from
-        there (the table is written once, after the batch), whatever the memory cache dropped.
-        With ``load_many``, the customers to read from the table are read with it, all at once.
+        Several calls of one batch share ``out.customers``: a customer already in it is taken from
+        there (the table is written once, after the batch, with :meth:`table_writes`), whatever the
+        memory cache dropped. With ``load_many``, the customers to read from the table are read with
+        it, all at once.
 
         ``now_ms`` is the metric clock; ``seen_at_ms`` (wall time) stamps event
         ids for deduplication, which lasts ``LOYALTY_DEDUPE_TTL`` after that.
@@ -210,15 +272,16 @@ class CustomerStage:
                 by_customer[key] = [event]
             else:
                 queued.append(event)
+        customers = out.customers
         read: dict[str, CustomerFacts | None] = {}
         if load_many is not None:
             recent = self._recent
-            unread = [key for key in by_customer if key not in out.facts and key not in recent]
+            unread = [key for key in by_customer if key not in customers.kept and key not in recent
+                      and key.encode() not in customers.encoded]
             if unread:
                 read = load_many(unread)
         for key, customer_events in by_customer.items():
-            facts = self._recall(key, out.facts, load, read, horizon_start, seen_after)
-            out.facts[key] = facts
+            facts = self._recall(key, customers, load, read, horizon_start, seen_after)
             store_id = customer_events[0].store_id
             store = out.deltas.get(store_id)
             if store is None:
@@ -226,6 +289,7 @@ class CustomerStage:
             # after minus before, added straight into the message's deltas (zeros are dropped on sending)
             applied, duplicates, latest_ms, currency = facts.apply_events(
                 customer_events, grid, horizon_start, seen_at_ms, store)
+            self._store(key, facts, customers)
             out.applied += applied
             out.duplicates += duplicates
             if currency is not None:

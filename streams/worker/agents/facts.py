@@ -9,9 +9,9 @@ from typing import Any
 from metrics.customer import CustomerFacts
 from streams.logs import get_logger
 from streams.stages.facts import (
+    BatchCustomers,
     CustomerOutput,
     CustomerStage,
-    customer_records,
     decode_customer,
     delta_messages,
     load_customer,
@@ -25,7 +25,7 @@ from streams.worker.write_behind import Records, WriteBehind
 
 log = get_logger(__name__)
 
-#: customers the facts stage keeps in memory between batches (see ``CustomerStage``)
+#: large customers the facts stage keeps in memory between batches (see ``CustomerStage``)
 CUSTOMER_CACHE_SIZE = 20_000
 #: batches (or slices of one) whose facts wait for their deltas' acknowledgement, at most (and at most
 #: LOYALTY_SLICE_EVENTS events in them): the stage computes the next batch meanwhile, and a stage that
@@ -119,7 +119,7 @@ class Facts:
         slice_events = topology.settings.slice_events
         async for batch in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             self.writes.check()
-            cache: dict[str, CustomerFacts] = {}
+            customers = BatchCustomers()
             outgoing: dict[int, list[dict[str, Any]]] = {}
             held_events = 0
             #: marks of this batch: merged only once its deltas are sent, so that no forwarded mark
@@ -135,7 +135,7 @@ class Facts:
                 now = clock.now_ms()
                 if now is None:
                     continue
-                output = CustomerOutput(facts=cache)
+                output = CustomerOutput(customers=customers)
                 self.stage.process(items, self.load, now, output, wall_ms(), self.load_many)
                 health.count("events_applied", output.applied)
                 health.count("duplicates", output.duplicates)
@@ -146,9 +146,9 @@ class Facts:
                 if held_events >= slice_events:
                     # a long batch is sent in slices (LOYALTY_SLICE_EVENTS): the customers and
                     # deltas it holds until then bound the worker's memory
-                    await self.send(outgoing, cache, None, held_events)
-                    outgoing, cache, held_events = {}, {}, 0
-            await self.send(outgoing, cache, self.input.end_batch(), held_events)
+                    await self.send(outgoing, customers, None, held_events)
+                    outgoing, customers, held_events = {}, BatchCustomers(), 0
+            await self.send(outgoing, customers, self.input.end_batch(), held_events)
             await self.broadcast_clock()
             if self.marks is not None:
                 for partition, message in marks:
@@ -191,7 +191,7 @@ class Facts:
         await self.input.unstall()
 
     async def send(
-        self, outgoing: dict[int, list[dict[str, Any]]], cache: dict[str, CustomerFacts],
+        self, outgoing: dict[int, list[dict[str, Any]]], customers: BatchCustomers,
         positions: dict[int, int] | None, events: int,
     ) -> None:
         """Send the deltas and hand the facts that caused them to the writer, which writes them once
@@ -204,10 +204,8 @@ class Facts:
         for partition, parts in outgoing.items():
             for chunk in pack_chunks(parts):
                 acks.append(await deltas.send(value=chunk, partition=partition))
-        # serialized now: the next batches change these very objects
-        records: Records = {}
-        for key, customer in cache.items():
-            records.update(customer_records(key, customer, topology.grid))
+        # serialized now: the next batches change the objects of the customers kept
+        records: Records = self.stage.table_writes(customers)
         await self.writes.add(acks, records, positions, events)
 
     async def broadcast_clock(self) -> None:
