@@ -54,6 +54,17 @@ def routing_key(table_key: str) -> str:
     return table_key.split(PAGE_SEPARATOR, 1)[0]
 
 
+def whole_record(facts: CustomerFacts, inline_bytes: int = INLINE_BYTES) -> bytes | None:
+    """The one record of an unpaged customer, or ``None`` when it is longer than ``inline_bytes`` (it is paged then).
+
+    >>> facts = CustomerFacts(); facts.order_count = 1
+    >>> whole_record(facts) == orjson.dumps(facts.to_record()), whole_record(facts, inline_bytes=10)
+    (True, None)
+    """
+    value = orjson.dumps(facts.to_record())
+    return value if len(value) <= inline_bytes else None
+
+
 def customer_records(
     key: str, facts: CustomerFacts, grid: Grid, inline_bytes: int = INLINE_BYTES, unpage_entries: int = UNPAGE_ENTRIES
 ) -> dict[bytes, bytes | None]:
@@ -64,8 +75,8 @@ def customer_records(
     versions it replaced, so a crash anywhere leaves a head whose pages all exist.
     """
     if facts.paging is None:
-        value = orjson.dumps(facts.to_record())
-        if len(value) <= inline_bytes:
+        value = whole_record(facts, inline_bytes)
+        if value is not None:
             return {key.encode(): value}
         head, pages = facts.paged_records(grid)
     elif facts.entry_count() < unpage_entries:
@@ -134,8 +145,8 @@ class BatchCustomers:
     """
 
     def __init__(self) -> None:
-        #: table key -> record of the small customers
-        self.encoded: dict[bytes, bytes] = {}
+        #: customer key -> record of the small customers
+        self.encoded: dict[str, bytes] = {}
         #: customer key -> facts of the larger ones
         self.kept: dict[str, CustomerFacts] = {}
 
@@ -182,7 +193,7 @@ class CustomerStage:
 
     def table_writes(self, customers: BatchCustomers) -> dict[bytes, bytes | None]:
         """The table writes that store a batch's customers (see :func:`customer_records`), in order."""
-        writes: dict[bytes, bytes | None] = dict(customers.encoded)
+        writes: dict[bytes, bytes | None] = {key.encode(): value for key, value in customers.encoded.items()}
         for key, facts in customers.kept.items():
             writes.update(customer_records(key, facts, self.grid, self.inline_bytes, self.unpage_entries))
         return writes
@@ -196,18 +207,18 @@ class CustomerStage:
         horizon_start: int,
         seen_after: int,
     ) -> CustomerFacts:
+        # the memory cache's order is kept by _store, which follows every recall
         kept = customers.kept.get(key)
         if kept is not None:
             # an earlier message of the same batch has it: its object is ahead of the table
-            return self._keep(key, kept)
+            return kept
         kept = self._recent.get(key)
         if kept is not None:
-            self._recent.move_to_end(key)
             # pruned exactly as a reload would be: a batch replayed after a crash must compute the
             # very same deltas, or the aggregation's skip-by-part would mix two versions
             kept.prune(self.grid, horizon_start, seen_after)
             return kept
-        encoded = customers.encoded.get(key.encode())
+        encoded = customers.encoded.get(key)
         if encoded is not None:
             # an earlier message of the same batch changed it (a small customer is stored whole)
             facts = decode_customer(key, encoded, _no_pages)
@@ -227,15 +238,14 @@ class CustomerStage:
 
     def _store(self, key: str, facts: CustomerFacts, customers: BatchCustomers) -> None:
         """Hold a customer's facts for the batch's write: encoded now when small, else as objects."""
-        raw_key = key.encode()
         if facts.paging is None and facts.entry_count() < SMALL_ENTRIES:
-            value = orjson.dumps(facts.to_record())
-            if len(value) <= self.inline_bytes:
-                customers.encoded[raw_key] = value
+            value = whole_record(facts, self.inline_bytes)
+            if value is not None:
+                customers.encoded[key] = value
                 customers.kept.pop(key, None)
                 self._recent.pop(key, None)
                 return
-        customers.encoded.pop(raw_key, None)
+        customers.encoded.pop(key, None)
         customers.kept[key] = self._keep(key, facts)
 
     def process(
@@ -276,8 +286,8 @@ class CustomerStage:
         read: dict[str, CustomerFacts | None] = {}
         if load_many is not None:
             recent = self._recent
-            unread = [key for key in by_customer if key not in customers.kept and key not in recent
-                      and key.encode() not in customers.encoded]
+            unread = [key for key in by_customer
+                      if key not in customers.kept and key not in recent and key not in customers.encoded]
             if unread:
                 read = load_many(unread)
         for key, customer_events in by_customer.items():
