@@ -166,9 +166,25 @@ def _guest_history(days: int) -> list[ev.Event]:
 
 def test_a_guest_ordering_every_minute_for_400_days_keeps_every_record_small_and_exact() -> None:
     """SPEC 3: one id ordering every minute for 400 days: no record past 256 KiB, metrics equal the reference."""
-    events = _guest_history(400)
+    _run_guest(400, cache_size=100)
+
+
+def test_a_paged_guest_read_again_at_every_message_stays_exact() -> None:
+    """Without the memory cache, the paged guest is read with each message's reads at once, pages and all: exact."""
+    _run_guest(45, cache_size=0)
+
+
+def _run_guest(days: int, cache_size: int) -> None:
+    """The guest history of ``days`` through the stage, a week per message, as the worker reads: checked."""
+    events = _guest_history(days)
     # the stage of the worker, with ids remembered for the default 30 days of the (here: event) clock
-    stage = CustomerStage(Grid(GRID.bucket_ms, GRID.horizon_ms, GRID.windows_ms), cache_size=100)
+    stage = CustomerStage(Grid(GRID.bucket_ms, GRID.horizon_ms, GRID.windows_ms), cache_size=cache_size)
+    reads: list[str] = []
+
+    def read_many(keys: list[str]) -> dict[str, bytes | None]:
+        reads.extend(keys)
+        return {key: table.get(key.encode()) for key in keys}
+
     table: dict[bytes, bytes] = {}
     shards: dict[str, Any] = {}
     log = DeltasLog()
@@ -180,14 +196,18 @@ def test_a_guest_ordering_every_minute_for_400_days_keeps_every_record_small_and
         clock = max(fields[2] for fields in message)
         output = CustomerOutput()
         stage.process(orjson.loads(orjson.dumps(message)), lambda key: load_customer(key, table.get), clock, output,
-                      clock)
+                      clock, read_many, table.get)
         for target, parts in delta_messages(output, (0, offset), PARTITIONS).items():
             log.send(shards, target, parts)
         writes = stage.table_writes(output.customers)
         largest = max(largest, *(len(value) for value in writes.values() if value is not None))
         apply_records(table, writes)
     assert largest < RECORD_LIMIT
-    guest = load_customer(customer_route_key("s", "guest"), table.get)
+    guest_key = customer_route_key("s", "guest")
+    # the guest is read at the first message (a new customer), then kept in memory; without the memory
+    # cache it is read again, pages and all, at every message
+    assert reads.count(guest_key) == (1 if cache_size else len(range(0, len(events), week)))
+    guest = load_customer(guest_key, table.get)
     assert guest is not None and guest.paging is not None  # paged: a whole record would be megabytes
     # ids expire 30 days after they were seen (stamped once per message here, a week of events)
     assert 30 * day <= len(guest.seen) <= 30 * day + 2 * week

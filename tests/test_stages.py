@@ -32,7 +32,6 @@ from streams.stages.facts import (
     CustomerStage,
     apply_records,
     customer_records,
-    decode_customer,
     delta_messages,
     load_customer,
 )
@@ -439,10 +438,10 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(
         loads.append(key)
         return load_customer(key, table.get)
 
-    def load_many(keys: list[str]) -> dict[str, CustomerFacts | None]:
+    def read_many(keys: list[str]) -> dict[str, bytes | None]:
         assert keys and len(set(keys)) == len(keys) and not set(keys) & _batch_keys(batch), keys
         loads.extend(keys)
-        return {key: decode_customer(key, table.get(key.encode()), table.get) for key in keys}
+        return {key: table.get(key.encode()) for key in keys}
 
     for partition, items in gate_routed.by_partition.items():
         messages = [items[start:start + 5] for start in range(0, len(items), 5)]
@@ -452,7 +451,10 @@ def test_messages_of_one_batch_share_facts_whatever_the_cache_keeps(
                 clock = max([clock, *(fields[2] for fields in message)])
                 output = CustomerOutput(customers=batch)
                 before, known = len(loads), _batch_keys(batch)
-                stage.process(message, load, clock, output, 0, load_many if batched_reads else None)
+                if batched_reads:
+                    stage.process(message, load, clock, output, 0, read_many, table.get)
+                else:
+                    stage.process(message, load, clock, output, 0)
                 # each customer the message names is read from the table at most once, and only when
                 # neither the batch nor the cache has it
                 read = loads[before:]

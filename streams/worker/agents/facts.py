@@ -12,7 +12,6 @@ from streams.stages.facts import (
     BatchCustomers,
     CustomerOutput,
     CustomerStage,
-    decode_customer,
     delta_messages,
     load_customer,
 )
@@ -65,11 +64,11 @@ class Facts:
         """A customer's facts (``None``: a new customer)."""
         return load_customer(key, self.read)
 
-    def load_many(self, keys: list[str]) -> dict[str, CustomerFacts | None]:
-        """Customers' facts (``None``: a new customer), the table's records read in one lookup per
-        partition (a by-customer message's customers are all of its partition)."""
+    def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        """Customers' records as :meth:`read` gives them (``None``: a new customer), the table's read in
+        one lookup per partition (a by-customer message's customers are all of its partition)."""
         values = self.writes.get_many([key.encode() for key in keys], self.topology.facts.get_many_raw)
-        return {key: decode_customer(key, value, self.read) for key, value in zip(keys, values, strict=True)}
+        return dict(zip(keys, values, strict=True))
 
     async def run(self, stream: Any) -> None:
         """The agent: each batch of by-customer messages applied and its deltas sent; its facts are
@@ -136,7 +135,7 @@ class Facts:
                 if now is None:
                     continue
                 output = CustomerOutput(customers=customers)
-                self.stage.process(items, self.load, now, output, wall_ms(), self.load_many)
+                self.stage.process(items, self.load, now, output, wall_ms(), self.read_many, self.read)
                 health.count("events_applied", output.applied)
                 health.count("duplicates", output.duplicates)
                 source = (partition, offset)
