@@ -270,8 +270,8 @@ class CustomerStage:
         memory cache dropped. With ``read_many``, the records of the customers to read from the
         table are read with it, all at once (``None``: a new customer), and each is decoded right
         before its events are applied; ``read`` (the table's reader of one key) then reads the pages
-        of a paged customer. Decoding them all first held every customer's objects until the end:
-        made, used and freed out of the CPU's caches, which cost the worker an eighth of the stage.
+        of a paged customer. Decoded all first, every customer's objects would be held until the
+        end: made, used and freed out of the CPU's caches, which costs much more.
 
         ``now_ms`` is the metric clock; ``seen_at_ms`` (wall time) stamps event
         ids for deduplication, which lasts ``LOYALTY_DEDUPE_TTL`` after that.
