@@ -26,7 +26,6 @@ import orjson
 
 from bench.run import BenchOptions, make_workload
 from metrics.catalog import ALL_STORES
-from metrics.customer import CustomerFacts
 from metrics.store import ReadPoints
 from streams.settings import load_settings
 from streams.stages.aggregate import StoreShard, apply_message
@@ -36,7 +35,6 @@ from streams.stages.facts import (
     CustomerStage,
     apply_records,
     delta_messages,
-    load_customer,
 )
 from streams.stages.gate import GateDecisions, GateStage
 from streams.stages.ingest import AroundGate, IngestStage
@@ -75,9 +73,6 @@ def main() -> None:
     rows = 0
     partials: dict[int, StoreShard] = {}
     spent: dict[str, float] = defaultdict(float)
-
-    def load(key: str) -> CustomerFacts | None:
-        return load_customer(key, table.get)
 
     def read_many(keys: list[str]) -> dict[str, bytes | None]:
         # as the worker reads: a message's customers at once, each decoded when its events are applied
@@ -119,7 +114,7 @@ def main() -> None:
             items = unpack(message)
             clock_ms = max(clock_ms, max(item[2] for item in items))
             output = CustomerOutput(customers=batch)
-            customers.process(items, load, clock_ms, output, now_ms, read_many, table.get)
+            customers.process(items, table.get, clock_ms, output, now_ms, read_many)
             for target, parts in delta_messages(output, (partition, offset), PARTITIONS).items():
                 outgoing.setdefault(target, []).extend(parts)
         deltas = [(target, chunk) for target, parts in outgoing.items() for chunk in pack_chunks(parts)]

@@ -195,8 +195,7 @@ def _run_guest(days: int, cache_size: int) -> None:
         message = [event_to_list(event) for event in events[start:start + week]]
         clock = max(fields[2] for fields in message)
         output = CustomerOutput()
-        stage.process(orjson.loads(orjson.dumps(message)), lambda key: load_customer(key, table.get), clock, output,
-                      clock, read_many, table.get)
+        stage.process(orjson.loads(orjson.dumps(message)), table.get, clock, output, clock, read_many)
         for target, parts in delta_messages(output, (0, offset), PARTITIONS).items():
             log.send(shards, target, parts)
         writes = stage.table_writes(output.customers)

@@ -202,7 +202,6 @@ class CustomerStage:
         self,
         key: str,
         customers: BatchCustomers,
-        load: Callable[[str], CustomerFacts | None],
         records: dict[str, bytes | None],
         read: Callable[[bytes], bytes | None],
         horizon_start: int,
@@ -228,7 +227,9 @@ class CustomerStage:
             # and the record let go: its objects are made, used and freed while in the CPU's caches
             facts = decode_customer(key, records.pop(key), read)
         else:
-            facts = load(key)
+            # not read with the message's customers (no read_many), or kept in memory then and
+            # dropped since by another customer's _store: read alone
+            facts = load_customer(key, read)
         facts = facts or CustomerFacts()
         facts.prune(self.grid, horizon_start, seen_after)
         return facts
@@ -256,22 +257,23 @@ class CustomerStage:
     def process(
         self,
         events: Iterable[list[Any]],
-        load: Callable[[str], CustomerFacts | None],
+        read: Callable[[bytes], bytes | None],
         now_ms: int,
         out: CustomerOutput,
         seen_at_ms: int,
         read_many: Callable[[list[str]], dict[str, bytes | None]] | None = None,
-        read: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
-        """Apply packed events; facts are read with ``load`` (or from ``out.customers``) and left in ``out.customers``.
+        """Apply packed events; facts are read from the table with ``read`` (the value of one key,
+        ``None`` when missing: see :func:`load_customer`), or taken from ``out.customers``, and left
+        in ``out.customers``.
 
         Several calls of one batch share ``out.customers``: a customer already in it is taken from
         there (the table is written once, after the batch, with :meth:`table_writes`), whatever the
         memory cache dropped. With ``read_many``, the records of the customers to read from the
         table are read with it, all at once (``None``: a new customer), and each is decoded right
-        before its events are applied; ``read`` (the table's reader of one key) then reads the pages
-        of a paged customer. Decoded all first, every customer's objects would be held until the
-        end: made, used and freed out of the CPU's caches, which costs much more.
+        before its events are applied (a paged customer's pages read with ``read``). Decoded all
+        first, every customer's objects would be held until the end: made, used and freed out of
+        the CPU's caches, which costs much more.
 
         ``now_ms`` is the metric clock; ``seen_at_ms`` (wall time) stamps event
         ids for deduplication, which lasts ``LOYALTY_DEDUPE_TTL`` after that.
@@ -294,16 +296,13 @@ class CustomerStage:
         customers = out.customers
         records: dict[str, bytes | None] = {}
         if read_many is not None:
-            if read is None:
-                raise TypeError("read_many needs read: the pages of a paged customer are read with it")
             recent = self._recent
             unread = [key for key in by_customer
                       if key not in customers.kept and key not in recent and key not in customers.encoded]
             if unread:
                 records = read_many(unread)
-        page = read if read is not None else _no_pages
         for key, customer_events in by_customer.items():
-            facts = self._recall(key, customers, load, records, page, horizon_start, seen_after)
+            facts = self._recall(key, customers, records, read, horizon_start, seen_after)
             store_id = customer_events[0].store_id
             store = out.deltas.get(store_id)
             if store is None:

@@ -6,14 +6,12 @@ import asyncio
 import time
 from typing import Any
 
-from metrics.customer import CustomerFacts
 from streams.logs import get_logger
 from streams.stages.facts import (
     BatchCustomers,
     CustomerOutput,
     CustomerStage,
     delta_messages,
-    load_customer,
 )
 from streams.stages.watermarks import MARKS, MARKS_INTERVAL_S, MARKS_REPEAT_S, Mark, MarkMerger, is_marks
 from streams.worker.acks import acknowledged
@@ -59,10 +57,6 @@ class Facts:
     def read(self, key: bytes) -> bytes | None:
         """A facts record: written by a batch still on its way, else from the table (``None``: missing)."""
         return self.writes.get(key, self.topology.facts.get_raw)
-
-    def load(self, key: str) -> CustomerFacts | None:
-        """A customer's facts (``None``: a new customer)."""
-        return load_customer(key, self.read)
 
     def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
         """Customers' records as :meth:`read` gives them (``None``: a new customer), the table's read in
@@ -135,7 +129,7 @@ class Facts:
                 if now is None:
                     continue
                 output = CustomerOutput(customers=customers)
-                self.stage.process(items, self.load, now, output, wall_ms(), self.read_many, self.read)
+                self.stage.process(items, self.read, now, output, wall_ms(), self.read_many)
                 health.count("events_applied", output.applied)
                 health.count("duplicates", output.duplicates)
                 source = (partition, offset)
